@@ -1,0 +1,55 @@
+"""`python -m bamba_ft [recipe=NAME] [key=value ...]`: compose the config, validate it, run its task."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from bamba_ft import quiet
+
+quiet.silence_import_noise()
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from bamba_ft.config.overrides import check_overrides, to_train_config  # noqa: E402
+from bamba_ft.config.store import config_dirs, register_configs  # noqa: E402
+from bamba_ft.errors import BambaFTError  # noqa: E402
+
+log = logging.getLogger("bamba_ft")
+
+
+def run_task(cfg: DictConfig) -> None:
+    debug = bool(cfg.get("debug", False)) or os.environ.get("BAMBA_FT_DEBUG") == "1"
+    try:
+        typed = to_train_config(cfg)
+        if typed.task == "train":
+            from bamba_ft.jobs.train import run
+        elif typed.task == "eval":
+            from bamba_ft.jobs.evaluate import run
+        elif typed.task == "export":
+            from bamba_ft.jobs.export import run
+        else:
+            from bamba_ft.jobs.bench import run
+        run(typed)
+    except BambaFTError as e:
+        if debug:
+            raise
+        print(f"\nbamba_ft: {type(e).__name__}: {e}\n(set debug=true for the full traceback)", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    register_configs()
+    try:
+        check_overrides(sys.argv[1:])
+    except BambaFTError as e:
+        print(f"bamba_ft: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(2)
+    conf_dir = str(config_dirs()[0])
+    hydra.main(config_path=conf_dir, config_name="train", version_base="1.3")(run_task)()
+
+
+if __name__ == "__main__":
+    main()

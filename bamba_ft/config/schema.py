@@ -1,0 +1,376 @@
+"""The closed, typed config: every key a run accepts, with its default and meaning.
+
+Hydra merges conf/ and recipes/ into `TrainConfig`, so a misspelt key fails at startup.
+Rules that span fields live in `validate`, which gathers every problem and raises once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any
+
+from bamba_ft.errors import Problems, suggest
+
+DEFAULT_LORA_TARGETS = ["in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "builtin:tiny"
+    """A local checkpoint directory, a Hub id, or `builtin:tiny` (the small base shipped with bamba_ft)."""
+    init: str = "pretrained"
+    """`pretrained` loads weights; `random` builds the architecture of `shape` (or of the checkpoint) with fresh weights."""
+    shape: str | None = None
+    """Named architecture for `init=random`: tiny | bamba-9b (see bamba_ft/model/shapes.py)."""
+    tokenizer: str | None = None
+    """Tokenizer directory or Hub id; defaults to `name_or_path`."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of `name_or_path`."""
+    dtype: str = "auto"
+    """Weight dtype: auto (bfloat16 on GPUs that support it, else float32) | float32 | bfloat16 | float16."""
+    attn_implementation: str = "auto"
+    """Attention kernel: auto | sdpa | eager | flash_attention_2 | varlen (torch's varlen flash attention, CUDA)."""
+    mixer: str = "auto"
+    """Mamba-2 mixer path: auto | kernels (mamba-ssm + causal-conv1d) | torch (exact reference) | hf (stock transformers; refuses packing)."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer in backward: less activation memory, about a third more compute."""
+    compile: bool = False
+    """torch.compile the decoder layers (GPU; the first steps are slow while it compiles)."""
+
+
+@dataclass
+class PeftConfig:
+    method: str = "lora"
+    """lora | none (full fine-tuning of every weight)."""
+    r: int = 16
+    """LoRA rank."""
+    lora_alpha: float = 32.0
+    """LoRA scale numerator: the update is (lora_alpha / r) * B @ A (or / sqrt(r) with use_rslora)."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    """Module names to adapt: in_proj, out_proj (mixer), q/k/v/o_proj (attention), gate/up/down_proj (MLP)."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling lora_alpha / sqrt(r)."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA)."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full next to the adapters, e.g. [lm_head]."""
+
+
+@dataclass
+class QuantConfig:
+    method: str = "none"
+    """Base-weight quantization (torchao): none | nf4 | int8 | int4 (weight-only)."""
+    block_size: int = 64
+    """nf4: weights per quantization block."""
+    scaler_block_size: int = 256
+    """nf4: blocks per double-quantized scale block."""
+    group_size: int = 32
+    """int4: weights per quantization group."""
+    target_modules: list[str] = field(default_factory=lambda: ["decoder_linear"])
+    """Linear layers to quantize: `decoder_linear` (every Linear inside the decoder layers) or module names."""
+    skip_modules: list[str] = field(default_factory=list)
+    """Module names kept in high precision even when matched by target_modules."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "builtin"
+    """`builtin` (the generated task), a .jsonl/.json/.parquet/.csv file, a directory saved by datasets, or a Hub id."""
+    format: str = "auto"
+    """Row format: auto | messages | prompt_completion | alpaca | text."""
+    split: str = "train"
+    """Split to train on (Hub datasets and dataset directories)."""
+    val_source: str | None = None
+    """Validation data (same forms as `source`); when unset, `val_fraction` of `source` is held out."""
+    val_split: str | None = None
+    """Split of `val_source` (or of `source`) used for validation."""
+    val_fraction: float = 0.05
+    """Fraction of `source` held out for validation when no validation source or split is given."""
+    max_val_examples: int = 1000
+    """Upper bound on validation examples (keeps validation fast)."""
+    max_seq_len: int = 2048
+    """Longest tokenized example, in tokens."""
+    overlong: str = "truncate"
+    """What to do with longer examples: truncate | drop (both are counted and reported)."""
+    train_on: str = "completion"
+    """Which tokens carry loss: completion (assistant/completion tokens) | all."""
+    packing: bool = True
+    """Padding-free packed batches (exact on bamba_ft's mixer); false gives padded batches."""
+    max_tokens_per_batch: int = 4096
+    """Packed mode: token budget of one batch (per device)."""
+    batch_size: int = 8
+    """Padded mode: examples per batch (per device)."""
+    chat_template: str | None = None
+    """A Jinja chat template (or a file holding one) replacing the tokenizer's own."""
+    num_proc: int = 1
+    """Processes for tokenization (datasets.map)."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+    builtin_train_examples: int = 4000
+    """Size of the generated training set for `source=builtin`."""
+    builtin_val_examples: int = 200
+    """Size of the generated validation set for `source=builtin`."""
+    builtin_kind: str = "sft"
+    """sft (chat-formatted instructions) | pretrain (plain text) for `source=builtin`."""
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    """adamw."""
+    lr: float = 2e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam betas."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    scheduler: str = "cosine"
+    """Learning-rate schedule after warmup: cosine | linear | constant."""
+    warmup_steps: int = 0
+    """Linear warmup, in optimizer steps."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a fraction of `lr` (cosine and linear)."""
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 300
+    """Optimizer steps to train for (-1: run `max_epochs` epochs)."""
+    max_epochs: int | None = None
+    """Epochs to train for when max_steps=-1 (the first limit reached stops training)."""
+    accelerator: str = "auto"
+    """cpu | gpu | auto."""
+    devices: Any = "auto"
+    """Number of devices (or a list of indices, or auto)."""
+    num_nodes: int = 1
+    """Machines for multi-node training."""
+    strategy: str = "auto"
+    """auto | ddp | fsdp (Lightning strategies)."""
+    precision: str = "auto"
+    """auto (bf16-mixed on GPUs with bf16, else 32-true) | 32-true | bf16-mixed | bf16-true | 16-mixed."""
+    accumulate_grad_batches: int = 1
+    """Micro-batches per optimizer step."""
+    gradient_clip_val: float | None = 1.0
+    """Clip the gradient norm to this value (null: no clipping)."""
+    val_check_interval: int = 100
+    """Validate every this many training batches."""
+    limit_val_batches: float = 1.0
+    """Fraction (<=1.0) or number (>1) of validation batches per validation."""
+    log_every_n_steps: int = 10
+    """Logging interval, in optimizer steps."""
+    checkpoint_every_n_steps: int = 100
+    """Save a resumable checkpoint every this many optimizer steps (0: only at the end)."""
+    save_top_k: int = 1
+    """Best checkpoints (by val/loss) to keep besides last.ckpt."""
+    seed: int = 42
+    """Seed for weights, data order and dropout."""
+    resume: str | None = None
+    """Continue a run: a checkpoint file, a run directory, or `latest` (newest run under outputs/)."""
+    fast_dev_run: bool = False
+    """Run one training and one validation batch, writing nothing (smoke test)."""
+    enable_progress_bar: bool = True
+    """Lightning's progress bar."""
+    num_sanity_val_steps: int = 0
+    """Validation batches run before training starts."""
+    deterministic: bool = False
+    """Ask torch for deterministic algorithms."""
+
+
+@dataclass
+class LoggerConfig:
+    csv: bool = True
+    """CSV metrics under <run>/logs/csv."""
+    tensorboard: bool = True
+    """TensorBoard events under <run>/logs/tensorboard."""
+    wandb: bool = False
+    """Weights & Biases (needs `pip install bamba_ft[wandb]`)."""
+    wandb_project: str = "bamba_ft"
+    """W&B project name."""
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str | None = None
+    """What to evaluate: a run directory, a peft adapter directory, a .ckpt file, or a merged model directory.
+    Unset: the model described by `model` (plus no adapter)."""
+    generate: bool = True
+    """Generation-based metrics (exact match) on held-out prompts."""
+    num_generate: int = 64
+    """Validation examples to generate answers for."""
+    max_new_tokens: int = 32
+    """Longest generated answer, in tokens."""
+    do_sample: bool = False
+    """Sample instead of greedy decoding."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    top_k: int = 0
+    """Top-k sampling (0: off)."""
+    batch_size: int = 16
+    """Prompts per generation batch (left-padded)."""
+    before_training: bool = True
+    """Train task: evaluate the starting model too, so the summary shows before -> after."""
+    lm_eval_tasks: list[str] = field(default_factory=list)
+    """EleutherAI lm-evaluation-harness tasks to run (needs the `lm-eval` package and local task data)."""
+    output_dir: str | None = None
+    """Where eval writes metrics.json, predictions.jsonl and plots (default: the run directory)."""
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str | None = None
+    """Training run directory, adapter directory or .ckpt to export."""
+    output_dir: str | None = None
+    """Target directory (default: <run>/export)."""
+    dtype: str = "bfloat16"
+    """Dtype of the merged weights: bfloat16 | float32 | float16."""
+    adapter_only: bool = False
+    """Write the peft adapter only (no merge)."""
+    overwrite: bool = False
+    """Replace an existing `output_dir`."""
+    verify: bool = True
+    """Reload the export in a fresh process and compare logits with the adapter model."""
+    max_abs_diff: float | None = None
+    """Verification tolerance on logits (default: 1e-4 for float32, 5e-2 for 16-bit exports)."""
+    push_to_hub: bool = False
+    """Upload the export to the Hugging Face Hub."""
+    repo_id: str | None = None
+    """Hub repository, `org/name`, for push_to_hub."""
+    private: bool = True
+    """Create the Hub repository as private."""
+    commit_message: str = "Upload model fine-tuned with bamba_ft"
+    """Hub commit message."""
+
+
+@dataclass
+class BenchConfig:
+    workload: str = "lognormal"
+    """Sequence lengths: lognormal (median `median_len`) | fixed (`median_len` each)."""
+    median_len: int = 500
+    """Median sequence length, in tokens."""
+    max_len: int = 4096
+    """Longest sequence, in tokens."""
+    seqs_per_step: int = 8
+    """Sequences per optimizer step (token budget = their real tokens)."""
+    warmup_steps: int = 3
+    """Steps run before timing."""
+    steps: int = 8
+    """Timed steps (median reported)."""
+    variants: list[str] = field(default_factory=lambda: ["hf_padded", "hf_padfree", "bamba_ft", "bamba_ft_nf4"])
+    """Which paths to run, in order."""
+    activation_checkpointing: list[bool] = field(default_factory=lambda: [False])
+    """Run each variant with and/or without activation checkpointing."""
+    seq_scaling: list[int] = field(default_factory=list)
+    """Sequence lengths for the scaling sweep (one sequence per step), e.g. [2048, 4096, 8192]."""
+    data_pipeline_examples: int = 0
+    """Tokenize+pack this many generated examples and report throughput (0: skip)."""
+    output: str = "bench.json"
+    """JSON results file (a markdown table is printed and written beside it)."""
+
+
+@dataclass
+class TrainConfig:
+    task: str = "train"
+    """train | eval | export | bench."""
+    debug: bool = False
+    """Show full Python tracebacks for user errors."""
+    output_dir: str = "."
+    """Run directory (set by Hydra to outputs/<date>/<time>)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "task": ("train", "eval", "export", "bench"),
+    "model.init": ("pretrained", "random"),
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "model.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2", "varlen"),
+    "model.mixer": ("auto", "kernels", "torch", "hf"),
+    "peft.method": ("lora", "none"),
+    "quant.method": ("none", "nf4", "int8", "int4"),
+    "data.format": ("auto", "messages", "prompt_completion", "alpaca", "text"),
+    "data.overlong": ("truncate", "drop"),
+    "data.train_on": ("completion", "all"),
+    "data.builtin_kind": ("sft", "pretrain"),
+    "optim.name": ("adamw",),
+    "optim.scheduler": ("cosine", "linear", "constant"),
+    "trainer.strategy": ("auto", "ddp", "ddp_spawn", "fsdp", "single_device"),
+    "trainer.precision": ("auto", "32-true", "bf16-mixed", "bf16-true", "16-mixed"),
+    "export.dtype": ("bfloat16", "float32", "float16"),
+    "bench.workload": ("lognormal", "fixed"),
+}
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Check choices and cross-field rules; raise one ConfigError listing every problem."""
+    problems = Problems()
+    for key, options in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in options:
+            problems.add(
+                f"{key}={value!r} is not an option.{suggest(str(value), options)} Valid: {', '.join(options)}"
+            )
+    positive = {
+        "peft.r": cfg.peft.r,
+        "data.max_seq_len": cfg.data.max_seq_len,
+        "data.max_tokens_per_batch": cfg.data.max_tokens_per_batch,
+        "data.batch_size": cfg.data.batch_size,
+        "trainer.accumulate_grad_batches": cfg.trainer.accumulate_grad_batches,
+        "optim.lr": cfg.optim.lr,
+        "quant.block_size": cfg.quant.block_size,
+        "quant.group_size": cfg.quant.group_size,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            problems.add(f"{key}={value} must be positive.")
+    if cfg.trainer.max_steps <= 0 and not (cfg.trainer.max_steps == -1 and cfg.trainer.max_epochs):
+        problems.add(
+            f"trainer.max_steps={cfg.trainer.max_steps}: give a positive number of steps, "
+            "or trainer.max_steps=-1 with trainer.max_epochs=N."
+        )
+    if not 0.0 <= cfg.peft.lora_dropout < 1.0:
+        problems.add(f"peft.lora_dropout={cfg.peft.lora_dropout} must be in [0, 1).")
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        problems.add(f"data.val_fraction={cfg.data.val_fraction} must be in [0, 1).")
+    if len(cfg.optim.betas) != 2:
+        problems.add(f"optim.betas={list(cfg.optim.betas)} must hold two numbers, e.g. [0.9, 0.999].")
+    if cfg.data.packing and cfg.data.max_tokens_per_batch < cfg.data.max_seq_len:
+        problems.add(
+            f"data.max_tokens_per_batch={cfg.data.max_tokens_per_batch} is smaller than one sequence "
+            f"(data.max_seq_len={cfg.data.max_seq_len}), so the longest examples fit in no batch.\n"
+            f"Fix: raise data.max_tokens_per_batch to at least {cfg.data.max_seq_len}, or lower data.max_seq_len."
+        )
+    if cfg.quant.method != "none" and cfg.peft.method == "none":
+        problems.add(
+            f"quant.method={cfg.quant.method} freezes quantized base weights, so full fine-tuning (peft=none) "
+            "has nothing to train in them.\nFix: use peft=lora with a quantized base (recipe=qlora), or quant=none."
+        )
+    if cfg.export.push_to_hub and not cfg.export.repo_id:
+        problems.add("export.push_to_hub=true needs export.repo_id=org/name.")
+    if cfg.peft.use_dora and cfg.quant.method != "none":
+        problems.add("peft.use_dora=true with a quantized base is not supported by peft. Fix: peft.use_dora=false.")
+    problems.raise_if_any()
+
+
+def field_names(dc: Any) -> list[str]:
+    """Field names of a dataclass type or instance."""
+    return [f.name for f in fields(dc)] if is_dataclass(dc) else []

@@ -1,0 +1,36 @@
+"""Registers the schema and the recipes with Hydra, and finds conf/ in a checkout or an installed wheel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from bamba_ft.config.schema import TrainConfig
+
+_PKG = Path(__file__).resolve().parent.parent
+
+
+def config_dirs() -> tuple[Path, Path]:
+    """(conf dir, recipes dir): inside the package when installed from a wheel, else the checkout's top level."""
+    for conf, recipes in ((_PKG / "_conf", _PKG / "_recipes"), (_PKG.parent / "conf", _PKG.parent / "recipes")):
+        if conf.is_dir() and recipes.is_dir():
+            return conf, recipes
+    raise FileNotFoundError(f"bamba_ft's conf/ and recipes/ directories are missing (looked beside {_PKG}).")
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in config_dirs()[1].glob("*.yaml"))
+
+
+def register_configs() -> None:
+    """Store `schema` and every recipes/<name>.yaml as option <name> of group `recipe`.
+
+    Hydra names a group after its directory; recipes/ sits at the top of the repository, so its files are
+    registered here instead, as global packages (a recipe may set any key and override any group).
+    """
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=TrainConfig)
+    for path in sorted(config_dirs()[1].glob("*.yaml")):
+        cs.store(group="recipe", name=path.stem, node=OmegaConf.load(path), package="_global_")
