@@ -1,0 +1,89 @@
+"""Installs bamba_ft's segment-aware mixer on a loaded model, and says which paths may take packed rows.
+
+Per instance: each `BambaMixer` of *this* model gets the subclass `SegmentAwareBambaMixer` (same parameters,
+same state-dict keys); other models in the process keep transformers' classes.
+
+Packing-safe paths (shown exact by tests/unit/test_packing_equivalence.py):
+- `SegmentAwareBambaMixer`, every backend (torch, triton, cuda-kernels);
+- attention: sdpa/eager with the block-diagonal mask transformers builds from packed `position_ids`,
+  flash_attention_2 and bamba_ft's `varlen` with `cu_seq_lens_*`.
+transformers' own mixer (`model.mixer=hf`) is not packing-safe: its torch path carries conv and SSD state
+across sequences, so packed batches are refused there.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.models.bamba.modeling_bamba import BambaMixer, BambaModel, BambaRMSNormGated
+
+from bamba_ft.errors import ModelError
+from bamba_ft.ops.mamba2 import (
+    FusedGatedRMSNorm,
+    SegmentAwareBambaMixer,
+    available_backend,
+    seq_idx_from_cu_seqlens,
+    seq_idx_from_position_ids,
+)
+
+MIXER_CHOICES = ("auto", "kernels", "torch", "hf")
+
+
+def install_mixer(model: nn.Module, mixer: str = "auto") -> str:
+    """Put bamba_ft's mixer on every BambaMixer of `model`; returns the backend that will run on its device."""
+    if mixer not in MIXER_CHOICES:
+        raise ModelError(f"model.mixer={mixer!r} is not an option. Valid: {', '.join(MIXER_CHOICES)}")
+    mixers = [m for m in model.modules() if isinstance(m, BambaMixer)]
+    if not mixers:
+        raise ModelError("The model has no BambaMixer layers; bamba_ft fine-tunes Bamba (Mamba-2 hybrid) models.")
+    if mixer == "hf":
+        return "hf"
+    device = next(model.parameters()).device
+    if mixer == "kernels" and available_backend("cuda") == "torch":
+        raise ModelError(
+            "model.mixer=kernels needs CUDA and the mamba-ssm package (plus causal-conv1d for the fused conv).\n"
+            "Fix: install them (README, 'CUDA kernels'), or use model.mixer=auto."
+        )
+    for m in mixers:
+        m.__class__ = SegmentAwareBambaMixer
+        m.backend = "torch" if mixer == "torch" else "auto"
+        if type(m.norm) is BambaRMSNormGated:
+            m.norm.__class__ = FusedGatedRMSNorm
+    for base in (m for m in model.modules() if isinstance(m, BambaModel)):
+        base.register_forward_pre_hook(_complete_packing_kwargs, with_kwargs=True)
+    return "torch" if mixer == "torch" else available_backend(device)
+
+
+def packing_safe(model: nn.Module) -> bool:
+    """True when every Mamba mixer of `model` keeps packed sequences apart."""
+    mixers = [m for m in model.modules() if isinstance(m, BambaMixer)]
+    return bool(mixers) and all(isinstance(m, SegmentAwareBambaMixer) for m in mixers)
+
+
+def _complete_packing_kwargs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Fill in `seq_idx` (and varlen attention lengths) for packed rows given only some of the keys.
+
+    transformers' DataCollatorWithFlattening can leave out `seq_idx`; without it the mixer would treat the row
+    as one sequence. Rows with a cache (generation) or a padding mask are left alone.
+    """
+    if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+        return None
+    if kwargs.get("seq_idx") is not None:
+        return None
+    position_ids, cu = kwargs.get("position_ids"), kwargs.get("cu_seq_lens_q")
+    if cu is not None:
+        ids = kwargs.get("input_ids")
+        total = ids.shape[1] if ids is not None else kwargs["inputs_embeds"].shape[1]
+        kwargs["seq_idx"] = seq_idx_from_cu_seqlens(cu, total)
+    elif position_ids is not None and kwargs.get("attention_mask") is None:
+        seq_idx = seq_idx_from_position_ids(position_ids)
+        if bool((seq_idx[:, -1] > 0).any()):
+            kwargs["seq_idx"] = seq_idx
+            if position_ids.shape[0] == 1:
+                starts = torch.nonzero(torch.diff(seq_idx[0], prepend=seq_idx[0, :1] - 1)).flatten()
+                cu = torch.cat([starts, starts.new_tensor([seq_idx.shape[1]])]).to(torch.int32)
+                longest = int(torch.diff(cu).max())
+                kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+    else:
+        return None
+    return args, kwargs

@@ -1,0 +1,323 @@
+"""Segment-aware Mamba-2 mixer forward for transformers' `BambaMixer`.
+
+A packed row holds several sequences; `seq_idx` (batch, tokens) numbers them. Two things must not cross a
+boundary: the width-4 causal conv, and the SSD state. transformers' torch path lets both leak and its fused
+CUDA path takes `out_proj.weight` as a raw tensor (so LoRA on out_proj gets no gradient and quantized
+weights break in backward). This forward calls `in_proj`, `norm` and `out_proj` as modules and keeps
+sequences apart on every backend:
+
+- kernels: causal-conv1d and mamba-ssm's Triton SSD scan, both with `seq_idx` (CUDA);
+- torch: an exact vectorised chunked SSD scan with segment masks, and a conv over a gapped layout.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from transformers.models.bamba.modeling_bamba import BambaMixer, BambaRMSNormGated
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Optional CUDA kernels
+
+
+@functools.cache
+def _mamba_ssm() -> dict[str, object]:
+    """mamba-ssm's Triton scan and gated RMSNorm, or {} when the package is not importable."""
+    try:
+        from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except Exception:  # ImportError, or a build without its CUDA extension
+        return {}
+    return {"scan": mamba_chunk_scan_combined, "rmsnorm": rmsnorm_fn}
+
+
+@functools.cache
+def _causal_conv1d() -> object | None:
+    try:
+        from causal_conv1d import causal_conv1d_fn
+    except Exception:
+        return None
+    return causal_conv1d_fn
+
+
+def available_backend(device: torch.device | str) -> str:
+    """Name of the fastest exact backend for `device`: cuda-kernels | triton | torch."""
+    if torch.device(device).type != "cuda" or not _mamba_ssm():
+        return "torch"
+    return "cuda-kernels" if _causal_conv1d() is not None else "triton"
+
+
+_reported: set[str] = set()
+
+
+def _report(backend: str) -> None:
+    if backend in _reported:
+        return
+    _reported.add(backend)
+    log.info("mixer backend: %s", backend)
+    if backend == "triton":
+        log.warning(
+            "causal_conv1d is not installed: the mixer's conv runs in PyTorch (exact, slower). "
+            "Install `causal-conv1d` for the fused kernel."
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Segment ids
+
+
+def seq_idx_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """(batch, tokens) int32 sequence numbers: a new sequence starts wherever the position does not advance by 1."""
+    step = torch.diff(position_ids, dim=-1, prepend=position_ids[:, :1] - 1)
+    return (step != 1).cumsum(-1, dtype=torch.int32)
+
+
+def seq_idx_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """(1, total) int32 sequence numbers from cumulative lengths [0, l0, l0+l1, ...]."""
+    lengths = torch.diff(cu_seqlens.long())
+    ids = torch.arange(lengths.numel(), device=cu_seqlens.device, dtype=torch.int32)
+    return torch.repeat_interleave(ids, lengths, output_size=total)[None]
+
+
+def seq_idx_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Padded rows as segments: padding runs and real tokens get different numbers, so neither sees the other."""
+    change = torch.diff(attention_mask.long(), dim=-1, prepend=attention_mask[:, :1].long())
+    return (change != 0).cumsum(-1, dtype=torch.int32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Exact torch reference
+
+
+def segment_conv1d(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, seq_idx: torch.Tensor | None
+) -> torch.Tensor:
+    """Depthwise causal conv over (batch, tokens, channels) that restarts at every sequence boundary.
+
+    Each sequence is moved K-1 slots further right than the one before, leaving zero gaps, so a plain causal
+    conv over the gapped row sees exactly what it would see for the sequence alone; outputs are read back
+    from the same slots. weight: (channels, K).
+    """
+    b, t, c = x.shape
+    k = weight.shape[-1]
+    w = weight.to(x.dtype)[:, None, :]
+    bias = bias.to(x.dtype) if bias is not None else None
+    if seq_idx is None or k == 1:
+        return F.conv1d(x.transpose(1, 2), w, bias, padding=k - 1, groups=c)[..., :t].transpose(1, 2)
+    starts = torch.diff(seq_idx, dim=-1, prepend=seq_idx[:, :1]) != 0
+    slot = torch.arange(t, device=x.device) + (k - 1) * starts.cumsum(-1)  # (b, t)
+    width = t + (k - 1) * int(starts.sum(-1).max())
+    index = slot[:, :, None].expand(b, t, c)
+    gapped = x.new_zeros(b, width, c).scatter(1, index, x)
+    out = F.conv1d(gapped.transpose(1, 2), w, bias, padding=k - 1, groups=c)[..., :width]
+    return out.transpose(1, 2).gather(1, index)
+
+
+def _segsum(a: torch.Tensor) -> torch.Tensor:
+    """out[..., i, j] = a[j+1] + ... + a[i] for i >= j, -inf above the diagonal (stable: no differences)."""
+    n = a.shape[-1]
+    a = a[..., None].expand(*a.shape, n)
+    below = torch.ones(n, n, dtype=torch.bool, device=a.device).tril(-1)
+    s = a.masked_fill(~below, 0).cumsum(-2)
+    return s.masked_fill(~below.logical_or(torch.eye(n, dtype=torch.bool, device=a.device)), -math.inf)
+
+
+def ssd_scan_torch(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    D: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
+    dt_limit: tuple[float, float] = (0.0, math.inf),
+) -> torch.Tensor:
+    """Chunked SSD scan (Mamba-2) with sequences kept apart; same arguments as mamba-ssm's combined scan.
+
+    x: (b, t, h, p); dt: (b, t, h); A: (h,); B, C: (b, t, g, n); seq_idx: (b, t) or None.
+    Returns y: (b, t, h, p) in float32 (float64 for float64 inputs).
+
+    Within a chunk, the causal decay matrix is zeroed between tokens of different sequences; a chunk's state
+    collects only tokens of the sequence its last token belongs to; a state passes to a later chunk only
+    when both chunk ends lie in one sequence; and a token reads the incoming state only if it continues the
+    sequence of the previous chunk's end.
+    """
+    b, t, h, p = x.shape
+    g = B.shape[2]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dt = dt.to(acc)
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(acc)
+    dt = F.softplus(dt)
+    if dt_limit != (0.0, math.inf):
+        dt = dt.clamp(dt_limit[0], dt_limit[1])
+    pad = (-t) % chunk_size
+
+    def chunked(v: torch.Tensor) -> torch.Tensor:  # (b, t, ...) -> (b, chunks, chunk_size, ...)
+        v = F.pad(v, (0, 0) * (v.dim() - 2) + (0, pad))
+        return v.reshape(b, -1, chunk_size, *v.shape[2:])
+
+    x = x.to(acc)
+    xdt = chunked(x * dt[..., None])
+    Bc = chunked(B.to(acc).repeat_interleave(h // g, dim=2))
+    Cc = chunked(C.to(acc).repeat_interleave(h // g, dim=2))
+    a = chunked(A.to(acc) * dt).permute(0, 3, 1, 2)  # (b, h, c, l): log-decay of each step
+    a_cum = a.cumsum(-1)
+
+    seg = seg_end = None
+    if seq_idx is not None:
+        seg = F.pad(seq_idx, (0, pad), mode="replicate") if pad else seq_idx  # padding continues the last sequence
+        seg = seg.reshape(b, -1, chunk_size)
+        seg_end = torch.cat([seg[:, :1, 0], seg[:, :, -1]], dim=1)  # (b, c+1): start, then each chunk's end
+
+    # 1. Within each chunk: attention-like form with the causal decay matrix.
+    decay = torch.exp(_segsum(a))  # (b, h, c, l, s)
+    if seg is not None:
+        decay = decay * (seg[:, :, :, None] == seg[:, :, None, :])[:, None]
+    scores = torch.einsum("bclhn,bcshn->bclsh", Cc, Bc) * decay.permute(0, 2, 3, 4, 1)
+    y = torch.einsum("bclsh,bcshp->bclhp", scores, xdt)
+
+    # 2. Each chunk's contribution to the state at its end.
+    to_end = torch.exp(a_cum[..., -1:] - a_cum)  # (b, h, c, l)
+    if seg is not None:
+        to_end = to_end * (seg == seg[..., -1:])[:, None]
+    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bc, to_end, xdt)
+
+    # 3. Pass states between chunks: state at the end of chunk i from the contributions of chunks j <= i.
+    states = torch.cat([torch.zeros_like(states[:, :1]), states], dim=1)
+    chunk_decay = torch.exp(_segsum(F.pad(a_cum[..., -1], (1, 0))))  # (b, h, c+1, c+1)
+    if seg_end is not None:
+        chunk_decay = chunk_decay * (seg_end[:, :, None] == seg_end[:, None, :])[:, None]
+    incoming = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)[:, :-1]  # state entering each chunk
+
+    # 4. Each token reads the state that entered its chunk.
+    from_start = torch.exp(a_cum)  # (b, h, c, l)
+    if seg is not None:
+        from_start = from_start * (seg == seg_end[:, :-1, None])[:, None]
+    y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", Cc, incoming, from_start)
+
+    y = y.reshape(b, -1, h, p)[:, :t]
+    if D is not None:
+        y = y + x * (D.to(acc)[:, None] if D.dim() == 1 else D.to(acc))
+    return y
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The mixer
+
+
+def _conv(mixer: BambaMixer, xbc: torch.Tensor, seq_idx: torch.Tensor | None, backend: str) -> torch.Tensor:
+    weight = mixer.conv1d.weight.squeeze(1)
+    conv_fn = _causal_conv1d() if backend == "cuda-kernels" else None
+    if conv_fn is not None and mixer.activation in ("silu", "swish"):
+        # causal-conv1d takes seq_idx only in channel-last layout with 8-aligned strides.
+        if xbc.stride(1) % 8 or xbc.stride(0) % 8:
+            xbc = xbc.contiguous()
+        idx = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
+        return conv_fn(xbc.transpose(1, 2), weight, mixer.conv1d.bias, seq_idx=idx, activation="silu").transpose(1, 2)
+    return mixer.act(segment_conv1d(xbc, weight, mixer.conv1d.bias, seq_idx))
+
+
+def _scan(mixer: BambaMixer, x, dt, A, B, C, seq_idx, backend: str) -> torch.Tensor:  # noqa: ANN001
+    kwargs = dict(D=mixer.D, dt_bias=mixer.dt_bias, seq_idx=seq_idx, dt_limit=tuple(mixer.time_step_limit))
+    if backend in ("cuda-kernels", "triton"):
+        if seq_idx is not None:
+            kwargs["seq_idx"] = seq_idx.to(torch.int32).contiguous()
+        return _mamba_ssm()["scan"](x, dt, A, B, C, mixer.chunk_size, z=None, dt_softplus=True, **kwargs)
+    return ssd_scan_torch(x, dt, A, B, C, mixer.chunk_size, **kwargs)
+
+
+def mixer_forward(
+    mixer: BambaMixer,
+    hidden_states: torch.Tensor,
+    seq_idx: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Mamba-2 mixer over (batch, tokens, hidden) with `seq_idx` segments; `attention_mask` marks padding."""
+    b, t, _ = hidden_states.shape
+    if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+        if seq_idx is not None:
+            raise ValueError("Pass either seq_idx (packed rows) or a padding attention_mask, not both.")
+        seq_idx = seq_idx_from_attention_mask(attention_mask)
+    backend = backend or available_backend(hidden_states.device)
+    _report(backend)
+
+    zxbcdt = mixer.in_proj(hidden_states)
+    groups_state = mixer.n_groups * mixer.ssm_state_size
+    gate, xbc, dt = zxbcdt.split([mixer.intermediate_size, mixer.conv_dim, mixer.num_heads], dim=-1)
+    xbc = _conv(mixer, xbc, seq_idx, backend)
+    x, B, C = xbc.split([mixer.intermediate_size, groups_state, groups_state], dim=-1)
+    A = -torch.exp(mixer.A_log.float())
+    y = _scan(
+        mixer,
+        x.reshape(b, t, mixer.num_heads, mixer.head_dim),
+        dt,
+        A,
+        B.reshape(b, t, mixer.n_groups, mixer.ssm_state_size),
+        C.reshape(b, t, mixer.n_groups, mixer.ssm_state_size),
+        seq_idx,
+        backend,
+    )
+    y = mixer.norm(y.reshape(b, t, -1), gate)
+    return mixer.out_proj(y.to(hidden_states.dtype))
+
+
+def _gated_rmsnorm(norm: BambaRMSNormGated, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    """transformers' gated RMSNorm, computed in float32 or wider (float64 inputs stay float64)."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    h = x.to(acc)
+    if gate is not None:
+        h = h * F.silu(gate.to(acc))
+    groups = h.view(*h.shape[:-1], -1, norm.group_size)
+    groups = groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * groups.view_as(h).to(x.dtype)
+
+
+class FusedGatedRMSNorm(BambaRMSNormGated):
+    """transformers' gated RMSNorm; on CUDA with mamba-ssm, its fused Triton kernel (same math, one pass)."""
+
+    def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        fused = _mamba_ssm().get("rmsnorm") if hidden_states.is_cuda else None
+        if fused is None:
+            return _gated_rmsnorm(self, hidden_states, gate)
+        return fused(
+            hidden_states.to(gate.dtype) if gate is not None else hidden_states,
+            self.weight,
+            None,
+            z=gate,
+            eps=self.variance_epsilon,
+            group_size=self.group_size,
+            norm_before_gate=False,
+        )
+
+
+PACKING_KWARGS = ("seq_idx", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+class SegmentAwareBambaMixer(BambaMixer):
+    """BambaMixer whose training/eval forward keeps packed sequences apart (see module docstring).
+
+    With a cache (generation), the stock forward runs: generation batches are padded, never packed.
+    """
+
+    backend: str = "auto"
+
+    def forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):  # noqa: ANN001, ANN201
+        seq_idx = kwargs.get("seq_idx")
+        if cache is not None:
+            if seq_idx is not None:
+                raise ValueError("Packed batches (seq_idx) cannot be combined with a generation cache.")
+            rest = {k: v for k, v in kwargs.items() if k not in PACKING_KWARGS}
+            return super().forward(hidden_states, cache=cache, attention_mask=attention_mask, **rest)
+        backend = None if self.backend == "auto" else self.backend
+        return mixer_forward(self, hidden_states, seq_idx=seq_idx, attention_mask=attention_mask, backend=backend)

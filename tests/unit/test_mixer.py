@@ -1,0 +1,135 @@
+"""The exact torch mixer: SSD scan and conv against step-by-step references, and against transformers' mixer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bamba_ft.ops.mamba2 import (
+    mixer_forward,
+    segment_conv1d,
+    seq_idx_from_attention_mask,
+    seq_idx_from_cu_seqlens,
+    seq_idx_from_position_ids,
+    ssd_scan_torch,
+)
+from tests.conftest import make_model
+
+
+def recurrence(x, dt, A, B, C, D, dt_bias, seq_idx=None):  # noqa: ANN001, ANN201
+    """Mamba-2 as its definition: h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t, y_t = C_t h_t + D x_t; reset per sequence."""
+    b, t, h, p = x.shape
+    g = B.shape[2]
+    dt = F.softplus(dt + dt_bias)
+    Bh, Ch = B.repeat_interleave(h // g, 2), C.repeat_interleave(h // g, 2)
+    state = torch.zeros(b, h, p, B.shape[-1], dtype=x.dtype)
+    ys = []
+    for i in range(t):
+        if seq_idx is not None and i > 0:
+            keep = (seq_idx[:, i] == seq_idx[:, i - 1]).to(x.dtype)[:, None, None, None]
+            state = state * keep
+        decay = torch.exp(dt[:, i] * A)[:, :, None, None]
+        state = state * decay + dt[:, i, :, None, None] * x[:, i, :, :, None] * Bh[:, i, :, None, :]
+        ys.append(torch.einsum("bhpn,bhn->bhp", state, Ch[:, i]) + D[:, None] * x[:, i])
+    return torch.stack(ys, 1)
+
+
+def conv_reference(x, w, bias, seq_idx):  # noqa: ANN001, ANN201
+    b, t, c = x.shape
+    k = w.shape[1]
+    out = torch.zeros_like(x) + bias
+    for bi in range(b):
+        for i in range(t):
+            for j in range(k):
+                src = i - (k - 1) + j
+                if src >= 0 and (seq_idx is None or seq_idx[bi, src] == seq_idx[bi, i]):
+                    out[bi, i] += w[:, j] * x[bi, src]
+    return out
+
+
+def segments(lengths: list[int]) -> torch.Tensor:
+    return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
+
+
+@pytest.mark.parametrize("chunk", [4, 8, 16])
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize(
+    "lengths",
+    [
+        [37],  # one sequence, ragged last chunk
+        [8, 8, 16, 5],  # boundaries on chunk edges (for chunk 4 and 8)
+        [3, 1, 11, 1, 1, 20],  # mid-chunk boundaries and length-1 sequences
+    ],
+)
+def test_ssd_scan_matches_recurrence_float64(chunk: int, groups: int, lengths: list[int]) -> None:
+    torch.manual_seed(chunk * 10 + groups)
+    t, h, p, n = sum(lengths), 4, 3, 5
+    dd = dict(dtype=torch.float64)
+    x, dt = torch.randn(1, t, h, p, **dd), torch.randn(1, t, h, **dd)
+    A, D, dt_bias = -torch.rand(h, **dd) * 2, torch.randn(h, **dd), torch.randn(h, **dd)
+    B, C = torch.randn(1, t, groups, n, **dd), torch.randn(1, t, groups, n, **dd)
+    seq = segments(lengths) if len(lengths) > 1 else None
+    y = ssd_scan_torch(x, dt, A, B, C, chunk, D=D, dt_bias=dt_bias, seq_idx=seq)
+    torch.testing.assert_close(y, recurrence(x, dt, A, B, C, D, dt_bias, seq), rtol=0, atol=1e-10)
+
+
+def test_ssd_scan_batch_rows_are_independent() -> None:
+    torch.manual_seed(1)
+    b, t, h, p, n = 3, 19, 2, 4, 3
+    dd = dict(dtype=torch.float64)
+    args = (torch.randn(b, t, h, p, **dd), torch.randn(b, t, h, **dd), -torch.rand(h, **dd), torch.randn(b, t, 1, n, **dd),
+            torch.randn(b, t, 1, n, **dd))
+    D, dt_bias = torch.randn(h, **dd), torch.randn(h, **dd)
+    seq = torch.stack([segments([19])[0], segments([5, 14])[0], segments([1, 9, 9])[0]])
+    y = ssd_scan_torch(*args, 8, D=D, dt_bias=dt_bias, seq_idx=seq)
+    torch.testing.assert_close(y, recurrence(*args, D, dt_bias, seq), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("lengths", [[12], [4, 1, 7], [1, 1, 1, 9]])
+def test_segment_conv1d_matches_reference(lengths: list[int]) -> None:
+    torch.manual_seed(2)
+    t = sum(lengths)
+    x, w, bias = torch.randn(1, t, 6, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    seq = segments(lengths)
+    torch.testing.assert_close(segment_conv1d(x, w, bias, seq), conv_reference(x, w, bias, seq), rtol=0, atol=1e-12)
+
+
+def test_seq_idx_derivations_agree() -> None:
+    lengths = [3, 1, 5]
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    cu = torch.tensor([0, 3, 4, 9], dtype=torch.int32)
+    expected = segments(lengths).to(torch.int32)
+    assert torch.equal(seq_idx_from_position_ids(pos), expected)
+    assert torch.equal(seq_idx_from_cu_seqlens(cu, 9), expected)
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])
+    assert seq_idx_from_attention_mask(mask).tolist() == [[0, 0, 1, 1, 1], [0, 0, 0, 1, 1]]
+
+
+def test_mixer_matches_transformers_single_sequence() -> None:
+    """transformers' torch mixer computes its scan in float32 even for float64 models, hence rtol 1e-5."""
+    model = make_model(torch.float64, mamba_chunk_size=8)
+    mixer = model.model.layers[0].mamba
+    h = torch.randn(2, 29, model.config.hidden_size, dtype=torch.float64)
+    with torch.no_grad():
+        ours = mixer_forward(mixer, h, backend="torch")
+        theirs = mixer(h)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_mixer_padded_rows_equal_unpadded() -> None:
+    """Left and right padding (attention mask) leave the real tokens' outputs as without padding."""
+    model = make_model(torch.float64, mamba_chunk_size=4)
+    mixer = model.model.layers[0].mamba
+    d = model.config.hidden_size
+    a, b = torch.randn(1, 9, d, dtype=torch.float64), torch.randn(1, 6, d, dtype=torch.float64)
+    pad = torch.randn(1, 3, d, dtype=torch.float64)  # padding with non-zero content must not matter
+    with torch.no_grad():
+        ref_a, ref_b = mixer_forward(mixer, a, backend="torch"), mixer_forward(mixer, b, backend="torch")
+        right = torch.cat([a, torch.cat([b, pad], 1)])
+        out_r = mixer_forward(mixer, right, attention_mask=torch.tensor([[1] * 9, [1] * 6 + [0] * 3]), backend="torch")
+        left = torch.cat([a, torch.cat([pad, b], 1)])
+        out_l = mixer_forward(mixer, left, attention_mask=torch.tensor([[1] * 9, [0] * 3 + [1] * 6]), backend="torch")
+    torch.testing.assert_close(out_r[0], ref_a[0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(out_r[1, :6], ref_b[0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(out_l[1, 3:], ref_b[0], rtol=0, atol=1e-10)
