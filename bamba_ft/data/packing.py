@@ -1,0 +1,145 @@
+"""Token-budget packing into padding-free rows, padded batches, and the resumable batch sampler."""
+
+from __future__ import annotations
+
+import bisect
+import random
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import Sampler
+
+from bamba_ft.data.tokenize import IGNORE_INDEX
+
+
+def pack_batches(lengths: Sequence[int], max_tokens: int, seed: int) -> list[list[int]]:
+    """Group example indices into batches of at most `max_tokens` tokens (best-fit decreasing), in random order.
+
+    Best-fit decreasing over the whole epoch fills batches to ~99% for SFT-like length mixes; the batch order
+    (and the order inside a batch) is shuffled so long and short examples do not come in runs.
+    """
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)  # ties in length are broken randomly, so each epoch groups examples differently
+    order.sort(key=lambda i: -lengths[i])
+    room: list[tuple[int, int]] = []  # (free tokens, batch id), sorted
+    batches: list[list[int]] = []
+    for i in order:
+        n = lengths[i]
+        if n > max_tokens:
+            raise ValueError(f"example {i} has {n} tokens, more than the batch budget {max_tokens}")
+        k = bisect.bisect_left(room, (n, -1))
+        if k == len(room):
+            batches.append([i])
+            free, b = max_tokens - n, len(batches) - 1
+        else:
+            free, b = room.pop(k)
+            batches[b].append(i)
+            free -= n
+        if free > 0:
+            bisect.insort(room, (free, b))
+    for b in batches:
+        rng.shuffle(b)
+    rng.shuffle(batches)
+    return batches
+
+
+def padded_batches(n: int, batch_size: int, seed: int, shuffle: bool) -> list[list[int]]:
+    order = list(range(n))
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def collate_packed(examples: list[dict]) -> dict:
+    """One padding-free row: the keys of transformers' DataCollatorWithFlattening (seq_idx, flash kwargs)."""
+    lengths = [len(e["input_ids"]) for e in examples]
+    ids = [t for e in examples for t in e["input_ids"]]
+    labels = [t for e in examples for t in e["labels"]]
+    cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    longest = max(lengths)
+    return {
+        "input_ids": torch.tensor([ids]),
+        "labels": torch.tensor([labels]),
+        "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
+        "seq_idx": torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32), torch.tensor(lengths))[None],
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu,
+        "max_length_q": longest,
+        "max_length_k": longest,
+    }
+
+
+def collate_padded(examples: list[dict], pad_id: int, left: bool = False) -> dict:
+    """Right-padded (or left-padded) rows with an attention mask; padding carries no loss."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids, labels, mask = [], [], []
+    for e in examples:
+        n = len(e["input_ids"])
+        pad = width - n
+        row_ids = e["input_ids"] + [pad_id] * pad
+        row_labels = e["labels"] + [IGNORE_INDEX] * pad
+        row_mask = [1] * n + [0] * pad
+        if left:
+            row_ids, row_labels, row_mask = row_ids[n:] + row_ids[:n], row_labels[n:] + row_labels[:n], row_mask[n:] + row_mask[:n]
+        ids.append(row_ids)
+        labels.append(row_labels)
+        mask.append(row_mask)
+    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
+
+
+class BatchPlan(Sampler[list[int]]):
+    """Yields each epoch's batches (lists of example indices) for this rank; restartable mid-epoch.
+
+    Every rank builds the same epoch plan from the seed, takes every world-th batch, and drops the remainder
+    so all ranks run the same number of steps. `skip` makes the next epoch start after batches already done.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        packing: bool,
+        max_tokens: int,
+        batch_size: int,
+        seed: int,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.lengths = list(lengths)
+        self.packing, self.max_tokens, self.batch_size = packing, max_tokens, batch_size
+        self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
+        self.epoch = 0
+        self.skip = 0
+        self._cached: tuple[int, list[list[int]]] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def plan(self) -> list[list[int]]:
+        if self._cached is None or self._cached[0] != self.epoch:
+            self._cached = (self.epoch, self._build_plan())
+        return self._cached[1]
+
+    def _build_plan(self) -> list[list[int]]:
+        seed = self.seed + self.epoch
+        if self.packing:
+            batches = pack_batches(self.lengths, self.max_tokens, seed if self.shuffle else self.seed)
+        else:
+            batches = padded_batches(len(self.lengths), self.batch_size, seed, self.shuffle)
+        per_rank = len(batches) // self.world_size if self.world_size > 1 else len(batches)
+        return batches[self.rank :: self.world_size][:per_rank]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self.plan()
+        skip, self.skip = self.skip, 0
+        yield from batches[skip:]
+
+    def __len__(self) -> int:
+        return len(self.plan())
+
+    def efficiency(self) -> float:
+        """Real tokens / token budget over this epoch's packed batches."""
+        batches = self.plan()
+        used = sum(self.lengths[i] for b in batches for i in b)
+        return used / max(1, len(batches) * self.max_tokens)

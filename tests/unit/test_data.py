@@ -1,0 +1,172 @@
+"""Data formats, label masks (token by token), length policy, packing, and the errors users see."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import DataCollatorWithFlattening
+
+from bamba_ft.config.schema import DataConfig
+from bamba_ft.data.formats import to_messages
+from bamba_ft.data.module import BambaDataModule
+from bamba_ft.data.packing import BatchPlan, collate_packed, pack_batches
+from bamba_ft.data.tokenize import IGNORE_INDEX, tokenize_example
+from bamba_ft.errors import DataError
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
+def expected_labels(tokenizer, parts: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:  # noqa: ANN001
+    """Token ids and labels built piece by piece: (text, has_loss) in order."""
+    ids, labels = [], []
+    for text, loss in parts:
+        t = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += t
+        labels += t if loss else [IGNORE_INDEX] * len(t)
+    labels[0] = IGNORE_INDEX
+    return ids, labels
+
+
+def test_messages_label_mask_token_by_token(builtin_tokenizer) -> None:  # noqa: ANN001
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4"}, {"role": "user", "content": "3+3?"},
+                {"role": "assistant", "content": "6"}]
+    tok = tokenize_example(builtin_tokenizer, messages, "completion", 512)
+    ids, labels = expected_labels(builtin_tokenizer, [
+        ("<|system|>Be brief.<|end|><|user|>2+2?<|end|><|assistant|>", False), ("4<|end|>", True),
+        ("<|user|>3+3?<|end|><|assistant|>", False), ("6<|end|>", True)])
+    assert tok.input_ids == ids
+    assert tok.labels == labels
+    everything = tokenize_example(builtin_tokenizer, messages, "all", 512)
+    assert everything.labels == [IGNORE_INDEX] + ids[1:]
+
+
+@pytest.mark.parametrize("fmt,row,parts", [
+    ("prompt_completion", {"prompt": "1+2?", "completion": "3"},
+     [("<|user|>1+2?<|end|><|assistant|>", False), ("3<|end|>", True)]),
+    ("alpaca", {"instruction": "Reverse.", "input": "cat", "output": "tac"},
+     [("<|user|>Reverse.\n\ncat<|end|><|assistant|>", False), ("tac<|end|>", True)]),
+    ("alpaca", {"instruction": "Say hi.", "input": "", "output": "hi", "system": "Be kind."},
+     [("<|system|>Be kind.<|end|><|user|>Say hi.<|end|><|assistant|>", False), ("hi<|end|>", True)]),
+    ("messages", {"conversations": [{"from": "human", "value": "Sky?"}, {"from": "gpt", "value": "blue"}]},
+     [("<|user|>Sky?<|end|><|assistant|>", False), ("blue<|end|>", True)]),
+    ("text", {"text": "the cat"}, [("the cat<|end|>", True)]),
+])
+def test_formats_label_mask(builtin_tokenizer, fmt: str, row: dict, parts: list) -> None:  # noqa: ANN001
+    tok = tokenize_example(builtin_tokenizer, to_messages(row, fmt, 0, "test"), "completion", 512)
+    ids, labels = expected_labels(builtin_tokenizer, parts)
+    assert (tok.input_ids, tok.labels) == (ids, labels)
+
+
+@pytest.mark.parametrize("name,fmt", [("messages", "messages"), ("sharegpt", "messages"),
+                                      ("prompt_completion", "prompt_completion"), ("alpaca", "alpaca"), ("text", "text")])
+def test_each_format_loads_from_file(builtin_tokenizer, name: str, fmt: str) -> None:  # noqa: ANN001
+    dm = BambaDataModule(DataConfig(source=str(ASSETS / f"{name}.jsonl"), val_fraction=0.25), builtin_tokenizer)
+    dm.prepare()
+    assert dm.fmt == fmt
+    assert dm.stats["train"].kept + dm.stats["val"].kept == dm.stats["train"].rows + dm.stats["val"].rows
+    example = dm.train_set[0]
+    assert example["labels"][0] == IGNORE_INDEX
+    assert any(t != IGNORE_INDEX for t in example["labels"])
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv", ".json"])
+def test_other_file_types(builtin_tokenizer, tmp_path: Path, suffix: str) -> None:  # noqa: ANN001
+    import datasets
+
+    ds = datasets.load_dataset("json", data_files=str(ASSETS / "prompt_completion.jsonl"), split="train")
+    path = tmp_path / f"data{suffix}"
+    if suffix == ".parquet":
+        ds.to_parquet(str(path))
+    elif suffix == ".csv":
+        ds.to_csv(str(path), index=False)
+    else:
+        path.write_text(json.dumps(ds.to_list()))
+    dm = BambaDataModule(DataConfig(source=str(path), val_fraction=0.0), builtin_tokenizer)
+    dm.prepare()
+    assert dm.stats["train"].kept == 8 and dm.fmt == "prompt_completion"
+
+
+def test_malformed_json_line_is_named(builtin_tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
+    path = tmp_path / "bad.jsonl"
+    lines = (ASSETS / "text.jsonl").read_text().splitlines()
+    lines.insert(3, '{"text": "broken"')
+    path.write_text("\n".join(lines) + "\n")
+    dm = BambaDataModule(DataConfig(source=str(path)), builtin_tokenizer)
+    with pytest.raises(DataError, match=rf"malformed JSON at {path}:4"):
+        dm.prepare()
+
+
+def test_missing_fields_name_expected_and_found(builtin_tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
+    path = tmp_path / "qa.jsonl"
+    path.write_text('{"question": "a", "answer": "b"}\n' * 4)
+    with pytest.raises(DataError, match=r"expects fields instruction, output .*found: answer, question"):
+        BambaDataModule(DataConfig(source=str(path), format="alpaca"), builtin_tokenizer).prepare()
+    with pytest.raises(DataError, match=r"cannot tell the data format .*answer, question"):
+        BambaDataModule(DataConfig(source=str(path)), builtin_tokenizer).prepare()
+
+
+def test_overlong_truncate_or_drop_counted(builtin_tokenizer) -> None:  # noqa: ANN001
+    src = str(ASSETS / "alpaca.jsonl")
+    cut = BambaDataModule(DataConfig(source=src, max_seq_len=28, val_fraction=0.0), builtin_tokenizer)
+    cut.prepare()
+    st = cut.stats["train"]
+    assert st.truncated == 7 and st.kept == 8 and max(cut.train_set["length"]) == 28
+    drop = BambaDataModule(DataConfig(source=src, max_seq_len=28, overlong="drop", val_fraction=0.0), builtin_tokenizer)
+    drop.prepare()
+    st = drop.stats["train"]
+    assert (st.dropped_overlong, st.kept, st.truncated) == (7, 1, 0)
+
+
+def test_empty_after_filtering_says_how_to_fix(builtin_tokenizer) -> None:  # noqa: ANN001
+    cfg = DataConfig(source=str(ASSETS / "alpaca.jsonl"), max_seq_len=8, overlong="drop", val_fraction=0.0)
+    with pytest.raises(DataError, match=r"(?s)no train examples left .*Fix: raise data.max_seq_len"):
+        BambaDataModule(cfg, builtin_tokenizer).prepare()
+
+
+def test_pack_batches_fills_budget_once_each() -> None:
+    g = torch.Generator().manual_seed(0)
+    lengths = [int(x) for x in torch.randint(1, 600, (500,), generator=g)]
+    batches = pack_batches(lengths, 2048, seed=1)
+    flat = sorted(i for b in batches for i in b)
+    assert flat == list(range(500))
+    assert all(sum(lengths[i] for i in b) <= 2048 for b in batches)
+    efficiency = sum(lengths) / (len(batches) * 2048)
+    assert efficiency > 0.98, efficiency
+    assert pack_batches(lengths, 2048, seed=1) == batches
+    assert pack_batches(lengths, 2048, seed=2) != batches
+
+
+def test_batch_plan_shards_ranks_evenly() -> None:
+    lengths = [50 + (i * 37) % 300 for i in range(200)]
+    plans = [BatchPlan(lengths, True, 1024, 8, seed=0, rank=r, world_size=3) for r in range(3)]
+    seen = [set(i for b in p.plan() for i in b) for p in plans]
+    assert len({len(p) for p in plans}) == 1
+    assert not (seen[0] & seen[1]) and not (seen[1] & seen[2]) and not (seen[0] & seen[2])
+
+
+def test_batch_plan_skip_resumes_mid_epoch() -> None:
+    lengths = [50 + (i * 37) % 300 for i in range(100)]
+    plan = BatchPlan(lengths, True, 1024, 8, seed=0)
+    full = list(plan)
+    plan.skip = 3
+    assert list(plan) == full[3:]
+    assert list(plan) == full  # the skip applies once
+
+
+def test_collate_packed_matches_transformers_flattening() -> None:
+    examples = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [-100]},
+                {"input_ids": [9, 10], "labels": [-100, 10]}]
+    ours = collate_packed(examples)
+    theirs = DataCollatorWithFlattening(return_seq_idx=True, return_flash_attn_kwargs=True, return_tensors="pt")(
+        [dict(e) for e in examples])
+    assert set(ours) == set(theirs)
+    for key in ours:
+        if torch.is_tensor(ours[key]):
+            assert torch.equal(ours[key].long(), theirs[key].long()), key
+            assert ours[key].dtype == theirs[key].dtype, key
+        else:
+            assert ours[key] == theirs[key], key
