@@ -1,0 +1,151 @@
+"""Builds BambaForCausalLM and its tokenizer from the model config: weights, dtype, attention, mixer."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoTokenizer, BambaConfig, BambaForCausalLM, PreTrainedTokenizerBase
+from transformers.models.bamba.modeling_bamba import BambaRotaryEmbedding
+
+from bamba_ft.config.schema import ModelConfig, QuantConfig
+from bamba_ft.errors import ModelError
+from bamba_ft.model.mixer import install_mixer
+from bamba_ft.model.quant import quantize_layer, report_base_memory
+from bamba_ft.model.shapes import SHAPES
+from bamba_ft.ops.attention import VARLEN, choose_attention, register_varlen_attention
+
+log = logging.getLogger(__name__)
+
+BUILTIN = {"builtin:tiny": Path(__file__).resolve().parent.parent / "assets" / "tiny"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_path(name_or_path: str) -> str:
+    """builtin:NAME -> the shipped directory; anything else unchanged."""
+    if name_or_path.startswith("builtin:"):
+        if name_or_path not in BUILTIN:
+            raise ModelError(f"model.name_or_path={name_or_path}: unknown builtin. Valid: {', '.join(BUILTIN)}")
+        return str(BUILTIN[name_or_path])
+    return name_or_path
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    return DTYPES[name]
+
+
+def _hub_error(what: str, path: str, e: Exception) -> ModelError:
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return ModelError(f"{what}={path}: the directory exists but is not a usable checkpoint ({e}).")
+    if path.startswith((".", "/", "~")):
+        return ModelError(f"{what}={path}: no such directory.")
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return ModelError(
+        f"{what}={path}: not a local directory, and the Hugging Face Hub did not provide it ({first}).\n"
+        "Fix: download it where the Hub is reachable (`hf download "
+        f"{path} --local-dir DIR`) and pass {what}=DIR; for gated models log in first (`hf auth login`)."
+    )
+
+
+def load_config(cfg: ModelConfig) -> BambaConfig:
+    path = resolve_path(cfg.name_or_path)
+    if cfg.init == "random" and cfg.shape is not None:
+        if cfg.shape not in SHAPES:
+            raise ModelError(f"model.shape={cfg.shape} is not a known shape. Valid: {', '.join(SHAPES)}")
+        return BambaConfig(**SHAPES[cfg.shape])
+    try:
+        config = AutoConfig.from_pretrained(path, revision=cfg.revision)
+    except Exception as e:  # OSError, ValueError, HF hub errors: all mean "cannot load this"
+        raise _hub_error("model.name_or_path", path, e) from e
+    if config.model_type != "bamba":
+        raise ModelError(
+            f"model.name_or_path={cfg.name_or_path} is a '{config.model_type}' model "
+            f"({', '.join(config.architectures or [])}); bamba_ft fine-tunes Bamba (model_type 'bamba', "
+            "BambaForCausalLM) checkpoints such as ibm-ai-platform/Bamba-9B-v2."
+        )
+    return config
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    path = resolve_path(cfg.tokenizer or cfg.name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(path, revision=cfg.revision if not cfg.tokenizer else None)
+    except Exception as e:
+        raise _hub_error("model.tokenizer" if cfg.tokenizer else "model.name_or_path", path, e) from e
+
+
+def _materialize_random(model: BambaForCausalLM, device: torch.device, quant: QuantConfig) -> None:
+    """Fill a meta-device model with fresh weights one decoder layer at a time (quantizing each as it lands)."""
+    inner = model.model
+    for module in (inner.embed_tokens, inner.final_layernorm, model.lm_head):
+        module.to_empty(device=device)
+        for m in module.modules():
+            model._init_weights(m)
+    inner.rotary_emb = BambaRotaryEmbedding(model.config).to(device)  # its buffers were never materialised
+    for layer in inner.layers:
+        layer.to_empty(device=device)
+        for m in layer.modules():
+            model._init_weights(m)
+        quantize_layer(layer, quant)
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
+
+
+def build_model(cfg: ModelConfig, quant: QuantConfig, device: torch.device) -> BambaForCausalLM:
+    """The model on `device`, in `cfg.dtype`, with bamba_ft's mixer installed and `use_cache=False`.
+
+    Quantized bases are built one decoder layer at a time, so the device never holds the full 16-bit model.
+    """
+    config = load_config(cfg)
+    dtype = resolve_dtype(cfg.dtype, device)
+    attn = choose_attention(cfg.attn_implementation, device.type)
+    if attn == VARLEN:
+        register_varlen_attention()
+    config.use_cache = False  # a cache in training disables packed-sequence masks (transformers 5.24)
+    config._attn_implementation = attn
+    path = resolve_path(cfg.name_or_path)
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        if cfg.init == "random":
+            with torch.device("meta"):
+                model = BambaForCausalLM(config)
+            _materialize_random(model, device, quant)
+        else:
+            # Quantized: load on the CPU, then move and quantize layer by layer.
+            load_device = "cpu" if quant.method != "none" else device
+            try:
+                model = BambaForCausalLM.from_pretrained(
+                    path, config=config, dtype=dtype, revision=cfg.revision, device_map={"": load_device}
+                )
+            except Exception as e:
+                raise _hub_error("model.name_or_path", path, e) from e
+            if quant.method != "none":
+                for layer in model.model.layers:
+                    layer.to(device)
+                    quantize_layer(layer, quant)
+                model.to(device)
+    finally:
+        torch.set_default_dtype(previous)
+
+    model.config.use_cache = False
+    if model.generation_config is not None:
+        model.generation_config.use_cache = True  # generation still uses the cache; training never does
+    backend = install_mixer(model, cfg.mixer)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = sum(p.numel() for p in model.parameters())
+    log.info(
+        "model: %s (%s, %.1fM parameters, %s, attention %s, mixer backend %s)",
+        cfg.name_or_path, "random init" if cfg.init == "random" else "pretrained", params / 1e6,
+        str(dtype).removeprefix("torch."), attn, backend,
+    )
+    if quant.method != "none":
+        report_base_memory(model, quant)
+    return model

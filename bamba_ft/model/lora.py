@@ -1,0 +1,111 @@
+"""peft LoRA on Bamba: target names checked against the model, and a probe that every adapter trains."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from bamba_ft.config.schema import PeftConfig
+from bamba_ft.errors import ConfigError, ModelError, suggest
+
+log = logging.getLogger(__name__)
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Leaf names of the Linear layers (in_proj, q_proj, ...), in model order, without duplicates."""
+    names: dict[str, None] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            names[name.rsplit(".", 1)[-1]] = None
+    return list(names)
+
+
+def apply_peft(model: nn.Module, cfg: PeftConfig) -> nn.Module:
+    """LoRA adapters on `cfg.target_modules` (base frozen), or the model unchanged for full fine-tuning."""
+    if cfg.method == "none":
+        for p in model.parameters():
+            if p.is_floating_point() and type(p.data) is torch.Tensor:
+                p.requires_grad_(True)
+        return model
+    valid = linear_names(model)
+    bad = [t for t in cfg.target_modules if t not in valid]
+    if bad:
+        raise ConfigError(
+            [
+                f"peft.target_modules: '{t}' matches no module of {type(model).__name__}.{suggest(t, valid)}\n"
+                f"Valid: {', '.join(valid)}"
+                for t in bad
+            ]
+        )
+    lora = LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.target_modules),
+        use_rslora=cfg.use_rslora,
+        use_dora=cfg.use_dora,
+        modules_to_save=list(cfg.modules_to_save) or None,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    with warnings.catch_warnings():
+        # int8 bases: peft warns that it cannot re-quantize after merging; bamba_ft merges into dequantized weights.
+        warnings.filterwarnings("ignore", message=".*get_apply_tensor_subclass.*")
+        peft_model = get_peft_model(model, lora)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in peft_model.parameters())
+    log.info("LoRA r=%d on %s: %.2fM trainable of %.1fM parameters", cfg.r, ",".join(cfg.target_modules), trainable / 1e6, total / 1e6)
+    return peft_model
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def check_adapter_gradients(model: nn.Module, batch: dict, loss_fn) -> dict[str, float]:  # noqa: ANN001
+    """One forward/backward on `batch`: every trainable tensor must get a finite, non-zero gradient.
+
+    With peft's default init (lora_B = 0) the lora_A gradients are exactly zero, which would hide a bypassed
+    module; lora_B is set to small random values for the probe and restored afterwards.
+    Returns {name: grad norm}; raises ModelError naming the modules whose adapters get no gradient.
+    """
+    params = adapter_parameters(model)
+    saved = {n: p.detach().clone() for n, p in params.items() if "lora_B" in n}
+    was_training = model.training
+    model.train()
+    try:
+        with torch.no_grad():
+            for n in saved:
+                params[n].normal_(0.0, 0.02)
+        for p in params.values():
+            p.grad = None
+        loss_fn(model, batch).backward()
+        norms = {n: float(p.grad.norm()) if p.grad is not None else 0.0 for n, p in params.items()}
+        finite = {n: torch.isfinite(p.grad).all().item() if p.grad is not None else False for n, p in params.items()}
+    finally:
+        with torch.no_grad():
+            for n, value in saved.items():
+                params[n].copy_(value)
+        for p in params.values():
+            p.grad = None
+        model.train(was_training)
+    bypassed = sorted({_module_of(n) for n, v in norms.items() if v == 0.0 or not finite[n]})
+    if bypassed:
+        shown = "\n".join(bypassed[:20]) + (f"\n... and {len(bypassed) - 20} more" if len(bypassed) > 20 else "")
+        raise ModelError(
+            f"{len(bypassed)} adapted module(s) receive no (or a non-finite) gradient, so their adapters would not "
+            f"train:\n{shown}\nThe forward path bypasses these modules (e.g. a fused kernel that reads their weight "
+            "directly). Fix: use bamba_ft's mixer (model.mixer=auto) or drop them from peft.target_modules."
+        )
+    return norms
+
+
+def _module_of(param_name: str) -> str:
+    for marker in (".lora_A", ".lora_B", ".lora_magnitude_vector"):
+        if marker in param_name:
+            return param_name.split(marker)[0].removeprefix("base_model.model.")
+    return param_name

@@ -1,0 +1,109 @@
+"""Finds what a checkpoint path points at (run, adapter, .ckpt, merged model) and rebuilds that model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from peft import PeftModel
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from bamba_ft.config.schema import ModelConfig, QuantConfig, TrainConfig
+from bamba_ft.errors import ModelError
+from bamba_ft.model.build import build_model, load_tokenizer
+from bamba_ft.model.lora import apply_peft
+
+log = logging.getLogger(__name__)
+
+RUN_CONFIG = "run_config.yaml"  # the resolved TrainConfig of a training run
+ADAPTER_DIR = "adapter"  # peft adapter (LoRA runs)
+MODEL_DIR = "model"  # full weights (full fine-tuning runs)
+
+
+def save_run_config(cfg: TrainConfig, run_dir: Path) -> None:
+    tmp = run_dir / f".{RUN_CONFIG}.tmp"
+    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    tmp.replace(run_dir / RUN_CONFIG)
+
+
+def load_run_config(run_dir: Path) -> TrainConfig:
+    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(run_dir / RUN_CONFIG))
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+@dataclass
+class Source:
+    """What to load: a base model, optionally an adapter directory or trainable state from a .ckpt."""
+
+    model: ModelConfig
+    quant: QuantConfig
+    run: TrainConfig | None = None
+    adapter_dir: Path | None = None
+    ckpt: Path | None = None
+    description: str = ""
+
+
+def locate(checkpoint: str | None, cfg: TrainConfig) -> Source:
+    """Interpret `checkpoint` (eval.checkpoint / export.checkpoint); None means the configured base model."""
+    if checkpoint is None:
+        return Source(cfg.model, cfg.quant, description=f"base model {cfg.model.name_or_path}")
+    path = Path(checkpoint).expanduser()
+    if not path.exists():
+        raise ModelError(f"checkpoint {checkpoint}: no such file or directory.")
+    if path.is_file() and path.suffix == ".ckpt":
+        run_dir = path.parent.parent
+        if not (run_dir / RUN_CONFIG).exists():
+            raise ModelError(f"checkpoint {checkpoint}: cannot find its run's {RUN_CONFIG} in {run_dir}.")
+        run = load_run_config(run_dir)
+        return Source(run.model, run.quant, run=run, ckpt=path, description=f"training checkpoint {path}")
+    if (path / RUN_CONFIG).exists():
+        run = load_run_config(path)
+        if (path / ADAPTER_DIR).is_dir():
+            return Source(run.model, run.quant, run=run, adapter_dir=path / ADAPTER_DIR, description=f"run {path}")
+        if (path / MODEL_DIR).is_dir():
+            model = dataclasses.replace(run.model, name_or_path=str(path / MODEL_DIR), init="pretrained", tokenizer=None)
+            return Source(model, QuantConfig(), run=run, description=f"run {path} (full weights)")
+        last = path / "checkpoints" / "last.ckpt"
+        if last.exists():
+            return Source(run.model, run.quant, run=run, ckpt=last, description=f"run {path} (last.ckpt)")
+        raise ModelError(f"checkpoint {checkpoint}: the run has no adapter/, model/ or checkpoints/last.ckpt yet.")
+    if (path / "adapter_config.json").exists():
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        model = dataclasses.replace(cfg.model, name_or_path=base or cfg.model.name_or_path, init="pretrained")
+        return Source(model, cfg.quant, adapter_dir=path, description=f"adapter {path} on {model.name_or_path}")
+    if (path / "config.json").exists():
+        model = dataclasses.replace(cfg.model, name_or_path=str(path), init="pretrained", tokenizer=None)
+        return Source(model, QuantConfig(), description=f"model {path}")
+    raise ModelError(
+        f"checkpoint {checkpoint}: not a run directory ({RUN_CONFIG}), a peft adapter (adapter_config.json), "
+        "a model directory (config.json) or a .ckpt file."
+    )
+
+
+def load_source(src: Source, device: torch.device, trainable: bool = False) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """Build the base (quantized as configured), attach the adapter or .ckpt state; eval mode unless `trainable`."""
+    # A run saves its tokenizer (chat template included) beside the adapter.
+    has_tokenizer = src.adapter_dir is not None and (src.adapter_dir / "tokenizer_config.json").exists()
+    tokenizer = load_tokenizer(dataclasses.replace(src.model, tokenizer=str(src.adapter_dir)) if has_tokenizer else src.model)
+    model: nn.Module = build_model(src.model, src.quant, device)
+    if src.adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(src.adapter_dir), is_trainable=trainable)
+    elif src.ckpt is not None:
+        assert src.run is not None
+        model = apply_peft(model, src.run.peft)
+        state = torch.load(src.ckpt, map_location=device, weights_only=False)["state_dict"]
+        prefix = "model."
+        weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in weights]
+        if missing:
+            raise ModelError(f"{src.ckpt}: lacks {len(missing)} trained tensors (first: {missing[0]}).")
+        model.load_state_dict(weights, strict=False)
+    model.to(device)
+    model.train(trainable)
+    return model, tokenizer
