@@ -11,7 +11,7 @@ from bamba_ft import quiet
 quiet.silence_import_noise()
 
 import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from bamba_ft.config.overrides import check_overrides, to_train_config  # noqa: E402
 from bamba_ft.config.store import config_dirs, register_configs  # noqa: E402
@@ -21,7 +21,7 @@ log = logging.getLogger("bamba_ft")
 
 
 def run_task(cfg: DictConfig) -> None:
-    debug = bool(cfg.get("debug", False)) or os.environ.get("BAMBA_FT_DEBUG") == "1"
+    debug = bool(OmegaConf.select(cfg, "debug", default=False)) or os.environ.get("BAMBA_FT_DEBUG") == "1"
     try:
         typed = to_train_config(cfg)
         if typed.task == "train":
@@ -30,6 +30,8 @@ def run_task(cfg: DictConfig) -> None:
             from bamba_ft.jobs.evaluate import run
         elif typed.task == "export":
             from bamba_ft.jobs.export import run
+        elif typed.task == "doctor":
+            from bamba_ft.jobs.doctor import run
         else:
             from bamba_ft.jobs.bench import run
         run(typed)

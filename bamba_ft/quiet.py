@@ -12,7 +12,13 @@ def silence_import_noise() -> None:
     # torch's pytree logs a deprecation for every Enum torchao registers. Neither affects results.
     logging.getLogger("torchao").setLevel(logging.ERROR)
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    # transformers announces its torch fallbacks for the mixer kernels; bamba_ft's mixer replaces that path and
+    # reports its own backend (`mixer backend: ...`), so the notice would only mislead.
+    logging.getLogger("transformers.integrations.hub_kernels").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated.*")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # per-file bars of weight loading/saving (transformers reads this through huggingface_hub)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     # Lightning suggests more dataloader workers; packed batches are built from memory and need none.
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")

@@ -269,6 +269,8 @@ class BenchConfig:
     """Sequence lengths for the scaling sweep (one sequence per step), e.g. [2048, 4096, 8192]."""
     data_pipeline_examples: int = 0
     """Tokenize+pack this many generated examples and report throughput (0: skip)."""
+    profile: bool = False
+    """Profile two extra steps of each bamba_ft variant (torch.profiler) into profile_<variant>.txt."""
     output: str = "bench.json"
     """JSON results file (a markdown table is printed and written beside it)."""
 
@@ -276,7 +278,7 @@ class BenchConfig:
 @dataclass
 class TrainConfig:
     task: str = "train"
-    """train | eval | export | bench."""
+    """train | eval | export | bench | doctor."""
     debug: bool = False
     """Show full Python tracebacks for user errors."""
     output_dir: str = "."
@@ -294,7 +296,7 @@ class TrainConfig:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "task": ("train", "eval", "export", "bench"),
+    "task": ("train", "eval", "export", "bench", "doctor"),
     "model.init": ("pretrained", "random"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "model.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2", "varlen"),

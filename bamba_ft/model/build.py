@@ -139,7 +139,11 @@ def build_model(cfg: ModelConfig, quant: QuantConfig, device: torch.device) -> B
         model.generation_config.use_cache = True  # generation still uses the cache; training never does
     backend = install_mixer(model, cfg.mixer)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.2x renamed the switch; 5.17 only has gradient_checkpointing_enable
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = sum(p.numel() for p in model.parameters())
     log.info(
         "model: %s (%s, %.1fM parameters, %s, attention %s, mixer backend %s)",

@@ -73,7 +73,7 @@ def varlen_attention_forward(
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, dim)
     groups = q.shape[1] // k.shape[1]
     max_q = int(kwargs.get("max_length_q") or int(torch.diff(cu_q).max()))
-    if not (query.is_cuda and varlen_available()):
+    if not (query.is_cuda and varlen_available() and query.dtype in (torch.float16, torch.bfloat16)):
         return _padded_sdpa(q, k, v, cu_q, max_q, scaling, groups)[None], None
     extra: dict = {"scale": scaling}
     if groups > 1:

@@ -13,8 +13,11 @@ sequences apart on every backend:
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import math
+import sys
+import types
 
 import torch
 import torch.nn.functional as F
@@ -27,15 +30,39 @@ log = logging.getLogger(__name__)
 # Optional CUDA kernels
 
 
+def _import_triton_kernels() -> dict[str, object]:
+    from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+    return {"scan": mamba_chunk_scan_combined, "rmsnorm": rmsnorm_fn}
+
+
 @functools.cache
 def _mamba_ssm() -> dict[str, object]:
-    """mamba-ssm's Triton scan and gated RMSNorm, or {} when the package is not importable."""
+    """mamba-ssm's Triton scan and gated RMSNorm, or {} when the package is not importable.
+
+    The kernels used here are Triton (compiled at run time); only the package's `__init__` needs its compiled
+    `selective_scan_cuda` extension. A mamba-ssm installed without that extension
+    (MAMBA_SKIP_CUDA_BUILD=TRUE, no compiler needed) is still used: its kernel modules are imported under a
+    temporary package object that skips the `__init__`.
+    """
     try:
-        from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-    except Exception:  # ImportError, or a build without its CUDA extension
+        return _import_triton_kernels()
+    except ImportError as e:
+        if "selective_scan_cuda" not in str(e) or importlib.util.find_spec("mamba_ssm") is None:
+            return {}
+    except Exception:  # e.g. Triton without a GPU driver
         return {}
-    return {"scan": mamba_chunk_scan_combined, "rmsnorm": rmsnorm_fn}
+    spec = importlib.util.find_spec("mamba_ssm")
+    package = types.ModuleType("mamba_ssm")
+    package.__path__ = list(spec.submodule_search_locations or [])
+    sys.modules["mamba_ssm"] = package
+    try:
+        return _import_triton_kernels()
+    except Exception:
+        return {}
+    finally:
+        sys.modules.pop("mamba_ssm", None)  # later `import mamba_ssm` behaves as without bamba_ft
 
 
 @functools.cache
@@ -218,12 +245,11 @@ def ssd_scan_torch(
 def _conv(mixer: BambaMixer, xbc: torch.Tensor, seq_idx: torch.Tensor | None, backend: str) -> torch.Tensor:
     weight = mixer.conv1d.weight.squeeze(1)
     conv_fn = _causal_conv1d() if backend == "cuda-kernels" else None
-    if conv_fn is not None and mixer.activation in ("silu", "swish"):
-        # causal-conv1d takes seq_idx only in channel-last layout with 8-aligned strides.
-        if xbc.stride(1) % 8 or xbc.stride(0) % 8:
-            xbc = xbc.contiguous()
+    # causal-conv1d takes seq_idx only in channel-last layout, with channels a multiple of 8.
+    if conv_fn is not None and mixer.activation in ("silu", "swish") and xbc.shape[-1] % 8 == 0:
+        x = xbc.contiguous()  # dense (b, t, c): its transpose is channel-last, and the output keeps that layout
         idx = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
-        return conv_fn(xbc.transpose(1, 2), weight, mixer.conv1d.bias, seq_idx=idx, activation="silu").transpose(1, 2)
+        return conv_fn(x.transpose(1, 2), weight, mixer.conv1d.bias, seq_idx=idx, activation="silu").transpose(1, 2)
     return mixer.act(segment_conv1d(xbc, weight, mixer.conv1d.bias, seq_idx))
 
 

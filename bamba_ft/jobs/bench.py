@@ -1,0 +1,297 @@
+"""`task=bench`: the stock transformers paths against bamba_ft's, on the same batches, in one process.
+
+Variants (bench.variants):
+- hf_padded: transformers + peft, padded batches, transformers' loss (what a stock-stack user runs);
+- hf_padfree: transformers' own padding-free path (DataCollatorWithFlattening keys; its kernels when installed);
+- bamba_ft: bamba_ft's mixer, packed attention and chunked loss;
+- bamba_ft_nf4 / bamba_ft_int8: the same on a torchao-quantized base (QLoRA).
+Model FLOPs per token: 4 x (weights of all Linear layers): forward 2N plus input gradients 2N; LoRA's own
+FLOPs, attention scores and the SSD scan are left out, so MFU here is a lower bound.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bamba_ft.config.schema import BenchConfig, ModelConfig, PeftConfig, QuantConfig, TrainConfig
+from bamba_ft.data.packing import collate_packed, collate_padded
+from bamba_ft.jobs.report import atomic_write_json, atomic_write_text
+from bamba_ft.jobs.runtime import autocast_for, choose_device, to_device
+from bamba_ft.model.build import build_model
+from bamba_ft.model.lora import apply_peft
+from bamba_ft.model.quant import base_weight_bytes
+from bamba_ft.model.shapes import SHAPES
+from bamba_ft.ops.loss import causal_lm, mean_loss
+
+log = logging.getLogger(__name__)
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}  # vendor datasheets, dense bf16
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    stock: bool  # transformers' mixer, attention (sdpa) and loss
+    packed: bool
+    quant: str = "none"
+    ckpt: bool = False
+
+
+VARIANTS = {
+    "hf_padded": Variant("hf_padded", stock=True, packed=False),
+    "hf_padfree": Variant("hf_padfree", stock=True, packed=True),
+    "bamba_ft": Variant("bamba_ft", stock=False, packed=True),
+    "bamba_ft_nf4": Variant("bamba_ft_nf4", stock=False, packed=True, quant="nf4"),
+    "bamba_ft_int8": Variant("bamba_ft_int8", stock=False, packed=True, quant="int8"),
+}
+
+
+def sample_lengths(b: BenchConfig, n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    if b.workload == "fixed":
+        return [b.median_len] * n
+    # lognormal with the given median; sigma 0.8 gives an SFT-like spread (p10 ~ 0.36x, p90 ~ 2.8x the median)
+    z = torch.randn(n, generator=g, dtype=torch.float64)
+    return [int(min(b.max_len, max(8, round(b.median_len * math.exp(0.8 * float(v)))))) for v in z]
+
+
+def make_steps(b: BenchConfig, vocab: int, seed: int) -> list[list[list[int]]]:
+    """Warm-up plus timed steps, each `seqs_per_step` sequences of random token ids (same for every variant)."""
+    n_steps = b.warmup_steps + b.steps
+    lengths = sample_lengths(b, n_steps * b.seqs_per_step, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    seqs = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+    return [seqs[i * b.seqs_per_step : (i + 1) * b.seqs_per_step] for i in range(n_steps)]
+
+
+def to_batch(seqs: list[list[int]], packed: bool, stock: bool) -> dict:
+    examples = [{"input_ids": s, "labels": [-100] + s[1:]} for s in seqs]
+    if not packed:
+        return collate_padded(examples, pad_id=0)
+    batch = collate_packed(examples)
+    if stock:  # transformers' padding-free keys (DataCollatorWithFlattening): the same set
+        batch = {k: batch[k] for k in ("input_ids", "labels", "position_ids", "seq_idx", "cu_seq_lens_q",
+                                       "cu_seq_lens_k", "max_length_q", "max_length_k")}
+    return batch
+
+
+def linear_weights(model: nn.Module) -> int:
+    """Weights of the base model's Linear layers (LoRA's own A and B excluded)."""
+    return sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, nn.Linear) and "lora_" not in n)
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def _stock_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    return model(**batch, use_cache=False).loss
+
+
+def _profile(model: nn.Module, loss_fn, batch: dict, opt: torch.optim.Optimizer, device: torch.device,  # noqa: ANN001
+             path: Path) -> str:
+    """Two profiled training steps; the per-kernel table (sorted by device time) goes to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            with autocast_for(causal_lm(model), device):
+                loss = loss_fn(model, batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=90))
+    return str(path)
+
+
+def run_variant(v: Variant, model_cfg: ModelConfig, peft_cfg: PeftConfig, steps: list, b: BenchConfig,
+                device: torch.device, seed: int, out_dir: Path = Path(".")) -> dict:
+    """Build the model for `v`, run the steps, return the measurements (or the error it hit)."""
+    result: dict = {"variant": v.name, "activation_checkpointing": v.ckpt}
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    mcfg = replace(model_cfg, mixer="hf" if v.stock else "auto", attn_implementation="sdpa" if v.stock else "auto",
+                   gradient_checkpointing=v.ckpt)
+    model = None
+    try:
+        torch.manual_seed(seed)
+        model = build_model(mcfg, QuantConfig(method=v.quant), device)
+        model = apply_peft(model, peft_cfg)
+        model.train()
+        result["base_weight_gib"] = base_weight_bytes(model) / 2**30
+        n_linear = linear_weights(causal_lm(model))
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+        loss_fn = _stock_loss if v.stock else mean_loss
+        times, tokens = [], []
+        for i, seqs in enumerate(steps):
+            batch = to_device(to_batch(seqs, v.packed, v.stock), device)
+            _sync(device)
+            t0 = time.perf_counter()
+            with autocast_for(causal_lm(model), device):
+                loss = loss_fn(model, batch)
+            loss.backward()
+            if i == 0:
+                result["adapters_with_grad"], result["adapters"] = _adapter_coverage(model)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            _sync(device)
+            if i >= b.warmup_steps:
+                times.append(time.perf_counter() - t0)
+                tokens.append(sum(len(s) for s in seqs))
+            if not math.isfinite(float(loss)):
+                raise RuntimeError(f"non-finite loss at step {i}")
+        if b.profile:
+            result["profile"] = _profile(model, loss_fn, to_device(to_batch(steps[-1], v.packed, v.stock), device),
+                                         opt, device, out_dir / f"profile_{v.name}{'_ckpt' if v.ckpt else ''}.txt")
+        step = statistics.median(times)
+        tps = statistics.median(t / s for t, s in zip(tokens, times))
+        result.update(step_ms=1000 * step, tokens_per_sec=tps, tokens_per_step=statistics.mean(tokens),
+                      final_loss=float(loss), linear_params=n_linear)
+        peak = _peak_flops(device)
+        if peak:
+            result["mfu"] = 4 * n_linear * tps / peak
+        if device.type == "cuda":
+            result["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    except torch.cuda.OutOfMemoryError:
+        result["error"] = "out of memory"
+    except Exception as e:  # a path that cannot run here (e.g. packing on transformers' torch mixer) is a result
+        result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    finally:
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return result
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _adapter_coverage(model: nn.Module) -> tuple[int, int]:
+    """(adapted modules whose lora_B got a non-zero gradient, adapted modules)."""
+    bs = [p for n, p in model.named_parameters() if "lora_B" in n]
+    return sum(1 for p in bs if p.grad is not None and bool(p.grad.abs().max() > 0)), len(bs)
+
+
+def seq_scaling(lengths: list[int], model_cfg: ModelConfig, peft_cfg: PeftConfig, b: BenchConfig,
+                device: torch.device, seed: int, vocab: int) -> list[dict]:
+    """One sequence per step at each length, with and without activation checkpointing; OOM is recorded."""
+    rows = []
+    for ckpt in (False, True):
+        for n in lengths:
+            bb = replace(b, workload="fixed", median_len=n, max_len=n, seqs_per_step=1, warmup_steps=1, steps=2)
+            steps = make_steps(bb, vocab, seed)
+            r = run_variant(Variant("bamba_ft", stock=False, packed=True, ckpt=ckpt), model_cfg, peft_cfg, steps, bb, device, seed)
+            r["seq_len"] = n
+            rows.append(r)
+            if "error" in r:
+                break  # longer sequences will not fit either
+    return rows
+
+
+def data_pipeline(n: int) -> dict:
+    """Tokenize and pack `n` generated chat examples on the CPU."""
+    from bamba_ft.config.schema import DataConfig
+    from bamba_ft.data.builtin import build_char_tokenizer
+    from bamba_ft.data.module import BambaDataModule
+
+    tok = build_char_tokenizer()
+    dm = BambaDataModule(DataConfig(builtin_train_examples=n, builtin_val_examples=10, max_tokens_per_batch=4096,
+                                    max_seq_len=512, num_proc=1), tok)
+    t0 = time.perf_counter()
+    dm.prepare()
+    t1 = time.perf_counter()
+    plan = dm.make_plan(dm.train_set, shuffle=True)
+    batches = plan.plan()
+    t2 = time.perf_counter()
+    return {"examples": n, "tokenize_s": t1 - t0, "pack_s": t2 - t1, "examples_per_s": n / (t2 - t0),
+            "tokens": dm.stats["train"].tokens, "batches": len(batches), "packing_efficiency": plan.efficiency()}
+
+
+def _row(r: dict, ref: dict | None) -> list[str]:
+    if "error" in r:
+        return [r["variant"], "yes" if r["activation_checkpointing"] else "no", r["error"], "", "", "", "", ""]
+    ratio = f"{r['tokens_per_sec'] / ref['tokens_per_sec']:.2f}x" if ref and "tokens_per_sec" in ref else "-"
+    return [r["variant"], "yes" if r["activation_checkpointing"] else "no", f"{r['tokens_per_sec']:,.0f}", ratio,
+            f"{r['step_ms']:.0f}", f"{r.get('peak_gib', float('nan')):.1f}", f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-",
+            f"{r['adapters_with_grad']}/{r['adapters']}"]
+
+
+def markdown(results: dict) -> str:
+    lines = [f"{results['device']} | torch {results['versions'].get('torch')} | transformers "
+             f"{results['versions'].get('transformers')} | mamba-ssm {results['versions'].get('mamba-ssm', '-')} | "
+             f"causal-conv1d {results['versions'].get('causal-conv1d', '-')}", ""]
+    header = ["variant", "act. ckpt", "real tokens/s", "vs hf_padfree", "step ms", "peak GiB", "MFU", "adapters w/ grad"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in results["runs"]:
+        ref = next((x for x in results["runs"] if x["variant"] == "hf_padfree"
+                    and x["activation_checkpointing"] == r["activation_checkpointing"]), None)
+        lines.append("| " + " | ".join(_row(r, ref)) + " |")
+    if results.get("seq_scaling"):
+        lines += ["", "| seq len | act. ckpt | tokens/s | peak GiB |", "|---|---|---|---|"]
+        for r in results["seq_scaling"]:
+            val = r.get("error") or f"{r['tokens_per_sec']:,.0f}"
+            lines.append(f"| {r['seq_len']} | {'yes' if r['activation_checkpointing'] else 'no'} | {val} | "
+                         f"{r.get('peak_gib', float('nan')):.1f} |")
+    if results.get("data_pipeline"):
+        d = results["data_pipeline"]
+        lines += ["", f"data pipeline: {d['examples']} examples tokenized+packed in {d['tokenize_s'] + d['pack_s']:.1f} s "
+                      f"({d['examples_per_s']:,.0f} examples/s), packing efficiency {100 * d['packing_efficiency']:.1f}%"]
+    return "\n".join(lines)
+
+
+def run(cfg: TrainConfig) -> dict:
+    from bamba_ft.jobs.model_card import library_versions
+
+    b = cfg.bench
+    device = choose_device(cfg.trainer.accelerator)
+    mcfg = cfg.model if cfg.model.init == "random" else replace(cfg.model, init="random")
+    if mcfg.shape is None:
+        mcfg = replace(mcfg, shape="bamba-9b" if device.type == "cuda" else "tiny")
+    vocab = SHAPES[mcfg.shape]["vocab_size"]
+    steps = make_steps(b, vocab, cfg.trainer.seed)
+    results: dict = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "shape": mcfg.shape, "versions": library_versions(), "bench": asdict(b), "peft": asdict(cfg.peft),
+        "date": time.strftime("%Y-%m-%d"), "runs": [],
+    }
+    for ckpt in b.activation_checkpointing:
+        for name in b.variants:
+            if name not in VARIANTS:
+                raise ValueError(f"bench.variants: unknown '{name}'. Valid: {', '.join(VARIANTS)}")
+            r = run_variant(replace(VARIANTS[name], ckpt=ckpt), mcfg, cfg.peft, steps, b, device, cfg.trainer.seed,
+                            Path(cfg.output_dir))
+            log.info("bench %s: %s", name, json.dumps(r))
+            results["runs"].append(r)
+    if b.seq_scaling:
+        results["seq_scaling"] = seq_scaling(list(b.seq_scaling), mcfg, cfg.peft, b, device, cfg.trainer.seed, vocab)
+    if b.data_pipeline_examples:
+        results["data_pipeline"] = data_pipeline(b.data_pipeline_examples)
+    out = Path(b.output) if Path(b.output).is_absolute() else Path(cfg.output_dir) / b.output
+    atomic_write_json(out, results)
+    md = markdown(results)
+    atomic_write_text(out.with_suffix(".md"), md + "\n")
+    print(md)
+    print(f"\nresults: {out} and {out.with_suffix('.md')}")
+    return results
+

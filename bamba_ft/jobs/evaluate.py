@@ -1,0 +1,167 @@
+"""Evaluation: packed loss/perplexity, exact match by generation, predictions, curves; and `recipe=eval`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from bamba_ft.config.schema import EvalConfig, TrainConfig
+from bamba_ft.data.module import BambaDataModule
+from bamba_ft.data.tokenize import ensure_chat_template, prompt_and_reference
+from bamba_ft.jobs.report import atomic_write_json, atomic_write_text, plot_curves
+from bamba_ft.jobs.runtime import autocast_for, choose_device, to_device
+from bamba_ft.model.restore import load_source, locate
+from bamba_ft.ops.loss import causal_lm, loss_sum_and_count
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def validation_loss(model: nn.Module, dm: BambaDataModule, device: torch.device) -> dict[str, float]:
+    """Token-weighted loss and perplexity over the validation split."""
+    loader = dm.val_dataloader()
+    if not loader:
+        return {}
+    total, count = 0.0, 0
+    with autocast_for(causal_lm(model), device):
+        for batch in loader:
+            s, n = loss_sum_and_count(model, to_device(batch, device))
+            total, count = total + float(s), count + int(n)
+    loss = total / max(count, 1)
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 30.0)), "val_tokens": count}
+
+
+def normalize(answer: str) -> str:
+    return " ".join(answer.strip().split())
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str], cfg: EvalConfig, device: torch.device
+) -> list[str]:
+    """Batched generation with left padding; returns the decoded continuations."""
+    lm = causal_lm(model)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    out: list[str] = []
+    try:
+        for s in range(0, len(prompts), cfg.batch_size):
+            enc = tokenizer(prompts[s : s + cfg.batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = {k: v.to(device) for k, v in enc.items()}
+            sampling = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k or None} if cfg.do_sample else {"do_sample": False}
+            with autocast_for(causal_lm(model), device):
+                ids = lm.generate(
+                    **enc,
+                    max_new_tokens=cfg.max_new_tokens,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                    use_cache=True,
+                    **sampling,
+                )
+            new = ids[:, enc["input_ids"].shape[1] :]
+            out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+def exact_match_eval(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, dm: BambaDataModule, cfg: EvalConfig, device: torch.device
+) -> tuple[dict[str, float], list[dict]]:
+    """Exact match of generated answers against the reference assistant turns of validation examples."""
+    pairs = [p for p in (prompt_and_reference(tokenizer, ex) for ex in dm.val_rows) if p is not None]
+    pairs = pairs[: cfg.num_generate]
+    if not pairs or not cfg.generate:
+        return {}, []
+    was_training = model.training
+    model.eval()
+    try:
+        preds = generate(model, tokenizer, [p for p, _ in pairs], cfg, device)
+    finally:
+        model.train(was_training)
+    rows = [
+        {"prompt": p, "reference": r, "prediction": pred, "correct": normalize(pred) == normalize(r)}
+        for (p, r), pred in zip(pairs, preds)
+    ]
+    em = sum(r["correct"] for r in rows) / len(rows)
+    return {"exact_match": em, "num_generated": len(rows)}, rows
+
+
+def evaluate_model(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, dm: BambaDataModule, cfg: EvalConfig, device: torch.device
+) -> tuple[dict[str, float], list[dict]]:
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        metrics = validation_loss(model, dm, device)
+        em, rows = exact_match_eval(model, tokenizer, dm, cfg, device)
+    finally:
+        model.train(was_training)
+    metrics.update(em)
+    metrics["eval_seconds"] = time.perf_counter() - t0
+    return metrics, rows
+
+
+def format_metrics(m: dict[str, float]) -> str:
+    parts = []
+    if "val_loss" in m:
+        parts.append(f"val loss {m['val_loss']:.4f} (ppl {m['val_ppl']:.2f})")
+    if "exact_match" in m:
+        parts.append(f"exact match {100 * m['exact_match']:.1f}% of {int(m['num_generated'])}")
+    return ", ".join(parts) or "no validation data"
+
+
+def run(cfg: TrainConfig) -> dict:
+    """recipe=eval: evaluate a base model, adapter, checkpoint or merged model; write metrics and predictions."""
+    device = choose_device(cfg.trainer.accelerator)
+    src = locate(cfg.eval.checkpoint, cfg)
+    model, tokenizer = load_source(src, device)
+    # A run is evaluated on its own validation data unless another source is given.
+    data_cfg = src.run.data if src.run is not None and cfg.data.source == "builtin" else cfg.data
+    ensure_chat_template(tokenizer, data_cfg.chat_template)
+    seed = src.run.trainer.seed if src.run is not None else cfg.trainer.seed
+    dm = BambaDataModule(data_cfg, tokenizer, seed=seed)
+    dm.prepare()
+    log.info("evaluating %s", src.description)
+    metrics, rows = evaluate_model(model, tokenizer, dm, cfg.eval, device)
+    metrics["lm_eval"] = run_lm_eval(model, tokenizer, cfg.eval, device)
+    out = Path(cfg.eval.output_dir or cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"source": src.description, "metrics": metrics}
+    atomic_write_json(out / "metrics.json", result)
+    atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    lines = [f"evaluated {src.description}", f"  {format_metrics(metrics)}", f"  metrics: {out / 'metrics.json'}"]
+    if rows:
+        lines.append(f"  predictions: {out / 'predictions.jsonl'}")
+    run_dir = Path(cfg.eval.checkpoint) if cfg.eval.checkpoint and Path(cfg.eval.checkpoint).is_dir() else None
+    if run_dir is not None and plot_curves(run_dir, out / "curves.png"):
+        lines.append(f"  training curves: {out / 'curves.png'}")
+    print("\n".join(lines))
+    return result
+
+
+def run_lm_eval(model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: EvalConfig, device: torch.device) -> dict:
+    """EleutherAI lm-evaluation-harness tasks, when the package is installed and the tasks load offline."""
+    if not cfg.lm_eval_tasks:
+        return {}
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        log.warning("eval.lm_eval_tasks set but lm-eval is not installed (pip install lm-eval); skipped.")
+        return {"skipped": "lm-eval not installed"}
+    try:
+        lm = HFLM(pretrained=causal_lm(model), tokenizer=tokenizer, device=str(device), batch_size=cfg.batch_size)
+        results = lm_eval.simple_evaluate(model=lm, tasks=list(cfg.lm_eval_tasks))
+    except Exception as e:  # task data missing offline, unknown task names, ...
+        log.warning("lm-eval could not run %s: %s", cfg.lm_eval_tasks, e)
+        return {"skipped": f"{type(e).__name__}: {e}"}
+    return results.get("results", {}) if results else {}

@@ -1,0 +1,208 @@
+"""`task=export`: merge adapters into the base, write a standard transformers directory, verify it, push it.
+
+The directory is built under a temporary name beside the target and renamed into place only after it
+was written and verified, so a failed export never leaves a directory that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bamba_ft.config.schema import TrainConfig
+from bamba_ft.errors import BambaFTError, ConfigError
+from bamba_ft.jobs.model_card import write_model_card
+from bamba_ft.model.build import DTYPES
+from bamba_ft.model.quant import dequantize_model, is_quantized
+from bamba_ft.model.restore import load_source, locate
+from bamba_ft.ops.loss import causal_lm
+
+log = logging.getLogger(__name__)
+
+# Fixed probe text for the logit comparison (covers chat special tokens and plain characters).
+PROBE = [{"role": "user", "content": "What is 12 plus 30? Answer briefly."}, {"role": "assistant", "content": "42"}]
+
+_RELOAD = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+d, ids, out, dtype = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+model = AutoModelForCausalLM.from_pretrained(d, dtype=getattr(torch, dtype)).eval()
+x = torch.load(ids)
+with torch.no_grad():
+    logits = model(input_ids=x, use_cache=False).logits.float()
+    gen = model.generate(x[:, : x.shape[1] // 2], max_new_tokens=8, do_sample=False, use_cache=True,
+                         pad_token_id=model.config.pad_token_id)
+torch.save({"logits": logits, "generated": gen, "class": type(model).__name__}, out)
+"""
+
+
+def _probe_ids(tokenizer) -> torch.Tensor:  # noqa: ANN001
+    text = tokenizer.apply_chat_template(PROBE, tokenize=False)
+    return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+
+
+@torch.no_grad()
+def _reference(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    lm = causal_lm(model).eval()
+    device = next(lm.parameters()).device
+    x = ids.to(device)
+    logits = lm(input_ids=x, use_cache=False).logits.float().cpu()
+    gen = lm.generate(x[:, : x.shape[1] // 2], max_new_tokens=8, do_sample=False, use_cache=True,
+                      pad_token_id=lm.config.pad_token_id).cpu()
+    return logits, gen
+
+
+def verify_export(directory: Path, ids: torch.Tensor, ref_logits: torch.Tensor, ref_gen: torch.Tensor,
+                  dtype: str, tolerance: float) -> dict:
+    """Load `directory` with plain transformers in a fresh process; compare logits and greedy generations."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ids_path, out_path = Path(tmp) / "ids.pt", Path(tmp) / "out.pt"
+        torch.save(ids, ids_path)
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+        if "PYTHONPATH" in os.environ:
+            env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+        proc = subprocess.run([sys.executable, "-c", _RELOAD, str(directory), str(ids_path), str(out_path), dtype],
+                              capture_output=True, text=True, env=env, cwd=tmp)
+        if proc.returncode != 0:
+            raise BambaFTError(f"the export at {directory} does not load with transformers:\n{proc.stderr[-2000:]}")
+        out = torch.load(out_path)
+    diff = float((out["logits"] - ref_logits).abs().max())
+    same_gen = torch.equal(out["generated"], ref_gen)
+    result = {"max_abs_logit_diff": diff, "tolerance": tolerance, "greedy_generation_identical": same_gen,
+              "reloaded_class": out["class"]}
+    if diff > tolerance:
+        raise BambaFTError(
+            f"export verification failed: logits of the reloaded export differ from the adapter model by {diff:.3g} "
+            f"(tolerance {tolerance:g}). The export was not moved into place."
+        )
+    return result
+
+
+def _default_tolerance(dtype: str) -> float:
+    # float32: the merge itself is exact to rounding; 16-bit: rounding the merged weights dominates.
+    return 1e-4 if dtype == "float32" else 5e-2 if dtype == "bfloat16" else 1e-2
+
+
+def _place(tmp: Path, target: Path, overwrite: bool) -> None:
+    """Rename the finished temporary directory onto `target` (replacing it only when asked)."""
+    if target.exists():
+        if not overwrite:
+            raise ConfigError(f"export.output_dir={target} exists. Fix: choose another directory or export.overwrite=true.")
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
+def push_to_hub(directory: Path, repo_id: str, private: bool, message: str) -> str:
+    """Upload `directory` to the Hub (token from HF_TOKEN or the saved login); returns the commit URL."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        info = api.upload_folder(folder_path=str(directory), repo_id=repo_id, commit_message=message)
+    except HfHubHTTPError as e:
+        status = getattr(e.response, "status_code", None)
+        hint = "log in with `hf auth login` or set HF_TOKEN with write access" if status in (401, 403) else "check the repository id and your network"
+        raise BambaFTError(f"push to {repo_id} failed ({status}: {str(e).splitlines()[0]}). Fix: {hint}. "
+                           f"The local export at {directory} is complete.") from e
+    except Exception as e:  # connection errors, offline mode
+        raise BambaFTError(f"push to {repo_id} failed ({type(e).__name__}: {e}). The Hub is unreachable or offline "
+                           f"mode is on (HF_HUB_OFFLINE). The local export at {directory} is complete.") from e
+    return str(getattr(info, "commit_url", info))
+
+
+def run(cfg: TrainConfig) -> dict:
+    ex = cfg.export
+    if not ex.checkpoint:
+        raise ConfigError("export.checkpoint is not set. Fix: export.checkpoint=<training run directory or adapter>.")
+    src = locate(ex.checkpoint, cfg)
+    target = Path(ex.output_dir) if ex.output_dir else Path(ex.checkpoint) / ("export_adapter" if ex.adapter_only else "export")
+    if target.exists() and not ex.overwrite:
+        raise ConfigError(f"export.output_dir={target} exists. Fix: choose another directory or export.overwrite=true.")
+    device = torch.device("cpu")
+    # Merge in float32 (quantized bases are dequantized first), then cast once to the export dtype.
+    src.model.dtype = "float32"
+    model, tokenizer = load_source(src, device)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+    try:
+        report = _write(model, tokenizer, cfg, src, tmp, target)
+        _place(tmp, target, ex.overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    report["output_dir"] = str(target)
+    if ex.push_to_hub:
+        report["hub_commit"] = push_to_hub(target, ex.repo_id, ex.private, ex.commit_message)
+    (target / "export_report.json").write_text(json.dumps(report, indent=2))
+    lines = [f"exported {src.description}", f"  to {target}"]
+    if "verify" in report:
+        v = report["verify"]
+        lines.append(f"  verified: reloaded with {v['reloaded_class']}; max |logit diff| {v['max_abs_logit_diff']:.2e} "
+                     f"(tolerance {v['tolerance']:g}); greedy generation identical: {v['greedy_generation_identical']}")
+    if "quantized_vs_merged_max_abs_logit_diff" in report:
+        lines.append(f"  quantized base + adapter vs merged: max |logit diff| {report['quantized_vs_merged_max_abs_logit_diff']:.2e}")
+    if "hub_commit" in report:
+        lines.append(f"  pushed: {report['hub_commit']}")
+    print("\n".join(lines))
+    return report
+
+
+def _write(model: nn.Module, tokenizer, cfg: TrainConfig, src, tmp: Path, target: Path) -> dict:  # noqa: ANN001
+    ex = cfg.export
+    report: dict = {"source": src.description, "dtype": ex.dtype}
+    ids = _probe_ids(tokenizer)
+    if ex.adapter_only:
+        if src.adapter_dir is None and src.ckpt is None:
+            raise ConfigError("export.adapter_only=true needs a LoRA run, adapter or checkpoint to export.")
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_model_card(tmp, cfg, src, report, adapter_only=True)
+        return report
+    ref_logits, ref_gen = _reference(model, ids)
+    if any(is_quantized(p) for p in model.parameters()):
+        n = dequantize_model(causal_lm(model), torch.float32)
+        report["dequantized_layers"] = n
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    merged_logits, _ = _reference(model, ids)
+    if src.quant.method != "none":
+        report["quantized_vs_merged_max_abs_logit_diff"] = float((merged_logits - ref_logits).abs().max())
+        ref_logits, ref_gen = merged_logits, _reference(model, ids)[1]  # verify the export against the merged model
+    model = model.to(DTYPES[ex.dtype])
+    model.config.use_cache = True  # exports are for inference
+    model.config.architectures = ["BambaForCausalLM"]
+    model.save_pretrained(tmp, safe_serialization=True, max_shard_size="5GB")
+    _strip_attention_choice(tmp)
+    tokenizer.save_pretrained(tmp)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(tmp)
+    if ex.verify:
+        tol = ex.max_abs_diff if ex.max_abs_diff is not None else _default_tolerance(ex.dtype)
+        report["verify"] = verify_export(tmp, ids, ref_logits, ref_gen, ex.dtype, tol)
+    write_model_card(tmp, cfg, src, report, adapter_only=False)
+    return report
+
+
+def _strip_attention_choice(directory: Path) -> None:
+    """bamba_ft's `varlen` attention is registered in-process only; exports load with transformers' default."""
+    path = directory / "config.json"
+    data = json.loads(path.read_text())
+    for key in ("_attn_implementation", "attn_implementation", "_attn_implementation_internal"):
+        data.pop(key, None)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,73 @@
+"""The model card (README.md) of an export: base model, data, recipe config, metrics, library versions."""
+
+from __future__ import annotations
+
+import json
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from bamba_ft.config.schema import TrainConfig
+
+_LIBRARIES = ("bamba_ft", "torch", "transformers", "peft", "torchao", "lightning", "datasets", "mamba-ssm", "causal-conv1d")
+
+
+def library_versions() -> dict[str, str]:
+    out = {}
+    for name in _LIBRARIES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def write_model_card(directory: Path, cfg: TrainConfig, src: Any, report: dict, adapter_only: bool) -> None:
+    run = src.run
+    base = run.model.name_or_path if run is not None else src.model.name_or_path
+    metrics_file = Path(run.output_dir) / "metrics.json" if run is not None else None
+    metrics = json.loads(metrics_file.read_text()) if metrics_file is not None and metrics_file.exists() else {}
+    tags = ["bamba", "mamba2", "bamba_ft"] + (["lora", "peft"] if adapter_only or (run and run.peft.method == "lora") else [])
+    front = {"library_name": "peft" if adapter_only else "transformers", "base_model": base, "tags": tags}
+    lines = ["---", OmegaConf.to_yaml(OmegaConf.create(front)).strip(), "---", ""]
+    title = "LoRA adapter" if adapter_only else "Bamba model"
+    lines += [f"# {title} fine-tuned with bamba_ft", ""]
+    lines += [f"- Base model: `{base}`", f"- Exported from: {src.description}"]
+    if not adapter_only:
+        lines.append(f"- Weights: merged, `{report.get('dtype')}`")
+    if run is not None:
+        d = run.data
+        lines += [
+            f"- Method: {'LoRA' if run.peft.method == 'lora' else 'full fine-tuning'}"
+            + (f" (r={run.peft.r}, alpha={run.peft.lora_alpha}, targets {', '.join(run.peft.target_modules)})" if run.peft.method == "lora" else "")
+            + (f" on a {run.quant.method}-quantized base" if run.quant.method != "none" else ""),
+            f"- Data: `{d.source}` (format {d.format}, max {d.max_seq_len} tokens, {'packed' if d.packing else 'padded'} batches, loss on {d.train_on} tokens)",
+        ]
+    if metrics:
+        lines += ["", "## Metrics", "", "| metric | before | after |", "|---|---|---|"]
+        before, after = metrics.get("before", {}), metrics.get("after", {})
+        for key in ("val_loss", "val_ppl", "exact_match"):
+            if key in after:
+                b = before.get(key)
+                lines.append(f"| {key} | {'-' if b is None else f'{b:.4f}'} | {after[key]:.4f} |")
+    if "verify" in report:
+        v = report["verify"]
+        lines += ["", "## Export check", "",
+                  f"Reloaded with `transformers` ({v['reloaded_class']}) in a fresh process: max |logit difference| to the "
+                  f"adapter model {v['max_abs_logit_diff']:.2e} (tolerance {v['tolerance']:g}); greedy generation identical: "
+                  f"{v['greedy_generation_identical']}."]
+    lines += ["", "## Usage", "", "```python"]
+    if adapter_only:
+        lines += ["from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                  f"base = AutoModelForCausalLM.from_pretrained(\"{base}\")", "model = PeftModel.from_pretrained(base, \"<this directory>\")"]
+    else:
+        lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer",
+                  "model = AutoModelForCausalLM.from_pretrained(\"<this directory>\")",
+                  "tokenizer = AutoTokenizer.from_pretrained(\"<this directory>\")"]
+    lines += ["```", ""]
+    if run is not None:
+        lines += ["## Training config", "", "```yaml", OmegaConf.to_yaml(OmegaConf.structured(run)).strip(), "```", ""]
+    lines += ["## Library versions", ""] + [f"- {k} {v}" for k, v in library_versions().items()] + [""]
+    (directory / "README.md").write_text("\n".join(lines))

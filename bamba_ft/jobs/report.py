@@ -1,0 +1,88 @@
+"""Writing results: atomic files, the training-curve plot, the closing summary table."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def read_metrics_csv(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """{metric: [(step, value), ...]} from the newest CSV log of a run."""
+    files = sorted((run_dir / "logs" / "csv").glob("version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)
+    series: dict[str, list[tuple[int, float]]] = {}
+    if not files:
+        return series
+    with files[-1].open() as f:
+        for row in csv.DictReader(f):
+            step = int(float(row.get("step") or 0))
+            for key, value in row.items():
+                if key in ("step", "epoch") or value in ("", None):
+                    continue
+                series.setdefault(key, []).append((step, float(value)))
+    return series
+
+
+def plot_curves(run_dir: Path, out: Path) -> bool:
+    """Loss (and learning rate) against step as a PNG; False when the run has no CSV log."""
+    series = read_metrics_csv(run_dir)
+    if "train/loss" not in series and "val/loss" not in series:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2 if "lr-AdamW" in series else 1, figsize=(10 if "lr-AdamW" in series else 6, 4))
+    ax = axes[0] if hasattr(axes, "__len__") else axes
+    for key, style in (("train/loss", "-"), ("val/loss", "o-")):
+        if key in series:
+            steps, values = zip(*series[key])
+            ax.plot(steps, values, style, label=key, markersize=4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(run_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if hasattr(axes, "__len__"):
+        steps, values = zip(*series["lr-AdamW"])
+        axes[1].plot(steps, values)
+        axes[1].set_xlabel("step")
+        axes[1].set_ylabel("learning rate")
+        axes[1].grid(alpha=0.3)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return True
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    """A plain-text table with aligned columns."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    lines += [fmt.format(*map(str, r)) for r in rows]
+    return "\n".join(lines)

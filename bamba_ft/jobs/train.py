@@ -1,0 +1,260 @@
+"""`task=train`: the one place that wires config -> model, data, Lightning Trainer, and writes the results."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from torch import nn
+
+from bamba_ft.config.schema import TrainConfig
+from bamba_ft.data.module import BambaDataModule
+from bamba_ft.data.tokenize import ensure_chat_template
+from bamba_ft.errors import ConfigError
+from bamba_ft.jobs.callbacks import AtomicCheckpointIO, GracefulStop, latest_checkpoint
+from bamba_ft.jobs.evaluate import evaluate_model, format_metrics
+from bamba_ft.jobs.report import atomic_write_json, atomic_write_text, plot_curves, table
+from bamba_ft.jobs.runtime import autocast_for, choose_device, resolve_precision, to_device
+from bamba_ft.lit_module import BambaLitModule
+from bamba_ft.model.build import build_model, load_tokenizer
+from bamba_ft.model.lora import apply_peft, check_adapter_gradients
+from bamba_ft.model.mixer import packing_safe
+from bamba_ft.model.restore import ADAPTER_DIR, MODEL_DIR, save_run_config
+from bamba_ft.ops.loss import causal_lm, mean_loss
+
+log = logging.getLogger("bamba_ft")
+
+
+def _is_rank_zero() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
+
+def _strategy(cfg: TrainConfig) -> Any:
+    if cfg.trainer.strategy != "fsdp":
+        return cfg.trainer.strategy
+    from lightning.pytorch.strategies import FSDPStrategy
+    from transformers.models.bamba.modeling_bamba import BambaDecoderLayer
+
+    # One FSDP unit per decoder layer; use_orig_params lets frozen and trainable tensors share a unit (LoRA).
+    return FSDPStrategy(auto_wrap_policy={BambaDecoderLayer}, use_orig_params=True, state_dict_type="full")
+
+
+def _loggers(cfg: TrainConfig, run_dir: Path) -> list[Logger]:
+    loggers: list[Logger] = []
+    if cfg.logger.csv:
+        loggers.append(CSVLogger(run_dir / "logs", name="csv"))
+    if cfg.logger.tensorboard:
+        loggers.append(TensorBoardLogger(run_dir / "logs", name="tensorboard", default_hp_metric=False))
+    if cfg.logger.wandb:
+        try:
+            from lightning.pytorch.loggers import WandbLogger
+
+            loggers.append(WandbLogger(project=cfg.logger.wandb_project, save_dir=str(run_dir / "logs")))
+        except (ImportError, ModuleNotFoundError) as e:
+            raise ConfigError(f"logger.wandb=true needs the wandb package ({e}). Fix: pip install 'bamba_ft[wandb]'.") from e
+    return loggers
+
+
+def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
+    """trainer.resume: a .ckpt file, a run directory, or `latest` (newest run under outputs/ with a checkpoint)."""
+    if not resume:
+        return None
+    if resume == "latest":
+        runs = [p.parent.parent for p in Path("outputs").glob("*/*/checkpoints/*.ckpt")]
+        runs = sorted({r for r in runs if r.resolve() != run_dir.resolve()}, key=lambda r: r.stat().st_mtime)
+        if not runs:
+            raise ConfigError("trainer.resume=latest: no earlier run under outputs/ has a checkpoint.")
+        resume = str(runs[-1])
+    path = Path(resume).expanduser()
+    if path.is_file():
+        return str(path)
+    if path.is_dir():
+        ckpt = latest_checkpoint(path)
+        if ckpt is None:
+            raise ConfigError(f"trainer.resume={resume}: {path}/checkpoints has no last.ckpt or interrupted.ckpt.")
+        return str(ckpt)
+    raise ConfigError(f"trainer.resume={resume}: no such checkpoint file or run directory.")
+
+
+def save_trained(model: nn.Module, tokenizer: Any, cfg: TrainConfig, run_dir: Path) -> Path:
+    """Adapter (peft format) or full weights, with the tokenizer, written under a temp name and renamed."""
+    final = run_dir / (ADAPTER_DIR if cfg.peft.method == "lora" else MODEL_DIR)
+    tmp = run_dir / f".{final.name}.partial"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    adapter_config = tmp / "adapter_config.json"
+    if adapter_config.exists():  # name the base as the user did (a Hub id or builtin:), not a resolved local path
+        data = json.loads(adapter_config.read_text())
+        data["base_model_name_or_path"] = cfg.model.name_or_path
+        adapter_config.write_text(json.dumps(data, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def run(cfg: TrainConfig) -> dict:
+    t_start = time.perf_counter()
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    device = choose_device(cfg.trainer.accelerator)
+    precision = resolve_precision(cfg.trainer.precision, device)
+
+    tokenizer = load_tokenizer(cfg.model)
+    ensure_chat_template(tokenizer, cfg.data.chat_template)
+    model = build_model(cfg.model, cfg.quant, device)
+    model = apply_peft(model, cfg.peft)
+    if cfg.data.packing and not packing_safe(model):
+        raise ConfigError(
+            "data.packing=true: the active mixer path (model.mixer=hf, transformers' own) leaks state across "
+            "packed sequences.\nFix: set data.packing=false, or use model.mixer=auto (bamba_ft's exact mixer)."
+        )
+    dm = BambaDataModule(cfg.data, tokenizer, seed=cfg.trainer.seed)
+    dm.prepare()
+    save_run_config(cfg, run_dir)
+
+    # Every adapter must receive gradient before hours are spent training it.
+    probe = to_device(dm.first_batch(), device)
+    with autocast_for(causal_lm(model), device):
+        norms = check_adapter_gradients(model, probe, mean_loss)
+    log.info("gradient check: all %d trainable tensors receive gradient", len(norms))
+
+    before: dict = {}
+    if cfg.eval.before_training and _is_rank_zero() and not cfg.trainer.fast_dev_run and not cfg.trainer.resume:
+        before, _ = evaluate_model(model, tokenizer, dm, cfg.eval, device)
+        log.info("before training: %s", format_metrics(before))
+
+    ckpt_dir = run_dir / "checkpoints"
+    stopper = GracefulStop(ckpt_dir)
+    callbacks: list[L.Callback] = [stopper, LearningRateMonitor(logging_interval="step")]
+    # last.ckpt every N steps (at least at the end) is what resume uses; best-by-val/loss checkpoints beside it.
+    every = cfg.trainer.checkpoint_every_n_steps or max(1, cfg.trainer.max_steps)
+    callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="last", every_n_train_steps=every, save_top_k=0,
+                                     save_last=True, enable_version_counter=False))
+    if dm.val_set is not None and cfg.trainer.save_top_k > 0:
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best-step{step:06d}", auto_insert_metric_name=False,
+                                         monitor="val/loss", mode="min", save_top_k=cfg.trainer.save_top_k))
+    t = cfg.trainer
+    trainer = L.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=_strategy(cfg),
+        precision=precision,
+        max_steps=t.max_steps,
+        max_epochs=t.max_epochs if t.max_epochs is not None else -1,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=t.gradient_clip_val,
+        val_check_interval=min(t.val_check_interval, t.max_steps * t.accumulate_grad_batches) if t.max_steps > 0 else t.val_check_interval,
+        check_val_every_n_epoch=None,
+        limit_val_batches=t.limit_val_batches if dm.val_set is not None else 0,
+        log_every_n_steps=t.log_every_n_steps,
+        num_sanity_val_steps=t.num_sanity_val_steps,
+        enable_progress_bar=t.enable_progress_bar,
+        enable_model_summary=False,
+        fast_dev_run=t.fast_dev_run,
+        deterministic=t.deterministic or None,
+        use_distributed_sampler=False,  # BambaDataModule shards its batch plan by rank itself
+        default_root_dir=run_dir,
+        logger=_loggers(cfg, run_dir) if not t.fast_dev_run else False,
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+    )
+    lit = BambaLitModule(model, cfg.optim)
+    ckpt_path = resolve_resume(t.resume, run_dir)
+    if ckpt_path:
+        log.info("resuming from %s", ckpt_path)
+    t_fit = time.perf_counter()
+    with stopper.installed():
+        trainer.fit(lit, datamodule=dm, ckpt_path=ckpt_path)
+    fit_seconds = time.perf_counter() - t_fit
+    if not trainer.is_global_zero:
+        return {}
+    if stopper.stopped_at is not None:
+        print(
+            f"\nstopped at step {stopper.stopped_at}; checkpoint: {stopper.ckpt_path}\n"
+            f"resume with the same command plus: trainer.resume={run_dir}"
+        )
+        return {"stopped_at": stopper.stopped_at}
+    return _finish(cfg, model, tokenizer, dm, trainer, lit, before, run_dir, device, fit_seconds, t_start)
+
+
+def _finish(cfg: TrainConfig, model: nn.Module, tokenizer: Any, dm: BambaDataModule, trainer: L.Trainer,
+            lit: BambaLitModule, before: dict, run_dir: Path, device: torch.device, fit_seconds: float,
+            t_start: float) -> dict:
+    """Save the adapter, evaluate again, write metrics.json and print the closing summary."""
+    if cfg.trainer.fast_dev_run:
+        print("fast_dev_run finished: one training and one validation batch ran; nothing was saved.")
+        return {}
+    saved = save_trained(model, tokenizer, cfg, run_dir)
+    model.to(device)
+    after, rows = evaluate_model(model, tokenizer, dm, cfg.eval, device)
+    steps = trainer.global_step
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    metrics = {
+        "before": before,
+        "after": after,
+        "train": {
+            "steps": steps,
+            "fit_seconds": round(fit_seconds, 2),
+            "final_train_loss": logged.get("train/loss"),
+            "tokens_per_sec": logged.get("train/tokens_per_sec"),
+        },
+        "data": {name: vars(st) for name, st in dm.stats.items()},
+        "packing_efficiency": dm._plan.efficiency() if (cfg.data.packing and dm._plan) else None,
+        "outputs": {"run": str(run_dir), ADAPTER_DIR if cfg.peft.method == "lora" else MODEL_DIR: str(saved)},
+    }
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    if rows:
+        atomic_write_text(run_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    has_curves = plot_curves(run_dir, run_dir / "curves.png")
+    _print_summary(metrics, run_dir, saved, has_curves, time.perf_counter() - t_start)
+    return metrics
+
+
+def _fmt(m: dict, key: str, pct: bool = False) -> str:
+    if key not in m:
+        return "-"
+    return f"{100 * m[key]:.1f}%" if pct else f"{m[key]:.4f}"
+
+
+def _print_summary(metrics: dict, run_dir: Path, saved: Path, has_curves: bool, wall: float) -> None:
+    b, a, tr = metrics["before"], metrics["after"], metrics["train"]
+    rows = [["val loss", _fmt(b, "val_loss"), _fmt(a, "val_loss")],
+            ["val perplexity", _fmt(b, "val_ppl"), _fmt(a, "val_ppl")]]
+    if "exact_match" in a:
+        rows.append([f"exact match ({int(a['num_generated'])} held-out)", _fmt(b, "exact_match", True),
+                     _fmt(a, "exact_match", True)])
+    tps = f", {tr['tokens_per_sec']:,.0f} tokens/s" if tr.get("tokens_per_sec") else ""
+    eff = metrics.get("packing_efficiency")
+    lines = [
+        "",
+        f"bamba_ft: trained {tr['steps']} steps in {tr['fit_seconds']:.1f} s{tps}"
+        + (f", packing efficiency {100 * eff:.1f}%" if eff else "") + f" (total {wall:.1f} s)",
+        table(rows, ["metric", "before", "after"]),
+        "outputs:",
+        f"  {saved.name + '/':<13}{saved}",
+        f"  checkpoints/ {run_dir / 'checkpoints'}",
+        f"  logs/        {run_dir / 'logs'} (csv, tensorboard)",
+        f"  metrics      {run_dir / 'metrics.json'}",
+    ]
+    if has_curves:
+        lines.append(f"  curves       {run_dir / 'curves.png'}")
+    lines += [
+        "next:",
+        f"  python -m bamba_ft recipe=eval eval.checkpoint={run_dir}",
+        f"  python -m bamba_ft recipe=export export.checkpoint={run_dir}",
+    ]
+    print("\n".join(lines))

@@ -1,0 +1,114 @@
+"""LightningModule: token-weighted loss, AdamW with warmup + decay, metrics; it builds no model."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from bamba_ft.config.schema import OptimConfig
+from bamba_ft.errors import ModelError
+from bamba_ft.ops.loss import loss_sum_and_count
+
+
+def lr_lambda(step: int, warmup: int, total: int, schedule: str, floor: float) -> float:
+    """Multiplier of the peak learning rate at optimizer step `step`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+    return floor + (1.0 - floor) * shape
+
+
+class BambaLitModule(L.LightningModule):
+    def __init__(self, model: nn.Module, optim: OptimConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.optim = optim
+        # Checkpoints hold only trainable tensors (the frozen base is reloaded from its source).
+        self.strict_loading = False
+        self._val_sum = self._val_count = None
+        self._tokens = 0
+        self._t0: float | None = None
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return loss_sum_and_count(self.model, batch)
+
+    @staticmethod
+    def real_tokens(batch: dict) -> int:
+        mask = batch.get("attention_mask")
+        return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        total, count = self(batch)
+        loss = total / count.clamp(min=1)
+        self._tokens += self.real_tokens(batch)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._t0 is None:  # the first batch includes start-up; measure from its end
+            self._t0, self._tokens = now, 0
+            return
+        if self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0 and now > self._t0:
+            self.log("train/tokens_per_sec", self._tokens / (now - self._t0), prog_bar=True)
+            self._t0, self._tokens = now, 0
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        self._val_count = torch.zeros((), device=self.device, dtype=torch.float64)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        total, count = self(batch)
+        self._val_sum += total.double()
+        self._val_count += count.double()
+
+    def on_validation_epoch_end(self) -> None:
+        # Token-weighted over all batches and ranks (a mean of batch means would weight short batches up).
+        total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
+        count = self.trainer.strategy.reduce(self._val_count, reduce_op="sum")
+        if float(count) > 0:
+            loss = (total / count).float()
+            self.log("val/loss", loss, prog_bar=True, sync_dist=False)
+            self.log("val/ppl", torch.exp(loss.clamp(max=30)), sync_dist=False)
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = all(p.is_cuda for p in params) and bool(params)
+        opt = torch.optim.AdamW(
+            [g for g in groups if g["params"]],
+            lr=self.optim.lr,
+            betas=tuple(self.optim.betas),
+            eps=self.optim.eps,
+            fused=fused or None,
+        )
+        total = int(self.trainer.estimated_stepping_batches)
+        o = self.optim
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_lambda(s, o.warmup_steps, total, o.scheduler, o.min_lr_ratio)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # Checkpoints: trainable tensors only.
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+        missing = sorted(trainable - set(checkpoint["state_dict"]))
+        if missing:
+            raise ModelError(
+                f"The checkpoint lacks {len(missing)} trainable tensors of this model (first: {missing[0]}); "
+                "it was written for a different model or adapter configuration."
+            )

@@ -1,0 +1,35 @@
+"""Integration fixtures: the CLI as a subprocess, and one short real SFT run shared by the tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cli(args: list[str], cwd: Path, check: bool = True, timeout: int = 300,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m bamba_ft ARGS` offline (unless `env` says otherwise); raise with its output on failure."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT), **(env or {}))
+    proc = subprocess.run([sys.executable, "-m", "bamba_ft", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def sft_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A short real SFT run (8 steps) whose outputs the eval and export recipes use."""
+    run = tmp_path_factory.mktemp("sft") / "run"
+    cli(["recipe=sft", "trainer=cpu", "trainer.max_steps=8", "trainer.val_check_interval=4",
+         "data.builtin_train_examples=200", "data.builtin_val_examples=24", "eval.num_generate=8",
+         "eval.max_new_tokens=6", f"hydra.run.dir={run}"], cwd=run.parent)
+    return run
+
+

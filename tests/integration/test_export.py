@@ -1,0 +1,109 @@
+"""recipe=export: merged model reloads in plain transformers with the adapter model's logits; Hub upload."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from bamba_ft.config.schema import TrainConfig
+from bamba_ft.model.restore import load_source, locate
+from tests.integration.conftest import cli
+from tests.integration.fake_hub import FakeHub
+
+PROMPT = [{"role": "user", "content": "What is 21 plus 21?"}]
+
+
+def adapter_model(run: Path):  # noqa: ANN201
+    return load_source(locate(str(run), TrainConfig()), torch.device("cpu"))
+
+
+def test_export_float32_reloads_with_same_logits_and_generations(sft_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "merged"
+    proc = cli(["recipe=export", f"export.checkpoint={sft_run}", f"export.output_dir={out}", "export.dtype=float32",
+                "export.max_abs_diff=1e-5", f"hydra.run.dir={tmp_path}/log"], cwd=tmp_path)
+    assert "verified: reloaded with BambaForCausalLM" in proc.stdout
+    report = json.loads((out / "export_report.json").read_text())
+    assert report["verify"]["max_abs_logit_diff"] <= 1e-5 and report["verify"]["greedy_generation_identical"]
+
+    # Independently of the export's own check: plain transformers in this process.
+    model, tokenizer = adapter_model(sft_run)
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    reloaded_tok = AutoTokenizer.from_pretrained(out)
+    text = tokenizer.apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True)
+    assert reloaded_tok.apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True) == text
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False).logits
+        got = merged(input_ids=ids, use_cache=False).logits
+        gen_ref = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        gen_got = merged.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert float((ref - got).abs().max()) < 1e-5
+    assert torch.equal(gen_ref, gen_got)
+
+
+def test_export_files_model_card_and_overwrite_rule(sft_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bf16"
+    cli(["recipe=export", f"export.checkpoint={sft_run}", f"export.output_dir={out}", f"hydra.run.dir={tmp_path}/a"],
+        cwd=tmp_path)
+    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                 "tokenizer_config.json", "README.md"):
+        assert (out / name).exists(), name
+    card = (out / "README.md").read_text()
+    assert "base_model: builtin:tiny" in card and "## Metrics" in card and "## Training config" in card
+    assert "transformers" in card.split("## Library versions")[1]
+    config = json.loads((out / "config.json").read_text())
+    assert config["torch_dtype" if "torch_dtype" in config else "dtype"] == "bfloat16" and config["use_cache"] is True
+
+    again = cli(["recipe=export", f"export.checkpoint={sft_run}", f"export.output_dir={out}",
+                 f"hydra.run.dir={tmp_path}/b"], cwd=tmp_path, check=False)
+    assert again.returncode == 2 and "exists. Fix: choose another directory or export.overwrite=true" in again.stderr
+    cli(["recipe=export", f"export.checkpoint={sft_run}", f"export.output_dir={out}", "export.overwrite=true",
+         f"hydra.run.dir={tmp_path}/c"], cwd=tmp_path)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bf16")]  # no temp or backup dirs left
+
+
+def test_adapter_only_export_loads_with_peft(sft_run: Path, tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    out = tmp_path / "adapter"
+    cli(["recipe=export", f"export.checkpoint={sft_run}", f"export.output_dir={out}", "export.adapter_only=true",
+         f"hydra.run.dir={tmp_path}/log"], cwd=tmp_path)
+    assert (out / "adapter_model.safetensors").exists() and (out / "README.md").exists()
+    base, _ = load_source(locate(None, TrainConfig()), torch.device("cpu"))
+    model = PeftModel.from_pretrained(base, str(out)).eval()
+    ref, _ = adapter_model(sft_run)
+    ids = torch.tensor([[4, 40, 41, 42, 2, 5]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits)
+
+
+def test_push_to_hub_uploads_the_export(sft_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pushed"
+    with FakeHub(token="hf_test") as hub:
+        env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_test", "HF_HUB_OFFLINE": "0"}
+        proc = cli(["recipe=export", f"export.checkpoint={sft_run}", f"export.output_dir={out}",
+                    "export.push_to_hub=true", "export.repo_id=me/tiny-sft", "export.commit_message=first upload",
+                    f"hydra.run.dir={tmp_path}/log"], cwd=tmp_path, env=env)
+        repo = hub.repos["me/tiny-sft"]
+    assert "pushed: " in proc.stdout
+    assert repo["private"] is True and repo["commits"] == ["first upload"]
+    local = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != "export_report.json"}
+    assert {k: v for k, v in repo["files"].items()} == local
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"HF_TOKEN": "wrong", "HF_HUB_OFFLINE": "0"}, "push to me/tiny-sft failed (401"),
+    ({"HF_TOKEN": "hf_test", "HF_HUB_OFFLINE": "1"}, "offline"),
+])
+def test_push_failure_keeps_local_export(sft_run: Path, tmp_path: Path, env: dict, message: str) -> None:
+    out = tmp_path / "kept"
+    with FakeHub(token="hf_test") as hub:
+        proc = cli(["recipe=export", f"export.checkpoint={sft_run}", f"export.output_dir={out}",
+                    "export.push_to_hub=true", "export.repo_id=me/tiny-sft", f"hydra.run.dir={tmp_path}/log"],
+                   cwd=tmp_path, env={"HF_ENDPOINT": hub.url, **env}, check=False)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert "local export at" in proc.stderr and (out / "model.safetensors").exists()

@@ -1,0 +1,87 @@
+"""Stop and resume: the resumed run ends with the same adapter as an uninterrupted one."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bamba_ft.config.schema import DataConfig, TrainConfig
+from bamba_ft.jobs import train
+from bamba_ft.jobs.callbacks import GracefulStop
+from tests.integration.conftest import ROOT, cli
+
+
+def small_run(out: Path, resume: str | None = None) -> TrainConfig:
+    cfg = TrainConfig(output_dir=str(out))
+    cfg.trainer.accelerator = "cpu"
+    cfg.trainer.max_steps = 6
+    cfg.trainer.val_check_interval = 3
+    cfg.trainer.checkpoint_every_n_steps = 0
+    cfg.trainer.enable_progress_bar = False
+    cfg.trainer.resume = resume
+    cfg.data = DataConfig(builtin_train_examples=300, builtin_val_examples=16, max_seq_len=128, max_tokens_per_batch=512)
+    cfg.eval.before_training = False
+    cfg.eval.generate = False
+    cfg.logger.csv = cfg.logger.tensorboard = False
+    return cfg
+
+
+def adapter(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+def test_resume_matches_uninterrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    train.run(small_run(tmp_path / "full"))
+
+    original = GracefulStop.on_train_batch_end
+
+    def stop_at_three(self, trainer, *args):  # noqa: ANN001, ANN202
+        if trainer.global_step == 3:
+            self.requested = "SIGINT"  # what the Ctrl-C handler sets
+        return original(self, trainer, *args)
+
+    monkeypatch.setattr(GracefulStop, "on_train_batch_end", stop_at_three)
+    assert train.run(small_run(tmp_path / "first")) == {"stopped_at": 3}
+    assert (tmp_path / "first/checkpoints/interrupted.ckpt").exists()
+    assert not (tmp_path / "first/adapter").exists()
+    monkeypatch.setattr(GracefulStop, "on_train_batch_end", original)
+
+    train.run(small_run(tmp_path / "second", resume=str(tmp_path / "first")))
+    full, resumed = adapter(tmp_path / "full"), adapter(tmp_path / "second")
+    assert full.keys() == resumed.keys()
+    for name in full:
+        torch.testing.assert_close(resumed[name], full[name], rtol=0, atol=1e-6)
+    assert any(float(v.abs().max()) > 0 for k, v in full.items() if "lora_B" in k)  # the adapter did train
+
+
+def test_sigterm_saves_a_resumable_checkpoint(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    log = (tmp_path / "out.txt").open("w")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "bamba_ft", "trainer=cpu", "trainer.max_steps=500",
+                             "trainer.enable_progress_bar=false", "eval.before_training=false", "logger=none",
+                             "data.builtin_train_examples=300", f"hydra.run.dir={run}"],
+                            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while "gradient check" not in (tmp_path / "out.txt").read_text() and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(4)  # a few optimizer steps
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
+    out = (tmp_path / "out.txt").read_text()
+    assert "stopped at step" in out and f"trainer.resume={run}" in out
+    ckpt = run / "checkpoints" / "interrupted.ckpt"
+    assert ckpt.exists() and not list(run.rglob("*.partial"))
+    step = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
+    cli(["trainer=cpu", f"trainer.max_steps={step + 2}", "eval.before_training=false", "eval.num_generate=2",
+         "eval.max_new_tokens=2", "logger=none", "data.builtin_train_examples=300", f"trainer.resume={run}",
+         f"hydra.run.dir={tmp_path}/resumed"], cwd=tmp_path)
+    assert (tmp_path / "resumed/adapter/adapter_model.safetensors").exists()

@@ -1,0 +1,104 @@
+"""Every config option and recipe composes against the schema; typos and bad values fail with the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf.errors import ConfigKeyError
+
+from bamba_ft.config.overrides import check_overrides, to_train_config
+from bamba_ft.config.schema import TrainConfig, validate
+from bamba_ft.config.store import config_dirs, recipe_names, register_configs
+from bamba_ft.errors import ConfigError
+
+CONF, RECIPES = config_dirs()
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
+
+
+def composed(overrides: list[str]) -> TrainConfig:
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["output_dir=/tmp/bamba_ft_test", *overrides])
+    return to_train_config(cfg)
+
+
+def test_default_is_sft_on_the_builtin_task() -> None:
+    cfg = composed([])
+    assert (cfg.task, cfg.peft.method, cfg.data.source, cfg.model.name_or_path) == ("train", "lora", "builtin", "builtin:tiny")
+    assert cfg.data.packing is True
+
+
+@pytest.mark.parametrize("option", [f"{g}={p.stem}" for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))])
+def test_every_group_option_composes(option: str) -> None:
+    extra = ["data.source=train.jsonl"] if option == "data=file" else []
+    composed([option, *extra])
+
+
+@pytest.mark.parametrize("recipe", recipe_names())
+def test_every_recipe_composes(recipe: str) -> None:
+    cfg = composed([f"recipe={recipe}"])
+    first_line = (RECIPES / f"{recipe}.yaml").read_text().splitlines()[0]
+    assert first_line.startswith(f"# python -m bamba_ft recipe={recipe}")  # each recipe starts with its command
+    assert cfg.task in ("train", "eval", "export", "bench", "doctor")
+
+
+def test_recipe_qlora_sets_its_groups() -> None:
+    cfg = composed(["recipe=qlora"])
+    assert cfg.quant.method == "nf4" and cfg.peft.method == "lora" and cfg.model.gradient_checkpointing
+
+
+def test_unknown_recipe_lists_the_options() -> None:
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        with pytest.raises(MissingConfigException, match=r"(?s)sfft.*sft"):
+            compose("train", overrides=["recipe=sfft"])
+
+
+@pytest.mark.parametrize("token", ["peft.rr=8", "+peft.rr=8", "++peft.rr=8"])
+def test_typo_override_names_key_and_valid_ones(token: str) -> None:
+    with pytest.raises(ConfigError, match=r"(?s)'rr' is not a key of peft\. Did you mean 'r'\?.*Valid keys of peft: method, r, lora_alpha"):
+        check_overrides([token])
+
+
+def test_typo_in_nested_and_top_level_keys() -> None:
+    with pytest.raises(ConfigError, match=r"(?s)2 problems.*'lr_rate' is not a key of optim.*'trainr' is not a key of the top level"):
+        check_overrides(["optim.lr_rate=1", "trainr.max_steps=3", "model=tiny", "hydra.run.dir=x", "-m"])
+    check_overrides(["optim.lr=1e-4,3e-4", "peft.target_modules=[in_proj]", "data.source=x.jsonl"])
+
+
+def test_plus_key_is_caught_after_composition() -> None:
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["output_dir=/tmp/x", "+peft.rr=8"])
+    with pytest.raises(ConfigError, match=r"peft.rr: 'rr' is not a key of peft"):
+        to_train_config(cfg)
+
+
+def test_typo_in_a_yaml_file_fails(tmp_path: Path) -> None:
+    conf = tmp_path / "conf"
+    import shutil
+
+    shutil.copytree(CONF, conf)
+    (conf / "peft" / "typo.yaml").write_text("method: lora\nalhpa: 3\n")
+    register_configs()
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        with pytest.raises((ConfigCompositionException, ConfigKeyError), match="alhpa"):
+            compose("train", overrides=["output_dir=/tmp/x", "peft=typo"])
+
+
+def test_bad_values_gathered_into_one_error() -> None:
+    cfg = TrainConfig()
+    cfg.quant.method = "nf5"
+    cfg.peft.r = 0
+    cfg.data.max_tokens_per_batch = 100
+    with pytest.raises(ConfigError, match=r"(?s)3 problems.*quant.method='nf5' is not an option\. Did you mean 'nf4'\? "
+                                          r"Valid: none, nf4, int8, int4.*peft.r=0 must be positive.*smaller than one sequence"):
+        validate(cfg)
+
+
+def test_full_finetune_with_quantized_base_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"quant.method=nf4 freezes quantized base weights"):
+        composed(["recipe=qlora", "peft=none"])
