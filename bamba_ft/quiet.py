@@ -15,6 +15,7 @@ def silence_import_noise() -> None:
     # transformers announces its torch fallbacks for the mixer kernels; bamba_ft's mixer replaces that path and
     # reports its own backend (`mixer backend: ...`), so the notice would only mislead.
     logging.getLogger("transformers.integrations.hub_kernels").setLevel(logging.ERROR)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per Hub request
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated.*")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # per-file bars of weight loading/saving (transformers reads this through huggingface_hub)
@@ -24,3 +25,5 @@ def silence_import_noise() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*litlogger.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    # val/loss is summed over ranks explicitly before logging (lit_module.on_validation_epoch_end)
+    warnings.filterwarnings("ignore", message=r".*sync_dist=True.*when logging on epoch level.*")

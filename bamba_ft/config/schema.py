@@ -235,8 +235,8 @@ class ExportConfig:
     """Replace an existing `output_dir`."""
     verify: bool = True
     """Reload the export in a fresh process and compare logits with the adapter model."""
-    max_abs_diff: float | None = None
-    """Verification tolerance on logits (default: 1e-4 for float32, 5e-2 for 16-bit exports)."""
+    max_rel_diff: float | None = None
+    """Verification bound on max |logit difference| / max |logit| (default: 1e-5 float32, 3e-2 bfloat16, 1e-2 float16)."""
     push_to_hub: bool = False
     """Upload the export to the Hugging Face Hub."""
     repo_id: str | None = None

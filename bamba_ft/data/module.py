@@ -16,7 +16,7 @@ from bamba_ft.config.schema import DataConfig
 from bamba_ft.data.builtin import builtin_splits
 from bamba_ft.data.formats import check_fields, detect_format, to_messages
 from bamba_ft.data.load import load_rows
-from bamba_ft.data.packing import BatchPlan, collate_packed, collate_padded
+from bamba_ft.data.packing import BatchPlan, MaskedRows, collate_packed, collate_padded
 from bamba_ft.data.tokenize import IGNORE_INDEX, tokenize_example
 from bamba_ft.errors import DataError
 
@@ -145,7 +145,7 @@ class BambaDataModule(L.LightningDataModule):
         self.prepare()
 
     def _loader(self, dataset: datasets.Dataset, plan: BatchPlan) -> DataLoader:
-        examples = dataset.select_columns(["input_ids", "labels"])
+        examples = MaskedRows(dataset.select_columns(["input_ids", "labels"]))
         collate = (
             collate_packed
             if self.cfg.packing
@@ -153,8 +153,9 @@ class BambaDataModule(L.LightningDataModule):
         )
         return DataLoader(examples, batch_sampler=plan, collate_fn=collate, num_workers=self.cfg.num_workers)
 
-    def make_plan(self, dataset: datasets.Dataset, shuffle: bool) -> BatchPlan:
-        trainer = self.trainer
+    def make_plan(self, dataset: datasets.Dataset, shuffle: bool, sharded: bool = True) -> BatchPlan:
+        """The batch plan of `dataset`; `sharded` gives this rank's share when a Trainer runs distributed."""
+        trainer = self.trainer if sharded else None
         return BatchPlan(
             dataset["length"],
             packing=self.cfg.packing,
@@ -164,12 +165,13 @@ class BambaDataModule(L.LightningDataModule):
             shuffle=shuffle,
             rank=trainer.global_rank if trainer else 0,
             world_size=trainer.world_size if trainer else 1,
+            pad=not shuffle,
         )
 
     def first_batch(self) -> dict:
         """The first training batch in a fixed order (a probe for gradient checks)."""
         assert self.train_set is not None
-        return next(iter(self._loader(self.train_set, self.make_plan(self.train_set, shuffle=False))))
+        return next(iter(self._loader(self.train_set, self.make_plan(self.train_set, shuffle=False, sharded=False))))
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None
@@ -186,6 +188,12 @@ class BambaDataModule(L.LightningDataModule):
         if self.val_set is None:
             return []
         return self._loader(self.val_set, self.make_plan(self.val_set, shuffle=False))
+
+    def full_val_dataloader(self) -> DataLoader | list:
+        """Every validation batch in this process (evaluation outside the distributed training loop)."""
+        if self.val_set is None:
+            return []
+        return self._loader(self.val_set, self.make_plan(self.val_set, shuffle=False, sharded=False))
 
     # ----- resume: the data position is part of the checkpoint
     def state_dict(self) -> dict[str, Any]:

@@ -91,8 +91,10 @@ def collate_padded(examples: list[dict], pad_id: int, left: bool = False) -> dic
 class BatchPlan(Sampler[list[int]]):
     """Yields each epoch's batches (lists of example indices) for this rank; restartable mid-epoch.
 
-    Every rank builds the same epoch plan from the seed, takes every world-th batch, and drops the remainder
-    so all ranks run the same number of steps. `skip` makes the next epoch start after batches already done.
+    Every rank builds the same epoch plan from the seed and takes every world-th batch, so all ranks run the
+    same number of steps: training drops the remainder; evaluation (`pad=True`) keeps every batch and tops
+    ranks up with padding batches of negative indices (`-1 - i`), which `MaskedRows` serves without labels,
+    so each example counts exactly once. `skip` makes the next epoch start after batches already done.
     """
 
     def __init__(
@@ -105,10 +107,11 @@ class BatchPlan(Sampler[list[int]]):
         shuffle: bool = True,
         rank: int = 0,
         world_size: int = 1,
+        pad: bool = False,
     ) -> None:
         self.lengths = list(lengths)
         self.packing, self.max_tokens, self.batch_size = packing, max_tokens, batch_size
-        self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
+        self.seed, self.shuffle, self.rank, self.world_size, self.pad = seed, shuffle, rank, world_size, pad
         self.epoch = 0
         self.skip = 0
         self._cached: tuple[int, list[list[int]]] | None = None
@@ -127,8 +130,13 @@ class BatchPlan(Sampler[list[int]]):
             batches = pack_batches(self.lengths, self.max_tokens, seed if self.shuffle else self.seed)
         else:
             batches = padded_batches(len(self.lengths), self.batch_size, seed, self.shuffle)
-        per_rank = len(batches) // self.world_size if self.world_size > 1 else len(batches)
-        return batches[self.rank :: self.world_size][:per_rank]
+        if self.world_size == 1:
+            return batches
+        if not self.pad:
+            return batches[self.rank :: self.world_size][: len(batches) // self.world_size]
+        mine = batches[self.rank :: self.world_size]
+        rounds = -(-len(batches) // self.world_size)
+        return mine + [[-1 - i for i in batches[0]]] * (rounds - len(mine))
 
     def __iter__(self) -> Iterator[list[int]]:
         batches = self.plan()
@@ -141,5 +149,22 @@ class BatchPlan(Sampler[list[int]]):
     def efficiency(self) -> float:
         """Real tokens / token budget over this epoch's packed batches."""
         batches = self.plan()
-        used = sum(self.lengths[i] for b in batches for i in b)
+        used = sum(self.lengths[i] for b in batches for i in b if i >= 0)
         return used / max(1, len(batches) * self.max_tokens)
+
+
+class MaskedRows(torch.utils.data.Dataset):
+    """Rows by index; a negative index -1 - i serves row i with every label ignored (a padding batch)."""
+
+    def __init__(self, rows) -> None:  # noqa: ANN001
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        if index >= 0:
+            return self.rows[index]
+        row = dict(self.rows[-1 - index])
+        row["labels"] = [IGNORE_INDEX] * len(row["labels"])
+        return row

@@ -65,7 +65,7 @@ class GracefulStop(L.Callback):
         self._last_step = trainer.global_step
         if (self.requested or trainer.received_sigterm) and stepped and self.stopped_at is None:
             self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-            trainer.save_checkpoint(self.ckpt_path)
+            trainer.save_checkpoint(self.ckpt_path, weights_only=False)
             self.stopped_at = trainer.global_step
             trainer.should_stop = True
 

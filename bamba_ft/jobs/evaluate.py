@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def validation_loss(model: nn.Module, dm: BambaDataModule, device: torch.device) -> dict[str, float]:
     """Token-weighted loss and perplexity over the validation split."""
-    loader = dm.val_dataloader()
+    loader = dm.full_val_dataloader()
     if not loader:
         return {}
     total, count = 0.0, 0

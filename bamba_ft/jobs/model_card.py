@@ -56,7 +56,8 @@ def write_model_card(directory: Path, cfg: TrainConfig, src: Any, report: dict, 
         v = report["verify"]
         lines += ["", "## Export check", "",
                   f"Reloaded with `transformers` ({v['reloaded_class']}) in a fresh process: max |logit difference| to the "
-                  f"adapter model {v['max_abs_logit_diff']:.2e} (tolerance {v['tolerance']:g}); greedy generation identical: "
+                  f"adapter model {v['max_abs_logit_diff']:.2e} ({v['max_rel_logit_diff']:.1e} of the largest logit, bound "
+                  f"{v['tolerance']:g}); greedy generation identical: "
                   f"{v['greedy_generation_identical']}."]
     lines += ["", "## Usage", "", "```python"]
     if adapter_only:

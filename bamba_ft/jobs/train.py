@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
 from bamba_ft.config.schema import TrainConfig
@@ -138,11 +139,16 @@ def run(cfg: TrainConfig) -> dict:
 
     ckpt_dir = run_dir / "checkpoints"
     stopper = GracefulStop(ckpt_dir)
-    callbacks: list[L.Callback] = [stopper, LearningRateMonitor(logging_interval="step")]
-    # last.ckpt every N steps (at least at the end) is what resume uses; best-by-val/loss checkpoints beside it.
+    loggers = _loggers(cfg, run_dir) if not cfg.trainer.fast_dev_run else []
+    callbacks: list[L.Callback] = [stopper] + ([LearningRateMonitor(logging_interval="step")] if loggers else [])
+    # last.ckpt every N steps and at the end of a full run: what resume uses, with interrupted.ckpt.
+    # Written as a rolling top-1 rather than with save_last, which also saves when training ends early; after a
+    # Ctrl-C stop that end-of-training save would record the interrupted epoch as finished.
     every = cfg.trainer.checkpoint_every_n_steps or max(1, cfg.trainer.max_steps)
-    callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="last", every_n_train_steps=every, save_top_k=0,
-                                     save_last=True, enable_version_counter=False))
+    if cfg.trainer.max_steps > 0:
+        every = min(every, cfg.trainer.max_steps)
+    callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="last", every_n_train_steps=every, save_top_k=1,
+                                     save_last=False, enable_version_counter=False))
     if dm.val_set is not None and cfg.trainer.save_top_k > 0:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best-step{step:06d}", auto_insert_metric_name=False,
                                          monitor="val/loss", mode="min", save_top_k=cfg.trainer.save_top_k))
@@ -168,7 +174,7 @@ def run(cfg: TrainConfig) -> dict:
         deterministic=t.deterministic or None,
         use_distributed_sampler=False,  # BambaDataModule shards its batch plan by rank itself
         default_root_dir=run_dir,
-        logger=_loggers(cfg, run_dir) if not t.fast_dev_run else False,
+        logger=loggers or False,
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
     )
@@ -178,8 +184,16 @@ def run(cfg: TrainConfig) -> dict:
         log.info("resuming from %s", ckpt_path)
     t_fit = time.perf_counter()
     with stopper.installed():
-        trainer.fit(lit, datamodule=dm, ckpt_path=ckpt_path)
+        try:
+            trainer.fit(lit, datamodule=dm, ckpt_path=ckpt_path)
+        except SIGTERMException:
+            # Lightning ends the fit after the batch on which SIGTERM arrived; GracefulStop saved it already.
+            if stopper.stopped_at is None:
+                raise
     fit_seconds = time.perf_counter() - t_fit
+    if stopper.stopped_at is None and not cfg.trainer.fast_dev_run:
+        # the final state, whatever N was; every rank calls this (it is collective under DDP/FSDP)
+        trainer.save_checkpoint(ckpt_dir / "last.ckpt", weights_only=False)
     if not trainer.is_global_zero:
         return {}
     if stopper.stopped_at is not None:
@@ -210,6 +224,7 @@ def _finish(cfg: TrainConfig, model: nn.Module, tokenizer: Any, dm: BambaDataMod
             "steps": steps,
             "fit_seconds": round(fit_seconds, 2),
             "final_train_loss": logged.get("train/loss"),
+            "last_val_loss": logged.get("val/loss"),  # from the training loop (reduced over ranks)
             "tokens_per_sec": logged.get("train/tokens_per_sec"),
         },
         "data": {name: vars(st) for name, st in dm.stats.items()},

@@ -72,6 +72,8 @@ def load_config(cfg: ModelConfig) -> BambaConfig:
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    if not cfg.tokenizer:
+        load_config(cfg)  # the tokenizer comes from the checkpoint: refuse a non-Bamba one before anything else
     path = resolve_path(cfg.tokenizer or cfg.name_or_path)
     try:
         return AutoTokenizer.from_pretrained(path, revision=cfg.revision if not cfg.tokenizer else None)

@@ -13,6 +13,9 @@ across sequences, so packed batches are refused there.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 from transformers.models.bamba.modeling_bamba import BambaMixer, BambaModel, BambaRMSNormGated
@@ -52,6 +55,19 @@ def install_mixer(model: nn.Module, mixer: str = "auto") -> str:
     for base in (m for m in model.modules() if isinstance(m, BambaModel)):
         base.register_forward_pre_hook(_complete_packing_kwargs, with_kwargs=True)
     return "torch" if mixer == "torch" else available_backend(device)
+
+
+@contextmanager
+def stock_forward(model: nn.Module) -> Iterator[None]:
+    """Run transformers' own mixer and gated norm inside the block (to compare with a model loaded elsewhere)."""
+    swapped = [m for m in model.modules() if isinstance(m, (SegmentAwareBambaMixer, FusedGatedRMSNorm))]
+    for m in swapped:
+        m.__class__ = BambaMixer if isinstance(m, SegmentAwareBambaMixer) else BambaRMSNormGated
+    try:
+        yield
+    finally:
+        for m in swapped:
+            m.__class__ = SegmentAwareBambaMixer if isinstance(m, BambaMixer) else FusedGatedRMSNorm
 
 
 def packing_safe(model: nn.Module) -> bool:

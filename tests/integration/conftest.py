@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def cli(args: list[str], cwd: Path, check: bool = True, timeout: int = 300,
         env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run `python -m bamba_ft ARGS` offline (unless `env` says otherwise); raise with its output on failure."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT), **(env or {}))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "bamba_ft", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
     if check and proc.returncode != 0:

@@ -1,7 +1,8 @@
 """A local HTTP server speaking the few Hugging Face Hub endpoints that `upload_folder` uses.
 
-Repository creation, the preupload check (every file answered as a regular, inline upload) and the commit
-(NDJSON with base64 file contents). Requests need `Authorization: Bearer <token>`; others get 401.
+Repository creation, the model-card YAML check, the preupload check (every file answered as a regular,
+inline upload) and the commit (NDJSON with base64 file contents). Requests need `Authorization: Bearer
+<token>`; others get 401.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ class FakeHub:
             def _body(self) -> bytes:
                 return self.rfile.read(int(self.headers.get("Content-Length", 0)))
 
+            def do_GET(self) -> None:  # noqa: N802
+                self._reply(404, {"error": f"fake hub: no endpoint {self.path}"})
+
             def do_POST(self) -> None:  # noqa: N802
                 body = self._body()
                 if self.headers.get("Authorization") != f"Bearer {hub.token}":
@@ -47,8 +51,11 @@ class FakeHub:
                 if parts[:3] == ["api", "repos", "create"]:
                     req = json.loads(body)
                     repo_id = f"{req['organization']}/{req['name']}" if req.get("organization") else req["name"]
-                    hub.repos.setdefault(repo_id, {"private": req.get("private"), "files": {}, "commits": []})
-                    return self._reply(200, {"url": f"http://hub/{repo_id}", "name": repo_id, "id": repo_id})
+                    private = req["private"] if "private" in req else req.get("visibility") == "private"  # old/new clients
+                    hub.repos.setdefault(repo_id, {"private": private, "files": {}, "commits": []})
+                    return self._reply(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id, "id": repo_id})
+                if parts[:2] == ["api", "validate-yaml"]:
+                    return self._reply(200, {"errors": [], "warnings": []})
                 if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] == "preupload":
                     files = json.loads(body)["files"]
                     return self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular",
@@ -65,7 +72,7 @@ class FakeHub:
                             repo["files"][item["value"]["path"]] = base64.b64decode(item["value"]["content"])
                     oid = hashlib.sha1(body).hexdigest()
                     repo["commits"].append(summary)
-                    return self._reply(200, {"commitUrl": f"http://hub/{repo_id}/commit/{oid}", "commitOid": oid,
+                    return self._reply(200, {"commitUrl": f"{hub.url}/{repo_id}/commit/{oid}", "commitOid": oid,
                                              "success": True})
                 self._reply(404, {"error": f"fake hub: no endpoint {self.path}"})
 

@@ -170,3 +170,17 @@ def test_collate_packed_matches_transformers_flattening() -> None:
             assert ours[key].dtype == theirs[key].dtype, key
         else:
             assert ours[key] == theirs[key], key
+
+
+def test_eval_plan_covers_every_example_once_on_every_rank_count() -> None:
+    from bamba_ft.data.packing import MaskedRows
+
+    lengths = [50 + (i * 37) % 300 for i in range(101)]
+    for world in (1, 2, 3, 5):
+        plans = [BatchPlan(lengths, True, 1024, 8, seed=0, shuffle=False, rank=r, world_size=world, pad=True)
+                 for r in range(world)]
+        assert len({len(p) for p in plans}) == 1  # collectives (FSDP) see the same number of batches
+        real = sorted(i for p in plans for b in p.plan() for i in b if i >= 0)
+        assert real == list(range(101))
+    rows = MaskedRows([{"input_ids": [5, 6], "labels": [-100, 6]}])
+    assert rows[0]["labels"] == [-100, 6] and rows[-1] == {"input_ids": [5, 6], "labels": [-100, -100]}
