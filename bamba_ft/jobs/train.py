@@ -12,7 +12,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
@@ -141,6 +141,8 @@ def run(cfg: TrainConfig) -> dict:
     stopper = GracefulStop(ckpt_dir)
     loggers = _loggers(cfg, run_dir) if not cfg.trainer.fast_dev_run else []
     callbacks: list[L.Callback] = [stopper] + ([LearningRateMonitor(logging_interval="step")] if loggers else [])
+    if cfg.trainer.enable_progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=10))  # step-based runs have no epoch total for rich's bar
     # last.ckpt every N steps and at the end of a full run: what resume uses, with interrupted.ckpt.
     # Written as a rolling top-1 rather than with save_last, which also saves when training ends early; after a
     # Ctrl-C stop that end-of-training save would record the interrupted epoch as finished.

@@ -184,3 +184,15 @@ def test_eval_plan_covers_every_example_once_on_every_rank_count() -> None:
         assert real == list(range(101))
     rows = MaskedRows([{"input_ids": [5, 6], "labels": [-100, 6]}])
     assert rows[0]["labels"] == [-100, 6] and rows[-1] == {"input_ids": [5, 6], "labels": [-100, -100]}
+
+
+def test_shipped_tokenizer_is_the_builtin_one(builtin_tokenizer) -> None:  # noqa: ANN001
+    from transformers import AutoTokenizer
+
+    from bamba_ft.model.build import resolve_path
+
+    shipped = AutoTokenizer.from_pretrained(resolve_path("builtin:tiny"))
+    assert shipped.get_vocab() == builtin_tokenizer.get_vocab()
+    assert shipped.chat_template == builtin_tokenizer.chat_template
+    text = "<|user|>Sort the letters of cab.<|end|><|assistant|>abc<|end|>"
+    assert shipped(text)["input_ids"] == builtin_tokenizer(text)["input_ids"]
