@@ -270,7 +270,9 @@ class BenchConfig:
     data_pipeline_examples: int = 0
     """Tokenize+pack this many generated examples and report throughput (0: skip)."""
     profile: bool = False
-    """Profile two extra steps of each bamba_ft variant (torch.profiler) into profile_<variant>.txt."""
+    """Profile two extra steps of each variant (torch.profiler) into profile_<variant>.txt."""
+    mixer_only: bool = False
+    """Also time one Mamba-2 mixer alone (forward + backward) on a padded batch: transformers' forward vs bamba_ft's."""
     output: str = "bench.json"
     """JSON results file (a markdown table is printed and written beside it)."""
 

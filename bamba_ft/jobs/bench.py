@@ -4,6 +4,7 @@ Variants (bench.variants):
 - hf_padded: transformers + peft, padded batches, transformers' loss (what a stock-stack user runs);
 - hf_padfree: transformers' own padding-free path (DataCollatorWithFlattening keys; its kernels when installed);
 - bamba_ft: bamba_ft's mixer, packed attention and chunked loss;
+- bamba_ft_padded: the same on hf_padded's padded batches (same work as hf_padded, to compare the paths);
 - bamba_ft_nf4 / bamba_ft_int8: the same on a torchao-quantized base (QLoRA).
 Model FLOPs per token: 4 x (weights of all Linear layers): forward 2N plus input gradients 2N; LoRA's own
 FLOPs, attention scores and the SSD scan are left out, so MFU here is a lower bound.
@@ -50,6 +51,7 @@ VARIANTS = {
     "hf_padded": Variant("hf_padded", stock=True, packed=False),
     "hf_padfree": Variant("hf_padfree", stock=True, packed=True),
     "bamba_ft": Variant("bamba_ft", stock=False, packed=True),
+    "bamba_ft_padded": Variant("bamba_ft_padded", stock=False, packed=False),
     "bamba_ft_nf4": Variant("bamba_ft_nf4", stock=False, packed=True, quant="nf4"),
     "bamba_ft_int8": Variant("bamba_ft_int8", stock=False, packed=True, quant="int8"),
 }
@@ -209,6 +211,42 @@ def seq_scaling(lengths: list[int], model_cfg: ModelConfig, peft_cfg: PeftConfig
     return rows
 
 
+def mixer_only(model_cfg: ModelConfig, b: BenchConfig, device: torch.device, seed: int) -> dict:
+    """One mixer, forward + backward on a padded batch (right padding, attention mask): transformers' own
+    forward against bamba_ft's, on the same module and input. Median of `b.steps` runs after warm-up."""
+    from transformers import BambaForCausalLM
+
+    from bamba_ft.model.build import load_config
+    from bamba_ft.ops.mamba2 import available_backend, mixer_forward
+
+    torch.manual_seed(seed)
+    config = load_config(replace(model_cfg, init="random"))
+    config.num_hidden_layers, config.attn_layer_indices = 1, []
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    mixer = BambaForCausalLM(config).model.layers[0].mamba.to(device, dtype).train()
+    lengths = sample_lengths(b, b.seqs_per_step, seed)
+    width = max(lengths)
+    mask = torch.tensor([[1] * n + [0] * (width - n) for n in lengths], device=device)
+    h = torch.randn(len(lengths), width, config.hidden_size, device=device, dtype=dtype, requires_grad=True)
+
+    def time_it(fn) -> float:  # noqa: ANN001
+        times = []
+        for i in range(b.warmup_steps + b.steps):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn().float().pow(2).mean().backward()
+            _sync(device)
+            if i >= b.warmup_steps:
+                times.append(time.perf_counter() - t0)
+        return 1000 * statistics.median(times)
+
+    backend = available_backend(device)
+    stock = time_it(lambda: mixer(h, attention_mask=mask))
+    ours = time_it(lambda: mixer_forward(mixer, h, attention_mask=mask, backend=backend))
+    return {"batch": [len(lengths), width], "real_tokens": sum(lengths), "transformers_ms": stock,
+            "bamba_ft_ms": ours, "bamba_ft_backend": backend, "speedup": stock / ours}
+
+
 def data_pipeline(n: int) -> dict:
     """Tokenize and pack `n` generated chat examples on the CPU."""
     from bamba_ft.config.schema import DataConfig
@@ -253,6 +291,11 @@ def markdown(results: dict) -> str:
             val = r.get("error") or f"{r['tokens_per_sec']:,.0f}"
             lines.append(f"| {r['seq_len']} | {'yes' if r['activation_checkpointing'] else 'no'} | {val} | "
                          f"{r.get('peak_gib', float('nan')):.1f} |")
+    if results.get("mixer_only"):
+        m = results["mixer_only"]
+        lines += ["", f"one mixer, forward+backward, padded batch {m['batch'][0]}x{m['batch'][1]}: transformers "
+                      f"{m['transformers_ms']:.1f} ms, bamba_ft ({m['bamba_ft_backend']}) {m['bamba_ft_ms']:.1f} ms "
+                      f"({m['speedup']:.2f}x)"]
     if results.get("data_pipeline"):
         d = results["data_pipeline"]
         lines += ["", f"data pipeline: {d['examples']} examples tokenized+packed in {d['tokenize_s'] + d['pack_s']:.1f} s "
@@ -287,6 +330,8 @@ def run(cfg: TrainConfig) -> dict:
         results["seq_scaling"] = seq_scaling(list(b.seq_scaling), mcfg, cfg.peft, b, device, cfg.trainer.seed, vocab)
     if b.data_pipeline_examples:
         results["data_pipeline"] = data_pipeline(b.data_pipeline_examples)
+    if b.mixer_only:
+        results["mixer_only"] = mixer_only(mcfg, b, device, cfg.trainer.seed)
     out = Path(b.output) if Path(b.output).is_absolute() else Path(cfg.output_dir) / b.output
     atomic_write_json(out, results)
     md = markdown(results)

@@ -22,12 +22,16 @@ def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) ->
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
+RECOMPUTE_BYTES = 256 * 2**20  # float32 logits of a chunk above this are recomputed in backward, not stored
+
+
 def head_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk: int = 4096) -> torch.Tensor:
-    """Sum of cross-entropy over rows of hidden (n, d) against targets (n,), chunked and recomputed."""
+    """Sum of cross-entropy over rows of hidden (n, d) against targets (n,), chunked; large chunks recomputed."""
     total = hidden.new_zeros((), dtype=torch.float32)
+    vocab = head.weight.shape[0] if hasattr(head, "weight") else head.out_features
     for s in range(0, hidden.shape[0], chunk):
         h, t = hidden[s : s + chunk], targets[s : s + chunk]
-        if torch.is_grad_enabled() and h.requires_grad:
+        if torch.is_grad_enabled() and h.requires_grad and h.shape[0] * vocab * 4 > RECOMPUTE_BYTES:
             total = total + checkpoint(_chunk_loss, h, t, head, use_reentrant=False)
         else:
             total = total + _chunk_loss(h, t, head)

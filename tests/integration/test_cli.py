@@ -118,3 +118,8 @@ def test_ddp_on_two_cpu_processes(tmp_path: Path) -> None:
     assert metrics["train"]["steps"] == 2
     assert abs(metrics["train"]["last_val_loss"] - metrics["after"]["val_loss"]) < 1e-5
     assert (tmp_path / "run/adapter/adapter_model.safetensors").exists()
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path: Path) -> None:
+    proc = cli(["recipe=sft", *FAST, "trainer.accumulate_grad_batches=2", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    assert "bamba_ft: trained 2 steps" in proc.stdout

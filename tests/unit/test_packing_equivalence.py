@@ -154,3 +154,14 @@ def test_packing_refused_on_stock_mixer(tmp_path) -> None:  # noqa: ANN001
     cfg.trainer.accelerator = "cpu"
     with pytest.raises(ConfigError, match="data.packing=true: the active mixer path"):
         train.run(cfg)
+
+
+def test_dora_and_rslora_adapters_train_through_the_mixer() -> None:
+    """DoRA reads its base weight through the module, so bamba_ft's module calls keep it trainable."""
+    model = make_model(torch.float32)
+    install_mixer(model, "torch")
+    model = apply_peft(model, PeftConfig(r=4, target_modules=TARGETS, use_dora=True, use_rslora=True))
+    batch = collate_packed([{"input_ids": list(range(1, 20)), "labels": list(range(1, 20))},
+                            {"input_ids": list(range(7, 12)), "labels": list(range(7, 12))}])
+    norms = check_adapter_gradients(model, batch, mean_loss)
+    assert any("lora_magnitude_vector" in n for n in norms) and all(v > 0 for v in norms.values())
