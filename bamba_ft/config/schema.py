@@ -34,8 +34,6 @@ class ModelConfig:
     """Mamba-2 mixer path: auto | kernels (mamba-ssm + causal-conv1d) | torch (exact reference) | hf (stock transformers; refuses packing)."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer in backward: less activation memory, about a third more compute."""
-    compile: bool = False
-    """torch.compile the decoder layers (GPU; the first steps are slow while it compiles)."""
 
 
 @dataclass
