@@ -138,6 +138,8 @@ def run_variant(v: Variant, model_cfg: ModelConfig, peft_cfg: PeftConfig, steps:
         model = apply_peft(model, peft_cfg)
         model.train()
         result["base_weight_gib"] = base_weight_bytes(model) / 2**30
+        if device.type == "cuda":  # quantized bases are built layer by layer: this stays near the quantized size
+            result["load_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         n_linear = linear_weights(causal_lm(model))
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")

@@ -36,7 +36,8 @@ log = logging.getLogger("bamba_ft")
 
 
 def _is_rank_zero() -> bool:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+    """Before the Trainer exists: the launching process of the first node (launched ranks carry these variables)."""
+    return all(int(os.environ.get(v, "0")) == 0 for v in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
 
 def _strategy(cfg: TrainConfig) -> Any:
@@ -105,18 +106,11 @@ def save_trained(model: nn.Module, tokenizer: Any, cfg: TrainConfig, run_dir: Pa
     return final
 
 
-def run(cfg: TrainConfig) -> dict:
-    t_start = time.perf_counter()
-    run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
-    device = choose_device(cfg.trainer.accelerator)
-    precision = resolve_precision(cfg.trainer.precision, device)
-
+def _prepare(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Any, BambaDataModule]:
+    """Tokenizer, model with adapters, data; refuses packing on a leaking path and bypassed adapters."""
     tokenizer = load_tokenizer(cfg.model)
     ensure_chat_template(tokenizer, cfg.data.chat_template)
-    model = build_model(cfg.model, cfg.quant, device)
-    model = apply_peft(model, cfg.peft)
+    model = apply_peft(build_model(cfg.model, cfg.quant, device), cfg.peft)
     if cfg.data.packing and not packing_safe(model):
         raise ConfigError(
             "data.packing=true: the active mixer path (model.mixer=hf, transformers' own) leaks state across "
@@ -124,23 +118,17 @@ def run(cfg: TrainConfig) -> dict:
         )
     dm = BambaDataModule(cfg.data, tokenizer, seed=cfg.trainer.seed)
     dm.prepare()
-    save_run_config(cfg, run_dir)
-
     # Every adapter must receive gradient before hours are spent training it.
     probe = to_device(dm.first_batch(), device)
     with autocast_for(causal_lm(model), device):
         norms = check_adapter_gradients(model, probe, mean_loss)
     log.info("gradient check: all %d trainable tensors receive gradient", len(norms))
+    return model, tokenizer, dm
 
-    before: dict = {}
-    if cfg.eval.before_training and _is_rank_zero() and not cfg.trainer.fast_dev_run and not cfg.trainer.resume:
-        before, _ = evaluate_model(model, tokenizer, dm, cfg.eval, device)
-        log.info("before training: %s", format_metrics(before))
 
-    ckpt_dir = run_dir / "checkpoints"
-    stopper = GracefulStop(ckpt_dir)
-    loggers = _loggers(cfg, run_dir) if not cfg.trainer.fast_dev_run else []
-    callbacks: list[L.Callback] = [stopper] + ([LearningRateMonitor(logging_interval="step")] if loggers else [])
+def _callbacks(cfg: TrainConfig, dm: BambaDataModule, ckpt_dir: Path, stopper: GracefulStop,
+               with_loggers: bool) -> list[L.Callback]:
+    callbacks: list[L.Callback] = [stopper] + ([LearningRateMonitor(logging_interval="step")] if with_loggers else [])
     if cfg.trainer.enable_progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=10))  # step-based runs have no epoch total for rich's bar
     # last.ckpt every N steps and at the end of a full run: what resume uses, with interrupted.ckpt.
@@ -154,13 +142,19 @@ def run(cfg: TrainConfig) -> dict:
     if dm.val_set is not None and cfg.trainer.save_top_k > 0:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best-step{step:06d}", auto_insert_metric_name=False,
                                          monitor="val/loss", mode="min", save_top_k=cfg.trainer.save_top_k))
+    return callbacks
+
+
+def _trainer(cfg: TrainConfig, dm: BambaDataModule, run_dir: Path, device: torch.device,
+             stopper: GracefulStop) -> L.Trainer:
     t = cfg.trainer
-    trainer = L.Trainer(
+    loggers = _loggers(cfg, run_dir) if not t.fast_dev_run else []
+    return L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=t.devices,
         num_nodes=t.num_nodes,
         strategy=_strategy(cfg),
-        precision=precision,
+        precision=resolve_precision(t.precision, device),
         max_steps=t.max_steps,
         max_epochs=t.max_epochs if t.max_epochs is not None else -1,
         accumulate_grad_batches=t.accumulate_grad_batches,
@@ -177,11 +171,29 @@ def run(cfg: TrainConfig) -> dict:
         use_distributed_sampler=False,  # BambaDataModule shards its batch plan by rank itself
         default_root_dir=run_dir,
         logger=loggers or False,
-        callbacks=callbacks,
+        callbacks=_callbacks(cfg, dm, run_dir / "checkpoints", stopper, bool(loggers)),
         plugins=[AtomicCheckpointIO()],
     )
+
+
+def run(cfg: TrainConfig) -> dict:
+    t_start = time.perf_counter()
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    device = choose_device(cfg.trainer.accelerator)
+    model, tokenizer, dm = _prepare(cfg, device)
+    save_run_config(cfg, run_dir)
+
+    before: dict = {}
+    if cfg.eval.before_training and _is_rank_zero() and not cfg.trainer.fast_dev_run and not cfg.trainer.resume:
+        before, _ = evaluate_model(model, tokenizer, dm, cfg.eval, device)
+        log.info("before training: %s", format_metrics(before))
+
+    stopper = GracefulStop(run_dir / "checkpoints")
+    trainer = _trainer(cfg, dm, run_dir, device, stopper)
     lit = BambaLitModule(model, cfg.optim)
-    ckpt_path = resolve_resume(t.resume, run_dir)
+    ckpt_path = resolve_resume(cfg.trainer.resume, run_dir)
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
     t_fit = time.perf_counter()
@@ -195,7 +207,7 @@ def run(cfg: TrainConfig) -> dict:
     fit_seconds = time.perf_counter() - t_fit
     if stopper.stopped_at is None and not cfg.trainer.fast_dev_run:
         # the final state, whatever N was; every rank calls this (it is collective under DDP/FSDP)
-        trainer.save_checkpoint(ckpt_dir / "last.ckpt", weights_only=False)
+        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     if not trainer.is_global_zero:
         return {}
     if stopper.stopped_at is not None:
@@ -204,12 +216,11 @@ def run(cfg: TrainConfig) -> dict:
             f"resume with the same command plus: trainer.resume={run_dir}"
         )
         return {"stopped_at": stopper.stopped_at}
-    return _finish(cfg, model, tokenizer, dm, trainer, lit, before, run_dir, device, fit_seconds, t_start)
+    return _finish(cfg, model, tokenizer, dm, trainer, before, run_dir, device, fit_seconds, t_start)
 
 
 def _finish(cfg: TrainConfig, model: nn.Module, tokenizer: Any, dm: BambaDataModule, trainer: L.Trainer,
-            lit: BambaLitModule, before: dict, run_dir: Path, device: torch.device, fit_seconds: float,
-            t_start: float) -> dict:
+            before: dict, run_dir: Path, device: torch.device, fit_seconds: float, t_start: float) -> dict:
     """Save the adapter, evaluate again, write metrics.json and print the closing summary."""
     if cfg.trainer.fast_dev_run:
         print("fast_dev_run finished: one training and one validation batch ran; nothing was saved.")
