@@ -26,6 +26,7 @@ from torch import nn
 
 from bamba_ft.config.schema import BenchConfig, ModelConfig, PeftConfig, QuantConfig, TrainConfig
 from bamba_ft.data.packing import collate_packed, collate_padded
+from bamba_ft.errors import ConfigError, suggest
 from bamba_ft.jobs.report import atomic_write_json, atomic_write_text
 from bamba_ft.jobs.runtime import autocast_for, choose_device, to_device
 from bamba_ft.model.build import build_model
@@ -323,7 +324,7 @@ def run(cfg: TrainConfig) -> dict:
     for ckpt in b.activation_checkpointing:
         for name in b.variants:
             if name not in VARIANTS:
-                raise ValueError(f"bench.variants: unknown '{name}'. Valid: {', '.join(VARIANTS)}")
+                raise ConfigError(f"bench.variants: unknown '{name}'.{suggest(name, VARIANTS)} Valid: {', '.join(VARIANTS)}")
             r = run_variant(replace(VARIANTS[name], ckpt=ckpt), mcfg, cfg.peft, steps, b, device, cfg.trainer.seed,
                             Path(cfg.output_dir))
             log.info("bench %s: %s", name, json.dumps(r))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +33,28 @@ def save_run_config(cfg: TrainConfig, run_dir: Path) -> None:
     tmp.replace(run_dir / RUN_CONFIG)
 
 
+def _drop_unknown(data: dict, schema: type, prefix: str = "") -> list[str]:
+    """Remove keys the schema does not declare (written by another bamba_ft version); return their names."""
+    hints = typing.get_type_hints(schema)
+    dropped = []
+    for key in list(data):
+        if key not in hints:
+            dropped.append(prefix + key)
+            del data[key]
+        elif dataclasses.is_dataclass(hints[key]) and isinstance(data[key], dict):
+            dropped += _drop_unknown(data[key], hints[key], f"{prefix}{key}.")
+    return dropped
+
+
 def load_run_config(run_dir: Path) -> TrainConfig:
-    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(run_dir / RUN_CONFIG))
-    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    data = OmegaConf.to_container(OmegaConf.load(run_dir / RUN_CONFIG))
+    dropped = _drop_unknown(data, TrainConfig)
+    if dropped:
+        log.warning("%s: ignoring keys this bamba_ft version does not know: %s", run_dir / RUN_CONFIG, ", ".join(dropped))
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), data))  # type: ignore[return-value]
+    except Exception as e:
+        raise ModelError(f"{run_dir / RUN_CONFIG} does not describe a bamba_ft run ({e}).") from e
 
 
 @dataclass

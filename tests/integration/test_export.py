@@ -116,3 +116,17 @@ def test_push_failure_keeps_local_export(sft_run: Path, tmp_path: Path, env: dic
                    cwd=tmp_path, env={"HF_ENDPOINT": hub.url, **env}, check=False)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
     assert "local export at" in proc.stderr and (out / "model.safetensors").exists()
+
+
+def test_run_written_by_another_version_still_loads(sft_run: Path, tmp_path: Path) -> None:
+    """Keys a later or earlier bamba_ft wrote are ignored with a warning, not a traceback."""
+    import shutil
+
+    from bamba_ft.model.restore import RUN_CONFIG, load_run_config
+
+    run = tmp_path / "old_run"
+    shutil.copytree(sft_run, run)
+    text = (run / RUN_CONFIG).read_text().replace("model:\n", "model:\n  compile: false\n", 1)
+    (run / RUN_CONFIG).write_text(text + "retired_section:\n  x: 1\n")
+    cfg = load_run_config(run)
+    assert cfg.model.name_or_path == "builtin:tiny" and cfg.peft.method == "lora"
