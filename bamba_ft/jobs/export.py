@@ -74,7 +74,7 @@ def verify_export(directory: Path, ids: torch.Tensor, ref_logits: torch.Tensor, 
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
         if "PYTHONPATH" in os.environ:
             env["PYTHONPATH"] = os.environ["PYTHONPATH"]
-        proc = subprocess.run([sys.executable, "-c", _RELOAD, str(directory), str(ids_path), str(out_path), dtype],
+        proc = subprocess.run([sys.executable, "-c", _RELOAD, str(directory.resolve()), str(ids_path), str(out_path), dtype],
                               capture_output=True, text=True, env=env, cwd=tmp)
         if proc.returncode != 0:
             raise BambaFTError(f"the export at {directory} does not load with transformers:\n{proc.stderr[-2000:]}")
@@ -137,6 +137,7 @@ def run(cfg: TrainConfig) -> dict:
         raise ConfigError("export.checkpoint is not set. Fix: export.checkpoint=<training run directory or adapter>.")
     src = locate(ex.checkpoint, cfg)
     target = Path(ex.output_dir) if ex.output_dir else Path(ex.checkpoint) / ("export_adapter" if ex.adapter_only else "export")
+    target = target.expanduser().resolve()  # the verification process runs elsewhere
     if target.exists() and not ex.overwrite:
         raise ConfigError(f"export.output_dir={target} exists. Fix: choose another directory or export.overwrite=true.")
     device = torch.device("cpu")

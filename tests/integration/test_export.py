@@ -55,9 +55,11 @@ def test_export_float32_reloads_with_same_logits_and_generations(sft_run: Path, 
 
 
 def test_export_files_model_card_and_overwrite_rule(sft_run: Path, tmp_path: Path) -> None:
-    out = tmp_path / "bf16"
-    cli(["recipe=export", f"export.checkpoint={sft_run}", f"export.output_dir={out}", f"hydra.run.dir={tmp_path}/a"],
-        cwd=tmp_path)
+    import shutil
+
+    shutil.copytree(sft_run, tmp_path / "run")
+    out = tmp_path / "run" / "export"  # the default target, given relative paths as users type them
+    cli(["recipe=export", "export.checkpoint=run", "hydra.run.dir=a"], cwd=tmp_path)
     for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                  "tokenizer_config.json", "README.md"):
         assert (out / name).exists(), name
@@ -67,12 +69,10 @@ def test_export_files_model_card_and_overwrite_rule(sft_run: Path, tmp_path: Pat
     config = json.loads((out / "config.json").read_text())
     assert config["torch_dtype" if "torch_dtype" in config else "dtype"] == "bfloat16" and config["use_cache"] is True
 
-    again = cli(["recipe=export", f"export.checkpoint={sft_run}", f"export.output_dir={out}",
-                 f"hydra.run.dir={tmp_path}/b"], cwd=tmp_path, check=False)
+    again = cli(["recipe=export", "export.checkpoint=run", "hydra.run.dir=b"], cwd=tmp_path, check=False)
     assert again.returncode == 2 and "exists. Fix: choose another directory or export.overwrite=true" in again.stderr
-    cli(["recipe=export", f"export.checkpoint={sft_run}", f"export.output_dir={out}", "export.overwrite=true",
-         f"hydra.run.dir={tmp_path}/c"], cwd=tmp_path)
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bf16")]  # no temp or backup dirs left
+    cli(["recipe=export", "export.checkpoint=run", "export.overwrite=true", "hydra.run.dir=c"], cwd=tmp_path)
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".export")]  # no temp or backup dirs left
 
 
 def test_adapter_only_export_loads_with_peft(sft_run: Path, tmp_path: Path) -> None:
