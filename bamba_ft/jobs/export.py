@@ -93,8 +93,10 @@ def verify_export(directory: Path, ids: torch.Tensor, ref_logits: torch.Tensor, 
 
 
 def _default_tolerance(dtype: str) -> float:
-    """Bound on max |diff| / max |logit|: float32 rounding for float32 exports, 16-bit weights and compute else."""
-    return 1e-5 if dtype == "float32" else 3e-2 if dtype == "bfloat16" else 1e-2
+    """Bound on max |diff| / max |logit|. float32: rounding only (a float32 merge is exact to ~1e-6). 16-bit: the
+    reloaded model computes in 16 bits (measured 1.8e-2 on builtin:tiny in bfloat16), and a deeper model adds
+    rounding per layer; the bound still catches a wrong merge or a broken save, which are off by order 1."""
+    return 1e-5 if dtype == "float32" else 0.1 if dtype == "bfloat16" else 5e-2
 
 
 def _place(tmp: Path, target: Path, overwrite: bool) -> None:

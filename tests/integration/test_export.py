@@ -130,3 +130,16 @@ def test_run_written_by_another_version_still_loads(sft_run: Path, tmp_path: Pat
     (run / RUN_CONFIG).write_text(text + "retired_section:\n  x: 1\n")
     cfg = load_run_config(run)
     assert cfg.model.name_or_path == "builtin:tiny" and cfg.peft.method == "lora"
+
+
+def test_qlora_run_exports_merged_with_quantization_error_reported(tmp_path: Path) -> None:
+    cli(["recipe=qlora", "trainer=cpu", "trainer.max_steps=4", "trainer.val_check_interval=4", "logger=none",
+         "eval.before_training=false", "eval.num_generate=4", "eval.max_new_tokens=4", "data.builtin_train_examples=200",
+         "data.builtin_val_examples=16", "hydra.run.dir=run"], cwd=tmp_path)
+    proc = cli(["recipe=export", "export.checkpoint=run", "export.dtype=float32", "hydra.run.dir=log"], cwd=tmp_path)
+    report = json.loads((tmp_path / "run/export/export_report.json").read_text())
+    assert report["dequantized_layers"] == 22  # 3 mixers x (in, out) + attention q, k, v, o + 4 MLPs x 3
+    # Merging adds the adapter to the same dequantized values the NF4 forward used: float32 rounding only.
+    assert report["quantized_vs_merged_max_abs_logit_diff"] < 1e-4
+    assert "quantized base + adapter vs merged" in proc.stdout
+    assert report["verify"]["max_rel_logit_diff"] <= 1e-5
