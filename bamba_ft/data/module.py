@@ -63,7 +63,8 @@ class BambaDataModule(L.LightningDataModule):
         self.val_set: datasets.Dataset | None = None
         self.val_rows: list[list[dict] | str] = []  # formatted validation examples, for generation metrics
         self.stats: dict[str, SplitStats] = {}
-        self.fmt: str | None = None
+        self.fmt: str | None = None  # the training split's format
+        self.formats: dict[str, str] = {}  # each split's format (a validation file may use another)
         self._plan: BatchPlan | None = None
         self._resume: dict[str, int] | None = None
 
@@ -90,6 +91,7 @@ class BambaDataModule(L.LightningDataModule):
         fmt = c.format if c.format != "auto" else detect_format(rows.column_names, where)
         check_fields(fmt, rows.column_names, where)
         self.fmt = self.fmt or fmt
+        self.formats[name] = fmt
         encode = functools.partial(
             _encode, tokenizer=self.tokenizer, fmt=fmt, train_on=c.train_on, max_seq_len=c.max_seq_len, where=where
         )
@@ -135,8 +137,7 @@ class BambaDataModule(L.LightningDataModule):
             val_rows = val_rows.select(range(min(len(val_rows), self.cfg.max_val_examples)))
             val_where = f"data.val_source={self.cfg.val_source}" if self.cfg.val_source else where
             self.val_set, self.stats["val"] = self._tokenize(val_rows, "validation", val_where)
-            fmt = self.fmt or "text"
-            self.val_rows = [to_messages(r, fmt, i, val_where) for i, r in enumerate(val_rows)]
+            self.val_rows = [to_messages(r, self.formats["validation"], i, val_where) for i, r in enumerate(val_rows)]
         for name, st in self.stats.items():
             log.info("data %s", st.line(name))
 

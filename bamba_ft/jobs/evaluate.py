@@ -51,12 +51,16 @@ def generate(
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     out: list[str] = []
+    sampling = (
+        {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k or None}
+        if cfg.do_sample
+        else {"do_sample": False}
+    )
     try:
         for s in range(0, len(prompts), cfg.batch_size):
             enc = tokenizer(prompts[s : s + cfg.batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
             enc = {k: v.to(device) for k, v in enc.items()}
-            sampling = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k or None} if cfg.do_sample else {"do_sample": False}
-            with autocast_for(causal_lm(model), device):
+            with autocast_for(lm, device):
                 ids = lm.generate(
                     **enc,
                     max_new_tokens=cfg.max_new_tokens,
@@ -76,16 +80,18 @@ def exact_match_eval(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, dm: BambaDataModule, cfg: EvalConfig, device: torch.device
 ) -> tuple[dict[str, float], list[dict]]:
     """Exact match of generated answers against the reference assistant turns of validation examples."""
-    pairs = [p for p in (prompt_and_reference(tokenizer, ex) for ex in dm.val_rows) if p is not None]
-    pairs = pairs[: cfg.num_generate]
-    if not pairs or not cfg.generate:
+    if not cfg.generate:
         return {}, []
-    was_training = model.training
-    model.eval()
-    try:
-        preds = generate(model, tokenizer, [p for p, _ in pairs], cfg, device)
-    finally:
-        model.train(was_training)
+    pairs: list[tuple[str, str]] = []
+    for example in dm.val_rows:
+        pair = prompt_and_reference(tokenizer, example)
+        if pair is not None:
+            pairs.append(pair)
+        if len(pairs) == cfg.num_generate:
+            break
+    if not pairs:
+        return {}, []
+    preds = generate(model, tokenizer, [p for p, _ in pairs], cfg, device)
     rows = [
         {"prompt": p, "reference": r, "prediction": pred, "correct": normalize(pred) == normalize(r)}
         for (p, r), pred in zip(pairs, preds)

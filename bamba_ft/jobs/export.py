@@ -21,6 +21,7 @@ from torch import nn
 from bamba_ft.config.schema import TrainConfig
 from bamba_ft.errors import BambaFTError, ConfigError
 from bamba_ft.jobs.model_card import write_model_card
+from bamba_ft.jobs.report import atomic_write_json
 from bamba_ft.model.build import DTYPES
 from bamba_ft.model.mixer import stock_forward
 from bamba_ft.model.quant import dequantize_model, is_quantized
@@ -71,9 +72,7 @@ def verify_export(directory: Path, ids: torch.Tensor, ref_logits: torch.Tensor, 
     with tempfile.TemporaryDirectory() as tmp:
         ids_path, out_path = Path(tmp) / "ids.pt", Path(tmp) / "out.pt"
         torch.save(ids, ids_path)
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
-        if "PYTHONPATH" in os.environ:
-            env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # everything it needs is in the directory
         proc = subprocess.run([sys.executable, "-c", _RELOAD, str(directory.resolve()), str(ids_path), str(out_path), dtype],
                               capture_output=True, text=True, env=env, cwd=tmp)
         if proc.returncode != 0:
@@ -150,14 +149,15 @@ def run(cfg: TrainConfig) -> dict:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
     try:
         report = _write(model, tokenizer, cfg, src, tmp, target)
+        report["output_dir"] = str(target)
+        atomic_write_json(tmp / "export_report.json", report)
         _place(tmp, target, ex.overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    report["output_dir"] = str(target)
     if ex.push_to_hub:
         report["hub_commit"] = push_to_hub(target, ex.repo_id, ex.private, ex.commit_message)
-    (target / "export_report.json").write_text(json.dumps(report, indent=2))
+        atomic_write_json(target / "export_report.json", report)
     lines = [f"exported {src.description}", f"  to {target}"]
     if "verify" in report:
         v = report["verify"]

@@ -100,8 +100,11 @@ def test_push_to_hub_uploads_the_export(sft_run: Path, tmp_path: Path) -> None:
         repo = hub.repos["me/tiny-sft"]
     assert "pushed: " in proc.stdout
     assert repo["private"] is True and repo["commits"] == ["first upload"]
-    local = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != "export_report.json"}
-    assert {k: v for k, v in repo["files"].items()} == local
+    local = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert set(repo["files"]) == set(local)
+    # the local report gains the commit URL after the upload; every other file is byte-identical
+    assert all(repo["files"][k] == v for k, v in local.items() if k != "export_report.json")
+    assert "hub_commit" in json.loads(local["export_report.json"])
 
 
 @pytest.mark.parametrize("env,message", [

@@ -196,3 +196,11 @@ def test_shipped_tokenizer_is_the_builtin_one(builtin_tokenizer) -> None:  # noq
     assert shipped.chat_template == builtin_tokenizer.chat_template
     text = "<|user|>Sort the letters of cab.<|end|><|assistant|>abc<|end|>"
     assert shipped(text)["input_ids"] == builtin_tokenizer(text)["input_ids"]
+
+
+def test_validation_file_may_use_another_format(builtin_tokenizer) -> None:  # noqa: ANN001
+    dm = BambaDataModule(DataConfig(source=str(ASSETS / "alpaca.jsonl"), val_source=str(ASSETS / "messages.jsonl")),
+                         builtin_tokenizer)
+    dm.prepare()
+    assert dm.formats == {"train": "alpaca", "validation": "messages"}
+    assert dm.val_rows[0][-1] == {"role": "assistant", "content": "hi"}
