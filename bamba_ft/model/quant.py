@@ -115,4 +115,6 @@ def base_weight_bytes(model: nn.Module) -> int:
 
 def report_base_memory(model: nn.Module, cfg: QuantConfig) -> None:
     n = sum(1 for m in model.modules() if isinstance(m, nn.Linear) and is_quantized(m.weight))
-    log.info("base weights: %.2f GiB (%d Linear layers %s)", base_weight_bytes(model) / 2**30, n, cfg.method)
+    size = base_weight_bytes(model)
+    shown = f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.2f} MiB"
+    log.info("base weights: %s (%d Linear layers %s)", shown, n, cfg.method)
