@@ -248,16 +248,13 @@ def _conv(mixer: BambaMixer, xbc: torch.Tensor, seq_idx: torch.Tensor | None, ba
     # causal-conv1d takes seq_idx only in channel-last layout, with channels a multiple of 8.
     if conv_fn is not None and mixer.activation in ("silu", "swish") and xbc.shape[-1] % 8 == 0:
         x = xbc.contiguous()  # dense (b, t, c): its transpose is channel-last, and the output keeps that layout
-        idx = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
-        return conv_fn(x.transpose(1, 2), weight, mixer.conv1d.bias, seq_idx=idx, activation="silu").transpose(1, 2)
+        return conv_fn(x.transpose(1, 2), weight, mixer.conv1d.bias, seq_idx=seq_idx, activation="silu").transpose(1, 2)
     return mixer.act(segment_conv1d(xbc, weight, mixer.conv1d.bias, seq_idx))
 
 
 def _scan(mixer: BambaMixer, x, dt, A, B, C, seq_idx, backend: str) -> torch.Tensor:  # noqa: ANN001
     kwargs = dict(D=mixer.D, dt_bias=mixer.dt_bias, seq_idx=seq_idx, dt_limit=tuple(mixer.time_step_limit))
     if backend in ("cuda-kernels", "triton"):
-        if seq_idx is not None:
-            kwargs["seq_idx"] = seq_idx.to(torch.int32).contiguous()
         return _mamba_ssm()["scan"](x, dt, A, B, C, mixer.chunk_size, z=None, dt_softplus=True, **kwargs)
     return ssd_scan_torch(x, dt, A, B, C, mixer.chunk_size, **kwargs)
 
@@ -271,10 +268,14 @@ def mixer_forward(
 ) -> torch.Tensor:
     """Mamba-2 mixer over (batch, tokens, hidden) with `seq_idx` segments; `attention_mask` marks padding."""
     b, t, _ = hidden_states.shape
-    if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+    if attention_mask is not None and attention_mask.dim() == 2:
+        # transformers passes a mixer a mask only when a row has padding; an all-ones mask is one segment per
+        # row, the same result, and checking for it here would sync the GPU in every layer.
         if seq_idx is not None:
             raise ValueError("Pass either seq_idx (packed rows) or a padding attention_mask, not both.")
         seq_idx = seq_idx_from_attention_mask(attention_mask)
+    if seq_idx is not None:
+        seq_idx = seq_idx.to(torch.int32).contiguous()  # what both CUDA kernels take; the torch path too
     backend = backend or available_backend(hidden_states.device)
     _report(backend)
 
