@@ -34,7 +34,17 @@ def _import_triton_kernels() -> dict[str, object]:
     from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
-    return {"scan": mamba_chunk_scan_combined, "rmsnorm": rmsnorm_fn}
+    kernels = {"scan": mamba_chunk_scan_combined, "rmsnorm": rmsnorm_fn}
+    try:  # the scan's forward and backward halves (what mamba-ssm's own fused conv+scan calls)
+        from mamba_ssm.ops.triton.ssd_combined import (
+            _mamba_chunk_scan_combined_bwd,
+            _mamba_chunk_scan_combined_fwd,
+        )
+
+        kernels.update(scan_fwd=_mamba_chunk_scan_combined_fwd, scan_bwd=_mamba_chunk_scan_combined_bwd)
+    except ImportError:
+        pass
+    return kernels
 
 
 @functools.cache
@@ -72,6 +82,23 @@ def _causal_conv1d() -> object | None:
     except Exception:
         return None
     return causal_conv1d_fn
+
+
+@functools.cache
+def _causal_conv1d_halves() -> tuple[object, object] | None:
+    """causal-conv1d's forward and backward functions (1.7: `cpp_functions`; older: the extension module)."""
+    try:
+        from causal_conv1d.cpp_functions import causal_conv1d_bwd_function, causal_conv1d_fwd_function
+
+        return causal_conv1d_fwd_function, causal_conv1d_bwd_function
+    except Exception:
+        pass
+    try:
+        import causal_conv1d_cuda
+
+        return causal_conv1d_cuda.causal_conv1d_fwd, causal_conv1d_cuda.causal_conv1d_bwd
+    except Exception:
+        return None
 
 
 def available_backend(device: torch.device | str) -> str:
@@ -259,6 +286,103 @@ def _scan(mixer: BambaMixer, x, dt, A, B, C, seq_idx, backend: str) -> torch.Ten
     return ssd_scan_torch(x, dt, A, B, C, mixer.chunk_size, **kwargs)
 
 
+class KernelOps:
+    """The four CUDA kernel calls of the fused conv+scan (causal-conv1d, mamba-ssm's SSD scan), in one place.
+
+    Layouts: conv tensors are (batch, channels, tokens) views of channel-last (batch, tokens, channels) memory.
+    The backward functions write their input gradients into the buffers they are given.
+    """
+
+    @staticmethod
+    def available() -> bool:
+        return _causal_conv1d_halves() is not None and "scan_bwd" in _mamba_ssm()
+
+    @staticmethod
+    def conv_fwd(x, weight, bias, seq_idx):  # noqa: ANN001, ANN205
+        return _causal_conv1d_halves()[0](x, weight, bias, seq_idx, None, None, True)
+
+    @staticmethod
+    def conv_bwd(x, weight, bias, dout, seq_idx, dx):  # noqa: ANN001, ANN205
+        dx, dweight, dbias, _ = _causal_conv1d_halves()[1](x, weight, bias, dout, seq_idx, None, None, dx, False, True)
+        return dx, dweight, dbias
+
+    @staticmethod
+    def scan_fwd(x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, dt_limit):  # noqa: ANN001, ANN205
+        return _mamba_ssm()["scan_fwd"](x, dt, A, B, C, chunk_size, D=D, z=None, dt_bias=dt_bias, seq_idx=seq_idx,
+                                        dt_softplus=True, dt_limit=dt_limit)[0]
+
+    @staticmethod
+    def scan_bwd(dout, x, dt, A, B, C, out, chunk_size, D, dt_bias, seq_idx, dt_limit, dx, ddt, dB, dC):  # noqa: ANN001, ANN205
+        dx, ddt, dA, dB, dC, dD, _, ddt_bias, _ = _mamba_ssm()["scan_bwd"](
+            dout, x, dt, A, B, C, out, chunk_size, D=D, z=None, dt_bias=dt_bias, seq_idx=seq_idx, dt_softplus=True,
+            dt_limit=dt_limit, dx=dx, ddt=ddt, dB=dB, dC=dC)
+        return dx, ddt, dA, dB, dC, dD, ddt_bias
+
+
+def _channel_last(xbc: torch.Tensor) -> torch.Tensor:
+    """(b, t, c) -> (b, c, t) channel-last view; causal-conv1d needs the token stride to be a multiple of 8."""
+    return (xbc if xbc.stride(1) % 8 == 0 else xbc.contiguous()).transpose(1, 2)
+
+
+def _split_xbc(xbc: torch.Tensor, shape: tuple[int, int, int, int]) -> tuple[torch.Tensor, ...]:
+    heads, head_dim, groups, state = shape
+    b, t, _ = xbc.shape
+    x, B, C = xbc.split([heads * head_dim, groups * state, groups * state], dim=-1)
+    return x.reshape(b, t, heads, head_dim), B.reshape(b, t, groups, state), C.reshape(b, t, groups, state)
+
+
+class _ConvScan(torch.autograd.Function):
+    """conv (+SiLU) then SSD scan, keeping only the conv's *input* for backward and recomputing its output there.
+
+    The conv input is a slice of the in_proj output, which stays alive anyway (the gate and dt are slices of
+    it too), so this saves two (tokens x conv channels) activations per layer, as mamba-ssm's own fused
+    conv+scan does, while in_proj, norm and out_proj stay ordinary modules.
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, xbc, dt, weight, bias, A, D, dt_bias, seq_idx, ops, shape, chunk_size, dt_limit):  # noqa: ANN001, ANN205
+        x, B, C = _split_xbc(ops.conv_fwd(_channel_last(xbc), weight, bias, seq_idx).transpose(1, 2), shape)
+        out = ops.scan_fwd(x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, dt_limit)
+        ctx.save_for_backward(xbc, dt, weight, bias, A, D, dt_bias, seq_idx, out)
+        ctx.ops, ctx.shape, ctx.chunk_size, ctx.dt_limit = ops, shape, chunk_size, dt_limit
+        return out
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, dout):  # noqa: ANN001, ANN205
+        xbc, dt, weight, bias, A, D, dt_bias, seq_idx, out = ctx.saved_tensors
+        ops = ctx.ops
+        x_cl = _channel_last(xbc)
+        x, B, C = _split_xbc(ops.conv_fwd(x_cl, weight, bias, seq_idx).transpose(1, 2), ctx.shape)
+        dconv = torch.empty(xbc.shape, dtype=xbc.dtype, device=xbc.device)  # dense: its transpose is channel-last
+        dx, dB, dC = _split_xbc(dconv, ctx.shape)
+        ddt = torch.empty(dt.shape, dtype=dt.dtype, device=dt.device)
+        got = ops.scan_bwd(dout, x, dt, A, B, C, out, ctx.chunk_size, D, dt_bias, seq_idx, ctx.dt_limit, dx, ddt, dB, dC)
+        for buf, value in zip((dx, dB, dC), (got[0], got[3], got[4])):
+            if value.data_ptr() != buf.data_ptr():
+                buf.copy_(value)
+        dxbc = torch.empty(xbc.shape, dtype=xbc.dtype, device=xbc.device)
+        dxbc_cl, dweight, dbias = ops.conv_bwd(x_cl, weight, bias, dconv.transpose(1, 2), seq_idx, dxbc.transpose(1, 2))
+        if dxbc_cl.data_ptr() != dxbc.data_ptr():
+            dxbc.copy_(dxbc_cl.transpose(1, 2))
+        return dxbc, got[1], dweight, dbias, got[2], got[5], got[6], None, None, None, None, None
+
+
+def fused_conv_scan_ok(mixer: BambaMixer, ops: type = KernelOps) -> bool:
+    """Whether the fused conv+scan applies: SiLU conv over channels in multiples of 8, and both kernels present."""
+    return mixer.activation in ("silu", "swish") and mixer.conv_dim % 8 == 0 and ops.available()
+
+
+def conv_scan(mixer: BambaMixer, xbc: torch.Tensor, dt: torch.Tensor, seq_idx: torch.Tensor | None,
+              ops: type = KernelOps) -> torch.Tensor:
+    """y = scan(silu(conv(xbc))) for (b, t, conv_dim) `xbc`, (b, t, heads) `dt`; returns (b, t, heads, head_dim)."""
+    shape = (mixer.num_heads, mixer.head_dim, mixer.n_groups, mixer.ssm_state_size)
+    A = -torch.exp(mixer.A_log.float())
+    return _ConvScan.apply(xbc, dt, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, A, mixer.D, mixer.dt_bias,
+                           seq_idx, ops, shape, mixer.chunk_size, tuple(mixer.time_step_limit))
+
+
 def mixer_forward(
     mixer: BambaMixer,
     hidden_states: torch.Tensor,
@@ -282,6 +406,10 @@ def mixer_forward(
     zxbcdt = mixer.in_proj(hidden_states)
     groups_state = mixer.n_groups * mixer.ssm_state_size
     gate, xbc, dt = zxbcdt.split([mixer.intermediate_size, mixer.conv_dim, mixer.num_heads], dim=-1)
+    if backend == "cuda-kernels" and fused_conv_scan_ok(mixer):
+        y = conv_scan(mixer, xbc, dt, seq_idx)
+        y = mixer.norm(y.reshape(b, t, -1), gate)
+        return mixer.out_proj(y.to(hidden_states.dtype))
     xbc = _conv(mixer, xbc, seq_idx, backend)
     x, B, C = xbc.split([mixer.intermediate_size, groups_state, groups_state], dim=-1)
     A = -torch.exp(mixer.A_log.float())

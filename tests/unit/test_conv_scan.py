@@ -1,0 +1,106 @@
+"""The fused conv+scan autograd function (CUDA kernels on GPU), checked on CPU with torch stand-ins for the kernels.
+
+The stand-ins have the kernels' calling conventions (channel-last conv views, gradients written into given
+buffers), so these tests cover everything the function does around the kernels: splitting, layouts,
+recomputing the conv in backward and routing every gradient. The kernels themselves are compared with the
+torch path in tests/gpu.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bamba_ft.ops.mamba2 import _conv, _scan, conv_scan, segment_conv1d, ssd_scan_torch
+from tests.conftest import make_model
+
+
+class TorchOps:
+    """torch implementations with the calling conventions of `KernelOps`."""
+
+    calls: dict[str, int] = {}
+
+    @classmethod
+    def available(cls) -> bool:
+        return True
+
+    @classmethod
+    def conv_fwd(cls, x, weight, bias, seq_idx):  # noqa: ANN001, ANN206
+        cls.calls["conv_fwd"] = cls.calls.get("conv_fwd", 0) + 1
+        assert x.stride(1) == 1 and x.stride(2) % 8 == 0, "causal-conv1d's channel-last layout"
+        return F.silu(segment_conv1d(x.transpose(1, 2), weight, bias, seq_idx)).transpose(1, 2)
+
+    @classmethod
+    def conv_bwd(cls, x, weight, bias, dout, seq_idx, dx):  # noqa: ANN001, ANN206
+        assert dout.stride(1) == 1 and dx.stride(1) == 1
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (x, weight, bias)]
+            y = F.silu(segment_conv1d(leaves[0].transpose(1, 2), leaves[1], leaves[2], seq_idx)).transpose(1, 2)
+            gx, gw, gb = torch.autograd.grad(y, leaves, dout)
+        dx.copy_(gx)
+        return dx, gw, gb
+
+    @staticmethod
+    def scan_fwd(x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, dt_limit):  # noqa: ANN001, ANN205
+        return ssd_scan_torch(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, seq_idx=seq_idx, dt_limit=dt_limit)
+
+    @staticmethod
+    def scan_bwd(dout, x, dt, A, B, C, out, chunk_size, D, dt_bias, seq_idx, dt_limit, dx, ddt, dB, dC):  # noqa: ANN001, ANN205
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (x, dt, A, B, C, D, dt_bias)]
+            y = ssd_scan_torch(*leaves[:5], chunk_size, D=leaves[5], dt_bias=leaves[6], seq_idx=seq_idx, dt_limit=dt_limit)
+            gx, gdt, gA, gB, gC, gD, gbias = torch.autograd.grad(y, leaves, dout)
+        dx.copy_(gx), ddt.copy_(gdt), dB.copy_(gB), dC.copy_(gC)
+        return dx, ddt, gA, dB, dC, gD, gbias
+
+
+def reference(mixer, xbc, dt, seq_idx):  # noqa: ANN001, ANN201
+    """The unfused torch path of mixer_forward: conv (autograd keeps its output), then the scan."""
+    b, t, _ = xbc.shape
+    x, B, C = _conv(mixer, xbc, seq_idx, "torch").split(
+        [mixer.intermediate_size, mixer.n_groups * mixer.ssm_state_size, mixer.n_groups * mixer.ssm_state_size], -1)
+    A = -torch.exp(mixer.A_log.float())
+    shape = (b, t, mixer.n_groups, mixer.ssm_state_size)
+    return _scan(mixer, x.reshape(b, t, mixer.num_heads, mixer.head_dim), dt, A, B.reshape(shape), C.reshape(shape),
+                 seq_idx, "torch")
+
+
+@pytest.mark.parametrize("heads,groups", [(4, 1), (8, 2)])  # in_proj width 292 (copied to a stride of 8) and 296
+@pytest.mark.parametrize("lengths", [[23], [5, 1, 12, 8, 3]])
+def test_fused_conv_scan_matches_unfused_float64(heads: int, groups: int, lengths: list[int]) -> None:
+    model = make_model(torch.float64, mamba_n_heads=heads, mamba_d_head=128 // heads, mamba_n_groups=groups,
+                       mamba_chunk_size=8)
+    mixer = model.model.layers[0].mamba
+    t = sum(lengths)
+    seq_idx = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None].to(torch.int32)
+    zxbcdt = torch.randn(1, t, mixer.in_proj.out_features, dtype=torch.float64, requires_grad=True)
+    _, xbc, dt = zxbcdt.split([mixer.intermediate_size, mixer.conv_dim, mixer.num_heads], dim=-1)
+    w = torch.randn(1, t, mixer.num_heads, mixer.head_dim, dtype=torch.float64)
+    params = [mixer.conv1d.weight, mixer.conv1d.bias, mixer.A_log, mixer.D, mixer.dt_bias]
+
+    TorchOps.calls.clear()
+    y = conv_scan(mixer, xbc, dt, seq_idx, ops=TorchOps)
+    fused = torch.autograd.grad((y * w).sum(), [zxbcdt, *params])
+    assert TorchOps.calls["conv_fwd"] == 2, "the conv output is recomputed in backward, not kept"
+    y_ref = reference(mixer, xbc, dt, seq_idx)
+    unfused = torch.autograd.grad((y_ref * w).sum(), [zxbcdt, *params])
+
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-12)
+    for name, a, b in zip(["zxbcdt", "conv.weight", "conv.bias", "A_log", "D", "dt_bias"], fused, unfused):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+        assert b.abs().max() > 0, name
+
+
+def test_fused_conv_scan_keeps_only_the_conv_input() -> None:
+    """What autograd holds for backward: the in_proj output slices, the scan output and parameters, no conv output."""
+    model = make_model(torch.float64, mamba_n_heads=8, mamba_d_head=16)
+    mixer = model.model.layers[0].mamba
+    zxbcdt = torch.randn(1, 40, mixer.in_proj.out_features, dtype=torch.float64, requires_grad=True)
+    _, xbc, dt = zxbcdt.split([mixer.intermediate_size, mixer.conv_dim, mixer.num_heads], dim=-1)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        conv_scan(mixer, xbc, dt, None, ops=TorchOps)
+    big = [s for s in saved if s.numel() >= 40 * mixer.conv_dim]
+    assert all(s.untyped_storage().data_ptr() == zxbcdt.untyped_storage().data_ptr() for s in big), \
+        [tuple(s.shape) for s in big]
