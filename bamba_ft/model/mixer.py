@@ -1,7 +1,8 @@
 """Installs bamba_ft's segment-aware mixer on a loaded model, and says which paths may take packed rows.
 
 Per instance: each `BambaMixer` of *this* model gets the subclass `SegmentAwareBambaMixer` (same parameters,
-same state-dict keys); other models in the process keep transformers' classes.
+same state-dict keys), and its norms and MLPs the fused subclasses of `bamba_ft.ops.fused`; other models in the
+process keep transformers' classes.
 
 Packing-safe paths (shown exact by tests/unit/test_packing_equivalence.py):
 - `SegmentAwareBambaMixer`, every backend (torch, triton, cuda-kernels);
@@ -18,9 +19,16 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from transformers.models.bamba.modeling_bamba import BambaMixer, BambaModel, BambaRMSNormGated
+from transformers.models.bamba.modeling_bamba import (
+    BambaMixer,
+    BambaMLP,
+    BambaModel,
+    BambaRMSNorm,
+    BambaRMSNormGated,
+)
 
 from bamba_ft.errors import ModelError
+from bamba_ft.ops.fused import FusedBambaMLP, FusedRMSNorm
 from bamba_ft.ops.mamba2 import (
     FusedGatedRMSNorm,
     SegmentAwareBambaMixer,
@@ -30,6 +38,8 @@ from bamba_ft.ops.mamba2 import (
 )
 
 MIXER_CHOICES = ("auto", "kernels", "torch", "hf")
+_OURS = {BambaRMSNormGated: FusedGatedRMSNorm, BambaMLP: FusedBambaMLP, BambaRMSNorm: FusedRMSNorm}
+_STOCK = {ours: stock for stock, ours in _OURS.items()} | {SegmentAwareBambaMixer: BambaMixer}
 
 
 def install_mixer(model: nn.Module, mixer: str = "auto") -> str:
@@ -50,8 +60,9 @@ def install_mixer(model: nn.Module, mixer: str = "auto") -> str:
     for m in mixers:
         m.__class__ = SegmentAwareBambaMixer
         m.backend = "torch" if mixer == "torch" else "auto"
-        if type(m.norm) is BambaRMSNormGated:
-            m.norm.__class__ = FusedGatedRMSNorm
+    for m in model.modules():  # fused elementwise parts (CUDA); they run transformers' forward elsewhere
+        if type(m) in _OURS:
+            m.__class__ = _OURS[type(m)]
     for base in (m for m in model.modules() if isinstance(m, BambaModel)):
         base.register_forward_pre_hook(_complete_packing_kwargs, with_kwargs=True)
     return "torch" if mixer == "torch" else available_backend(device)
@@ -60,14 +71,14 @@ def install_mixer(model: nn.Module, mixer: str = "auto") -> str:
 @contextmanager
 def stock_forward(model: nn.Module) -> Iterator[None]:
     """Run transformers' own mixer and gated norm inside the block (to compare with a model loaded elsewhere)."""
-    swapped = [m for m in model.modules() if isinstance(m, (SegmentAwareBambaMixer, FusedGatedRMSNorm))]
-    for m in swapped:
-        m.__class__ = BambaMixer if isinstance(m, SegmentAwareBambaMixer) else BambaRMSNormGated
+    swapped = [(m, type(m)) for m in model.modules() if type(m) in _STOCK]
+    for m, ours in swapped:
+        m.__class__ = _STOCK[ours]
     try:
         yield
     finally:
-        for m in swapped:
-            m.__class__ = SegmentAwareBambaMixer if isinstance(m, BambaMixer) else FusedGatedRMSNorm
+        for m, ours in swapped:
+            m.__class__ = ours
 
 
 def packing_safe(model: nn.Module) -> bool:
