@@ -3,7 +3,7 @@
 Variants (bench.variants):
 - hf_padded: transformers + peft, padded batches, transformers' loss (what a stock-stack user runs);
 - hf_padfree: transformers' own padding-free path (DataCollatorWithFlattening keys; its kernels when installed);
-- bamba_ft: bamba_ft's mixer, packed attention and chunked loss;
+- bamba_ft: bamba_ft's mixer, fused MLP, norms and LoRA, packed attention and chunked loss;
 - bamba_ft_padded: the same on hf_padded's padded batches (same work as hf_padded, to compare the paths);
 - bamba_ft_nf4 / bamba_ft_int8: the same on a torchao-quantized base (QLoRA).
 Model FLOPs per token: 4 x (weights of all Linear layers): forward 2N plus input gradients 2N; LoRA's own
@@ -136,7 +136,7 @@ def run_variant(v: Variant, model_cfg: ModelConfig, peft_cfg: PeftConfig, steps:
     try:
         torch.manual_seed(seed)
         model = build_model(mcfg, QuantConfig(method=v.quant), device)
-        model = apply_peft(model, peft_cfg)
+        model = apply_peft(model, peft_cfg, fused=not v.stock)
         model.train()
         result["base_weight_gib"] = base_weight_bytes(model) / 2**30
         if device.type == "cuda":  # quantized bases are built layer by layer: this stays near the quantized size

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 
@@ -24,8 +25,11 @@ def linear_names(model: nn.Module) -> list[str]:
     return list(names)
 
 
-def apply_peft(model: nn.Module, cfg: PeftConfig) -> nn.Module:
-    """LoRA adapters on `cfg.target_modules` (base frozen), or the model unchanged for full fine-tuning."""
+def apply_peft(model: nn.Module, cfg: PeftConfig, fused: bool = True) -> nn.Module:
+    """LoRA adapters on `cfg.target_modules` (base frozen), or the model unchanged for full fine-tuning.
+
+    `fused=False` keeps peft's own forward (the benchmark's stock-stack baseline).
+    """
     if cfg.method == "none":
         for p in model.parameters():
             if p.is_floating_point() and type(p.data) is torch.Tensor:
@@ -56,10 +60,66 @@ def apply_peft(model: nn.Module, cfg: PeftConfig) -> nn.Module:
         # int8 bases: peft warns that it cannot re-quantize after merging; bamba_ft merges into dequantized weights.
         warnings.filterwarnings("ignore", message=".*get_apply_tensor_subclass.*")
         peft_model = get_peft_model(model, lora)
+    if fused:
+        fuse_lora_forward(peft_model)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
     log.info("LoRA r=%d on %s: %.2fM trainable of %.1fM parameters", cfg.r, ",".join(cfg.target_modules), trainable / 1e6, total / 1e6)
     return peft_model
+
+
+class _FusedLoraForward:
+    """peft's LoRA Linear with the adapter folded into one GEMM: `addmm(base(x), A(x), B^T, alpha=scaling)`.
+
+    peft computes `base(x) + B(A(dropout(x))) * scaling`, which writes the full-width adapter output, scales it
+    and adds it: three passes over the layer's output in forward and more in backward. It also casts `x` to the
+    adapters' float32 under autocast, copying every adapted layer's input twice, although autocast multiplies
+    in bfloat16 anyway. The fused form accumulates into the base output in the GEMM epilogue, in the autocast
+    dtype. Anything else (merged or disabled adapters, several active adapters, DoRA and other variants,
+    per-call adapter names, an adapter bias) runs peft's own forward.
+    """
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:  # noqa: ANN002, ANN003
+        name = self._single_plain_adapter() if not args and not kwargs else None
+        if name is None:
+            return super().forward(x, *args, **kwargs)
+        result = self.base_layer(x)
+        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if not autocast and x.dtype != lora_a.weight.dtype:
+            x = x.to(lora_a.weight.dtype)
+        a = lora_a(self.lora_dropout[name](x))
+        weight_b = lora_b.weight
+        if not autocast:
+            a, weight_b = a.to(result.dtype), weight_b.to(result.dtype)
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), a.reshape(-1, a.shape[-1]), weight_b.t(),
+                          alpha=self.scaling[name])
+        return out.view(result.shape)
+
+    def _single_plain_adapter(self) -> str | None:
+        if self.disable_adapters or self.merged or len(self.active_adapters) != 1:
+            return None
+        name = self.active_adapters[0]
+        if name not in self.lora_A or name in self.lora_variant or self.lora_B[name].bias is not None:
+            return None
+        return name
+
+
+@functools.cache
+def _fused_class(cls: type) -> type:
+    return type(cls.__name__, (_FusedLoraForward, cls), {"__module__": cls.__module__})
+
+
+def fuse_lora_forward(model: nn.Module) -> int:
+    """Give every peft LoRA Linear of `model` the fused forward (per instance); returns how many."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, LoraLinear) and not isinstance(module, _FusedLoraForward):
+            module.__class__ = _fused_class(type(module))
+            count += 1
+    return count
 
 
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from bamba_ft.config.schema import ModelConfig, QuantConfig, TrainConfig
 from bamba_ft.errors import ModelError
 from bamba_ft.model.build import build_model, load_tokenizer
-from bamba_ft.model.lora import apply_peft
+from bamba_ft.model.lora import apply_peft, fuse_lora_forward
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,7 @@ def load_source(src: Source, device: torch.device, trainable: bool = False) -> t
     model: nn.Module = build_model(src.model, src.quant, device)
     if src.adapter_dir is not None:
         model = PeftModel.from_pretrained(model, str(src.adapter_dir), is_trainable=trainable)
+        fuse_lora_forward(model)
     elif src.ckpt is not None:
         assert src.run is not None
         model = apply_peft(model, src.run.peft)

@@ -1,0 +1,80 @@
+"""bamba_ft's fused LoRA forward against peft's own, and its fallbacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora.layer import Linear as LoraLinear
+
+from bamba_ft.model.lora import _FusedLoraForward, fuse_lora_forward
+from tests.conftest import make_model
+
+TARGETS = ["in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def lora_model(dtype: torch.dtype, **lora_kw) -> torch.nn.Module:
+    model = get_peft_model(make_model(dtype), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, **lora_kw))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)  # B = 0 would leave A's gradient zero and hide errors
+    return model
+
+
+def loss_and_grads(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=ids).logits
+    logits.float().pow(2).mean().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_fused_forward_equals_peft_float64() -> None:
+    model = lora_model(torch.float64)
+    ids = torch.randint(3, 256, (2, 21))
+    ref_logits, ref_grads = loss_and_grads(model, ids)
+    assert fuse_lora_forward(model) == 2 * 3  # in_proj, out_proj (layer 0); q, k, v, o (layer 1)
+    logits, grads = loss_and_grads(model, ids)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-12, atol=1e-12)
+    assert grads.keys() == ref_grads.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-10, atol=1e-12, msg=n)
+        assert grads[n].abs().max() > 0, n
+
+
+def test_fused_forward_bf16_base_with_float32_adapters() -> None:
+    """peft keeps adapters in float32 on a bfloat16 base; without autocast the fused path casts like peft."""
+    model = lora_model(torch.bfloat16)
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+    ids = torch.randint(3, 256, (2, 21))
+    ref_logits, ref_grads = loss_and_grads(model, ids)
+    fuse_lora_forward(model)
+    logits, grads = loss_and_grads(model, ids)
+    assert logits.dtype == ref_logits.dtype
+    scale = ref_logits.float().abs().max()
+    assert (logits.float() - ref_logits.float()).abs().max() / scale < 2e-2  # bf16 rounding of the adapter term
+    for n in grads:
+        assert grads[n].dtype == torch.float32
+        rel = (grads[n] - ref_grads[n]).norm() / ref_grads[n].norm()
+        assert rel < 5e-2, (n, float(rel))
+
+
+@pytest.mark.parametrize("case", ["disabled", "merged", "dora", "dropout"])
+def test_fallbacks_and_dropout_match_peft(case: str) -> None:
+    kw = {"use_dora": True} if case == "dora" else {"lora_dropout": 0.5} if case == "dropout" else {}
+    model = lora_model(torch.float64, **kw)
+    ids = torch.randint(3, 256, (1, 13))
+    if case == "merged":
+        model.merge_adapter()
+    model.train(case == "dropout")
+
+    def run() -> torch.Tensor:
+        torch.manual_seed(0)  # same dropout masks
+        with model.disable_adapter() if case == "disabled" else torch.enable_grad():
+            return model(input_ids=ids).logits.detach()
+
+    ref = run()
+    fuse_lora_forward(model)
+    assert all(isinstance(m, _FusedLoraForward) for m in model.modules() if isinstance(m, LoraLinear))
+    torch.testing.assert_close(run(), ref, rtol=1e-12, atol=1e-12)
