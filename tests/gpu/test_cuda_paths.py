@@ -16,8 +16,9 @@ from bamba_ft.model.lora import apply_peft, check_adapter_gradients
 from bamba_ft.model.mixer import install_mixer
 from bamba_ft.model.quant import quantize_layer
 from bamba_ft.ops.attention import _padded_sdpa, register_varlen_attention, varlen_available
+from bamba_ft.ops.fused import FusedBambaMLP, FusedRMSNorm
 from bamba_ft.ops.loss import mean_loss
-from bamba_ft.ops.mamba2 import available_backend, mixer_forward
+from bamba_ft.ops.mamba2 import _conv, _scan, available_backend, conv_scan, fused_conv_scan_ok, mixer_forward
 from tests.conftest import make_model
 
 pytestmark = pytest.mark.gpu
@@ -47,14 +48,83 @@ def test_kernel_mixer_matches_torch_reference(dtype: torch.dtype, tol: float, gr
     h = torch.randn(1, sum(LENGTHS), model.config.hidden_size, device="cuda", dtype=dtype, requires_grad=True)
     seq = torch.repeat_interleave(torch.arange(len(LENGTHS)), torch.tensor(LENGTHS))[None].cuda()
     w = torch.randn_like(h)
+    params = dict(mixer.named_parameters())
     outs, grads = {}, {}
     for backend in (available_backend("cuda"), "torch"):
         y = mixer_forward(mixer, h, seq_idx=seq, backend=backend)
-        (gh,) = torch.autograd.grad((y * w).sum(), h)
-        outs[backend], grads[backend] = y, gh
+        g = torch.autograd.grad((y * w).sum(), [h, *params.values()])
+        outs[backend], grads[backend] = y, dict(zip(["input", *params], g))
     kernel = available_backend("cuda")
     assert rel(outs[kernel], outs["torch"]) < tol
-    assert rel(grads[kernel], grads["torch"]) < tol
+    for name in grads["torch"]:  # the input and every parameter: conv, A_log, D, dt_bias, norm, projections
+        assert rel(grads[kernel][name], grads["torch"][name]) < tol, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_conv_scan_equals_unfused_kernels(dtype: torch.dtype) -> None:
+    """Recomputing the conv in backward changes nothing: same kernels, same numbers (scan atomics aside)."""
+    kernels_required()
+    model = make_model(torch.float32, **SHAPE).cuda().to(dtype)
+    mixer = model.model.layers[0].mamba
+    assert fused_conv_scan_ok(mixer)
+    seq = torch.repeat_interleave(torch.arange(len(LENGTHS)), torch.tensor(LENGTHS))[None].cuda().to(torch.int32)
+    torch.manual_seed(0)
+    zxbcdt = torch.randn(1, sum(LENGTHS), mixer.in_proj.out_features, device="cuda", dtype=dtype, requires_grad=True)
+    _, xbc, dt = zxbcdt.split([mixer.intermediate_size, mixer.conv_dim, mixer.num_heads], dim=-1)
+    params = [mixer.conv1d.weight, mixer.conv1d.bias, mixer.A_log, mixer.D, mixer.dt_bias]
+    A = -torch.exp(mixer.A_log.float())
+    x, B, C = _conv(mixer, xbc, seq, "cuda-kernels").split([512, 64, 64], dim=-1)
+    ref = _scan(mixer, x.reshape(1, -1, 8, 64), dt, A, B.reshape(1, -1, 1, 64), C.reshape(1, -1, 1, 64), seq,
+                "cuda-kernels")
+    w = torch.randn_like(ref)
+    g_ref = torch.autograd.grad((ref * w).sum(), [zxbcdt, *params])
+    y = conv_scan(mixer, xbc, dt, seq)
+    g = torch.autograd.grad((y * w).sum(), [zxbcdt, *params])
+    assert rel(y, ref) < 1e-6
+    for name, a, b in zip(["zxbcdt", "conv.weight", "conv.bias", "A_log", "D", "dt_bias"], g, g_ref):
+        assert rel(a, b) < 1e-4, name
+
+
+def test_fused_mlp_and_norm_match_transformers_bf16() -> None:
+    """Compiled SwiGLU and mamba-ssm's RMSNorm kernel against transformers' forward: bf16 rounding only."""
+    kernels_required()
+    model = make_model(torch.float32, **SHAPE).cuda().to(torch.bfloat16)
+    mlp, norm = model.model.layers[0].feed_forward, model.model.layers[0].input_layernorm
+    x = torch.randn(2, 300, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(2, 300, 256, device="cuda", dtype=torch.bfloat16)
+    results = {}
+    for fused in (False, True):
+        install = {mlp: FusedBambaMLP, norm: FusedRMSNorm} if fused else {}
+        for m, cls in install.items():
+            m.__class__ = cls
+        y = mlp(norm(x))
+        results[fused] = (y, *torch.autograd.grad((y * w).sum(), [x, *mlp.parameters(), *norm.parameters()]))
+    for a, b in zip(results[True], results[False]):
+        assert rel(a, b) < 2e-2
+
+
+def test_fused_lora_matches_peft_under_autocast() -> None:
+    from bamba_ft.model.lora import fuse_lora_forward
+
+    model = make_model(torch.float32, **SHAPE).cuda().to(torch.bfloat16)
+    install_mixer(model, "auto")
+    model = get_peft_model(model, LoraConfig(r=8, target_modules=TARGETS))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    ids = torch.randint(1, 256, (2, 200), device="cuda")
+    runs = []
+    for fuse in (False, True):
+        if fuse:
+            assert fuse_lora_forward(model) > 0
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(input_ids=ids).logits
+        logits.float().pow(2).mean().backward()
+        runs.append((logits, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    assert rel(runs[1][0], runs[0][0]) < 2e-2
+    for n, g in runs[0][1].items():
+        assert rel(runs[1][1][n], g) < 5e-2, n
 
 
 def test_kernel_packed_rows_equal_sequences_alone() -> None:
