@@ -123,67 +123,95 @@ def _profile(model: nn.Module, loss_fn, batch: dict, opt: torch.optim.Optimizer,
     return str(path)
 
 
-def run_variant(v: Variant, model_cfg: ModelConfig, peft_cfg: PeftConfig, steps: list, b: BenchConfig,
-                device: torch.device, seed: int, out_dir: Path = Path(".")) -> dict:
-    """Build the model for `v`, run the steps, return the measurements (or the error it hit)."""
-    result: dict = {"variant": v.name, "activation_checkpointing": v.ckpt}
+def build_variant(v: Variant, model_cfg: ModelConfig, peft_cfg: PeftConfig, device: torch.device,
+                  seed: int) -> dict:
+    """{"model": the model of variant `v` with its adapters, in train mode, plus what loading it measured}."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     mcfg = replace(model_cfg, mixer="hf" if v.stock else "auto", attn_implementation="sdpa" if v.stock else "auto",
                    gradient_checkpointing=v.ckpt)
-    model = None
+    torch.manual_seed(seed)
+    model = build_model(mcfg, QuantConfig(method=v.quant), device)
+    model = apply_peft(model, peft_cfg, fused=not v.stock)
+    model.train()
+    loaded = {"model": model, "base_weight_gib": base_weight_bytes(model) / 2**30}
+    if device.type == "cuda":  # quantized bases are built layer by layer: this stays near the quantized size
+        loaded["load_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return loaded
+
+
+def measure(v: Variant, model: nn.Module, steps: list, b: BenchConfig, device: torch.device,
+            out_dir: Path = Path(".")) -> dict:
+    """Train `model` on `steps` (a fresh optimizer); step time, tokens/s, peak memory and adapter coverage."""
+    result: dict = {}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    n_linear = linear_weights(causal_lm(model))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+    loss_fn = _stock_loss if v.stock else mean_loss
+    times, tokens = [], []
+    for i, seqs in enumerate(steps):
+        batch = to_device(to_batch(seqs, v.packed, v.stock), device)
+        _sync(device)
+        t0 = time.perf_counter()
+        with autocast_for(causal_lm(model), device):
+            loss = loss_fn(model, batch)
+        loss.backward()
+        if i == 0:
+            result["adapters_with_grad"], result["adapters"] = _adapter_coverage(model)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        if i >= b.warmup_steps:
+            times.append(time.perf_counter() - t0)
+            tokens.append(sum(len(s) for s in seqs))
+        if not math.isfinite(float(loss)):
+            raise RuntimeError(f"non-finite loss at step {i}")
+    if b.profile:
+        result["profile"] = _profile(model, loss_fn, to_device(to_batch(steps[-1], v.packed, v.stock), device),
+                                     opt, device, out_dir / f"profile_{v.name}{'_ckpt' if v.ckpt else ''}.txt")
+    step = statistics.median(times)
+    tps = statistics.median(t / s for t, s in zip(tokens, times))
+    result.update(step_ms=1000 * step, tokens_per_sec=tps, tokens_per_step=statistics.mean(tokens),
+                  final_loss=float(loss), linear_params=n_linear)
+    peak = _peak_flops(device)
+    if peak:
+        result["mfu"] = 4 * n_linear * tps / peak
+    if device.type == "cuda":
+        result["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    del opt
+    return result
+
+
+def _guarded(result: dict, fn, *args) -> dict:  # noqa: ANN001, ANN002
+    """`fn(*args)`'s measurements added to `result`, or the error it hit (a path that cannot run here is a result)."""
     try:
-        torch.manual_seed(seed)
-        model = build_model(mcfg, QuantConfig(method=v.quant), device)
-        model = apply_peft(model, peft_cfg, fused=not v.stock)
-        model.train()
-        result["base_weight_gib"] = base_weight_bytes(model) / 2**30
-        if device.type == "cuda":  # quantized bases are built layer by layer: this stays near the quantized size
-            result["load_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        n_linear = linear_weights(causal_lm(model))
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
-        loss_fn = _stock_loss if v.stock else mean_loss
-        times, tokens = [], []
-        for i, seqs in enumerate(steps):
-            batch = to_device(to_batch(seqs, v.packed, v.stock), device)
-            _sync(device)
-            t0 = time.perf_counter()
-            with autocast_for(causal_lm(model), device):
-                loss = loss_fn(model, batch)
-            loss.backward()
-            if i == 0:
-                result["adapters_with_grad"], result["adapters"] = _adapter_coverage(model)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            _sync(device)
-            if i >= b.warmup_steps:
-                times.append(time.perf_counter() - t0)
-                tokens.append(sum(len(s) for s in seqs))
-            if not math.isfinite(float(loss)):
-                raise RuntimeError(f"non-finite loss at step {i}")
-        if b.profile:
-            result["profile"] = _profile(model, loss_fn, to_device(to_batch(steps[-1], v.packed, v.stock), device),
-                                         opt, device, out_dir / f"profile_{v.name}{'_ckpt' if v.ckpt else ''}.txt")
-        step = statistics.median(times)
-        tps = statistics.median(t / s for t, s in zip(tokens, times))
-        result.update(step_ms=1000 * step, tokens_per_sec=tps, tokens_per_step=statistics.mean(tokens),
-                      final_loss=float(loss), linear_params=n_linear)
-        peak = _peak_flops(device)
-        if peak:
-            result["mfu"] = 4 * n_linear * tps / peak
-        if device.type == "cuda":
-            result["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        result.update(fn(*args))
     except torch.cuda.OutOfMemoryError:
         result["error"] = "out of memory"
-    except Exception as e:  # a path that cannot run here (e.g. packing on transformers' torch mixer) is a result
+    except Exception as e:
         result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    finally:
-        del model
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    return result
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_variant(v: Variant, model_cfg: ModelConfig, peft_cfg: PeftConfig, steps: list, b: BenchConfig,
+                device: torch.device, seed: int, out_dir: Path = Path(".")) -> dict:
+    """Build the model for `v`, run the steps, return the measurements (or the error it hit)."""
+    result: dict = {"variant": v.name, "activation_checkpointing": v.ckpt}
+    _guarded(result, build_variant, v, model_cfg, peft_cfg, device, seed)
+    model = result.pop("model", None)
+    if model is not None:
+        _guarded(result, measure, v, model, steps, b, device, out_dir)
+    del model
+    _release(device)
     return result
 
 
@@ -200,17 +228,27 @@ def _adapter_coverage(model: nn.Module) -> tuple[int, int]:
 
 def seq_scaling(lengths: list[int], model_cfg: ModelConfig, peft_cfg: PeftConfig, b: BenchConfig,
                 device: torch.device, seed: int, vocab: int) -> list[dict]:
-    """One sequence per step at each length, with and without activation checkpointing; OOM is recorded."""
+    """One sequence per step at each length, with and without activation checkpointing; OOM is recorded.
+
+    One model per checkpointing setting serves every length (building a 9B model costs more than its steps).
+    """
     rows = []
     for ckpt in (False, True):
+        v = Variant("bamba_ft", stock=False, packed=True, ckpt=ckpt)
+        built = _guarded({}, build_variant, v, model_cfg, peft_cfg, device, seed)
+        model = built.pop("model", None)
         for n in lengths:
-            bb = replace(b, workload="fixed", median_len=n, max_len=n, seqs_per_step=1, warmup_steps=1, steps=2)
-            steps = make_steps(bb, vocab, seed)
-            r = run_variant(Variant("bamba_ft", stock=False, packed=True, ckpt=ckpt), model_cfg, peft_cfg, steps, bb, device, seed)
-            r["seq_len"] = n
-            rows.append(r)
-            if "error" in r:
+            bb = replace(b, workload="fixed", median_len=n, max_len=n, seqs_per_step=1, warmup_steps=1, steps=2,
+                         profile=False)
+            row = {"variant": v.name, "activation_checkpointing": ckpt, "seq_len": n} | built
+            if model is not None:
+                _guarded(row, measure, v, model, make_steps(bb, vocab, seed), bb, device)
+            rows.append(row)
+            _release(device)
+            if "error" in row:
                 break  # longer sequences will not fit either
+        del model
+        _release(device)
     return rows
 
 
@@ -321,6 +359,7 @@ def run(cfg: TrainConfig) -> dict:
         "shape": mcfg.shape, "versions": library_versions(), "bench": asdict(b), "peft": asdict(cfg.peft),
         "date": time.strftime("%Y-%m-%d"), "runs": [],
     }
+    out = Path(b.output) if Path(b.output).is_absolute() else Path(cfg.output_dir) / b.output
     for ckpt in b.activation_checkpointing:
         for name in b.variants:
             if name not in VARIANTS:
@@ -329,13 +368,13 @@ def run(cfg: TrainConfig) -> dict:
                             Path(cfg.output_dir))
             log.info("bench %s: %s", name, json.dumps(r))
             results["runs"].append(r)
+            atomic_write_json(out, results)  # what a long benchmark has measured survives its interruption
     if b.seq_scaling:
         results["seq_scaling"] = seq_scaling(list(b.seq_scaling), mcfg, cfg.peft, b, device, cfg.trainer.seed, vocab)
     if b.data_pipeline_examples:
         results["data_pipeline"] = data_pipeline(b.data_pipeline_examples)
     if b.mixer_only:
         results["mixer_only"] = mixer_only(mcfg, b, device, cfg.trainer.seed)
-    out = Path(b.output) if Path(b.output).is_absolute() else Path(cfg.output_dir) / b.output
     atomic_write_json(out, results)
     md = markdown(results)
     atomic_write_text(out.with_suffix(".md"), md + "\n")
