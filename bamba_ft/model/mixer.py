@@ -70,7 +70,7 @@ def install_mixer(model: nn.Module, mixer: str = "auto") -> str:
 
 @contextmanager
 def stock_forward(model: nn.Module) -> Iterator[None]:
-    """Run transformers' own mixer and gated norm inside the block (to compare with a model loaded elsewhere)."""
+    """Run transformers' own mixer, norms and MLPs inside the block (to compare with a model loaded elsewhere)."""
     swapped = [(m, type(m)) for m in model.modules() if type(m) in _STOCK]
     for m, ours in swapped:
         m.__class__ = _STOCK[ours]

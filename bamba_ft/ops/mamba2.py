@@ -374,13 +374,23 @@ def fused_conv_scan_ok(mixer: BambaMixer, ops: type = KernelOps) -> bool:
     return mixer.activation in ("silu", "swish") and mixer.conv_dim % 8 == 0 and ops.available()
 
 
+def _ssm_shape(mixer: BambaMixer) -> tuple[int, int, int, int]:
+    return mixer.num_heads, mixer.head_dim, mixer.n_groups, mixer.ssm_state_size
+
+
 def conv_scan(mixer: BambaMixer, xbc: torch.Tensor, dt: torch.Tensor, seq_idx: torch.Tensor | None,
               ops: type = KernelOps) -> torch.Tensor:
     """y = scan(silu(conv(xbc))) for (b, t, conv_dim) `xbc`, (b, t, heads) `dt`; returns (b, t, heads, head_dim)."""
-    shape = (mixer.num_heads, mixer.head_dim, mixer.n_groups, mixer.ssm_state_size)
     A = -torch.exp(mixer.A_log.float())
     return _ConvScan.apply(xbc, dt, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, A, mixer.D, mixer.dt_bias,
-                           seq_idx, ops, shape, mixer.chunk_size, tuple(mixer.time_step_limit))
+                           seq_idx, ops, _ssm_shape(mixer), mixer.chunk_size, tuple(mixer.time_step_limit))
+
+
+def unfused_conv_scan(mixer: BambaMixer, xbc: torch.Tensor, dt: torch.Tensor, seq_idx: torch.Tensor | None,
+                      backend: str) -> torch.Tensor:
+    """The same as `conv_scan` in two autograd steps (autograd keeps the conv output): torch and triton backends."""
+    x, B, C = _split_xbc(_conv(mixer, xbc, seq_idx, backend), _ssm_shape(mixer))
+    return _scan(mixer, x, dt, -torch.exp(mixer.A_log.float()), B, C, seq_idx, backend)
 
 
 def mixer_forward(
@@ -404,25 +414,11 @@ def mixer_forward(
     _report(backend)
 
     zxbcdt = mixer.in_proj(hidden_states)
-    groups_state = mixer.n_groups * mixer.ssm_state_size
     gate, xbc, dt = zxbcdt.split([mixer.intermediate_size, mixer.conv_dim, mixer.num_heads], dim=-1)
     if backend == "cuda-kernels" and fused_conv_scan_ok(mixer):
         y = conv_scan(mixer, xbc, dt, seq_idx)
-        y = mixer.norm(y.reshape(b, t, -1), gate)
-        return mixer.out_proj(y.to(hidden_states.dtype))
-    xbc = _conv(mixer, xbc, seq_idx, backend)
-    x, B, C = xbc.split([mixer.intermediate_size, groups_state, groups_state], dim=-1)
-    A = -torch.exp(mixer.A_log.float())
-    y = _scan(
-        mixer,
-        x.reshape(b, t, mixer.num_heads, mixer.head_dim),
-        dt,
-        A,
-        B.reshape(b, t, mixer.n_groups, mixer.ssm_state_size),
-        C.reshape(b, t, mixer.n_groups, mixer.ssm_state_size),
-        seq_idx,
-        backend,
-    )
+    else:
+        y = unfused_conv_scan(mixer, xbc, dt, seq_idx, backend)
     y = mixer.norm(y.reshape(b, t, -1), gate)
     return mixer.out_proj(y.to(hidden_states.dtype))
 

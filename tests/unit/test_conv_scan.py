@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bamba_ft.ops.mamba2 import _conv, _scan, conv_scan, segment_conv1d, ssd_scan_torch
+from bamba_ft.ops.mamba2 import conv_scan, segment_conv1d, ssd_scan_torch, unfused_conv_scan
 from tests.conftest import make_model
 
 
@@ -55,17 +55,6 @@ class TorchOps:
         return dx, ddt, gA, dB, dC, gD, gbias
 
 
-def reference(mixer, xbc, dt, seq_idx):  # noqa: ANN001, ANN201
-    """The unfused torch path of mixer_forward: conv (autograd keeps its output), then the scan."""
-    b, t, _ = xbc.shape
-    x, B, C = _conv(mixer, xbc, seq_idx, "torch").split(
-        [mixer.intermediate_size, mixer.n_groups * mixer.ssm_state_size, mixer.n_groups * mixer.ssm_state_size], -1)
-    A = -torch.exp(mixer.A_log.float())
-    shape = (b, t, mixer.n_groups, mixer.ssm_state_size)
-    return _scan(mixer, x.reshape(b, t, mixer.num_heads, mixer.head_dim), dt, A, B.reshape(shape), C.reshape(shape),
-                 seq_idx, "torch")
-
-
 @pytest.mark.parametrize("heads,groups", [(4, 1), (8, 2)])  # in_proj width 292 (copied to a stride of 8) and 296
 @pytest.mark.parametrize("lengths", [[23], [5, 1, 12, 8, 3]])
 def test_fused_conv_scan_matches_unfused_float64(heads: int, groups: int, lengths: list[int]) -> None:
@@ -83,7 +72,7 @@ def test_fused_conv_scan_matches_unfused_float64(heads: int, groups: int, length
     y = conv_scan(mixer, xbc, dt, seq_idx, ops=TorchOps)
     fused = torch.autograd.grad((y * w).sum(), [zxbcdt, *params])
     assert TorchOps.calls["conv_fwd"] == 2, "the conv output is recomputed in backward, not kept"
-    y_ref = reference(mixer, xbc, dt, seq_idx)
+    y_ref = unfused_conv_scan(mixer, xbc, dt, seq_idx, "torch")  # what the torch backend runs
     unfused = torch.autograd.grad((y_ref * w).sum(), [zxbcdt, *params])
 
     torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-12)
