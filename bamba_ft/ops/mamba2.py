@@ -331,6 +331,31 @@ def _split_xbc(xbc: torch.Tensor, shape: tuple[int, int, int, int]) -> tuple[tor
     return x.reshape(b, t, heads, head_dim), B.reshape(b, t, groups, state), C.reshape(b, t, groups, state)
 
 
+def _conv_scan_forward(ops, xbc, dt, weight, bias, A, D, dt_bias, seq_idx, shape, chunk_size, dt_limit):  # noqa: ANN001, ANN202
+    x, B, C = _split_xbc(ops.conv_fwd(_channel_last(xbc), weight, bias, seq_idx).transpose(1, 2), shape)
+    return (ops.scan_fwd(x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, dt_limit),)
+
+
+def _conv_scan_backward(ops, dout, xbc, dt, weight, bias, A, D, dt_bias, seq_idx, shape, chunk_size, dt_limit):  # noqa: ANN001, ANN202
+    """(dxbc, ddt, dweight, dbias, dA, dD, ddt_bias); the conv output is recomputed from its input."""
+    x_cl = _channel_last(xbc)
+    x, B, C = _split_xbc(ops.conv_fwd(x_cl, weight, bias, seq_idx).transpose(1, 2), shape)
+    dconv = torch.empty(xbc.shape, dtype=xbc.dtype, device=xbc.device)  # dense: its transpose is channel-last
+    dx, dB, dC = _split_xbc(dconv, shape)
+    ddt = torch.empty(dt.shape, dtype=dt.dtype, device=dt.device)
+    # mamba-ssm's backward reads the forward output only to go through a gate (z); this scan has none, so x
+    # stands in for it and the output need not be kept.
+    got = ops.scan_bwd(dout, x, dt, A, B, C, x, chunk_size, D, dt_bias, seq_idx, dt_limit, dx, ddt, dB, dC)
+    for buf, value in zip((dx, dB, dC), (got[0], got[3], got[4])):
+        if value.data_ptr() != buf.data_ptr():
+            buf.copy_(value)
+    dxbc = torch.empty(xbc.shape, dtype=xbc.dtype, device=xbc.device)
+    dxbc_cl, dweight, dbias = ops.conv_bwd(x_cl, weight, bias, dconv.transpose(1, 2), seq_idx, dxbc.transpose(1, 2))
+    if dxbc_cl.data_ptr() != dxbc.data_ptr():
+        dxbc.copy_(dxbc_cl.transpose(1, 2))
+    return dxbc, got[1], dweight, dbias, got[2], got[5], got[6]
+
+
 class _ConvScan(torch.autograd.Function):
     """conv (+SiLU) then SSD scan, keeping only the conv's *input* for backward and recomputing its output there.
 
@@ -342,31 +367,18 @@ class _ConvScan(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, xbc, dt, weight, bias, A, D, dt_bias, seq_idx, ops, shape, chunk_size, dt_limit):  # noqa: ANN001, ANN205
-        x, B, C = _split_xbc(ops.conv_fwd(_channel_last(xbc), weight, bias, seq_idx).transpose(1, 2), shape)
-        out = ops.scan_fwd(x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, dt_limit)
-        ctx.save_for_backward(xbc, dt, weight, bias, A, D, dt_bias, seq_idx, out)
+        (out,) = _conv_scan_forward(ops, xbc, dt, weight, bias, A, D, dt_bias, seq_idx, shape, chunk_size, dt_limit)
+        ctx.save_for_backward(xbc, dt, weight, bias, A, D, dt_bias, seq_idx)
         ctx.ops, ctx.shape, ctx.chunk_size, ctx.dt_limit = ops, shape, chunk_size, dt_limit
         return out
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dout):  # noqa: ANN001, ANN205
-        xbc, dt, weight, bias, A, D, dt_bias, seq_idx, out = ctx.saved_tensors
-        ops = ctx.ops
-        x_cl = _channel_last(xbc)
-        x, B, C = _split_xbc(ops.conv_fwd(x_cl, weight, bias, seq_idx).transpose(1, 2), ctx.shape)
-        dconv = torch.empty(xbc.shape, dtype=xbc.dtype, device=xbc.device)  # dense: its transpose is channel-last
-        dx, dB, dC = _split_xbc(dconv, ctx.shape)
-        ddt = torch.empty(dt.shape, dtype=dt.dtype, device=dt.device)
-        got = ops.scan_bwd(dout, x, dt, A, B, C, out, ctx.chunk_size, D, dt_bias, seq_idx, ctx.dt_limit, dx, ddt, dB, dC)
-        for buf, value in zip((dx, dB, dC), (got[0], got[3], got[4])):
-            if value.data_ptr() != buf.data_ptr():
-                buf.copy_(value)
-        dxbc = torch.empty(xbc.shape, dtype=xbc.dtype, device=xbc.device)
-        dxbc_cl, dweight, dbias = ops.conv_bwd(x_cl, weight, bias, dconv.transpose(1, 2), seq_idx, dxbc.transpose(1, 2))
-        if dxbc_cl.data_ptr() != dxbc.data_ptr():
-            dxbc.copy_(dxbc_cl.transpose(1, 2))
-        return dxbc, got[1], dweight, dbias, got[2], got[5], got[6], None, None, None, None, None
+        xbc, dt, weight, bias, A, D, dt_bias, seq_idx = ctx.saved_tensors
+        grads = _conv_scan_backward(ctx.ops, dout, xbc, dt, weight, bias, A, D, dt_bias, seq_idx, ctx.shape,
+                                    ctx.chunk_size, ctx.dt_limit)
+        return (*grads, None, None, None, None, None)
 
 
 def fused_conv_scan_ok(mixer: BambaMixer, ops: type = KernelOps) -> bool:
