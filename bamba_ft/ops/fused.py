@@ -11,7 +11,6 @@ On the CPU (and wherever a piece is missing) transformers' own forward runs.
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import torch
@@ -35,31 +34,32 @@ def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor) ->
     return (d * up.to(acc) * s * (1 + g * (1 - s))).to(gate.dtype), (d * g * s).to(up.dtype)
 
 
-@functools.cache
-def _compiled() -> tuple | None:
-    """The two functions compiled into one kernel each (dynamic shapes: packed lengths vary every step)."""
-    try:
-        return (torch.compile(swiglu_forward, dynamic=True, fullgraph=True),
-                torch.compile(swiglu_backward, dynamic=True, fullgraph=True))
-    except Exception as e:  # noqa: BLE001
-        log.warning("torch.compile is unavailable (%s); SwiGLU runs eagerly.", e)
-        return None
+class Compiled:
+    """`fn` through torch.compile on CUDA (dynamic shapes: packed lengths vary every step), eager elsewhere.
+
+    Compilation happens on the first CUDA call. If it fails (no working Triton or C compiler on this machine),
+    one warning is logged and `fn` runs eagerly from then on: same math, more kernels.
+    """
+
+    def __init__(self, fn, what: str) -> None:  # noqa: ANN001
+        self.fn, self.what = fn, what
+        self._compiled = None
+        self.failed = False
+
+    def __call__(self, *args):  # noqa: ANN002, ANN204
+        if self.failed or not args[0].is_cuda:
+            return self.fn(*args)
+        try:
+            if self._compiled is None:
+                self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
+            return self._compiled(*args)
+        except Exception as e:  # noqa: BLE001
+            self.failed = True
+            log.warning("compiled %s failed (%s: %s); running it eagerly from now on.", self.what, type(e).__name__, e)
+            return self.fn(*args)
 
 
-_compile_failed: list[bool] = []
-
-
-def _run(index: int, *args: torch.Tensor):  # noqa: ANN202
-    eager = (swiglu_forward, swiglu_backward)[index]
-    compiled = _compiled() if args[0].is_cuda and not _compile_failed else None
-    if compiled is None:
-        return eager(*args)
-    try:
-        return compiled[index](*args)
-    except Exception as e:  # noqa: BLE001  (e.g. no working Triton/C compiler on this machine)
-        _compile_failed.append(True)
-        log.warning("compiled SwiGLU failed (%s: %s); running it eagerly from now on.", type(e).__name__, e)
-        return eager(*args)
+_swiglu = (Compiled(swiglu_forward, "SwiGLU"), Compiled(swiglu_backward, "SwiGLU backward"))
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -67,13 +67,13 @@ class _SwiGLU(torch.autograd.Function):
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
         ctx.save_for_backward(gate, up)
-        return _run(0, gate, up)
+        return _swiglu[0](gate, up)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
         gate, up = ctx.saved_tensors
-        return _run(1, gate, up, grad.contiguous())
+        return _swiglu[1](gate, up, grad.contiguous())
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
