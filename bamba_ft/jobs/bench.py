@@ -18,6 +18,7 @@ import logging
 import math
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -106,10 +107,13 @@ def _stock_loss(model: nn.Module, batch: dict) -> torch.Tensor:
 def _profile(model: nn.Module, loss_fn, batch: dict, opt: torch.optim.Optimizer, device: torch.device,  # noqa: ANN001
              path: Path) -> str:
     """Two profiled training steps; the per-kernel table (sorted by device time) goes to `path`."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
     with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
         for _ in range(2):
             with autocast_for(causal_lm(model), device):
                 loss = loss_fn(model, batch)
@@ -117,9 +121,16 @@ def _profile(model: nn.Module, loss_fn, batch: dict, opt: torch.optim.Optimizer,
             opt.step()
             opt.zero_grad(set_to_none=True)
         _sync(device)
+        wall = (time.perf_counter() - t0) / 2
+    averages = prof.key_averages()
+    # kernel rows only: operator rows repeat the time of the kernels they launched
+    kernels = sum(e.self_device_time_total for e in averages if e.device_type == DeviceType.CUDA) / 2e3  # ms/step
+    cpu = sum(e.self_cpu_time_total for e in averages) / 2e3
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=90))
+    head = (f"per step (profiled, so slower than measured): wall {1e3 * wall:.1f} ms, device kernels {kernels:.1f} ms "
+            f"(busy {100 * kernels / (1e3 * wall):.0f}%), host ops {cpu:.1f} ms\n\n")
+    path.write_text(head + averages.table(sort_by=key, row_limit=60, max_name_column_width=90))
     return str(path)
 
 
@@ -227,12 +238,12 @@ def _adapter_coverage(model: nn.Module) -> tuple[int, int]:
 
 
 def seq_scaling(lengths: list[int], model_cfg: ModelConfig, peft_cfg: PeftConfig, b: BenchConfig,
-                device: torch.device, seed: int, vocab: int) -> list[dict]:
+                device: torch.device, seed: int, vocab: int) -> Iterator[dict]:
     """One sequence per step at each length, with and without activation checkpointing; OOM is recorded.
 
     One model per checkpointing setting serves every length (building a 9B model costs more than its steps).
+    Yields one row per length as it is measured.
     """
-    rows = []
     for ckpt in (False, True):
         v = Variant("bamba_ft", stock=False, packed=True, ckpt=ckpt)
         built = _guarded({}, build_variant, v, model_cfg, peft_cfg, device, seed)
@@ -243,13 +254,12 @@ def seq_scaling(lengths: list[int], model_cfg: ModelConfig, peft_cfg: PeftConfig
             row = {"variant": v.name, "activation_checkpointing": ckpt, "seq_len": n} | built
             if model is not None:
                 _guarded(row, measure, v, model, make_steps(bb, vocab, seed), bb, device)
-            rows.append(row)
             _release(device)
+            yield row
             if "error" in row:
                 break  # longer sequences will not fit either
         del model
         _release(device)
-    return rows
 
 
 def mixer_only(model_cfg: ModelConfig, b: BenchConfig, device: torch.device, seed: int) -> dict:
@@ -370,7 +380,11 @@ def run(cfg: TrainConfig) -> dict:
             results["runs"].append(r)
             atomic_write_json(out, results)  # what a long benchmark has measured survives its interruption
     if b.seq_scaling:
-        results["seq_scaling"] = seq_scaling(list(b.seq_scaling), mcfg, cfg.peft, b, device, cfg.trainer.seed, vocab)
+        results["seq_scaling"] = []
+        for row in seq_scaling(list(b.seq_scaling), mcfg, cfg.peft, b, device, cfg.trainer.seed, vocab):
+            log.info("bench seq_len %d: %s", row["seq_len"], json.dumps(row))
+            results["seq_scaling"].append(row)
+            atomic_write_json(out, results)
     if b.data_pipeline_examples:
         results["data_pipeline"] = data_pipeline(b.data_pipeline_examples)
     if b.mixer_only:
