@@ -1,8 +1,11 @@
 """Next-token loss that never materialises the full (tokens x vocab) logits.
 
-Only positions with a target go through the LM head, in chunks, each recomputed in backward: Bamba's
-128k vocabulary makes logits the largest activation (5k tokens x 128k x 4 bytes = 2.6 GB in float32),
-and prompt tokens (no loss in SFT) need no logits at all.
+Only positions with a target go through the LM head, in chunks: Bamba's 128k vocabulary makes logits the
+largest activation (5k tokens x 128k x 4 bytes = 2.6 GB in float32), and prompt tokens (no loss in SFT) need
+no logits at all. With a frozen LM head (LoRA, QLoRA) each chunk's gradient with respect to its hidden states
+is computed in the forward pass, while its logits exist anyway, and kept (tokens x hidden, small): backward
+then needs no logits, so they are neither stored nor recomputed. A trainable head goes through autograd,
+its large chunks recomputed in backward.
 """
 
 from __future__ import annotations
@@ -18,16 +21,59 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "seq_idx", "cu_se
                 "max_length_q", "max_length_k")
 
 
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Loss arithmetic: float32, or float64 for float64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+    return F.cross_entropy(head(hidden).to(_acc(hidden.dtype)), targets, reduction="sum")
 
 
 RECOMPUTE_BYTES = 256 * 2**20  # float32 logits of a chunk above this are recomputed in backward, not stored
 
 
+class _FrozenHeadLoss(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight.T` (frozen weight) against `targets`; forward also computes the
+    gradient with respect to `hidden`: (softmax - onehot) @ weight, in float32 (float64 stays float64) up to
+    the matmul."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:  # noqa: ANN001
+        acc = _acc(hidden.dtype)
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        for s in range(0, hidden.shape[0], chunk):
+            h, t = hidden[s : s + chunk], targets[s : s + chunk]
+            logits = F.linear(h, weight).to(acc)
+            lse = torch.logsumexp(logits, dim=-1)
+            total = total + (lse - logits.gather(1, t[:, None])[:, 0]).sum()
+            if grad is not None:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place over the logits
+                probs.scatter_add_(1, t[:, None], probs.new_full((t.shape[0], 1), -1.0))
+                grad[s : s + chunk] = probs.to(h.dtype) @ weight
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, g: torch.Tensor):  # noqa: ANN001, ANN205
+        (grad,) = ctx.saved_tensors
+        return (grad.to(_acc(grad.dtype)) * g).to(grad.dtype), None, None, None
+
+
+def _frozen_linear(head: nn.Module) -> bool:
+    """A plain Linear without bias whose weight is an ordinary frozen tensor (not quantized, not wrapped)."""
+    return (type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad
+            and type(head.weight.data) is torch.Tensor)
+
+
 def head_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk: int = 4096) -> torch.Tensor:
-    """Sum of cross-entropy over rows of hidden (n, d) against targets (n,), chunked; large chunks recomputed."""
-    total = hidden.new_zeros((), dtype=torch.float32)
+    """Sum of cross-entropy over rows of hidden (n, d) against targets (n,), chunked (see the module docstring)."""
+    if _frozen_linear(head):
+        return _FrozenHeadLoss.apply(hidden, head.weight, targets, chunk)
+    total = hidden.new_zeros((), dtype=_acc(hidden.dtype))
     vocab = head.weight.shape[0] if hasattr(head, "weight") else head.out_features
     for s in range(0, hidden.shape[0], chunk):
         h, t = hidden[s : s + chunk], targets[s : s + chunk]

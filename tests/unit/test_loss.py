@@ -1,0 +1,67 @@
+"""The chunked next-token loss: the frozen-head path (gradient computed in forward) against plain autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bamba_ft.ops import loss as L
+
+
+def reference(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).to(torch.promote_types(hidden.dtype, torch.float32)), targets, reduction="sum")
+
+
+@pytest.mark.parametrize("n,chunk", [(23, 4096), (23, 5), (40, 8), (1, 3)])  # one chunk, ragged and exact splits
+def test_frozen_head_loss_and_gradient_float64(n: int, chunk: int) -> None:
+    torch.manual_seed(0)
+    head = nn.Linear(16, 50, bias=False, dtype=torch.float64).requires_grad_(False)
+    assert L._frozen_linear(head)
+    hidden = torch.randn(n, 16, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (n,))
+    got = L.head_loss_sum(hidden, targets, head, chunk=chunk)
+    (g_got,) = torch.autograd.grad(got * 0.37, hidden)  # a scale, as the mean over target tokens applies
+    want = reference(hidden, targets, head)
+    (g_want,) = torch.autograd.grad(want * 0.37, hidden)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-14)
+
+
+def test_frozen_head_loss_bfloat16_close_to_float32() -> None:
+    torch.manual_seed(0)
+    head = nn.Linear(64, 1000, bias=False).requires_grad_(False)
+    hidden = torch.randn(37, 64, requires_grad=True)
+    targets = torch.randint(0, 1000, (37,))
+    ref = reference(hidden, targets, head)
+    (g_ref,) = torch.autograd.grad(ref, hidden)
+    h16 = hidden.detach().bfloat16().requires_grad_()
+    got = L.head_loss_sum(h16, targets, head.bfloat16(), chunk=16)
+    (g16,) = torch.autograd.grad(got, h16)
+    assert abs(got.item() - ref.item()) / ref.item() < 1e-2
+    assert float((g16.float() - g_ref).norm() / g_ref.norm()) < 2e-2
+
+
+def test_trainable_or_wrapped_heads_use_autograd() -> None:
+    """A head whose weight trains (full fine-tuning, modules_to_save) or has a bias keeps the autograd path,
+    and its weight gets its gradient."""
+    torch.manual_seed(0)
+    trainable = nn.Linear(8, 20, bias=False, dtype=torch.float64)
+    biased = nn.Linear(8, 20, dtype=torch.float64).requires_grad_(False)
+    assert not L._frozen_linear(trainable) and not L._frozen_linear(biased)
+    hidden = torch.randn(9, 8, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 20, (9,))
+    for head in (trainable, biased):
+        got = L.head_loss_sum(hidden, targets, head, chunk=4)
+        torch.testing.assert_close(got, reference(hidden, targets, head), rtol=1e-12, atol=0)
+    L.head_loss_sum(hidden, targets, trainable).backward()
+    assert trainable.weight.grad is not None and trainable.weight.grad.abs().max() > 0
+
+
+def test_no_gradient_kept_without_grad() -> None:
+    head = nn.Linear(8, 20, bias=False).requires_grad_(False)
+    hidden = torch.randn(5, 8)
+    with torch.no_grad():
+        out = L.head_loss_sum(hidden, torch.randint(0, 20, (5,)), head)
+    assert out.grad_fn is None and torch.isfinite(out)
