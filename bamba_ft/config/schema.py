@@ -34,6 +34,9 @@ class ModelConfig:
     """Mamba-2 mixer path: auto | kernels (mamba-ssm + causal-conv1d) | torch (exact reference) | hf (stock transformers; refuses packing)."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer in backward: less activation memory, about a third more compute."""
+    cuda_graphs: bool = False
+    """Experimental: replay the Mamba-2 mixer's conv+scan kernels as CUDA graphs (CUDA kernels backend only).
+    Less CPU per step, more device copies; no net speed-up measured yet (BENCHMARKS.md)."""
 
 
 @dataclass

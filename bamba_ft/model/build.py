@@ -139,7 +139,7 @@ def build_model(cfg: ModelConfig, quant: QuantConfig, device: torch.device) -> B
     model.config.use_cache = False
     if model.generation_config is not None:
         model.generation_config.use_cache = True  # generation still uses the cache; training never does
-    backend = install_mixer(model, cfg.mixer)
+    backend = install_mixer(model, cfg.mixer, cuda_graphs=cfg.cuda_graphs)
     if cfg.gradient_checkpointing:
         # transformers 5.2x renamed the switch; 5.17 only has gradient_checkpointing_enable
         if hasattr(model, "activation_checkpointing_enable"):

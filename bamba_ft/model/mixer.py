@@ -29,10 +29,12 @@ from transformers.models.bamba.modeling_bamba import (
 
 from bamba_ft.errors import ModelError
 from bamba_ft.ops.fused import FusedBambaMLP, FusedRMSNorm
+from bamba_ft.ops.graphs import ConvScanGraphs
 from bamba_ft.ops.mamba2 import (
     FusedGatedRMSNorm,
     SegmentAwareBambaMixer,
     available_backend,
+    fused_conv_scan_ok,
     seq_idx_from_cu_seqlens,
     seq_idx_from_position_ids,
 )
@@ -42,8 +44,11 @@ _OURS = {BambaRMSNormGated: FusedGatedRMSNorm, BambaMLP: FusedBambaMLP, BambaRMS
 _STOCK = {ours: stock for stock, ours in _OURS.items()} | {SegmentAwareBambaMixer: BambaMixer}
 
 
-def install_mixer(model: nn.Module, mixer: str = "auto") -> str:
-    """Put bamba_ft's mixer on every BambaMixer of `model`; returns the backend that will run on its device."""
+def install_mixer(model: nn.Module, mixer: str = "auto", cuda_graphs: bool = False) -> str:
+    """Put bamba_ft's mixer on every BambaMixer of `model`; returns the backend that will run on its device.
+
+    cuda_graphs: the mixers' conv+scan kernels are replayed as CUDA graphs (one `ConvScanGraphs` shared by all).
+    """
     if mixer not in MIXER_CHOICES:
         raise ModelError(f"model.mixer={mixer!r} is not an option. Valid: {', '.join(MIXER_CHOICES)}")
     mixers = [m for m in model.modules() if isinstance(m, BambaMixer)]
@@ -65,7 +70,18 @@ def install_mixer(model: nn.Module, mixer: str = "auto") -> str:
             m.__class__ = _OURS[type(m)]
     for base in (m for m in model.modules() if isinstance(m, BambaModel)):
         base.register_forward_pre_hook(_complete_packing_kwargs, with_kwargs=True)
-    return "torch" if mixer == "torch" else available_backend(device)
+    backend = "torch" if mixer == "torch" else available_backend(device)
+    if cuda_graphs:
+        if backend != "cuda-kernels" or not all(fused_conv_scan_ok(m) for m in mixers):
+            raise ModelError(
+                f"model.cuda_graphs=true replays the fused CUDA conv+scan, which this run does not use (mixer "
+                f"backend {backend!r} on {device.type}).\n"
+                "Fix: set model.cuda_graphs=false, or run on a GPU with mamba-ssm and causal-conv1d installed."
+            )
+        graphs = ConvScanGraphs()
+        for m in mixers:
+            m.conv_scan_graphs = graphs
+    return backend
 
 
 @contextmanager

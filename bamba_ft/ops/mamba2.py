@@ -331,12 +331,13 @@ def _split_xbc(xbc: torch.Tensor, shape: tuple[int, int, int, int]) -> tuple[tor
     return x.reshape(b, t, heads, head_dim), B.reshape(b, t, groups, state), C.reshape(b, t, groups, state)
 
 
-def _conv_scan_forward(ops, xbc, dt, weight, bias, A, D, dt_bias, seq_idx, shape, chunk_size, dt_limit):  # noqa: ANN001, ANN202
+def conv_scan_forward_kernels(ops, xbc, dt, weight, bias, A, D, dt_bias, seq_idx, shape, chunk_size, dt_limit):  # noqa: ANN001, ANN201
+    """The conv+scan forward as kernel calls: scan(silu(conv(xbc))), (b, t, heads, head_dim)."""
     x, B, C = _split_xbc(ops.conv_fwd(_channel_last(xbc), weight, bias, seq_idx).transpose(1, 2), shape)
-    return (ops.scan_fwd(x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, dt_limit),)
+    return ops.scan_fwd(x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, dt_limit)
 
 
-def _conv_scan_backward(ops, dout, xbc, dt, weight, bias, A, D, dt_bias, seq_idx, shape, chunk_size, dt_limit):  # noqa: ANN001, ANN202
+def conv_scan_backward_kernels(ops, dout, xbc, dt, weight, bias, A, D, dt_bias, seq_idx, shape, chunk_size, dt_limit):  # noqa: ANN001, ANN202
     """(dxbc, ddt, dweight, dbias, dA, dD, ddt_bias); the conv output is recomputed from its input."""
     x_cl = _channel_last(xbc)
     x, B, C = _split_xbc(ops.conv_fwd(x_cl, weight, bias, seq_idx).transpose(1, 2), shape)
@@ -356,6 +357,19 @@ def _conv_scan_backward(ops, dout, xbc, dt, weight, bias, A, D, dt_bias, seq_idx
     return dxbc, got[1], dweight, dbias, got[2], got[5], got[6]
 
 
+class DirectConvScan:
+    """Makes the conv+scan's kernel calls one by one (`ConvScanGraphs` in bamba_ft.ops.graphs replays them)."""
+
+    def __init__(self, ops: type = KernelOps) -> None:
+        self.ops = ops
+
+    def forward(self, *args):  # noqa: ANN002, ANN201
+        return conv_scan_forward_kernels(self.ops, *args)
+
+    def backward(self, *args):  # noqa: ANN002, ANN201
+        return conv_scan_backward_kernels(self.ops, *args)
+
+
 class _ConvScan(torch.autograd.Function):
     """conv (+SiLU) then SSD scan, keeping only the conv's *input* for backward and recomputing its output there.
 
@@ -366,17 +380,17 @@ class _ConvScan(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, xbc, dt, weight, bias, A, D, dt_bias, seq_idx, ops, shape, chunk_size, dt_limit):  # noqa: ANN001, ANN205
-        (out,) = _conv_scan_forward(ops, xbc, dt, weight, bias, A, D, dt_bias, seq_idx, shape, chunk_size, dt_limit)
+    def forward(ctx, xbc, dt, weight, bias, A, D, dt_bias, seq_idx, runner, shape, chunk_size, dt_limit):  # noqa: ANN001, ANN205
+        out = runner.forward(xbc, dt, weight, bias, A, D, dt_bias, seq_idx, shape, chunk_size, dt_limit)
         ctx.save_for_backward(xbc, dt, weight, bias, A, D, dt_bias, seq_idx)
-        ctx.ops, ctx.shape, ctx.chunk_size, ctx.dt_limit = ops, shape, chunk_size, dt_limit
+        ctx.runner, ctx.shape, ctx.chunk_size, ctx.dt_limit = runner, shape, chunk_size, dt_limit
         return out
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dout):  # noqa: ANN001, ANN205
         xbc, dt, weight, bias, A, D, dt_bias, seq_idx = ctx.saved_tensors
-        grads = _conv_scan_backward(ctx.ops, dout, xbc, dt, weight, bias, A, D, dt_bias, seq_idx, ctx.shape,
+        grads = ctx.runner.backward(dout, xbc, dt, weight, bias, A, D, dt_bias, seq_idx, ctx.shape,
                                     ctx.chunk_size, ctx.dt_limit)
         return (*grads, None, None, None, None, None)
 
@@ -392,10 +406,14 @@ def _ssm_shape(mixer: BambaMixer) -> tuple[int, int, int, int]:
 
 def conv_scan(mixer: BambaMixer, xbc: torch.Tensor, dt: torch.Tensor, seq_idx: torch.Tensor | None,
               ops: type = KernelOps) -> torch.Tensor:
-    """y = scan(silu(conv(xbc))) for (b, t, conv_dim) `xbc`, (b, t, heads) `dt`; returns (b, t, heads, head_dim)."""
+    """y = scan(silu(conv(xbc))) for (b, t, conv_dim) `xbc`, (b, t, heads) `dt`; returns (b, t, heads, head_dim).
+
+    The kernels run through `mixer.conv_scan_graphs` (CUDA graphs, with their own ops) when it is set.
+    """
     A = -torch.exp(mixer.A_log.float())
+    runner = mixer.__dict__.get("conv_scan_graphs") or DirectConvScan(ops)
     return _ConvScan.apply(xbc, dt, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, A, mixer.D, mixer.dt_bias,
-                           seq_idx, ops, _ssm_shape(mixer), mixer.chunk_size, tuple(mixer.time_step_limit))
+                           seq_idx, runner, _ssm_shape(mixer), mixer.chunk_size, tuple(mixer.time_step_limit))
 
 
 def unfused_conv_scan(mixer: BambaMixer, xbc: torch.Tensor, dt: torch.Tensor, seq_idx: torch.Tensor | None,

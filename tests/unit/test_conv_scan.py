@@ -93,3 +93,58 @@ def test_fused_conv_scan_keeps_only_the_conv_input() -> None:
     big = [s for s in saved if s.numel() >= 40 * mixer.conv_dim]
     assert all(s.untyped_storage().data_ptr() == zxbcdt.untyped_storage().data_ptr() for s in big), \
         [tuple(s.shape) for s in big]
+
+
+def _two_layer_grads(mixers, inputs, weights):  # noqa: ANN001, ANN202
+    """Forward both layers, then one backward through both: what a model does with shared graph buffers."""
+    outs = [conv_scan(m, xbc, dt, seq_idx, ops=TorchOps) for m, (_, xbc, dt, seq_idx) in zip(mixers, inputs)]
+    loss = sum((y * w).sum() for y, w in zip(outs, weights))
+    leaves = [z for z, *_ in inputs] + [p for m in mixers for p in (m.conv1d.weight, m.conv1d.bias, m.A_log, m.D,
+                                                                      m.dt_bias)]
+    return outs, torch.autograd.grad(loss, leaves)
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_graphed_conv_scan_matches_direct_calls_across_buckets_and_growth(rows: int) -> None:
+    """`ConvScanGraphs` bookkeeping on CPU (kernel calls made directly instead of replayed): static buffers
+    shared by two layers, padded bucket tails, buffer growth and reuse of a smaller bucket, against the
+    direct calls in float64 (tolerance 1e-12 absolute)."""
+    from bamba_ft.ops.graphs import ConvScanGraphs
+
+    model = make_model(torch.float64, mamba_n_heads=8, mamba_d_head=16, mamba_chunk_size=8, num_hidden_layers=3,
+                       attn_layer_indices=[2])
+    mixers = [model.model.layers[i].mamba for i in (0, 1)]
+    graphs = ConvScanGraphs(TorchOps, bucket=8, capture=False)
+    for lengths in ([9, 14], [3, 30, 7, 1], [13], [20]):  # 23 -> bucket 24; 41 grows the buffers; 13 and 20 reuse
+        t = sum(lengths)
+        seq_idx = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None].to(torch.int32)
+        seq_idx = seq_idx.expand(rows, t).contiguous() if len(lengths) > 1 else None
+        inputs = []
+        for m in mixers:
+            z = torch.randn(rows, t, m.in_proj.out_features, dtype=torch.float64, requires_grad=True)
+            _, xbc, dt = z.split([m.intermediate_size, m.conv_dim, m.num_heads], dim=-1)
+            inputs.append((z, xbc, dt, seq_idx))
+        weights = [torch.randn(rows, t, m.num_heads, m.head_dim, dtype=torch.float64) for m in mixers]
+
+        direct = _two_layer_grads(mixers, inputs, weights)
+        for m in mixers:
+            m.conv_scan_graphs = graphs
+        try:
+            graphed = _two_layer_grads(mixers, inputs, weights)
+        finally:
+            for m in mixers:
+                del m.conv_scan_graphs
+        for a, b in zip([*direct[0], *direct[1]], [*graphed[0], *graphed[1]]):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+            assert a.abs().max() > 0
+    # buckets 24 (fwd, bwd), then 48 after growth: 48, 16, 24 again (the 24 of the old buffers is gone)
+    assert graphs.captures == 2 * 4
+
+
+def test_cuda_graphs_refused_without_the_fused_kernels() -> None:
+    from bamba_ft.errors import ModelError
+    from bamba_ft.model.mixer import install_mixer
+
+    model = make_model(torch.float32)
+    with pytest.raises(ModelError, match="model.cuda_graphs=false"):
+        install_mixer(model, "auto", cuda_graphs=True)

@@ -1,0 +1,196 @@
+"""The fused conv+scan's kernel launches replayed as CUDA graphs, one graph per length bucket and direction.
+
+Why: the conv+scan launches about 20 kernels per layer and direction through mamba-ssm's Python glue and
+Triton's launcher, which costs the CPU about twice what the kernels cost the GPU (BENCHMARKS.md, host cost
+per call). Replaying a captured graph costs one launch.
+
+How: every mixer of a model with the same dimensions shares one `ConvScanGraphs`. Its static buffers hold
+one layer's inputs and outputs at a time; a call copies its tensors in, replays the graph of its length
+bucket (token count rounded up to `bucket`) and returns copies of the outputs. The padded tail of a bucket
+is a sequence of its own (`seq_idx` = last + 1) with zero inputs and zero output gradient, so it changes
+nothing the real tokens see or receive. Graphs of all buckets share one memory pool (they never run at the
+same time). When a longer input arrives than the buffers hold, the buffers grow (x1.25) and the graphs are
+captured again, lazily.
+
+`capture=False` runs the same bookkeeping with the kernel calls made directly instead of replayed (used to
+test it on CPU).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from bamba_ft.ops.mamba2 import KernelOps, conv_scan_backward_kernels, conv_scan_forward_kernels
+
+Shape = tuple[int, int, int, int]  # heads, head_dim, groups, state
+
+
+class _Direct:
+    """Stand-in for a CUDA graph when capture is off: replay() runs the body."""
+
+    def __init__(self, body: Callable[[], None]) -> None:
+        self.replay = body
+
+
+class _Family:
+    """Static buffers and graphs for one set of dimensions and dtypes, `capacity` tokens per row."""
+
+    def __init__(self, like: dict[str, torch.Tensor | None], rows: int, capacity: int, shape: Shape,
+                 capture: bool) -> None:
+        self.rows, self.capacity, self.shape = rows, capacity, shape
+        heads, head_dim, _, _ = shape
+        xbc, dt = like["xbc"], like["dt"]
+        dev = xbc.device
+        per_token = {"xbc": (xbc.shape[-1],), "dt": (heads,), "y": (heads, head_dim)}
+        self.per_token = per_token
+        n = rows * capacity
+
+        def flat(name: str, dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros(n * math.prod(per_token[name]), dtype=dtype, device=dev)
+
+        self.flat = {
+            "xbc": flat("xbc", xbc.dtype), "dt": flat("dt", dt.dtype), "y": flat("y", xbc.dtype),
+            "dout": flat("y", xbc.dtype), "dxbc": flat("xbc", xbc.dtype), "ddt": flat("dt", dt.dtype),
+            "seq": torch.zeros(n, dtype=torch.int32, device=dev),
+        }
+        # parameters and their gradients (whole tensors, the same for every bucket)
+        self.params = {k: (torch.zeros_like(v) if v is not None else None) for k, v in like.items()
+                       if k not in ("xbc", "dt")}
+        self.grads = {k: (torch.zeros_like(v) if v is not None else None) for k, v in self.params.items()}
+        self.graphs: dict[tuple[str, int], object] = {}
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+
+    def view(self, name: str, length: int) -> torch.Tensor:
+        """(rows, length, ...) contiguous view of a static buffer."""
+        inner = self.per_token.get({"dout": "y", "dxbc": "xbc", "ddt": "dt"}.get(name, name), ())
+        return self.flat[name][: self.rows * length * math.prod(inner)].view(self.rows, length, *inner)
+
+
+class ConvScanGraphs:
+    """Runs `conv_scan`'s forward and backward kernels as CUDA graphs (see the module docstring).
+
+    Same interface as `DirectConvScan`: `forward(...)` -> scan output, `backward(dout, ...)` -> input gradients.
+    """
+
+    def __init__(self, ops: type = KernelOps, bucket: int = 256, capture: bool = True, growth: float = 1.25) -> None:
+        self.ops, self.bucket, self.capture, self.growth = ops, bucket, capture, growth
+        self._families: dict[tuple, _Family] = {}
+        self._side: torch.cuda.Stream | None = None  # where the uncaptured first run goes
+        self.captures = 0  # graphs captured so far (a new bucket, or after the buffers grew)
+
+    # copies and pickles carry the settings, not the graphs (they hold device addresses)
+    def __getstate__(self) -> dict:
+        return {"ops": self.ops, "bucket": self.bucket, "capture": self.capture, "growth": self.growth}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+    def __deepcopy__(self, memo: dict) -> ConvScanGraphs:
+        return ConvScanGraphs(**self.__getstate__())
+
+    def forward(self, xbc, dt, weight, bias, A, D, dt_bias, seq_idx, shape, chunk_size, dt_limit):  # noqa: ANN001, ANN201
+        params = {"weight": weight, "bias": bias, "A": A, "D": D, "dt_bias": dt_bias}
+        fam, length, t = self._load(xbc, dt, seq_idx, params, shape, chunk_size, dt_limit)
+        self._replay(fam, "fwd", length, chunk_size, dt_limit)
+        return fam.view("y", length)[:, :t].clone()
+
+    def backward(self, dout, xbc, dt, weight, bias, A, D, dt_bias, seq_idx, shape, chunk_size, dt_limit):  # noqa: ANN001, ANN201
+        params = {"weight": weight, "bias": bias, "A": A, "D": D, "dt_bias": dt_bias}
+        fam, length, t = self._load(xbc, dt, seq_idx, params, shape, chunk_size, dt_limit)
+        _fill(fam.view("dout", length), dout, t, 0)
+        self._replay(fam, "bwd", length, chunk_size, dt_limit)
+        g = fam.grads
+        return (fam.view("dxbc", length)[:, :t].clone(), fam.view("ddt", length)[:, :t].clone(),
+                g["weight"].clone(), g["bias"].clone() if bias is not None else None, g["A"].clone(),
+                g["D"].clone(), g["dt_bias"].clone())
+
+    # ------------------------------------------------------------------------------------------------------
+
+    def _load(self, xbc, dt, seq_idx, params, shape, chunk_size, dt_limit):  # noqa: ANN001, ANN202
+        """Copy one call's tensors into the static buffers of its bucket; (family, bucket length, tokens)."""
+        rows, t, _ = xbc.shape
+        length = -(-t // self.bucket) * self.bucket
+        key = (rows, xbc.shape[-1], xbc.dtype, dt.dtype, xbc.device, shape, chunk_size, dt_limit,
+               *((None, None) if v is None else (v.shape, v.dtype) for v in params.values()))
+        fam = self._families.get(key)
+        if fam is None or fam.capacity < length:
+            if fam is not None and self.capture:
+                torch.cuda.synchronize(xbc.device)  # the old graphs may still be running on the old buffers
+            capacity = -(-int(length * self.growth) // self.bucket) * self.bucket
+            fam = self._families[key] = _Family({"xbc": xbc, "dt": dt, **params}, rows, capacity, shape,
+                                                self.capture)
+        _fill(fam.view("xbc", length), xbc, t, 0)
+        _fill(fam.view("dt", length), dt, t, 0)
+        seq = fam.view("seq", length)
+        if seq_idx is None:
+            seq[:, :t].zero_()
+        else:
+            seq[:, :t].copy_(seq_idx)
+        if t < length:  # the padded tail is one more sequence
+            seq[:, t:].copy_(seq[:, t - 1 : t] + 1)
+        names = [k for k, v in params.items() if v is not None]
+        torch._foreach_copy_([fam.params[k] for k in names], [params[k] for k in names])
+        return fam, length, t
+
+    def _replay(self, fam: _Family, direction: str, length: int, chunk_size: int, dt_limit: tuple) -> None:
+        graph = fam.graphs.get((direction, length))
+        if graph is None:
+            body = (self._forward_body if direction == "fwd" else self._backward_body)(fam, length, chunk_size,
+                                                                                      dt_limit)
+            graph = fam.graphs[(direction, length)] = self._capture(body, fam.pool) if self.capture else _Direct(body)
+            self.captures += 1
+        graph.replay()
+
+    def _forward_body(self, fam: _Family, length: int, chunk_size: int, dt_limit: tuple) -> Callable[[], None]:
+        v = {k: fam.view(k, length) for k in ("xbc", "dt", "seq", "y")}
+        p = fam.params
+
+        def body() -> None:
+            out = conv_scan_forward_kernels(self.ops, v["xbc"], v["dt"], p["weight"], p["bias"], p["A"], p["D"],
+                                            p["dt_bias"], v["seq"], fam.shape, chunk_size, dt_limit)
+            v["y"].copy_(out)
+
+        return body
+
+    def _backward_body(self, fam: _Family, length: int, chunk_size: int, dt_limit: tuple) -> Callable[[], None]:
+        v = {k: fam.view(k, length) for k in ("xbc", "dt", "seq", "dout", "dxbc", "ddt")}
+        p, g = fam.params, fam.grads
+
+        def body() -> None:
+            grads = conv_scan_backward_kernels(self.ops, v["dout"], v["xbc"], v["dt"], p["weight"], p["bias"],
+                                               p["A"], p["D"], p["dt_bias"], v["seq"], fam.shape, chunk_size,
+                                               dt_limit)
+            targets = (v["dxbc"], v["ddt"], g["weight"], g["bias"], g["A"], g["D"], g["dt_bias"])
+            for dst, src in zip(targets, grads):
+                if dst is not None:
+                    dst.copy_(src)
+
+        return body
+
+    def _capture(self, body: Callable[[], None], pool: tuple) -> torch.cuda.CUDAGraph:
+        # Run once outside the capture: Triton compiles and autotunes there (both synchronise the device).
+        side = self._side = self._side or torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            body()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                body()
+        except Exception as e:
+            raise RuntimeError(
+                "Capturing the Mamba-2 mixer's kernels as a CUDA graph failed (see the error above).\n"
+                "Fix: train with model.cuda_graphs=false."
+            ) from e
+        return graph
+
+
+def _fill(dst: torch.Tensor, src: torch.Tensor, t: int, tail: float) -> None:
+    """dst[:, :t] = src and dst[:, t:] = tail."""
+    dst[:, :t].copy_(src)
+    if t < dst.shape[1]:
+        dst[:, t:].fill_(tail)
