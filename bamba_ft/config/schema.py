@@ -258,9 +258,13 @@ class BenchConfig:
     """Longest sequence, in tokens."""
     seqs_per_step: int = 8
     """Sequences per optimizer step (token budget = their real tokens)."""
-    warmup_steps: int = 3
-    """Steps run before timing."""
-    steps: int = 8
+    warmup_steps: int = 10
+    """Steps run before timing (their batches differ from the timed ones, as later batches of a run do)."""
+    rehearse: bool = False
+    """Also run each timed batch once before timing it: every timed step then repeats a shape already seen, as
+    in training on fixed-length rows. Off: every timed step brings a packed length of its own, as in training
+    on variable-length packed batches (per-shape costs such as kernel plans or graph captures are included)."""
+    steps: int = 10
     """Timed steps (median reported)."""
     variants: list[str] = field(default_factory=lambda: ["hf_padded", "hf_padfree", "bamba_ft", "bamba_ft_nf4"])
     """Which paths to run, in order."""

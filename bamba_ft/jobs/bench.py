@@ -4,6 +4,7 @@ Variants (bench.variants):
 - hf_padded: transformers + peft, padded batches, transformers' loss (what a stock-stack user runs);
 - hf_padfree: transformers' own padding-free path (DataCollatorWithFlattening keys; its kernels when installed);
 - bamba_ft: bamba_ft's mixer, fused MLP, norms and LoRA, packed attention and chunked loss;
+- bamba_ft_graphs: the same with the mixer's conv+scan replayed as CUDA graphs (`model.cuda_graphs=true`);
 - bamba_ft_padded: the same on hf_padded's padded batches (same work as hf_padded, to compare the paths);
 - bamba_ft_nf4 / bamba_ft_int8: the same on a torchao-quantized base (QLoRA).
 Model FLOPs per token: 4 x (weights of all Linear layers): forward 2N plus input gradients 2N; LoRA's own
@@ -47,12 +48,14 @@ class Variant:
     packed: bool
     quant: str = "none"
     ckpt: bool = False
+    graphs: bool = False  # bamba_ft's conv+scan replayed as CUDA graphs
 
 
 VARIANTS = {
     "hf_padded": Variant("hf_padded", stock=True, packed=False),
     "hf_padfree": Variant("hf_padfree", stock=True, packed=True),
     "bamba_ft": Variant("bamba_ft", stock=False, packed=True),
+    "bamba_ft_graphs": Variant("bamba_ft_graphs", stock=False, packed=True, graphs=True),
     "bamba_ft_padded": Variant("bamba_ft_padded", stock=False, packed=False),
     "bamba_ft_nf4": Variant("bamba_ft_nf4", stock=False, packed=True, quant="nf4"),
     "bamba_ft_int8": Variant("bamba_ft_int8", stock=False, packed=True, quant="int8"),
@@ -141,7 +144,7 @@ def build_variant(v: Variant, model_cfg: ModelConfig, peft_cfg: PeftConfig, devi
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     mcfg = replace(model_cfg, mixer="hf" if v.stock else "auto", attn_implementation="sdpa" if v.stock else "auto",
-                   gradient_checkpointing=v.ckpt)
+                   gradient_checkpointing=v.ckpt, cuda_graphs=v.graphs)
     torch.manual_seed(seed)
     model = build_model(mcfg, QuantConfig(method=v.quant), device)
     model = apply_peft(model, peft_cfg, fused=not v.stock)
@@ -163,6 +166,9 @@ def measure(v: Variant, model: nn.Module, steps: list, b: BenchConfig, device: t
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
     loss_fn = _stock_loss if v.stock else mean_loss
     times, tokens = [], []
+    untimed = b.warmup_steps + (b.steps if b.rehearse else 0)
+    if b.rehearse:  # the timed batches once more, untimed, before they are timed
+        steps = steps[: b.warmup_steps] + steps[b.warmup_steps :] * 2
     for i, seqs in enumerate(steps):
         batch = to_device(to_batch(seqs, v.packed, v.stock), device)
         _sync(device)
@@ -175,10 +181,10 @@ def measure(v: Variant, model: nn.Module, steps: list, b: BenchConfig, device: t
         opt.step()
         opt.zero_grad(set_to_none=True)
         _sync(device)
-        if i >= b.warmup_steps:
+        if i >= untimed:
             times.append(time.perf_counter() - t0)
             tokens.append(sum(len(s) for s in seqs))
-        if not math.isfinite(float(loss)):
+        if not math.isfinite(float(loss.detach())):
             raise RuntimeError(f"non-finite loss at step {i}")
     if b.profile:
         result["profile"] = _profile(model, loss_fn, to_device(to_batch(steps[-1], v.packed, v.stock), device),
@@ -186,7 +192,7 @@ def measure(v: Variant, model: nn.Module, steps: list, b: BenchConfig, device: t
     step = statistics.median(times)
     tps = statistics.median(t / s for t, s in zip(tokens, times))
     result.update(step_ms=1000 * step, tokens_per_sec=tps, tokens_per_step=statistics.mean(tokens),
-                  final_loss=float(loss), linear_params=n_linear)
+                  final_loss=float(loss.detach()), linear_params=n_linear)
     peak = _peak_flops(device)
     if peak:
         result["mfu"] = 4 * n_linear * tps / peak
@@ -250,7 +256,7 @@ def seq_scaling(lengths: list[int], model_cfg: ModelConfig, peft_cfg: PeftConfig
         model = built.pop("model", None)
         for n in lengths:
             bb = replace(b, workload="fixed", median_len=n, max_len=n, seqs_per_step=1, warmup_steps=1, steps=2,
-                         profile=False)
+                         rehearse=False, profile=False)
             row = {"variant": v.name, "activation_checkpointing": ckpt, "seq_len": n} | built
             if model is not None:
                 _guarded(row, measure, v, model, make_steps(bb, vocab, seed), bb, device)
