@@ -48,8 +48,11 @@ def test_export_float32_reloads_with_same_logits_and_generations(sft_run: Path, 
     scale = float(ref.abs().max())
     # Within 1e-5 of the largest logit (|logit| reaches ~19 here, where float32 itself is off by ~1e-5 absolute):
     assert float((ref - got).abs().max()) / scale < 1e-5
-    # and the export is as close to the float64 adapter model as the float32 adapter model is.
-    assert float((got.double() - exact).abs().max()) <= 2 * float((ref.double() - exact).abs().max())
+    # and as close to the float64 adapter model. (Merging rounds W + scale * B @ A once where the adapter model
+    # rounds each term, so the two float32 errors are a few units in the last place of the largest logits in no
+    # fixed ratio; a merge that drops or mis-scales an adapter is off by orders of magnitude more.)
+    assert float((got.double() - exact).abs().max()) / scale < 1e-5
+    assert float((ref.double() - exact).abs().max()) / scale < 1e-5
     assert float((ours - got).abs().max()) / scale < 1e-5  # bamba_ft's mixer agrees to float32 rounding
     assert torch.equal(gen_ref, gen_got)
 
