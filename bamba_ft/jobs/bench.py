@@ -3,6 +3,8 @@
 Variants (bench.variants):
 - hf_padded: transformers + peft, padded batches, transformers' loss (what a stock-stack user runs);
 - hf_padfree: transformers' own padding-free path (DataCollatorWithFlattening keys; its kernels when installed);
+- hf_padfree_no_cudnn: the same with torch's cuDNN attention backend excluded (sdpa_kernel), which builds an
+  execution plan for every new sequence shape;
 - bamba_ft: bamba_ft's mixer, fused MLP, norms and LoRA, packed attention and chunked loss;
 - bamba_ft_graphs: the same with the mixer's conv+scan replayed as CUDA graphs (`model.cuda_graphs=true`);
 - bamba_ft_padded: the same on hf_padded's padded batches (same work as hf_padded, to compare the paths);
@@ -13,6 +15,7 @@ FLOPs, attention scores and the SSD scan are left out, so MFU here is a lower bo
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -49,11 +52,13 @@ class Variant:
     quant: str = "none"
     ckpt: bool = False
     graphs: bool = False  # bamba_ft's conv+scan replayed as CUDA graphs
+    cudnn_attention: bool = True  # False: torch's SDPA may not pick cuDNN (which plans each new shape)
 
 
 VARIANTS = {
     "hf_padded": Variant("hf_padded", stock=True, packed=False),
     "hf_padfree": Variant("hf_padfree", stock=True, packed=True),
+    "hf_padfree_no_cudnn": Variant("hf_padfree_no_cudnn", stock=True, packed=True, cudnn_attention=False),
     "bamba_ft": Variant("bamba_ft", stock=False, packed=True),
     "bamba_ft_graphs": Variant("bamba_ft_graphs", stock=False, packed=True, graphs=True),
     "bamba_ft_padded": Variant("bamba_ft_padded", stock=False, packed=False),
@@ -226,10 +231,20 @@ def run_variant(v: Variant, model_cfg: ModelConfig, peft_cfg: PeftConfig, steps:
     _guarded(result, build_variant, v, model_cfg, peft_cfg, device, seed)
     model = result.pop("model", None)
     if model is not None:
-        _guarded(result, measure, v, model, steps, b, device, out_dir)
+        with _attention_backends(v):
+            _guarded(result, measure, v, model, steps, b, device, out_dir)
     del model
     _release(device)
     return result
+
+
+def _attention_backends(v: Variant) -> contextlib.AbstractContextManager:
+    if v.cudnn_attention:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    others = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH, SDPBackend.OVERRIDEABLE]
+    return sdpa_kernel(others)
 
 
 def _sync(device: torch.device) -> None:
@@ -335,7 +350,10 @@ def _row(r: dict, ref: dict | None) -> list[str]:
 def markdown(results: dict) -> str:
     lines = [f"{results['device']} | torch {results['versions'].get('torch')} | transformers "
              f"{results['versions'].get('transformers')} | mamba-ssm {results['versions'].get('mamba-ssm', '-')} | "
-             f"causal-conv1d {results['versions'].get('causal-conv1d', '-')}", ""]
+             f"causal-conv1d {results['versions'].get('causal-conv1d', '-')}"]
+    b = results["bench"]
+    shapes = "each timed batch run once before (repeated shapes)" if b.get("rehearse") else "each a new packed length"
+    lines += [f"{b['warmup_steps']} warm-up steps, {b['steps']} timed steps ({shapes}), median reported", ""]
     header = ["variant", "act. ckpt", "real tokens/s", "vs hf_padfree", "step ms", "peak GiB", "MFU", "adapters w/ grad"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results["runs"]:

@@ -35,3 +35,13 @@ def test_graphs_variant_reports_why_it_cannot_run_on_cpu() -> None:
     result = bench.run_variant(bench.VARIANTS["bamba_ft_graphs"], ModelConfig(init="random", shape="tiny"),
                                PeftConfig(), bench.make_steps(b, 128, 0), b, torch.device("cpu"), seed=0)
     assert result["error"].startswith("ModelError: model.cuda_graphs=true replays the fused CUDA conv+scan")
+
+
+def test_no_cudnn_variant_excludes_only_cudnn_attention() -> None:
+    from torch.nn.attention import SDPBackend, _cur_sdpa_kernel_backends
+
+    everything = set(_cur_sdpa_kernel_backends())
+    with bench._attention_backends(bench.VARIANTS["hf_padfree_no_cudnn"]):
+        assert set(_cur_sdpa_kernel_backends()) == everything - {SDPBackend.CUDNN_ATTENTION}
+    with bench._attention_backends(bench.VARIANTS["hf_padfree"]):
+        assert set(_cur_sdpa_kernel_backends()) == everything
