@@ -43,19 +43,13 @@ class _Family:
         self.rows, self.capacity, self.shape = rows, capacity, shape
         heads, head_dim, _, _ = shape
         xbc, dt = like["xbc"], like["dt"]
-        dev = xbc.device
-        per_token = {"xbc": (xbc.shape[-1],), "dt": (heads,), "y": (heads, head_dim)}
-        self.per_token = per_token
-        n = rows * capacity
-
-        def flat(name: str, dtype: torch.dtype) -> torch.Tensor:
-            return torch.zeros(n * math.prod(per_token[name]), dtype=dtype, device=dev)
-
-        self.flat = {
-            "xbc": flat("xbc", xbc.dtype), "dt": flat("dt", dt.dtype), "y": flat("y", xbc.dtype),
-            "dout": flat("y", xbc.dtype), "dxbc": flat("xbc", xbc.dtype), "ddt": flat("dt", dt.dtype),
-            "seq": torch.zeros(n, dtype=torch.int32, device=dev),
-        }
+        # activation buffers: (per-token shape, dtype); flat, so that every bucket's view is contiguous
+        layout = {"xbc": ((xbc.shape[-1],), xbc.dtype), "dt": ((heads,), dt.dtype), "seq": ((), torch.int32),
+                  "y": ((heads, head_dim), xbc.dtype)}
+        layout |= {"dout": layout["y"], "dxbc": layout["xbc"], "ddt": layout["dt"]}
+        self.inner = {name: inner for name, (inner, _) in layout.items()}
+        self.flat = {name: torch.zeros(rows * capacity * math.prod(inner), dtype=dtype, device=xbc.device)
+                     for name, (inner, dtype) in layout.items()}
         # parameters and their gradients (whole tensors, the same for every bucket)
         self.params = {k: (torch.zeros_like(v) if v is not None else None) for k, v in like.items()
                        if k not in ("xbc", "dt")}
@@ -65,7 +59,7 @@ class _Family:
 
     def view(self, name: str, length: int) -> torch.Tensor:
         """(rows, length, ...) contiguous view of a static buffer."""
-        inner = self.per_token.get({"dout": "y", "dxbc": "xbc", "ddt": "dt"}.get(name, name), ())
+        inner = self.inner[name]
         return self.flat[name][: self.rows * length * math.prod(inner)].view(self.rows, length, *inner)
 
 
