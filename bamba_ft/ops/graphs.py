@@ -39,8 +39,8 @@ class _Family:
     """Static buffers and graphs for one set of dimensions and dtypes, `capacity` tokens per row."""
 
     def __init__(self, like: dict[str, torch.Tensor | None], rows: int, capacity: int, shape: Shape,
-                 capture: bool) -> None:
-        self.rows, self.capacity, self.shape = rows, capacity, shape
+                 chunk_size: int, dt_limit: tuple, capture: bool) -> None:
+        self.rows, self.capacity, self.shape, self.chunk_size, self.dt_limit = rows, capacity, shape, chunk_size, dt_limit
         heads, head_dim, _, _ = shape
         xbc, dt = like["xbc"], like["dt"]
         # activation buffers: (per-token shape, dtype); flat, so that every bucket's view is contiguous
@@ -88,14 +88,14 @@ class ConvScanGraphs:
     def forward(self, xbc, dt, weight, bias, A, D, dt_bias, seq_idx, shape, chunk_size, dt_limit):  # noqa: ANN001, ANN201
         params = {"weight": weight, "bias": bias, "A": A, "D": D, "dt_bias": dt_bias}
         fam, length, t = self._load(xbc, dt, seq_idx, params, shape, chunk_size, dt_limit)
-        self._replay(fam, "fwd", length, chunk_size, dt_limit)
+        self._replay(fam, "fwd", length)
         return fam.view("y", length)[:, :t].clone()
 
     def backward(self, dout, xbc, dt, weight, bias, A, D, dt_bias, seq_idx, shape, chunk_size, dt_limit):  # noqa: ANN001, ANN201
         params = {"weight": weight, "bias": bias, "A": A, "D": D, "dt_bias": dt_bias}
         fam, length, t = self._load(xbc, dt, seq_idx, params, shape, chunk_size, dt_limit)
         _fill(fam.view("dout", length), dout, t, 0)
-        self._replay(fam, "bwd", length, chunk_size, dt_limit)
+        self._replay(fam, "bwd", length)
         g = fam.grads
         return (fam.view("dxbc", length)[:, :t].clone(), fam.view("ddt", length)[:, :t].clone(),
                 g["weight"].clone(), g["bias"].clone() if bias is not None else None, g["A"].clone(),
@@ -114,8 +114,8 @@ class ConvScanGraphs:
             if fam is not None and self.capture:
                 torch.cuda.synchronize(xbc.device)  # the old graphs may still be running on the old buffers
             capacity = -(-int(length * self.growth) // self.bucket) * self.bucket
-            fam = self._families[key] = _Family({"xbc": xbc, "dt": dt, **params}, rows, capacity, shape,
-                                                self.capture)
+            fam = self._families[key] = _Family({"xbc": xbc, "dt": dt, **params}, rows, capacity, shape, chunk_size,
+                                                dt_limit, self.capture)
         _fill(fam.view("xbc", length), xbc, t, 0)
         _fill(fam.view("dt", length), dt, t, 0)
         seq = fam.view("seq", length)
@@ -129,34 +129,33 @@ class ConvScanGraphs:
         torch._foreach_copy_([fam.params[k] for k in names], [params[k] for k in names])
         return fam, length, t
 
-    def _replay(self, fam: _Family, direction: str, length: int, chunk_size: int, dt_limit: tuple) -> None:
+    def _replay(self, fam: _Family, direction: str, length: int) -> None:
         graph = fam.graphs.get((direction, length))
         if graph is None:
-            body = (self._forward_body if direction == "fwd" else self._backward_body)(fam, length, chunk_size,
-                                                                                      dt_limit)
+            body = (self._forward_body if direction == "fwd" else self._backward_body)(fam, length)
             graph = fam.graphs[(direction, length)] = self._capture(body, fam.pool) if self.capture else _Direct(body)
             self.captures += 1
         graph.replay()
 
-    def _forward_body(self, fam: _Family, length: int, chunk_size: int, dt_limit: tuple) -> Callable[[], None]:
+    def _forward_body(self, fam: _Family, length: int) -> Callable[[], None]:
         v = {k: fam.view(k, length) for k in ("xbc", "dt", "seq", "y")}
         p = fam.params
 
         def body() -> None:
             out = conv_scan_forward_kernels(self.ops, v["xbc"], v["dt"], p["weight"], p["bias"], p["A"], p["D"],
-                                            p["dt_bias"], v["seq"], fam.shape, chunk_size, dt_limit)
+                                            p["dt_bias"], v["seq"], fam.shape, fam.chunk_size, fam.dt_limit)
             v["y"].copy_(out)
 
         return body
 
-    def _backward_body(self, fam: _Family, length: int, chunk_size: int, dt_limit: tuple) -> Callable[[], None]:
+    def _backward_body(self, fam: _Family, length: int) -> Callable[[], None]:
         v = {k: fam.view(k, length) for k in ("xbc", "dt", "seq", "dout", "dxbc", "ddt")}
         p, g = fam.params, fam.grads
 
         def body() -> None:
             grads = conv_scan_backward_kernels(self.ops, v["dout"], v["xbc"], v["dt"], p["weight"], p["bias"],
-                                               p["A"], p["D"], p["dt_bias"], v["seq"], fam.shape, chunk_size,
-                                               dt_limit)
+                                               p["A"], p["D"], p["dt_bias"], v["seq"], fam.shape, fam.chunk_size,
+                                               fam.dt_limit)
             targets = (v["dxbc"], v["ddt"], g["weight"], g["bias"], g["A"], g["D"], g["dt_bias"])
             for dst, src in zip(targets, grads):
                 if dst is not None:
