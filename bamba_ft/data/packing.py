@@ -119,6 +119,12 @@ class BatchPlan(Sampler[list[int]]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def sampler(self) -> BatchPlan:
+        """Lightning calls `set_epoch` at each epoch start on a batch sampler's `.sampler`, not on the batch
+        sampler itself; exposing the plan there gives every epoch its own shuffle (seed + epoch)."""
+        return self
+
     def plan(self) -> list[list[int]]:
         if self._cached is None or self._cached[0] != self.epoch:
             self._cached = (self.epoch, self._build_plan())

@@ -19,15 +19,16 @@ from bamba_ft.jobs.callbacks import GracefulStop
 from tests.integration.conftest import ROOT, cli
 
 
-def small_run(out: Path, resume: str | None = None) -> TrainConfig:
+def small_run(out: Path, resume: str | None = None, steps: int = 10) -> TrainConfig:
+    """4 batches per epoch, so 10 steps cross two epoch boundaries."""
     cfg = TrainConfig(output_dir=str(out))
     cfg.trainer.accelerator = "cpu"
-    cfg.trainer.max_steps = 6
+    cfg.trainer.max_steps = steps
     cfg.trainer.val_check_interval = 3
     cfg.trainer.checkpoint_every_n_steps = 0
     cfg.trainer.enable_progress_bar = False
     cfg.trainer.resume = resume
-    cfg.data = DataConfig(builtin_train_examples=300, builtin_val_examples=16, max_seq_len=128, max_tokens_per_batch=512)
+    cfg.data = DataConfig(builtin_train_examples=60, builtin_val_examples=16, max_seq_len=128, max_tokens_per_batch=512)
     cfg.eval.before_training = False
     cfg.eval.generate = False
     cfg.logger.csv = cfg.logger.tensorboard = False
@@ -38,24 +39,32 @@ def adapter(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "adapter" / "adapter_model.safetensors")
 
 
-def test_resume_matches_uninterrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    train.run(small_run(tmp_path / "full"))
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    run = tmp_path_factory.mktemp("full")
+    train.run(small_run(run))
+    return adapter(run)
 
+
+# epoch 0, epoch 1, epoch 2 (4 batches per epoch)
+@pytest.mark.parametrize("stop_at", [pytest.param(3, marks=pytest.mark.slow), 6, pytest.param(9, marks=pytest.mark.slow)])
+def test_resume_matches_uninterrupted(stop_at: int, uninterrupted: dict[str, torch.Tensor], tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
     original = GracefulStop.on_train_batch_end
 
-    def stop_at_three(self, trainer, *args):  # noqa: ANN001, ANN202
-        if trainer.global_step == 3:
+    def stop(self, trainer, *args):  # noqa: ANN001, ANN202
+        if trainer.global_step == stop_at:
             self.requested = "SIGINT"  # what the Ctrl-C handler sets
         return original(self, trainer, *args)
 
-    monkeypatch.setattr(GracefulStop, "on_train_batch_end", stop_at_three)
-    assert train.run(small_run(tmp_path / "first")) == {"stopped_at": 3}
+    monkeypatch.setattr(GracefulStop, "on_train_batch_end", stop)
+    assert train.run(small_run(tmp_path / "first")) == {"stopped_at": stop_at}
     assert (tmp_path / "first/checkpoints/interrupted.ckpt").exists()
     assert not (tmp_path / "first/adapter").exists()
     monkeypatch.setattr(GracefulStop, "on_train_batch_end", original)
 
     train.run(small_run(tmp_path / "second", resume=str(tmp_path / "first")))
-    full, resumed = adapter(tmp_path / "full"), adapter(tmp_path / "second")
+    full, resumed = uninterrupted, adapter(tmp_path / "second")
     assert full.keys() == resumed.keys()
     for name in full:
         torch.testing.assert_close(resumed[name], full[name], rtol=0, atol=1e-6)
