@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from transformers.models.bamba.modeling_bamba import BambaMLP, BambaRMSNorm
 
+from bamba_ft.ops.longseq import by_rows
+
 log = logging.getLogger(__name__)
 
 
@@ -99,5 +101,9 @@ class FusedRMSNorm(BambaRMSNorm):
         kernel = _mamba_ssm().get("rmsnorm") if hidden_states.is_cuda else None
         if kernel is None:
             return super().forward(hidden_states)
-        return kernel(hidden_states, self.weight, None, z=None, eps=self.variance_epsilon, group_size=None,
-                      norm_before_gate=False)
+
+        def norm(x: torch.Tensor) -> torch.Tensor:
+            return kernel(x, self.weight, None, z=None, eps=self.variance_epsilon, group_size=None,
+                          norm_before_gate=False)
+
+        return by_rows(norm, hidden_states)  # int32 offsets in the kernel: very long rows go in ranges

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from transformers.models.bamba.modeling_bamba import BambaMixer, BambaRMSNormGated
 
+from bamba_ft.ops import longseq
+
 log = logging.getLogger(__name__)
 
 
@@ -194,11 +196,17 @@ def ssd_scan_torch(
     dt_bias: torch.Tensor | None = None,
     seq_idx: torch.Tensor | None = None,
     dt_limit: tuple[float, float] = (0.0, math.inf),
-) -> torch.Tensor:
+    initial_states: torch.Tensor | None = None,
+    return_final_states: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Chunked SSD scan (Mamba-2) with sequences kept apart; same arguments as mamba-ssm's combined scan.
 
-    x: (b, t, h, p); dt: (b, t, h); A: (h,); B, C: (b, t, g, n); seq_idx: (b, t) or None.
-    Returns y: (b, t, h, p) in float32 (float64 for float64 inputs).
+    x: (b, t, h, p); dt: (b, t, h); A: (h,); B, C: (b, t, g, n); seq_idx: (b, t) or None;
+    initial_states: (b, h, p, n) or None. Returns y: (b, t, h, p) in float32 (float64 for float64 inputs), and
+    with `return_final_states` also the state after the last token, (b, h, p, n).
+
+    As in mamba-ssm, `initial_states` belong to sequence number 0: with `seq_idx`, only tokens numbered 0 that
+    precede every other sequence of the row read them (numbers must not decrease along a row).
 
     Within a chunk, the causal decay matrix is zeroed between tokens of different sequences; a chunk's state
     collects only tokens of the sequence its last token belongs to; a state passes to a later chunk only
@@ -231,7 +239,8 @@ def ssd_scan_torch(
     if seq_idx is not None:
         seg = F.pad(seq_idx, (0, pad), mode="replicate") if pad else seq_idx  # padding continues the last sequence
         seg = seg.reshape(b, -1, chunk_size)
-        seg_end = torch.cat([seg[:, :1, 0], seg[:, :, -1]], dim=1)  # (b, c+1): start, then each chunk's end
+        start = seg[:, :1, 0] if initial_states is None else torch.zeros_like(seg[:, :1, 0])  # the initial state's
+        seg_end = torch.cat([start, seg[:, :, -1]], dim=1)  # (b, c+1): start, then each chunk's end
 
     # 1. Within each chunk: attention-like form with the causal decay matrix.
     decay = torch.exp(_segsum(a))  # (b, h, c, l, s)
@@ -247,11 +256,13 @@ def ssd_scan_torch(
     states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bc, to_end, xdt)
 
     # 3. Pass states between chunks: state at the end of chunk i from the contributions of chunks j <= i.
-    states = torch.cat([torch.zeros_like(states[:, :1]), states], dim=1)
+    first = torch.zeros_like(states[:, :1]) if initial_states is None else initial_states.to(acc)[:, None]
+    states = torch.cat([first, states], dim=1)
     chunk_decay = torch.exp(_segsum(F.pad(a_cum[..., -1], (1, 0))))  # (b, h, c+1, c+1)
     if seg_end is not None:
         chunk_decay = chunk_decay * (seg_end[:, :, None] == seg_end[:, None, :])[:, None]
-    incoming = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)[:, :-1]  # state entering each chunk
+    boundary = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)  # state at each chunk boundary
+    incoming = boundary[:, :-1]  # state entering each chunk
 
     # 4. Each token reads the state that entered its chunk.
     from_start = torch.exp(a_cum)  # (b, h, c, l)
@@ -262,7 +273,8 @@ def ssd_scan_torch(
     y = y.reshape(b, -1, h, p)[:, :t]
     if D is not None:
         y = y + x * (D.to(acc)[:, None] if D.dim() == 1 else D.to(acc))
-    return y
+    # padding after the last token has dt = 0: no decay, no input, so the last boundary is the final state
+    return (y, boundary[:, -1]) if return_final_states else y
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -281,9 +293,18 @@ def _conv(mixer: BambaMixer, xbc: torch.Tensor, seq_idx: torch.Tensor | None, ba
 
 def _scan(mixer: BambaMixer, x, dt, A, B, C, seq_idx, backend: str) -> torch.Tensor:  # noqa: ANN001
     kwargs = dict(D=mixer.D, dt_bias=mixer.dt_bias, seq_idx=seq_idx, dt_limit=tuple(mixer.time_step_limit))
-    if backend in ("cuda-kernels", "triton"):
-        return _mamba_ssm()["scan"](x, dt, A, B, C, mixer.chunk_size, z=None, dt_softplus=True, **kwargs)
-    return ssd_scan_torch(x, dt, A, B, C, mixer.chunk_size, **kwargs)
+    if backend not in ("cuda-kernels", "triton"):
+        return ssd_scan_torch(x, dt, A, B, C, mixer.chunk_size, **kwargs)
+    scan = functools.partial(_mamba_ssm()["scan"], A=A, chunk_size=mixer.chunk_size, z=None, dt_softplus=True)
+    if not longseq.needs_pieces(x.shape[0], x.shape[1], longseq.scan_cost(x, dt, B, C, mixer.chunk_size)):
+        return scan(x, dt, B=B, C=C, **kwargs)
+    del kwargs["seq_idx"]
+
+    def piece(x, dt, B, C, seq_idx, initial_states):  # noqa: ANN001, ANN202
+        return scan(x, dt, B=B, C=C, seq_idx=seq_idx, initial_states=initial_states, return_final_states=True,
+                    **kwargs)
+
+    return longseq.piecewise_scan(piece, x, dt, B, C, seq_idx, mixer.chunk_size)
 
 
 class KernelOps:
@@ -317,6 +338,24 @@ class KernelOps:
             dout, x, dt, A, B, C, out, chunk_size, D=D, z=None, dt_bias=dt_bias, seq_idx=seq_idx, dt_softplus=True,
             dt_limit=dt_limit, dx=dx, ddt=ddt, dB=dB, dC=dC)
         return dx, ddt, dA, dB, dC, dD, ddt_bias
+
+    @staticmethod
+    def scan_fwd_state(x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, dt_limit, initial_states):  # noqa: ANN001, ANN205
+        """`scan_fwd` starting from `initial_states` (or zeros); returns (out, final states in float32)."""
+        got = _mamba_ssm()["scan_fwd"](x, dt, A, B, C, chunk_size, D=D, z=None, dt_bias=dt_bias,
+                                       initial_states=initial_states, seq_idx=seq_idx, dt_softplus=True,
+                                       dt_limit=dt_limit)
+        return got[0], got[5]
+
+    @staticmethod
+    def scan_bwd_state(dout, x, dt, A, B, C, out, chunk_size, D, dt_bias, seq_idx, dt_limit, dx, ddt, dB, dC,  # noqa: ANN001, ANN205
+                       initial_states, dfinal_states):
+        """`scan_bwd` with initial and final states; returns (dx, ddt, dA, dB, dC, dD, ddt_bias, dinitial_states)."""
+        got = _mamba_ssm()["scan_bwd"](
+            dout, x, dt, A, B, C, out, chunk_size, D=D, z=None, dt_bias=dt_bias, initial_states=initial_states,
+            dfinal_states=dfinal_states, seq_idx=seq_idx, dt_softplus=True, dt_limit=dt_limit, dx=dx, ddt=ddt,
+            dB=dB, dC=dC)
+        return got[0], got[1], got[2], got[3], got[4], got[5], got[7], got[8]
 
 
 def _channel_last(xbc: torch.Tensor) -> torch.Tensor:
@@ -408,12 +447,16 @@ def conv_scan(mixer: BambaMixer, xbc: torch.Tensor, dt: torch.Tensor, seq_idx: t
               ops: type = KernelOps) -> torch.Tensor:
     """y = scan(silu(conv(xbc))) for (b, t, conv_dim) `xbc`, (b, t, heads) `dt`; returns (b, t, heads, head_dim).
 
-    The kernels run through `mixer.conv_scan_graphs` (CUDA graphs, with their own ops) when it is set.
+    The kernels run through `mixer.conv_scan_graphs` (CUDA graphs, with their own ops) when it is set. Rows too
+    long for the kernels' 32-bit offsets run in pieces (bamba_ft.ops.longseq), with direct kernel calls.
     """
     A = -torch.exp(mixer.A_log.float())
+    args = (xbc, dt, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, A, mixer.D, mixer.dt_bias, seq_idx)
+    rest = (_ssm_shape(mixer), mixer.chunk_size, tuple(mixer.time_step_limit))
+    if longseq.needs_pieces(xbc.shape[0], xbc.shape[1], longseq.token_cost(xbc, dt, rest[0], rest[1])):
+        return longseq.piecewise_conv_scan(*args, ops, *rest)
     runner = mixer.__dict__.get("conv_scan_graphs") or DirectConvScan(ops)
-    return _ConvScan.apply(xbc, dt, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, A, mixer.D, mixer.dt_bias,
-                           seq_idx, runner, _ssm_shape(mixer), mixer.chunk_size, tuple(mixer.time_step_limit))
+    return _ConvScan.apply(*args, runner, *rest)
 
 
 def unfused_conv_scan(mixer: BambaMixer, xbc: torch.Tensor, dt: torch.Tensor, seq_idx: torch.Tensor | None,
@@ -471,15 +514,13 @@ class FusedGatedRMSNorm(BambaRMSNormGated):
         fused = _mamba_ssm().get("rmsnorm") if hidden_states.is_cuda else None
         if fused is None:
             return _gated_rmsnorm(self, hidden_states, gate)
-        return fused(
-            hidden_states.to(gate.dtype) if gate is not None else hidden_states,
-            self.weight,
-            None,
-            z=gate,
-            eps=self.variance_epsilon,
-            group_size=self.group_size,
-            norm_before_gate=False,
-        )
+
+        def norm(x: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+            return fused(x, self.weight, None, z=z, eps=self.variance_epsilon, group_size=self.group_size,
+                         norm_before_gate=False)
+
+        # the gate is a slice of in_proj's output (a long row stride): long rows pass the kernel's int32 offsets
+        return longseq.by_rows(norm, hidden_states.to(gate.dtype) if gate is not None else hidden_states, gate)
 
 
 PACKING_KWARGS = ("seq_idx", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")

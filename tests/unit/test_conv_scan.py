@@ -54,6 +54,26 @@ class TorchOps:
         dx.copy_(gx), ddt.copy_(gdt), dB.copy_(gB), dC.copy_(gC)
         return dx, ddt, gA, dB, dC, gD, gbias
 
+    @classmethod
+    def scan_fwd_state(cls, x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, dt_limit, initial_states):  # noqa: ANN001, ANN206
+        cls.calls["scan_fwd_state"] = cls.calls.get("scan_fwd_state", 0) + 1
+        return ssd_scan_torch(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, seq_idx=seq_idx, dt_limit=dt_limit,
+                              initial_states=initial_states, return_final_states=True)
+
+    @staticmethod
+    def scan_bwd_state(dout, x, dt, A, B, C, out, chunk_size, D, dt_bias, seq_idx, dt_limit, dx, ddt, dB, dC,  # noqa: ANN001, ANN205
+                       initial_states, dfinal_states):
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (x, dt, A, B, C, D, dt_bias)]
+            init = initial_states.detach().requires_grad_() if initial_states is not None else None
+            y, final = ssd_scan_torch(*leaves[:5], chunk_size, D=leaves[5], dt_bias=leaves[6], seq_idx=seq_idx,
+                                      dt_limit=dt_limit, initial_states=init, return_final_states=True)
+            dfinal = dfinal_states if dfinal_states is not None else torch.zeros_like(final)
+            grads = torch.autograd.grad((y, final), leaves + ([init] if init is not None else []), (dout, dfinal))
+        gx, gdt, gA, gB, gC, gD, gbias = grads[:7]
+        dx.copy_(gx), ddt.copy_(gdt), dB.copy_(gB), dC.copy_(gC)
+        return dx, ddt, gA, dB, dC, gD, gbias, grads[7] if init is not None else None
+
 
 @pytest.mark.parametrize("heads,groups", [(4, 1), (8, 2)])  # in_proj width 292 (copied to a stride of 8) and 296
 @pytest.mark.parametrize("lengths", [[23], [5, 1, 12, 8, 3]])
