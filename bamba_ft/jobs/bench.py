@@ -260,12 +260,12 @@ def _adapter_coverage(model: nn.Module) -> tuple[int, int]:
 
 def seq_scaling(lengths: list[int], model_cfg: ModelConfig, peft_cfg: PeftConfig, b: BenchConfig,
                 device: torch.device, seed: int, vocab: int) -> Iterator[dict]:
-    """One sequence per step at each length, with and without activation checkpointing; OOM is recorded.
+    """One sequence per step at each length, for each setting of `bench.activation_checkpointing`; OOM is recorded.
 
     One model per checkpointing setting serves every length (building a 9B model costs more than its steps).
     Yields one row per length as it is measured.
     """
-    for ckpt in (False, True):
+    for ckpt in b.activation_checkpointing:
         v = Variant("bamba_ft", stock=False, packed=True, ckpt=ckpt)
         built = _guarded({}, build_variant, v, model_cfg, peft_cfg, device, seed)
         model = built.pop("model", None)
