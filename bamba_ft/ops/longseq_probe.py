@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -120,8 +121,12 @@ def case_layer(t: int, packed: bool, pieces: bool) -> dict:
     return row
 
 
-def case_layouts(t: int) -> dict:
-    """Each kernel on the single call's strided arguments against the same on contiguous copies."""
+def case_layouts(t: int, part: str = "forward") -> dict:
+    """Each kernel on the single call's strided arguments against the same on contiguous copies.
+
+    The strided call of each kernel comes after every contiguous one, and each result is printed as it is
+    known: a call that faults (run with CUDA_LAUNCH_BLOCKING=1) leaves the earlier results and its traceback.
+    """
     from bamba_ft.ops.mamba2 import KernelOps, _channel_last, _split_xbc, conv_scan_backward_kernels
 
     mixer, config = build_mixer()
@@ -134,35 +139,50 @@ def case_layouts(t: int) -> dict:
     A = -torch.exp(mixer.A_log.detach().float())
     D, dt_bias, limit = mixer.D.detach(), mixer.dt_bias.detach(), tuple(mixer.time_step_limit)
     row: dict = {"strides": {"xbc": xbc.stride(1), "dt": dt.stride(1), "gate": gate.stride(1)},
-                 "max_offset_elements": {"xbc/dt/gate (strided)": (t - 1) * zxbcdt.stride(1) + zxbcdt.shape[-1],
+                 "max_offset_elements": {"xbc/dt/gate slices": (t - 1) * zxbcdt.stride(1) + zxbcdt.shape[-1],
                                          "conv out (dense)": t * mixer.conv_dim, "scan out": t * 8192}}
-    conv_s = KernelOps.conv_fwd(_channel_last(xbc), weight, bias, None).transpose(1, 2)
+
+    def note(key: str, value: object) -> None:
+        row[key] = value
+        torch.cuda.synchronize()
+        print("PARTIAL " + json.dumps(row), flush=True)
+
+    if part == "backward":
+        x_c = xbc.contiguous()
+        x, B, C = _split_xbc(KernelOps.conv_fwd(_channel_last(x_c), weight, bias, None).transpose(1, 2), shape)
+        dout = torch.randn_like(x)
+        del x, B, C
+        args = (weight, bias, A, D, dt_bias, None, shape, mixer.chunk_size, limit)
+        b_c = conv_scan_backward_kernels(KernelOps, dout, x_c, dt.contiguous(), *args)
+        note("backward nonfinite (contiguous xbc, dt)", [nonfinite(v) for v in b_c])
+        b_s = conv_scan_backward_kernels(KernelOps, dout, xbc, dt, *args)
+        note("backward nonfinite (strided slices)", [nonfinite(v) for v in b_s])
+        for name, a, c in zip(["dxbc", "ddt", "dweight", "dbias", "dA", "dD", "ddt_bias"], b_s, b_c):
+            row[f"backward {name}: strided vs contiguous"] = rel(a, c)
+        return row
     conv_c = KernelOps.conv_fwd(_channel_last(xbc.contiguous()), weight, bias, None).transpose(1, 2)
-    row["conv: strided vs contiguous input"] = rel(conv_s, conv_c)
-    row["conv nonfinite"] = nonfinite(conv_s)
+    conv_s = KernelOps.conv_fwd(_channel_last(xbc), weight, bias, None).transpose(1, 2)
+    note("conv: strided vs contiguous input", rel(conv_s, conv_c))
     del conv_s
     x, B, C = _split_xbc(conv_c, shape)
-    y_s = KernelOps.scan_fwd(x, dt, A, B, C, mixer.chunk_size, D, dt_bias, None, limit)
-    y_c = KernelOps.scan_fwd(x, dt.contiguous(), A, B, C, mixer.chunk_size, D, dt_bias, None, limit)
-    y_sep = KernelOps.scan_fwd(x.contiguous(), dt.contiguous(), A, B.contiguous(), C.contiguous(), mixer.chunk_size,
-                               D, dt_bias, None, limit)
-    row["scan: strided dt vs contiguous dt"] = rel(y_s, y_c)
-    row["scan: (x,B,C slices of conv out) vs separate contiguous x,B,C"] = rel(y_c, y_sep)
-    row["scan nonfinite (strided dt, contiguous dt, separate)"] = [nonfinite(y_s), nonfinite(y_c), nonfinite(y_sep)]
-    del conv_c, x, B, C, y_sep
+    dt_c = dt.contiguous()
+
+    def scan(x, dt, B, C):  # noqa: ANN001, ANN202
+        return KernelOps.scan_fwd(x, dt, A, B, C, mixer.chunk_size, D, dt_bias, None, limit)
+
+    y_c = scan(x, dt_c, B, C)
+    note("scan nonfinite (contiguous dt)", nonfinite(y_c))
     yf = y_c.reshape(1, t, -1)
-    n_s = mixer.norm(yf, gate)
     n_c = mixer.norm(yf, gate.contiguous())
-    row["gated norm: strided gate vs contiguous gate"] = rel(n_s, n_c)
-    row["gated norm nonfinite (strided, contiguous)"] = [nonfinite(n_s), nonfinite(n_c)]
+    note("gated norm nonfinite (contiguous gate)", nonfinite(n_c))
+    from bamba_ft.ops import longseq
+
+    longseq.OFFSET_LIMIT = 2**62  # the norm's single call
+    n_s = mixer.norm(yf, gate)
+    note("gated norm: strided gate vs contiguous gate", rel(n_s, n_c))
     del n_s, n_c, yf
-    dout = torch.randn_like(y_c)
-    args = (weight, bias, A, D, dt_bias, None, shape, mixer.chunk_size, limit)
-    b_s = conv_scan_backward_kernels(KernelOps, dout, xbc, dt, *args)
-    b_c = conv_scan_backward_kernels(KernelOps, dout, xbc.contiguous(), dt.contiguous(), *args)
-    for name, a, c in zip(["dxbc", "ddt", "dweight", "dbias", "dA", "dD", "ddt_bias"], b_s, b_c):
-        row[f"backward {name}: strided vs contiguous"] = rel(a, c)
-        row[f"backward {name} nonfinite (strided, contiguous)"] = [nonfinite(a), nonfinite(c)]
+    y_s = scan(x, dt, B, C)
+    note("scan: strided dt vs contiguous dt", [rel(y_s, y_c), nonfinite(y_s)])
     return row
 
 
@@ -249,6 +269,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=[120_000, 131_072, 262_144])
     ap.add_argument("--cases", nargs="+", default=["layer", "layouts", "attention", "loss", "swiglu"])
     ap.add_argument("--single-call", action="store_true", help="also run the layer with the split disabled")
+    ap.add_argument("--packed-only", action="store_true", help="layer: only the packed row")
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.spec:  # child process: one case
@@ -260,18 +281,28 @@ def main() -> None:
         for t in a.tokens:
             split = longseq_needed(t)
             if case == "layer":  # below the split point, shipped and single-call paths are the same code
-                for packed in (False, True) if split else (True,):
+                for packed in (False, True) if split and not a.packed_only else (True,):
                     specs += [{"case": "layer", "t": t, "packed": packed, "pieces": p}
                               for p in ([True, False] if a.single_call and split else [True])]
-            elif case == "layouts" and split or case in ("attention", "loss", "swiglu") and t == longest:
+            elif case == "layouts" and split:
+                specs += [{"case": case, "t": t, "part": part} for part in ("forward", "backward")]
+            elif case in ("attention", "loss", "swiglu") and t == longest:
                 specs.append({"case": case, "t": t})
     a.out.mkdir(parents=True, exist_ok=True)
     for spec in specs:
         t0 = time.perf_counter()
+        env = {**os.environ, "CUDA_LAUNCH_BLOCKING": "1"} if spec["case"] == "layouts" else None
         p = subprocess.run([sys.executable, "-m", "bamba_ft.ops.longseq_probe", "--spec", json.dumps(spec)],
-                           capture_output=True, text=True, timeout=400)
+                           capture_output=True, text=True, timeout=400, env=env)
         line = next((x[7:] for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
-        row = json.loads(line) if line else {**spec, "error": f"process exit {p.returncode}: {p.stderr[-600:]}"}
+        if line:
+            row = json.loads(line)
+        else:  # the last partial results and the traceback's last frames
+            partial = [x[8:] for x in p.stdout.splitlines() if x.startswith("PARTIAL ")]
+            frames = [x.strip() for x in p.stderr.splitlines() if x.strip().startswith("File ")][-4:]
+            row = {**spec, **(json.loads(partial[-1]) if partial else {}),
+                   "error": f"process exit {p.returncode}: {p.stderr.strip().splitlines()[-1][:300] if p.stderr else ''}",
+                   "frames": frames}
         row["wall_s"] = round(time.perf_counter() - t0, 1)
         print(json.dumps(row), flush=True)
         with open(a.out / "probe.jsonl", "a") as f:
