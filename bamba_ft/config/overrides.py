@@ -62,6 +62,35 @@ def check_overrides(argv: list[str]) -> None:
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:
     """Merge the composed config onto the schema again (catching `+key` additions) and validate it."""
+    # A `???` in a chosen group option must fail here. Hydra merges the option onto the schema, and a
+    # merged `???` keeps the schema's default, so `data=file` without `data.source` would train on builtin data.
+    from hydra.core.hydra_config import HydraConfig
+
+    missing = set(OmegaConf.missing_keys(cfg))
+    if HydraConfig.initialized():
+        from bamba_ft.config.store import config_dirs
+
+        hydra_cfg = HydraConfig.get()
+        overridden = {o.split("=", 1)[0].lstrip("+~") for o in hydra_cfg.overrides.task}
+        defaults = OmegaConf.structured(TrainConfig)
+        for group, option in hydra_cfg.runtime.choices.items():
+            path = config_dirs()[0] / str(group) / f"{option}.yaml"
+            if "/" in str(group) or option is None or not path.is_file():
+                continue
+            text = path.read_text()
+            prefix = "" if "@package _global_" in text else f"{group}."
+            for key in OmegaConf.missing_keys(OmegaConf.create(text)):
+                key = prefix + key
+                unchanged = OmegaConf.select(cfg, key) == OmegaConf.select(defaults, key)
+                if unchanged and key not in overridden:
+                    missing.add(key)
+    if missing:
+        examples = {"data.source": "data.source=path/to/train.jsonl"}
+        raise ConfigError([
+            f"{key}: no value given, and this config needs one.\n"
+            f"Fix: add {examples.get(key, key + '=...')} to the command line."
+            for key in sorted(missing)
+        ])
     try:
         container = OmegaConf.to_container(cfg, resolve=True)
         merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), container)
