@@ -97,6 +97,8 @@ class DataConfig:
     """What to do with longer examples: truncate | drop (both are counted and reported)."""
     train_on: str = "completion"
     """Which tokens carry loss: completion (assistant/completion tokens) | all."""
+    roles: dict[str, str] = field(default_factory=dict)
+    """Chat role renames applied before the template, e.g. {human: user, bot: assistant}; ShareGPT's are built in."""
     packing: bool = True
     """Padding-free packed batches (exact on bamba_ft's mixer); false gives padded batches."""
     max_tokens_per_batch: int = 4096

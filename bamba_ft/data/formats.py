@@ -1,10 +1,15 @@
-"""Raw rows -> chat messages (or plain text): chat, prompt/completion, alpaca and text formats."""
+"""Raw rows -> chat messages (or plain text): chat, prompt/completion, alpaca and text formats.
+
+`at` names where a row came from ("data.source=x.jsonl, line 58") so that every error points at the row.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import Any
 
-from bamba_ft.errors import DataError
+from bamba_ft.errors import ConfigError, DataError, suggest
 
 # format -> (required fields, optional fields)
 FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -13,8 +18,13 @@ FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "alpaca": (("instruction", "output"), ("input", "system")),
     "text": (("text",), ()),
 }
-# ShareGPT-style rows ({"conversations": [{"from": "human", "value": ...}]}) are read as `messages`.
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+ROLES = ("system", "user", "assistant", "tool")
+# ShareGPT-style rows ({"conversations": [{"from": "human", "value": ...}]}) are read as `messages`;
+# data.roles adds to (or overrides) these speaker names.
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "chatgpt": "assistant"}
+# Only to write the example fix in an error; a guess never renames a role by itself.
+_LIKELY = {"bot": "assistant", "model": "assistant", "ai": "assistant", "chatbot": "assistant",
+           "human": "user", "prompter": "user", "question": "user", "answer": "assistant"}
 
 
 def detect_format(columns: list[str], where: str) -> str:
@@ -49,60 +59,140 @@ def check_fields(fmt: str, columns: list[str], where: str) -> None:
         )
 
 
-def _text(value: Any, field: str, index: int, where: str) -> str:
+def role_map(renames: Mapping[str, str]) -> dict[str, str]:
+    """`data.roles`, checked: every rename must end at a role the chat template knows."""
+    bad = [f"data.roles.{k}={v}: not a chat role.{suggest(str(v), ROLES)} Valid: {', '.join(ROLES)}"
+           for k, v in renames.items() if v not in ROLES]
+    if bad:
+        raise ConfigError(bad)
+    return dict(renames)
+
+
+def _text(value: Any, field: str, at: str, coerced: list[str] | None) -> str:
+    if isinstance(value, str):
+        return value
+    if value is None or (isinstance(value, float) and math.isnan(value)):  # CSV readers give NaN for empty cells
+        raise DataError(f"{at}: field '{field}' has no value.\nFix: fill it in, or remove the row.")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)  # CSV readers turn "42" into 42
-    if not isinstance(value, str):
-        raise DataError(f"{where}, row {index}: field '{field}' must be a string, got {type(value).__name__}.")
-    return value
+        if coerced is not None:
+            coerced.append(field)  # counted and reported: CSV/parquet readers turn "007" into 7
+        return str(value)
+    raise DataError(f"{at}: field '{field}' must be a string, got {type(value).__name__}: {str(value)[:80]}")
 
 
-def _as_messages(value: Any, index: int, where: str) -> list[dict[str, str]]:
+def _content(value: Any, at: str, coerced: list[str] | None) -> str:
+    """A message's text; a list of parts (the OpenAI/HF form) is read when every part is text."""
+    if not isinstance(value, list):
+        return _text(value, "content", at, coerced)
+    texts = []
+    for part in value:
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind != "text":
+            raise DataError(
+                f"{at}: a message's content holds a '{kind}' part; only text parts "
+                '({"type": "text", "text": "..."}) can be trained on.\n'
+                "Fix: remove the non-text parts (or the rows holding them) from the data."
+            )
+        texts.append(_text(part.get("text"), "content[].text", at, coerced))
+    return "".join(texts)  # chat templates print text parts back to back
+
+
+def _unknown_roles(names: list[str], at: str) -> DataError:
+    example = ", ".join(f"{n}: {_LIKELY.get(n.lower(), n.lower() if n.lower() in ROLES else 'user')}" for n in names)
+    return DataError(
+        f"{at}: unknown chat role{'s' if len(names) > 1 else ''} {', '.join(repr(n) for n in names)} "
+        f"(valid: {', '.join(ROLES)}; ShareGPT rows may also use {', '.join(SHAREGPT_ROLES)}).\n"
+        f"Fix: map them with data.roles, e.g. 'data.roles={{{example}}}'"
+    )
+
+
+def _as_messages(value: Any, at: str, renames: Mapping[str, str], coerced: list[str] | None) -> list[dict[str, str]]:
     if not isinstance(value, list) or not value:
-        raise DataError(f"{where}, row {index}: 'messages' must be a non-empty list of {{role, content}} objects.")
-    out = []
+        raise DataError(f"{at}: 'messages' must be a non-empty list of {{role, content}} objects.")
+    out, unknown = [], []
     for turn in value:
         if not isinstance(turn, dict):
-            raise DataError(f"{where}, row {index}: each message must be an object with role and content.")
-        if "from" in turn and "value" in turn:  # ShareGPT
-            role = _SHAREGPT_ROLES.get(turn["from"])
-            if role is None:
-                raise DataError(f"{where}, row {index}: unknown ShareGPT speaker '{turn['from']}'.")
-            out.append({"role": role, "content": _text(turn["value"], "value", index, where)})
+            raise DataError(f"{at}: each message must be an object with role and content, got {type(turn).__name__}.")
+        # Rows read by datasets may carry every key of the file with None where a row lacks it.
+        if turn.get("from") is not None:  # ShareGPT
+            name, content = turn["from"], turn.get("value")
+            role = renames.get(name, SHAREGPT_ROLES.get(name, name))
+        elif turn.get("role") is not None:
+            name, content = turn["role"], turn.get("content")
+            role = renames.get(name, name)
+        else:
+            found = ", ".join(sorted(k for k, v in turn.items() if v is not None)) or "none"
+            raise DataError(f"{at}: a message has fields {found}; expected role and content (or from and value).")
+        if role not in ROLES:
+            if str(name) not in unknown:
+                unknown.append(str(name))
             continue
-        if "role" not in turn or "content" not in turn:
-            raise DataError(
-                f"{where}, row {index}: a message has fields {', '.join(sorted(turn))}; expected role and content."
-            )
-        out.append({"role": str(turn["role"]), "content": _text(turn["content"], "content", index, where)})
+        out.append({"role": role, "content": _content(content, at, coerced)})
+    if unknown:
+        raise _unknown_roles(unknown, at)
     return out
 
 
-def _with_system(row: dict[str, Any], messages: list[dict[str, str]]) -> list[dict[str, str]]:
-    system = row.get("system")
-    return ([{"role": "system", "content": system}] if isinstance(system, str) and system else []) + messages
+def _optional(row: dict[str, Any], field: str, at: str, coerced: list[str] | None) -> str:
+    value = row.get(field)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return _text(value, field, at, coerced)
 
 
-def to_messages(row: dict[str, Any], fmt: str, index: int, where: str) -> list[dict[str, str]] | str:
-    """One row as chat messages, or as a plain string for the text format."""
+def _with_system(
+    row: dict[str, Any], messages: list[dict[str, str]], at: str, coerced: list[str] | None
+) -> list[dict[str, str]]:
+    system = _optional(row, "system", at, coerced)
+    return ([{"role": "system", "content": system}] if system else []) + messages
+
+
+def _check_row(row: dict[str, Any], fmt: str, at: str) -> None:
+    """Every row must hold its format's fields: a file mixing formats fails at the first row that differs."""
+    required = ("messages", "conversations") if fmt == "messages" else FORMATS[fmt][0]
+    present = [f for f in required if row.get(f) is not None]
+    if (fmt == "messages" and present) or len(present) == len(required):
+        return
+    found = ", ".join(sorted(k for k, v in row.items() if v is not None and not k.startswith("__"))) or "none"
+    wanted = "messages (or conversations)" if fmt == "messages" else ", ".join(required)
+    raise DataError(
+        f"{at}: this row has no {wanted}; its fields are {found}, but the data's format is {fmt}.\n"
+        "Fix: give every row of a file the same format (split mixed files), or fill in the missing fields."
+    )
+
+
+def to_messages(
+    row: dict[str, Any],
+    fmt: str,
+    at: str,
+    renames: Mapping[str, str] | None = None,
+    coerced: list[str] | None = None,
+) -> list[dict[str, str]] | str:
+    """One row as chat messages, or as a plain string for the text format.
+
+    Args:
+        renames: `data.roles` (checked by `role_map`).
+        coerced: receives the name of each field whose number was read as text.
+    """
+    renames = renames or {}
+    _check_row(row, fmt, at)
     if fmt == "text":
-        return _text(row["text"], "text", index, where)
+        return _text(row["text"], "text", at, coerced)
     if fmt == "messages":
-        return _as_messages(row["messages"] if "messages" in row and row["messages"] else row["conversations"], index, where)
+        value = row["messages"] if row.get("messages") is not None else row["conversations"]
+        return _as_messages(value, at, renames, coerced)
     if fmt == "prompt_completion":
         prompt, completion = row["prompt"], row["completion"]
-        user = _as_messages(prompt, index, where) if isinstance(prompt, list) else [
-            {"role": "user", "content": _text(prompt, "prompt", index, where)}
+        user = _as_messages(prompt, at, renames, coerced) if isinstance(prompt, list) else [
+            {"role": "user", "content": _text(prompt, "prompt", at, coerced)}
         ]
-        answer = _as_messages(completion, index, where) if isinstance(completion, list) else [
-            {"role": "assistant", "content": _text(completion, "completion", index, where)}
+        answer = _as_messages(completion, at, renames, coerced) if isinstance(completion, list) else [
+            {"role": "assistant", "content": _text(completion, "completion", at, coerced)}
         ]
-        return _with_system(row, user + answer)
+        return _with_system(row, user + answer, at, coerced)
     # alpaca
-    instruction = _text(row["instruction"], "instruction", index, where)
-    extra = row.get("input")
-    user = f"{instruction}\n\n{extra}" if isinstance(extra, str) and extra.strip() else instruction
-    return _with_system(
-        row,
-        [{"role": "user", "content": user}, {"role": "assistant", "content": _text(row["output"], "output", index, where)}],
-    )
+    instruction = _text(row["instruction"], "instruction", at, coerced)
+    extra = _optional(row, "input", at, coerced)
+    user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    output = _text(row["output"], "output", at, coerced)
+    return _with_system(row, [{"role": "user", "content": user}, {"role": "assistant", "content": output}], at, coerced)

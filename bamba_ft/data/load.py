@@ -1,79 +1,181 @@
-"""Reading raw rows: local JSON/JSONL/Parquet/CSV files, saved dataset directories, Hub datasets."""
+"""Reading raw rows: local JSON/JSONL/Parquet/CSV files, saved dataset directories, Hub datasets.
+
+Every dataset returned carries its rows' 1-based positions in the source (column LINE or ROW), so that an
+error after the train/validation shuffle still names the line a user can open in an editor.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import Any
 
 import datasets
+from huggingface_hub import constants, get_session
 
 from bamba_ft.errors import DataError
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+LINE, ROW = "__line__", "__row__"  # file line (JSON, JSONL) | row number (CSV, Parquet, directories, Hub)
+POSITIONS = (LINE, ROW)
 
 
-def _find_bad_json(path: Path) -> str | None:
-    """'file:line: reason' for the first line (JSONL) or position (JSON) that does not parse."""
-    text = path.read_text(encoding="utf-8", errors="replace")
+def locate(where: str, row: dict[str, Any]) -> str:
+    """'data.source=x.jsonl, line 58' for a row read by `load_rows`."""
+    return f"{where}, line {row[LINE]}" if LINE in row else f"{where}, row {row[ROW]}"
+
+
+def number_rows(ds: datasets.Dataset) -> datasets.Dataset:
+    return ds if ROW in ds.column_names else ds.add_column(ROW, list(range(1, len(ds) + 1)))
+
+
+def _read_utf8(path: Path, where: str) -> str:
+    """The file's text; a byte that is not UTF-8 is named by line and byte offset (datasets names neither)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - data.rfind(b"\n", 0, e.start)
+        raise DataError(
+            f"{where}, line {line}: not UTF-8 text: byte 0x{data[e.start]:02x} at byte offset {e.start} "
+            f"(column {column}).\nFix: re-encode the file as UTF-8, e.g. "
+            f"iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}"
+        ) from None
+
+
+def _array_lines(text: str) -> list[int]:
+    """The line on which each element of a (valid) JSON array starts."""
+    decoder, gap = json.JSONDecoder(), re.compile(r"[\s,]*")
+    pos = text.index("[") + 1
+    line, lines = 1 + text.count("\n", 0, pos), []
+    while True:
+        start = gap.match(text, pos).end()  # type: ignore[union-attr]  # the pattern matches the empty string
+        if start >= len(text) or text[start] == "]":
+            return lines
+        line += text.count("\n", pos, start)
+        lines.append(line)
+        pos = decoder.raw_decode(text, start)[1]
+        line += text.count("\n", start, pos)
+
+
+def _json_lines(path: Path, text: str, key: str) -> list[int]:
+    """The line of each row; 'file:line: reason' for the first line (JSONL) or position (JSON) that does not parse."""
+    fix = "Fix that line (each line one JSON object)."
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
-            json.loads(text)
+            rows = json.loads(text)
         except json.JSONDecodeError as e:
-            return f"{path}:{e.lineno}:{e.colno}: {e.msg}"
-        return None
-    for n, line in enumerate(text.splitlines(), start=1):
+            raise DataError(f"{key}: malformed JSON at {path}:{e.lineno}:{e.colno}: {e.msg}.\n{fix}") from None
+        lines = _array_lines(text)
+        for n, row in zip(lines, rows):
+            if not isinstance(row, dict):
+                raise DataError(f"{key}: {path}:{n}: each element must be a JSON object, got {type(row).__name__}.")
+        return lines
+    lines = []
+    # split("\n") as the JSON reader does: splitlines() would also split at U+2028 inside strings.
+    for n, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
-            continue
+            continue  # datasets skips blank lines, so row i is the i-th non-blank line
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            return f"{path}:{n}: {e.msg} (column {e.colno})"
+            raise DataError(f"{key}: malformed JSON at {path}:{n}: {e.msg} (column {e.colno}).\n{fix}") from None
         if not isinstance(row, dict):
-            return f"{path}:{n}: each line must be a JSON object, got {type(row).__name__}"
+            raise DataError(f"{key}: malformed JSON at {path}:{n}: each line must be a JSON object, "
+                            f"got {type(row).__name__}.\n{fix}")
+        lines.append(n)
+    return lines
+
+
+def _load_file(path: Path, source: str, key: str) -> datasets.Dataset:
+    where = f"{key}={source}"
+    builder = _BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise DataError(f"{where}: unsupported file type '{path.suffix}'. Use .jsonl, .json, .parquet or .csv.")
+    empty = f"\nFix: point {key} at a file with training rows."
+    if path.stat().st_size == 0:
+        raise DataError(f"{where}: the file is empty (0 bytes).{empty}")
+    lines = None
+    if builder in ("json", "csv"):
+        text = _read_utf8(path, where)
+        if not text.strip():
+            raise DataError(f"{where}: the file is empty (only whitespace).{empty}")
+        if builder == "json":
+            lines = _json_lines(path, text, key)
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as e:  # pyarrow/json errors surface as many exception types
+        raise DataError(f"{where}: could not read the file: {type(e).__name__}: {e}") from e
+    if lines is not None and len(lines) == len(ds):
+        return ds.add_column(LINE, lines)
+    return number_rows(ds)
+
+
+def _load_dir(path: Path, source: str, split: str, key: str) -> datasets.Dataset:
+    where = f"{key}={source}"
+    if not [p for p in path.iterdir() if not p.name.startswith(".")]:
+        raise DataError(f"{where}: the directory is empty.\nFix: point {key} at a data file, or at a directory "
+                        "of .jsonl/.json/.parquet/.csv files or one written by datasets' save_to_disk.")
+    if any((path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise DataError(f"{where}: no split '{split}'; it has {', '.join(loaded)}.")
+            loaded = loaded[split]
+        return number_rows(loaded)
+    try:
+        return number_rows(datasets.load_dataset(str(path), split=split))
+    except Exception as e:
+        raise DataError(
+            f"{where}: could not read the directory as a dataset ({type(e).__name__}: {_first_line(e)}).\n"
+            f"Fix: point {key} at one data file, or keep only .jsonl/.json/.parquet/.csv files in the directory."
+        ) from e
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else ""
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hub cannot be reached, from one quick request; datasets itself retries for about 30 s."""
+    try:
+        get_session().head(constants.ENDPOINT, timeout=5)  # any HTTP answer, even an error status, will do
+    except Exception as e:
+        return f"{type(e).__name__}: {_first_line(e)}"
     return None
 
 
-def load_rows(source: str, split: str, key: str) -> datasets.Dataset:
-    """The rows of `source` (config key `key` names it in errors)."""
-    path = Path(source).expanduser()
-    if path.is_file():
-        builder = _BUILDERS.get(path.suffix.lower())
-        if builder is None:
-            raise DataError(
-                f"{key}={source}: unsupported file type '{path.suffix}'. Use .jsonl, .json, .parquet or .csv."
-            )
-        if builder == "json":
-            bad = _find_bad_json(path)  # datasets' own parser error does not name the line
-            if bad:
-                raise DataError(f"{key}: malformed JSON at {bad}.\nFix that line (each line one JSON object).")
-        try:
-            return datasets.load_dataset(builder, data_files=str(path), split="train")
-        except Exception as e:  # pyarrow/json errors surface as many exception types
-            raise DataError(f"{key}={source}: could not read the file: {e}") from e
-    if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "state.json").exists() or (path / "dataset_dict.json").exists():
-            loaded = datasets.load_from_disk(str(path))
-            if isinstance(loaded, datasets.DatasetDict):
-                if split not in loaded:
-                    raise DataError(f"{key}={source}: no split '{split}'; it has {', '.join(loaded)}.")
-                return loaded[split]
-            return loaded
-        return _load_hub_or_dir(str(path), split, key)
-    if source.startswith((".", "/", "~")) or source.endswith(tuple(_BUILDERS)):
-        raise DataError(f"{key}={source}: no such file or directory.")
-    return _load_hub_or_dir(source, split, key)
-
-
-def _load_hub_or_dir(source: str, split: str, key: str) -> datasets.Dataset:
+def _load_hub(source: str, split: str, key: str) -> datasets.Dataset:
+    where = f"{key}={source}"
+    offline = constants.HF_HUB_OFFLINE or datasets.config.HF_HUB_OFFLINE
+    fix = "Fix: check the path; or download the dataset where the Hub is reachable and pass its local path."
+    unreachable = None if offline else _hub_unreachable()
+    if unreachable:
+        raise DataError(
+            f"{where}: not a local file or directory, and the Hugging Face Hub ({constants.ENDPOINT}) is "
+            f"unreachable ({unreachable}).\n{fix}\n(HF_HUB_OFFLINE=1 reads a copy already in the datasets cache.)"
+        )
     try:
-        return datasets.load_dataset(source, split=split)
+        return number_rows(datasets.load_dataset(source, split=split))
     except ValueError as e:
         if "split" in str(e).lower():
-            raise DataError(f"{key}={source}: no split '{split}'. {e}") from e
-        raise DataError(f"{key}={source}: {e}") from e
+            raise DataError(f"{where}: no split '{split}'. {e}") from e
+        raise DataError(f"{where}: {e}") from e
     except Exception as e:
-        raise DataError(
-            f"{key}={source}: not a local file or directory, and loading it from the Hugging Face Hub failed "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}).\n"
-            "Fix: check the path, or download the dataset where the Hub is reachable and pass its local path."
-        ) from e
+        state = ("HF_HUB_OFFLINE=1 is set and the datasets cache has no copy of it" if offline
+                 else f"loading it from the Hugging Face Hub failed ({type(e).__name__}: {_first_line(e)})")
+        raise DataError(f"{where}: not a local file or directory, and {state}.\n{fix}") from e
+
+
+def load_rows(source: str, split: str, key: str) -> datasets.Dataset:
+    """The rows of `source` (config key `key` names it in errors), numbered by their place in it."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return _load_file(path, source, key)
+    if path.is_dir():
+        return _load_dir(path, source, split, key)
+    if source.startswith((".", "/", "~")) or source.endswith(tuple(_BUILDERS)):
+        raise DataError(f"{key}={source}: no such file or directory.")
+    return _load_hub(source, split, key)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,8 +15,8 @@ from transformers import PreTrainedTokenizerBase
 
 from bamba_ft.config.schema import DataConfig
 from bamba_ft.data.builtin import builtin_splits
-from bamba_ft.data.formats import check_fields, detect_format, to_messages
-from bamba_ft.data.load import load_rows
+from bamba_ft.data.formats import check_fields, detect_format, role_map, to_messages
+from bamba_ft.data.load import POSITIONS, load_rows, locate, number_rows
 from bamba_ft.data.packing import BatchPlan, MaskedRows, collate_packed, collate_padded
 from bamba_ft.data.tokenize import IGNORE_INDEX, tokenize_example
 from bamba_ft.errors import DataError
@@ -24,14 +25,22 @@ log = logging.getLogger(__name__)
 datasets.disable_progress_bars()
 
 
-def _encode(row: dict, index: int, *, tokenizer, fmt: str, train_on: str, max_seq_len: int, where: str) -> dict:  # noqa: ANN001
-    tok = tokenize_example(tokenizer, to_messages(row, fmt, index, where), train_on, max_seq_len, where)
+def _encode(row: dict, *, tokenizer, fmt: str, train_on: str, max_seq_len: int, where: str,  # noqa: ANN001
+            renames: Mapping[str, str]) -> dict:
+    at = locate(where, row)
+    coerced: list[str] = []
+    example = to_messages(row, fmt, at, renames, coerced)
+    tok = tokenize_example(tokenizer, example, train_on, max_seq_len, at)
+    empty = not isinstance(example, str) and any(m["role"] == "assistant" and not m["content"].strip() for m in example)
     return {
         "input_ids": tok.input_ids,
         "labels": tok.labels,
         "length": len(tok.input_ids),
         "truncated": tok.truncated,
         "n_targets": sum(1 for t in tok.labels if t != IGNORE_INDEX),
+        "full_targets": tok.full_targets,
+        "empty_assistant": empty,
+        "coerced": len(coerced),
     }
 
 
@@ -42,15 +51,26 @@ class SplitStats:
     truncated: int
     dropped_overlong: int
     dropped_no_targets: int
+    dropped_prompt_too_long: int
+    """Examples whose prompt alone fills data.max_seq_len, so truncation leaves no loss token."""
     tokens: int
     target_tokens: int
+    empty_assistant: int
+    """Rows with an empty (or whitespace-only) assistant message: kept, they teach an empty answer."""
+    coerced: int
+    """Rows where a number stood in a text field and was read as its decimal text."""
 
     def line(self, name: str) -> str:
         return (
             f"{name}: {self.kept}/{self.rows} examples, {self.tokens} tokens ({self.target_tokens} with loss); "
             f"truncated {self.truncated}, dropped {self.dropped_overlong} overlong, "
+            f"{self.dropped_prompt_too_long} with a prompt longer than data.max_seq_len, "
             f"{self.dropped_no_targets} with no loss tokens"
         )
+
+
+def _first(flags: list[bool]) -> int:
+    return next(i for i, f in enumerate(flags) if f)
 
 
 class BambaDataModule(L.LightningDataModule):
@@ -70,10 +90,11 @@ class BambaDataModule(L.LightningDataModule):
 
     # ----- building the splits
     def _raw_splits(self) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+        """Both splits' raw rows; each row keeps its place in its source (load.LINE/ROW) through the split shuffle."""
         c = self.cfg
         if c.source == "builtin":
             train, val = builtin_splits(c.builtin_kind, c.builtin_train_examples, c.builtin_val_examples, self.seed)
-            return datasets.Dataset.from_list(train), datasets.Dataset.from_list(val)
+            return number_rows(datasets.Dataset.from_list(train)), number_rows(datasets.Dataset.from_list(val))
         train = load_rows(c.source, c.split, "data.source")
         if c.val_source:
             return train, load_rows(c.val_source, c.val_split or c.split, "data.val_source")
@@ -84,46 +105,78 @@ class BambaDataModule(L.LightningDataModule):
         parts = train.train_test_split(test_size=c.val_fraction, seed=self.seed, shuffle=True)
         return parts["train"], parts["test"]
 
+    def _stats(self, rows: datasets.Dataset, enc: datasets.Dataset, name: str, where: str) -> tuple[list[int], SplitStats]:
+        """Which examples to keep, and the split's counts; warns once per kind of doubtful row."""
+        c = self.cfg
+        drop_overlong = c.overlong == "drop"
+        cols = enc.select_columns(["truncated", "n_targets", "full_targets", "empty_assistant", "coerced"]).to_dict()
+        trunc, n_tg, full = cols["truncated"], cols["n_targets"], cols["full_targets"]
+        no_targets = [f == 0 for f in full]
+        overlong = [t and f > 0 and drop_overlong for t, f in zip(trunc, full)]
+        # Truncation cut away every answer token: the prompt alone is longer than max_seq_len.
+        prompt_long = [f > 0 and n == 0 and not o for f, n, o in zip(full, n_tg, overlong)]
+        keep = [i for i, n in enumerate(n_tg) if n > 0 and not overlong[i]]
+        kept_lengths = enc.select(keep)["length"] if keep else []
+        stats = SplitStats(
+            rows=len(rows), kept=len(keep),
+            truncated=sum(1 for i in keep if trunc[i]),
+            dropped_overlong=sum(overlong), dropped_no_targets=sum(no_targets),
+            dropped_prompt_too_long=sum(prompt_long),
+            tokens=sum(kept_lengths), target_tokens=sum(n_tg[i] for i in keep),
+            empty_assistant=sum(cols["empty_assistant"]), coerced=sum(1 for n in cols["coerced"] if n),
+        )
+
+        def at(flags: list[bool]) -> str:
+            return locate(where, rows[_first(flags)])
+
+        if stats.dropped_prompt_too_long:
+            log.warning("data warning: %d %s examples dropped: the prompt alone is longer than data.max_seq_len=%d, "
+                        "so no answer token is left (first: %s). Fix: raise data.max_seq_len.",
+                        stats.dropped_prompt_too_long, name, c.max_seq_len, at(prompt_long))
+        if stats.empty_assistant:
+            log.warning("data warning: %d %s rows have an empty assistant message, which teaches an empty answer "
+                        "(first: %s). Fix: remove those rows or fill in the answers.",
+                        stats.empty_assistant, name, at(cols["empty_assistant"]))
+        if stats.coerced:
+            log.warning("data warning: %d %s rows hold a number where text belongs; it was read as its decimal text, "
+                        "so '007' became '7' (first: %s). Fix: store those fields as strings.",
+                        stats.coerced, name, at(cols["coerced"]))
+        if stats.kept == 0:
+            all_no_targets = stats.dropped_no_targets == stats.rows
+            raise DataError(self._why_empty(stats, name, where, at([a == all_no_targets for a in no_targets])))
+        return keep, stats
+
+    def _why_empty(self, st: SplitStats, name: str, where: str, first: str) -> str:
+        c = self.cfg
+        if st.dropped_no_targets == st.rows:
+            fix = ("check that rows have assistant/completion text (after data.roles), "
+                   "or set data.train_on=all to train on every token")
+        else:
+            fix = f"raise data.max_seq_len (now {c.max_seq_len})" + (
+                ", or set data.overlong=truncate" if c.overlong == "drop" else "")
+        return f"{where}: no {name} examples left after filtering ({st.line(name)}; first: {first}).\nFix: {fix}."
+
     def _tokenize(self, rows: datasets.Dataset, name: str, where: str) -> tuple[datasets.Dataset, SplitStats]:
         c = self.cfg
         if len(rows) == 0:
             raise DataError(f"{where}: the {name} split has no rows.")
-        fmt = c.format if c.format != "auto" else detect_format(rows.column_names, where)
-        check_fields(fmt, rows.column_names, where)
+        columns = [col for col in rows.column_names if col not in POSITIONS]
+        fmt = c.format if c.format != "auto" else detect_format(columns, where)
+        check_fields(fmt, columns, where)
         self.fmt = self.fmt or fmt
         self.formats[name] = fmt
         encode = functools.partial(
-            _encode, tokenizer=self.tokenizer, fmt=fmt, train_on=c.train_on, max_seq_len=c.max_seq_len, where=where
+            _encode, tokenizer=self.tokenizer, fmt=fmt, train_on=c.train_on, max_seq_len=c.max_seq_len, where=where,
+            renames=role_map(c.roles),
         )
         enc = rows.map(
             encode,
-            with_indices=True,
             remove_columns=rows.column_names,
             num_proc=c.num_proc if c.num_proc > 1 else None,
             desc=f"tokenizing {name}",
         )
-        keep_overlong = c.overlong == "truncate"
-        flags = list(zip(enc["truncated"], enc["n_targets"]))
-        overlong = sum(1 for t, _ in flags if t)
-        no_targets = sum(1 for t, n in flags if n == 0 and (keep_overlong or not t))
-        kept = enc.filter(
-            lambda t, n: n > 0 and (keep_overlong or not t), input_columns=["truncated", "n_targets"]
-        )
-        stats = SplitStats(
-            rows=len(rows),
-            kept=len(kept),
-            truncated=sum(1 for t, n in flags if t and n > 0) if keep_overlong else 0,
-            dropped_overlong=0 if keep_overlong else overlong,
-            dropped_no_targets=no_targets,
-            tokens=sum(kept["length"]),
-            target_tokens=sum(kept["n_targets"]),
-        )
-        if stats.kept == 0:
-            raise DataError(
-                f"{where}: no {name} examples left after filtering ({stats.line(name)}).\n"
-                f"Fix: raise data.max_seq_len (now {c.max_seq_len}), set data.overlong=truncate, "
-                "or check that rows have assistant/completion text."
-            )
+        keep, stats = self._stats(rows, enc, name, where)
+        kept = enc.select(keep).remove_columns(["full_targets", "empty_assistant", "coerced"])
         return kept, stats
 
     def prepare(self) -> None:
@@ -137,7 +190,8 @@ class BambaDataModule(L.LightningDataModule):
             val_rows = val_rows.select(range(min(len(val_rows), self.cfg.max_val_examples)))
             val_where = f"data.val_source={self.cfg.val_source}" if self.cfg.val_source else where
             self.val_set, self.stats["val"] = self._tokenize(val_rows, "validation", val_where)
-            self.val_rows = [to_messages(r, self.formats["validation"], i, val_where) for i, r in enumerate(val_rows)]
+            fmt, renames = self.formats["validation"], role_map(self.cfg.roles)
+            self.val_rows = [to_messages(r, fmt, locate(val_where, r), renames) for r in val_rows]
         for name, st in self.stats.items():
             log.info("data %s", st.line(name))
 

@@ -52,6 +52,8 @@ class Tokenized:
     input_ids: list[int]
     labels: list[int]
     truncated: bool
+    full_targets: int
+    """Loss tokens before the cut: more than zero while `labels` has none means the prompt filled `max_seq_len`."""
 
 
 def tokenize_example(
@@ -72,7 +74,7 @@ def tokenize_example(
         text, spans = _assistant_spans(tokenizer, example, where)
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = enc["input_ids"]
-        if train_on == "all" or not spans:
+        if train_on == "all":
             labels = list(ids)
         else:
             labels = [
@@ -82,7 +84,8 @@ def tokenize_example(
     if labels:
         labels[0] = IGNORE_INDEX  # nothing predicts a sequence's first token; in a packed row it follows another
     truncated = len(ids) > max_seq_len
-    return Tokenized(ids[:max_seq_len], labels[:max_seq_len], truncated)
+    full_targets = sum(1 for t in labels if t != IGNORE_INDEX)
+    return Tokenized(ids[:max_seq_len], labels[:max_seq_len], truncated, full_targets)
 
 
 def prompt_and_reference(tokenizer: PreTrainedTokenizerBase, example: list[dict] | str) -> tuple[str, str] | None:

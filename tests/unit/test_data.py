@@ -56,7 +56,7 @@ def test_messages_label_mask_token_by_token(builtin_tokenizer) -> None:  # noqa:
     ("text", {"text": "the cat"}, [("the cat<|end|>", True)]),
 ])
 def test_formats_label_mask(builtin_tokenizer, fmt: str, row: dict, parts: list) -> None:  # noqa: ANN001
-    tok = tokenize_example(builtin_tokenizer, to_messages(row, fmt, 0, "test"), "completion", 512)
+    tok = tokenize_example(builtin_tokenizer, to_messages(row, fmt, "test"), "completion", 512)
     ids, labels = expected_labels(builtin_tokenizer, parts)
     assert (tok.input_ids, tok.labels) == (ids, labels)
 
@@ -204,3 +204,60 @@ def test_validation_file_may_use_another_format(builtin_tokenizer) -> None:  # n
     dm.prepare()
     assert dm.formats == {"train": "alpaca", "validation": "messages"}
     assert dm.val_rows[0][-1] == {"role": "assistant", "content": "hi"}
+
+
+def test_list_content_and_role_renames_mask_token_by_token(builtin_tokenizer) -> None:  # noqa: ANN001
+    row = {"messages": [{"role": "human", "content": [{"type": "text", "text": "Sky"}, {"type": "text", "text": "?"}]},
+                        {"role": "bot", "content": [{"type": "text", "text": "blue"}]},
+                        {"role": "human", "content": "Sea?"}, {"role": "bot", "content": "deep"}]}
+    with pytest.raises(DataError, match=r"(?s)line 3: unknown chat roles 'human', 'bot' .*data.roles=\{human: user, bot: assistant\}"):
+        to_messages(row, "messages", "x.jsonl, line 3")
+    messages = to_messages(row, "messages", "test", {"human": "user", "bot": "assistant"})
+    tok = tokenize_example(builtin_tokenizer, messages, "completion", 512)
+    ids, labels = expected_labels(builtin_tokenizer, [
+        ("<|user|>Sky?<|end|><|assistant|>", False), ("blue<|end|>", True),
+        ("<|user|>Sea?<|end|><|assistant|>", False), ("deep<|end|>", True)])
+    assert (tok.input_ids, tok.labels) == (ids, labels)
+    image = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]}
+    with pytest.raises(DataError, match=r"x.jsonl, line 3: .*'image_url' part"):
+        to_messages(image, "messages", "x.jsonl, line 3")
+
+
+def test_conversation_without_assistant_turn_has_no_loss(builtin_tokenizer) -> None:  # noqa: ANN001
+    tok = tokenize_example(builtin_tokenizer, [{"role": "user", "content": "hello"}], "completion", 512)
+    assert set(tok.labels) == {IGNORE_INDEX} and tok.full_targets == 0
+
+
+def test_errors_name_the_file_line_after_the_split_shuffle(builtin_tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
+    good = json.dumps({"prompt": "a", "completion": "b"})
+    lines = [good] * 200
+    lines[57] = json.dumps({"prompt": "a", "completion": None})
+    lines.insert(10, "")  # blank lines are skipped by the reader but still count as file lines
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    dm = BambaDataModule(DataConfig(source=str(path), val_fraction=0.25), builtin_tokenizer)
+    with pytest.raises(DataError, match=rf"{path}, line 59: this row has no prompt, completion"):
+        dm.prepare()
+
+
+def test_empty_answers_and_numbers_are_counted(builtin_tokenizer, tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    rows = [{"prompt": "a", "completion": "b"}] * 6 + [{"prompt": "a", "completion": " "}] * 2 + [
+        {"prompt": "a", "completion": 7}] * 3
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dm = BambaDataModule(DataConfig(source=str(path), val_fraction=0.0), builtin_tokenizer)
+    dm.prepare()
+    st = dm.stats["train"]
+    assert (st.rows, st.kept, st.empty_assistant, st.coerced) == (11, 11, 2, 3)
+    assert "2 train rows have an empty assistant message" in caplog.text and f"{path}, line 7" in caplog.text
+    assert "3 train rows hold a number" in caplog.text and f"{path}, line 9" in caplog.text
+
+
+def test_prompt_longer_than_max_seq_len_is_counted_apart(builtin_tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
+    rows = [{"prompt": "x" * 40, "completion": "y"}] * 2 + [{"prompt": "x", "completion": "y"}] * 3
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dm = BambaDataModule(DataConfig(source=str(path), val_fraction=0.0, max_seq_len=20), builtin_tokenizer)
+    dm.prepare()
+    st = dm.stats["train"]
+    assert (st.kept, st.dropped_prompt_too_long, st.dropped_no_targets, st.truncated) == (3, 2, 0, 0)
