@@ -1,0 +1,74 @@
+"""Bad data inputs end in one `bamba_ft:` message naming the file (and line) and the fix: exit 2, no traceback."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from subprocess import CompletedProcess
+
+import pytest
+
+from tests.integration.conftest import cli
+
+TINY = ["trainer=cpu", "trainer.max_steps=1", "eval.before_training=false", "logger=none"]
+CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+
+
+def _jsonl(*rows: dict) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+# name -> (file name or None, file bytes or None (a directory), extra overrides, what the message must contain)
+CASES: dict[str, tuple[str | None, bytes | None, list[str], list[str]]] = {
+    "non_utf8": ("d.jsonl", _jsonl(CHAT) + b'{"text": "caf\xe9"}\n', [], ["d.jsonl, line 2", "not UTF-8", "0xe9"]),
+    "whitespace_only": ("d.jsonl", b"  \n\n\t\n", [], ["d.jsonl: the file is empty (only whitespace)"]),
+    "zero_bytes": ("d.jsonl", b"", [], ["d.jsonl: the file is empty (0 bytes)"]),
+    "empty_dir": ("d", None, [], ["/d: the directory is empty"]),
+    "unknown_roles": ("d.jsonl", _jsonl(CHAT, {"messages": [{"role": "human", "content": "a"},
+                                                            {"role": "bot", "content": "b"}]}),
+                      [], ["d.jsonl, line 2", "'human', 'bot'", "data.roles={human: user, bot: assistant}"]),
+    "mixed_formats": ("d.jsonl", _jsonl(CHAT, CHAT, {"prompt": "p", "completion": "c"}),
+                      [], ["d.jsonl, line 3", "no messages", "completion, prompt"]),
+    "non_text_content": ("d.jsonl", _jsonl(CHAT, {"messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+        {"role": "assistant", "content": "b"}]}), [], ["d.jsonl, line 2", "'image_url' part"]),
+    "no_source": (None, None, [], ["data.source: no value given", "data.source=path/to/train.jsonl"]),
+    "prompt_too_long": ("d.jsonl", _jsonl(*[{"prompt": "x" * 80, "completion": "y"}] * 4),
+                        ["data.max_seq_len=32", "data.max_tokens_per_batch=64", "data.val_fraction=0"],
+                        ["d.jsonl", "4 with a prompt longer than data.max_seq_len", "raise data.max_seq_len"]),
+    "offline_hub_id": ("someorg/somedata", None, [], ["data.source=someorg/somedata", "HF_HUB_OFFLINE=1"]),
+}
+
+
+def _run(name: str, root: Path) -> CompletedProcess:
+    file, data, extra, _ = CASES[name]
+    where = root / name
+    where.mkdir()
+    source: list[str] = []
+    if file == "someorg/somedata":
+        source = [f"data.source={file}"]
+    elif file is not None:
+        path = where / file
+        path.mkdir() if data is None else path.write_bytes(data)
+        source = [f"data.source={path}"]
+    return cli(["data=file", *source, *TINY, *extra, f"hydra.run.dir={where}/run"], cwd=where, check=False)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, CompletedProcess]:
+    """Every case at once: each is a fresh CLI process, mostly import time, so they run side by side."""
+    root = tmp_path_factory.mktemp("bad_input")
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return dict(zip(CASES, pool.map(lambda n: _run(n, root), CASES)))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_gives_one_message(results: dict[str, CompletedProcess], name: str) -> None:
+    proc = results[name]
+    err = proc.stderr
+    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{err[-2000:]}"
+    assert "Traceback" not in err, err
+    assert err.count("bamba_ft:") == 1, err
+    for text in CASES[name][3]:
+        assert text in err, f"{text!r} not in:\n{err}"
