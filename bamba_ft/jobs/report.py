@@ -27,6 +27,52 @@ def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux reports it (os.umask alone must set a new one)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or unlink inside `path` durable (a no-op where directories cannot be opened, as on Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish_file(path: Path, data: str | bytes) -> None:
+    """Write `path` atomically and durably, readable by others as the umask allows (mkstemp's files are 0600).
+
+    A kill leaves either the old file or the new one, plus at worst a hidden `.<name>.*.tmp` beside it.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            if hasattr(os, "fchmod"):  # not on Windows, where the default mode is readable anyway
+                os.fchmod(f.fileno(), 0o666 & ~current_umask())
+            os.fsync(f.fileno())  # data on disk before the rename, or a power cut can leave an empty file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
 def read_metrics_csv(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """{metric: [(step, value), ...]} from the newest CSV log of a run."""
     files = sorted((run_dir / "logs" / "csv").glob("version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)
