@@ -12,11 +12,14 @@ Points (name: where the process dies):
   export.before_verify   same files, plus the attention setting stripped from config.json; before the reload check
   export.after_verify    reload check passed; model card and export_report.json not yet written
   export.before_rename   temporary directory complete (export_report.json written); before it is moved onto the target
-  export.after_rename    export in place; before the replaced old export (if any) is removed
+  export.mid_replace     overwriting: the old export moved aside to .<target>.old; the new one not yet moved in
+  export.after_rename    export in place (its owner file still inside); the replaced old export not yet removed
   eval.before_write      evaluation done; none of its output files written
   eval.before_metrics    predictions.jsonl and curves.png written; metrics.json (written last) not yet
+  checkpoint.before_rename  a training checkpoint fully written under its temporary name, not yet renamed
+  adapter.before_rename  the trained adapter (or full weights) and tokenizer written to .adapter.partial, not yet renamed
 
-Writers elsewhere (training checkpoints, adapters) add their own `<area>.<moment>` points; list them here.
+A point written `name@N` fires the N-th time it is reached (`checkpoint.before_rename@2`: the second save).
 """
 
 from __future__ import annotations
@@ -26,12 +29,17 @@ import signal
 import sys
 
 ENV = "BAMBA_FT_FAULT"
+_hits: dict[str, int] = {}  # times each point was reached in this process
 
 
 def fault_point(name: str) -> None:
     """SIGKILL this process if `name` is listed in the BAMBA_FT_FAULT environment variable."""
     wanted = os.environ.get(ENV)
-    if not wanted or name not in {p.strip() for p in wanted.split(",")}:
+    if not wanted:
+        return
+    # `name@N` fires on the N-th time the point is reached (e.g. the second periodic checkpoint), `name` on the first
+    _hits[name] = _hits.get(name, 0) + 1
+    if not any(p.strip() in (name, f"{name}@{_hits[name]}") for p in wanted.split(",")):
         return
     # Announce before dying so a test can tell "killed here" from "crashed earlier"; stderr may be a pipe.
     sys.stderr.write(f"{ENV}: killing process {os.getpid()} at {name}\n")

@@ -1,7 +1,10 @@
 """`task=export`: merge adapters into the base, write a standard transformers directory, verify it, push it.
 
 The directory is built under a temporary name beside the target and renamed into place only after it
-was written and verified, so a failed export never leaves a directory that looks finished.
+was written and verified, so a failed export never leaves a directory that looks finished. The temporary
+directory names its owner (pid, host, process start time) in a marker file; an export killed outright
+(SIGKILL, OOM, power cut) leaves it behind, and the next export to the same parent directory removes it once
+that owner is gone. SIGTERM and Ctrl-C remove it on the way out.
 """
 
 from __future__ import annotations
@@ -10,9 +13,15 @@ import json
 import logging
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -20,8 +29,9 @@ from torch import nn
 
 from bamba_ft.config.schema import TrainConfig
 from bamba_ft.errors import BambaFTError, ConfigError
+from bamba_ft.faults import fault_point
 from bamba_ft.jobs.model_card import write_model_card
-from bamba_ft.jobs.report import atomic_write_json
+from bamba_ft.jobs.report import atomic_write_json, current_umask, fsync_dir, publish_file
 from bamba_ft.model.build import DTYPES
 from bamba_ft.model.mixer import stock_forward
 from bamba_ft.model.quant import dequantize_model, is_quantized
@@ -29,6 +39,11 @@ from bamba_ft.model.restore import load_source, locate
 from bamba_ft.ops.loss import causal_lm
 
 log = logging.getLogger(__name__)
+
+OWNER_FILE = ".bamba_ft-export-owner.json"  # inside a temporary export directory: who is writing it
+# A temporary directory without an owner file (written by an older bamba_ft, or killed within microseconds of
+# its creation) cannot be checked; it is removed once it was last modified this long ago.
+UNOWNED_STALE_S = 3600
 
 # Fixed probe text for the logit comparison (covers chat special tokens and plain characters).
 PROBE = [{"role": "user", "content": "What is 12 plus 30? Answer briefly."}, {"role": "assistant", "content": "42"}]
@@ -103,13 +118,144 @@ def _place(tmp: Path, target: Path, overwrite: bool) -> None:
     if target.exists():
         if not overwrite:
             raise ConfigError(f"export.output_dir={target} exists. Fix: choose another directory or export.overwrite=true.")
-        old = target.with_name(f".{target.name}.old")
+        old = _old_dir(target)
         shutil.rmtree(old, ignore_errors=True)
         os.replace(target, old)
+        fault_point("export.mid_replace")
         os.replace(tmp, target)
+        fault_point("export.after_rename")
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, target)
+        fault_point("export.after_rename")
+    fsync_dir(target.parent)
+    (target / OWNER_FILE).unlink(missing_ok=True)
+
+
+def _old_dir(target: Path) -> Path:
+    return target.with_name(f".{target.name}.old")
+
+
+def _process_start(pid: int) -> str | None:
+    """Start time of `pid` in clock ticks since boot (Linux), which tells a reused pid from its first owner."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the command name before ")" may contain spaces
+
+
+def _owner() -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid()), "created": time.time()}
+
+
+def _owner_alive(owner: dict) -> bool | None:
+    """Whether the process that wrote `owner` still runs; None when it ran on another host and cannot be checked."""
+    if owner.get("host") != socket.gethostname():
+        return None
+    pid = int(owner["pid"])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        pass
+    start = _process_start(pid)
+    return start is None or owner.get("start") is None or start == owner["start"]
+
+
+def _read_owner(directory: Path) -> dict | None:
+    try:
+        return json.loads((directory / OWNER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _remove_partial(directory: Path) -> None:
+    """Remove everything but the owner file first, so a cleaner killed midway leaves a directory still marked."""
+    for child in directory.iterdir():
+        if child.name == OWNER_FILE:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def clean_stale_exports(target: Path) -> list[Path]:
+    """Remove what killed exports to `target` left: temporary directories whose owner is gone, the previous export
+    set aside while being replaced (restored when the replacement never arrived), an owner file in the export.
+
+    Returns the removed directories. A temporary directory of a live export, here or on another host, is kept.
+    """
+    if not target.parent.is_dir():
+        return []
+    removed, busy = [], False
+    prefix = f".{target.name}.partial-"
+    for d in sorted(p for p in target.parent.iterdir() if p.name.startswith(prefix) and p.is_dir()):
+        owner = _read_owner(d)
+        alive = _owner_alive(owner) if owner is not None else time.time() - d.stat().st_mtime < UNOWNED_STALE_S
+        if alive is None:
+            log.warning("%s: temporary export directory of process %s on host %s; kept. Fix: if no export runs "
+                        "there, remove it (rm -r '%s').", d, owner["pid"], owner["host"], d)
+        if alive is not False:
+            busy = True
+            continue
+        _remove_partial(d)
+        removed.append(d)
+        log.warning("removed %s, left by an export that was killed (%s)", d,
+                    f"process {owner['pid']} is gone" if owner else "no owner file, older than an hour")
+    old = _old_dir(target)
+    if not busy and old.is_dir():  # a live export may be between its two renames: leave `.old` to it
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            removed.append(old)
+            log.warning("removed %s, the export replaced by an export that was killed before removing it", old)
+        else:  # killed between moving the old export aside and moving the new one in: undo the first move
+            os.replace(old, target)
+            log.warning("restored %s from %s: an export that was replacing it was killed midway", target, old)
+    owner = _read_owner(target) if target.is_dir() else None
+    if owner is not None and _owner_alive(owner) is False:
+        (target / OWNER_FILE).unlink(missing_ok=True)  # killed right after its rename; the export is complete
+    return removed
+
+
+def _make_readable(directory: Path) -> None:
+    """Give the tree the modes a plain mkdir/open would (mkdtemp and mkstemp make 0700/0600), and flush it to disk
+    so that the rename cannot reach the disk before the data does."""
+    umask = current_umask()
+    for root, dirs, files in os.walk(directory):
+        os.chmod(root, 0o777 & ~umask)
+        for name in files:
+            path = os.path.join(root, name)
+            os.chmod(path, 0o666 & ~umask)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        for name in dirs:
+            fsync_dir(Path(root) / name)
+    fsync_dir(directory)
+
+
+@contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """Turn SIGTERM (docker stop, kill, a scheduler's preemption) into SystemExit(143), so cleanup code runs."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the cleanup
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def push_to_hub(directory: Path, repo_id: str, private: bool, message: str) -> str:
@@ -139,6 +285,7 @@ def run(cfg: TrainConfig) -> dict:
     src = locate(ex.checkpoint, cfg)
     target = Path(ex.output_dir) if ex.output_dir else Path(ex.checkpoint) / ("export_adapter" if ex.adapter_only else "export")
     target = target.expanduser().resolve()  # the verification process runs elsewhere
+    clean_stale_exports(target)  # first: it may restore a target that a killed overwrite had moved aside
     if target.exists() and not ex.overwrite:
         raise ConfigError(f"export.output_dir={target} exists. Fix: choose another directory or export.overwrite=true.")
     device = torch.device("cpu")
@@ -146,18 +293,24 @@ def run(cfg: TrainConfig) -> dict:
     src.model.dtype = "float32"
     model, tokenizer = load_source(src, device)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
-    try:
-        report = _write(model, tokenizer, cfg, src, tmp, target)
-        report["output_dir"] = str(target)
-        atomic_write_json(tmp / "export_report.json", report)
-        _place(tmp, target, ex.overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with _sigterm_as_exit():
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+        try:
+            (tmp / OWNER_FILE).write_text(json.dumps(_owner()))
+            report = _write(model, tokenizer, cfg, src, tmp, target)
+            report["output_dir"] = str(target)
+            atomic_write_json(tmp / "export_report.json", report)
+            _make_readable(tmp)
+            fault_point("export.before_rename")
+            _place(tmp, target, ex.overwrite)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, (SystemExit, KeyboardInterrupt)):
+                print(f"bamba_ft: export interrupted ({type(e).__name__}); removed the unfinished {tmp}", file=sys.stderr)
+            raise
     if ex.push_to_hub:
         report["hub_commit"] = push_to_hub(target, ex.repo_id, ex.private, ex.commit_message)
-        atomic_write_json(target / "export_report.json", report)
+        publish_file(target / "export_report.json", json.dumps(report, indent=2, default=str) + "\n")
     lines = [f"exported {src.description}", f"  to {target}"]
     if "verify" in report:
         v = report["verify"]
@@ -181,6 +334,7 @@ def _write(model: nn.Module, tokenizer, cfg: TrainConfig, src, tmp: Path, target
             raise ConfigError("export.adapter_only=true needs a LoRA run, adapter or checkpoint to export.")
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        fault_point("export.after_save")
         write_model_card(tmp, cfg, src, report, adapter_only=True)
         return report
     ref_logits, ref_gen = _reference(model, ids)
@@ -197,13 +351,16 @@ def _write(model: nn.Module, tokenizer, cfg: TrainConfig, src, tmp: Path, target
     model.config.use_cache = True  # exports are for inference
     model.config.architectures = ["BambaForCausalLM"]
     model.save_pretrained(tmp, safe_serialization=True, max_shard_size="5GB")
+    fault_point("export.after_save")
     _strip_attention_choice(tmp)
     tokenizer.save_pretrained(tmp)
     if model.generation_config is not None:
         model.generation_config.save_pretrained(tmp)
+    fault_point("export.before_verify")
     if ex.verify:
         tol = ex.max_rel_diff if ex.max_rel_diff is not None else _default_tolerance(ex.dtype)
         report["verify"] = verify_export(tmp, ids, ref_logits, ref_gen, ex.dtype, tol)
+    fault_point("export.after_verify")
     write_model_card(tmp, cfg, src, report, adapter_only=False)
     return report
 
