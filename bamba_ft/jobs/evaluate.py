@@ -15,7 +15,8 @@ from transformers import PreTrainedTokenizerBase
 from bamba_ft.config.schema import EvalConfig, TrainConfig
 from bamba_ft.data.module import BambaDataModule
 from bamba_ft.data.tokenize import ensure_chat_template, prompt_and_reference
-from bamba_ft.jobs.report import atomic_write_json, atomic_write_text, plot_curves
+from bamba_ft.faults import fault_point
+from bamba_ft.jobs.report import plot_curves, publish_file
 from bamba_ft.jobs.runtime import autocast_for, choose_device, to_device
 from bamba_ft.model.restore import load_source, locate
 from bamba_ft.ops.loss import causal_lm, loss_sum_and_count
@@ -140,18 +141,32 @@ def run(cfg: TrainConfig) -> dict:
     metrics, rows = evaluate_model(model, tokenizer, dm, cfg.eval, device)
     metrics["lm_eval"] = run_lm_eval(model, tokenizer, cfg.eval, device)
     out = Path(cfg.eval.output_dir or cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     result = {"source": src.description, "metrics": metrics}
-    atomic_write_json(out / "metrics.json", result)
-    atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    run_dir = Path(cfg.eval.checkpoint) if cfg.eval.checkpoint and Path(cfg.eval.checkpoint).is_dir() else None
+    curves = write_results(out, result, rows, run_dir)
     lines = [f"evaluated {src.description}", f"  {format_metrics(metrics)}", f"  metrics: {out / 'metrics.json'}"]
     if rows:
         lines.append(f"  predictions: {out / 'predictions.jsonl'}")
-    run_dir = Path(cfg.eval.checkpoint) if cfg.eval.checkpoint and Path(cfg.eval.checkpoint).is_dir() else None
-    if run_dir is not None and plot_curves(run_dir, out / "curves.png"):
+    if curves:
         lines.append(f"  training curves: {out / 'curves.png'}")
     print("\n".join(lines))
     return result
+
+
+def write_results(out: Path, result: dict, rows: list[dict], run_dir: Path | None) -> bool:
+    """Write predictions.jsonl, curves.png (when `run_dir` has a CSV log) and metrics.json, each atomically.
+
+    metrics.json goes last and a previous one is removed first, so its presence means the set is complete and
+    from one evaluation, even after a kill midway. Returns whether curves.png was written.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    fault_point("eval.before_write")
+    (out / "metrics.json").unlink(missing_ok=True)
+    publish_file(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    curves = run_dir is not None and plot_curves(run_dir, out / "curves.png")
+    fault_point("eval.before_metrics")
+    publish_file(out / "metrics.json", json.dumps(result, indent=2, default=str) + "\n")
+    return curves
 
 
 def run_lm_eval(model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: EvalConfig, device: torch.device) -> dict:
