@@ -74,7 +74,7 @@ def tokenize_example(
         text, spans = _assistant_spans(tokenizer, example, where)
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = enc["input_ids"]
-        if train_on == "all":
+        if train_on == "all":  # a conversation without an assistant turn gets no loss, never loss on its prompt
             labels = list(ids)
         else:
             labels = [
