@@ -1,0 +1,62 @@
+"""A Hub token (HF_TOKEN, or the file `hf auth login` writes under HF_HOME) never reaches any file a run or an
+export writes, nor their console output."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+from tests.integration.conftest import cli
+from tests.integration.fake_hub import FakeHub
+
+
+def fake_token() -> str:
+    return "hf_FAKE" + secrets.token_hex(16)
+
+
+def files_containing(root: Path, needles: list[str], skip: Path) -> list[str]:
+    """Every file under `root` (binary ones too: checkpoints, tensorboard events, safetensors) holding a needle."""
+    found = []
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and skip not in path.parents:
+            data = path.read_bytes()
+            found += [f"{path.relative_to(root)}: {n[:10]}..." for n in needles if n.encode() in data]
+    return found
+
+
+def test_hub_token_never_written_or_printed(tmp_path: Path) -> None:
+    env_token, file_token = fake_token(), fake_token()
+    hf_home = tmp_path / "hf_home"
+    hf_home.mkdir()
+    (hf_home / "token").write_text(file_token)  # what `hf auth login` writes
+    (hf_home / "stored_tokens").write_text(f"[fake]\nhf_token = {file_token}\n")
+    env = {"HF_TOKEN": env_token, "HF_HOME": str(hf_home)}
+    # The random part alone as well: a token printed with its prefix cut or masked halfway still counts.
+    needles = [env_token, file_token, env_token[7:], file_token[7:]]
+
+    outputs = [cli(["trainer=cpu", "trainer.max_steps=2", "eval.num_generate=2", "eval.max_new_tokens=2",
+                    "logger=default", "data.builtin_train_examples=64", "hydra.run.dir=run"], cwd=tmp_path, env=env)]
+    # Export and push with the token from HF_TOKEN: the upload succeeding shows the process held the token.
+    with FakeHub(token=env_token) as hub:
+        outputs.append(cli(["recipe=export", "export.checkpoint=run", "export.push_to_hub=true", "export.repo_id=me/t",
+                            "hydra.run.dir=export_log"], cwd=tmp_path,
+                           env={**env, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"}))
+        assert hub.repos["me/t"]["commits"]
+    # Push with the saved login's token (an empty HF_TOKEN counts as unset), refused: the error message is where a token is likeliest to be echoed.
+    with FakeHub(token=env_token) as hub:
+        refused = cli(["recipe=export", "export.checkpoint=run", "export.output_dir=export2", "export.verify=false",
+                       "export.push_to_hub=true", "export.repo_id=me/t", "hydra.run.dir=export2_log"], cwd=tmp_path,
+                      env={"HF_TOKEN": "", "HF_HOME": str(hf_home), "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"}, check=False)
+        assert refused.returncode == 2 and "push to me/t failed (401" in refused.stderr, refused.stderr[-2000:]
+    outputs.append(refused)
+
+    run = tmp_path / "run"
+    for name in ("run_config.yaml", "metrics.json", "export/README.md", "export/export_report.json",
+                 "export2/export_report.json", ".hydra/config.yaml", ".hydra/hydra.yaml"):
+        assert (tmp_path / name).exists() or (run / name).exists(), name  # the files the search must cover
+    assert list(run.glob("logs/tensorboard/*/events.out.tfevents.*")) and list(run.glob("logs/csv/*/metrics.csv"))
+    assert list(tmp_path.rglob("*.log")) and list(run.glob("checkpoints/*.ckpt"))
+
+    assert files_containing(tmp_path, needles, skip=hf_home) == []
+    printed = [(i, n[:10]) for i, p in enumerate(outputs) for n in needles if n in p.stdout or n in p.stderr]
+    assert printed == []
