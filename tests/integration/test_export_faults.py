@@ -1,0 +1,166 @@
+"""Exports killed at each step (SIGKILL through BAMBA_FT_FAULT, and SIGTERM) leave no finished-looking directory,
+and the next export removes what they left and succeeds."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bamba_ft.jobs.export import OWNER_FILE
+from tests.integration.conftest import ROOT, cli
+
+# Points before the rename: the export never reaches the target, whatever else it wrote. The first and last run
+# in CI; the two around the reload check add little (same directory, one more file) but 25 s.
+BEFORE_RENAME = [
+    pytest.param(["export.after_save", "export.before_rename"], id="save,rename"),
+    pytest.param(["export.before_verify", "export.after_verify"], id="verify", marks=pytest.mark.slow),
+]
+
+
+def export_args(run: Path, log: str, *extra: str) -> list[str]:
+    # verify=false for the runs that are killed anyway: the reload check is a second process (~10 s on CPU)
+    return ["recipe=export", f"export.checkpoint={run}", "export.dtype=float32", f"hydra.run.dir={log}", *extra]
+
+
+def killed_export(run: Path, cwd: Path, point: str, *extra: str) -> subprocess.CompletedProcess:
+    proc = cli(export_args(run, f"log-{point}", "export.verify=false", *extra), cwd=cwd, check=False,
+               env={"BAMBA_FT_FAULT": point})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert "BAMBA_FT_FAULT: killing process" in proc.stderr and f"at {point}\n" in proc.stderr  # not an earlier crash
+    return proc
+
+
+def leftovers(parent: Path, name: str = "export") -> list[str]:
+    return sorted(p.name.split("-")[0] for p in parent.iterdir() if p.name.startswith(f".{name}."))
+
+
+def assert_verified_export(target: Path) -> None:
+    report = json.loads((target / "export_report.json").read_text())
+    assert report["verify"]["max_rel_logit_diff"] <= 1e-5 and report["verify"]["greedy_generation_identical"]
+    assert (target / "model.safetensors").exists() and not (target / OWNER_FILE).exists()
+
+
+def assert_nothing_looks_finished(target: Path) -> None:
+    """The target is either absent or a complete export; nothing else in its parent carries the target's name."""
+    assert not target.exists() or (target / "export_report.json").exists()
+
+
+@pytest.fixture
+def run_copy(sft_run: Path, tmp_path: Path) -> Path:
+    """The shared run without its exports, so the target directory starts absent."""
+    run = tmp_path / "run"
+    shutil.copytree(sft_run, run, ignore=shutil.ignore_patterns("export*", ".export*"))
+    return run
+
+
+@pytest.mark.parametrize("points", BEFORE_RENAME)
+def test_export_killed_before_rename_is_cleaned_by_next_export(run_copy: Path, tmp_path: Path, points: list[str]) -> None:
+    target = run_copy / "export"
+    for i, point in enumerate(points):
+        proc = killed_export(run_copy, tmp_path, point)
+        assert_nothing_looks_finished(target)
+        assert not target.exists()
+        # Each killed export leaves its temporary directory, weights included, and removed the one before it.
+        partials = [p for p in run_copy.iterdir() if p.name.startswith(".export")]
+        assert [p.name.split("-")[0] for p in partials] == [".export.partial"], point
+        assert (partials[0] / OWNER_FILE).exists() and (partials[0] / "model.safetensors").exists()
+        assert proc.stdout.count("left by an export that was killed") == min(i, 1), proc.stdout
+    if points[-1] == "export.before_rename":  # complete but for the rename: still not at the target
+        assert (partials[0] / "export_report.json").exists()
+
+    # Temporary directories the next export must keep: a live export's (this test process) and another host's.
+    live = run_copy / ".export.partial-live"
+    live.mkdir()
+    (live / OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                               "start": _start(os.getpid())}))
+    remote = run_copy / ".export.partial-remote"
+    remote.mkdir()
+    (remote / OWNER_FILE).write_text(json.dumps({"pid": 1, "host": socket.gethostname() + "-elsewhere"}))
+
+    proc = cli(export_args(run_copy, "log-next"), cwd=tmp_path)
+    assert proc.stdout.count("left by an export that was killed") == 1, proc.stdout
+    assert_verified_export(target)
+    assert sorted(p.name for p in run_copy.iterdir() if p.name.startswith(".export")) == [
+        ".export.partial-live", ".export.partial-remote"]
+    # Readable by other users, as the umask allows (mkdtemp alone gives 0700, mkstemp 0600).
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o777 & ~umask
+    for f in target.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f
+
+
+def _start(pid: int) -> str | None:
+    from bamba_ft.jobs.export import _process_start
+
+    return _process_start(pid)
+
+
+@pytest.mark.slow
+def test_export_killed_while_replacing_keeps_one_complete_export(run_copy: Path, tmp_path: Path) -> None:
+    target = run_copy / "export"
+    cli(export_args(run_copy, "log-first", "export.verify=false"), cwd=tmp_path)
+    first = (target / "model.safetensors").read_bytes()
+
+    # Killed between moving the old export aside and moving the new one in: the target is briefly absent.
+    killed_export(run_copy, tmp_path, "export.mid_replace", "export.overwrite=true")
+    assert not target.exists() and leftovers(run_copy) == [".export.old", ".export.partial"]
+    # The next export puts the old one back first, so without overwrite it refuses, as it did before the kill.
+    proc = cli(export_args(run_copy, "log-refused"), cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "exists. Fix:" in proc.stderr, proc.stderr[-2000:]
+    assert (target / "model.safetensors").read_bytes() == first and leftovers(run_copy) == []
+
+    # Killed after the rename: the new export is complete; the old one and the owner file are what is left.
+    killed_export(run_copy, tmp_path, "export.after_rename", "export.overwrite=true")
+    assert_nothing_looks_finished(target)
+    assert (target / OWNER_FILE).exists() and leftovers(run_copy) == [".export.old"]
+    cli(export_args(run_copy, "log-last", "export.overwrite=true"), cwd=tmp_path)
+    assert_verified_export(target)
+    assert leftovers(run_copy) == []
+
+
+def test_export_sigterm_removes_its_temporary_directory(run_copy: Path, tmp_path: Path) -> None:
+    """SIGTERM (docker stop, a scheduler's preemption) during the reload check: exit 143, nothing left."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "bamba_ft", *export_args(run_copy, "log-term")], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    # config.json is stripped of the attention choice right after the weights are saved; the check follows.
+    while not any((p / "tokenizer.json").exists() for p in run_copy.glob(".export.partial-*")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err[-2000:]
+    assert "export interrupted (SystemExit)" in err and "Traceback" not in err
+    assert leftovers(run_copy) == [] and not (run_copy / "export").exists()
+
+
+def test_eval_killed_before_metrics_leaves_no_metrics_json(sft_run: Path, tmp_path: Path) -> None:
+    """metrics.json marks a complete evaluation: a kill before it leaves none, not last time's beside new outputs."""
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"from": "an earlier evaluation"}\n')
+    args = ["recipe=eval", f"eval.checkpoint={sft_run}", f"eval.output_dir={out}", "eval.num_generate=2",
+            "eval.max_new_tokens=2"]
+    proc = cli([*args, "hydra.run.dir=log-killed"], cwd=tmp_path, check=False, env={"BAMBA_FT_FAULT": "eval.before_metrics"})
+    assert proc.returncode == -signal.SIGKILL and "at eval.before_metrics\n" in proc.stderr, proc.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["curves.png", "predictions.jsonl"]
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 2
+
+    cli([*args, "hydra.run.dir=log-again"], cwd=tmp_path)
+    assert json.loads((out / "metrics.json").read_text())["metrics"]["num_generated"] == 2
+    assert sorted(p.name for p in out.iterdir()) == ["curves.png", "metrics.json", "predictions.jsonl"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o666 & ~umask}
