@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -20,6 +21,12 @@ from bamba_ft.errors import BambaFTError  # noqa: E402
 log = logging.getLogger("bamba_ft")
 
 
+# Exit status of a run stopped by a signal after saving its checkpoint: 128 + the signal's number, as a shell
+# reports a process killed by it, so schedulers and scripts tell a stopped run from a finished one.
+STOPPED_EXIT = {"SIGINT": 130, "SIGTERM": 143}
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
 def run_task(cfg: DictConfig) -> None:
     debug = bool(OmegaConf.select(cfg, "debug", default=False)) or os.environ.get("BAMBA_FT_DEBUG") == "1"
     try:
@@ -34,12 +41,21 @@ def run_task(cfg: DictConfig) -> None:
             from bamba_ft.jobs.doctor import run
         else:
             from bamba_ft.jobs.bench import run
-        run(typed)
+        result = run(typed)
     except BambaFTError as e:
         if debug:
             raise
         print(f"\nbamba_ft: {type(e).__name__}: {e}\n(set debug=true for the full traceback)", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        if debug or e.errno not in _DISK_FULL:
+            raise
+        print(f"\nbamba_ft: {e.strerror} while writing {e.filename or 'the run directory'}.\n"
+              f"Nothing half-written is kept under a final name. Free space (or set hydra.run.dir to a larger disk), "
+              f"then resume: the same command plus trainer.resume={OmegaConf.select(cfg, 'output_dir')}", file=sys.stderr)
+        sys.exit(2)
+    if isinstance(result, dict) and "stopped_at" in result:
+        sys.exit(STOPPED_EXIT.get(result.get("signal", ""), 143))
 
 
 def main() -> None:

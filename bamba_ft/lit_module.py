@@ -82,22 +82,35 @@ class BambaLitModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         params = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        no_decay = [p for p in params if p.dim() < 2]  # weight decay per group: _apply_hyperparameters
+        groups = [{"params": decay}, {"params": no_decay}]
         fused = all(p.is_cuda for p in params) and bool(params)
-        opt = torch.optim.AdamW(
-            [g for g in groups if g["params"]],
-            lr=self.optim.lr,
-            betas=tuple(self.optim.betas),
-            eps=self.optim.eps,
-            fused=fused or None,
-        )
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.optim.lr, fused=fused or None)
+        self._apply_hyperparameters(opt)
         total = int(self.trainer.estimated_stepping_batches)
         o = self.optim
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_lambda(s, o.warmup_steps, total, o.scheduler, o.min_lr_ratio)
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _apply_hyperparameters(self, opt: torch.optim.Optimizer) -> None:
+        o = self.optim
+        for group in opt.param_groups:
+            decays = all(p.dim() >= 2 for p in group["params"])  # matrices decay; biases and norms do not
+            group.update(betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay if decays else 0.0)
+
+    def on_train_start(self) -> None:
+        """On resume Lightning restores the optimizer's hyperparameters and the schedule's peak learning rate from
+        the checkpoint, which would silently undo a changed `optim.*`; this run's config applies from here on
+        (the keys that changed were listed at start and are recorded in its run_config.yaml)."""
+        for config in self.trainer.lr_scheduler_configs:
+            sched = config.scheduler
+            self._apply_hyperparameters(sched.optimizer)
+            sched.base_lrs = [self.optim.lr] * len(sched.optimizer.param_groups)
+            for group, factor in zip(sched.optimizer.param_groups, [f(sched.last_epoch) for f in sched.lr_lambdas]):
+                group["initial_lr"] = self.optim.lr
+                group["lr"] = self.optim.lr * factor
 
     # Checkpoints: trainable tensors only.
     def _trainable_keys(self) -> set[str]:

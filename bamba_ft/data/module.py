@@ -232,8 +232,7 @@ class BambaDataModule(L.LightningDataModule):
         assert self.train_set is not None
         self._plan = self.make_plan(self.train_set, shuffle=True)
         if self._resume is not None:
-            self._plan.set_epoch(self._resume["epoch"])
-            self._plan.skip = self._resume["batches_done"]
+            self._plan.resume_from(self._resume["epoch"], self._resume["batches_done"])
             self._resume = None
         if self.cfg.packing:
             log.info("packing efficiency: %.1f%% of the token budget holds real tokens", 100 * self._plan.efficiency())

@@ -114,10 +114,18 @@ class BatchPlan(Sampler[list[int]]):
         self.seed, self.shuffle, self.rank, self.world_size, self.pad = seed, shuffle, rank, world_size, pad
         self.epoch = 0
         self.skip = 0
+        self._resume_at: tuple[int, int] | None = None
         self._cached: tuple[int, list[list[int]]] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume_from(self, epoch: int, batches_done: int) -> None:
+        """Skip the batches a checkpoint had done, if the loop continues that epoch. Lightning decides: a checkpoint
+        written after an epoch's last batch restarts some runs in that (then empty) epoch and others in the next,
+        depending on where the save happened; the epoch it announces through `set_epoch` before iterating says which."""
+        self.epoch = epoch
+        self._resume_at = (epoch, batches_done)
 
     @property
     def sampler(self) -> BatchPlan:
@@ -147,6 +155,10 @@ class BatchPlan(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         batches = self.plan()
         skip, self.skip = self.skip, 0
+        if self._resume_at is not None:
+            epoch, done = self._resume_at
+            self._resume_at = None
+            skip = done if epoch == self.epoch else skip
         yield from batches[skip:]
 
     def __len__(self) -> int:

@@ -1,4 +1,5 @@
-"""Lightning plumbing: atomic checkpoint files and a stop at a step boundary on Ctrl-C or SIGTERM."""
+"""Lightning plumbing: atomic checkpoint files that carry the run's config, and a stop at a step boundary on Ctrl-C
+or SIGTERM."""
 
 from __future__ import annotations
 
@@ -13,20 +14,39 @@ from typing import Any
 import lightning as L
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from bamba_ft.config.schema import TrainConfig
+from bamba_ft.faults import fault_point
+from bamba_ft.jobs.checkpoints import CONFIG_KEY, config_for_checkpoint, fsync_dir
+
 log = logging.getLogger(__name__)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary name, then renames it: a crash never leaves a truncated .ckpt."""
+    """Writes each checkpoint to a temporary name, syncs it, then renames it: a crash never leaves a truncated .ckpt
+    under a checkpoint's name (a `.name.partial` left by a killed process is removed by the next resume)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         path = Path(path)
         tmp = path.with_name(f".{path.name}.partial")
         try:
             super().save_checkpoint(checkpoint, tmp, storage_options)
+            fault_point("checkpoint.before_rename")
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
             os.replace(tmp, path)
+            fsync_dir(path.parent)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+class ConfigInCheckpoint(L.Callback):
+    """Stores the run's config in every checkpoint, so a resume can tell what it would change."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.config = config_for_checkpoint(cfg)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CONFIG_KEY] = self.config
 
 
 class GracefulStop(L.Callback):
@@ -68,9 +88,3 @@ class GracefulStop(L.Callback):
             trainer.save_checkpoint(self.ckpt_path, weights_only=False)
             self.stopped_at = trainer.global_step
             trainer.should_stop = True
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest of last.ckpt and interrupted.ckpt in a run's checkpoints/ directory."""
-    found = [p for p in (run_dir / "checkpoints").glob("*.ckpt") if p.name in ("last.ckpt", "interrupted.ckpt")]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None

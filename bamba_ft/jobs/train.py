@@ -20,10 +20,13 @@ from torch import nn
 from bamba_ft.config.schema import TrainConfig
 from bamba_ft.data.module import BambaDataModule
 from bamba_ft.data.tokenize import ensure_chat_template
-from bamba_ft.errors import ConfigError
-from bamba_ft.jobs.callbacks import AtomicCheckpointIO, GracefulStop, latest_checkpoint
+from bamba_ft.errors import BambaFTError, ConfigError
+from bamba_ft.faults import fault_point
+from bamba_ft.jobs import lock
+from bamba_ft.jobs.callbacks import AtomicCheckpointIO, ConfigInCheckpoint, GracefulStop
+from bamba_ft.jobs.checkpoints import check_resume_config, remove_stale_temporaries, resolve_resume
 from bamba_ft.jobs.evaluate import evaluate_model, format_metrics
-from bamba_ft.jobs.report import atomic_write_json, atomic_write_text, plot_curves, table
+from bamba_ft.jobs.report import plot_curves, publish_file, table
 from bamba_ft.jobs.runtime import autocast_for, choose_device, resolve_precision, to_device
 from bamba_ft.lit_module import BambaLitModule
 from bamba_ft.model.build import build_model, load_tokenizer
@@ -66,44 +69,40 @@ def _loggers(cfg: TrainConfig, run_dir: Path) -> list[Logger]:
     return loggers
 
 
-def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
-    """trainer.resume: a .ckpt file, a run directory, or `latest` (newest run under outputs/ with a checkpoint)."""
-    if not resume:
-        return None
-    if resume == "latest":
-        runs = [p.parent.parent for p in Path("outputs").glob("*/*/checkpoints/*.ckpt")]
-        runs = sorted({r for r in runs if r.resolve() != run_dir.resolve()}, key=lambda r: r.stat().st_mtime)
-        if not runs:
-            raise ConfigError("trainer.resume=latest: no earlier run under outputs/ has a checkpoint.")
-        resume = str(runs[-1])
-    path = Path(resume).expanduser()
-    if path.is_file():
-        return str(path)
-    if path.is_dir():
-        ckpt = latest_checkpoint(path)
-        if ckpt is None:
-            raise ConfigError(f"trainer.resume={resume}: {path}/checkpoints has no last.ckpt or interrupted.ckpt.")
-        return str(ckpt)
-    raise ConfigError(f"trainer.resume={resume}: no such checkpoint file or run directory.")
-
-
 def save_trained(model: nn.Module, tokenizer: Any, cfg: TrainConfig, run_dir: Path) -> Path:
     """Adapter (peft format) or full weights, with the tokenizer, written under a temp name and renamed."""
     final = run_dir / (ADAPTER_DIR if cfg.peft.method == "lora" else MODEL_DIR)
     tmp = run_dir / f".{final.name}.partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    adapter_config = tmp / "adapter_config.json"
-    if adapter_config.exists():  # name the base as the user did (a Hub id or builtin:), not a resolved local path
-        data = json.loads(adapter_config.read_text())
-        data["base_model_name_or_path"] = cfg.model.name_or_path
-        adapter_config.write_text(json.dumps(data, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        adapter_config = tmp / "adapter_config.json"
+        if adapter_config.exists():  # name the base as the user did (a Hub id or builtin:), not a resolved local path
+            data = json.loads(adapter_config.read_text())
+            data["base_model_name_or_path"] = cfg.model.name_or_path
+            adapter_config.write_text(json.dumps(data, indent=2))
+        fault_point("adapter.before_rename")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise BambaFTError(
+            f"saving the trained weights to {final} failed: {e.strerror or e} ({e.filename or tmp}).\n"
+            f"Training itself finished: its final state is in {run_dir / 'checkpoints' / 'last.ckpt'}. Once the cause "
+            f"is fixed (e.g. free disk space), write them with: python -m bamba_ft recipe=export "
+            f"export.checkpoint={run_dir} export.adapter_only=true"
+        ) from e
     return final
+
+
+def _saved_step(ckpt: Path) -> int | None:
+    """The optimizer step a checkpoint file was written at (None when there is none)."""
+    if not ckpt.exists():
+        return None
+    return int(torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)["global_step"])
 
 
 def _prepare(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Any, BambaDataModule]:
@@ -128,7 +127,9 @@ def _prepare(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Any, Ba
 
 def _callbacks(cfg: TrainConfig, dm: BambaDataModule, ckpt_dir: Path, stopper: GracefulStop,
                with_loggers: bool) -> list[L.Callback]:
-    callbacks: list[L.Callback] = [stopper] + ([LearningRateMonitor(logging_interval="step")] if with_loggers else [])
+    callbacks: list[L.Callback] = [stopper, ConfigInCheckpoint(cfg)]
+    if with_loggers:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
     if cfg.trainer.enable_progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=10))  # step-based runs have no epoch total for rich's bar
     # last.ckpt every N steps and at the end of a full run: what resume uses, with interrupted.ckpt.
@@ -179,7 +180,12 @@ def _trainer(cfg: TrainConfig, dm: BambaDataModule, run_dir: Path, device: torch
 def run(cfg: TrainConfig) -> dict:
     t_start = time.perf_counter()
     run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    lock.acquire(run_dir)  # the CLI took it before Hydra wrote here; this covers runs started from Python
+    remove_stale_temporaries(run_dir)
+    ckpt_path = resolve_resume(cfg.trainer.resume, run_dir)
+    if ckpt_path:
+        changed = check_resume_config(ckpt_path, cfg)
+        log.info("resuming from %s%s", ckpt_path, "".join(f"\n  changed, applied from the resumed step on: {c}" for c in changed))
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     device = choose_device(cfg.trainer.accelerator)
     model, tokenizer, dm = _prepare(cfg, device)
@@ -193,21 +199,20 @@ def run(cfg: TrainConfig) -> dict:
     stopper = GracefulStop(run_dir / "checkpoints")
     trainer = _trainer(cfg, dm, run_dir, device, stopper)
     lit = BambaLitModule(model, cfg.optim)
-    ckpt_path = resolve_resume(cfg.trainer.resume, run_dir)
-    if ckpt_path:
-        log.info("resuming from %s", ckpt_path)
     t_fit = time.perf_counter()
     with stopper.installed():
         try:
-            trainer.fit(lit, datamodule=dm, ckpt_path=ckpt_path)
+            trainer.fit(lit, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
         except SIGTERMException:
             # Lightning ends the fit after the batch on which SIGTERM arrived; GracefulStop saved it already.
             if stopper.stopped_at is None:
                 raise
     fit_seconds = time.perf_counter() - t_fit
-    if stopper.stopped_at is None and not cfg.trainer.fast_dev_run:
-        # the final state, whatever N was; every rank calls this (it is collective under DDP/FSDP)
-        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if stopper.stopped_at is None and not cfg.trainer.fast_dev_run and _saved_step(last) != trainer.global_step:
+        # the final state, whatever N was, unless the periodic save just wrote it (a second copy would briefly
+        # double the space); every rank calls this (it is collective under DDP/FSDP)
+        trainer.save_checkpoint(last, weights_only=False)
     if not trainer.is_global_zero:
         return {}
     if stopper.stopped_at is not None:
@@ -215,7 +220,7 @@ def run(cfg: TrainConfig) -> dict:
             f"\nstopped at step {stopper.stopped_at}; checkpoint: {stopper.ckpt_path}\n"
             f"resume with the same command plus: trainer.resume={run_dir}"
         )
-        return {"stopped_at": stopper.stopped_at}
+        return {"stopped_at": stopper.stopped_at, "signal": stopper.requested or "SIGTERM"}
     return _finish(cfg, model, tokenizer, dm, trainer, before, run_dir, device, fit_seconds, t_start)
 
 
@@ -244,9 +249,9 @@ def _finish(cfg: TrainConfig, model: nn.Module, tokenizer: Any, dm: BambaDataMod
         "packing_efficiency": dm._plan.efficiency() if (cfg.data.packing and dm._plan) else None,
         "outputs": {"run": str(run_dir), ADAPTER_DIR if cfg.peft.method == "lora" else MODEL_DIR: str(saved)},
     }
-    atomic_write_json(run_dir / "metrics.json", metrics)
+    publish_file(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=str) + "\n")
     if rows:
-        atomic_write_text(run_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        publish_file(run_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     has_curves = plot_curves(run_dir, run_dir / "curves.png")
     _print_summary(metrics, run_dir, saved, has_curves, time.perf_counter() - t_start)
     return metrics

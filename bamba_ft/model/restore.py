@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import typing
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,41 @@ def save_run_config(cfg: TrainConfig, run_dir: Path) -> None:
     tmp = run_dir / f".{RUN_CONFIG}.tmp"
     tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     tmp.replace(run_dir / RUN_CONFIG)
+
+
+# A checkpoint is a zip archive (torch.save) whose central directory is written last, so a file cut short by a
+# crash or a full disk does not open as a zip; CRCs catch bytes changed later. Past this size only completeness
+# is checked: the CRCs would cost a second full read of a file torch.load reads anyway.
+_FULL_CRC_BELOW = 4 << 30
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` cannot be a complete checkpoint, or None when it looks intact."""
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+    if size == 0:
+        return "empty (0 bytes)"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if size < _FULL_CRC_BELOW:
+                bad = archive.testzip()
+                if bad is not None:
+                    return f"corrupt (entry {bad} fails its CRC check)"
+    except zipfile.BadZipFile:
+        return f"truncated or not a checkpoint ({size:,} bytes, no complete archive)"
+    except (OSError, EOFError, zipfile.LargeZipFile) as e:
+        return f"unreadable ({e})"
+    return None
+
+
+def require_intact(path: Path, what: str) -> None:
+    """Raise a ModelError naming `path` when it is not a complete checkpoint."""
+    problem = checkpoint_problem(path)
+    if problem:
+        raise ModelError(f"{what}: {path} is {problem}, so it cannot be loaded. Use another checkpoint of the run "
+                         f"(its adapter/ directory, or best-*.ckpt under checkpoints/).")
 
 
 def _drop_unknown(data: dict, schema: type, prefix: str = "") -> list[str]:
@@ -118,6 +154,7 @@ def load_source(src: Source, device: torch.device, trainable: bool = False) -> t
     elif src.ckpt is not None:
         assert src.run is not None
         model = apply_peft(model, src.run.peft)
+        require_intact(src.ckpt, "checkpoint")
         state = torch.load(src.ckpt, map_location=device, weights_only=False)["state_dict"]
         prefix = "model."
         weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

@@ -38,3 +38,20 @@ def test_epoch_order_is_reproducible_and_skip_resumes_it() -> None:
     b.set_epoch(4)
     b.skip = 5  # a resume 5 batches into epoch 4
     assert list(b) == full[5:]
+
+
+def test_resume_skips_only_in_the_epoch_the_checkpoint_was_in() -> None:
+    """A checkpoint after an epoch's last batch: Lightning may continue in the (empty) rest of that epoch or start
+    the next; the skip applies only to the epoch it was recorded in."""
+    lengths = [random.Random(i).randint(5, 300) for i in range(64)]
+    plan = BatchPlan(lengths, packing=False, max_tokens=1024, batch_size=8, seed=3)
+    n = len(plan)
+    plan.resume_from(0, n)
+    plan.set_epoch(1)  # Lightning moved on to epoch 1
+    plan.set_epoch(1)
+    expected = BatchPlan(lengths, packing=False, max_tokens=1024, batch_size=8, seed=3)
+    expected.set_epoch(1)
+    assert list(plan) == list(expected)
+    plan.resume_from(1, 3)  # mid-epoch: Lightning continues epoch 1
+    assert list(plan) == list(expected)[3:]
+    assert list(plan) == list(expected)  # the next pass over the epoch is whole again

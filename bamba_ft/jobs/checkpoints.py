@@ -1,0 +1,172 @@
+"""Which checkpoint a resume uses: intact ones only, newest first, and a config that may not silently differ.
+
+Intact means `model.restore.checkpoint_problem` finds nothing wrong. A resume compares the run's
+config with the one saved in the checkpoint: keys that change what is trained (model, adapter, quantization,
+data, seed, batch geometry) are refused; the others apply from the resumed step on and are recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from bamba_ft.config.schema import TrainConfig
+from bamba_ft.errors import ConfigError
+from bamba_ft.jobs.lock import held_elsewhere
+from bamba_ft.model.restore import checkpoint_problem
+
+log = logging.getLogger("bamba_ft")
+
+CONFIG_KEY = "bamba_ft_config"  # the run's TrainConfig, as a dict, inside every checkpoint
+RESUMABLE = ("interrupted.ckpt", "last.ckpt")  # plus best-*.ckpt, which hold the full training state too
+
+# Keys whose change on resume applies from the resumed step on (recorded in the new run's run_config.yaml).
+APPLIED = ("optim.", "trainer.max_steps", "trainer.max_epochs", "trainer.val_check_interval",
+           "trainer.log_every_n_steps", "trainer.checkpoint_every_n_steps", "trainer.save_top_k",
+           "trainer.gradient_clip_val", "trainer.limit_val_batches", "trainer.enable_progress_bar",
+           "trainer.precision", "trainer.accelerator", "trainer.deterministic", "trainer.num_sanity_val_steps",
+           "model.dtype", "model.attn_implementation", "model.mixer", "model.gradient_checkpointing",
+           "model.cuda_graphs", "data.num_proc", "data.num_workers", "data.max_val_examples", "eval.", "logger.")
+# Keys that do not concern training at all.
+IGNORED = ("task", "debug", "output_dir", "trainer.resume", "trainer.fast_dev_run", "export.", "bench.")
+
+
+def run_checkpoints(run_dir: Path) -> list[Path]:
+    """The resumable checkpoints of a run, newest first."""
+    found = [p for p in (run_dir / "checkpoints").glob("*.ckpt") if p.name in RESUMABLE or p.name.startswith("best")]
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def newest_intact(run_dir: Path, key: str) -> Path:
+    """The newest checkpoint of `run_dir` that is intact; says which were skipped and why."""
+    found = run_checkpoints(run_dir)
+    if not found:
+        raise ConfigError(f"{key}: {run_dir}/checkpoints has no checkpoint (last.ckpt, interrupted.ckpt, best-*).")
+    skipped = []
+    for path in found:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if skipped:
+                log.warning("%s: skipping %s; using %s, the newest intact checkpoint of the run.",
+                            key, "; ".join(skipped), path.name)
+            return path
+        skipped.append(f"{path.name} ({problem})")
+    raise ConfigError(f"{key}: no intact checkpoint in {run_dir}/checkpoints: {'; '.join(skipped)}.\n"
+                      "Fix: start a new run, or resume from another run's directory.")
+
+
+def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
+    """trainer.resume: a .ckpt file, a run directory, or `latest` (newest run under outputs/ with a checkpoint)."""
+    if not resume:
+        return None
+    key = f"trainer.resume={resume}"
+    if resume == "latest":
+        runs = {p.parent.parent for p in Path("outputs").glob("*/*/checkpoints/*.ckpt")}
+        runs = sorted((r for r in runs if r.resolve() != run_dir.resolve()), key=lambda r: r.stat().st_mtime)
+        if not runs:
+            raise ConfigError("trainer.resume=latest: no earlier run under outputs/ has a checkpoint.")
+        path = runs[-1]
+    else:
+        path = Path(resume).expanduser()
+    if path.is_file():
+        problem = checkpoint_problem(path)
+        if problem:
+            raise ConfigError(f"{key}: {path} is {problem}.\n"
+                              f"Fix: trainer.resume={path.parent.parent} resumes from the newest intact checkpoint of its run.")
+        return path
+    if path.is_dir():
+        remove_stale_temporaries(path)
+        return newest_intact(path, key)
+    raise ConfigError(f"{key}: no such checkpoint file or run directory.")
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete what a killed writer left in a run that no process owns: `.name.partial` checkpoints and directories,
+    `.name.tmp` files. Runs that another live process holds are left alone."""
+    if held_elsewhere(run_dir):
+        return []
+    stale = [p for pattern in (".*.partial", ".*.tmp", "checkpoints/.*.partial") for p in run_dir.glob(pattern)]
+    for path in stale:
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+    if stale:
+        log.info("removed %d unfinished file(s) a stopped process left in %s: %s", len(stale), run_dir,
+                 ", ".join(p.name for p in stale))
+    return stale
+
+
+# ----- the config a checkpoint was written with
+
+
+def saved_config(ckpt: Path) -> dict[str, Any] | None:
+    """The TrainConfig (as a dict) stored in `ckpt`, else its run's run_config.yaml, else None."""
+    state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+    if CONFIG_KEY in state:
+        return state[CONFIG_KEY]
+    run_config = ckpt.parent.parent / "run_config.yaml"
+    return OmegaConf.to_container(OmegaConf.load(run_config)) if run_config.exists() else None  # type: ignore[return-value]
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix.rstrip("."): data}
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        flat.update(_flatten(value, f"{prefix}{key}."))
+    return flat
+
+
+def _matches(key: str, patterns: tuple[str, ...]) -> bool:
+    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
+
+
+def config_changes(old: dict[str, Any], new: TrainConfig) -> tuple[list[str], list[str]]:
+    """(applied, refused): 'key: old -> new' lines for every key that differs between a checkpoint's run and now."""
+    before, after = _flatten(old), _flatten(asdict(new))
+    applied, refused = [], []
+    for key in sorted(set(before) | set(after)):
+        if key not in after or _matches(key, IGNORED):  # keys of another bamba_ft version are dropped on load
+            continue
+        was, now = before.get(key, "(unset)"), after[key]
+        if was == now or (isinstance(was, (int, float)) and isinstance(now, (int, float)) and float(was) == float(now)):
+            continue
+        (applied if _matches(key, APPLIED) else refused).append(f"{key}: {was!r} -> {now!r}")
+    return applied, refused
+
+
+def check_resume_config(ckpt: Path, cfg: TrainConfig) -> list[str]:
+    """Refuse a resume whose config changes what is trained; return the applied changes (to log and record)."""
+    old = saved_config(ckpt)
+    if old is None:
+        log.warning("%s holds no bamba_ft config and its run has no run_config.yaml: config changes cannot be "
+                    "checked on this resume.", ckpt)
+        return []
+    applied, refused = config_changes(old, cfg)
+    if refused:
+        changes = "\n".join(refused)
+        raise ConfigError(
+            f"trainer.resume from {ckpt}: these settings differ from the checkpoint's run and change what is "
+            f"trained, so the checkpoint cannot continue under them:\n{changes}\n"
+            "Fix: drop these overrides to resume, or start a new run (without trainer.resume) to train with them."
+        )
+    return applied
+
+
+def config_for_checkpoint(cfg: TrainConfig) -> dict[str, Any]:
+    """What `CONFIG_KEY` holds: the config as plain data (no secrets live in TrainConfig)."""
+    return asdict(cfg)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable (a crash right after it keeps the new name)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

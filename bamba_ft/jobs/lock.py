@@ -1,0 +1,98 @@
+"""One live process per run directory: an advisory lock (flock) held for the whole run.
+
+The kernel drops the lock when its process ends, however it ends, so a crashed run never leaves a stale
+lock behind; the lock file only names the owner for the message a second process shows.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from bamba_ft.errors import ConfigError
+
+LOCK_NAME = ".bamba_ft.lock"
+_held: dict[Path, int] = {}  # run directory -> open file descriptor holding its lock (for this process's life)
+
+
+def _launching_process() -> bool:
+    """False in the processes a distributed launcher starts for ranks > 0: they share rank 0's directory."""
+    return all(int(os.environ.get(v, "0")) == 0 for v in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
+def acquire(run_dir: Path) -> None:
+    """Lock `run_dir` for this process, or raise a ConfigError naming the process that holds it."""
+    run_dir = run_dir.resolve()
+    if run_dir in _held or not _launching_process():
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise ConfigError(
+            f"{run_dir} is in use by a live bamba_ft run ({owner}); two runs writing one directory would mix "
+            "their checkpoints and metrics.\nFix: let it finish or stop it, or give this run its own directory "
+            "(leave hydra.run.dir at its default, or pick another)."
+        ) from None
+    os.ftruncate(fd, 0)
+    command = " ".join(sys.argv[1:])[:300]
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                  f"python -m bamba_ft {command}\n".encode(), 0)
+    _held[run_dir] = fd
+
+
+def release(run_dir: Path) -> None:
+    fd = _held.pop(run_dir.resolve(), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def held_elsewhere(run_dir: Path) -> bool:
+    """True when another live process holds `run_dir`'s lock."""
+    run_dir = run_dir.resolve()
+    path = run_dir / LOCK_NAME
+    if run_dir in _held or not path.exists():
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops a lock taken just now
+
+
+def _refuse(error: ConfigError) -> None:
+    print(f"bamba_ft: {type(error).__name__}: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
+class RunLock(Callback):
+    """Takes the lock before Hydra writes anything into the run directory (its .hydra/ files, the log)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            acquire(Path(str(OmegaConf.select(config, "hydra.run.dir"))))
+        except ConfigError as e:
+            _refuse(e)
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:  # each job of a sweep
+        try:
+            acquire(Path(str(config.hydra.runtime.output_dir)))
+        except ConfigError as e:
+            _refuse(e)
+
+    def on_job_end(self, config: DictConfig, **kwargs: Any) -> None:
+        release(Path(str(config.hydra.runtime.output_dir)))

@@ -1,0 +1,140 @@
+"""Checkpoint integrity, the choice of checkpoint on resume, the run-directory lock, config changes on resume."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from bamba_ft.config.schema import TrainConfig
+from bamba_ft.errors import ConfigError, ModelError
+from bamba_ft.jobs import lock
+from bamba_ft.jobs.checkpoints import (
+    check_resume_config,
+    config_changes,
+    newest_intact,
+    remove_stale_temporaries,
+    resolve_resume,
+)
+from bamba_ft.model.restore import checkpoint_problem, require_intact
+
+
+def _ckpt(path: Path, step: int, age: float = 0.0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"global_step": step, "state_dict": {"w": torch.arange(4096.0)}}, path)
+    stamp = time.time() - age
+    os.utime(path, (stamp, stamp))
+    return path
+
+
+def test_checkpoint_problem_tells_empty_truncated_corrupt_and_intact(tmp_path: Path) -> None:
+    good = _ckpt(tmp_path / "good.ckpt", 1)
+    assert checkpoint_problem(good) is None
+    empty = tmp_path / "empty.ckpt"
+    empty.write_bytes(b"")
+    assert "empty" in checkpoint_problem(empty)
+    data = good.read_bytes()
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(data[: len(data) // 2])
+    assert "truncated" in checkpoint_problem(cut)
+    flipped = bytearray(data)
+    offset = data.index(torch.arange(4096.0).numpy().tobytes()[:64]) + 100  # inside the tensor's bytes
+    flipped[offset] ^= 0xFF
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(bytes(flipped))
+    assert "CRC" in checkpoint_problem(bad)
+    with pytest.raises(ModelError, match=r"cut\.ckpt is truncated"):
+        require_intact(cut, "checkpoint")
+
+
+def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    run = tmp_path / "run"
+    _ckpt(run / "checkpoints" / "best-step000002.ckpt", 2, age=30)
+    _ckpt(run / "checkpoints" / "last.ckpt", 4, age=20)
+    newest = _ckpt(run / "checkpoints" / "interrupted.ckpt", 5, age=10)
+    newest.write_bytes(newest.read_bytes()[:100])  # cut short, as by a crash or a full disk
+    with caplog.at_level(logging.WARNING, logger="bamba_ft"):
+        chosen = resolve_resume(str(run), tmp_path / "new")
+    assert chosen == run / "checkpoints" / "last.ckpt"
+    assert "interrupted.ckpt (truncated" in caplog.text and "using last.ckpt" in caplog.text
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert newest_intact(run, "k").name == "best-step000002.ckpt"
+    (run / "checkpoints" / "best-step000002.ckpt").write_bytes(b"PK")
+    with pytest.raises(ConfigError, match="no intact checkpoint") as error:
+        newest_intact(run, "trainer.resume")
+    for named in ("interrupted.ckpt (truncated", "last.ckpt (empty", "best-step000002.ckpt (truncated"):
+        assert named in str(error.value)
+
+
+def test_a_named_broken_checkpoint_file_is_refused_with_its_name(tmp_path: Path) -> None:
+    broken = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"(?s)last\.ckpt is empty.*Fix: trainer\.resume=.*run resumes"):
+        resolve_resume(str(broken), tmp_path / "new")
+
+
+def test_config_changes_apply_optim_and_refuse_shape_keys() -> None:
+    old = asdict(TrainConfig())
+    new = TrainConfig()
+    new.optim.lr = 1e-3
+    new.trainer.max_steps = 900
+    new.peft.r = 8
+    new.data.max_tokens_per_batch = 1024
+    new.output_dir = "elsewhere"  # never compared
+    new.trainer.resume = "x"
+    applied, refused = config_changes(old, new)
+    assert applied == ["optim.lr: 0.0002 -> 0.001", "trainer.max_steps: 300 -> 900"]
+    assert refused == ["data.max_tokens_per_batch: 4096 -> 1024", "peft.r: 16 -> 8"]
+
+
+def test_check_resume_config_reads_the_checkpoint_and_refuses(tmp_path: Path) -> None:
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"global_step": 3, "bamba_ft_config": asdict(TrainConfig())}, ckpt)
+    cfg = TrainConfig()
+    cfg.peft.r = 8
+    with pytest.raises(ConfigError, match=r"(?s)peft\.r: 16 -> 8.*Fix: drop these overrides"):
+        check_resume_config(ckpt, cfg)
+    cfg.peft.r = 16
+    cfg.optim.lr = 5e-4
+    assert check_resume_config(ckpt, cfg) == ["optim.lr: 0.0002 -> 0.0005"]
+
+
+_HOLD = """
+import sys, time
+from pathlib import Path
+from bamba_ft.jobs import lock
+lock.acquire(Path(sys.argv[1]))
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_lock_refuses_a_second_process_and_frees_on_death(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(run)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert lock.held_elsewhere(run)
+        stale = run / "checkpoints" / ".last.ckpt.partial"
+        stale.parent.mkdir()
+        stale.write_bytes(b"half")
+        assert remove_stale_temporaries(run) == [] and stale.exists()  # a live run's temporaries are its own
+        with pytest.raises(ConfigError, match=rf"in use by a live bamba_ft run \(pid {holder.pid} on"):
+            lock.acquire(run)
+    finally:
+        holder.kill()  # SIGKILL: no cleanup runs, the kernel drops the lock
+        holder.wait()
+    assert not lock.held_elsewhere(run)
+    assert remove_stale_temporaries(run) == [stale] and not stale.exists()
+    lock.acquire(run)
+    lock.release(run)
