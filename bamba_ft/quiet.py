@@ -7,6 +7,15 @@ import os
 import warnings
 
 
+class _DropMessages(logging.Filter):
+    def __init__(self, *fragments: str) -> None:
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(f in str(record.msg) for f in self.fragments)
+
+
 def silence_import_noise() -> None:
     # torchao tries to load CUDA extensions it cannot use on this machine and logs each failure;
     # torch's pytree logs a deprecation for every Enum torchao registers. Neither affects results.
@@ -27,3 +36,5 @@ def silence_import_noise() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     # val/loss is summed over ranks explicitly before logging (lit_module.on_validation_epoch_end)
     warnings.filterwarnings("ignore", message=r".*sync_dist=True.*when logging on epoch level.*")
+    # Lightning advertises a hosted logging service at every Trainer start; it is not a fact about the run.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropMessages("litlogger"))

@@ -10,13 +10,13 @@ import typing
 from dataclasses import fields, is_dataclass
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from bamba_ft.config.schema import TrainConfig, validate
 from bamba_ft.errors import ConfigError, Problems, suggest
 
-GROUPS = ("model", "peft", "quant", "data", "optim", "trainer", "logger", "recipe", "debug")
+GROUPS = ("model", "peft", "quant", "data", "optim", "trainer", "logger", "recipe", "smoke")
 
 
 def _hints(dc: type) -> dict[str, Any]:
@@ -45,18 +45,68 @@ def check_key(dotted: str) -> str | None:
     return None
 
 
+_KINDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+          "ListConfig": "a list ([a,b])", "DictConfig": "a mapping ({a: b})"}
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value).replace(" ", "")
+
+
+def _type_problem(schema: DictConfig, key: str, value: Any) -> str | None:
+    """None if `value` fits the declared type of `key`, else what was expected and what came."""
+    try:
+        OmegaConf.update(schema, key, value, merge=True)
+    except OmegaConfBaseException:
+        default = OmegaConf.select(OmegaConf.structured(TrainConfig), key, default=None)
+        expected = _KINDS.get(type(default).__name__, "a value of the type this key declares")
+        hint = f" (its default: {key}={_show(default)})" if default is not None else ""
+        return f"{_show(value)} is not a {expected}{hint}."
+    return None
+
+
+def _values(override: Any) -> list[Any]:
+    """The value(s) an override sets; a discrete sweep's each value; nothing for ranges a sweeper samples."""
+    if not override.is_sweep_override():
+        return [override.value()]
+    return list(override.sweep_iterator()) if override.is_discrete_sweep() else []
+
+
 def check_overrides(argv: list[str]) -> None:
-    """Validate `key=value` command-line overrides against the schema (before Hydra composes anything)."""
+    """Validate `key=value` command-line overrides against the schema, names and types (before Hydra composes)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
     problems = Problems()
+    parser = OverridesParser.create()
+    schema = OmegaConf.structured(TrainConfig)
     for token in argv:
         if token.startswith("-") or "=" not in token:
             continue
         key = token.split("=", 1)[0].lstrip("~+")
-        if key.split(".")[0] == "hydra" or key in GROUPS:  # Hydra checks its own keys and group choices
-            continue
+        if key.split(".")[0] == "hydra" or key.split("/")[0] == "hydra" or key in GROUPS:
+            continue  # Hydra checks its own keys and group choices
         message = check_key(key)
         if message:
             problems.add(f"{token}: {message}")
+            continue
+        try:
+            override = parser.parse_override(token)
+        except HydraException as e:
+            problems.add(f"{token}: cannot be parsed ({str(e).splitlines()[0]}). Quote values holding spaces or "
+                         "commas, e.g. 'data.chat_template=\"...\"'.")
+            continue
+        if override.is_delete():
+            continue
+        for value in _values(override):
+            problem = _type_problem(schema, key, value)
+            if problem:
+                if key == "debug":
+                    problem += "\ndebug=true shows full tracebacks; the two-step smoke run is smoke=fast."
+                problems.add(f"{token}: {problem}")
+                break
     problems.raise_if_any("the command-line overrides")
 
 

@@ -10,7 +10,7 @@ import pytest
 from bamba_ft.config.store import recipe_names
 from tests.integration.conftest import cli
 
-FAST = ["model=tiny", "trainer=cpu", "debug=fast", "logger=none"]
+FAST = ["model=tiny", "trainer=cpu", "smoke=fast", "logger=none"]
 
 
 def test_sft_run_writes_everything(sft_run: Path) -> None:
