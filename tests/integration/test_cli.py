@@ -51,7 +51,7 @@ def test_eval_recipe_matches_training_exact_match(sft_run: Path, tmp_path: Path)
 def test_bench_smoke_on_cpu(tmp_path: Path) -> None:
     proc = cli(["recipe=bench", "trainer=cpu", "bench.warmup_steps=1", "bench.steps=1", "bench.seqs_per_step=2",
                 "bench.median_len=40", "bench.max_len=64", "bench.data_pipeline_examples=3000",
-                "bench.seq_scaling=[64,128]", "bench.mixer_only=true",
+                "bench.seq_scaling=[64,128]", "bench.mixer_only=true", "bench.activation_checkpointing=[false,true]",
                 f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
     results = json.loads((tmp_path / "bench.json").read_text())
     by_name = {r["variant"]: r for r in results["runs"]}

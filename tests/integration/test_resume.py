@@ -58,7 +58,7 @@ def test_resume_matches_uninterrupted(stop_at: int, uninterrupted: dict[str, tor
         return original(self, trainer, *args)
 
     monkeypatch.setattr(GracefulStop, "on_train_batch_end", stop)
-    assert train.run(small_run(tmp_path / "first")) == {"stopped_at": stop_at}
+    assert train.run(small_run(tmp_path / "first")) == {"stopped_at": stop_at, "signal": "SIGINT"}
     assert (tmp_path / "first/checkpoints/interrupted.ckpt").exists()
     assert not (tmp_path / "first/adapter").exists()
     monkeypatch.setattr(GracefulStop, "on_train_batch_end", original)
