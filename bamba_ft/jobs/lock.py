@@ -23,7 +23,7 @@ LOCK_NAME = ".bamba_ft.lock"
 _held: dict[Path, int] = {}  # run directory -> open file descriptor holding its lock (for this process's life)
 
 
-def _launching_process() -> bool:
+def launching_process() -> bool:
     """False in the processes a distributed launcher starts for ranks > 0: they share rank 0's directory."""
     return all(int(os.environ.get(v, "0")) == 0 for v in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
@@ -31,7 +31,7 @@ def _launching_process() -> bool:
 def acquire(run_dir: Path) -> None:
     """Lock `run_dir` for this process, or raise a ConfigError naming the process that holds it."""
     run_dir = run_dir.resolve()
-    if run_dir in _held or not _launching_process():
+    if run_dir in _held or not launching_process():
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)

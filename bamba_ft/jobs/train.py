@@ -38,11 +38,6 @@ from bamba_ft.ops.loss import causal_lm, mean_loss
 log = logging.getLogger("bamba_ft")
 
 
-def _is_rank_zero() -> bool:
-    """Before the Trainer exists: the launching process of the first node (launched ranks carry these variables)."""
-    return all(int(os.environ.get(v, "0")) == 0 for v in ("RANK", "LOCAL_RANK", "NODE_RANK"))
-
-
 def _strategy(cfg: TrainConfig) -> Any:
     if cfg.trainer.strategy != "fsdp":
         return cfg.trainer.strategy
@@ -192,7 +187,7 @@ def run(cfg: TrainConfig) -> dict:
     save_run_config(cfg, run_dir)
 
     before: dict = {}
-    if cfg.eval.before_training and _is_rank_zero() and not cfg.trainer.fast_dev_run and not cfg.trainer.resume:
+    if cfg.eval.before_training and lock.launching_process() and not cfg.trainer.fast_dev_run and not cfg.trainer.resume:
         before, _ = evaluate_model(model, tokenizer, dm, cfg.eval, device)
         log.info("before training: %s", format_metrics(before))
 
