@@ -133,9 +133,9 @@ class OptimConfig:
     """Adam epsilon."""
     scheduler: str = "cosine"
     """Learning-rate schedule after warmup: cosine | linear | constant."""
-    warmup_steps: int = 0
+    warmup_steps: int = 10
     """Linear warmup, in optimizer steps."""
-    min_lr_ratio: float = 0.0
+    min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of `lr` (cosine and linear)."""
 
 
@@ -147,8 +147,8 @@ class TrainerConfig:
     """Epochs to train for when max_steps=-1 (the first limit reached stops training)."""
     accelerator: str = "auto"
     """cpu | gpu | auto."""
-    devices: Any = "auto"
-    """Number of devices (or a list of indices, or auto)."""
+    devices: Any = 1
+    """Number of devices (or a list of indices, or auto: every visible one)."""
     num_nodes: int = 1
     """Machines for multi-node training."""
     strategy: str = "auto"
