@@ -118,12 +118,14 @@ def _stop_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
 def test_resume_applies_a_changed_lr_and_refuses_a_changed_rank(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first = small_run(tmp_path / "first", steps=6)
     first.optim.scheduler = "constant"
+    first.optim.warmup_steps = 0
     _stop_at(monkeypatch, 3)
     assert train.run(first)["stopped_at"] == 3
     monkeypatch.undo()
 
     changed_rank = small_run(tmp_path / "rank", resume=str(tmp_path / "first"), steps=6)
     changed_rank.optim.scheduler = "constant"
+    changed_rank.optim.warmup_steps = 0
     changed_rank.peft.r = 8
     with pytest.raises(ConfigError, match=r"(?s)peft\.r: 16 -> 8.*start a new run"):
         train.run(changed_rank)
@@ -137,6 +139,7 @@ def test_resume_applies_a_changed_lr_and_refuses_a_changed_rank(tmp_path: Path, 
     monkeypatch.setattr(BambaLitModule, "on_train_batch_start", record, raising=False)
     resumed = small_run(tmp_path / "second", resume=str(tmp_path / "first"), steps=6)
     resumed.optim.scheduler = "constant"
+    resumed.optim.warmup_steps = 0
     resumed.optim.lr = 1e-3
     train.run(resumed)
     assert lrs == [1e-3] * 3  # steps 4-6 at the new rate, not the checkpoint's 2e-4
