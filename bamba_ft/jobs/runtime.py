@@ -2,20 +2,43 @@
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import torch
 
 from bamba_ft.errors import ConfigError
 
 
-def choose_device(accelerator: str) -> torch.device:
-    """The device this process computes on: the first CUDA device unless the CPU is asked for or is all there is."""
+def local_rank() -> int:
+    """This process's index among the processes of its node (torchrun, SLURM and Lightning's launcher set it)."""
+    for var in ("LOCAL_RANK", "SLURM_LOCALID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def choose_device(accelerator: str, devices: Any = "auto") -> torch.device:
+    """The device this process computes on, chosen as Lightning will choose it.
+
+    Each rank of a multi-GPU run takes the GPU of its local rank (or the local-rank-th entry of a `devices` list),
+    from the first tensor on; the model, the gradient probe and the packing check run there, not on GPU 0.
+    """
     if accelerator in ("gpu", "cuda"):
         if not torch.cuda.is_available():
             raise ConfigError("trainer.accelerator=gpu but no CUDA device is visible. Fix: trainer=cpu.")
-        return torch.device("cuda", torch.cuda.current_device())
-    if accelerator == "cpu" or not torch.cuda.is_available():
+    elif accelerator == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device())
+    rank, count = local_rank(), torch.cuda.device_count()
+    ids = [int(d) for d in devices] if isinstance(devices, (list, tuple)) else list(range(count))
+    if rank >= len(ids) or ids[rank] >= count:
+        raise ConfigError(
+            f"local rank {rank} has no GPU: trainer.devices={devices!r} and {count} visible. "
+            "Fix: start at most one process per visible GPU (torchrun --nproc-per-node, or trainer.devices)."
+        )
+    device = torch.device("cuda", ids[rank])
+    torch.cuda.set_device(device)
+    return device
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -38,9 +38,14 @@ from bamba_ft.ops.loss import causal_lm, mean_loss
 log = logging.getLogger("bamba_ft")
 
 
-def _strategy(cfg: TrainConfig) -> Any:
+def _strategy(cfg: TrainConfig, device: torch.device) -> Any:
     if cfg.trainer.strategy != "fsdp":
         return cfg.trainer.strategy
+    if device.type != "cuda":
+        raise ConfigError(
+            "trainer.strategy=fsdp needs CUDA GPUs: Lightning's FSDP has no CPU backend.\n"
+            "Fix: trainer=ddp (runs on CPUs over gloo as well), or run on a machine with GPUs."
+        )
     from lightning.pytorch.strategies import FSDPStrategy
     from transformers.models.bamba.modeling_bamba import BambaDecoderLayer
 
@@ -141,7 +146,7 @@ def _callbacks(cfg: TrainConfig, dm: BambaDataModule, ckpt_dir: Path, stopper: G
     return callbacks
 
 
-def _trainer(cfg: TrainConfig, dm: BambaDataModule, run_dir: Path, device: torch.device,
+def _trainer(cfg: TrainConfig, dm: BambaDataModule, run_dir: Path, device: torch.device, strategy: Any,
              stopper: GracefulStop) -> L.Trainer:
     t = cfg.trainer
     loggers = _loggers(cfg, run_dir) if not t.fast_dev_run else []
@@ -149,7 +154,7 @@ def _trainer(cfg: TrainConfig, dm: BambaDataModule, run_dir: Path, device: torch
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=_strategy(cfg),
+        strategy=strategy,
         precision=resolve_precision(t.precision, device),
         max_steps=t.max_steps,
         max_epochs=t.max_epochs if t.max_epochs is not None else -1,
@@ -182,7 +187,8 @@ def run(cfg: TrainConfig) -> dict:
         changed = check_resume_config(ckpt_path, cfg)
         log.info("resuming from %s%s", ckpt_path, "".join(f"\n  changed, applied from the resumed step on: {c}" for c in changed))
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
-    device = choose_device(cfg.trainer.accelerator)
+    device = choose_device(cfg.trainer.accelerator, cfg.trainer.devices)
+    strategy = _strategy(cfg, device)
     model, tokenizer, dm = _prepare(cfg, device)
     save_run_config(cfg, run_dir)
 
@@ -192,7 +198,7 @@ def run(cfg: TrainConfig) -> dict:
         log.info("before training: %s", format_metrics(before))
 
     stopper = GracefulStop(run_dir / "checkpoints")
-    trainer = _trainer(cfg, dm, run_dir, device, stopper)
+    trainer = _trainer(cfg, dm, run_dir, device, strategy, stopper)
     lit = BambaLitModule(model, cfg.optim)
     t_fit = time.perf_counter()
     with stopper.installed():

@@ -112,18 +112,6 @@ def test_doctor_checks_the_model(tmp_path: Path) -> None:
     assert "packing check" in proc.stdout and "doctor: ok" in proc.stdout
 
 
-def test_ddp_on_two_cpu_processes(tmp_path: Path) -> None:
-    """Two gloo ranks: ranks split the data, and val/loss reduced over ranks equals a one-process evaluation."""
-    cli(["trainer=cpu", "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_steps=2",
-         "trainer.val_check_interval=2", "eval.before_training=false", "eval.num_generate=4", "eval.max_new_tokens=2",
-         "data.builtin_train_examples=400", "data.builtin_val_examples=250", "trainer.enable_progress_bar=false",
-         f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path, timeout=400)
-    metrics = json.loads((tmp_path / "run/metrics.json").read_text())
-    assert metrics["train"]["steps"] == 2
-    assert abs(metrics["train"]["last_val_loss"] - metrics["after"]["val_loss"]) < 1e-5
-    assert (tmp_path / "run/adapter/adapter_model.safetensors").exists()
-
-
 def test_gradient_accumulation_counts_optimizer_steps(tmp_path: Path) -> None:
     proc = cli(["recipe=sft", *FAST, "trainer.accumulate_grad_batches=2", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
     assert "bamba_ft: trained 2 steps" in proc.stdout
