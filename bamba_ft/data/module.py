@@ -234,6 +234,13 @@ class BambaDataModule(L.LightningDataModule):
         if self._resume is not None:
             self._plan.resume_from(self._resume["epoch"], self._resume["batches_done"])
             self._resume = None
+        if len(self._plan) == 0:
+            world = self._plan.world_size
+            raise DataError(
+                f"the training set ({len(self.train_set)} examples) makes fewer batches than the {world} ranks, so "
+                "every rank would train 0 steps.\nFix: lower data.max_tokens_per_batch (or data.batch_size without "
+                "packing), add data, or run on fewer devices (trainer.devices)."
+            )
         if self.cfg.packing:
             log.info("packing efficiency: %.1f%% of the token budget holds real tokens", 100 * self._plan.efficiency())
         return self._loader(self.train_set, self._plan)

@@ -75,3 +75,19 @@ def test_fsdp_without_gpus_is_refused_before_any_work(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "trainer.strategy=fsdp needs CUDA GPUs" in proc.stderr and "Fix: trainer=ddp" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_fewer_batches_than_ranks_is_an_error_not_zero_steps(builtin_tokenizer) -> None:  # noqa: ANN001
+    from types import SimpleNamespace
+
+    from bamba_ft.config.schema import DataConfig
+    from bamba_ft.data.module import BambaDataModule
+    from bamba_ft.errors import DataError
+
+    dm = BambaDataModule(DataConfig(builtin_train_examples=40, builtin_val_examples=8), builtin_tokenizer)
+    dm.prepare()
+    dm.trainer = SimpleNamespace(global_rank=1, world_size=2)  # 40 short rows fill one 4096-token batch
+    with pytest.raises(DataError, match=r"(?s)fewer batches than the 2 ranks.*Fix: lower data.max_tokens_per_batch"):
+        dm.train_dataloader()
+    dm.cfg.max_tokens_per_batch = 256
+    assert len(dm.train_dataloader()) >= 1
