@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import importlib
 import logging
 import os
 import sys
@@ -15,6 +16,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from bamba_ft.config.overrides import check_overrides, to_train_config  # noqa: E402
+from bamba_ft.config.schema import TASK_JOBS  # noqa: E402
 from bamba_ft.config.store import config_dirs, register_configs  # noqa: E402
 from bamba_ft.errors import BambaFTError  # noqa: E402
 
@@ -30,18 +32,8 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 def run_task(cfg: DictConfig) -> None:
     debug = bool(OmegaConf.select(cfg, "debug", default=False)) or os.environ.get("BAMBA_FT_DEBUG") == "1"
     try:
-        typed = to_train_config(cfg)
-        if typed.task == "train":
-            from bamba_ft.jobs.train import run
-        elif typed.task == "eval":
-            from bamba_ft.jobs.evaluate import run
-        elif typed.task == "export":
-            from bamba_ft.jobs.export import run
-        elif typed.task == "doctor":
-            from bamba_ft.jobs.doctor import run
-        else:
-            from bamba_ft.jobs.bench import run
-        result = run(typed)
+        typed = to_train_config(cfg)  # validated: typed.task is a key of TASK_JOBS
+        result = importlib.import_module(TASK_JOBS[typed.task]).run(typed)
     except BambaFTError as e:
         if debug:
             raise

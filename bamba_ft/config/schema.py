@@ -304,8 +304,17 @@ class TrainConfig:
     bench: BenchConfig = field(default_factory=BenchConfig)
 
 
+# Each task and the module whose `run(cfg)` does it (imported only when its task runs).
+TASK_JOBS: dict[str, str] = {
+    "train": "bamba_ft.jobs.train",
+    "eval": "bamba_ft.jobs.evaluate",
+    "export": "bamba_ft.jobs.export",
+    "bench": "bamba_ft.jobs.bench",
+    "doctor": "bamba_ft.jobs.doctor",
+}
+
 CHOICES: dict[str, tuple[str, ...]] = {
-    "task": ("train", "eval", "export", "bench", "doctor"),
+    "task": tuple(TASK_JOBS),
     "model.init": ("pretrained", "random"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "model.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2", "varlen"),
