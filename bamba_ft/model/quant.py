@@ -198,9 +198,13 @@ def _torchao_config(cfg: QuantConfig):  # noqa: ANN202
         from torchao.quantization.granularity import PerGroup
     except ImportError as e:
         raise ModelError(f"quant.method={cfg.method} needs torchao>=0.18 ({e}). Fix: pip install 'torchao>=0.18'.") from e
-    if cfg.method == "int8":
-        return Int8WeightOnlyConfig()
-    return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(cfg.group_size))
+    configs = {
+        "int8": Int8WeightOnlyConfig,
+        "int4": lambda: IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(cfg.group_size)),
+    }
+    if cfg.method not in configs:
+        raise ModelError(f"quant.method={cfg.method} is not a torchao weight-only method ({', '.join(configs)}).")
+    return configs[cfg.method]()
 
 
 def _selected(name: str, cfg: QuantConfig) -> bool:
