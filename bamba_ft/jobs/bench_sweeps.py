@@ -63,7 +63,7 @@ def token_budgets(model_cfg: ModelConfig, peft_cfg: PeftConfig, b: BenchConfig, 
                     bb = replace(b, rehearse=False, profile=False)
                     measure_into(row, v, model, budget_steps(bb, budget, vocab, seed), bb, device)
                     oom_at = budget if row.get("error") == OOM else None
-                release(device)
+                release(device, collect="error" in row)
                 yield row
             del model
             release(device)
