@@ -262,16 +262,23 @@ class BenchConfig:
     """Sequences per optimizer step (token budget = their real tokens)."""
     warmup_steps: int = 10
     """Steps run before timing (their batches differ from the timed ones, as later batches of a run do)."""
-    rehearse: bool = False
+    rehearse: Any = False
     """Also run each timed batch once before timing it: every timed step then repeats a shape already seen, as
     in training on fixed-length rows. Off: every timed step brings a packed length of its own, as in training
-    on variable-length packed batches (per-shape costs such as kernel plans or graph captures are included)."""
+    on variable-length packed batches (per-shape costs such as kernel plans or graph captures are included).
+    A list, e.g. [false,true], measures both regimes in one run (the first is the headline's)."""
+    repeats: int = 1
+    """Measure every variant this many times, interleaved (A B C A B C ...), each time after its own warm-up on
+    batches of new lengths; models are built once. Medians and ranges are reported; 3 or more print a Headline."""
     steps: int = 10
     """Timed steps (median reported)."""
     variants: list[str] = field(default_factory=lambda: ["hf_padded", "hf_padfree", "bamba_ft", "bamba_ft_nf4"])
     """Which paths to run, in order."""
     activation_checkpointing: list[bool] = field(default_factory=lambda: [False])
     """Run each variant with and/or without activation checkpointing."""
+    token_budgets: list[int] = field(default_factory=list)
+    """Token budgets per step (as data.max_tokens_per_batch packs them) for the budget sweep of bamba_ft and
+    hf_padfree, e.g. [4096, 8192, 16384, 32768, 65536]; follows bench.activation_checkpointing; OOM is recorded."""
     seq_scaling: list[int] = field(default_factory=list)
     """Sequence lengths for the scaling sweep (one sequence per step), e.g. [2048, 4096, 8192]."""
     data_pipeline_examples: int = 0
@@ -384,11 +391,31 @@ def validate(cfg: TrainConfig) -> None:
             f"quant.method={cfg.quant.method} freezes quantized base weights, so full fine-tuning (peft=none) "
             "has nothing to train in them.\nFix: use peft=lora with a quantized base (recipe=qlora), or quant=none."
         )
+    _validate_bench(cfg.bench, problems)
     if cfg.export.push_to_hub and not cfg.export.repo_id:
         problems.add("export.push_to_hub=true needs export.repo_id=org/name.")
     if cfg.peft.use_dora and cfg.quant.method != "none":
         problems.add("peft.use_dora=true with a quantized base is not supported by peft. Fix: peft.use_dora=false.")
     problems.raise_if_any()
+
+
+def rehearse_settings(b: BenchConfig) -> list[bool]:
+    """`bench.rehearse` as a list of regimes (a single true/false is a list of one)."""
+    return [b.rehearse] if isinstance(b.rehearse, bool) else list(b.rehearse)
+
+
+def _validate_bench(b: BenchConfig, problems: Problems) -> None:
+    settings = [b.rehearse] if isinstance(b.rehearse, bool) else b.rehearse
+    if not isinstance(settings, list | tuple) or not settings or not all(isinstance(x, bool) for x in settings):
+        problems.add(f"bench.rehearse={b.rehearse!r} must be true, false or a list of them, e.g. "
+                     "'bench.rehearse=[false,true]'.")
+    elif len(set(settings)) != len(settings):
+        problems.add(f"bench.rehearse={list(settings)} names a regime twice. Fix: 'bench.rehearse=[false,true]'.")
+    if b.repeats < 1:
+        problems.add(f"bench.repeats={b.repeats} must be at least 1 (3 or more for a Headline).")
+    if any(n < 8 for n in b.token_budgets):
+        problems.add(f"bench.token_budgets={list(b.token_budgets)}: every budget must hold at least one sequence "
+                     "(8 tokens or more), e.g. [4096,8192,16384].")
 
 
 def field_names(dc: Any) -> list[str]:

@@ -9,6 +9,9 @@ Variants (bench.variants):
 - bamba_ft_graphs: the same with the mixer's conv+scan replayed as CUDA graphs (`model.cuda_graphs=true`);
 - bamba_ft_padded: the same on hf_padded's padded batches (same work as hf_padded, to compare the paths);
 - bamba_ft_nf4 / bamba_ft_int8: the same on a torchao-quantized base (QLoRA).
+`bench.repeats` measures every variant again after the others (interleaved), each run on fresh batches, and
+reuses the built models; `bench.rehearse` may list both warm-up regimes. Sweeps live in bench_sweeps.py and the
+report (medians, ranges, ratios, the Headline line) in bench_report.py.
 Model FLOPs per token: 4 x (weights of all Linear layers): forward 2N plus input gradients 2N; LoRA's own
 FLOPs, attention scores and the SSD scan are left out, so MFU here is a lower bound.
 """
@@ -29,7 +32,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bamba_ft.config.schema import BenchConfig, ModelConfig, PeftConfig, QuantConfig, TrainConfig
+from bamba_ft.config.schema import (
+    BenchConfig,
+    ModelConfig,
+    PeftConfig,
+    QuantConfig,
+    TrainConfig,
+    rehearse_settings,
+)
 from bamba_ft.data.packing import collate_packed, collate_padded
 from bamba_ft.errors import ConfigError, suggest
 from bamba_ft.jobs.report import atomic_write_json, atomic_write_text
@@ -41,6 +51,8 @@ from bamba_ft.model.shapes import SHAPES
 from bamba_ft.ops.loss import causal_lm, mean_loss
 
 log = logging.getLogger(__name__)
+OOM = "OOM"
+MAX_REDRAWS = 100  # a step whose packed length the run has seen is drawn again at most this often
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}  # vendor datasheets, dense bf16
 
 
@@ -76,13 +88,28 @@ def sample_lengths(b: BenchConfig, n: int, seed: int) -> list[int]:
     return [int(min(b.max_len, max(8, round(b.median_len * math.exp(0.8 * float(v)))))) for v in z]
 
 
-def make_steps(b: BenchConfig, vocab: int, seed: int) -> list[list[list[int]]]:
-    """Warm-up plus timed steps, each `seqs_per_step` sequences of random token ids (same for every variant)."""
-    n_steps = b.warmup_steps + b.steps
-    lengths = sample_lengths(b, n_steps * b.seqs_per_step, seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    seqs = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
-    return [seqs[i * b.seqs_per_step : (i + 1) * b.seqs_per_step] for i in range(n_steps)]
+def make_steps(b: BenchConfig, vocab: int, seed: int, seen: set[int] | None = None) -> list[list[list[int]]]:
+    """Warm-up plus timed steps, each `seqs_per_step` sequences of random token ids (same for every variant).
+
+    With `seen` (the packed lengths a run has used so far; updated), a lognormal step whose packed length is in
+    it is drawn again, so that repeated runs in one process keep meeting shapes they have not run before.
+    """
+    n_steps, k = b.warmup_steps + b.steps, b.seqs_per_step
+    lengths = sample_lengths(b, n_steps * k, seed)
+    per_step = [lengths[i * k : (i + 1) * k] for i in range(n_steps)]
+    if seen is not None and b.workload != "fixed":
+        for i in range(n_steps):
+            for attempt in range(1, MAX_REDRAWS + 1):
+                if sum(per_step[i]) not in seen:
+                    break
+                per_step[i] = sample_lengths(b, k, seed + 7919 * attempt + i)
+            seen.add(sum(per_step[i]))
+    return random_tokens(per_step, vocab, seed + 1)
+
+
+def random_tokens(per_step: list[list[int]], vocab: int, seed: int) -> list[list[list[int]]]:
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randint(3, vocab, (n,), generator=g).tolist() for n in step] for step in per_step]
 
 
 def to_batch(seqs: list[list[int]], packed: bool, stock: bool) -> dict:
@@ -119,7 +146,7 @@ def _profile(model: nn.Module, loss_fn, batch: dict, opt: torch.optim.Optimizer,
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    _sync(device)
+    sync_device(device)
     with profile(activities=activities) as prof:
         t0 = time.perf_counter()
         for _ in range(2):
@@ -128,7 +155,7 @@ def _profile(model: nn.Module, loss_fn, batch: dict, opt: torch.optim.Optimizer,
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        _sync(device)
+        sync_device(device)
         wall = (time.perf_counter() - t0) / 2
     averages = prof.key_averages()
     # kernel rows only: operator rows repeat the time of the kernels they launched
@@ -145,9 +172,11 @@ def _profile(model: nn.Module, loss_fn, batch: dict, opt: torch.optim.Optimizer,
 def build_variant(v: Variant, model_cfg: ModelConfig, peft_cfg: PeftConfig, device: torch.device,
                   seed: int) -> dict:
     """{"model": the model of variant `v` with its adapters, in train mode, plus what loading it measured}."""
+    before = 0
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)  # models of other variants kept for later repeats
     mcfg = replace(model_cfg, mixer="hf" if v.stock else "auto", attn_implementation="sdpa" if v.stock else "auto",
                    gradient_checkpointing=v.ckpt, cuda_graphs=v.graphs)
     torch.manual_seed(seed)
@@ -156,16 +185,24 @@ def build_variant(v: Variant, model_cfg: ModelConfig, peft_cfg: PeftConfig, devi
     model.train()
     loaded = {"model": model, "base_weight_gib": base_weight_bytes(model) / 2**30}
     if device.type == "cuda":  # quantized bases are built layer by layer: this stays near the quantized size
-        loaded["load_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        loaded["load_peak_gib"] = (torch.cuda.max_memory_allocated(device) - before) / 2**30
+        loaded["resident_bytes"] = torch.cuda.memory_allocated(device) - before
     return loaded
 
 
 def measure(v: Variant, model: nn.Module, steps: list, b: BenchConfig, device: torch.device,
-            out_dir: Path = Path(".")) -> dict:
-    """Train `model` on `steps` (a fresh optimizer); step time, tokens/s, peak memory and adapter coverage."""
+            out_dir: Path = Path("."), resident_bytes: int | None = None) -> dict:
+    """Train `model` on `steps` (a fresh optimizer); step time, tokens/s, peak memory and adapter coverage.
+
+    `resident_bytes`: what the model itself holds on the device; memory held by other models kept for later
+    repeats is then left out of the peak, so it reads as in a process holding this model alone.
+    """
     result: dict = {}
+    others = 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        others = start - (start if resident_bytes is None else resident_bytes)
     n_linear = linear_weights(causal_lm(model))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
@@ -176,7 +213,7 @@ def measure(v: Variant, model: nn.Module, steps: list, b: BenchConfig, device: t
         steps = steps[: b.warmup_steps] + steps[b.warmup_steps :] * 2
     for i, seqs in enumerate(steps):
         batch = to_device(to_batch(seqs, v.packed, v.stock), device)
-        _sync(device)
+        sync_device(device)
         t0 = time.perf_counter()
         with autocast_for(causal_lm(model), device):
             loss = loss_fn(model, batch)
@@ -185,7 +222,7 @@ def measure(v: Variant, model: nn.Module, steps: list, b: BenchConfig, device: t
             result["adapters_with_grad"], result["adapters"] = _adapter_coverage(model)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        _sync(device)
+        sync_device(device)
         if i >= untimed:
             times.append(time.perf_counter() - t0)
             tokens.append(sum(len(s) for s in seqs))
@@ -202,24 +239,30 @@ def measure(v: Variant, model: nn.Module, steps: list, b: BenchConfig, device: t
     if peak:
         result["mfu"] = 4 * n_linear * tps / peak
     if device.type == "cuda":
-        result["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        result["peak_gib"] = (torch.cuda.max_memory_allocated(device) - others) / 2**30
     del opt
     return result
 
 
-def _guarded(result: dict, fn, *args) -> dict:  # noqa: ANN001, ANN002
-    """`fn(*args)`'s measurements added to `result`, or the error it hit (a path that cannot run here is a result)."""
+def guarded(result: dict, fn, *args) -> dict:  # noqa: ANN001, ANN002
+    """`fn(*args)`'s measurements added to `result`, or the error it hit (a path that cannot run here is a result).
+
+    Out of memory is recorded as OOM; leaving the handler drops the traceback and the activations it held.
+    """
     try:
         result.update(fn(*args))
-    except torch.cuda.OutOfMemoryError:
-        result["error"] = "out of memory"
+    except torch.OutOfMemoryError:
+        result["error"] = OOM
     except Exception as e:
         result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     return result
 
 
-def _release(device: torch.device) -> None:
-    gc.collect()
+def release(device: torch.device, collect: bool = True) -> None:
+    """Give cached device memory back; `collect` first frees what only a full collection finds (dropped models,
+    an error's traceback), at about 0.5 s of host time with transformers loaded."""
+    if collect:
+        gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -228,14 +271,24 @@ def run_variant(v: Variant, model_cfg: ModelConfig, peft_cfg: PeftConfig, steps:
                 device: torch.device, seed: int, out_dir: Path = Path(".")) -> dict:
     """Build the model for `v`, run the steps, return the measurements (or the error it hit)."""
     result: dict = {"variant": v.name, "activation_checkpointing": v.ckpt}
-    _guarded(result, build_variant, v, model_cfg, peft_cfg, device, seed)
+    guarded(result, build_variant, v, model_cfg, peft_cfg, device, seed)
     model = result.pop("model", None)
     if model is not None:
-        with _attention_backends(v):
-            _guarded(result, measure, v, model, steps, b, device, out_dir)
+        measure_into(result, v, model, steps, b, device, out_dir)
     del model
-    _release(device)
+    release(device)
     return result
+
+
+def measure_into(row: dict, v: Variant, model: nn.Module, steps: list, b: BenchConfig, device: torch.device,
+                 out_dir: Path = Path("."), resident_bytes: int | None = None) -> dict:
+    """`measure` under `v`'s attention backends, its results (or error) added to `row`; a failed step's
+    gradients are dropped so that the model serves the next measurement."""
+    with _attention_backends(v):
+        guarded(row, measure, v, model, steps, b, device, out_dir, resident_bytes)
+    if "error" in row:
+        model.zero_grad(set_to_none=True)
+    return row
 
 
 def _attention_backends(v: Variant) -> contextlib.AbstractContextManager:
@@ -247,7 +300,7 @@ def _attention_backends(v: Variant) -> contextlib.AbstractContextManager:
     return sdpa_kernel(others)
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -258,165 +311,103 @@ def _adapter_coverage(model: nn.Module) -> tuple[int, int]:
     return sum(1 for p in bs if p.grad is not None and bool(p.grad.abs().max() > 0)), len(bs)
 
 
-def seq_scaling(lengths: list[int], model_cfg: ModelConfig, peft_cfg: PeftConfig, b: BenchConfig,
-                device: torch.device, seed: int, vocab: int) -> Iterator[dict]:
-    """One sequence per step at each length, for each setting of `bench.activation_checkpointing`; OOM is recorded.
+def schedule(b: BenchConfig) -> list[tuple[bool, int, bool, str]]:
+    """(activation checkpointing, repeat, rehearse, variant) in run order: within each repeat every regime runs
+    every variant (A B C A B C ...), so slow drift of the machine reaches all variants alike."""
+    return [(ckpt, rep, rehearse, name) for ckpt in b.activation_checkpointing for rep in range(b.repeats)
+            for rehearse in rehearse_settings(b) for name in b.variants]
 
-    One model per checkpointing setting serves every length (building a 9B model costs more than its steps).
-    Yields one row per length as it is measured.
+
+def _model_key(v: Variant) -> tuple:
+    """What building a variant's model depends on: variants that differ only in batches or attention backend share one."""
+    return v.stock, v.quant, v.ckpt, v.graphs
+
+
+def run_interleaved(b: BenchConfig, model_cfg: ModelConfig, peft_cfg: PeftConfig, device: torch.device, seed: int,
+                    vocab: int, out_dir: Path = Path(".")) -> Iterator[dict]:
+    """Every measurement of `schedule(b)`, one row each as it is measured.
+
+    Each model is built at its first use and freed after its last, so repeats do not rebuild. Each (setting,
+    repeat, regime) gets fresh batches, shared by its variants, with packed lengths the run has not used before.
     """
-    for ckpt in b.activation_checkpointing:
-        v = Variant("bamba_ft", stock=False, packed=True, ckpt=ckpt)
-        built = _guarded({}, build_variant, v, model_cfg, peft_cfg, device, seed)
-        model = built.pop("model", None)
-        for n in lengths:
-            bb = replace(b, workload="fixed", median_len=n, max_len=n, seqs_per_step=1, warmup_steps=1, steps=2,
-                         rehearse=False, profile=False)
-            row = {"variant": v.name, "activation_checkpointing": ckpt, "seq_len": n} | built
-            if model is not None:
-                _guarded(row, measure, v, model, make_steps(bb, vocab, seed), bb, device)
-            _release(device)
-            yield row
-            if "error" in row:
-                break  # longer sequences will not fit either
-        del model
-        _release(device)
+    order = schedule(b)
+    last_use = {_model_key(replace(VARIANTS[name], ckpt=ckpt)): i for i, (ckpt, _, _, name) in enumerate(order)}
+    models: dict[tuple, dict] = {}
+    steps: dict[tuple, list] = {}
+    seen: set[int] = set()
+    first_regime = rehearse_settings(b)[0]
+    for i, (ckpt, rep, rehearse, name) in enumerate(order):
+        v = replace(VARIANTS[name], ckpt=ckpt)
+        if (ckpt, rep, rehearse) not in steps:  # the first batches keep the seed of a single run
+            steps[(ckpt, rep, rehearse)] = make_steps(b, vocab, seed + 1000 * len(steps), seen)
+        key = _model_key(v)
+        if key not in models:
+            models[key] = guarded({}, build_variant, v, model_cfg, peft_cfg, device, seed)
+        built = models[key]
+        row = {"variant": name, "activation_checkpointing": ckpt, "rehearse": rehearse, "repeat": rep}
+        row |= {k: x for k, x in built.items() if k != "model"}
+        if "model" in built:
+            bb = replace(b, rehearse=rehearse, profile=b.profile and rep == 0 and rehearse == first_regime)
+            measure_into(row, v, built["model"], steps[(ckpt, rep, rehearse)], bb, device, out_dir,
+                         built.get("resident_bytes"))
+        built = None
+        if last_use[key] == i:
+            del models[key]
+        release(device, collect=last_use[key] == i or "error" in row)
+        yield row
 
 
-def mixer_only(model_cfg: ModelConfig, b: BenchConfig, device: torch.device, seed: int) -> dict:
-    """One mixer, forward + backward on a padded batch (right padding, attention mask): transformers' own
-    forward against bamba_ft's, on the same module and input. Median of `b.steps` runs after warm-up."""
-    from transformers import BambaForCausalLM
-
-    from bamba_ft.model.build import load_config
-    from bamba_ft.ops.mamba2 import available_backend, mixer_forward
-
-    torch.manual_seed(seed)
-    config = load_config(replace(model_cfg, init="random"))
-    config.num_hidden_layers, config.attn_layer_indices = 1, []
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    mixer = BambaForCausalLM(config).model.layers[0].mamba.to(device, dtype).train()
-    lengths = sample_lengths(b, b.seqs_per_step, seed)
-    width = max(lengths)
-    mask = torch.tensor([[1] * n + [0] * (width - n) for n in lengths], device=device)
-    h = torch.randn(len(lengths), width, config.hidden_size, device=device, dtype=dtype, requires_grad=True)
-
-    def time_it(fn) -> float:  # noqa: ANN001
-        times = []
-        for i in range(b.warmup_steps + b.steps):
-            _sync(device)
-            t0 = time.perf_counter()
-            fn().float().pow(2).mean().backward()
-            _sync(device)
-            if i >= b.warmup_steps:
-                times.append(time.perf_counter() - t0)
-        return 1000 * statistics.median(times)
-
-    backend = available_backend(device)
-    stock = time_it(lambda: mixer(h, attention_mask=mask))
-    ours = time_it(lambda: mixer_forward(mixer, h, attention_mask=mask, backend=backend))
-    return {"batch": [len(lengths), width], "real_tokens": sum(lengths), "transformers_ms": stock,
-            "bamba_ft_ms": ours, "bamba_ft_backend": backend, "speedup": stock / ours}
-
-
-def data_pipeline(n: int) -> dict:
-    """Tokenize and pack `n` generated chat examples on the CPU."""
-    from bamba_ft.config.schema import DataConfig
-    from bamba_ft.data.builtin import build_char_tokenizer
-    from bamba_ft.data.module import BambaDataModule
-
-    tok = build_char_tokenizer()
-    dm = BambaDataModule(DataConfig(builtin_train_examples=n, builtin_val_examples=10, max_tokens_per_batch=4096,
-                                    max_seq_len=512, num_proc=1), tok)
-    t0 = time.perf_counter()
-    dm.prepare()
-    t1 = time.perf_counter()
-    plan = dm.make_plan(dm.train_set, shuffle=True)
-    batches = plan.plan()
-    t2 = time.perf_counter()
-    return {"examples": n, "tokenize_s": t1 - t0, "pack_s": t2 - t1, "examples_per_s": n / (t2 - t0),
-            "tokens": dm.stats["train"].tokens, "batches": len(batches), "packing_efficiency": plan.efficiency()}
-
-
-def _row(r: dict, ref: dict | None) -> list[str]:
-    if "error" in r:
-        return [r["variant"], "yes" if r["activation_checkpointing"] else "no", r["error"], "", "", "", "", ""]
-    ratio = f"{r['tokens_per_sec'] / ref['tokens_per_sec']:.2f}x" if ref and "tokens_per_sec" in ref else "-"
-    return [r["variant"], "yes" if r["activation_checkpointing"] else "no", f"{r['tokens_per_sec']:,.0f}", ratio,
-            f"{r['step_ms']:.0f}", f"{r.get('peak_gib', float('nan')):.1f}", f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-",
-            f"{r['adapters_with_grad']}/{r['adapters']}"]
-
-
-def markdown(results: dict) -> str:
-    lines = [f"{results['device']} | torch {results['versions'].get('torch')} | transformers "
-             f"{results['versions'].get('transformers')} | mamba-ssm {results['versions'].get('mamba-ssm', '-')} | "
-             f"causal-conv1d {results['versions'].get('causal-conv1d', '-')}"]
-    b = results["bench"]
-    shapes = "each timed batch run once before (repeated shapes)" if b.get("rehearse") else "each a new packed length"
-    lines += [f"{b['warmup_steps']} warm-up steps, {b['steps']} timed steps ({shapes}), median reported", ""]
-    header = ["variant", "act. ckpt", "real tokens/s", "vs hf_padfree", "step ms", "peak GiB", "MFU", "adapters w/ grad"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in results["runs"]:
-        ref = next((x for x in results["runs"] if x["variant"] == "hf_padfree"
-                    and x["activation_checkpointing"] == r["activation_checkpointing"]), None)
-        lines.append("| " + " | ".join(_row(r, ref)) + " |")
-    if results.get("seq_scaling"):
-        lines += ["", "| seq len | act. ckpt | tokens/s | peak GiB |", "|---|---|---|---|"]
-        for r in results["seq_scaling"]:
-            val = r.get("error") or f"{r['tokens_per_sec']:,.0f}"
-            lines.append(f"| {r['seq_len']} | {'yes' if r['activation_checkpointing'] else 'no'} | {val} | "
-                         f"{r.get('peak_gib', float('nan')):.1f} |")
-    if results.get("mixer_only"):
-        m = results["mixer_only"]
-        lines += ["", f"one mixer, forward+backward, padded batch {m['batch'][0]}x{m['batch'][1]}: transformers "
-                      f"{m['transformers_ms']:.1f} ms, bamba_ft ({m['bamba_ft_backend']}) {m['bamba_ft_ms']:.1f} ms "
-                      f"({m['speedup']:.2f}x)"]
-    if results.get("data_pipeline"):
-        d = results["data_pipeline"]
-        lines += ["", f"data pipeline: {d['examples']} examples tokenized+packed in {d['tokenize_s'] + d['pack_s']:.1f} s "
-                      f"({d['examples_per_s']:,.0f} examples/s), packing efficiency {100 * d['packing_efficiency']:.1f}%"]
-    return "\n".join(lines)
+def _check_variants(b: BenchConfig) -> None:
+    unknown = [n for n in b.variants if n not in VARIANTS]
+    if unknown:
+        raise ConfigError([f"bench.variants: unknown '{n}'.{suggest(n, VARIANTS)} Valid: {', '.join(VARIANTS)}"
+                           for n in unknown])
 
 
 def run(cfg: TrainConfig) -> dict:
+    from bamba_ft.jobs import bench_sweeps as sweeps
+    from bamba_ft.jobs.bench_report import budget_bests, headline, markdown, summarize
     from bamba_ft.jobs.model_card import library_versions
 
     b = cfg.bench
+    _check_variants(b)
     device = choose_device(cfg.trainer.accelerator)
     mcfg = cfg.model if cfg.model.init == "random" else replace(cfg.model, init="random")
     if mcfg.shape is None:
         mcfg = replace(mcfg, shape="bamba-9b" if device.type == "cuda" else "tiny")
-    vocab = SHAPES[mcfg.shape]["vocab_size"]
-    steps = make_steps(b, vocab, cfg.trainer.seed)
+    vocab, seed = SHAPES[mcfg.shape]["vocab_size"], cfg.trainer.seed
     results: dict = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "shape": mcfg.shape, "versions": library_versions(), "bench": asdict(b), "peft": asdict(cfg.peft),
-        "date": time.strftime("%Y-%m-%d"), "runs": [],
+        "rehearse": rehearse_settings(b), "date": time.strftime("%Y-%m-%d"), "runs": [],
     }
     out = Path(b.output) if Path(b.output).is_absolute() else Path(cfg.output_dir) / b.output
-    for ckpt in b.activation_checkpointing:
-        for name in b.variants:
-            if name not in VARIANTS:
-                raise ConfigError(f"bench.variants: unknown '{name}'.{suggest(name, VARIANTS)} Valid: {', '.join(VARIANTS)}")
-            r = run_variant(replace(VARIANTS[name], ckpt=ckpt), mcfg, cfg.peft, steps, b, device, cfg.trainer.seed,
-                            Path(cfg.output_dir))
-            log.info("bench %s: %s", name, json.dumps(r))
-            results["runs"].append(r)
-            atomic_write_json(out, results)  # what a long benchmark has measured survives its interruption
+    for row in run_interleaved(b, mcfg, cfg.peft, device, seed, vocab, Path(cfg.output_dir)):
+        log.info("bench %s: %s", row["variant"], json.dumps(row))
+        results["runs"].append(row)
+        atomic_write_json(out, results)  # what a long benchmark has measured survives its interruption
+    if b.token_budgets:
+        results["token_budgets"] = []
+        for row in sweeps.token_budgets(mcfg, cfg.peft, b, device, seed, vocab):
+            log.info("bench token budget %d: %s", row["token_budget"], json.dumps(row))
+            results["token_budgets"].append(row)
+            atomic_write_json(out, results)
+        results["token_budget_bests"] = budget_bests(results["token_budgets"])
     if b.seq_scaling:
         results["seq_scaling"] = []
-        for row in seq_scaling(list(b.seq_scaling), mcfg, cfg.peft, b, device, cfg.trainer.seed, vocab):
+        for row in sweeps.seq_scaling(list(b.seq_scaling), mcfg, cfg.peft, b, device, seed, vocab):
             log.info("bench seq_len %d: %s", row["seq_len"], json.dumps(row))
             results["seq_scaling"].append(row)
             atomic_write_json(out, results)
     if b.data_pipeline_examples:
-        results["data_pipeline"] = data_pipeline(b.data_pipeline_examples)
+        results["data_pipeline"] = sweeps.data_pipeline(b.data_pipeline_examples)
     if b.mixer_only:
-        results["mixer_only"] = mixer_only(mcfg, b, device, cfg.trainer.seed)
+        results["mixer_only"] = sweeps.mixer_only(mcfg, b, device, seed)
+    results["summary"] = summarize(results["runs"])
+    results["headline"] = headline(results)
     atomic_write_json(out, results)
     md = markdown(results)
     atomic_write_text(out.with_suffix(".md"), md + "\n")
     print(md)
     print(f"\nresults: {out} and {out.with_suffix('.md')}")
     return results
-

@@ -1,12 +1,18 @@
-"""The benchmark harness's step accounting (CPU, tiny model); speed itself is never asserted."""
+"""The benchmark harness's step accounting, repeats, summaries and sweeps (CPU, tiny model or fakes); speed itself
+is never asserted."""
 
 from __future__ import annotations
+
+import re
+import statistics
 
 import pytest
 import torch
 
-from bamba_ft.config.schema import BenchConfig, ModelConfig, PeftConfig
-from bamba_ft.jobs import bench
+from bamba_ft.config.schema import BenchConfig, ModelConfig, PeftConfig, TrainConfig, validate
+from bamba_ft.errors import ConfigError
+from bamba_ft.jobs import bench, bench_report, bench_sweeps
+from bamba_ft.jobs.bench_sweeps import budget_steps
 
 
 @pytest.mark.parametrize("rehearse,expected", [(False, [0, 1, 2]), (True, [0, 1, 2, 1, 2])])
@@ -45,3 +51,156 @@ def test_no_cudnn_variant_excludes_only_cudnn_attention() -> None:
         assert set(_cur_sdpa_kernel_backends()) == everything - {SDPBackend.CUDNN_ATTENTION}
     with bench._attention_backends(bench.VARIANTS["hf_padfree"]):
         assert set(_cur_sdpa_kernel_backends()) == everything
+
+
+def test_schedule_interleaves_variants_within_each_repeat_and_regime() -> None:
+    b = BenchConfig(variants=["a", "b", "c"], repeats=2, rehearse=[False, True], activation_checkpointing=[False])
+    assert [(rep, reh, name) for _, rep, reh, name in bench.schedule(b)] == [
+        (0, False, "a"), (0, False, "b"), (0, False, "c"), (0, True, "a"), (0, True, "b"), (0, True, "c"),
+        (1, False, "a"), (1, False, "b"), (1, False, "c"), (1, True, "a"), (1, True, "b"), (1, True, "c")]
+
+
+def test_repeats_measure_in_schedule_order_on_fresh_lengths_and_build_each_model_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    builds: list[str] = []
+    measured: list[tuple[str, bool, int]] = []
+    packed_lengths: dict[int, set[int]] = {}
+
+    def fake_build(v, *args):  # noqa: ANN001, ANN002, ANN202
+        builds.append(v.name)
+        return {"model": torch.nn.Linear(1, 1)}
+
+    def fake_measure(v, model, steps, b, *args):  # noqa: ANN001, ANN002, ANN202
+        measured.append((v.name, b.rehearse, id(steps)))
+        packed_lengths[id(steps)] = {sum(map(len, s)) for s in steps}
+        return {"tokens_per_sec": 1.0}
+
+    monkeypatch.setattr(bench, "build_variant", fake_build)
+    monkeypatch.setattr(bench, "measure", fake_measure)
+    b = BenchConfig(variants=["hf_padfree", "hf_padfree_no_cudnn", "bamba_ft"], repeats=3, rehearse=[False, True],
+                    warmup_steps=2, steps=3, seqs_per_step=4, median_len=50, max_len=200)
+    rows = list(bench.run_interleaved(b, ModelConfig(), PeftConfig(), torch.device("cpu"), 0, 128))
+    assert [(r["repeat"], r["rehearse"], r["variant"]) for r in rows] == [
+        (rep, reh, name) for _, rep, reh, name in bench.schedule(b)]
+    assert [(name, reh) for name, reh, _ in measured] == [(r["variant"], r["rehearse"]) for r in rows]
+    assert all(isinstance(reh, bool) for _, reh, _ in measured)
+    assert builds == ["hf_padfree", "bamba_ft"]  # the no-cuDNN variant shares transformers' model; no rebuilds
+    batches = list(dict.fromkeys(i for _, _, i in measured))
+    assert len(batches) == 6  # one set per (repeat, regime), shared by its variants
+    assert all(len({i for n, _, i in measured[k * 3 : k * 3 + 3]}) == 1 for k in range(6))
+    every = [n for i in batches for n in packed_lengths[i]]
+    assert len(every) == len(set(every)) == 6 * 5  # no packed length comes twice in the run
+
+
+def _runs(table: dict[int, dict[str, float]], rehearse: bool = False) -> list[dict]:
+    return [{"variant": name, "activation_checkpointing": False, "rehearse": rehearse, "repeat": rep,
+             "tokens_per_sec": tps, "step_ms": 1000.0, "peak_gib": 50.0 + rep, "adapters_with_grad": 70, "adapters": 70}
+            for rep, row in table.items() for name, tps in row.items()]
+
+
+THREE_RUNS = {0: {"hf_padfree": 100.0, "hf_padfree_no_cudnn": 125.0, "bamba_ft": 150.0},  # ratio 150/125 = 1.2
+              1: {"hf_padfree": 100.0, "hf_padfree_no_cudnn": 80.0, "bamba_ft": 130.0},  # 1.3
+              2: {"hf_padfree": 200.0, "hf_padfree_no_cudnn": 190.0, "bamba_ft": 220.0}}  # 1.1
+
+
+def test_median_range_and_per_run_ratio_to_the_best_padding_free_variant() -> None:
+    assert bench_report.spread([3.0, 1.0, 2.0, 10.0]) == {"median": 2.5, "min": 1.0, "max": 10.0, "n": 4}
+    assert bench_report.spread([]) is None
+    runs = _runs(THREE_RUNS)
+    assert bench_report.per_repeat_ratios(runs, "bamba_ft", False, False) == pytest.approx([1.2, 1.3, 1.1], abs=1e-12)
+    row = next(r for r in bench_report.summarize(runs) if r["variant"] == "bamba_ft")
+    assert row["tokens_per_sec"] == {"median": 150.0, "min": 130.0, "max": 220.0, "n": 3}
+    assert row["vs_best_hf_padfree"]["median"] == pytest.approx(1.2, abs=1e-12)
+    assert (row["vs_best_hf_padfree"]["min"], row["vs_best_hf_padfree"]["max"]) == pytest.approx((1.1, 1.3), abs=1e-12)
+    assert row["peak_gib"] == 52.0  # the largest over the runs
+
+
+def _results(repeats: int, runs: list[dict], rehearse: list[bool]) -> dict:
+    return {"device": "NVIDIA H200", "shape": "bamba-9b", "versions": {}, "peft": {"method": "lora", "r": 16},
+            "bench": {"warmup_steps": 3, "steps": 6, "repeats": repeats, "activation_checkpointing": [False]},
+            "rehearse": rehearse, "runs": runs}
+
+
+def test_headline_line_for_the_default_regime_reads_as_the_published_form() -> None:
+    repeated = {rep: {**row, "bamba_ft": 2 * row["hf_padfree_no_cudnn"]} for rep, row in THREE_RUNS.items()}
+    results = _results(3, _runs(THREE_RUNS) + _runs(repeated, rehearse=True), [False, True])
+    line = bench_report.headline(results)
+    assert line == ("Headline: bamba_ft 1.20x transformers padding-free (median of 3 interleaved runs, one H200, "
+                    "Bamba-9B shape, LoRA r=16, new packed length every timed step: bench.rehearse=false)")
+    assert re.match(r"^Headline: bamba_ft \d\.\d\dx transformers padding-free \(median of 3 interleaved runs, one "
+                    r"H200, Bamba-9B shape, LoRA r=16", line)
+    md = bench_report.markdown(results)
+    assert [x for x in md.splitlines() if x.startswith("Headline:")] == [line]
+    only_rehearsed = _results(3, _runs(repeated, rehearse=True), [True])
+    assert bench_report.headline(only_rehearsed).startswith("Headline: bamba_ft 1.90x")  # 2.0, 1.6, 1.9
+
+
+def test_no_headline_below_three_repeats_or_three_paired_runs() -> None:
+    two = {k: v for k, v in THREE_RUNS.items() if k < 2}
+    results = _results(2, _runs(two), [False])
+    assert bench_report.headline(results) is None
+    assert "Headline" not in bench_report.markdown(results)
+    failed = [r for r in _runs(THREE_RUNS) if not (r["repeat"] == 2 and r["variant"].startswith("hf_padfree"))]
+    assert bench_report.headline(_results(3, failed, [False])) is None
+
+
+def test_budget_steps_are_packed_to_the_budget() -> None:
+    b = BenchConfig(warmup_steps=1, steps=3, median_len=300, max_len=4096)
+    for budget in (1024, 8192):
+        steps = budget_steps(b, budget, 128, seed=0)
+        assert len(steps) == 4
+        assert all(len(s) <= budget for step in steps for s in step)  # sequences capped at the budget
+        fills = [sum(map(len, step)) / budget for step in steps]
+        assert max(fills) <= 1.0 and statistics.mean(fills) > 0.9
+    assert statistics.mean(map(len, budget_steps(b, 8192, 128, 0))) > 4 * statistics.mean(
+        map(len, budget_steps(b, 1024, 128, 0)))
+
+
+def test_token_budget_oom_is_recorded_and_larger_budgets_are_not_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    loss = bench.mean_loss
+    calls: list[int] = []
+
+    def oom_above_100_tokens(model, batch):  # noqa: ANN001, ANN202
+        calls.append(batch["input_ids"].shape[1])
+        if calls[-1] > 100:
+            raise torch.OutOfMemoryError("CUDA out of memory (faked)")
+        return loss(model, batch)
+
+    monkeypatch.setattr(bench, "mean_loss", oom_above_100_tokens)
+    b = BenchConfig(token_budgets=[256, 64, 128], warmup_steps=0, steps=1, median_len=20, max_len=64)
+    rows = list(bench_sweeps.token_budgets(ModelConfig(init="random", shape="tiny"), PeftConfig(), b,
+                                           torch.device("cpu"), 0, 128))
+    ours = [r for r in rows if r["variant"] == "bamba_ft"]
+    assert [r["token_budget"] for r in ours] == [64, 128, 256]
+    assert ours[0]["tokens_per_sec"] > 0 and ours[1]["error"] == "OOM"
+    assert ours[2]["error"].startswith("OOM (not run: 128 tokens per step")
+    assert max(calls) > 100 and all(n <= 128 for n in calls)  # 256 never ran
+    assert [r["token_budget"] for r in rows if r["variant"] == "hf_padfree"] == [64, 128, 256]  # the sweep went on
+
+
+def test_token_budget_table_and_bests() -> None:
+    rows = [{"variant": v, "activation_checkpointing": ck, "token_budget": n, "tokens_per_step": 0.98 * n,
+             "tokens_per_sec": tps, "peak_gib": 30.0} for v, ck, n, tps in
+            [("bamba_ft", False, 4096, 11000.0), ("bamba_ft", True, 8192, 12500.0),
+             ("hf_padfree", False, 4096, 10000.0), ("hf_padfree", True, 8192, 9000.0)]]
+    rows.append({"variant": "hf_padfree", "activation_checkpointing": False, "token_budget": 8192, "error": "OOM"})
+    bests = bench_report.budget_bests(rows)
+    assert bests["bamba_ft"] == {"tokens_per_sec": 12500.0, "token_budget": 8192, "activation_checkpointing": True}
+    assert bests["ratio"] == pytest.approx(1.25, abs=1e-12)
+    md = bench_report.markdown(_results(1, [], [False]) | {"token_budgets": rows})
+    assert "| 8192 | hf_padfree | no |  | OOM |  |" in md
+    assert "| 8192 | bamba_ft | yes | 8,028 | 12,500 | 30.0 |" in md
+    assert "best bamba_ft / best hf_padfree: 1.25x" in md
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("rehearse", "yes", "bench.rehearse='yes' must be true, false or a list"),
+    ("rehearse", [True, True], "names a regime twice"),
+    ("repeats", 0, "bench.repeats=0 must be at least 1"),
+    ("token_budgets", [4096, 0], "bench.token_budgets=\\[4096, 0\\]"),
+])
+def test_bench_keys_are_checked(key: str, value: object, message: str) -> None:
+    cfg = TrainConfig()
+    setattr(cfg.bench, key, value)
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg)

@@ -1,0 +1,186 @@
+"""The benchmark's summaries: medians and ranges over interleaved repeats, ratios to transformers' best
+padding-free variant, the Headline line, the token-budget bests, and the markdown report."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable
+
+HF_PADFREE = "hf_padfree"  # every variant whose name starts with this is a transformers padding-free path
+SHAPE_NAMES = {"bamba-9b": "Bamba-9B"}
+MIN_HEADLINE_RUNS = 3  # fewer interleaved runs give no median worth quoting
+REGIMES = {False: "new packed length every timed step", True: "each timed batch rehearsed (repeated shapes)"}
+
+
+def spread(values: Iterable[float]) -> dict | None:
+    """{median, min, max, n} of `values`, or None when there are none."""
+    v = list(values)
+    if not v:
+        return None
+    return {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)}
+
+
+def _ok(runs: list[dict]) -> list[dict]:
+    return [r for r in runs if "tokens_per_sec" in r]
+
+
+def per_repeat_ratios(runs: list[dict], variant: str, ckpt: bool, rehearse: bool) -> list[float]:
+    """`variant`'s tokens/s over the best hf_padfree* variant's, one ratio per repeat in which both ran."""
+    ratios = []
+    group = [r for r in _ok(runs) if r["activation_checkpointing"] == ckpt and r.get("rehearse", False) == rehearse]
+    for rep in sorted({r.get("repeat", 0) for r in group}):
+        here = [r for r in group if r.get("repeat", 0) == rep]
+        ref = max((r["tokens_per_sec"] for r in here if r["variant"].startswith(HF_PADFREE)), default=None)
+        mine = next((r["tokens_per_sec"] for r in here if r["variant"] == variant), None)
+        if ref and mine is not None:
+            ratios.append(mine / ref)
+    return ratios
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """One row per (checkpointing, regime, variant), in first-run order: medians and ranges over its repeats."""
+    keys = list(dict.fromkeys((r["activation_checkpointing"], r.get("rehearse", False), r["variant"]) for r in runs))
+    rows = []
+    for ckpt, rehearse, name in keys:
+        mine = [r for r in runs if (r["activation_checkpointing"], r.get("rehearse", False), r["variant"])
+                == (ckpt, rehearse, name)]
+        ok = _ok(mine)
+        row = {"variant": name, "activation_checkpointing": ckpt, "rehearse": rehearse, "runs": len(mine),
+               "tokens_per_sec": spread(r["tokens_per_sec"] for r in ok),
+               "vs_best_hf_padfree": spread(per_repeat_ratios(runs, name, ckpt, rehearse)),
+               "step_ms": spread(r["step_ms"] for r in ok),
+               "mfu": spread(r["mfu"] for r in ok if "mfu" in r),
+               "peak_gib": max((r["peak_gib"] for r in ok if "peak_gib" in r), default=None),
+               "errors": sorted({r["error"] for r in mine if "error" in r})}
+        if ok:
+            row["adapters_with_grad"] = min(r["adapters_with_grad"] for r in ok)
+            row["adapters"] = ok[0]["adapters"]
+        rows.append(row)
+    return rows
+
+
+def _gpu_name(device: str) -> str:
+    return "CPU" if device == "cpu" else device.removeprefix("NVIDIA ").strip()
+
+
+def headline(results: dict) -> str | None:
+    """The one Headline line (bamba_ft against the best hf_padfree* variant, median of per-repeat ratios) for the
+    default regime: no checkpointing and new shapes where those ran. None below 3 repeats or 3 paired runs."""
+    b = results["bench"]
+    if b.get("repeats", 1) < MIN_HEADLINE_RUNS:
+        return None
+    ckpts, regimes = list(b["activation_checkpointing"]), results.get("rehearse", [False])
+    ckpt = False if False in ckpts else ckpts[0]
+    rehearse = False if False in regimes else regimes[0]
+    ratios = per_repeat_ratios(results["runs"], "bamba_ft", ckpt, rehearse)
+    if len(ratios) < MIN_HEADLINE_RUNS:
+        return None
+    peft = results.get("peft", {})
+    method = f"LoRA r={peft.get('r')}" if peft.get("method", "lora") == "lora" else "full fine-tuning"
+    shape = SHAPE_NAMES.get(results["shape"], results["shape"])
+    extra = ", activation checkpointing" if ckpt else ""
+    return (f"Headline: bamba_ft {statistics.median(ratios):.2f}x transformers padding-free (median of {len(ratios)} "
+            f"interleaved runs, one {_gpu_name(results['device'])}, {shape} shape, {method}{extra}, "
+            f"{REGIMES[rehearse]}: bench.rehearse={str(rehearse).lower()})")
+
+
+def budget_bests(rows: list[dict]) -> dict:
+    """The best tokens/s each stack reached over budgets and checkpointing settings, and their ratio."""
+    best: dict = {}
+    for r in rows:
+        if "tokens_per_sec" in r and r["tokens_per_sec"] > best.get(r["variant"], {}).get("tokens_per_sec", 0):
+            best[r["variant"]] = {k: r[k] for k in ("tokens_per_sec", "token_budget", "activation_checkpointing")}
+    if "bamba_ft" in best and HF_PADFREE in best:
+        best["ratio"] = best["bamba_ft"]["tokens_per_sec"] / best[HF_PADFREE]["tokens_per_sec"]
+    return best
+
+
+def _range(s: dict | None, fmt: str) -> tuple[str, str]:
+    if s is None:
+        return "-", "-"
+    return format(s["median"], fmt), f"{format(s['min'], fmt)}–{format(s['max'], fmt)}"
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def _summary_lines(rows: list[dict], repeats: int) -> list[str]:
+    header = ["variant", "act. ckpt", "timed steps", "real tokens/s (median)", "min–max", "vs best hf_padfree* "
+              "(median)", "ratio min–max", "step ms", "peak GiB", "MFU", "adapters w/ grad"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        regime = "rehearsed" if r["rehearse"] else "new shapes"
+        if r["tokens_per_sec"] is None:
+            lines.append(f"| {r['variant']} | {_yes(r['activation_checkpointing'])} | {regime} | "
+                         f"{'; '.join(r['errors'])} |" + " |" * (len(header) - 4))
+            continue
+        tps, tps_range = _range(r["tokens_per_sec"], ",.0f")
+        ratio, ratio_range = _range(r["vs_best_hf_padfree"], ".2f")
+        ratio = "-" if ratio == "-" else ratio + "x"
+        mfu = f"{100 * r['mfu']['median']:.1f}%" if r["mfu"] else "-"
+        peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
+        failed = f" ({r['runs'] - r['tokens_per_sec']['n']} of {r['runs']} failed)" if r["errors"] else ""
+        lines.append(f"| {r['variant']} | {_yes(r['activation_checkpointing'])} | {regime} | {tps}{failed} | "
+                     f"{tps_range} | {ratio} | {ratio_range} | {r['step_ms']['median']:.0f} | {peak} | {mfu} | "
+                     f"{r['adapters_with_grad']}/{r['adapters']} |")
+    return lines
+
+
+def _budget_lines(rows: list[dict], bests: dict) -> list[str]:
+    lines = ["", "Token budgets (steps packed as data.max_tokens_per_batch packs them):", "",
+             "| token budget | variant | act. ckpt | real tokens/step | tokens/s | peak GiB |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "tokens_per_sec" in r:
+            peak = f"{r['peak_gib']:.1f}" if "peak_gib" in r else "-"
+            cells = f"{r['tokens_per_step']:,.0f} | {r['tokens_per_sec']:,.0f} | {peak}"
+        else:
+            cells = f" | {r['error']} | "
+        lines.append(f"| {r['token_budget']} | {r['variant']} | {_yes(r['activation_checkpointing'])} | {cells} |")
+    for name in ("bamba_ft", HF_PADFREE):
+        if name in bests:
+            x = bests[name]
+            lines.append(f"\nbest {name}: {x['tokens_per_sec']:,.0f} tokens/s (budget {x['token_budget']}, "
+                         f"act. ckpt {_yes(x['activation_checkpointing'])})")
+    if "ratio" in bests:
+        lines.append(f"\nbest bamba_ft / best {HF_PADFREE}: {bests['ratio']:.2f}x")
+    return lines
+
+
+def _extra_lines(results: dict) -> list[str]:
+    lines = []
+    if results.get("seq_scaling"):
+        lines += ["", "| seq len | act. ckpt | tokens/s | peak GiB |", "|---|---|---|---|"]
+        for r in results["seq_scaling"]:
+            val = r.get("error") or f"{r['tokens_per_sec']:,.0f}"
+            lines.append(f"| {r['seq_len']} | {_yes(r['activation_checkpointing'])} | {val} | "
+                         f"{r.get('peak_gib', float('nan')):.1f} |")
+    if results.get("mixer_only"):
+        m = results["mixer_only"]
+        lines += ["", f"one mixer, forward+backward, padded batch {m['batch'][0]}x{m['batch'][1]}: transformers "
+                      f"{m['transformers_ms']:.1f} ms, bamba_ft ({m['bamba_ft_backend']}) {m['bamba_ft_ms']:.1f} ms "
+                      f"({m['speedup']:.2f}x)"]
+    if results.get("data_pipeline"):
+        d = results["data_pipeline"]
+        lines += ["", f"data pipeline: {d['examples']} examples tokenized+packed in {d['tokenize_s'] + d['pack_s']:.1f} s "
+                      f"({d['examples_per_s']:,.0f} examples/s), packing efficiency {100 * d['packing_efficiency']:.1f}%"]
+    return lines
+
+
+def markdown(results: dict) -> str:
+    v = results["versions"]
+    lines = [f"{results['device']} | torch {v.get('torch')} | transformers {v.get('transformers')} | mamba-ssm "
+             f"{v.get('mamba-ssm', '-')} | causal-conv1d {v.get('causal-conv1d', '-')}"]
+    b = results["bench"]
+    repeats = b.get("repeats", 1)
+    lines += [f"{b['warmup_steps']} warm-up steps, {b['steps']} timed steps (median per run); {repeats} interleaved "
+              f"run{'s' if repeats > 1 else ''} of every variant, each run on fresh batches; ratios are per run, "
+              "against the best hf_padfree* variant of that run"]
+    line = headline(results)
+    if line:
+        lines += ["", line]
+    if results["runs"]:
+        lines += [""] + _summary_lines(summarize(results["runs"]), repeats)
+    if results.get("token_budgets"):
+        lines += _budget_lines(results["token_budgets"], budget_bests(results["token_budgets"]))
+    return "\n".join(lines + _extra_lines(results))

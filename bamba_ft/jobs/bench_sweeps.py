@@ -1,0 +1,149 @@
+"""The benchmark's sweeps: token budgets per step, one long sequence per step, one mixer alone, the data path."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+
+import torch
+
+from bamba_ft.config.schema import BenchConfig, ModelConfig, PeftConfig
+from bamba_ft.data.packing import pack_batches
+from bamba_ft.jobs.bench import (
+    OOM,
+    VARIANTS,
+    Variant,
+    build_variant,
+    guarded,
+    make_steps,
+    measure_into,
+    random_tokens,
+    release,
+    sample_lengths,
+    sync_device,
+)
+
+BUDGET_VARIANTS = ("bamba_ft", "hf_padfree")
+
+
+def budget_steps(b: BenchConfig, budget: int, vocab: int, seed: int) -> list[list[list[int]]]:
+    """Warm-up plus timed steps of lognormal sequences packed into `budget` tokens each, as training packs them
+    with data.max_tokens_per_batch (best-fit decreasing over a pool a little larger than the steps need)."""
+    n_steps = b.warmup_steps + b.steps
+    capped = replace(b, max_len=min(b.max_len, budget))  # as data.max_seq_len <= data.max_tokens_per_batch
+    lengths: list[int] = []
+    while sum(lengths) < (n_steps + 1) * budget:
+        lengths += sample_lengths(capped, 64, seed + len(lengths))
+    batches = pack_batches(lengths, budget, seed)[:n_steps]
+    return random_tokens([[lengths[i] for i in batch] for batch in batches], vocab, seed + 1)
+
+
+def token_budgets(model_cfg: ModelConfig, peft_cfg: PeftConfig, b: BenchConfig, device: torch.device, seed: int,
+                  vocab: int) -> Iterator[dict]:
+    """bamba_ft and transformers' padding-free path at each of `b.token_budgets` (ascending) tokens per step, for
+    each setting of `bench.activation_checkpointing`; one model per stack and setting serves every budget.
+
+    Steps are packed to the budget (`budget_steps`) and timed as training meets them (no rehearsal). A budget
+    that runs out of memory is recorded as OOM and its memory freed; larger budgets of that model are recorded as
+    OOM without running.
+    """
+    for ckpt in b.activation_checkpointing:
+        for name in BUDGET_VARIANTS:
+            v = replace(VARIANTS[name], ckpt=ckpt)
+            built = guarded({}, build_variant, v, model_cfg, peft_cfg, device, seed)
+            model = built.pop("model", None)
+            oom_at = None
+            for budget in sorted(b.token_budgets):
+                row = {"variant": name, "activation_checkpointing": ckpt, "token_budget": budget} | built
+                if oom_at is not None:
+                    row["error"] = f"{OOM} (not run: {oom_at} tokens per step already ran out of memory)"
+                elif model is not None:
+                    bb = replace(b, rehearse=False, profile=False)
+                    measure_into(row, v, model, budget_steps(bb, budget, vocab, seed), bb, device)
+                    oom_at = budget if row.get("error") == OOM else None
+                release(device, collect="error" in row)
+                yield row
+            del model
+            release(device)
+
+
+def seq_scaling(lengths: list[int], model_cfg: ModelConfig, peft_cfg: PeftConfig, b: BenchConfig,
+                device: torch.device, seed: int, vocab: int) -> Iterator[dict]:
+    """One sequence per step at each length, for each setting of `bench.activation_checkpointing`; OOM is recorded.
+
+    One model per checkpointing setting serves every length (building a 9B model costs more than its steps).
+    Yields one row per length as it is measured.
+    """
+    for ckpt in b.activation_checkpointing:
+        v = Variant("bamba_ft", stock=False, packed=True, ckpt=ckpt)
+        built = guarded({}, build_variant, v, model_cfg, peft_cfg, device, seed)
+        model = built.pop("model", None)
+        for n in lengths:
+            bb = replace(b, workload="fixed", median_len=n, max_len=n, seqs_per_step=1, warmup_steps=1, steps=2,
+                         rehearse=False, profile=False)
+            row = {"variant": v.name, "activation_checkpointing": ckpt, "seq_len": n} | built
+            if model is not None:
+                measure_into(row, v, model, make_steps(bb, vocab, seed), bb, device)
+            release(device)
+            yield row
+            if "error" in row:
+                break  # longer sequences will not fit either
+        del model
+        release(device)
+
+
+def mixer_only(model_cfg: ModelConfig, b: BenchConfig, device: torch.device, seed: int) -> dict:
+    """One mixer, forward + backward on a padded batch (right padding, attention mask): transformers' own
+    forward against bamba_ft's, on the same module and input. Median of `b.steps` runs after warm-up."""
+    from transformers import BambaForCausalLM
+
+    from bamba_ft.model.build import load_config
+    from bamba_ft.ops.mamba2 import available_backend, mixer_forward
+
+    torch.manual_seed(seed)
+    config = load_config(replace(model_cfg, init="random"))
+    config.num_hidden_layers, config.attn_layer_indices = 1, []
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    mixer = BambaForCausalLM(config).model.layers[0].mamba.to(device, dtype).train()
+    lengths = sample_lengths(b, b.seqs_per_step, seed)
+    width = max(lengths)
+    mask = torch.tensor([[1] * n + [0] * (width - n) for n in lengths], device=device)
+    h = torch.randn(len(lengths), width, config.hidden_size, device=device, dtype=dtype, requires_grad=True)
+
+    def time_it(fn) -> float:  # noqa: ANN001
+        times = []
+        for i in range(b.warmup_steps + b.steps):
+            sync_device(device)
+            t0 = time.perf_counter()
+            fn().float().pow(2).mean().backward()
+            sync_device(device)
+            if i >= b.warmup_steps:
+                times.append(time.perf_counter() - t0)
+        return 1000 * statistics.median(times)
+
+    backend = available_backend(device)
+    stock = time_it(lambda: mixer(h, attention_mask=mask))
+    ours = time_it(lambda: mixer_forward(mixer, h, attention_mask=mask, backend=backend))
+    return {"batch": [len(lengths), width], "real_tokens": sum(lengths), "transformers_ms": stock,
+            "bamba_ft_ms": ours, "bamba_ft_backend": backend, "speedup": stock / ours}
+
+
+def data_pipeline(n: int) -> dict:
+    """Tokenize and pack `n` generated chat examples on the CPU."""
+    from bamba_ft.config.schema import DataConfig
+    from bamba_ft.data.builtin import build_char_tokenizer
+    from bamba_ft.data.module import BambaDataModule
+
+    tok = build_char_tokenizer()
+    dm = BambaDataModule(DataConfig(builtin_train_examples=n, builtin_val_examples=10, max_tokens_per_batch=4096,
+                                    max_seq_len=512, num_proc=1), tok)
+    t0 = time.perf_counter()
+    dm.prepare()
+    t1 = time.perf_counter()
+    plan = dm.make_plan(dm.train_set, shuffle=True)
+    batches = plan.plan()
+    t2 = time.perf_counter()
+    return {"examples": n, "tokenize_s": t1 - t0, "pack_s": t2 - t1, "examples_per_s": n / (t2 - t0),
+            "tokens": dm.stats["train"].tokens, "batches": len(batches), "packing_efficiency": plan.efficiency()}
