@@ -12,6 +12,7 @@ from bamba_ft.data.packing import collate_packed
 from bamba_ft.errors import ConfigError
 from bamba_ft.model.build import shape_config
 from bamba_ft.model.families import family_for, family_of
+from bamba_ft.model.lora import allow_mixer_out_proj
 from bamba_ft.model.mixer import install_mixer, packing_safe, stock_forward, unsafe_attention
 from bamba_ft.ops.attention import register_varlen_attention
 from bamba_ft.ops.loss import loss_sum_and_count
@@ -20,7 +21,7 @@ from tests.conftest import randomize_mixer_params
 from tests.unit.test_packing_equivalence import packed_vs_alone
 
 TARGETS = ["in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj"]
-FAMILIES = ["granitemoehybrid"]
+FAMILIES = ["granitemoehybrid", "falcon_h1"]
 VOCAB = 128
 
 
@@ -33,14 +34,31 @@ def _rmsnorm(self, x):  # noqa: ANN001, ANN202
     return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)).to(x.dtype)
 
 
+def _falcon_gated_rmsnorm(self, hidden_states, gate=None):  # noqa: ANN001, ANN202
+    """transformers' FalconH1RMSNormGated in float32 or wider (it rounds float64 inputs and gates to float32)."""
+    dtype, acc = hidden_states.dtype, _wide(hidden_states.dtype)
+    h = hidden_states.to(acc)
+    if not self.norm_before_gate and gate is not None:
+        h = h * F.silu(gate.to(acc))
+    groups = h.view(*h.shape[:-1], self.n_groups, -1)
+    groups = groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+    h = (self.weight.view(self.n_groups, -1) * groups).view_as(h)
+    if self.norm_before_gate and gate is not None:
+        h = h * F.silu(gate.to(acc))
+    return h.to(dtype)
+
+
 @pytest.fixture(autouse=True)
 def float64_norms(monkeypatch: pytest.MonkeyPatch) -> None:
     """transformers' norms round float64 inputs to float32, so rows of different lengths would differ at ~1e-8 from
     float32 rounding alone: widen them (same formulas) so the comparisons measure packing and the mixer alone."""
+    from transformers.models.falcon_h1 import modeling_falcon_h1 as mf
     from transformers.models.granitemoehybrid import modeling_granitemoehybrid as mg
 
     monkeypatch.setattr(mg.GraniteMoeHybridRMSNorm, "forward", _rmsnorm)
     monkeypatch.setattr(mg.GraniteMoeHybridRMSNormGated, "forward", _gated_rmsnorm)
+    monkeypatch.setattr(mf.FalconH1RMSNorm, "forward", _rmsnorm)
+    monkeypatch.setattr(mf.FalconH1RMSNormGated, "forward", _falcon_gated_rmsnorm)
 
 
 def tiny(model_type: str, chunk: int = 16, groups: int = 1, **overrides) -> torch.nn.Module:
@@ -61,7 +79,8 @@ def tiny(model_type: str, chunk: int = 16, groups: int = 1, **overrides) -> torc
 
 def with_lora(model: torch.nn.Module) -> torch.nn.Module:
     install_mixer(model, "torch")
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    with allow_mixer_out_proj(model):
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # non-zero B: with B = 0 the A gradients vanish and hide bugs
         for n, p in model.named_parameters():
@@ -147,6 +166,36 @@ def test_family_of_names_refused_and_unknown_model_types() -> None:
     with pytest.raises(ConfigError, match="'llama' is not a Mamba-2 hybrid.*bamba"):
         family_for("llama")
     assert family_of(tiny("granitemoehybrid")).model_type == "granitemoehybrid"
+
+
+@pytest.mark.parametrize("rms_norm,before_gate", [(False, True), (True, True)])
+def test_falcon_gate_variants_pack_exactly_and_match_transformers(rms_norm: bool, before_gate: bool) -> None:
+    """Falcon-H1's other gate settings: no norm (y * silu(gate)), and normalising before the gate."""
+    overrides = dict(mamba_rms_norm=rms_norm, mamba_norm_before_gate=before_gate)
+    model = tiny("falcon_h1", 4, 2, **overrides)
+    install_mixer(model, "torch")
+    ids = torch.randint(1, VOCAB, (1, 21), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ours = model(input_ids=ids, use_cache=False).logits
+        with stock_forward(model):
+            theirs = model(input_ids=ids, use_cache=False).logits
+    assert float((ours - theirs).abs().max()) < 1e-8
+    logit_diff, grad_diff = packed_vs_alone(with_lora(tiny("falcon_h1", 4, 2, **overrides)), [7, 1, 5], vocab=VOCAB)
+    assert logit_diff < 1e-8 and grad_diff < 1e-8, (logit_diff, grad_diff)
+
+
+def test_falcon_multipliers_matter() -> None:
+    """The tiny Falcon-H1 shape's ssm multipliers are live: dropping the mup vector changes the logits (so the
+    equality with transformers above could not hold if bamba_ft's mixer skipped them)."""
+    model = tiny("falcon_h1")
+    install_mixer(model, "torch")
+    ids = torch.randint(1, VOCAB, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = model(input_ids=ids, use_cache=False).logits
+        for layer in model.model.layers:
+            layer.mamba.mup_vector.fill_(1.0)
+        after = model(input_ids=ids, use_cache=False).logits
+    assert float((before - after).abs().max()) > 1e-4
 
 
 def test_granite_logit_scale_is_applied() -> None:
