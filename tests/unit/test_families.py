@@ -3,6 +3,9 @@ gradient, float64), and one sequence through bamba_ft's mixer equals transformer
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,7 +24,7 @@ from tests.conftest import randomize_mixer_params
 from tests.unit.test_packing_equivalence import packed_vs_alone
 
 TARGETS = ["in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj"]
-FAMILIES = ["granitemoehybrid", "falcon_h1"]
+FAMILIES = ["granitemoehybrid", "falcon_h1", "nemotron_h"]
 VOCAB = 128
 
 
@@ -48,17 +51,47 @@ def _falcon_gated_rmsnorm(self, hidden_states, gate=None):  # noqa: ANN001, ANN2
     return h.to(dtype)
 
 
+def _nemotron_rmsnorm(self, x):  # noqa: ANN001, ANN202
+    h = x.to(_wide(x.dtype))
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+    return (self.weight.to(h.dtype) * h).to(x.dtype)
+
+
+def _nemotron_causal_lm(self, input_ids=None, use_cache=None, **kwargs):  # noqa: ANN001, ANN202
+    """transformers' NemotronHForCausalLM.forward without its `.float()` on the logits (float64 stays float64)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    hidden = self.model(input_ids=input_ids, use_cache=use_cache, **kwargs).last_hidden_state
+    return CausalLMOutputWithPast(logits=self.lm_head(hidden))
+
+
 @pytest.fixture(autouse=True)
 def float64_norms(monkeypatch: pytest.MonkeyPatch) -> None:
     """transformers' norms round float64 inputs to float32, so rows of different lengths would differ at ~1e-8 from
     float32 rounding alone: widen them (same formulas) so the comparisons measure packing and the mixer alone."""
     from transformers.models.falcon_h1 import modeling_falcon_h1 as mf
     from transformers.models.granitemoehybrid import modeling_granitemoehybrid as mg
+    from transformers.models.nemotron_h import modeling_nemotron_h as mn
 
     monkeypatch.setattr(mg.GraniteMoeHybridRMSNorm, "forward", _rmsnorm)
     monkeypatch.setattr(mg.GraniteMoeHybridRMSNormGated, "forward", _gated_rmsnorm)
     monkeypatch.setattr(mf.FalconH1RMSNorm, "forward", _rmsnorm)
     monkeypatch.setattr(mf.FalconH1RMSNormGated, "forward", _falcon_gated_rmsnorm)
+    monkeypatch.setattr(mn.NemotronHRMSNorm, "forward", _nemotron_rmsnorm)
+    monkeypatch.setattr(mn.NemotronHRMSNormGated, "forward", _gated_rmsnorm)
+    monkeypatch.setattr(mn.NemotronHForCausalLM, "forward", _nemotron_causal_lm)
+
+
+@contextmanager
+def float_casts_widened() -> Iterator[None]:
+    """`Tensor.float()` keeps float64 tensors float64. transformers' torch scans (and both mixers' `A_log.float()`)
+    cast to float32 even in a float64 model; run both forwards under this to compare the math, not the rounding."""
+    original = torch.Tensor.float
+    torch.Tensor.float = lambda self, *args, **kwargs: self if self.dtype == torch.float64 else original(self)
+    try:
+        yield
+    finally:
+        torch.Tensor.float = original
 
 
 def tiny(model_type: str, chunk: int = 16, groups: int = 1, **overrides) -> torch.nn.Module:
@@ -89,9 +122,10 @@ def with_lora(model: torch.nn.Module) -> torch.nn.Module:
     return model.double()
 
 
+SLOW = pytest.mark.slow
 CASES = [
-    (4, 1, [8, 1, 4, 7, 1, 3]),  # boundaries on chunk edges, length-1 sequences
-    (8, 2, [5, 11, 1, 16, 2]),  # mid-chunk boundaries, two groups
+    pytest.param(4, 1, [8, 1, 4, 7, 1, 3], marks=SLOW),  # boundaries on chunk edges, length-1 sequences
+    (8, 2, [5, 11, 1, 16, 2]),  # mid-chunk boundaries, two groups, a length-1 sequence
 ]
 
 
@@ -105,12 +139,12 @@ def test_family_packed_equals_alone_float64(model_type: str, chunk: int, groups:
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
-@pytest.mark.parametrize("chunk,groups", [(4, 1), (8, 2), (16, 2)])
+@pytest.mark.parametrize("chunk,groups", [pytest.param(4, 1, marks=SLOW), (8, 2), pytest.param(16, 2, marks=SLOW)])
 def test_family_single_sequence_equals_transformers(model_type: str, chunk: int, groups: int) -> None:
     model = tiny(model_type, chunk, groups)
     install_mixer(model, "torch")
     ids = torch.randint(1, VOCAB, (2, 37), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
+    with torch.no_grad(), float_casts_widened():
         ours = model(input_ids=ids, use_cache=False).logits
         with stock_forward(model):
             theirs = model(input_ids=ids, use_cache=False).logits
@@ -118,7 +152,7 @@ def test_family_single_sequence_equals_transformers(model_type: str, chunk: int,
     assert float((ours - theirs).abs().max()) < 1e-8
 
 
-@pytest.mark.parametrize("model_type", FAMILIES)
+@pytest.mark.parametrize("model_type", ["granitemoehybrid", "falcon_h1", pytest.param("nemotron_h", marks=SLOW)])
 def test_family_loss_matches_transformers_loss(model_type: str) -> None:
     """bamba_ft's chunked loss applies the family's logit scale (Granite divides, Falcon-H1 multiplies): same loss
     and LoRA gradients as cross-entropy over transformers' logits (in float64: its `labels=` loss rounds to float32)."""
@@ -135,6 +169,7 @@ def test_family_loss_matches_transformers_loss(model_type: str) -> None:
     assert max(float((ours[n] - p.grad).abs().max()) for n, p in model.named_parameters() if p.requires_grad) < 1e-10
 
 
+@SLOW
 def test_granite_attention_free_and_dense_variants_pack_exactly() -> None:
     """Granite 4.0-H variants: every layer a Mamba-2 layer (no attention), and no MoE experts."""
     for overrides in ({"layer_types": ["linear_attention"] * 3}, {"num_local_experts": 0}):
@@ -168,6 +203,7 @@ def test_family_of_names_refused_and_unknown_model_types() -> None:
     assert family_of(tiny("granitemoehybrid")).model_type == "granitemoehybrid"
 
 
+@SLOW
 @pytest.mark.parametrize("rms_norm,before_gate", [(False, True), (True, True)])
 def test_falcon_gate_variants_pack_exactly_and_match_transformers(rms_norm: bool, before_gate: bool) -> None:
     """Falcon-H1's other gate settings: no norm (y * silu(gate)), and normalising before the gate."""
@@ -175,7 +211,7 @@ def test_falcon_gate_variants_pack_exactly_and_match_transformers(rms_norm: bool
     model = tiny("falcon_h1", 4, 2, **overrides)
     install_mixer(model, "torch")
     ids = torch.randint(1, VOCAB, (1, 21), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
+    with torch.no_grad(), float_casts_widened():
         ours = model(input_ids=ids, use_cache=False).logits
         with stock_forward(model):
             theirs = model(input_ids=ids, use_cache=False).logits

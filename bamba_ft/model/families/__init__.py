@@ -56,7 +56,7 @@ def with_mixin(mixin: type, cls: type, prefix: str) -> type:
     return type(f"{prefix}{cls.__name__}", (mixin, cls), {"__module__": cls.__module__})
 
 
-SUPPORTED = ("bamba", "granitemoehybrid", "falcon_h1")  # module names in this package, one per model_type
+SUPPORTED = ("bamba", "granitemoehybrid", "falcon_h1", "nemotron_h")  # module names in this package, one per model_type
 
 # Families whose checkpoints bamba_ft refuses, with the reason (model_type -> why).
 REFUSED: dict[str, str] = {
