@@ -30,8 +30,8 @@ from bamba_ft.jobs.report import plot_curves, publish_file, table
 from bamba_ft.jobs.runtime import autocast_for, choose_device, resolve_precision, to_device
 from bamba_ft.lit_module import BambaLitModule
 from bamba_ft.model.build import build_model, load_config, load_tokenizer
-from bamba_ft.model.lora import apply_peft, check_adapter_gradients
 from bamba_ft.model.families import family_for, family_of
+from bamba_ft.model.lora import apply_peft, check_adapter_gradients
 from bamba_ft.model.mixer import packing_safe, unsafe_attention
 from bamba_ft.model.restore import ADAPTER_DIR, MODEL_DIR, save_run_config
 from bamba_ft.ops.loss import causal_lm, mean_loss
