@@ -123,6 +123,14 @@ def with_lora(model: torch.nn.Module) -> torch.nn.Module:
 
 
 SLOW = pytest.mark.slow
+def ours_and_transformers(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits through bamba_ft's mixer and through transformers' own forward (float32 casts widened in both)."""
+    with torch.no_grad(), float_casts_widened():
+        ours = model(input_ids=ids, use_cache=False).logits
+        with stock_forward(model):
+            return ours, model(input_ids=ids, use_cache=False).logits
+
+
 CASES = [
     pytest.param(4, 1, [8, 1, 4, 7, 1, 3], marks=SLOW),  # boundaries on chunk edges, length-1 sequences
     (8, 2, [5, 11, 1, 16, 2]),  # mid-chunk boundaries, two groups, a length-1 sequence
@@ -144,10 +152,7 @@ def test_family_single_sequence_equals_transformers(model_type: str, chunk: int,
     model = tiny(model_type, chunk, groups)
     install_mixer(model, "torch")
     ids = torch.randint(1, VOCAB, (2, 37), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad(), float_casts_widened():
-        ours = model(input_ids=ids, use_cache=False).logits
-        with stock_forward(model):
-            theirs = model(input_ids=ids, use_cache=False).logits
+    ours, theirs = ours_and_transformers(model, ids)
     assert float(theirs.abs().max()) > 1e-3
     assert float((ours - theirs).abs().max()) < 1e-8
 
@@ -210,11 +215,7 @@ def test_falcon_gate_variants_pack_exactly_and_match_transformers(rms_norm: bool
     overrides = dict(mamba_rms_norm=rms_norm, mamba_norm_before_gate=before_gate)
     model = tiny("falcon_h1", 4, 2, **overrides)
     install_mixer(model, "torch")
-    ids = torch.randint(1, VOCAB, (1, 21), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad(), float_casts_widened():
-        ours = model(input_ids=ids, use_cache=False).logits
-        with stock_forward(model):
-            theirs = model(input_ids=ids, use_cache=False).logits
+    ours, theirs = ours_and_transformers(model, torch.randint(1, VOCAB, (1, 21), generator=torch.Generator().manual_seed(4)))
     assert float((ours - theirs).abs().max()) < 1e-8
     logit_diff, grad_diff = packed_vs_alone(with_lora(tiny("falcon_h1", 4, 2, **overrides)), [7, 1, 5], vocab=VOCAB)
     assert logit_diff < 1e-8 and grad_diff < 1e-8, (logit_diff, grad_diff)
