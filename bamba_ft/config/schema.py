@@ -21,7 +21,8 @@ class ModelConfig:
     init: str = "pretrained"
     """`pretrained` loads weights; `random` builds the architecture of `shape` (or of the checkpoint) with fresh weights."""
     shape: str | None = None
-    """Named architecture for `init=random`: tiny | bamba-9b (see bamba_ft/model/shapes.py)."""
+    """Named architecture for `init=random`: tiny | bamba-9b | granite-4.0-h-tiny | tiny-random-<model_type>
+    (see bamba_ft/model/shapes.py)."""
     tokenizer: str | None = None
     """Tokenizer directory or Hub id; defaults to `name_or_path`."""
     revision: str | None = None

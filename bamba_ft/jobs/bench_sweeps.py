@@ -11,6 +11,7 @@ import torch
 
 from bamba_ft.config.schema import BenchConfig, ModelConfig, PeftConfig
 from bamba_ft.data.packing import pack_batches
+from bamba_ft.errors import ConfigError
 from bamba_ft.jobs.bench import (
     OOM,
     VARIANTS,
@@ -104,6 +105,9 @@ def mixer_only(model_cfg: ModelConfig, b: BenchConfig, device: torch.device, see
 
     torch.manual_seed(seed)
     config = load_config(replace(model_cfg, init="random"))
+    if config.model_type != "bamba":
+        raise ConfigError(f"bench.mixer_only=true times Bamba's mixer alone; model.shape={model_cfg.shape} is a "
+                          f"{config.model_type} model. Fix: bench.mixer_only=false (the full-model variants run).")
     config.num_hidden_layers, config.attn_layer_indices = 1, []
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     mixer = BambaForCausalLM(config).model.layers[0].mamba.to(device, dtype).train()

@@ -33,6 +33,7 @@ from bamba_ft.faults import fault_point
 from bamba_ft.jobs.model_card import write_model_card
 from bamba_ft.jobs.report import atomic_write_json, current_umask, fsync_dir, publish_file
 from bamba_ft.model.build import DTYPES
+from bamba_ft.model.families import family_of
 from bamba_ft.model.mixer import stock_forward
 from bamba_ft.model.quant import dequantize_model, is_quantized
 from bamba_ft.model.restore import load_source, locate
@@ -349,7 +350,7 @@ def _write(model: nn.Module, tokenizer, cfg: TrainConfig, src, tmp: Path, target
         ref_logits = merged_logits
     model = model.to(DTYPES[ex.dtype])
     model.config.use_cache = True  # exports are for inference
-    model.config.architectures = ["BambaForCausalLM"]
+    model.config.architectures = [family_of(model).causal_lm_class.__name__]
     model.save_pretrained(tmp, safe_serialization=True, max_shard_size="5GB")
     fault_point("export.after_save")
     _strip_attention_choice(tmp)

@@ -29,9 +29,10 @@ from bamba_ft.jobs.evaluate import evaluate_model, format_metrics
 from bamba_ft.jobs.report import plot_curves, publish_file, table
 from bamba_ft.jobs.runtime import autocast_for, choose_device, resolve_precision, to_device
 from bamba_ft.lit_module import BambaLitModule
-from bamba_ft.model.build import build_model, load_tokenizer
+from bamba_ft.model.build import build_model, load_config, load_tokenizer
+from bamba_ft.model.families import family_for, family_of
 from bamba_ft.model.lora import apply_peft, check_adapter_gradients
-from bamba_ft.model.mixer import packing_safe
+from bamba_ft.model.mixer import packing_safe, unsafe_attention
 from bamba_ft.model.restore import ADAPTER_DIR, MODEL_DIR, save_run_config
 from bamba_ft.ops.loss import causal_lm, mean_loss
 
@@ -47,10 +48,10 @@ def _strategy(cfg: TrainConfig, device: torch.device) -> Any:
             "Fix: trainer=ddp (runs on CPUs over gloo as well), or run on a machine with GPUs."
         )
     from lightning.pytorch.strategies import FSDPStrategy
-    from transformers.models.bamba.modeling_bamba import BambaDecoderLayer
 
+    layer = family_for(load_config(cfg.model).model_type).decoder_layer_class
     # One FSDP unit per decoder layer; use_orig_params lets frozen and trainable tensors share a unit (LoRA).
-    return FSDPStrategy(auto_wrap_policy={BambaDecoderLayer}, use_orig_params=True, state_dict_type="full")
+    return FSDPStrategy(auto_wrap_policy={layer}, use_orig_params=True, state_dict_type="full")
 
 
 def _loggers(cfg: TrainConfig, run_dir: Path) -> list[Logger]:
@@ -110,6 +111,13 @@ def _prepare(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Any, Ba
     tokenizer = load_tokenizer(cfg.model)
     ensure_chat_template(tokenizer, cfg.data.chat_template)
     model = apply_peft(build_model(cfg.model, cfg.quant, device), cfg.peft)
+    if cfg.data.packing and (attn := unsafe_attention(model)) is not None:
+        raise ConfigError(
+            f"data.packing=true: model.attn_implementation={attn} lets packed sequences attend to each other in "
+            f"{family_of(model).model_type} models (their decoder builds the attention mask without packed "
+            "positions).\nFix: set model.attn_implementation=auto (varlen, or flash_attention_2 when installed), "
+            "or data.packing=false."
+        )
     if cfg.data.packing and not packing_safe(model):
         raise ConfigError(
             "data.packing=true: the active mixer path (model.mixer=hf, transformers' own) leaks state across "

@@ -1,4 +1,4 @@
-"""Builds BambaForCausalLM and its tokenizer from the model config: weights, dtype, attention, mixer."""
+"""Builds the model (its family's ForCausalLM) and tokenizer from the model config: weights, dtype, attention, mixer."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, BambaConfig, BambaForCausalLM, PreTrainedTokenizerBase
-from transformers.models.bamba.modeling_bamba import BambaRotaryEmbedding
+from torch import nn
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from bamba_ft.config.schema import ModelConfig, QuantConfig
-from bamba_ft.errors import ModelError
+from bamba_ft.errors import ConfigError, ModelError
+from bamba_ft.model.families import family_for
 from bamba_ft.model.mixer import install_mixer
 from bamba_ft.model.quant import quantize_layer, report_base_memory
 from bamba_ft.model.shapes import SHAPES
@@ -52,28 +53,35 @@ def _hub_error(what: str, path: str, e: Exception) -> ModelError:
     )
 
 
-def load_config(cfg: ModelConfig) -> BambaConfig:
+def shape_config(name: str) -> PretrainedConfig:
+    """The config of a named shape (bamba_ft/model/shapes.py), in its family's config class."""
+    if name not in SHAPES:
+        raise ModelError(f"model.shape={name} is not a known shape. Valid: {', '.join(SHAPES)}")
+    kwargs = dict(SHAPES[name])
+    return family_for(kwargs.pop("model_type", "bamba"), where=f"model.shape={name}").config_class(**kwargs)
+
+
+def load_config(cfg: ModelConfig) -> PretrainedConfig:
     path = resolve_path(cfg.name_or_path)
     if cfg.init == "random" and cfg.shape is not None:
-        if cfg.shape not in SHAPES:
-            raise ModelError(f"model.shape={cfg.shape} is not a known shape. Valid: {', '.join(SHAPES)}")
-        return BambaConfig(**SHAPES[cfg.shape])
+        return shape_config(cfg.shape)
     try:
         config = AutoConfig.from_pretrained(path, revision=cfg.revision)
     except Exception as e:  # OSError, ValueError, HF hub errors: all mean "cannot load this"
         raise _hub_error("model.name_or_path", path, e) from e
-    if config.model_type != "bamba":
+    try:
+        family_for(config.model_type)
+    except ConfigError as e:
         raise ModelError(
             f"model.name_or_path={cfg.name_or_path} is a '{config.model_type}' model "
-            f"({', '.join(config.architectures or [])}); bamba_ft fine-tunes Bamba (model_type 'bamba', "
-            "BambaForCausalLM) checkpoints such as ibm-ai-platform/Bamba-9B-v2."
-        )
+            f"({', '.join(config.architectures or [])}), which bamba_ft does not fine-tune.\n{e.problems[0]}"
+        ) from e
     return config
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     if not cfg.tokenizer:
-        load_config(cfg)  # the tokenizer comes from the checkpoint: refuse a non-Bamba one before anything else
+        load_config(cfg)  # the tokenizer comes from the checkpoint: refuse an unsupported one before anything else
     path = resolve_path(cfg.tokenizer or cfg.name_or_path)
     try:
         return AutoTokenizer.from_pretrained(path, revision=cfg.revision if not cfg.tokenizer else None)
@@ -81,29 +89,35 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
         raise _hub_error("model.tokenizer" if cfg.tokenizer else "model.name_or_path", path, e) from e
 
 
-def _materialize_random(model: BambaForCausalLM, device: torch.device, quant: QuantConfig) -> None:
-    """Fill a meta-device model with fresh weights one decoder layer at a time (quantizing each as it lands)."""
-    inner = model.model
-    for module in (inner.embed_tokens, inner.final_layernorm, model.lm_head):
-        module.to_empty(device=device)
-        for m in module.modules():
-            model._init_weights(m)
-    inner.rotary_emb = BambaRotaryEmbedding(model.config).to(device)  # its buffers were never materialised
-    for layer in inner.layers:
+def _materialize_random(model: PreTrainedModel, device: torch.device, quant: QuantConfig) -> None:
+    """Fill a meta-device model with fresh weights one decoder layer at a time (quantizing each as it lands).
+
+    transformers' `_init_weights` also recomputes the non-persistent buffers a meta build leaves empty (rotary
+    `inv_freq`; Falcon-H1's per-layer `mup_vector`, set from its decoder stack's module).
+    """
+    layers = model.model.layers
+    in_layers = {id(m) for m in layers.modules()}
+    for layer in layers:
         layer.to_empty(device=device)
         for m in layer.modules():
             model._init_weights(m)
         quantize_layer(layer, quant)
+    rest = [m for m in model.modules() if id(m) not in in_layers]
+    for m in rest:
+        m.to_empty(device=device, recurse=False)
+    for m in reversed(rest):  # children before the modules that contain them (the decoder stack last)
+        model._init_weights(m)
     if model.config.tie_word_embeddings:
         model.tie_weights()
 
 
-def build_model(cfg: ModelConfig, quant: QuantConfig, device: torch.device) -> BambaForCausalLM:
+def build_model(cfg: ModelConfig, quant: QuantConfig, device: torch.device) -> nn.Module:
     """The model on `device`, in `cfg.dtype`, with bamba_ft's mixer installed and `use_cache=False`.
 
     Quantized bases are built one decoder layer at a time, so the device never holds the full 16-bit model.
     """
     config = load_config(cfg)
+    causal_lm_class = family_for(config.model_type).causal_lm_class
     dtype = resolve_dtype(cfg.dtype, device)
     attn = choose_attention(cfg.attn_implementation, device.type)
     if attn == VARLEN:
@@ -117,13 +131,13 @@ def build_model(cfg: ModelConfig, quant: QuantConfig, device: torch.device) -> B
     try:
         if cfg.init == "random":
             with torch.device("meta"):
-                model = BambaForCausalLM(config)
+                model = causal_lm_class(config)
             _materialize_random(model, device, quant)
         else:
             # Quantized: load on the CPU, then move and quantize layer by layer.
             load_device = "cpu" if quant.method != "none" else device
             try:
-                model = BambaForCausalLM.from_pretrained(
+                model = causal_lm_class.from_pretrained(
                     path, config=config, dtype=dtype, revision=cfg.revision, device_map={"": load_device}
                 )
             except Exception as e:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -23,6 +25,31 @@ def linear_names(model: nn.Module) -> list[str]:
         if isinstance(module, nn.Linear):
             names[name.rsplit(".", 1)[-1]] = None
     return list(names)
+
+
+@contextmanager
+def allow_mixer_out_proj(model: nn.Module) -> Iterator[None]:
+    """Let peft put LoRA on the Mamba-2 `out_proj` of falcon_h1 and nemotron_h models when bamba_ft's mixer runs.
+
+    peft refuses it for those model types because transformers' fused CUDA mixer reads `out_proj.weight` directly,
+    bypassing the adapter (the same holds for Bamba, which peft does not list). bamba_ft's segment-aware mixer calls
+    `out_proj` as a module, and the gradient probe before training checks every adapter. With transformers' own
+    mixer (`model.mixer=hf`) peft's check stays.
+    """
+    from peft.tuners import tuners_utils
+
+    from bamba_ft.ops.mamba2 import SegmentAwareMixer
+
+    mixers = [m for m in model.modules() if hasattr(m, "A_log") and hasattr(m, "out_proj")]
+    if not mixers or not all(isinstance(m, SegmentAwareMixer) for m in mixers):
+        yield
+        return
+    check = tuners_utils._check_lora_target_modules_mamba
+    tuners_utils._check_lora_target_modules_mamba = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        tuners_utils._check_lora_target_modules_mamba = check
 
 
 def apply_peft(model: nn.Module, cfg: PeftConfig, fused: bool = True) -> nn.Module:
@@ -59,7 +86,8 @@ def apply_peft(model: nn.Module, cfg: PeftConfig, fused: bool = True) -> nn.Modu
     with warnings.catch_warnings():
         # int8 bases: peft warns that it cannot re-quantize after merging; bamba_ft merges into dequantized weights.
         warnings.filterwarnings("ignore", message=".*get_apply_tensor_subclass.*")
-        peft_model = get_peft_model(model, lora)
+        with allow_mixer_out_proj(model):
+            peft_model = get_peft_model(model, lora)
     if fused:
         fuse_lora_forward(peft_model)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)

@@ -1,13 +1,14 @@
 """Installs bamba_ft's segment-aware mixer on a loaded model, and says which paths may take packed rows.
 
-Per instance: each `BambaMixer` of *this* model gets the subclass `SegmentAwareBambaMixer` (same parameters,
-same state-dict keys), and its norms and MLPs the fused subclasses of `bamba_ft.ops.fused`; other models in the
-process keep transformers' classes.
+Per instance: each Mamba-2 mixer of *this* model gets its family's segment-aware subclass (same parameters,
+same state-dict keys; bamba_ft/model/families/), and its norms and MLPs the fused subclasses the family lists;
+other models in the process keep transformers' classes.
 
-Packing-safe paths (shown exact by tests/unit/test_packing_equivalence.py):
-- `SegmentAwareBambaMixer`, every backend (torch, triton, cuda-kernels);
-- attention: sdpa/eager with the block-diagonal mask transformers builds from packed `position_ids`,
-  flash_attention_2 and bamba_ft's `varlen` with `cu_seq_lens_*`.
+Packing-safe paths (shown exact by tests/unit/test_packing_equivalence.py and tests/unit/test_families.py):
+- the segment-aware mixers, every backend (torch, triton, cuda-kernels);
+- attention: flash_attention_2 and bamba_ft's `varlen` with `cu_seq_lens_*`; sdpa/eager with the block-diagonal
+  mask transformers builds from packed `position_ids`, in the families whose decoder passes them to the mask
+  (not granitemoehybrid's).
 transformers' own mixer (`model.mixer=hf`) is not packing-safe: its torch path carries conv and SSD state
 across sequences, so packed batches are refused there.
 """
@@ -19,20 +20,12 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from transformers.models.bamba.modeling_bamba import (
-    BambaMixer,
-    BambaMLP,
-    BambaModel,
-    BambaRMSNorm,
-    BambaRMSNormGated,
-)
 
 from bamba_ft.errors import ModelError
-from bamba_ft.ops.fused import FusedBambaMLP, FusedRMSNorm
+from bamba_ft.model.families import Family, family_of
 from bamba_ft.ops.graphs import ConvScanGraphs
 from bamba_ft.ops.mamba2 import (
-    FusedGatedRMSNorm,
-    SegmentAwareBambaMixer,
+    SegmentAwareMixer,
     available_backend,
     fused_conv_scan_ok,
     seq_idx_from_cu_seqlens,
@@ -40,20 +33,22 @@ from bamba_ft.ops.mamba2 import (
 )
 
 MIXER_CHOICES = ("auto", "kernels", "torch", "hf")
-_OURS = {BambaRMSNormGated: FusedGatedRMSNorm, BambaMLP: FusedBambaMLP, BambaRMSNorm: FusedRMSNorm}
-_STOCK = {ours: stock for stock, ours in _OURS.items()} | {SegmentAwareBambaMixer: BambaMixer}
+PACKED_ATTENTION = ("varlen", "flash_attention_2", "flash_attention_3")  # read cu_seq_lens_*, ignore masks
+
+
+def _mixers(model: nn.Module, family: Family) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, family.mixer_class)]
 
 
 def install_mixer(model: nn.Module, mixer: str = "auto", cuda_graphs: bool = False) -> str:
-    """Put bamba_ft's mixer on every BambaMixer of `model`; returns the backend that will run on its device.
+    """Put bamba_ft's mixer on every Mamba-2 mixer of `model`; returns the backend that will run on its device.
 
     cuda_graphs: the mixers' conv+scan kernels are replayed as CUDA graphs (one `ConvScanGraphs` shared by all).
     """
     if mixer not in MIXER_CHOICES:
         raise ModelError(f"model.mixer={mixer!r} is not an option. Valid: {', '.join(MIXER_CHOICES)}")
-    mixers = [m for m in model.modules() if isinstance(m, BambaMixer)]
-    if not mixers:
-        raise ModelError("The model has no BambaMixer layers; bamba_ft fine-tunes Bamba (Mamba-2 hybrid) models.")
+    family = family_of(model)
+    mixers = _mixers(model, family)
     if mixer == "hf":
         return "hf"
     device = next(model.parameters()).device
@@ -63,16 +58,16 @@ def install_mixer(model: nn.Module, mixer: str = "auto", cuda_graphs: bool = Fal
             "Fix: install them (README, 'CUDA kernels'), or use model.mixer=auto."
         )
     for m in mixers:
-        m.__class__ = SegmentAwareBambaMixer
+        m.__class__ = family.segment_mixer_class
         m.backend = "torch" if mixer == "torch" else "auto"
     for m in model.modules():  # fused elementwise parts (CUDA); they run transformers' forward elsewhere
-        if type(m) in _OURS:
-            m.__class__ = _OURS[type(m)]
-    for base in (m for m in model.modules() if isinstance(m, BambaModel)):
+        if type(m) in family.fused:
+            m.__class__ = family.fused[type(m)]
+    for base in (m for m in model.modules() if isinstance(m, family.base_model_class)):
         base.register_forward_pre_hook(_complete_packing_kwargs, with_kwargs=True)
     backend = "torch" if mixer == "torch" else available_backend(device)
     if cuda_graphs:
-        if backend != "cuda-kernels" or not all(fused_conv_scan_ok(m) for m in mixers):
+        if backend != "cuda-kernels" or not mixers or not all(fused_conv_scan_ok(m) for m in mixers):
             raise ModelError(
                 f"model.cuda_graphs=true replays the fused CUDA conv+scan, which this run does not use (mixer "
                 f"backend {backend!r} on {device.type}).\n"
@@ -87,9 +82,10 @@ def install_mixer(model: nn.Module, mixer: str = "auto", cuda_graphs: bool = Fal
 @contextmanager
 def stock_forward(model: nn.Module) -> Iterator[None]:
     """Run transformers' own mixer, norms and MLPs inside the block (to compare with a model loaded elsewhere)."""
-    swapped = [(m, type(m)) for m in model.modules() if type(m) in _STOCK]
+    stock = family_of(model).stock_classes
+    swapped = [(m, type(m)) for m in model.modules() if type(m) in stock]
     for m, ours in swapped:
-        m.__class__ = _STOCK[ours]
+        m.__class__ = stock[ours]
     try:
         yield
     finally:
@@ -98,9 +94,22 @@ def stock_forward(model: nn.Module) -> Iterator[None]:
 
 
 def packing_safe(model: nn.Module) -> bool:
-    """True when every Mamba mixer of `model` keeps packed sequences apart."""
-    mixers = [m for m in model.modules() if isinstance(m, BambaMixer)]
-    return bool(mixers) and all(isinstance(m, SegmentAwareBambaMixer) for m in mixers)
+    """True when every Mamba mixer and the attention of `model` keep packed sequences apart."""
+    family = family_of(model)
+    mixers = _mixers(model, family)
+    if not mixers or not all(isinstance(m, SegmentAwareMixer) for m in mixers):
+        return False
+    return unsafe_attention(model) is None
+
+
+def unsafe_attention(model: nn.Module) -> str | None:
+    """The attention implementation that would let packed sequences see each other in this family, or None."""
+    attn = getattr(_config(model), "_attn_implementation", None)
+    return None if family_of(model).packed_masks or attn in PACKED_ATTENTION else attn
+
+
+def _config(model: nn.Module):  # noqa: ANN202
+    return model.get_base_model().config if hasattr(model, "get_base_model") else model.config
 
 
 def _complete_packing_kwargs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:

@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from bamba_ft.config.schema import ModelConfig, QuantConfig, TrainConfig
 from bamba_ft.errors import ModelError
 from bamba_ft.model.build import build_model, load_tokenizer
-from bamba_ft.model.lora import apply_peft, fuse_lora_forward
+from bamba_ft.model.lora import allow_mixer_out_proj, apply_peft, fuse_lora_forward
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,8 @@ def load_source(src: Source, device: torch.device, trainable: bool = False) -> t
     tokenizer = load_tokenizer(dataclasses.replace(src.model, tokenizer=str(src.adapter_dir)) if has_tokenizer else src.model)
     model: nn.Module = build_model(src.model, src.quant, device)
     if src.adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, str(src.adapter_dir), is_trainable=trainable)
+        with allow_mixer_out_proj(model):
+            model = PeftModel.from_pretrained(model, str(src.adapter_dir), is_trainable=trainable)
         fuse_lora_forward(model)
     elif src.ckpt is not None:
         assert src.run is not None

@@ -92,8 +92,9 @@ class FusedBambaMLP(BambaMLP):
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
-class FusedRMSNorm(BambaRMSNorm):
-    """transformers' BambaRMSNorm; on CUDA with mamba-ssm, its one-pass Triton kernel (float32 inside)."""
+class RMSNormKernel:
+    """Mixin for transformers' RMSNorms computing `weight * normalised(x in float32).to(x.dtype)`: on CUDA with
+    mamba-ssm, its one-pass Triton kernel (float32 inside)."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         from bamba_ft.ops.mamba2 import _mamba_ssm
@@ -107,3 +108,7 @@ class FusedRMSNorm(BambaRMSNorm):
                           norm_before_gate=False)
 
         return by_rows(norm, hidden_states)  # int32 offsets in the kernel: very long rows go in ranges
+
+
+class FusedRMSNorm(RMSNormKernel, BambaRMSNorm):
+    """Bamba's RMSNorm with the one-pass kernel."""

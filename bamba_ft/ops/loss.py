@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from bamba_ft.data.tokenize import IGNORE_INDEX
+from bamba_ft.model.families import family_for
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "seq_idx", "cu_seq_lens_q", "cu_seq_lens_k",
                 "max_length_q", "max_length_k")
@@ -26,32 +27,38 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).to(_acc(hidden.dtype)), targets, reduction="sum")
+def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, scale: float = 1.0) -> torch.Tensor:
+    logits = head(hidden).to(_acc(hidden.dtype))
+    return F.cross_entropy(logits * scale if scale != 1.0 else logits, targets, reduction="sum")
 
 
 RECOMPUTE_BYTES = 256 * 2**20  # float32 logits of a chunk above this are recomputed in backward, not stored
 
 
 class _FrozenHeadLoss(torch.autograd.Function):
-    """Summed cross-entropy of `hidden @ weight.T` (frozen weight) against `targets`; forward also computes the
-    gradient with respect to `hidden`: (softmax - onehot) @ weight, in float32 (float64 stays float64) up to
-    the matmul."""
+    """Summed cross-entropy of `scale * hidden @ weight.T` (frozen weight) against `targets`; forward also
+    computes the gradient with respect to `hidden`: scale * (softmax - onehot) @ weight, in float32 (float64
+    stays float64) up to the matmul."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,  # noqa: ANN001
+                scale: float) -> torch.Tensor:
         acc = _acc(hidden.dtype)
         total = torch.zeros((), dtype=acc, device=hidden.device)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         for s in range(0, hidden.shape[0], chunk):
             h, t = hidden[s : s + chunk], targets[s : s + chunk]
             logits = F.linear(h, weight).to(acc)
+            if scale != 1.0:
+                logits = logits.mul_(scale)
             lse = torch.logsumexp(logits, dim=-1)
             total = total + (lse - logits.gather(1, t[:, None])[:, 0]).sum()
             if grad is not None:
                 probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place over the logits
                 probs.scatter_add_(1, t[:, None], probs.new_full((t.shape[0], 1), -1.0))
+                if scale != 1.0:
+                    probs.mul_(scale)
                 grad[s : s + chunk] = probs.to(h.dtype) @ weight
         ctx.save_for_backward(grad)
         return total
@@ -60,7 +67,7 @@ class _FrozenHeadLoss(torch.autograd.Function):
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, g: torch.Tensor):  # noqa: ANN001, ANN205
         (grad,) = ctx.saved_tensors
-        return (grad.to(_acc(grad.dtype)) * g).to(grad.dtype), None, None, None
+        return (grad.to(_acc(grad.dtype)) * g).to(grad.dtype), None, None, None, None
 
 
 def _frozen_linear(head: nn.Module) -> bool:
@@ -69,23 +76,25 @@ def _frozen_linear(head: nn.Module) -> bool:
             and type(head.weight.data) is torch.Tensor)
 
 
-def head_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk: int = 4096) -> torch.Tensor:
-    """Sum of cross-entropy over rows of hidden (n, d) against targets (n,), chunked (see the module docstring)."""
+def head_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk: int = 4096,
+                  scale: float = 1.0) -> torch.Tensor:
+    """Sum of cross-entropy of `head(hidden) * scale` (rows (n, d)) against targets (n,), chunked (see the
+    module docstring)."""
     if _frozen_linear(head):
-        return _FrozenHeadLoss.apply(hidden, head.weight, targets, chunk)
+        return _FrozenHeadLoss.apply(hidden, head.weight, targets, chunk, scale)
     total = hidden.new_zeros((), dtype=_acc(hidden.dtype))
     vocab = head.weight.shape[0] if hasattr(head, "weight") else head.out_features
     for s in range(0, hidden.shape[0], chunk):
         h, t = hidden[s : s + chunk], targets[s : s + chunk]
         if torch.is_grad_enabled() and h.requires_grad and h.shape[0] * vocab * 4 > RECOMPUTE_BYTES:
-            total = total + checkpoint(_chunk_loss, h, t, head, use_reentrant=False)
+            total = total + checkpoint(_chunk_loss, h, t, head, scale, use_reentrant=False)
         else:
-            total = total + _chunk_loss(h, t, head)
+            total = total + _chunk_loss(h, t, head, scale)
     return total
 
 
 def causal_lm(model: nn.Module) -> nn.Module:
-    """The BambaForCausalLM inside a peft wrapper, or the model itself."""
+    """The ForCausalLM inside a peft wrapper, or the model itself."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
 
@@ -97,7 +106,8 @@ def loss_sum_and_count(model: nn.Module, batch: dict) -> tuple[torch.Tensor, tor
     hidden = lm.model(**inputs, use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
-    return head_loss_sum(hidden[:, :-1][keep], targets[keep], lm.lm_head), keep.sum()
+    scale = family_for(lm.config.model_type).logit_scale(lm.config)  # Granite divides, Falcon-H1 multiplies
+    return head_loss_sum(hidden[:, :-1][keep], targets[keep], lm.lm_head, scale=scale), keep.sum()
 
 
 def mean_loss(model: nn.Module, batch: dict) -> torch.Tensor:

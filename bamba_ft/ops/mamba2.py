@@ -1,4 +1,4 @@
-"""Segment-aware Mamba-2 mixer forward for transformers' `BambaMixer`.
+"""Segment-aware Mamba-2 mixer forward for transformers' Mamba-2 mixers (`BambaMixer` and its relatives).
 
 A packed row holds several sequences; `seq_idx` (batch, tokens) numbers them. Two things must not cross a
 boundary: the width-4 causal conv, and the SSD state. transformers' torch path lets both leak and its fused
@@ -486,13 +486,14 @@ def mixer_forward(
     backend = backend or available_backend(hidden_states.device)
     _report(backend)
 
-    zxbcdt = mixer.in_proj(hidden_states)
+    zxbcdt = mixer.project_in(hidden_states) if isinstance(mixer, SegmentAwareMixer) else mixer.in_proj(hidden_states)
     gate, xbc, dt = zxbcdt.split([mixer.intermediate_size, mixer.conv_dim, mixer.num_heads], dim=-1)
     if backend == "cuda-kernels" and fused_conv_scan_ok(mixer):
         y = conv_scan(mixer, xbc, dt, seq_idx)
     else:
         y = unfused_conv_scan(mixer, xbc, dt, seq_idx, backend)
-    y = mixer.norm(y.reshape(b, t, -1), gate)
+    y = y.reshape(b, t, -1)
+    y = mixer.gated_norm(y, gate) if isinstance(mixer, SegmentAwareMixer) else mixer.norm(y, gate)
     return mixer.out_proj(y.to(hidden_states.dtype))
 
 
@@ -507,8 +508,9 @@ def _gated_rmsnorm(norm: BambaRMSNormGated, x: torch.Tensor, gate: torch.Tensor 
     return norm.weight * groups.view_as(h).to(x.dtype)
 
 
-class FusedGatedRMSNorm(BambaRMSNormGated):
-    """transformers' gated RMSNorm; on CUDA with mamba-ssm, its fused Triton kernel (same math, one pass)."""
+class GatedRMSNormKernel:
+    """Mixin for transformers' gated RMSNorms that gate before normalising per group (`weight`, `group_size`,
+    `variance_epsilon`): on CUDA with mamba-ssm, its fused Triton kernel (same math, one pass)."""
 
     def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
         fused = _mamba_ssm().get("rmsnorm") if hidden_states.is_cuda else None
@@ -523,16 +525,32 @@ class FusedGatedRMSNorm(BambaRMSNormGated):
         return longseq.by_rows(norm, hidden_states.to(gate.dtype) if gate is not None else hidden_states, gate)
 
 
+class FusedGatedRMSNorm(GatedRMSNormKernel, BambaRMSNormGated):
+    """Bamba's gated RMSNorm with the fused kernel."""
+
+
 PACKING_KWARGS = ("seq_idx", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
-class SegmentAwareBambaMixer(BambaMixer):
-    """BambaMixer whose training/eval forward keeps packed sequences apart (see module docstring).
+class SegmentAwareMixer:
+    """Mixin over a transformers Mamba-2 mixer whose training/eval forward keeps packed sequences apart (see
+    module docstring). The mixer must have the attributes every transformers Mamba-2 mixer has (in_proj, conv1d,
+    dt_bias, A_log, D, norm, out_proj, num_heads, head_dim, n_groups, ssm_state_size, chunk_size, conv_dim,
+    intermediate_size, time_step_limit, activation, act); a family overrides `project_in` and `gated_norm`
+    where its mixer differs.
 
     With a cache (generation), the stock forward runs: generation batches are padded, never packed.
     """
 
     backend: str = "auto"
+
+    def project_in(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(b, t, hidden) -> in_proj output [gate z, xBC, dt]."""
+        return self.in_proj(hidden_states)
+
+    def gated_norm(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """Scan output (b, t, intermediate) through the gate and the norm, before out_proj."""
+        return self.norm(y, gate)
 
     def forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):  # noqa: ANN001, ANN201
         seq_idx = kwargs.get("seq_idx")
@@ -543,3 +561,7 @@ class SegmentAwareBambaMixer(BambaMixer):
             return super().forward(hidden_states, cache=cache, attention_mask=attention_mask, **rest)
         backend = None if self.backend == "auto" else self.backend
         return mixer_forward(self, hidden_states, seq_idx=seq_idx, attention_mask=attention_mask, backend=backend)
+
+
+class SegmentAwareBambaMixer(SegmentAwareMixer, BambaMixer):
+    """Bamba's mixer with the segment-aware forward."""

@@ -1,0 +1,239 @@
+"""Every supported family: a packed row gives each sequence exactly what it gets alone (logits and every LoRA
+gradient, float64), and one sequence through bamba_ft's mixer equals transformers' own forward."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+
+from bamba_ft.data.packing import collate_packed
+from bamba_ft.errors import ConfigError
+from bamba_ft.model.build import shape_config
+from bamba_ft.model.families import family_for, family_of
+from bamba_ft.model.lora import allow_mixer_out_proj
+from bamba_ft.model.mixer import install_mixer, packing_safe, stock_forward, unsafe_attention
+from bamba_ft.ops.attention import register_varlen_attention
+from bamba_ft.ops.loss import loss_sum_and_count
+from bamba_ft.ops.mamba2 import _gated_rmsnorm
+from tests.conftest import randomize_mixer_params
+from tests.unit.test_packing_equivalence import packed_vs_alone
+
+TARGETS = ["in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj"]
+FAMILIES = ["granitemoehybrid", "falcon_h1", "nemotron_h"]
+VOCAB = 128
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _rmsnorm(self, x):  # noqa: ANN001, ANN202
+    h = x.to(_wide(x.dtype))
+    return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)).to(x.dtype)
+
+
+def _falcon_gated_rmsnorm(self, hidden_states, gate=None):  # noqa: ANN001, ANN202
+    """transformers' FalconH1RMSNormGated in float32 or wider (it rounds float64 inputs and gates to float32)."""
+    dtype, acc = hidden_states.dtype, _wide(hidden_states.dtype)
+    h = hidden_states.to(acc)
+    if not self.norm_before_gate and gate is not None:
+        h = h * F.silu(gate.to(acc))
+    groups = h.view(*h.shape[:-1], self.n_groups, -1)
+    groups = groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+    h = (self.weight.view(self.n_groups, -1) * groups).view_as(h)
+    if self.norm_before_gate and gate is not None:
+        h = h * F.silu(gate.to(acc))
+    return h.to(dtype)
+
+
+def _nemotron_rmsnorm(self, x):  # noqa: ANN001, ANN202
+    h = x.to(_wide(x.dtype))
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+    return (self.weight.to(h.dtype) * h).to(x.dtype)
+
+
+def _nemotron_causal_lm(self, input_ids=None, use_cache=None, **kwargs):  # noqa: ANN001, ANN202
+    """transformers' NemotronHForCausalLM.forward without its `.float()` on the logits (float64 stays float64)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    hidden = self.model(input_ids=input_ids, use_cache=use_cache, **kwargs).last_hidden_state
+    return CausalLMOutputWithPast(logits=self.lm_head(hidden))
+
+
+@pytest.fixture(autouse=True)
+def float64_norms(monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers' norms round float64 inputs to float32, so rows of different lengths would differ at ~1e-8 from
+    float32 rounding alone: widen them (same formulas) so the comparisons measure packing and the mixer alone."""
+    from transformers.models.falcon_h1 import modeling_falcon_h1 as mf
+    from transformers.models.granitemoehybrid import modeling_granitemoehybrid as mg
+    from transformers.models.nemotron_h import modeling_nemotron_h as mn
+
+    monkeypatch.setattr(mg.GraniteMoeHybridRMSNorm, "forward", _rmsnorm)
+    monkeypatch.setattr(mg.GraniteMoeHybridRMSNormGated, "forward", _gated_rmsnorm)
+    monkeypatch.setattr(mf.FalconH1RMSNorm, "forward", _rmsnorm)
+    monkeypatch.setattr(mf.FalconH1RMSNormGated, "forward", _falcon_gated_rmsnorm)
+    monkeypatch.setattr(mn.NemotronHRMSNorm, "forward", _nemotron_rmsnorm)
+    monkeypatch.setattr(mn.NemotronHRMSNormGated, "forward", _gated_rmsnorm)
+    monkeypatch.setattr(mn.NemotronHForCausalLM, "forward", _nemotron_causal_lm)
+
+
+@contextmanager
+def float_casts_widened() -> Iterator[None]:
+    """`Tensor.float()` keeps float64 tensors float64. transformers' torch scans (and both mixers' `A_log.float()`)
+    cast to float32 even in a float64 model; run both forwards under this to compare the math, not the rounding."""
+    original = torch.Tensor.float
+    torch.Tensor.float = lambda self, *args, **kwargs: self if self.dtype == torch.float64 else original(self)
+    try:
+        yield
+    finally:
+        torch.Tensor.float = original
+
+
+def tiny(model_type: str, chunk: int = 16, groups: int = 1, **overrides) -> torch.nn.Module:
+    """The family's tiny-random shape in float64, with `chunk`, `groups` and config overrides; seeded."""
+    family = family_for(model_type)
+    config = shape_config(f"tiny-random-{model_type}")
+    keys = family.config_keys
+    for key, value in {keys["chunk_size"]: chunk, keys["n_groups"]: groups, "use_cache": False, **overrides}.items():
+        setattr(config, key, value)
+    config._attn_implementation = "varlen"
+    config._experts_implementation = "eager"  # torch's grouped GEMM has no float64 kernel
+    register_varlen_attention()
+    torch.manual_seed(0)
+    model = family.causal_lm_class(config).double().eval()
+    randomize_mixer_params(model)
+    return model
+
+
+def with_lora(model: torch.nn.Module) -> torch.nn.Module:
+    install_mixer(model, "torch")
+    with allow_mixer_out_proj(model):
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # non-zero B: with B = 0 the A gradients vanish and hide bugs
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.1)
+    return model.double()
+
+
+SLOW = pytest.mark.slow
+def ours_and_transformers(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits through bamba_ft's mixer and through transformers' own forward (float32 casts widened in both)."""
+    with torch.no_grad(), float_casts_widened():
+        ours = model(input_ids=ids, use_cache=False).logits
+        with stock_forward(model):
+            return ours, model(input_ids=ids, use_cache=False).logits
+
+
+CASES = [
+    pytest.param(4, 1, [8, 1, 4, 7, 1, 3], marks=SLOW),  # boundaries on chunk edges, length-1 sequences
+    (8, 2, [5, 11, 1, 16, 2]),  # mid-chunk boundaries, two groups, a length-1 sequence
+]
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+@pytest.mark.parametrize("chunk,groups,lengths", CASES)
+def test_family_packed_equals_alone_float64(model_type: str, chunk: int, groups: int, lengths: list[int]) -> None:
+    model = with_lora(tiny(model_type, chunk, groups))
+    logit_diff, grad_diff = packed_vs_alone(model, lengths, vocab=VOCAB)
+    assert logit_diff < 1e-8, logit_diff
+    assert grad_diff < 1e-8, grad_diff
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+@pytest.mark.parametrize("chunk,groups", [pytest.param(4, 1, marks=SLOW), (8, 2), pytest.param(16, 2, marks=SLOW)])
+def test_family_single_sequence_equals_transformers(model_type: str, chunk: int, groups: int) -> None:
+    model = tiny(model_type, chunk, groups)
+    install_mixer(model, "torch")
+    ids = torch.randint(1, VOCAB, (2, 37), generator=torch.Generator().manual_seed(5))
+    ours, theirs = ours_and_transformers(model, ids)
+    assert float(theirs.abs().max()) > 1e-3
+    assert float((ours - theirs).abs().max()) < 1e-8
+
+
+@pytest.mark.parametrize("model_type", ["granitemoehybrid", "falcon_h1", pytest.param("nemotron_h", marks=SLOW)])
+def test_family_loss_matches_transformers_loss(model_type: str) -> None:
+    """bamba_ft's chunked loss applies the family's logit scale (Granite divides, Falcon-H1 multiplies): same loss
+    and LoRA gradients as cross-entropy over transformers' logits (in float64: its `labels=` loss rounds to float32)."""
+    model = with_lora(tiny(model_type))
+    ids = torch.randint(1, VOCAB, (1, 29), generator=torch.Generator().manual_seed(2))
+    total, count = loss_sum_and_count(model, {"input_ids": ids, "labels": ids})
+    (total / count).backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    logits = model(input_ids=ids, use_cache=False).logits[0, :-1]
+    theirs = F.cross_entropy(logits, ids[0, 1:])
+    theirs.backward()
+    assert abs(float(total / count) - float(theirs)) < 1e-10
+    assert max(float((ours[n] - p.grad).abs().max()) for n, p in model.named_parameters() if p.requires_grad) < 1e-10
+
+
+@SLOW
+def test_granite_attention_free_and_dense_variants_pack_exactly() -> None:
+    """Granite 4.0-H variants: every layer a Mamba-2 layer (no attention), and no MoE experts."""
+    for overrides in ({"layer_types": ["linear_attention"] * 3}, {"num_local_experts": 0}):
+        model = with_lora(tiny("granitemoehybrid", 4, 2, **overrides))
+        logit_diff, grad_diff = packed_vs_alone(model, [6, 1, 9, 4], vocab=VOCAB)
+        assert logit_diff < 1e-8 and grad_diff < 1e-8, (overrides, logit_diff, grad_diff)
+
+
+def test_granite_sdpa_is_not_packing_safe() -> None:
+    """Granite's decoder builds its sdpa/eager mask without the packed positions: packed sequences would see each
+    other there (shown here), so packing requires varlen or flash attention."""
+    model = tiny("granitemoehybrid")
+    install_mixer(model, "torch")
+    assert packing_safe(model) and unsafe_attention(model) is None
+    model.config._attn_implementation = "sdpa"
+    assert not packing_safe(model) and unsafe_attention(model) == "sdpa"
+    seqs = [torch.randint(1, VOCAB, (n,), generator=torch.Generator().manual_seed(n)) for n in (6, 5)]
+    batch = collate_packed([{"input_ids": s.tolist(), "labels": s.tolist()} for s in seqs])
+    batch.pop("labels")
+    with torch.no_grad():
+        packed = model(**batch, use_cache=False).logits[0]
+        second = model(input_ids=seqs[1][None], use_cache=False).logits[0]
+    assert float((packed[6:] - second).abs().max()) > 1e-4
+
+
+def test_family_of_names_refused_and_unknown_model_types() -> None:
+    with pytest.raises(ConfigError, match="zamba2.*tied"):
+        family_for("zamba2")
+    with pytest.raises(ConfigError, match="'llama' is not a Mamba-2 hybrid.*bamba"):
+        family_for("llama")
+    assert family_of(tiny("granitemoehybrid")).model_type == "granitemoehybrid"
+
+
+@SLOW
+@pytest.mark.parametrize("rms_norm,before_gate", [(False, True), (True, True)])
+def test_falcon_gate_variants_pack_exactly_and_match_transformers(rms_norm: bool, before_gate: bool) -> None:
+    """Falcon-H1's other gate settings: no norm (y * silu(gate)), and normalising before the gate."""
+    overrides = dict(mamba_rms_norm=rms_norm, mamba_norm_before_gate=before_gate)
+    model = tiny("falcon_h1", 4, 2, **overrides)
+    install_mixer(model, "torch")
+    ours, theirs = ours_and_transformers(model, torch.randint(1, VOCAB, (1, 21), generator=torch.Generator().manual_seed(4)))
+    assert float((ours - theirs).abs().max()) < 1e-8
+    logit_diff, grad_diff = packed_vs_alone(with_lora(tiny("falcon_h1", 4, 2, **overrides)), [7, 1, 5], vocab=VOCAB)
+    assert logit_diff < 1e-8 and grad_diff < 1e-8, (logit_diff, grad_diff)
+
+
+def test_falcon_multipliers_matter() -> None:
+    """The tiny Falcon-H1 shape's ssm multipliers are live: dropping the mup vector changes the logits (so the
+    equality with transformers above could not hold if bamba_ft's mixer skipped them)."""
+    model = tiny("falcon_h1")
+    install_mixer(model, "torch")
+    ids = torch.randint(1, VOCAB, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = model(input_ids=ids, use_cache=False).logits
+        for layer in model.model.layers:
+            layer.mamba.mup_vector.fill_(1.0)
+        after = model(input_ids=ids, use_cache=False).logits
+    assert float((before - after).abs().max()) > 1e-4
+
+
+def test_granite_logit_scale_is_applied() -> None:
+    assert family_for("granitemoehybrid").logit_scale(shape_config("tiny-random-granitemoehybrid")) == 0.25
