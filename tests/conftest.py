@@ -19,6 +19,9 @@ from transformers import BambaConfig, BambaForCausalLM  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+# Every projection LoRA can reach in a Bamba layer: the mixer's in/out projections and the attention's q/k/v/o.
+LORA_TARGETS = ["in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj"]
+
 
 def tiny_config(**overrides) -> BambaConfig:
     """The STYLE.md test shape: 2 layers (Mamba-2, attention), 122k parameters."""

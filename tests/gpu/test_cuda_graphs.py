@@ -16,8 +16,8 @@ from bamba_ft.model.mixer import install_mixer
 from bamba_ft.ops.graphs import ConvScanGraphs
 from bamba_ft.ops.loss import mean_loss
 from bamba_ft.ops.mamba2 import KernelOps, conv_scan
-from tests.conftest import make_model
-from tests.gpu.test_cuda_paths import SHAPE, TARGETS, rel
+from tests.conftest import LORA_TARGETS, make_model
+from tests.gpu.test_cuda_paths import SHAPE, rel
 
 pytestmark = pytest.mark.gpu
 
@@ -78,7 +78,7 @@ def test_graphed_lora_training_matches_direct(checkpointing: bool) -> None:
                 enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model = apply_peft(model, PeftConfig(r=8, target_modules=TARGETS))
+        model = apply_peft(model, PeftConfig(r=8, target_modules=LORA_TARGETS))
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 torch.nn.init.normal_(p, std=0.02, generator=torch.Generator("cuda").manual_seed(hash(n) % 2**31))

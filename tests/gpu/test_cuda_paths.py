@@ -25,10 +25,9 @@ from bamba_ft.ops.mamba2 import (
     mixer_forward,
     unfused_conv_scan,
 )
-from tests.conftest import make_model
+from tests.conftest import LORA_TARGETS, make_model
 
 pytestmark = pytest.mark.gpu
-TARGETS = ["in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj"]
 LENGTHS = [100, 1, 37, 200, 64, 3]  # mid-chunk and chunk-edge boundaries, length-1 sequences
 SHAPE = dict(hidden_size=256, intermediate_size=512, mamba_n_heads=8, mamba_d_head=64, mamba_d_state=64,
              mamba_chunk_size=64, num_attention_heads=8, num_key_value_heads=2)
@@ -111,7 +110,7 @@ def test_fused_lora_matches_peft_under_autocast() -> None:
 
     model = make_model(torch.float32, **SHAPE).cuda().to(torch.bfloat16)
     install_mixer(model, "auto")
-    model = get_peft_model(model, LoraConfig(r=8, target_modules=TARGETS))
+    model = get_peft_model(model, LoraConfig(r=8, target_modules=LORA_TARGETS))
     for n, p in model.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.05)
@@ -150,7 +149,7 @@ def test_out_proj_lora_trains_on_gpu_kernels() -> None:
     kernels_required()
     model = make_model(torch.float32, **SHAPE).cuda().to(torch.bfloat16)
     install_mixer(model, "auto")
-    model = apply_peft(model, PeftConfig(r=8, target_modules=TARGETS))
+    model = apply_peft(model, PeftConfig(r=8, target_modules=LORA_TARGETS))
     batch = collate_packed([{"input_ids": list(range(1, 90)), "labels": list(range(1, 90))}])
     batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -162,7 +161,7 @@ def test_stock_fused_path_gives_out_proj_adapter_no_gradient() -> None:
     """The defect bamba_ft exists to fix, measured: transformers' fused CUDA path skips out_proj's adapter."""
     kernels_required()
     model = make_model(torch.float32, **SHAPE).cuda().to(torch.bfloat16).train()
-    model = get_peft_model(model, LoraConfig(r=8, target_modules=TARGETS))
+    model = get_peft_model(model, LoraConfig(r=8, target_modules=LORA_TARGETS))
     ids = torch.randint(1, 256, (1, 128), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
@@ -194,7 +193,7 @@ def test_quantized_base_trains_through_bamba_mixer(method: str) -> None:
     for layer in model.model.layers:
         quantize_layer(layer, QuantConfig(method=method))
     install_mixer(model, "auto")
-    model = apply_peft(model, PeftConfig(r=8, target_modules=TARGETS))
+    model = apply_peft(model, PeftConfig(r=8, target_modules=LORA_TARGETS))
     batch = collate_packed([{"input_ids": list(range(1, 70)), "labels": list(range(1, 70))},
                             {"input_ids": list(range(3, 40)), "labels": list(range(3, 40))}])
     batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}

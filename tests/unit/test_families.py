@@ -20,10 +20,9 @@ from bamba_ft.model.mixer import install_mixer, packing_safe, stock_forward, uns
 from bamba_ft.ops.attention import register_varlen_attention
 from bamba_ft.ops.loss import loss_sum_and_count
 from bamba_ft.ops.mamba2 import _gated_rmsnorm
-from tests.conftest import randomize_mixer_params
+from tests.conftest import LORA_TARGETS, randomize_mixer_params
 from tests.unit.test_packing_equivalence import packed_vs_alone
 
-TARGETS = ["in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj"]
 FAMILIES = ["granitemoehybrid", "falcon_h1", "nemotron_h"]
 VOCAB = 128
 
@@ -113,7 +112,7 @@ def tiny(model_type: str, chunk: int = 16, groups: int = 1, **overrides) -> torc
 def with_lora(model: torch.nn.Module) -> torch.nn.Module:
     install_mixer(model, "torch")
     with allow_mixer_out_proj(model):
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # non-zero B: with B = 0 the A gradients vanish and hide bugs
         for n, p in model.named_parameters():

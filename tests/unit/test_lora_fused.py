@@ -8,13 +8,11 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.layer import Linear as LoraLinear
 
 from bamba_ft.model.lora import _FusedLoraForward, fuse_lora_forward
-from tests.conftest import make_model
-
-TARGETS = ["in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj"]
+from tests.conftest import LORA_TARGETS, make_model
 
 
 def lora_model(dtype: torch.dtype, **lora_kw) -> torch.nn.Module:
-    model = get_peft_model(make_model(dtype), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, **lora_kw))
+    model = get_peft_model(make_model(dtype), LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, **lora_kw))
     torch.manual_seed(1)
     with torch.no_grad():
         for n, p in model.named_parameters():

@@ -20,9 +20,8 @@ from bamba_ft.model.quant import (
     is_quantized,
     quantize_layer,
 )
-from tests.conftest import make_model
+from tests.conftest import LORA_TARGETS, make_model
 
-TARGETS = ["in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj"]
 # (out, in, block_size, scaler_block_size): the default blocks; blocks too few for the scaler block, which
 # quantize_layer shrinks (64 blocks -> 64, 6 blocks -> 2); small blocks; several scaler blocks.
 SHAPES = [(128, 256, 64, 256), (64, 64, 64, 256), (24, 16, 64, 256), (96, 64, 32, 8), (256, 512, 64, 256)]
@@ -97,8 +96,8 @@ def test_peft_wraps_nf4_layers_and_dequantize_restores_linear() -> None:
     for layer in model.model.layers:
         quantize_layer(layer, QuantConfig(method="nf4"))
     nf4 = [n for n, m in model.named_modules() if type(m) is NF4LinearLayer]
-    assert {n.rsplit(".", 1)[-1] for n in nf4} >= set(TARGETS)
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=TARGETS))
+    assert {n.rsplit(".", 1)[-1] for n in nf4} >= set(LORA_TARGETS)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=LORA_TARGETS))
     wrapped = [m for m in peft_model.modules() if isinstance(m, LoraLinear)]
     assert wrapped and all(type(m.base_layer) is NF4LinearLayer for m in wrapped)
 

@@ -13,9 +13,7 @@ from bamba_ft.model.lora import apply_peft, check_adapter_gradients
 from bamba_ft.model.mixer import install_mixer, packing_safe
 from bamba_ft.ops.attention import register_varlen_attention
 from bamba_ft.ops.loss import mean_loss
-from tests.conftest import make_model
-
-TARGETS = ["in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj"]
+from tests.conftest import LORA_TARGETS, make_model
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +44,7 @@ def lora_model(attn: str, chunk: int, groups: int, seed: int = 0) -> torch.nn.Mo
         register_varlen_attention()
     model = make_model(torch.float64, seed=seed, attn=attn, mamba_chunk_size=chunk, mamba_n_groups=groups)
     install_mixer(model, "torch")
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS))
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # non-zero B: with B = 0 the A gradients vanish and hide bugs
         for n, p in model.named_parameters():
@@ -119,14 +117,14 @@ def test_packing_safe_only_with_exact_mixer() -> None:
 def test_every_lora_tensor_gets_gradient() -> None:
     model = make_model(torch.float32)
     install_mixer(model, "torch")
-    model = apply_peft(model, PeftConfig(r=4, target_modules=TARGETS))
+    model = apply_peft(model, PeftConfig(r=4, target_modules=LORA_TARGETS))
     batch = collate_packed([{"input_ids": list(range(1, 12)), "labels": list(range(1, 12))},
                             {"input_ids": list(range(5, 9)), "labels": list(range(5, 9))}])
     norms = check_adapter_gradients(model, batch, mean_loss)
     modules = {n.split(".lora_")[0] for n in norms}
     assert len(norms) == 2 * len(modules)  # lora_A and lora_B of each adapted module
     assert all(v > 0 for v in norms.values())
-    for t in TARGETS:
+    for t in LORA_TARGETS:
         assert any(m.endswith(t) for m in modules), t
     # peft's default init (B = 0) is restored after the probe
     assert all(float(p.abs().max()) == 0 for n, p in model.named_parameters() if "lora_B" in n)
@@ -136,7 +134,7 @@ def test_gradient_check_names_bypassed_module() -> None:
     """A forward that reads out_proj.weight directly (as transformers' fused CUDA kernel does) is caught."""
     model = make_model(torch.float32)
     install_mixer(model, "torch")
-    model = apply_peft(model, PeftConfig(r=4, target_modules=TARGETS))
+    model = apply_peft(model, PeftConfig(r=4, target_modules=LORA_TARGETS))
     out_proj = model.base_model.model.model.layers[0].mamba.out_proj
     out_proj.forward = lambda y: torch.nn.functional.linear(y, out_proj.base_layer.weight)  # skips the adapter
     batch = collate_packed([{"input_ids": list(range(1, 12)), "labels": list(range(1, 12))}])
@@ -160,7 +158,7 @@ def test_dora_and_rslora_adapters_train_through_the_mixer() -> None:
     """DoRA reads its base weight through the module, so bamba_ft's module calls keep it trainable."""
     model = make_model(torch.float32)
     install_mixer(model, "torch")
-    model = apply_peft(model, PeftConfig(r=4, target_modules=TARGETS, use_dora=True, use_rslora=True))
+    model = apply_peft(model, PeftConfig(r=4, target_modules=LORA_TARGETS, use_dora=True, use_rslora=True))
     batch = collate_packed([{"input_ids": list(range(1, 20)), "labels": list(range(1, 20))},
                             {"input_ids": list(range(7, 12)), "labels": list(range(7, 12))}])
     norms = check_adapter_gradients(model, batch, mean_loss)

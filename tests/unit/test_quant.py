@@ -14,9 +14,8 @@ from bamba_ft.model.lora import apply_peft
 from bamba_ft.model.mixer import install_mixer
 from bamba_ft.model.quant import base_weight_bytes, dequantize_model, is_quantized, quantize_layer
 from bamba_ft.ops.loss import mean_loss
-from tests.conftest import make_model
+from tests.conftest import LORA_TARGETS, make_model
 
-TARGETS = ["in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj"]
 # Relative logit error ||q - f|| / ||f|| of the quantized base against float32, measured on this random tiny
 # model: nf4 0.104, int4 0.101, int8 0.0064. Bounds are ~2-3x that; broken quantization (zeroed or transposed
 # weights) gives errors near 1.
@@ -53,7 +52,7 @@ def test_quantized_logits_close_to_float(method: str) -> None:
 
 @pytest.mark.parametrize("method", ["nf4", "int8", "int4"])
 def test_adapters_train_on_quantized_base(method: str, tmp_path: Path) -> None:
-    model = apply_peft(quantized_model(method), PeftConfig(r=8, lora_alpha=16, target_modules=TARGETS))
+    model = apply_peft(quantized_model(method), PeftConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS))
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad
               and not is_quantized(p)}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
