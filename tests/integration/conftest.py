@@ -33,3 +33,12 @@ def sft_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every integration test runs real training or the CLI in a subprocess: all are `slow`, so
+    `pytest -m "not slow"` is the quick inner loop (unit tests only)."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.slow)
