@@ -11,6 +11,7 @@ from typing import Any
 
 from bamba_ft.errors import Problems, suggest
 
+INT32_MAX = 2**31 - 1
 DEFAULT_LORA_TARGETS = ["in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj"]
 
 
@@ -92,9 +93,12 @@ class DataConfig:
     max_val_examples: int = 1000
     """Upper bound on validation examples (keeps validation fast)."""
     max_seq_len: int = 2048
-    """Longest tokenized example, in tokens."""
+    """Longest tokenized example, in tokens (at most 2^31-1: packed rows index tokens in int32)."""
     overlong: str = "truncate"
-    """What to do with longer examples: truncate | drop (both are counted and reported)."""
+    """What to do with longer examples: truncate | drop | split (into windows of max_seq_len tokens; all counted)."""
+    overlong_stride: int = 0
+    """overlong=split: tokens each window repeats from the one before, as context without loss, so every token is
+    trained once. At least 1 is used (0 reads as 1): a window's first token has nothing before it to predict it."""
     train_on: str = "completion"
     """Which tokens carry loss: completion (assistant/completion tokens) | all."""
     roles: dict[str, str] = field(default_factory=dict)
@@ -313,7 +317,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "peft.method": ("lora", "none"),
     "quant.method": ("none", "nf4", "int8", "int4"),
     "data.format": ("auto", "messages", "prompt_completion", "alpaca", "text"),
-    "data.overlong": ("truncate", "drop"),
+    "data.overlong": ("truncate", "drop", "split"),
     "data.train_on": ("completion", "all"),
     "data.builtin_kind": ("sft", "pretrain"),
     "optim.name": ("adamw",),
@@ -353,6 +357,17 @@ def validate(cfg: TrainConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             problems.add(f"{key}={value} must be positive.")
+    for key in ("data.max_seq_len", "data.max_tokens_per_batch"):
+        if _get(cfg, key) > INT32_MAX:
+            problems.add(f"{key}={_get(cfg, key)} is more than 2^31-1={INT32_MAX} tokens: packed rows number their "
+                         f"tokens in int32 (position_ids, seq_idx, cu_seq_lens), as the attention and scan kernels do.\n"
+                         f"Fix: set {key} to at most {INT32_MAX}.")
+    stride = cfg.data.overlong_stride
+    if cfg.data.overlong == "split" and not (stride >= 0 and max(stride, 1) < cfg.data.max_seq_len):
+        problems.add(f"data.overlong_stride={stride}: each window must bring new tokens, so the overlap must be "
+                     f"at least 0 and below data.max_seq_len={cfg.data.max_seq_len}.\n"
+                     f"Fix: set data.overlong_stride to a smaller value (e.g. {cfg.data.max_seq_len // 8}), "
+                     "or raise data.max_seq_len.")
     if cfg.trainer.max_steps <= 0 and not (cfg.trainer.max_steps == -1 and cfg.trainer.max_epochs):
         problems.add(
             f"trainer.max_steps={cfg.trainer.max_steps}: give a positive number of steps, "

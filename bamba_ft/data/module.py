@@ -18,25 +18,25 @@ from bamba_ft.data.builtin import builtin_splits
 from bamba_ft.data.formats import check_fields, detect_format, role_map, to_messages
 from bamba_ft.data.load import POSITIONS, load_rows, locate, number_rows
 from bamba_ft.data.packing import BatchPlan, MaskedRows, collate_packed, collate_padded
-from bamba_ft.data.tokenize import IGNORE_INDEX, tokenize_example
+from bamba_ft.data.tokenize import IGNORE_INDEX, split_windows, tokenize_example
 from bamba_ft.errors import DataError
 
 log = logging.getLogger(__name__)
 datasets.disable_progress_bars()
 
 
-def _encode(row: dict, *, tokenizer, fmt: str, train_on: str, max_seq_len: int, where: str,  # noqa: ANN001
+def _encode(row: dict, *, tokenizer, fmt: str, train_on: str, max_seq_len: int, split: bool, where: str,  # noqa: ANN001
             renames: Mapping[str, str]) -> dict:
     at = locate(where, row)
     coerced: list[str] = []
     example = to_messages(row, fmt, at, renames, coerced)
-    tok = tokenize_example(tokenizer, example, train_on, max_seq_len, at)
+    tok = tokenize_example(tokenizer, example, train_on, None if split else max_seq_len, at)
     empty = not isinstance(example, str) and any(m["role"] == "assistant" and not m["content"].strip() for m in example)
     return {
         "input_ids": tok.input_ids,
         "labels": tok.labels,
         "length": len(tok.input_ids),
-        "truncated": tok.truncated,
+        "overlong": tok.truncated or len(tok.input_ids) > max_seq_len,
         "n_targets": sum(1 for t in tok.labels if t != IGNORE_INDEX),
         "full_targets": tok.full_targets,
         "empty_assistant": empty,
@@ -44,11 +44,32 @@ def _encode(row: dict, *, tokenizer, fmt: str, train_on: str, max_seq_len: int, 
     }
 
 
+def _windows(batch: dict[str, list], *, max_seq_len: int, overlap: int) -> dict[str, list]:
+    """Examples longer than `max_seq_len` replaced by their windows (`split_windows`); windows without loss go."""
+    out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "n_targets": [], "window": []}
+    for ids, labels in zip(batch["input_ids"], batch["labels"]):
+        windows = split_windows(ids, labels, max_seq_len, overlap) if len(ids) > max_seq_len else [(ids, labels)]
+        for i, (w_ids, w_labels) in enumerate(windows):
+            n = sum(1 for t in w_labels if t != IGNORE_INDEX)
+            if n:
+                out["input_ids"].append(w_ids)
+                out["labels"].append(w_labels)
+                out["length"].append(len(w_ids))
+                out["n_targets"].append(n)
+                out["window"].append(i if len(windows) > 1 else -1)
+    return out
+
+
 @dataclass
 class SplitStats:
     rows: int
     kept: int
+    """Rows kept (a row split into windows counts once)."""
     truncated: int
+    split: int
+    """Rows longer than data.max_seq_len split into windows (data.overlong=split)."""
+    split_windows: int
+    """Examples those rows became (windows holding no loss token are left out)."""
     dropped_overlong: int
     dropped_no_targets: int
     dropped_prompt_too_long: int
@@ -63,7 +84,8 @@ class SplitStats:
     def line(self, name: str) -> str:
         return (
             f"{name}: {self.kept}/{self.rows} examples, {self.tokens} tokens ({self.target_tokens} with loss); "
-            f"truncated {self.truncated}, dropped {self.dropped_overlong} overlong, "
+            f"truncated {self.truncated}, split {self.split} into {self.split_windows} windows, "
+            f"dropped {self.dropped_overlong} overlong, "
             f"{self.dropped_prompt_too_long} with a prompt longer than data.max_seq_len, "
             f"{self.dropped_no_targets} with no loss tokens"
         )
@@ -109,8 +131,8 @@ class BambaDataModule(L.LightningDataModule):
         """Which examples to keep, and the split's counts; warns once per kind of doubtful row."""
         c = self.cfg
         drop_overlong = c.overlong == "drop"
-        cols = enc.select_columns(["truncated", "n_targets", "full_targets", "empty_assistant", "coerced"]).to_dict()
-        trunc, n_tg, full = cols["truncated"], cols["n_targets"], cols["full_targets"]
+        cols = enc.select_columns(["overlong", "n_targets", "full_targets", "empty_assistant", "coerced"]).to_dict()
+        trunc, n_tg, full = cols["overlong"], cols["n_targets"], cols["full_targets"]
         no_targets = [f == 0 for f in full]
         overlong = [t and f > 0 and drop_overlong for t, f in zip(trunc, full)]
         # Truncation cut away every answer token: the prompt alone is longer than max_seq_len.
@@ -119,7 +141,8 @@ class BambaDataModule(L.LightningDataModule):
         kept_lengths = enc.select(keep)["length"] if keep else []
         stats = SplitStats(
             rows=len(rows), kept=len(keep),
-            truncated=sum(1 for i in keep if trunc[i]),
+            truncated=sum(1 for i in keep if trunc[i]) if c.overlong == "truncate" else 0,
+            split=sum(1 for i in keep if trunc[i]) if c.overlong == "split" else 0, split_windows=0,
             dropped_overlong=sum(overlong), dropped_no_targets=sum(no_targets),
             dropped_prompt_too_long=sum(prompt_long),
             tokens=sum(kept_lengths), target_tokens=sum(n_tg[i] for i in keep),
@@ -166,8 +189,8 @@ class BambaDataModule(L.LightningDataModule):
         self.fmt = self.fmt or fmt
         self.formats[name] = fmt
         encode = functools.partial(
-            _encode, tokenizer=self.tokenizer, fmt=fmt, train_on=c.train_on, max_seq_len=c.max_seq_len, where=where,
-            renames=role_map(c.roles),
+            _encode, tokenizer=self.tokenizer, fmt=fmt, train_on=c.train_on, max_seq_len=c.max_seq_len,
+            split=c.overlong == "split", where=where, renames=role_map(c.roles),
         )
         enc = rows.map(
             encode,
@@ -176,7 +199,14 @@ class BambaDataModule(L.LightningDataModule):
             desc=f"tokenizing {name}",
         )
         keep, stats = self._stats(rows, enc, name, where)
-        kept = enc.select(keep).remove_columns(["full_targets", "empty_assistant", "coerced"])
+        kept = enc.select(keep).remove_columns(["overlong", "full_targets", "empty_assistant", "coerced"])
+        if stats.split:
+            kept = kept.map(functools.partial(_windows, max_seq_len=c.max_seq_len, overlap=c.overlong_stride),
+                            batched=True, batch_size=16, remove_columns=kept.column_names, desc=f"splitting {name}")
+            windows = kept["window"]
+            stats.split_windows = sum(1 for w in windows if w >= 0)
+            stats.tokens, stats.target_tokens = sum(kept["length"]), sum(kept["n_targets"])
+            kept = kept.remove_columns(["window"])
         return kept, stats
 
     def prepare(self) -> None:

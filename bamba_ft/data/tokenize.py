@@ -60,32 +60,68 @@ def tokenize_example(
     tokenizer: PreTrainedTokenizerBase,
     example: list[dict] | str,
     train_on: str,
-    max_seq_len: int,
+    max_seq_len: int | None,
     where: str = "data",
 ) -> Tokenized:
-    """Token ids and labels (-100 where no loss) for one conversation or text, cut at `max_seq_len`."""
+    """Token ids and labels (-100 where no loss) for one conversation or text, cut at `max_seq_len` (None: uncut)."""
     if isinstance(example, str):
         text, spans = example, []
-        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        # verbose=False: transformers warns about rows over model_max_length; the length policy here is ours.
+        ids = tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]
         if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
             ids = ids + [tokenizer.eos_token_id]  # documents end, so the model learns to stop
         labels = list(ids)
     else:
         text, spans = _assistant_spans(tokenizer, example, where)
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         ids = enc["input_ids"]
         if train_on == "all":  # a conversation without an assistant turn gets no loss, never loss on its prompt
             labels = list(ids)
         else:
-            labels = [
-                tok if any(s <= start and end <= e for s, e in spans) and end > start else IGNORE_INDEX
-                for tok, (start, end) in zip(ids, enc["offset_mapping"])
-            ]
+            labels = _mask_outside(ids, enc["offset_mapping"], spans)
     if labels:
         labels[0] = IGNORE_INDEX  # nothing predicts a sequence's first token; in a packed row it follows another
-    truncated = len(ids) > max_seq_len
     full_targets = sum(1 for t in labels if t != IGNORE_INDEX)
+    if max_seq_len is None:
+        return Tokenized(ids, labels, False, full_targets)
+    truncated = len(ids) > max_seq_len
     return Tokenized(ids[:max_seq_len], labels[:max_seq_len], truncated, full_targets)
+
+
+def _mask_outside(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """Each token's id where its characters lie inside one span, else IGNORE_INDEX.
+
+    Tokens and spans both run left to right, so one sweep suffices: linear in tokens + spans, where testing
+    every span for every token would be quadratic in a long conversation.
+    """
+    labels, k = [], 0
+    for tok, (start, end) in zip(ids, offsets):
+        while k < len(spans) and spans[k][1] < end:
+            k += 1  # spans ending before this token ends cannot hold it, nor any later token
+        inside = k < len(spans) and spans[k][0] <= start and end <= spans[k][1] and end > start
+        labels.append(tok if inside else IGNORE_INDEX)
+    return labels
+
+
+def split_windows(ids: list[int], labels: list[int], max_len: int, overlap: int) -> list[tuple[list[int], list[int]]]:
+    """A long example as windows of `max_len` tokens, each later one repeating the last `overlap` tokens before it.
+
+    The repeated tokens are context only (label IGNORE_INDEX): every label of the original is trained in
+    exactly one window. A window's first token can carry no label (nothing in the window predicts it), so
+    windows overlap by at least one token; an overlap of 0 is read as 1.
+    """
+    overlap = max(overlap, 1)
+    step = max_len - overlap
+    windows, start = [], 0
+    while True:
+        end = min(start + max_len, len(ids))
+        window_labels = labels[start:end]
+        if start:
+            window_labels[:overlap] = [IGNORE_INDEX] * overlap
+        windows.append((ids[start:end], window_labels))
+        if end == len(ids):
+            return windows
+        start += step
 
 
 def prompt_and_reference(tokenizer: PreTrainedTokenizerBase, example: list[dict] | str) -> tuple[str, str] | None:

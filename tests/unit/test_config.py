@@ -102,3 +102,13 @@ def test_bad_values_gathered_into_one_error() -> None:
 def test_full_finetune_with_quantized_base_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"quant.method=nf4 freezes quantized base weights"):
         composed(["recipe=qlora", "peft=none"])
+
+
+def test_lengths_beyond_int32_and_bad_stride_are_refused() -> None:
+    with pytest.raises(ConfigError, match=r"(?s)2 problems.*data.max_seq_len=3000000000 is more than 2\^31-1"
+                                          r".*data.max_tokens_per_batch=3000000000 is more than 2\^31-1"):
+        composed(["data.max_seq_len=3000000000", "data.max_tokens_per_batch=3000000000"])
+    with pytest.raises(ConfigError, match=r"data.overlong_stride=64: .*below data.max_seq_len=64"):
+        composed(["data.overlong=split", "data.max_seq_len=64", "data.overlong_stride=64"])
+    cfg = composed(["data.overlong=split", "data.max_seq_len=1048576", "data.max_tokens_per_batch=1048576"])
+    assert (cfg.data.max_seq_len, cfg.data.overlong_stride) == (1 << 20, 0)

@@ -13,7 +13,7 @@ from bamba_ft.config.schema import DataConfig
 from bamba_ft.data.formats import to_messages
 from bamba_ft.data.module import BambaDataModule
 from bamba_ft.data.packing import BatchPlan, collate_packed, pack_batches
-from bamba_ft.data.tokenize import IGNORE_INDEX, tokenize_example
+from bamba_ft.data.tokenize import IGNORE_INDEX, split_windows, tokenize_example
 from bamba_ft.errors import DataError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -167,7 +167,8 @@ def test_collate_packed_matches_transformers_flattening() -> None:
     for key in ours:
         if torch.is_tensor(ours[key]):
             assert torch.equal(ours[key].long(), theirs[key].long()), key
-            assert ours[key].dtype == theirs[key].dtype, key
+            # int32 everywhere the kernels read positions; transformers gives int64 position_ids
+            assert ours[key].dtype == (torch.int32 if key == "position_ids" else theirs[key].dtype), key
         else:
             assert ours[key] == theirs[key], key
 
@@ -261,3 +262,64 @@ def test_prompt_longer_than_max_seq_len_is_counted_apart(builtin_tokenizer, tmp_
     dm.prepare()
     st = dm.stats["train"]
     assert (st.kept, st.dropped_prompt_too_long, st.dropped_no_targets, st.truncated) == (3, 2, 0, 0)
+
+
+@pytest.mark.parametrize("overlap", [0, 1, 5])
+def test_split_windows_train_every_label_once(overlap: int) -> None:
+    g = torch.Generator().manual_seed(overlap)
+    ids = torch.randint(0, 100, (103,), generator=g).tolist()
+    labels = [t if keep else IGNORE_INDEX for t, keep in zip(ids, torch.rand(103, generator=g).gt(0.3).tolist())]
+    labels[0] = IGNORE_INDEX
+    windows = split_windows(ids, labels, 16, overlap)
+    step = 16 - max(overlap, 1)
+    assert all(len(w) == 16 for w, _ in windows[:-1]) and (len(windows) - 1) * step + len(windows[-1][0]) == 103
+    trained_at: list[int] = []  # the original position of each trained label, window by window
+    for k, (w_ids, w_labels) in enumerate(windows):
+        assert len(w_ids) <= 16 and w_ids == ids[k * step : k * step + 16]
+        assert w_labels[0] == IGNORE_INDEX
+        trained_at += [k * step + j for j, t in enumerate(w_labels) if t != IGNORE_INDEX]
+    assert trained_at == [p for p, t in enumerate(labels) if t != IGNORE_INDEX]  # each once, in order
+    trained = [t for _, w_labels in windows for t in w_labels if t != IGNORE_INDEX]
+    assert trained == [t for t in labels if t != IGNORE_INDEX]
+
+
+def test_overlong_split_through_the_data_module(builtin_tokenizer, tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    long_text = "".join(chr(97 + i % 26) for i in range(300))
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"text": long_text}) + "\n" + json.dumps({"text": "short"}) + "\n")
+    cfg = DataConfig(source=str(path), format="text", val_fraction=0.0, max_seq_len=64, overlong="split",
+                     overlong_stride=8, max_tokens_per_batch=64)
+    dm = BambaDataModule(cfg, builtin_tokenizer)
+    with caplog.at_level("INFO", logger="bamba_ft.data.module"):
+        dm.prepare()
+    st = dm.stats["train"]
+    full = tokenize_example(builtin_tokenizer, long_text, "all", None)
+    n_windows = -(-(len(full.input_ids) - 64) // 56) + 1
+    assert (st.rows, st.kept, st.split, st.split_windows, st.truncated) == (2, 2, 1, n_windows, 0)
+    rows = dm.train_set.to_list()
+    windows = [r for r in rows if len(r["input_ids"]) > 6]  # "short" + EOS is 6 tokens
+    assert max(r["length"] for r in rows) == 64 and len(windows) == n_windows
+    trained = [t for r in windows for t in r["labels"] if t != IGNORE_INDEX]
+    assert trained == [t for t in full.labels if t != IGNORE_INDEX]
+    assert st.tokens == sum(r["length"] for r in rows)
+    assert f"split 1 into {n_windows} windows" in caplog.text
+
+
+@pytest.mark.parametrize("n", [1 << 18, pytest.param(1 << 20, marks=pytest.mark.slow)])
+def test_million_token_row_tokenizes_and_packs_in_linear_time(builtin_tokenizer, n: int) -> None:  # noqa: ANN001
+    """2^18 tokens in about 1.5 s, 2^20 in about 5 s on two cores (the tokenizer itself takes a third). A pass
+    quadratic in tokens would take hours at 2^20."""
+    turns = 16
+    body = n // turns - 20
+    messages = [{"role": role, "content": ch * body} for _ in range(turns // 2) for role, ch in
+                (("user", "q"), ("assistant", "a"))]
+    tok = tokenize_example(builtin_tokenizer, messages, "completion", n)
+    assert not tok.truncated and len(tok.input_ids) > n - 400
+    assert sum(1 for t in tok.labels if t != IGNORE_INDEX) == turns // 2 * (body + 1)  # answer + <|end|>
+    batch = collate_packed([{"input_ids": tok.input_ids, "labels": tok.labels}])
+    assert batch["position_ids"].dtype == batch["seq_idx"].dtype == batch["cu_seq_lens_q"].dtype == torch.int32
+    assert int(batch["position_ids"][0, -1]) == len(tok.input_ids) - 1
+    assert batch["cu_seq_lens_q"].tolist() == [0, len(tok.input_ids)]
+    windows = split_windows(tok.input_ids, tok.labels, n >> 4, 1024)
+    trained = [t for _, w_labels in windows for t in w_labels if t != IGNORE_INDEX]
+    assert trained == [t for t in tok.labels if t != IGNORE_INDEX]
