@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
-from bamba_ft.errors import Problems, suggest
+from bamba_ft.data.templates import resolve_chat_template
+from bamba_ft.errors import ConfigError, Problems, suggest
 
 INT32_MAX = 2**31 - 1
 DEFAULT_LORA_TARGETS = ["in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj"]
@@ -110,7 +111,8 @@ class DataConfig:
     batch_size: int = 8
     """Padded mode: examples per batch (per device)."""
     chat_template: str | None = None
-    """A Jinja chat template (or a file holding one) replacing the tokenizer's own."""
+    """Replaces the tokenizer's chat template: inline Jinja, a file holding one, or a preset: bamba_ft (what a
+    tokenizer without a template gets: <|role|>text then EOS after each turn) | chatml."""
     num_proc: int = 1
     """Processes for tokenization (datasets.map)."""
     num_workers: int = 0
@@ -368,6 +370,11 @@ def validate(cfg: TrainConfig) -> None:
                      f"at least 0 and below data.max_seq_len={cfg.data.max_seq_len}.\n"
                      f"Fix: set data.overlong_stride to a smaller value (e.g. {cfg.data.max_seq_len // 8}), "
                      "or raise data.max_seq_len.")
+    if cfg.data.chat_template:
+        try:
+            resolve_chat_template(cfg.data.chat_template)
+        except ConfigError as e:
+            problems.items.extend(e.problems)
     if cfg.trainer.max_steps <= 0 and not (cfg.trainer.max_steps == -1 and cfg.trainer.max_epochs):
         problems.add(
             f"trainer.max_steps={cfg.trainer.max_steps}: give a positive number of steps, "

@@ -31,7 +31,8 @@ def _encode(row: dict, *, tokenizer, fmt: str, train_on: str, max_seq_len: int, 
     coerced: list[str] = []
     example = to_messages(row, fmt, at, renames, coerced)
     tok = tokenize_example(tokenizer, example, train_on, None if split else max_seq_len, at)
-    empty = not isinstance(example, str) and any(m["role"] == "assistant" and not m["content"].strip() for m in example)
+    empty = not isinstance(example, str) and any(
+        m["role"] == "assistant" and not m["content"].strip() and not m.get("tool_calls") for m in example)
     return {
         "input_ids": tok.input_ids,
         "labels": tok.labels,

@@ -220,7 +220,7 @@ def test_list_content_and_role_renames_mask_token_by_token(builtin_tokenizer) ->
         ("<|user|>Sea?<|end|><|assistant|>", False), ("deep<|end|>", True)])
     assert (tok.input_ids, tok.labels) == (ids, labels)
     image = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]}
-    with pytest.raises(DataError, match=r"x.jsonl, line 3: .*'image_url' part"):
+    with pytest.raises(DataError, match=r"x.jsonl, line 3, message 0: its content holds a 'image_url' part"):
         to_messages(image, "messages", "x.jsonl, line 3")
 
 
@@ -323,3 +323,78 @@ def test_million_token_row_tokenizes_and_packs_in_linear_time(builtin_tokenizer,
     windows = split_windows(tok.input_ids, tok.labels, n >> 4, 1024)
     trained = [t for _, w_labels in windows for t in w_labels if t != IGNORE_INDEX]
     assert trained == [t for t in tok.labels if t != IGNORE_INDEX]
+
+
+WEATHER_TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}]
+TOOL_TURNS = [
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "weather", "arguments": '{"city": "Rome"}'}}]},
+    {"role": "tool", "content": "sunny", "tool_call_id": "c1"},
+    {"role": "assistant", "content": "Sunny."},
+]
+TOOLS_JSON = json.dumps(WEATHER_TOOLS)
+CALL = '{"name": "weather", "arguments": {"city": "Rome"}}'
+
+
+@pytest.mark.parametrize("preset,parts", [
+    ("bamba_ft", [(f"<|system|>Tools: {TOOLS_JSON}<|end|><|user|>Rome?<|end|><|assistant|>", False),
+                  (f"<tool_call>{CALL}</tool_call><|end|>", True),
+                  ("<|tool|>sunny<|end|><|assistant|>", False), ("Sunny.<|end|>", True)]),
+    ("chatml", [(f"<|im_start|>system\n# Tools\n{TOOLS_JSON}<|im_end|>\n<|im_start|>user\nRome?<|im_end|>\n"
+                 "<|im_start|>assistant\n", False), (f"<tool_call>\n{CALL}\n</tool_call><|im_end|>\n", True),
+                ("<|im_start|>tool\nsunny<|im_end|>\n<|im_start|>assistant\n", False), ("Sunny.<|im_end|>\n", True)]),
+])
+@pytest.mark.parametrize("fmt", ["messages", "prompt_completion"])
+def test_tool_calls_render_and_mask_token_by_token(preset: str, parts: list, fmt: str) -> None:
+    from bamba_ft.data.builtin import build_char_tokenizer
+    from bamba_ft.data.templates import ensure_chat_template
+
+    tokenizer = build_char_tokenizer()
+    ensure_chat_template(tokenizer, preset)
+    user = [{"role": "user", "content": [{"type": "text", "text": "Rome?"}]}]
+    row = ({"messages": user + TOOL_TURNS, "tools": WEATHER_TOOLS} if fmt == "messages"
+           else {"prompt": user, "completion": TOOL_TURNS, "tools": TOOLS_JSON})
+    tok = tokenize_example(tokenizer, to_messages(row, fmt, "test"), "completion", 4096)
+    ids, labels = expected_labels(tokenizer, parts)
+    assert (tok.input_ids, tok.labels) == (ids, labels)
+
+
+def test_tool_rows_read_from_a_file_keep_only_their_own_keys(tmp_path: Path) -> None:
+    from bamba_ft.data.builtin import build_char_tokenizer
+    from bamba_ft.data.templates import ensure_chat_template
+
+    tokenizer = build_char_tokenizer()
+    ensure_chat_template(tokenizer, "bamba_ft")
+    other = [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"function": {"name": "clock", "arguments": {"zone": "UTC"}}}]}, {"role": "tool", "content": "noon"},
+        {"role": "assistant", "content": "Noon."}]
+    rows = [{"messages": [{"role": "user", "content": "Rome?"}] + TOOL_TURNS[:1] + [
+        {"role": "tool", "content": "sunny"}, TOOL_TURNS[2]], "tools": WEATHER_TOOLS}, {"messages": other}]
+    path = tmp_path / "tools.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dm = BambaDataModule(DataConfig(source=str(path), val_fraction=0.0), tokenizer)
+    dm.prepare()
+    rome, clock = sorted((tokenizer.decode(r["input_ids"]) for r in dm.train_set), key=lambda t: "clock" in t)
+    assert CALL in rome and '"parameters": {"type": "object", "properties": {"city"' in rome
+    assert '{"name": "clock", "arguments": {"zone": "UTC"}}' in clock and "Tools" not in clock
+    assert "null" not in rome + clock  # Arrow gives each row every key of the file; those are dropped
+    assert dm.stats["train"].empty_assistant == 0  # a turn holding only tool calls is not an empty answer
+
+
+def test_tool_errors_name_the_example(builtin_tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+            {"messages": [{"role": "user", "content": "Rome?"}] + TOOL_TURNS}]
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dm = BambaDataModule(DataConfig(source=str(path), val_fraction=0.0), builtin_tokenizer)
+    with pytest.raises(DataError, match=rf"(?s){path}, line 2: the chat template ignores tool_calls .*"
+                                        r"data.chat_template .*bamba_ft, chatml"):
+        dm.prepare()
+    user_call = {"messages": [{"role": "user", "content": "x", "tool_calls": TOOL_TURNS[0]["tool_calls"]}]}
+    with pytest.raises(DataError, match=r"x.jsonl, line 4, message 0: a user message has tool_calls"):
+        to_messages(user_call, "messages", "x.jsonl, line 4")
+    bad_args = {"messages": [{"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "f", "arguments": "{city"}}]}]}
+    with pytest.raises(DataError, match=r"line 5, message 0: a tool call's arguments is a string but not JSON"):
+        to_messages(bad_args, "messages", "x.jsonl, line 5")
