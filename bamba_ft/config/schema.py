@@ -78,9 +78,31 @@ class QuantConfig:
 
 
 @dataclass
+class SourceConfig:
+    source: str = ""
+    """A .jsonl/.json/.parquet/.csv file, a directory saved by datasets, or a Hub id (as data.source)."""
+    split: str = "train"
+    """Split to read (Hub datasets and dataset directories)."""
+    config: str | None = None
+    """Hub dataset configuration name (datasets.load_dataset's `name`)."""
+    format: str = "auto"
+    """Row format of this source: auto | messages | prompt_completion | alpaca | text."""
+    weight: float | None = None
+    """Share of this source in the training mix; set on every source or on none (then sources are concatenated)."""
+    max_examples: int | None = None
+    """Read at most this many rows of the source (the first ones)."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Renames applied before the format is read, {their_column: our_column}, e.g. {question: prompt}."""
+
+
+@dataclass
 class DataConfig:
     source: str = "builtin"
-    """`builtin` (the generated task), a .jsonl/.json/.parquet/.csv file, a directory saved by datasets, or a Hub id."""
+    """`builtin` (the generated task), a .jsonl/.json/.parquet/.csv file, a directory saved by datasets, or a Hub id.
+    The one-source shorthand of `sources`."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """Several sources mixed by weight (datasets.interleave_datasets, seeded by trainer.seed; sampling stops when
+    one source runs out) or concatenated; each holds out data.val_fraction for validation. Replaces `source`."""
     format: str = "auto"
     """Row format: auto | messages | prompt_completion | alpaca | text."""
     split: str = "train"
@@ -370,6 +392,7 @@ def validate(cfg: TrainConfig) -> None:
                      f"at least 0 and below data.max_seq_len={cfg.data.max_seq_len}.\n"
                      f"Fix: set data.overlong_stride to a smaller value (e.g. {cfg.data.max_seq_len // 8}), "
                      "or raise data.max_seq_len.")
+    _check_sources(cfg.data, problems)
     if cfg.data.chat_template:
         try:
             resolve_chat_template(cfg.data.chat_template)
@@ -402,6 +425,30 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.peft.use_dora and cfg.quant.method != "none":
         problems.add("peft.use_dora=true with a quantized base is not supported by peft. Fix: peft.use_dora=false.")
     problems.raise_if_any()
+
+
+def _check_sources(data: DataConfig, problems: Problems) -> None:
+    if not data.sources:
+        return
+    if data.source != "builtin":
+        problems.add(f"data.source={data.source} and data.sources are both set. Fix: list every source in "
+                     "data.sources (data.source is its one-source shorthand).")
+    weights = [s.weight for s in data.sources]
+    if any(w is None for w in weights) and any(w is not None for w in weights):
+        problems.add(f"data.sources: weights {weights} are set on some sources only. Fix: give every source a "
+                     "weight (mixed by weight), or none (concatenated).")
+    formats = CHOICES["data.format"]
+    for i, s in enumerate(data.sources):
+        key = f"data.sources[{i}]"
+        if not s.source:
+            problems.add(f"{key}.source is empty. Fix: name a file, directory or Hub id.")
+        if s.weight is not None and s.weight <= 0:
+            problems.add(f"{key}.weight={s.weight} must be positive.")
+        if s.max_examples is not None and s.max_examples <= 0:
+            problems.add(f"{key}.max_examples={s.max_examples} must be positive (or null: every row).")
+        if s.format not in formats:
+            problems.add(f"{key}.format={s.format!r} is not an option.{suggest(s.format, formats)} "
+                         f"Valid: {', '.join(formats)}")
 
 
 def field_names(dc: Any) -> list[str]:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import datasets
@@ -16,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from bamba_ft.config.schema import DataConfig
 from bamba_ft.data.builtin import builtin_splits
 from bamba_ft.data.formats import check_fields, detect_format, role_map, to_messages
-from bamba_ft.data.load import POSITIONS, load_rows, locate, number_rows
+from bamba_ft.data.load import POSITIONS, load_rows, locate, number_rows, rename_columns
 from bamba_ft.data.packing import BatchPlan, MaskedRows, collate_packed, collate_padded
 from bamba_ft.data.tokenize import IGNORE_INDEX, split_windows, tokenize_example
 from bamba_ft.errors import DataError
@@ -81,15 +82,32 @@ class SplitStats:
     """Rows with an empty (or whitespace-only) assistant message: kept, they teach an empty answer."""
     coerced: int
     """Rows where a number stood in a text field and was read as its decimal text."""
+    in_mix: int | None = None
+    """data.sources: this source's examples in the mixed training set."""
+
+    @classmethod
+    def total(cls, parts: list[SplitStats]) -> SplitStats:
+        return cls(**{f.name: sum(getattr(p, f.name) or 0 for p in parts) for f in fields(cls)})
 
     def line(self, name: str) -> str:
         return (
-            f"{name}: {self.kept}/{self.rows} examples, {self.tokens} tokens ({self.target_tokens} with loss); "
-            f"truncated {self.truncated}, split {self.split} into {self.split_windows} windows, "
-            f"dropped {self.dropped_overlong} overlong, "
+            f"{name}: {self.kept}/{self.rows} examples, {self.tokens} tokens ({self.target_tokens} with loss)"
+            + (f" ({self.in_mix} in the training mix)" if self.in_mix is not None else "")
+            + f"; truncated {self.truncated}, "
+            + (f"split {self.split} into {self.split_windows} windows, " if self.split else "")
+            + f"dropped {self.dropped_overlong} overlong, "
             f"{self.dropped_prompt_too_long} with a prompt longer than data.max_seq_len, "
             f"{self.dropped_no_targets} with no loss tokens"
         )
+
+
+def mix_sources(parts: list[datasets.Dataset], weights: list[float | None], seed: int) -> datasets.Dataset:
+    """Concatenated when no weights are given; else drawn by weight (seeded) until one source runs out."""
+    if weights[0] is None:
+        return datasets.concatenate_datasets(parts)
+    total = sum(w or 0.0 for w in weights)
+    return datasets.interleave_datasets(parts, probabilities=[(w or 0.0) / total for w in weights], seed=seed,
+                                        stopping_strategy="first_exhausted")
 
 
 def _first(flags: list[bool]) -> int:
@@ -180,12 +198,14 @@ class BambaDataModule(L.LightningDataModule):
                 ", or set data.overlong=truncate" if c.overlong == "drop" else "")
         return f"{where}: no {name} examples left after filtering ({st.line(name)}; first: {first}).\nFix: {fix}."
 
-    def _tokenize(self, rows: datasets.Dataset, name: str, where: str) -> tuple[datasets.Dataset, SplitStats]:
+    def _tokenize(self, rows: datasets.Dataset, name: str, where: str,
+                  fmt: str | None = None) -> tuple[datasets.Dataset, SplitStats]:
         c = self.cfg
         if len(rows) == 0:
             raise DataError(f"{where}: the {name} split has no rows.")
         columns = [col for col in rows.column_names if col not in POSITIONS]
-        fmt = c.format if c.format != "auto" else detect_format(columns, where)
+        fmt = fmt or c.format
+        fmt = fmt if fmt != "auto" else detect_format(columns, where)
         check_fields(fmt, columns, where)
         self.fmt = self.fmt or fmt
         self.formats[name] = fmt
@@ -214,6 +234,9 @@ class BambaDataModule(L.LightningDataModule):
         """Load and tokenize both splits (idempotent)."""
         if self.train_set is not None:
             return
+        if self.cfg.sources:
+            self._prepare_sources()
+            return
         where = "data.source=builtin" if self.cfg.source == "builtin" else f"data.source={self.cfg.source}"
         train_rows, val_rows = self._raw_splits()
         self.train_set, self.stats["train"] = self._tokenize(train_rows, "train", where)
@@ -225,6 +248,55 @@ class BambaDataModule(L.LightningDataModule):
             self.val_rows = [to_messages(r, fmt, locate(val_where, r), renames) for r in val_rows]
         for name, st in self.stats.items():
             log.info("data %s", st.line(name))
+
+    def _prepare_sources(self) -> None:
+        """data.sources: each source read, renamed, split and tokenized in its own format, then mixed."""
+        c = self.cfg
+        parts, vals = [], []
+        for i, s in enumerate(c.sources):
+            key = f"data.sources[{i}]"
+            where = f"{key}.source={s.source}"
+            rows = rename_columns(load_rows(s.source, s.split, f"{key}.source", s.config), s.columns, f"{key}.columns")
+            if s.max_examples is not None:
+                rows = rows.select(range(min(len(rows), s.max_examples)))
+            if not c.val_source and c.val_fraction > 0 and len(rows) >= 2:
+                held = rows.train_test_split(test_size=c.val_fraction, seed=self.seed, shuffle=True)
+                rows = held["train"]
+                vals.append((held["test"], where, s.format))
+            enc, self.stats[f"train[{i}]"] = self._tokenize(rows, f"train[{i}]", where, s.format)
+            parts.append(enc.add_column("__source__", [i] * len(enc)))
+        mixed = mix_sources(parts, [s.weight for s in c.sources], self.seed)
+        counts = Counter(mixed["__source__"])
+        for i in range(len(parts)):
+            self.stats[f"train[{i}]"].in_mix = counts[i]
+        self.train_set = mixed.remove_columns("__source__")
+        self.fmt = self.formats["train[0]"]
+        self.stats["train"] = SplitStats.total([self.stats[f"train[{i}]"] for i in range(len(parts))])
+        self.stats["train"].kept, self.stats["train"].in_mix = len(mixed), None
+        self.stats["train"].tokens = sum(self.train_set["length"])
+        self.stats["train"].target_tokens = sum(self.train_set["n_targets"])
+        if c.val_source:
+            vals = [(load_rows(c.val_source, c.val_split or c.split, "data.val_source"),
+                     f"data.val_source={c.val_source}", None)]
+        self._validation_parts(vals)
+        for name, st in self.stats.items():
+            log.info("data %s", st.line(name))
+
+    def _validation_parts(self, parts: list[tuple[datasets.Dataset, str, str | None]]) -> None:
+        """Validation examples from several sources, each in its own format, up to data.max_val_examples in all."""
+        sets, stats, room, renames = [], [], self.cfg.max_val_examples, role_map(self.cfg.roles)
+        for i, (rows, where, fmt) in enumerate(parts):
+            rows = rows.select(range(min(len(rows), room)))
+            if not len(rows):
+                break
+            room -= len(rows)
+            enc, st = self._tokenize(rows, f"validation[{i}]", where, fmt)
+            sets.append(enc)
+            stats.append(st)
+            self.val_rows += [to_messages(r, self.formats[f"validation[{i}]"], locate(where, r), renames) for r in rows]
+        if sets:
+            self.val_set, self.stats["val"] = datasets.concatenate_datasets(sets), SplitStats.total(stats)
+            self.formats["validation"] = self.formats["validation[0]"]
 
     # ----- Lightning hooks
     def setup(self, stage: str | None = None) -> None:

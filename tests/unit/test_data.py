@@ -398,3 +398,98 @@ def test_tool_errors_name_the_example(builtin_tokenizer, tmp_path: Path) -> None
         {"function": {"name": "f", "arguments": "{city"}}]}]}
     with pytest.raises(DataError, match=r"line 5, message 0: a tool call's arguments is a string but not JSON"):
         to_messages(bad_args, "messages", "x.jsonl, line 5")
+
+
+def test_fallback_template_ends_turns_with_the_tokenizers_own_eos() -> None:
+    from bamba_ft.data.builtin import build_char_tokenizer
+    from bamba_ft.data.templates import ensure_chat_template, generation_config_for, stop_token_ids
+
+    tokenizer = build_char_tokenizer()
+    tokenizer.add_special_tokens({"eos_token": "</s>"})
+    tokenizer.chat_template = None
+    ensure_chat_template(tokenizer, None)
+    eos = tokenizer.convert_tokens_to_ids("</s>")
+    assert eos == tokenizer.eos_token_id != tokenizer.convert_tokens_to_ids("<|end|>")
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    tok = tokenize_example(tokenizer, messages, "completion", 64)
+    ids, labels = expected_labels(tokenizer, [("<|user|>hi</s><|assistant|>", False), ("ok</s>", True)])
+    assert (tok.input_ids, tok.labels) == (ids, labels) and tok.labels[-1] == eos
+    assert stop_token_ids(tokenizer) == [eos] and generation_config_for(None, tokenizer).eos_token_id == eos
+
+
+def test_fallback_renders_as_the_builtin_template(builtin_tokenizer) -> None:  # noqa: ANN001
+    from bamba_ft.data.templates import FALLBACK, PRESETS
+
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                {"role": "assistant", "content": "a"}, {"role": "user", "content": "v"}]
+    ours = builtin_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    fallback = builtin_tokenizer.apply_chat_template(messages, chat_template=PRESETS[FALLBACK], tokenize=False,
+                                                     add_generation_prompt=True)
+    assert fallback == ours == "<|system|>s<|end|><|user|>u<|end|><|assistant|>a<|end|><|user|>v<|end|><|assistant|>"
+
+
+def test_chatml_stops_at_im_end_when_the_tokenizer_has_it() -> None:
+    from bamba_ft.data.builtin import build_char_tokenizer
+    from bamba_ft.data.templates import ensure_chat_template, generation_config_for, stop_token_ids
+
+    tokenizer = build_char_tokenizer()
+    ensure_chat_template(tokenizer, "chatml")
+    assert stop_token_ids(tokenizer) == [tokenizer.eos_token_id]  # <|im_end|> is 10 characters here: EOS only
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert generation_config_for(None, tokenizer).eos_token_id == [tokenizer.eos_token_id, im_end]
+
+
+def _source_file(path: Path, n: int, tag: str, fields: tuple[str, str] = ("prompt", "completion")) -> str:
+    path.write_text("".join(json.dumps({fields[0]: f"{tag}{i}?", fields[1]: tag}) + "\n" for i in range(n)))
+    return str(path)
+
+
+def test_sources_mix_by_weight_deterministically() -> None:
+    import datasets
+
+    from bamba_ft.data.module import mix_sources
+
+    parts = [datasets.Dataset.from_dict({"source": [i] * 6000}) for i in (0, 1)]
+    first = mix_sources(parts, [0.7, 0.3], seed=1)["source"][:5000]
+    assert abs(first.count(0) / 5000 - 0.7) < 0.02  # binomial sd at n=5000 is 0.0065
+    assert mix_sources(parts, [0.7, 0.3], seed=1)["source"][:5000] == first
+    assert mix_sources(parts, [0.7, 0.3], seed=2)["source"][:5000] != first
+    assert mix_sources(parts, [None, None], seed=1)["source"] == [0] * 6000 + [1] * 6000
+
+
+def test_sources_map_columns_and_count_each_source(builtin_tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
+    from bamba_ft.config.schema import SourceConfig
+
+    a = _source_file(tmp_path / "a.jsonl", 300, "a")
+    b = _source_file(tmp_path / "b.jsonl", 300, "b", ("question", "answer"))
+    cfg = DataConfig(val_fraction=0.0, sources=[
+        SourceConfig(source=a, weight=0.7), SourceConfig(source=b, weight=0.3, max_examples=200,
+                                                         columns={"question": "prompt", "answer": "completion"})])
+    dm = BambaDataModule(cfg, builtin_tokenizer, seed=1)
+    dm.prepare()
+    st = dm.stats
+    assert (st["train[0]"].rows, st["train[1]"].rows) == (300, 200)  # max_examples applied before mixing
+    answers = [builtin_tokenizer.decode(ids[-2:-1]) for ids in dm.train_set["input_ids"]]  # the letter before <|end|>
+    assert (answers.count("a"), answers.count("b")) == (st["train[0]"].in_mix, st["train[1]"].in_mix)
+    assert st["train[0]"].in_mix + st["train[1]"].in_mix == st["train"].kept == len(dm.train_set)
+    assert st["train[0]"].in_mix == 300 or st["train[1]"].in_mix == 200  # drawn until one source ran out
+    assert dm.formats == {"train[0]": "prompt_completion", "train[1]": "prompt_completion"}
+
+
+def test_sources_concatenate_without_weights_and_check_columns(builtin_tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
+    from bamba_ft.config.schema import SourceConfig
+
+    a = _source_file(tmp_path / "a.jsonl", 30, "a")
+    b = tmp_path / "b.jsonl"
+    b.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(10)))
+    dm = BambaDataModule(DataConfig(val_fraction=0.2, sources=[SourceConfig(source=a), SourceConfig(source=str(b))]),
+                         builtin_tokenizer)
+    dm.prepare()
+    assert (dm.stats["train[0]"].kept, dm.stats["train[1]"].kept, dm.stats["train"].kept) == (24, 8, 32)
+    assert dm.stats["val"].kept == 8 and len(dm.val_rows) == 8
+    assert dm.formats["train[1]"] == "text" and dm.formats["validation[1]"] == "text"
+    bad = DataConfig(sources=[SourceConfig(source=a, columns={"question": "prompt"})])
+    with pytest.raises(DataError, match=r"data.sources\[0\].columns: no column question to rename; the data has "
+                                        r"prompt, completion"):
+        BambaDataModule(bad, builtin_tokenizer).prepare()
