@@ -133,7 +133,7 @@ def run(cfg: TrainConfig) -> dict:
     src = locate(cfg.eval.checkpoint, cfg)
     model, tokenizer = load_source(src, device)
     # A run is evaluated on its own validation data unless another source is given.
-    data_cfg = src.run.data if src.run is not None and cfg.data.source == "builtin" else cfg.data
+    data_cfg = src.run.data if src.run is not None and cfg.data.source == "builtin" and not cfg.data.sources else cfg.data
     ensure_chat_template(tokenizer, data_cfg.chat_template)
     seed = src.run.trainer.seed if src.run is not None else cfg.trainer.seed
     dm = BambaDataModule(data_cfg, tokenizer, seed=seed)
