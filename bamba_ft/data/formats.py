@@ -178,9 +178,8 @@ def _turn(turn: dict[str, Any], role: str, content: Any, at: str, coerced: list[
         if role != "assistant":
             raise DataError(f"{at}: a {role} message has tool_calls; only assistant messages make tool calls.\n"
                             "Fix: give the calls to an assistant message (or map the role with data.roles).")
-        message = {"role": role, "content": "" if content is None else _content(content, at, coerced),
-                   "tool_calls": _tool_calls(calls, at)}
-        return message
+        return {"role": role, "content": "" if content is None else _content(content, at, coerced),
+                "tool_calls": _tool_calls(calls, at)}
     message = {"role": role, "content": _content(content, at, coerced)}
     if role == "tool":
         message.update({k: turn[k] for k in ("tool_call_id", "name") if turn.get(k) is not None})

@@ -87,7 +87,8 @@ class SplitStats:
 
     @classmethod
     def total(cls, parts: list[SplitStats]) -> SplitStats:
-        return cls(**{f.name: sum(getattr(p, f.name) or 0 for p in parts) for f in fields(cls)})
+        """The counts of several sources added up (`in_mix` belongs to one source, so it is left unset)."""
+        return cls(**{f.name: sum(getattr(p, f.name) for p in parts) for f in fields(cls) if f.name != "in_mix"})
 
     def line(self, name: str) -> str:
         return (
@@ -272,7 +273,7 @@ class BambaDataModule(L.LightningDataModule):
         self.train_set = mixed.remove_columns("__source__")
         self.fmt = self.formats["train[0]"]
         self.stats["train"] = SplitStats.total([self.stats[f"train[{i}]"] for i in range(len(parts))])
-        self.stats["train"].kept, self.stats["train"].in_mix = len(mixed), None
+        self.stats["train"].kept = len(mixed)
         self.stats["train"].tokens = sum(self.train_set["length"])
         self.stats["train"].target_tokens = sum(self.train_set["n_targets"])
         if c.val_source:

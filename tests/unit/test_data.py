@@ -487,7 +487,7 @@ def test_sources_concatenate_without_weights_and_check_columns(builtin_tokenizer
                          builtin_tokenizer)
     dm.prepare()
     assert (dm.stats["train[0]"].kept, dm.stats["train[1]"].kept, dm.stats["train"].kept) == (24, 8, 32)
-    assert dm.stats["val"].kept == 8 and len(dm.val_rows) == 8
+    assert dm.stats["val"].kept == 8 and len(dm.val_rows) == 8 and dm.stats["val"].in_mix is None
     assert dm.formats["train[1]"] == "text" and dm.formats["validation[1]"] == "text"
     bad = DataConfig(sources=[SourceConfig(source=a, columns={"question": "prompt"})])
     with pytest.raises(DataError, match=r"data.sources\[0\].columns: no column question to rename; the data has "
