@@ -9,8 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
-from bamba_ft.errors import Problems, suggest
+from bamba_ft.data.templates import resolve_chat_template
+from bamba_ft.errors import ConfigError, Problems, suggest
 
+INT32_MAX = 2**31 - 1
 DEFAULT_LORA_TARGETS = ["in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj"]
 
 
@@ -77,9 +79,31 @@ class QuantConfig:
 
 
 @dataclass
+class SourceConfig:
+    source: str = ""
+    """A .jsonl/.json/.parquet/.csv file, a directory saved by datasets, or a Hub id (as data.source)."""
+    split: str = "train"
+    """Split to read (Hub datasets and dataset directories)."""
+    config: str | None = None
+    """Hub dataset configuration name (datasets.load_dataset's `name`)."""
+    format: str = "auto"
+    """Row format of this source: auto | messages | prompt_completion | alpaca | text."""
+    weight: float | None = None
+    """Share of this source in the training mix; set on every source or on none (then sources are concatenated)."""
+    max_examples: int | None = None
+    """Read at most this many rows of the source (the first ones)."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Renames applied before the format is read, {their_column: our_column}, e.g. {question: prompt}."""
+
+
+@dataclass
 class DataConfig:
     source: str = "builtin"
-    """`builtin` (the generated task), a .jsonl/.json/.parquet/.csv file, a directory saved by datasets, or a Hub id."""
+    """`builtin` (the generated task), a .jsonl/.json/.parquet/.csv file, a directory saved by datasets, or a Hub id.
+    The one-source shorthand of `sources`."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """Several sources mixed by weight (datasets.interleave_datasets, seeded by trainer.seed; sampling stops when
+    one source runs out) or concatenated; each holds out data.val_fraction for validation. Replaces `source`."""
     format: str = "auto"
     """Row format: auto | messages | prompt_completion | alpaca | text."""
     split: str = "train"
@@ -93,9 +117,12 @@ class DataConfig:
     max_val_examples: int = 1000
     """Upper bound on validation examples (keeps validation fast)."""
     max_seq_len: int = 2048
-    """Longest tokenized example, in tokens."""
+    """Longest tokenized example, in tokens (at most 2^31-1: packed rows index tokens in int32)."""
     overlong: str = "truncate"
-    """What to do with longer examples: truncate | drop (both are counted and reported)."""
+    """What to do with longer examples: truncate | drop | split (into windows of max_seq_len tokens; all counted)."""
+    overlong_stride: int = 0
+    """overlong=split: tokens each window repeats from the one before, as context without loss, so every token is
+    trained once. At least 1 is used (0 reads as 1): a window's first token has nothing before it to predict it."""
     train_on: str = "completion"
     """Which tokens carry loss: completion (assistant/completion tokens) | all."""
     roles: dict[str, str] = field(default_factory=dict)
@@ -107,7 +134,8 @@ class DataConfig:
     batch_size: int = 8
     """Padded mode: examples per batch (per device)."""
     chat_template: str | None = None
-    """A Jinja chat template (or a file holding one) replacing the tokenizer's own."""
+    """Replaces the tokenizer's chat template: inline Jinja, a file holding one, or a preset: bamba_ft (what a
+    tokenizer without a template gets: <|role|>text then EOS after each turn) | chatml."""
     num_proc: int = 1
     """Processes for tokenization (datasets.map)."""
     num_workers: int = 0
@@ -330,7 +358,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "peft.method": ("lora", "none"),
     "quant.method": ("none", "nf4", "int8", "int4"),
     "data.format": ("auto", "messages", "prompt_completion", "alpaca", "text"),
-    "data.overlong": ("truncate", "drop"),
+    "data.overlong": ("truncate", "drop", "split"),
     "data.train_on": ("completion", "all"),
     "data.builtin_kind": ("sft", "pretrain"),
     "optim.name": ("adamw",),
@@ -370,6 +398,23 @@ def validate(cfg: TrainConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             problems.add(f"{key}={value} must be positive.")
+    for key in ("data.max_seq_len", "data.max_tokens_per_batch"):
+        if _get(cfg, key) > INT32_MAX:
+            problems.add(f"{key}={_get(cfg, key)} is more than 2^31-1={INT32_MAX} tokens: packed rows number their "
+                         f"tokens in int32 (position_ids, seq_idx, cu_seq_lens), as the attention and scan kernels do.\n"
+                         f"Fix: set {key} to at most {INT32_MAX}.")
+    stride = cfg.data.overlong_stride
+    if cfg.data.overlong == "split" and not (stride >= 0 and max(stride, 1) < cfg.data.max_seq_len):
+        problems.add(f"data.overlong_stride={stride}: each window must bring new tokens, so the overlap must be "
+                     f"at least 0 and below data.max_seq_len={cfg.data.max_seq_len}.\n"
+                     f"Fix: set data.overlong_stride to a smaller value (e.g. {cfg.data.max_seq_len // 8}), "
+                     "or raise data.max_seq_len.")
+    _check_sources(cfg.data, problems)
+    if cfg.data.chat_template:
+        try:
+            resolve_chat_template(cfg.data.chat_template)
+        except ConfigError as e:
+            problems.items.extend(e.problems)
     if cfg.trainer.max_steps <= 0 and not (cfg.trainer.max_steps == -1 and cfg.trainer.max_epochs):
         problems.add(
             f"trainer.max_steps={cfg.trainer.max_steps}: give a positive number of steps, "
@@ -417,6 +462,30 @@ def _validate_bench(b: BenchConfig, problems: Problems) -> None:
     if any(n < 8 for n in b.token_budgets):
         problems.add(f"bench.token_budgets={list(b.token_budgets)}: every budget must hold at least one sequence "
                      "(8 tokens or more), e.g. [4096,8192,16384].")
+
+
+def _check_sources(data: DataConfig, problems: Problems) -> None:
+    if not data.sources:
+        return
+    if data.source != "builtin":
+        problems.add(f"data.source={data.source} and data.sources are both set. Fix: list every source in "
+                     "data.sources (data.source is its one-source shorthand).")
+    weights = [s.weight for s in data.sources]
+    if any(w is None for w in weights) and any(w is not None for w in weights):
+        problems.add(f"data.sources: weights {weights} are set on some sources only. Fix: give every source a "
+                     "weight (mixed by weight), or none (concatenated).")
+    formats = CHOICES["data.format"]
+    for i, s in enumerate(data.sources):
+        key = f"data.sources[{i}]"
+        if not s.source:
+            problems.add(f"{key}.source is empty. Fix: name a file, directory or Hub id.")
+        if s.weight is not None and s.weight <= 0:
+            problems.add(f"{key}.weight={s.weight} must be positive.")
+        if s.max_examples is not None and s.max_examples <= 0:
+            problems.add(f"{key}.max_examples={s.max_examples} must be positive (or null: every row).")
+        if s.format not in formats:
+            problems.add(f"{key}.format={s.format!r} is not an option.{suggest(s.format, formats)} "
+                         f"Valid: {', '.join(formats)}")
 
 
 def field_names(dc: Any) -> list[str]:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -13,8 +14,8 @@ from bamba_ft.errors import ConfigError, DataError, suggest
 
 # format -> (required fields, optional fields)
 FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "messages": (("messages",), ()),
-    "prompt_completion": (("prompt", "completion"), ("system",)),
+    "messages": (("messages",), ("tools",)),
+    "prompt_completion": (("prompt", "completion"), ("system", "tools")),
     "alpaca": (("instruction", "output"), ("input", "system")),
     "text": (("text",), ()),
 }
@@ -80,6 +81,70 @@ def _text(value: Any, field: str, at: str, coerced: list[str] | None) -> str:
     raise DataError(f"{at}: field '{field}' must be a string, got {type(value).__name__}: {str(value)[:80]}")
 
 
+class Conversation(list):
+    """Chat messages in order, and the tool schemas the row offers the model (`tools`: passed to the chat
+    template as transformers' apply_chat_template(tools=...) does; None when the row has none)."""
+
+    def __init__(self, messages: list[dict[str, Any]] = (), tools: list[dict[str, Any]] | None = None) -> None:  # type: ignore[assignment]
+        super().__init__(messages)
+        self.tools = tools
+
+
+def tools_of(example: list[dict] | str) -> list[dict[str, Any]] | None:
+    return getattr(example, "tools", None)
+
+
+def _without_nulls(value: Any) -> Any:
+    """Objects read through datasets (Arrow) carry every key seen anywhere in the file, as null where a row lacks
+    it; dropped here, so a tool schema or call arguments hold only their own keys (an explicit null goes too)."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
+def _json_value(value: Any, field: str, at: str) -> Any:
+    """A JSON string (the OpenAI form of tool-call arguments and of tool lists) as its object."""
+    if not isinstance(value, str):
+        return _without_nulls(value)
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{at}: {field} is a string but not JSON ({e.msg}): {value[:80]}\n"
+                        "Fix: store it as a JSON object, or as a string holding valid JSON.") from None
+
+
+def _tool_calls(value: Any, at: str) -> list[dict[str, Any]]:
+    """Tool calls in the form chat templates read: {type: function, function: {name, arguments}} (+ id)."""
+    if not isinstance(value, list):
+        raise DataError(f"{at}: tool_calls must be a list of calls, got {type(value).__name__}.")
+    calls = []
+    for call in value:
+        fn = call.get("function") if isinstance(call, dict) and call.get("function") is not None else call
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(name, str) or not name:
+            raise DataError(f"{at}: a tool call needs a function name: "
+                            '{"type": "function", "function": {"name": ..., "arguments": {...}}}.')
+        args = _json_value(fn.get("arguments"), "a tool call's arguments", at)
+        out = {"type": "function", "function": {"name": name, "arguments": {} if args is None else args}}
+        if call.get("id") is not None:
+            out["id"] = call["id"]
+        calls.append(out)
+    return calls
+
+
+def row_tools(row: dict[str, Any], at: str) -> list[dict[str, Any]] | None:
+    """The row's `tools` (a list of JSON schemas, or a string holding one), or None."""
+    value = row.get("tools")
+    if value is None or value == "" or value == []:
+        return None
+    tools = _json_value(value, "tools", at)
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise DataError(f"{at}: tools must be a list of JSON schemas (objects), got {type(tools).__name__}.")
+    return tools
+
+
 def _content(value: Any, at: str, coerced: list[str] | None) -> str:
     """A message's text; a list of parts (the OpenAI/HF form) is read when every part is text."""
     if not isinstance(value, list):
@@ -89,7 +154,7 @@ def _content(value: Any, at: str, coerced: list[str] | None) -> str:
         kind = part.get("type") if isinstance(part, dict) else type(part).__name__
         if kind != "text":
             raise DataError(
-                f"{at}: a message's content holds a '{kind}' part; only text parts "
+                f"{at}: its content holds a '{kind}' part; only text parts "
                 '({"type": "text", "text": "..."}) can be trained on.\n'
                 "Fix: remove the non-text parts (or the rows holding them) from the data."
             )
@@ -106,11 +171,26 @@ def _unknown_roles(names: list[str], at: str) -> DataError:
     )
 
 
-def _as_messages(value: Any, at: str, renames: Mapping[str, str], coerced: list[str] | None) -> list[dict[str, str]]:
+def _turn(turn: dict[str, Any], role: str, content: Any, at: str, coerced: list[str] | None) -> dict[str, Any]:
+    """One message: role and text, plus an assistant's tool calls and a tool result's call id and name."""
+    calls = turn.get("tool_calls")
+    if calls is not None and calls != []:
+        if role != "assistant":
+            raise DataError(f"{at}: a {role} message has tool_calls; only assistant messages make tool calls.\n"
+                            "Fix: give the calls to an assistant message (or map the role with data.roles).")
+        return {"role": role, "content": "" if content is None else _content(content, at, coerced),
+                "tool_calls": _tool_calls(calls, at)}
+    message = {"role": role, "content": _content(content, at, coerced)}
+    if role == "tool":
+        message.update({k: turn[k] for k in ("tool_call_id", "name") if turn.get(k) is not None})
+    return message
+
+
+def _as_messages(value: Any, at: str, renames: Mapping[str, str], coerced: list[str] | None) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not value:
         raise DataError(f"{at}: 'messages' must be a non-empty list of {{role, content}} objects.")
     out, unknown = [], []
-    for turn in value:
+    for n, turn in enumerate(value):
         if not isinstance(turn, dict):
             raise DataError(f"{at}: each message must be an object with role and content, got {type(turn).__name__}.")
         # Rows read by datasets may carry every key of the file with None where a row lacks it.
@@ -127,7 +207,7 @@ def _as_messages(value: Any, at: str, renames: Mapping[str, str], coerced: list[
             if str(name) not in unknown:
                 unknown.append(str(name))
             continue
-        out.append({"role": role, "content": _content(content, at, coerced)})
+        out.append(_turn(turn, role, content, f"{at}, message {n}", coerced))
     if unknown:
         raise _unknown_roles(unknown, at)
     return out
@@ -141,8 +221,8 @@ def _optional(row: dict[str, Any], field: str, at: str, coerced: list[str] | Non
 
 
 def _with_system(
-    row: dict[str, Any], messages: list[dict[str, str]], at: str, coerced: list[str] | None
-) -> list[dict[str, str]]:
+    row: dict[str, Any], messages: list[dict[str, Any]], at: str, coerced: list[str] | None
+) -> list[dict[str, Any]]:
     system = _optional(row, "system", at, coerced)
     return ([{"role": "system", "content": system}] if system else []) + messages
 
@@ -167,7 +247,7 @@ def to_messages(
     at: str,
     renames: Mapping[str, str] | None = None,
     coerced: list[str] | None = None,
-) -> list[dict[str, str]] | str:
+) -> list[dict[str, Any]] | str:
     """One row as chat messages, or as a plain string for the text format.
 
     Args:
@@ -180,7 +260,7 @@ def to_messages(
         return _text(row["text"], "text", at, coerced)
     if fmt == "messages":
         value = row["messages"] if row.get("messages") is not None else row["conversations"]
-        return _as_messages(value, at, renames, coerced)
+        return Conversation(_as_messages(value, at, renames, coerced), row_tools(row, at))
     if fmt == "prompt_completion":
         prompt, completion = row["prompt"], row["completion"]
         user = _as_messages(prompt, at, renames, coerced) if isinstance(prompt, list) else [
@@ -189,7 +269,7 @@ def to_messages(
         answer = _as_messages(completion, at, renames, coerced) if isinstance(completion, list) else [
             {"role": "assistant", "content": _text(completion, "completion", at, coerced)}
         ]
-        return _with_system(row, user + answer, at, coerced)
+        return Conversation(_with_system(row, user + answer, at, coerced), row_tools(row, at))
     # alpaca
     instruction = _text(row["instruction"], "instruction", at, coerced)
     extra = _optional(row, "input", at, coerced)

@@ -147,7 +147,7 @@ def _hub_unreachable() -> str | None:
     return None
 
 
-def _load_hub(source: str, split: str, key: str) -> datasets.Dataset:
+def _load_hub(source: str, split: str, key: str, config: str | None = None) -> datasets.Dataset:
     where = f"{key}={source}"
     offline = constants.HF_HUB_OFFLINE or datasets.config.HF_HUB_OFFLINE
     fix = "Fix: check the path; or download the dataset where the Hub is reachable and pass its local path."
@@ -158,7 +158,7 @@ def _load_hub(source: str, split: str, key: str) -> datasets.Dataset:
             f"unreachable ({unreachable}).\n{fix}\n(HF_HUB_OFFLINE=1 reads a copy already in the datasets cache.)"
         )
     try:
-        return number_rows(datasets.load_dataset(source, split=split))
+        return number_rows(datasets.load_dataset(source, config, split=split))
     except ValueError as e:
         if "split" in str(e).lower():
             raise DataError(f"{where}: no split '{split}'. {e}") from e
@@ -169,7 +169,21 @@ def _load_hub(source: str, split: str, key: str) -> datasets.Dataset:
         raise DataError(f"{where}: not a local file or directory, and {state}.\n{fix}") from e
 
 
-def load_rows(source: str, split: str, key: str) -> datasets.Dataset:
+def rename_columns(rows: datasets.Dataset, columns: dict[str, str], key: str) -> datasets.Dataset:
+    """`columns` ({their: ours}) applied; a column the data lacks is named with the ones it has."""
+    missing = [c for c in columns if c not in rows.column_names]
+    if missing:
+        have = ", ".join(c for c in rows.column_names if c not in POSITIONS)
+        raise DataError(f"{key}: no column {', '.join(missing)} to rename; the data has {have}.\n"
+                        f"Fix: name existing columns in {key}.")
+    clash = [ours for their, ours in columns.items() if ours in rows.column_names and ours not in columns]
+    if clash:
+        raise DataError(f"{key}: renaming onto {', '.join(clash)}, which the data already has. "
+                        f"Fix: rename that column too, or map another one.")
+    return rows.rename_columns(dict(columns)) if columns else rows
+
+
+def load_rows(source: str, split: str, key: str, config: str | None = None) -> datasets.Dataset:
     """The rows of `source` (config key `key` names it in errors), numbered by their place in it."""
     path = Path(source).expanduser()
     if path.is_file():
@@ -178,4 +192,4 @@ def load_rows(source: str, split: str, key: str) -> datasets.Dataset:
         return _load_dir(path, source, split, key)
     if source.startswith((".", "/", "~")) or source.endswith(tuple(_BUILDERS)):
         raise DataError(f"{key}={source}: no such file or directory.")
-    return _load_hub(source, split, key)
+    return _load_hub(source, split, key, config)

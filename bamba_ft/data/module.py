@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import datasets
@@ -16,27 +17,28 @@ from transformers import PreTrainedTokenizerBase
 from bamba_ft.config.schema import DataConfig
 from bamba_ft.data.builtin import builtin_splits
 from bamba_ft.data.formats import check_fields, detect_format, role_map, to_messages
-from bamba_ft.data.load import POSITIONS, load_rows, locate, number_rows
+from bamba_ft.data.load import POSITIONS, load_rows, locate, number_rows, rename_columns
 from bamba_ft.data.packing import BatchPlan, MaskedRows, collate_packed, collate_padded
-from bamba_ft.data.tokenize import IGNORE_INDEX, tokenize_example
+from bamba_ft.data.tokenize import IGNORE_INDEX, split_windows, tokenize_example
 from bamba_ft.errors import DataError
 
 log = logging.getLogger(__name__)
 datasets.disable_progress_bars()
 
 
-def _encode(row: dict, *, tokenizer, fmt: str, train_on: str, max_seq_len: int, where: str,  # noqa: ANN001
+def _encode(row: dict, *, tokenizer, fmt: str, train_on: str, max_seq_len: int, split: bool, where: str,  # noqa: ANN001
             renames: Mapping[str, str]) -> dict:
     at = locate(where, row)
     coerced: list[str] = []
     example = to_messages(row, fmt, at, renames, coerced)
-    tok = tokenize_example(tokenizer, example, train_on, max_seq_len, at)
-    empty = not isinstance(example, str) and any(m["role"] == "assistant" and not m["content"].strip() for m in example)
+    tok = tokenize_example(tokenizer, example, train_on, None if split else max_seq_len, at)
+    empty = not isinstance(example, str) and any(
+        m["role"] == "assistant" and not m["content"].strip() and not m.get("tool_calls") for m in example)
     return {
         "input_ids": tok.input_ids,
         "labels": tok.labels,
         "length": len(tok.input_ids),
-        "truncated": tok.truncated,
+        "overlong": tok.truncated or len(tok.input_ids) > max_seq_len,
         "n_targets": sum(1 for t in tok.labels if t != IGNORE_INDEX),
         "full_targets": tok.full_targets,
         "empty_assistant": empty,
@@ -44,11 +46,32 @@ def _encode(row: dict, *, tokenizer, fmt: str, train_on: str, max_seq_len: int, 
     }
 
 
+def _windows(batch: dict[str, list], *, max_seq_len: int, overlap: int) -> dict[str, list]:
+    """Examples longer than `max_seq_len` replaced by their windows (`split_windows`); windows without loss go."""
+    out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "n_targets": [], "window": []}
+    for ids, labels in zip(batch["input_ids"], batch["labels"]):
+        windows = split_windows(ids, labels, max_seq_len, overlap) if len(ids) > max_seq_len else [(ids, labels)]
+        for i, (w_ids, w_labels) in enumerate(windows):
+            n = sum(1 for t in w_labels if t != IGNORE_INDEX)
+            if n:
+                out["input_ids"].append(w_ids)
+                out["labels"].append(w_labels)
+                out["length"].append(len(w_ids))
+                out["n_targets"].append(n)
+                out["window"].append(i if len(windows) > 1 else -1)
+    return out
+
+
 @dataclass
 class SplitStats:
     rows: int
     kept: int
+    """Rows kept (a row split into windows counts once)."""
     truncated: int
+    split: int
+    """Rows longer than data.max_seq_len split into windows (data.overlong=split)."""
+    split_windows: int
+    """Examples those rows became (windows holding no loss token are left out)."""
     dropped_overlong: int
     dropped_no_targets: int
     dropped_prompt_too_long: int
@@ -59,14 +82,33 @@ class SplitStats:
     """Rows with an empty (or whitespace-only) assistant message: kept, they teach an empty answer."""
     coerced: int
     """Rows where a number stood in a text field and was read as its decimal text."""
+    in_mix: int | None = None
+    """data.sources: this source's examples in the mixed training set."""
+
+    @classmethod
+    def total(cls, parts: list[SplitStats]) -> SplitStats:
+        """The counts of several sources added up (`in_mix` belongs to one source, so it is left unset)."""
+        return cls(**{f.name: sum(getattr(p, f.name) for p in parts) for f in fields(cls) if f.name != "in_mix"})
 
     def line(self, name: str) -> str:
         return (
-            f"{name}: {self.kept}/{self.rows} examples, {self.tokens} tokens ({self.target_tokens} with loss); "
-            f"truncated {self.truncated}, dropped {self.dropped_overlong} overlong, "
+            f"{name}: {self.kept}/{self.rows} examples, {self.tokens} tokens ({self.target_tokens} with loss)"
+            + (f" ({self.in_mix} in the training mix)" if self.in_mix is not None else "")
+            + f"; truncated {self.truncated}, "
+            + (f"split {self.split} into {self.split_windows} windows, " if self.split else "")
+            + f"dropped {self.dropped_overlong} overlong, "
             f"{self.dropped_prompt_too_long} with a prompt longer than data.max_seq_len, "
             f"{self.dropped_no_targets} with no loss tokens"
         )
+
+
+def mix_sources(parts: list[datasets.Dataset], weights: list[float | None], seed: int) -> datasets.Dataset:
+    """Concatenated when no weights are given; else drawn by weight (seeded) until one source runs out."""
+    if weights[0] is None:
+        return datasets.concatenate_datasets(parts)
+    total = sum(w or 0.0 for w in weights)
+    return datasets.interleave_datasets(parts, probabilities=[(w or 0.0) / total for w in weights], seed=seed,
+                                        stopping_strategy="first_exhausted")
 
 
 def _first(flags: list[bool]) -> int:
@@ -109,8 +151,8 @@ class BambaDataModule(L.LightningDataModule):
         """Which examples to keep, and the split's counts; warns once per kind of doubtful row."""
         c = self.cfg
         drop_overlong = c.overlong == "drop"
-        cols = enc.select_columns(["truncated", "n_targets", "full_targets", "empty_assistant", "coerced"]).to_dict()
-        trunc, n_tg, full = cols["truncated"], cols["n_targets"], cols["full_targets"]
+        cols = enc.select_columns(["overlong", "n_targets", "full_targets", "empty_assistant", "coerced"]).to_dict()
+        trunc, n_tg, full = cols["overlong"], cols["n_targets"], cols["full_targets"]
         no_targets = [f == 0 for f in full]
         overlong = [t and f > 0 and drop_overlong for t, f in zip(trunc, full)]
         # Truncation cut away every answer token: the prompt alone is longer than max_seq_len.
@@ -119,7 +161,8 @@ class BambaDataModule(L.LightningDataModule):
         kept_lengths = enc.select(keep)["length"] if keep else []
         stats = SplitStats(
             rows=len(rows), kept=len(keep),
-            truncated=sum(1 for i in keep if trunc[i]),
+            truncated=sum(1 for i in keep if trunc[i]) if c.overlong == "truncate" else 0,
+            split=sum(1 for i in keep if trunc[i]) if c.overlong == "split" else 0, split_windows=0,
             dropped_overlong=sum(overlong), dropped_no_targets=sum(no_targets),
             dropped_prompt_too_long=sum(prompt_long),
             tokens=sum(kept_lengths), target_tokens=sum(n_tg[i] for i in keep),
@@ -156,18 +199,20 @@ class BambaDataModule(L.LightningDataModule):
                 ", or set data.overlong=truncate" if c.overlong == "drop" else "")
         return f"{where}: no {name} examples left after filtering ({st.line(name)}; first: {first}).\nFix: {fix}."
 
-    def _tokenize(self, rows: datasets.Dataset, name: str, where: str) -> tuple[datasets.Dataset, SplitStats]:
+    def _tokenize(self, rows: datasets.Dataset, name: str, where: str,
+                  fmt: str | None = None) -> tuple[datasets.Dataset, SplitStats]:
         c = self.cfg
         if len(rows) == 0:
             raise DataError(f"{where}: the {name} split has no rows.")
         columns = [col for col in rows.column_names if col not in POSITIONS]
-        fmt = c.format if c.format != "auto" else detect_format(columns, where)
+        fmt = fmt or c.format
+        fmt = fmt if fmt != "auto" else detect_format(columns, where)
         check_fields(fmt, columns, where)
         self.fmt = self.fmt or fmt
         self.formats[name] = fmt
         encode = functools.partial(
-            _encode, tokenizer=self.tokenizer, fmt=fmt, train_on=c.train_on, max_seq_len=c.max_seq_len, where=where,
-            renames=role_map(c.roles),
+            _encode, tokenizer=self.tokenizer, fmt=fmt, train_on=c.train_on, max_seq_len=c.max_seq_len,
+            split=c.overlong == "split", where=where, renames=role_map(c.roles),
         )
         enc = rows.map(
             encode,
@@ -176,12 +221,22 @@ class BambaDataModule(L.LightningDataModule):
             desc=f"tokenizing {name}",
         )
         keep, stats = self._stats(rows, enc, name, where)
-        kept = enc.select(keep).remove_columns(["full_targets", "empty_assistant", "coerced"])
+        kept = enc.select(keep).remove_columns(["overlong", "full_targets", "empty_assistant", "coerced"])
+        if stats.split:
+            kept = kept.map(functools.partial(_windows, max_seq_len=c.max_seq_len, overlap=c.overlong_stride),
+                            batched=True, batch_size=16, remove_columns=kept.column_names, desc=f"splitting {name}")
+            windows = kept["window"]
+            stats.split_windows = sum(1 for w in windows if w >= 0)
+            stats.tokens, stats.target_tokens = sum(kept["length"]), sum(kept["n_targets"])
+            kept = kept.remove_columns(["window"])
         return kept, stats
 
     def prepare(self) -> None:
         """Load and tokenize both splits (idempotent)."""
         if self.train_set is not None:
+            return
+        if self.cfg.sources:
+            self._prepare_sources()
             return
         where = "data.source=builtin" if self.cfg.source == "builtin" else f"data.source={self.cfg.source}"
         train_rows, val_rows = self._raw_splits()
@@ -194,6 +249,55 @@ class BambaDataModule(L.LightningDataModule):
             self.val_rows = [to_messages(r, fmt, locate(val_where, r), renames) for r in val_rows]
         for name, st in self.stats.items():
             log.info("data %s", st.line(name))
+
+    def _prepare_sources(self) -> None:
+        """data.sources: each source read, renamed, split and tokenized in its own format, then mixed."""
+        c = self.cfg
+        parts, vals = [], []
+        for i, s in enumerate(c.sources):
+            key = f"data.sources[{i}]"
+            where = f"{key}.source={s.source}"
+            rows = rename_columns(load_rows(s.source, s.split, f"{key}.source", s.config), s.columns, f"{key}.columns")
+            if s.max_examples is not None:
+                rows = rows.select(range(min(len(rows), s.max_examples)))
+            if not c.val_source and c.val_fraction > 0 and len(rows) >= 2:
+                held = rows.train_test_split(test_size=c.val_fraction, seed=self.seed, shuffle=True)
+                rows = held["train"]
+                vals.append((held["test"], where, s.format))
+            enc, self.stats[f"train[{i}]"] = self._tokenize(rows, f"train[{i}]", where, s.format)
+            parts.append(enc.add_column("__source__", [i] * len(enc)))
+        mixed = mix_sources(parts, [s.weight for s in c.sources], self.seed)
+        counts = Counter(mixed["__source__"])
+        for i in range(len(parts)):
+            self.stats[f"train[{i}]"].in_mix = counts[i]
+        self.train_set = mixed.remove_columns("__source__")
+        self.fmt = self.formats["train[0]"]
+        self.stats["train"] = SplitStats.total([self.stats[f"train[{i}]"] for i in range(len(parts))])
+        self.stats["train"].kept = len(mixed)
+        self.stats["train"].tokens = sum(self.train_set["length"])
+        self.stats["train"].target_tokens = sum(self.train_set["n_targets"])
+        if c.val_source:
+            vals = [(load_rows(c.val_source, c.val_split or c.split, "data.val_source"),
+                     f"data.val_source={c.val_source}", None)]
+        self._validation_parts(vals)
+        for name, st in self.stats.items():
+            log.info("data %s", st.line(name))
+
+    def _validation_parts(self, parts: list[tuple[datasets.Dataset, str, str | None]]) -> None:
+        """Validation examples from several sources, each in its own format, up to data.max_val_examples in all."""
+        sets, stats, room, renames = [], [], self.cfg.max_val_examples, role_map(self.cfg.roles)
+        for i, (rows, where, fmt) in enumerate(parts):
+            rows = rows.select(range(min(len(rows), room)))
+            if not len(rows):
+                break
+            room -= len(rows)
+            enc, st = self._tokenize(rows, f"validation[{i}]", where, fmt)
+            sets.append(enc)
+            stats.append(st)
+            self.val_rows += [to_messages(r, self.formats[f"validation[{i}]"], locate(where, r), renames) for r in rows]
+        if sets:
+            self.val_set, self.stats["val"] = datasets.concatenate_datasets(sets), SplitStats.total(stats)
+            self.formats["validation"] = self.formats["validation[0]"]
 
     # ----- Lightning hooks
     def setup(self, stage: str | None = None) -> None:

@@ -3,26 +3,47 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
+from jinja2.exceptions import TemplateError
 from transformers import PreTrainedTokenizerBase
 
-from bamba_ft.data.builtin import CHAT_TEMPLATE
+from bamba_ft.data.formats import tools_of
+from bamba_ft.data.templates import PRESETS
 from bamba_ft.errors import DataError
 
 IGNORE_INDEX = -100
 
 
-def ensure_chat_template(tokenizer: PreTrainedTokenizerBase, override: str | None) -> None:
-    """Use `override` (a template or a file holding one), else the tokenizer's own, else bamba_ft's builtin."""
-    if override:
-        path = Path(override)
-        tokenizer.chat_template = path.read_text() if path.is_file() else override
-    elif not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = CHAT_TEMPLATE
-    if tokenizer.pad_token_id is None:
-        # Padded batches need a pad id; it never reaches the loss (labels are -100 there).
-        tokenizer.pad_token = tokenizer.eos_token
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], where: str, tools: list[dict] | None = None,
+            add_generation_prompt: bool = False) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except TemplateError as e:  # includes the template's own raise_exception(...)
+        raise DataError(
+            f"{where}: the chat template cannot render this conversation: {e}\n"
+            f"Fix: set data.chat_template to a template that can ({', '.join(PRESETS)} or your own), "
+            "or change the rows it refuses."
+        ) from e
+
+
+def _check_tools_rendered(tokenizer: PreTrainedTokenizerBase, messages: list[dict], tools: list[dict] | None,
+                          full: str, where: str) -> None:
+    """A template that ignores `tools`, `tool_calls` or tool results would train on conversations without them."""
+    fix = (f"Fix: set data.chat_template to a template that renders them (the presets {', '.join(PRESETS)} do), "
+           "or remove them from the data.")
+    if tools and _render(tokenizer, messages, where) == full:
+        raise DataError(f"{where}: the chat template ignores the row's tools (the rendered text is the same "
+                        f"without them).\n{fix}")
+    calls = [i for i, m in enumerate(messages) if m.get("tool_calls")]
+    if calls:
+        bare = [{k: v for k, v in m.items() if k != "tool_calls"} for m in messages]
+        if _render(tokenizer, bare, where, tools) == full:
+            raise DataError(f"{where}: the chat template ignores tool_calls (message {calls[0]}'s calls leave the "
+                            f"rendered text unchanged).\n{fix}")
+    for i, m in enumerate(messages):
+        if m["role"] == "tool" and m["content"] not in full:
+            raise DataError(f"{where}: the chat template does not render tool results (message {i}).\n{fix}")
 
 
 def _assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
@@ -31,13 +52,16 @@ def _assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict], w
     Each assistant turn i spans from the end of render(messages[:i], generation prompt) to the end of
     render(messages[:i+1]); this needs no special template markup, only that renders grow by appending.
     """
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    tools = tools_of(messages)
+    full = _render(tokenizer, messages, where, tools)
+    if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+        _check_tools_rendered(tokenizer, messages, tools, full, where)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
-        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        before = _render(tokenizer, messages[:i], where, tools, add_generation_prompt=True) if i or tools else ""
+        upto = _render(tokenizer, messages[: i + 1], where, tools)
         if not (upto.startswith(before) and full.startswith(upto)):
             raise DataError(
                 f"{where}: the chat template does not render conversations by appending turns, so assistant "
@@ -60,32 +84,68 @@ def tokenize_example(
     tokenizer: PreTrainedTokenizerBase,
     example: list[dict] | str,
     train_on: str,
-    max_seq_len: int,
+    max_seq_len: int | None,
     where: str = "data",
 ) -> Tokenized:
-    """Token ids and labels (-100 where no loss) for one conversation or text, cut at `max_seq_len`."""
+    """Token ids and labels (-100 where no loss) for one conversation or text, cut at `max_seq_len` (None: uncut)."""
     if isinstance(example, str):
         text, spans = example, []
-        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        # verbose=False: transformers warns about rows over model_max_length; the length policy here is ours.
+        ids = tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]
         if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
             ids = ids + [tokenizer.eos_token_id]  # documents end, so the model learns to stop
         labels = list(ids)
     else:
         text, spans = _assistant_spans(tokenizer, example, where)
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         ids = enc["input_ids"]
         if train_on == "all":  # a conversation without an assistant turn gets no loss, never loss on its prompt
             labels = list(ids)
         else:
-            labels = [
-                tok if any(s <= start and end <= e for s, e in spans) and end > start else IGNORE_INDEX
-                for tok, (start, end) in zip(ids, enc["offset_mapping"])
-            ]
+            labels = _mask_outside(ids, enc["offset_mapping"], spans)
     if labels:
         labels[0] = IGNORE_INDEX  # nothing predicts a sequence's first token; in a packed row it follows another
-    truncated = len(ids) > max_seq_len
     full_targets = sum(1 for t in labels if t != IGNORE_INDEX)
+    if max_seq_len is None:
+        return Tokenized(ids, labels, False, full_targets)
+    truncated = len(ids) > max_seq_len
     return Tokenized(ids[:max_seq_len], labels[:max_seq_len], truncated, full_targets)
+
+
+def _mask_outside(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """Each token's id where its characters lie inside one span, else IGNORE_INDEX.
+
+    Tokens and spans both run left to right, so one sweep suffices: linear in tokens + spans, where testing
+    every span for every token would be quadratic in a long conversation.
+    """
+    labels, k = [], 0
+    for tok, (start, end) in zip(ids, offsets):
+        while k < len(spans) and spans[k][1] < end:
+            k += 1  # spans ending before this token ends cannot hold it, nor any later token
+        inside = k < len(spans) and spans[k][0] <= start and end <= spans[k][1] and end > start
+        labels.append(tok if inside else IGNORE_INDEX)
+    return labels
+
+
+def split_windows(ids: list[int], labels: list[int], max_len: int, overlap: int) -> list[tuple[list[int], list[int]]]:
+    """A long example as windows of `max_len` tokens, each later one repeating the last `overlap` tokens before it.
+
+    The repeated tokens are context only (label IGNORE_INDEX): every label of the original is trained in
+    exactly one window. A window's first token can carry no label (nothing in the window predicts it), so
+    windows overlap by at least one token; an overlap of 0 is read as 1.
+    """
+    overlap = max(overlap, 1)
+    step = max_len - overlap
+    windows, start = [], 0
+    while True:
+        end = min(start + max_len, len(ids))
+        window_labels = labels[start:end]
+        if start:
+            window_labels[:overlap] = [IGNORE_INDEX] * overlap
+        windows.append((ids[start:end], window_labels))
+        if end == len(ids):
+            return windows
+        start += step
 
 
 def prompt_and_reference(tokenizer: PreTrainedTokenizerBase, example: list[dict] | str) -> tuple[str, str] | None:
@@ -95,5 +155,6 @@ def prompt_and_reference(tokenizer: PreTrainedTokenizerBase, example: list[dict]
     last = max((i for i, m in enumerate(example) if m["role"] == "assistant"), default=None)
     if last is None:
         return None
-    prompt = tokenizer.apply_chat_template(example[:last], tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(example[:last], tools=tools_of(example), tokenize=False,
+                                           add_generation_prompt=True)
     return prompt, example[last]["content"]

@@ -129,11 +129,13 @@ def _matches(key: str, patterns: tuple[str, ...]) -> bool:
 def config_changes(old: dict[str, Any], new: TrainConfig) -> tuple[list[str], list[str]]:
     """(applied, refused): 'key: old -> new' lines for every key that differs between a checkpoint's run and now."""
     before, after = _flatten(old), _flatten(asdict(new))
+    defaults = _flatten(asdict(TrainConfig()))
     applied, refused = [], []
     for key in sorted(set(before) | set(after)):
         if key not in after or _matches(key, IGNORED):  # keys of another bamba_ft version are dropped on load
             continue
-        was, now = before.get(key, "(unset)"), after[key]
+        # A key added since the checkpoint's version was, in effect, at its default there.
+        was, now = before.get(key, defaults.get(key, "(unset)")), after[key]
         if was == now or (isinstance(was, (int, float)) and isinstance(now, (int, float)) and float(was) == float(now)):
             continue
         (applied if _matches(key, APPLIED) else refused).append(f"{key}: {was!r} -> {now!r}")

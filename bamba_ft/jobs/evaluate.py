@@ -14,7 +14,8 @@ from transformers import PreTrainedTokenizerBase
 
 from bamba_ft.config.schema import EvalConfig, TrainConfig
 from bamba_ft.data.module import BambaDataModule
-from bamba_ft.data.tokenize import ensure_chat_template, prompt_and_reference
+from bamba_ft.data.templates import ensure_chat_template, stop_token_ids
+from bamba_ft.data.tokenize import prompt_and_reference
 from bamba_ft.faults import fault_point
 from bamba_ft.jobs.report import plot_curves, publish_file
 from bamba_ft.jobs.runtime import autocast_for, choose_device, to_device
@@ -66,7 +67,7 @@ def generate(
                     **enc,
                     max_new_tokens=cfg.max_new_tokens,
                     pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
+                    eos_token_id=stop_token_ids(tokenizer),  # EOS and the template's end-of-turn token
                     use_cache=True,
                     **sampling,
                 )
@@ -132,7 +133,7 @@ def run(cfg: TrainConfig) -> dict:
     src = locate(cfg.eval.checkpoint, cfg)
     model, tokenizer = load_source(src, device)
     # A run is evaluated on its own validation data unless another source is given.
-    data_cfg = src.run.data if src.run is not None and cfg.data.source == "builtin" else cfg.data
+    data_cfg = src.run.data if src.run is not None and cfg.data.source == "builtin" and not cfg.data.sources else cfg.data
     ensure_chat_template(tokenizer, data_cfg.chat_template)
     seed = src.run.trainer.seed if src.run is not None else cfg.trainer.seed
     dm = BambaDataModule(data_cfg, tokenizer, seed=seed)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from bamba_ft.config.schema import TrainConfig
+from bamba_ft.data.templates import generation_config_for
 from bamba_ft.errors import BambaFTError, ConfigError
 from bamba_ft.faults import fault_point
 from bamba_ft.jobs.model_card import write_model_card
@@ -335,6 +336,7 @@ def _write(model: nn.Module, tokenizer, cfg: TrainConfig, src, tmp: Path, target
             raise ConfigError("export.adapter_only=true needs a LoRA run, adapter or checkpoint to export.")
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        generation_config_for(causal_lm(model), tokenizer).save_pretrained(tmp)
         fault_point("export.after_save")
         write_model_card(tmp, cfg, src, report, adapter_only=True)
         return report
@@ -355,8 +357,7 @@ def _write(model: nn.Module, tokenizer, cfg: TrainConfig, src, tmp: Path, target
     fault_point("export.after_save")
     _strip_attention_choice(tmp)
     tokenizer.save_pretrained(tmp)
-    if model.generation_config is not None:
-        model.generation_config.save_pretrained(tmp)
+    generation_config_for(model, tokenizer).save_pretrained(tmp)  # stops at EOS and the template's end of turn
     fault_point("export.before_verify")
     if ex.verify:
         tol = ex.max_rel_diff if ex.max_rel_diff is not None else _default_tolerance(ex.dtype)

@@ -19,7 +19,7 @@ from torch import nn
 
 from bamba_ft.config.schema import TrainConfig
 from bamba_ft.data.module import BambaDataModule
-from bamba_ft.data.tokenize import ensure_chat_template
+from bamba_ft.data.templates import ensure_chat_template, generation_config_for
 from bamba_ft.errors import BambaFTError, ConfigError
 from bamba_ft.faults import fault_point
 from bamba_ft.jobs import lock
@@ -79,6 +79,7 @@ def save_trained(model: nn.Module, tokenizer: Any, cfg: TrainConfig, run_dir: Pa
             shutil.rmtree(tmp)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        generation_config_for(causal_lm(model), tokenizer).save_pretrained(tmp)  # generation stops at end of turn
         adapter_config = tmp / "adapter_config.json"
         if adapter_config.exists():  # name the base as the user did (a Hub id or builtin:), not a resolved local path
             data = json.loads(adapter_config.read_text())

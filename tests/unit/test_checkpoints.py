@@ -95,6 +95,15 @@ def test_config_changes_apply_optim_and_refuse_shape_keys() -> None:
     assert refused == ["data.max_tokens_per_batch: 4096 -> 1024", "peft.r: 16 -> 8"]
 
 
+def test_keys_added_since_a_checkpoint_count_as_their_default() -> None:
+    old = asdict(TrainConfig())
+    del old["data"]["overlong_stride"], old["data"]["sources"]  # a run of a version without these keys
+    assert config_changes(old, TrainConfig()) == ([], [])
+    new = TrainConfig()
+    new.data.overlong_stride = 8
+    assert config_changes(old, new) == ([], ["data.overlong_stride: 0 -> 8"])
+
+
 def test_check_resume_config_reads_the_checkpoint_and_refuses(tmp_path: Path) -> None:
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     ckpt.parent.mkdir(parents=True)

@@ -103,3 +103,38 @@ def test_bad_values_gathered_into_one_error() -> None:
 def test_full_finetune_with_quantized_base_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"quant.method=nf4 freezes quantized base weights"):
         composed(["recipe=qlora", "peft=none"])
+
+
+def test_lengths_beyond_int32_and_bad_stride_are_refused() -> None:
+    with pytest.raises(ConfigError, match=r"(?s)2 problems.*data.max_seq_len=3000000000 is more than 2\^31-1"
+                                          r".*data.max_tokens_per_batch=3000000000 is more than 2\^31-1"):
+        composed(["data.max_seq_len=3000000000", "data.max_tokens_per_batch=3000000000"])
+    with pytest.raises(ConfigError, match=r"data.overlong_stride=64: .*below data.max_seq_len=64"):
+        composed(["data.overlong=split", "data.max_seq_len=64", "data.overlong_stride=64"])
+    cfg = composed(["data.overlong=split", "data.max_seq_len=1048576", "data.max_tokens_per_batch=1048576"])
+    assert (cfg.data.max_seq_len, cfg.data.overlong_stride) == (1 << 20, 0)
+
+
+def test_chat_template_takes_inline_jinja_a_file_or_a_preset(tmp_path: Path) -> None:
+    from bamba_ft.data.templates import PRESETS, resolve_chat_template
+
+    inline = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    path = tmp_path / "t.jinja"
+    path.write_text(inline)
+    assert resolve_chat_template(inline) == resolve_chat_template(str(path)) == inline
+    assert resolve_chat_template("chatml") == PRESETS["chatml"]
+    assert composed([f"data.chat_template={path}"]).data.chat_template == str(path)
+    with pytest.raises(ConfigError, match=r"data.chat_template='chatlm' is neither a preset .*Did you mean 'chatml'"
+                                          r".*Presets: bamba_ft, chatml"):
+        composed(["data.chat_template=chatlm"])
+    with pytest.raises(ConfigError, match=r"data.chat_template=.*missing.jinja: no such file"):
+        composed([f"data.chat_template={tmp_path / 'missing.jinja'}"])
+
+
+def test_sources_are_checked_as_a_whole() -> None:
+    with pytest.raises(ConfigError, match=r"(?s)data.source=x.jsonl and data.sources are both set.*weights \[0.7, None\]"
+                                          r".*data.sources\[1\].source is empty.*data.sources\[1\].format='chat'"):
+        composed(["data=file", "data.source=x.jsonl",
+                  "data.sources=[{source: a.jsonl, weight: 0.7}, {source: '', format: chat}]"])
+    cfg = composed(["data.sources=[{source: a.jsonl, weight: 0.7, columns: {q: prompt}}, {source: b.jsonl, weight: 0.3}]"])
+    assert cfg.data.sources[0].columns == {"q": "prompt"} and cfg.data.sources[1].weight == 0.3

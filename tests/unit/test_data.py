@@ -13,7 +13,7 @@ from bamba_ft.config.schema import DataConfig
 from bamba_ft.data.formats import to_messages
 from bamba_ft.data.module import BambaDataModule
 from bamba_ft.data.packing import BatchPlan, collate_packed, pack_batches
-from bamba_ft.data.tokenize import IGNORE_INDEX, tokenize_example
+from bamba_ft.data.tokenize import IGNORE_INDEX, split_windows, tokenize_example
 from bamba_ft.errors import DataError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -167,7 +167,8 @@ def test_collate_packed_matches_transformers_flattening() -> None:
     for key in ours:
         if torch.is_tensor(ours[key]):
             assert torch.equal(ours[key].long(), theirs[key].long()), key
-            assert ours[key].dtype == theirs[key].dtype, key
+            # int32 everywhere the kernels read positions; transformers gives int64 position_ids
+            assert ours[key].dtype == (torch.int32 if key == "position_ids" else theirs[key].dtype), key
         else:
             assert ours[key] == theirs[key], key
 
@@ -219,7 +220,7 @@ def test_list_content_and_role_renames_mask_token_by_token(builtin_tokenizer) ->
         ("<|user|>Sea?<|end|><|assistant|>", False), ("deep<|end|>", True)])
     assert (tok.input_ids, tok.labels) == (ids, labels)
     image = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]}
-    with pytest.raises(DataError, match=r"x.jsonl, line 3: .*'image_url' part"):
+    with pytest.raises(DataError, match=r"x.jsonl, line 3, message 0: its content holds a 'image_url' part"):
         to_messages(image, "messages", "x.jsonl, line 3")
 
 
@@ -261,3 +262,234 @@ def test_prompt_longer_than_max_seq_len_is_counted_apart(builtin_tokenizer, tmp_
     dm.prepare()
     st = dm.stats["train"]
     assert (st.kept, st.dropped_prompt_too_long, st.dropped_no_targets, st.truncated) == (3, 2, 0, 0)
+
+
+@pytest.mark.parametrize("overlap", [0, 1, 5])
+def test_split_windows_train_every_label_once(overlap: int) -> None:
+    g = torch.Generator().manual_seed(overlap)
+    ids = torch.randint(0, 100, (103,), generator=g).tolist()
+    labels = [t if keep else IGNORE_INDEX for t, keep in zip(ids, torch.rand(103, generator=g).gt(0.3).tolist())]
+    labels[0] = IGNORE_INDEX
+    windows = split_windows(ids, labels, 16, overlap)
+    step = 16 - max(overlap, 1)
+    assert all(len(w) == 16 for w, _ in windows[:-1]) and (len(windows) - 1) * step + len(windows[-1][0]) == 103
+    trained_at: list[int] = []  # the original position of each trained label, window by window
+    for k, (w_ids, w_labels) in enumerate(windows):
+        assert len(w_ids) <= 16 and w_ids == ids[k * step : k * step + 16]
+        assert w_labels[0] == IGNORE_INDEX
+        trained_at += [k * step + j for j, t in enumerate(w_labels) if t != IGNORE_INDEX]
+    assert trained_at == [p for p, t in enumerate(labels) if t != IGNORE_INDEX]  # each once, in order
+    trained = [t for _, w_labels in windows for t in w_labels if t != IGNORE_INDEX]
+    assert trained == [t for t in labels if t != IGNORE_INDEX]
+
+
+def test_overlong_split_through_the_data_module(builtin_tokenizer, tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    long_text = "".join(chr(97 + i % 26) for i in range(300))
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"text": long_text}) + "\n" + json.dumps({"text": "short"}) + "\n")
+    cfg = DataConfig(source=str(path), format="text", val_fraction=0.0, max_seq_len=64, overlong="split",
+                     overlong_stride=8, max_tokens_per_batch=64)
+    dm = BambaDataModule(cfg, builtin_tokenizer)
+    with caplog.at_level("INFO", logger="bamba_ft.data.module"):
+        dm.prepare()
+    st = dm.stats["train"]
+    full = tokenize_example(builtin_tokenizer, long_text, "all", None)
+    n_windows = -(-(len(full.input_ids) - 64) // 56) + 1
+    assert (st.rows, st.kept, st.split, st.split_windows, st.truncated) == (2, 2, 1, n_windows, 0)
+    rows = dm.train_set.to_list()
+    windows = [r for r in rows if len(r["input_ids"]) > 6]  # "short" + EOS is 6 tokens
+    assert max(r["length"] for r in rows) == 64 and len(windows) == n_windows
+    trained = [t for r in windows for t in r["labels"] if t != IGNORE_INDEX]
+    assert trained == [t for t in full.labels if t != IGNORE_INDEX]
+    assert st.tokens == sum(r["length"] for r in rows)
+    assert f"split 1 into {n_windows} windows" in caplog.text
+
+
+@pytest.mark.parametrize("n", [1 << 18, pytest.param(1 << 20, marks=pytest.mark.slow)])
+def test_million_token_row_tokenizes_and_packs_in_linear_time(builtin_tokenizer, n: int) -> None:  # noqa: ANN001
+    """2^18 tokens in about 1.5 s, 2^20 in about 5 s on two cores (the tokenizer itself takes a third). A pass
+    quadratic in tokens would take hours at 2^20."""
+    turns = 16
+    body = n // turns - 20
+    messages = [{"role": role, "content": ch * body} for _ in range(turns // 2) for role, ch in
+                (("user", "q"), ("assistant", "a"))]
+    tok = tokenize_example(builtin_tokenizer, messages, "completion", n)
+    assert not tok.truncated and len(tok.input_ids) > n - 400
+    assert sum(1 for t in tok.labels if t != IGNORE_INDEX) == turns // 2 * (body + 1)  # answer + <|end|>
+    batch = collate_packed([{"input_ids": tok.input_ids, "labels": tok.labels}])
+    assert batch["position_ids"].dtype == batch["seq_idx"].dtype == batch["cu_seq_lens_q"].dtype == torch.int32
+    assert int(batch["position_ids"][0, -1]) == len(tok.input_ids) - 1
+    assert batch["cu_seq_lens_q"].tolist() == [0, len(tok.input_ids)]
+    windows = split_windows(tok.input_ids, tok.labels, n >> 4, 1024)
+    trained = [t for _, w_labels in windows for t in w_labels if t != IGNORE_INDEX]
+    assert trained == [t for t in tok.labels if t != IGNORE_INDEX]
+
+
+WEATHER_TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}]
+TOOL_TURNS = [
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "weather", "arguments": '{"city": "Rome"}'}}]},
+    {"role": "tool", "content": "sunny", "tool_call_id": "c1"},
+    {"role": "assistant", "content": "Sunny."},
+]
+TOOLS_JSON = json.dumps(WEATHER_TOOLS)
+CALL = '{"name": "weather", "arguments": {"city": "Rome"}}'
+
+
+@pytest.mark.parametrize("preset,parts", [
+    ("bamba_ft", [(f"<|system|>Tools: {TOOLS_JSON}<|end|><|user|>Rome?<|end|><|assistant|>", False),
+                  (f"<tool_call>{CALL}</tool_call><|end|>", True),
+                  ("<|tool|>sunny<|end|><|assistant|>", False), ("Sunny.<|end|>", True)]),
+    ("chatml", [(f"<|im_start|>system\n# Tools\n{TOOLS_JSON}<|im_end|>\n<|im_start|>user\nRome?<|im_end|>\n"
+                 "<|im_start|>assistant\n", False), (f"<tool_call>\n{CALL}\n</tool_call><|im_end|>\n", True),
+                ("<|im_start|>tool\nsunny<|im_end|>\n<|im_start|>assistant\n", False), ("Sunny.<|im_end|>\n", True)]),
+])
+@pytest.mark.parametrize("fmt", ["messages", "prompt_completion"])
+def test_tool_calls_render_and_mask_token_by_token(preset: str, parts: list, fmt: str) -> None:
+    from bamba_ft.data.builtin import build_char_tokenizer
+    from bamba_ft.data.templates import ensure_chat_template
+
+    tokenizer = build_char_tokenizer()
+    ensure_chat_template(tokenizer, preset)
+    user = [{"role": "user", "content": [{"type": "text", "text": "Rome?"}]}]
+    row = ({"messages": user + TOOL_TURNS, "tools": WEATHER_TOOLS} if fmt == "messages"
+           else {"prompt": user, "completion": TOOL_TURNS, "tools": TOOLS_JSON})
+    tok = tokenize_example(tokenizer, to_messages(row, fmt, "test"), "completion", 4096)
+    ids, labels = expected_labels(tokenizer, parts)
+    assert (tok.input_ids, tok.labels) == (ids, labels)
+
+
+def test_tool_rows_read_from_a_file_keep_only_their_own_keys(tmp_path: Path) -> None:
+    from bamba_ft.data.builtin import build_char_tokenizer
+    from bamba_ft.data.templates import ensure_chat_template
+
+    tokenizer = build_char_tokenizer()
+    ensure_chat_template(tokenizer, "bamba_ft")
+    other = [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"function": {"name": "clock", "arguments": {"zone": "UTC"}}}]}, {"role": "tool", "content": "noon"},
+        {"role": "assistant", "content": "Noon."}]
+    rows = [{"messages": [{"role": "user", "content": "Rome?"}] + TOOL_TURNS[:1] + [
+        {"role": "tool", "content": "sunny"}, TOOL_TURNS[2]], "tools": WEATHER_TOOLS}, {"messages": other}]
+    path = tmp_path / "tools.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dm = BambaDataModule(DataConfig(source=str(path), val_fraction=0.0), tokenizer)
+    dm.prepare()
+    rome, clock = sorted((tokenizer.decode(r["input_ids"]) for r in dm.train_set), key=lambda t: "clock" in t)
+    assert CALL in rome and '"parameters": {"type": "object", "properties": {"city"' in rome
+    assert '{"name": "clock", "arguments": {"zone": "UTC"}}' in clock and "Tools" not in clock
+    assert "null" not in rome + clock  # Arrow gives each row every key of the file; those are dropped
+    assert dm.stats["train"].empty_assistant == 0  # a turn holding only tool calls is not an empty answer
+
+
+def test_tool_errors_name_the_example(builtin_tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+            {"messages": [{"role": "user", "content": "Rome?"}] + TOOL_TURNS}]
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dm = BambaDataModule(DataConfig(source=str(path), val_fraction=0.0), builtin_tokenizer)
+    with pytest.raises(DataError, match=rf"(?s){path}, line 2: the chat template ignores tool_calls .*"
+                                        r"data.chat_template .*bamba_ft, chatml"):
+        dm.prepare()
+    user_call = {"messages": [{"role": "user", "content": "x", "tool_calls": TOOL_TURNS[0]["tool_calls"]}]}
+    with pytest.raises(DataError, match=r"x.jsonl, line 4, message 0: a user message has tool_calls"):
+        to_messages(user_call, "messages", "x.jsonl, line 4")
+    bad_args = {"messages": [{"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "f", "arguments": "{city"}}]}]}
+    with pytest.raises(DataError, match=r"line 5, message 0: a tool call's arguments is a string but not JSON"):
+        to_messages(bad_args, "messages", "x.jsonl, line 5")
+
+
+def test_fallback_template_ends_turns_with_the_tokenizers_own_eos() -> None:
+    from bamba_ft.data.builtin import build_char_tokenizer
+    from bamba_ft.data.templates import ensure_chat_template, generation_config_for, stop_token_ids
+
+    tokenizer = build_char_tokenizer()
+    tokenizer.add_special_tokens({"eos_token": "</s>"})
+    tokenizer.chat_template = None
+    ensure_chat_template(tokenizer, None)
+    eos = tokenizer.convert_tokens_to_ids("</s>")
+    assert eos == tokenizer.eos_token_id != tokenizer.convert_tokens_to_ids("<|end|>")
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    tok = tokenize_example(tokenizer, messages, "completion", 64)
+    ids, labels = expected_labels(tokenizer, [("<|user|>hi</s><|assistant|>", False), ("ok</s>", True)])
+    assert (tok.input_ids, tok.labels) == (ids, labels) and tok.labels[-1] == eos
+    assert stop_token_ids(tokenizer) == [eos] and generation_config_for(None, tokenizer).eos_token_id == eos
+
+
+def test_fallback_renders_as_the_builtin_template(builtin_tokenizer) -> None:  # noqa: ANN001
+    from bamba_ft.data.templates import FALLBACK, PRESETS
+
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                {"role": "assistant", "content": "a"}, {"role": "user", "content": "v"}]
+    ours = builtin_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    fallback = builtin_tokenizer.apply_chat_template(messages, chat_template=PRESETS[FALLBACK], tokenize=False,
+                                                     add_generation_prompt=True)
+    assert fallback == ours == "<|system|>s<|end|><|user|>u<|end|><|assistant|>a<|end|><|user|>v<|end|><|assistant|>"
+
+
+def test_chatml_stops_at_im_end_when_the_tokenizer_has_it() -> None:
+    from bamba_ft.data.builtin import build_char_tokenizer
+    from bamba_ft.data.templates import ensure_chat_template, generation_config_for, stop_token_ids
+
+    tokenizer = build_char_tokenizer()
+    ensure_chat_template(tokenizer, "chatml")
+    assert stop_token_ids(tokenizer) == [tokenizer.eos_token_id]  # <|im_end|> is 10 characters here: EOS only
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert generation_config_for(None, tokenizer).eos_token_id == [tokenizer.eos_token_id, im_end]
+
+
+def _source_file(path: Path, n: int, tag: str, fields: tuple[str, str] = ("prompt", "completion")) -> str:
+    path.write_text("".join(json.dumps({fields[0]: f"{tag}{i}?", fields[1]: tag}) + "\n" for i in range(n)))
+    return str(path)
+
+
+def test_sources_mix_by_weight_deterministically() -> None:
+    import datasets
+
+    from bamba_ft.data.module import mix_sources
+
+    parts = [datasets.Dataset.from_dict({"source": [i] * 6000}) for i in (0, 1)]
+    first = mix_sources(parts, [0.7, 0.3], seed=1)["source"][:5000]
+    assert abs(first.count(0) / 5000 - 0.7) < 0.02  # binomial sd at n=5000 is 0.0065
+    assert mix_sources(parts, [0.7, 0.3], seed=1)["source"][:5000] == first
+    assert mix_sources(parts, [0.7, 0.3], seed=2)["source"][:5000] != first
+    assert mix_sources(parts, [None, None], seed=1)["source"] == [0] * 6000 + [1] * 6000
+
+
+def test_sources_map_columns_and_count_each_source(builtin_tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
+    from bamba_ft.config.schema import SourceConfig
+
+    a = _source_file(tmp_path / "a.jsonl", 300, "a")
+    b = _source_file(tmp_path / "b.jsonl", 300, "b", ("question", "answer"))
+    cfg = DataConfig(val_fraction=0.0, sources=[
+        SourceConfig(source=a, weight=0.7), SourceConfig(source=b, weight=0.3, max_examples=200,
+                                                         columns={"question": "prompt", "answer": "completion"})])
+    dm = BambaDataModule(cfg, builtin_tokenizer, seed=1)
+    dm.prepare()
+    st = dm.stats
+    assert (st["train[0]"].rows, st["train[1]"].rows) == (300, 200)  # max_examples applied before mixing
+    answers = [builtin_tokenizer.decode(ids[-2:-1]) for ids in dm.train_set["input_ids"]]  # the letter before <|end|>
+    assert (answers.count("a"), answers.count("b")) == (st["train[0]"].in_mix, st["train[1]"].in_mix)
+    assert st["train[0]"].in_mix + st["train[1]"].in_mix == st["train"].kept == len(dm.train_set)
+    assert st["train[0]"].in_mix == 300 or st["train[1]"].in_mix == 200  # drawn until one source ran out
+    assert dm.formats == {"train[0]": "prompt_completion", "train[1]": "prompt_completion"}
+
+
+def test_sources_concatenate_without_weights_and_check_columns(builtin_tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
+    from bamba_ft.config.schema import SourceConfig
+
+    a = _source_file(tmp_path / "a.jsonl", 30, "a")
+    b = tmp_path / "b.jsonl"
+    b.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(10)))
+    dm = BambaDataModule(DataConfig(val_fraction=0.2, sources=[SourceConfig(source=a), SourceConfig(source=str(b))]),
+                         builtin_tokenizer)
+    dm.prepare()
+    assert (dm.stats["train[0]"].kept, dm.stats["train[1]"].kept, dm.stats["train"].kept) == (24, 8, 32)
+    assert dm.stats["val"].kept == 8 and len(dm.val_rows) == 8 and dm.stats["val"].in_mix is None
+    assert dm.formats["train[1]"] == "text" and dm.formats["validation[1]"] == "text"
+    bad = DataConfig(sources=[SourceConfig(source=a, columns={"question": "prompt"})])
+    with pytest.raises(DataError, match=r"data.sources\[0\].columns: no column question to rename; the data has "
+                                        r"prompt, completion"):
+        BambaDataModule(bad, builtin_tokenizer).prepare()

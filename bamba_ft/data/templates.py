@@ -1,0 +1,117 @@
+"""Chat templates: named presets, `data.chat_template` resolution, and the tokens that end an assistant turn.
+
+`data.chat_template` is an inline Jinja template, a file holding one, or a preset name. A tokenizer without a
+template of its own gets the `bamba_ft` preset, which ends every turn with the tokenizer's own EOS token, so a
+model trained on it learns to emit EOS after an answer and generation stops there. The saved adapter and
+exports carry those stop ids in their generation_config.json (`generation_config_for`).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bamba_ft.errors import ConfigError, suggest
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+FALLBACK = "bamba_ft"
+# <|role|>content, then EOS after every turn. With the builtin tokenizer (EOS <|end|>) it renders exactly as
+# the template shipped with builtin:tiny. Tool schemas go first, as a system turn; tool calls follow the
+# assistant's text as <tool_call>{"name": ..., "arguments": ...}</tool_call>.
+_FALLBACK_TEMPLATE = (
+    "{% if tools %}<|system|>Tools: {{ tools | tojson }}{{ eos_token }}{% endif %}"
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}"
+    "{% for call in message['tool_calls'] or [] %}<tool_call>{{ call['function'] | tojson }}</tool_call>{% endfor %}"
+    "{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+# ChatML as Qwen and others use it; the turn ends with <|im_end|>, a stop token where the tokenizer has it.
+_CHATML_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n# Tools\n{{ tools | tojson }}<|im_end|>\n{% endif %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "{% for call in message['tool_calls'] or [] %}<tool_call>\n{{ call['function'] | tojson }}\n</tool_call>"
+    "{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+PRESETS = {FALLBACK: _FALLBACK_TEMPLATE, "chatml": _CHATML_TEMPLATE}
+
+
+def _is_inline(value: str) -> bool:
+    return "{{" in value or "{%" in value
+
+
+def resolve_chat_template(value: str, key: str = "data.chat_template") -> str:
+    """The Jinja source `value` names: itself when inline, a preset, or a file's text."""
+    if _is_inline(value):
+        return value
+    if value in PRESETS:
+        return PRESETS[value]
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path.read_text()
+    presets = ", ".join(PRESETS)
+    if path.suffix or "/" in value or "\\" in value:
+        raise ConfigError(f"{key}={value}: no such file. Fix: give the path of a Jinja template file, inline "
+                          f"Jinja, or a preset ({presets}).")
+    raise ConfigError(f"{key}={value!r} is neither a preset nor a file nor a Jinja template.{suggest(value, PRESETS)}"
+                      f" Presets: {presets}.")
+
+
+def ensure_chat_template(tokenizer: PreTrainedTokenizerBase, override: str | None) -> None:
+    """Use `override` (see `resolve_chat_template`), else the tokenizer's own, else the `bamba_ft` preset."""
+    if override:
+        tokenizer.chat_template = resolve_chat_template(override)
+    elif not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = PRESETS[FALLBACK]
+    if tokenizer.pad_token_id is None:
+        # Padded batches need a pad id; it never reaches the loss (labels are -100 there).
+        tokenizer.pad_token = tokenizer.eos_token
+    stop_token_ids(tokenizer, warn=True)
+
+
+def _end_of_turn(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The text the template puts after an assistant's answer (None if the probe answer is not found)."""
+    user = [{"role": "user", "content": "hi"}]
+    try:
+        prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": "ok"}], tokenize=False)
+    except Exception:  # a template that refuses this probe: the answer's end cannot be told; EOS alone stops
+        return None
+    at = full.find("ok", len(prompt)) if full.startswith(prompt) else -1
+    return full[at + 2 :] if at >= 0 else None
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, warn: bool = False) -> list[int]:
+    """EOS, plus the token the chat template ends an assistant turn with when it is a special (added) token."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    tail = _end_of_turn(tokenizer)
+    if not tail or not tail.strip():
+        return ids
+    first = tokenizer(tail, add_special_tokens=False)["input_ids"][:1]
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    if first and first[0] in special:
+        return ids + [t for t in first if t not in ids]
+    if warn:
+        log.warning("the chat template ends an assistant turn with %r, which does not start with a special token "
+                    "of this tokenizer: generation stops only at EOS (%r). Fix: a template whose turns end with "
+                    "EOS (data.chat_template=%s), or a tokenizer that has the end-of-turn token.",
+                    tail[:20], tokenizer.eos_token, FALLBACK)
+    return ids
+
+
+def generation_config_for(model: Any, tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
+    """The model's generation config, stopping at EOS and the chat template's end-of-turn token."""
+    from transformers import GenerationConfig
+
+    base = getattr(model, "generation_config", None)
+    config = GenerationConfig.from_dict(base.to_dict()) if base is not None else GenerationConfig()
+    stops = stop_token_ids(tokenizer)
+    config.eos_token_id = stops[0] if len(stops) == 1 else stops
+    if config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        config.pad_token_id = tokenizer.pad_token_id
+    return config
