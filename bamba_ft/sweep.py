@@ -62,6 +62,10 @@ def best_row(rows: list[dict[str, Any]], direction: str) -> dict[str, Any] | Non
     return pick(ok, key=lambda r: r["objective"])
 
 
+def pick_best(values: list[float], direction: str) -> int:
+    return (max if direction == "maximize" else min)(range(len(values)), key=values.__getitem__)
+
+
 def _fmt(value: Any) -> str:
     if value is None or value == "":
         return "-"
@@ -82,21 +86,25 @@ def write_outputs(sweep_dir: Path, rows: list[dict[str, Any]], objective: str, d
         "objective": objective, "direction": direction,
         "best": None if best is None else {k: best[k] for k in ("job", "objective", "overrides", "run_dir")},
         "jobs": [{k: r[k] for k in ["best", *COLUMNS]} for r in rows]})
-    plotted = plot_sweep(rows, sweep_dir / "sweep.png", objective, search)
-    shown = [["*" if r["best"] else "", *(_fmt(r[c]) if c != "error" else r[c].splitlines()[0][:80] if r[c] else ""
-                                          for c in COLUMNS)] for r in rows]
+    plotted = plot_sweep(rows, sweep_dir / "sweep.png", objective, direction, search)
+    # The terminal shows what differs between jobs; sweep.csv and sweep.json keep every override.
+    common = set.intersection(*(set(r["overrides"].split()) for r in rows))
+    shown = [["*" if r["best"] else "", *(
+        " ".join(o for o in r["overrides"].split() if o not in common) if c == "overrides"
+        else (r[c].splitlines()[0][:100] if r[c] else "") if c == "error" else _fmt(r[c]) for c in COLUMNS)]
+        for r in rows]
     header = ["best", "job", "status", objective, "overrides", "val loss", "exact match", "train loss", "steps",
               "run dir", "error"]
     failed = sum(not r["status"].startswith("ok") for r in rows)
     lines = [f"\nsweep {sweep_dir}: {len(rows)} jobs, {failed} failed; objective {objective} ({direction})",
-             table(shown, header)]
+             f"every job: {' '.join(sorted(common)) or '-'}", table(shown, header)]
     if best is not None:
         lines.append(f"best: job {best['job']}, {objective}={best['objective']:.6g}: {best['overrides']}")
     lines.append(f"written: {sweep_dir / 'sweep.csv'}, sweep.json" + (", sweep.png" if plotted else ""))
     return "\n".join(lines)
 
 
-def plot_sweep(rows: list[dict[str, Any]], out: Path, objective: str, search: bool) -> bool:
+def plot_sweep(rows: list[dict[str, Any]], out: Path, objective: str, direction: str, search: bool) -> bool:
     """Objective against each swept parameter (and against the trial number for a search); False if nothing to draw."""
     finite = [r for r in rows if r["objective"] is not None and math.isfinite(r["objective"])]
     swept = sorted({k for r in rows for k in r["params"]
@@ -113,18 +121,25 @@ def plot_sweep(rows: list[dict[str, Any]], out: Path, objective: str, search: bo
     for ax, name in zip(axes[0], panels):
         if name == "trial":
             xs: list[Any] = [r["job"] for r in finite]
-            ax.plot(xs, [r["objective"] for r in finite], "o-", color="tab:blue")
+            ys = [r["objective"] for r in finite]
+            ax.plot(xs, ys, "o", color="tab:blue", label="trial")
+            pick = max if direction == "maximize" else min
+            ax.step(xs, [pick(ys[:i + 1]) for i in range(len(ys))], where="post", color="tab:red", label="best so far")
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.legend(fontsize=8)
         else:
             pts = [(r["params"].get(name), r["objective"]) for r in finite if name in r["params"]]
             try:
                 xs = [float(x) for x, _ in pts]
-                if min(xs) > 0 and max(xs) / min(xs) >= 20:
+                if min(xs) > 0 and max(xs) / min(xs) >= 4:
                     ax.set_xscale("log")
             except ValueError:  # categorical values: one position each, in first-seen order
                 labels = list(dict.fromkeys(str(x) for x, _ in pts))
                 xs = [labels.index(str(x)) for x, _ in pts]
                 ax.set_xticks(range(len(labels)), labels)
             ax.scatter(xs, [y for _, y in pts], color="tab:blue")
+            best = pick_best([y for _, y in pts], direction)
+            ax.scatter([xs[best]], [pts[best][1]], color="tab:red", zorder=3, label="best")
         ax.set_xlabel(name)
         ax.set_ylabel(objective)
         ax.grid(alpha=0.3)
