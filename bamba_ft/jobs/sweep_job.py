@@ -101,7 +101,9 @@ def run_sweep_job(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> float:
     try:
         result = run(cfg)
     except Exception as e:  # a job's crash must not end the sweep; KeyboardInterrupt still does
-        brief = f"{type(e).__name__}: {e}".strip()
+        # a ConfigError's first line only counts its problems: lead with the problems themselves
+        detail = "; ".join(e.problems) if isinstance(e, ConfigError) else str(e)
+        brief = f"{type(e).__name__}: {detail}".strip()
         log.error("job %s failed: %s", hc.job.num, brief.splitlines()[0])
         if not isinstance(e, BambaFTError):
             (job_dir / "error.txt").write_text(traceback.format_exc())
