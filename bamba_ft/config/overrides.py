@@ -109,6 +109,8 @@ def check_overrides(argv: list[str]) -> None:
             if problem:
                 if key == "debug":
                     problem += "\ndebug=true shows full tracebacks; the two-step smoke run is smoke=fast."
+                if override.is_interval_sweep() and isinstance(value, float) and value.is_integer():
+                    problem += "\nHydra's interval() gives floats; for an integer key write int(interval(a, b))."
                 problems.add(f"{token}: {problem}")
                 break
     problems.raise_if_any("the command-line overrides")
