@@ -17,6 +17,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from bamba_ft.errors import ConfigError
+from bamba_ft.jobs.lock import refuse
 from bamba_ft.jobs.report import atomic_write_json, atomic_write_text, table
 from bamba_ft.jobs.sweep_job import RESULT_NAME, job_identity, read_result
 
@@ -158,9 +159,9 @@ class SweepSummary(Callback):
         sweeper = OmegaConf.select(config, "hydra.sweeper")
         direction = OmegaConf.select(config, "sweep.direction")
         if "Optuna" in str(sweeper.get("_target_", "")) and str(sweeper.get("direction")).split(".")[-1] != direction:
-            raise ConfigError(
+            refuse(ConfigError(
                 f"hydra.sweeper.direction={sweeper.get('direction')} but sweep.direction={direction}: Optuna would "
-                f"optimise the other way.\nFix: set both, e.g. hydra.sweeper.direction={direction}.")
+                f"optimise the other way.\nFix: set both, e.g. hydra.sweeper.direction={direction}."))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

@@ -20,6 +20,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from bamba_ft.errors import ConfigError
+from bamba_ft.jobs.lock import refuse
 
 log = logging.getLogger("bamba_ft")
 ENV = "CUDA_VISIBLE_DEVICES"
@@ -71,9 +72,9 @@ class GpuSlots(Callback):
         slots = len(visible_gpus()) // per_job
         n_jobs = int(config.hydra.launcher.n_jobs)
         if slots and (n_jobs < 1 or n_jobs > slots):
-            raise ConfigError(
+            refuse(ConfigError(
                 f"hydra.launcher.n_jobs={n_jobs} starts more parallel jobs than there are GPU slots ({slots}: "
-                f"{len(visible_gpus())} GPUs, sweep.gpus_per_job={per_job}).\nFix: hydra.launcher.n_jobs={slots}.")
+                f"{len(visible_gpus())} GPUs, sweep.gpus_per_job={per_job}).\nFix: hydra.launcher.n_jobs={slots}."))
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         per_job = int(OmegaConf.select(config, "sweep.gpus_per_job"))
@@ -83,7 +84,10 @@ class GpuSlots(Callback):
             gpus = visible_gpus()
             if len(gpus) < per_job:
                 return  # no GPUs to share out (a CPU machine): nothing to pin
-            slot, fd, devices = claim_slot(Path(config.hydra.sweep.dir) / ".gpu_slots", gpus, per_job)
+            try:
+                slot, fd, devices = claim_slot(Path(config.hydra.sweep.dir) / ".gpu_slots", gpus, per_job)
+            except ConfigError as e:
+                refuse(e)
             _claimed.update(slot=slot, fd=fd, devices=devices)
         os.environ[ENV] = _claimed["devices"]
         log.info("job %s: GPU slot %d, %s=%s", config.hydra.job.num, _claimed["slot"], ENV, _claimed["devices"])

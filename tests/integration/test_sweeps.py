@@ -86,3 +86,16 @@ def test_failed_job_is_reported_and_an_interrupted_sweep_resumes(tmp_path: Path)
     rows = list(csv.DictReader((sweep / "sweep.csv").open()))
     assert [(r["job"], r["status"]) for r in rows] == [("0", "ok (reused)"), ("1", "failed"), ("2", "ok")]
     assert "peft.r=-1 must be positive" in rows[1]["error"]
+
+
+@pytest.mark.parametrize("args,env,message", [
+    (["hydra/sweeper=optuna", "sweep.direction=maximize"], {},
+     "hydra.sweeper.direction=Direction.minimize but sweep.direction=maximize"),
+    (["hydra/launcher=joblib", "hydra.launcher.n_jobs=3"], {"CUDA_VISIBLE_DEVICES": "0,1"},
+     "hydra.launcher.n_jobs=3 starts more parallel jobs than there are GPU slots (2"),
+])
+def test_sweep_settings_that_cannot_work_stop_before_any_job(args: list[str], env: dict[str, str], message: str,
+                                                             tmp_path: Path) -> None:
+    proc = cli(["-m", *args, "trainer=cpu", f"hydra.sweep.dir={tmp_path}/sweep"], cwd=tmp_path, check=False, env=env)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert not list((tmp_path / "sweep").glob("*/.hydra"))  # no job started
