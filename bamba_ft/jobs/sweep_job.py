@@ -120,6 +120,7 @@ def run_sweep_job(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> float:
         signal = result.get("signal", "SIGTERM")
         record.update(status="stopped", objective=None, error=f"stopped by {signal} at step {result['stopped_at']}")
         _finish(job_dir, record, t0)
+        print(f"sweep stopped; to continue it: the same command plus sweep.resume=true hydra.sweep.dir={hc.sweep.dir}")
         sys.exit(STOPPED_EXIT.get(signal, 143))
     try:
         value = objective_value(result, key)
