@@ -116,6 +116,7 @@ def plot_sweep(rows: list[dict[str, Any]], out: Path, objective: str, direction:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     panels = swept + (["trial"] if search else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), squeeze=False)
@@ -134,6 +135,7 @@ def plot_sweep(rows: list[dict[str, Any]], out: Path, objective: str, direction:
                 xs = [float(x) for x, _ in pts]
                 if min(xs) > 0 and max(xs) / min(xs) >= 4:
                     ax.set_xscale("log")
+                    ax.xaxis.set_minor_formatter(NullFormatter())  # labels at decades only
             except ValueError:  # categorical values: one position each, in first-seen order
                 labels = list(dict.fromkeys(str(x) for x, _ in pts))
                 xs = [labels.index(str(x)) for x, _ in pts]
