@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.integration.conftest import cli
+from tests.integration.conftest import ROOT, cli
 
 # Tiny jobs: a few steps on 32 builtin examples, no generation, no loggers.
 FAST = ["trainer=cpu", "logger=none", "eval.before_training=false", "eval.generate=false",
@@ -99,3 +104,28 @@ def test_sweep_settings_that_cannot_work_stop_before_any_job(args: list[str], en
     proc = cli(["-m", *args, "trainer=cpu", f"hydra.sweep.dir={tmp_path}/sweep"], cwd=tmp_path, check=False, env=env)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert not list((tmp_path / "sweep").glob("*/.hydra"))  # no job started
+
+
+@pytest.mark.slow
+def test_a_sweep_stopped_by_ctrl_c_continues_the_job_from_its_checkpoint(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    args = ["-m", "trainer.max_steps=12", "optim.lr=1e-4,3e-4", *FAST, f"hydra.sweep.dir={sweep}"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT))
+    out = tmp_path / "first.txt"
+    with out.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "bamba_ft", *args], cwd=tmp_path, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+        deadline = time.time() + 180
+        # "packing efficiency" is logged as the fit starts, with the Ctrl-C handler installed
+        while "packing efficiency" not in out.read_text() and time.time() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=180) == 130, out.read_text()[-2000:]
+    stopped = _results(sweep)
+    assert list(stopped) == [0] and stopped[0]["status"] == "stopped"  # job 1 never started
+    assert "the same command plus sweep.resume=true" in out.read_text()
+
+    done = cli([*args, "sweep.resume=true"], cwd=tmp_path, timeout=600)
+    assert "job 0 continues from its checkpoint" in done.stdout + done.stderr
+    assert "resuming from" in done.stdout + done.stderr
+    assert [(r["status"], r["metrics"]["steps"]) for r in _results(sweep).values()] == [("ok", 12), ("ok", 12)]
