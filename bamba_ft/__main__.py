@@ -23,17 +23,27 @@ from bamba_ft.errors import BambaFTError  # noqa: E402
 log = logging.getLogger("bamba_ft")
 
 
-# Exit status of a run stopped by a signal after saving its checkpoint: 128 + the signal's number, as a shell
-# reports a process killed by it, so schedulers and scripts tell a stopped run from a finished one.
-STOPPED_EXIT = {"SIGINT": 130, "SIGTERM": 143}
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-def run_task(cfg: DictConfig) -> None:
+def run_config(cfg: DictConfig) -> dict:
+    """Validate the composed config and run its task; return what the task returns (a train run: its metrics)."""
+    typed = to_train_config(cfg)  # validated: typed.task is a key of TASK_JOBS
+    return importlib.import_module(TASK_JOBS[typed.task]).run(typed)
+
+
+def run_task(cfg: DictConfig) -> float | None:
+    """Hydra's task function. In a sweep (`-m`) it returns the job's objective (sweep.objective) to the sweeper."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        from bamba_ft.jobs.sweep_job import run_sweep_job
+
+        return run_sweep_job(cfg, run_config)
     debug = bool(OmegaConf.select(cfg, "debug", default=False)) or os.environ.get("BAMBA_FT_DEBUG") == "1"
     try:
-        typed = to_train_config(cfg)  # validated: typed.task is a key of TASK_JOBS
-        result = importlib.import_module(TASK_JOBS[typed.task]).run(typed)
+        result = run_config(cfg)
     except BambaFTError as e:
         if debug:
             raise
@@ -47,7 +57,10 @@ def run_task(cfg: DictConfig) -> None:
               f"then resume: the same command plus trainer.resume={OmegaConf.select(cfg, 'output_dir')}", file=sys.stderr)
         sys.exit(2)
     if isinstance(result, dict) and "stopped_at" in result:
+        from bamba_ft.jobs.callbacks import STOPPED_EXIT
+
         sys.exit(STOPPED_EXIT.get(result.get("signal", ""), 143))
+    return None
 
 
 def main() -> None:

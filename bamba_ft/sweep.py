@@ -1,38 +1,178 @@
-"""Hydra callback: after a multirun, print one table of every run's final metrics."""
+"""Hydra callback: at the end of a sweep, one table of every job (terminal, sweep.csv, sweep.json) and sweep.png.
+
+Results are read from each job's `sweep_job.json` (bamba_ft/jobs/sweep_job.py), so the table is the same
+whichever launcher ran the jobs; a job directory without one belongs to a job killed before it could write it.
+"""
 
 from __future__ import annotations
 
-import json
+import csv
+import io
+import math
+import os
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from bamba_ft.jobs.report import table
+from bamba_ft.errors import ConfigError
+from bamba_ft.jobs.lock import refuse
+from bamba_ft.jobs.report import atomic_write_json, atomic_write_text, table
+from bamba_ft.jobs.sweep_job import RESULT_NAME, job_identity, read_result
+
+COLUMNS = ["job", "status", "objective", "overrides", "val_loss", "exact_match", "train_loss", "steps", "run_dir", "error"]
 
 
-def _cell(value: Any, pct: bool = False) -> str:
-    if value is None:
+def _job_dirs(sweep_dir: Path) -> list[Path]:
+    dirs = [d for d in sweep_dir.iterdir() if d.is_dir() and not d.name.startswith(".")
+            and ((d / RESULT_NAME).exists() or (d / ".hydra").is_dir())]
+    return sorted(dirs, key=lambda d: (len(d.name), d.name))
+
+
+def collect_rows(sweep_dir: Path) -> list[dict[str, Any]]:
+    """One row per job (a job that ran again under sweep.resume appears once, with its latest outcome)."""
+    rows: dict[tuple[str, ...], dict[str, Any]] = {}
+    for d in _job_dirs(sweep_dir):
+        r = read_result(d)
+        if r is None:
+            overrides_file = d / ".hydra" / "overrides.yaml"
+            overrides = OmegaConf.to_container(OmegaConf.load(overrides_file)) if overrides_file.exists() else []
+            r = {"overrides": overrides, "status": "failed", "objective": None, "run_dir": str(d),
+                 "error": f"no {RESULT_NAME}: the job's process ended before finishing (killed, out of memory?); "
+                          f"see the log in {d}"}
+        m = r.get("metrics") or {}
+        row = {"job": int(d.name) if d.name.isdigit() else d.name, "status": r["status"] + (" (reused)" if r.get("reused") else ""),
+               "objective": r.get("objective"), "overrides": " ".join(r.get("overrides", [])),
+               "val_loss": m.get("val_loss"), "exact_match": m.get("exact_match"), "train_loss": m.get("train_loss"),
+               "steps": m.get("steps"), "run_dir": r.get("run_dir", str(d)), "error": r.get("error") or "",
+               "params": _params(r.get("overrides", []))}
+        rows[job_identity(r.get("overrides", []))] = row
+    return sorted(rows.values(), key=lambda row: (isinstance(row["job"], str), row["job"]))
+
+
+def _params(overrides: list[str]) -> dict[str, str]:
+    return {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[1] for o in overrides if "=" in o}
+
+
+def best_row(rows: list[dict[str, Any]], direction: str) -> dict[str, Any] | None:
+    ok = [r for r in rows if r["status"].startswith("ok") and r["objective"] is not None and math.isfinite(r["objective"])]
+    if not ok:
+        return None
+    pick = max if direction == "maximize" else min
+    return pick(ok, key=lambda r: r["objective"])
+
+
+def pick_best(values: list[float], direction: str) -> int:
+    return (max if direction == "maximize" else min)(range(len(values)), key=values.__getitem__)
+
+
+def _fmt(value: Any) -> str:
+    if value is None or value == "":
         return "-"
-    return f"{100 * value:.1f}%" if pct else f"{value:.4f}"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def write_outputs(sweep_dir: Path, rows: list[dict[str, Any]], objective: str, direction: str, search: bool) -> str:
+    """Write sweep.csv, sweep.json, sweep.png into `sweep_dir`; return the table for the terminal."""
+    best = best_row(rows, direction)
+    for r in rows:
+        r["best"] = r is best
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["best", *COLUMNS], extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(sweep_dir / "sweep.csv", buf.getvalue())
+    atomic_write_json(sweep_dir / "sweep.json", {
+        "objective": objective, "direction": direction,
+        "best": None if best is None else {k: best[k] for k in ("job", "objective", "overrides", "run_dir")},
+        "jobs": [{k: r[k] for k in ["best", *COLUMNS]} for r in rows]})
+    plotted = plot_sweep(rows, sweep_dir / "sweep.png", objective, direction, search)
+    # The terminal shows what differs between jobs; sweep.csv and sweep.json keep every override.
+    common = set.intersection(*(set(r["overrides"].split()) for r in rows))
+    shown = [["*" if r["best"] else "", *(
+        " ".join(o for o in r["overrides"].split() if o not in common) if c == "overrides"
+        else (r[c].splitlines()[0][:100] if r[c] else "") if c == "error" else _fmt(r[c]) for c in COLUMNS)]
+        for r in rows]
+    header = ["best", "job", "status", objective, "overrides", "val loss", "exact match", "train loss", "steps",
+              "run dir", "error"]
+    failed = sum(not r["status"].startswith("ok") for r in rows)
+    lines = [f"\nsweep {sweep_dir}: {len(rows)} jobs, {failed} failed; objective {objective} ({direction})",
+             f"every job: {' '.join(sorted(common)) or '-'}", table(shown, header)]
+    if best is not None:
+        lines.append(f"best: job {best['job']}, {objective}={best['objective']:.6g}: {best['overrides']}")
+    lines.append(f"written: {sweep_dir / 'sweep.csv'}, sweep.json" + (", sweep.png" if plotted else ""))
+    return "\n".join(lines)
+
+
+def plot_sweep(rows: list[dict[str, Any]], out: Path, objective: str, direction: str, search: bool) -> bool:
+    """Objective against each swept parameter (and against the trial number for a search); False if nothing to draw."""
+    finite = [r for r in rows if r["objective"] is not None and math.isfinite(r["objective"])]
+    swept = sorted({k for r in rows for k in r["params"]
+                    if len({str(x["params"].get(k)) for x in rows}) > 1})
+    if not finite or not (swept or search):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
+
+    panels = swept + (["trial"] if search else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), squeeze=False)
+    for ax, name in zip(axes[0], panels):
+        if name == "trial":
+            xs: list[Any] = [r["job"] for r in finite]
+            ys = [r["objective"] for r in finite]
+            ax.plot(xs, ys, "o", color="tab:blue", label="trial")
+            pick = max if direction == "maximize" else min
+            ax.step(xs, [pick(ys[:i + 1]) for i in range(len(ys))], where="post", color="tab:red", label="best so far")
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.legend(fontsize=8)
+        else:
+            pts = [(r["params"].get(name), r["objective"]) for r in finite if name in r["params"]]
+            try:
+                xs = [float(x) for x, _ in pts]
+                if min(xs) > 0 and max(xs) / min(xs) >= 4:
+                    ax.set_xscale("log")
+                    ax.xaxis.set_minor_formatter(NullFormatter())  # labels at decades only
+            except ValueError:  # categorical values: one position each, in first-seen order
+                labels = list(dict.fromkeys(str(x) for x, _ in pts))
+                xs = [labels.index(str(x)) for x, _ in pts]
+                ax.set_xticks(range(len(labels)), labels)
+            ax.scatter(xs, [y for _, y in pts], color="tab:blue")
+            best = pick_best([y for _, y in pts], direction)
+            ax.scatter([xs[best]], [pts[best][1]], color="tab:red", zorder=3, label="best")
+        ax.set_xlabel(name)
+        ax.set_ylabel(objective)
+        ax.grid(alpha=0.3)
+    dropped = len(rows) - len(finite)
+    fig.suptitle(f"{objective}: {len(finite)} jobs" + (f" ({dropped} failed, not drawn)" if dropped else ""))
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return True
 
 
 class SweepSummary(Callback):
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweeper = OmegaConf.select(config, "hydra.sweeper")
+        direction = OmegaConf.select(config, "sweep.direction")
+        if "Optuna" in str(sweeper.get("_target_", "")) and str(sweeper.get("direction")).split(".")[-1] != direction:
+            refuse(ConfigError(
+                f"hydra.sweeper.direction={sweeper.get('direction')} but sweep.direction={direction}: Optuna would "
+                f"optimise the other way.\nFix: set both, e.g. hydra.sweeper.direction={direction}."))
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        rows = []
-        for run in sorted(sweep_dir.glob("*/"), key=lambda p: (len(p.name), p.name)):
-            overrides_file = run / ".hydra" / "overrides.yaml"
-            overrides = overrides_file.read_text().replace("\n- ", " ").strip("- \n") if overrides_file.exists() else ""
-            metrics_file = run / "metrics.json"
-            if not metrics_file.exists():
-                rows.append([run.name, overrides, "failed or unfinished", "", "", ""])
-                continue
-            m = json.loads(metrics_file.read_text())
-            after, train = m.get("after", {}), m.get("train", {})
-            rows.append([run.name, overrides, _cell(after.get("val_loss")), _cell(after.get("exact_match"), True),
-                         _cell(train.get("final_train_loss")), str(train.get("steps", "-"))])
-        if rows:
-            print(f"\nsweep {sweep_dir}:")
-            print(table(rows, ["run", "overrides", "val loss", "exact match", "train loss", "steps"]))
+        if not sweep_dir.is_dir():
+            return
+        rows = collect_rows(sweep_dir)
+        if not rows:
+            return
+        search = "Optuna" in str(OmegaConf.select(config, "hydra.sweeper._target_"))
+        print(write_outputs(sweep_dir, rows, str(config.sweep.objective), str(config.sweep.direction), search))
+        if search and (sweep_dir / "optimization_results.yaml").exists():
+            print(f"Optuna's best parameters and value: {sweep_dir / 'optimization_results.yaml'}")

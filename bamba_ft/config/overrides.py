@@ -16,7 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 from bamba_ft.config.schema import TrainConfig, validate
 from bamba_ft.errors import ConfigError, Problems, suggest
 
-GROUPS = ("model", "peft", "quant", "data", "optim", "trainer", "logger", "recipe", "smoke")
+GROUPS = ("model", "peft", "quant", "data", "optim", "trainer", "logger", "recipe", "smoke", "sweep")
 
 
 def _hints(dc: type) -> dict[str, Any]:
@@ -63,15 +63,19 @@ def _type_problem(schema: DictConfig, key: str, value: Any) -> str | None:
         default = OmegaConf.select(OmegaConf.structured(TrainConfig), key, default=None)
         expected = _KINDS.get(type(default).__name__, "a value of the type this key declares")
         hint = f" (its default: {key}={_show(default)})" if default is not None else ""
-        return f"{_show(value)} is not a {expected}{hint}."
+        return f"{_show(value)} is not {expected}{hint}."
     return None
 
 
 def _values(override: Any) -> list[Any]:
-    """The value(s) an override sets; a discrete sweep's each value; nothing for ranges a sweeper samples."""
+    """The value(s) an override sets: each value of a discrete sweep (a,b / choice / range), the two ends
+    of an interval a sweeper samples from (tag(log, interval(a, b)))."""
     if not override.is_sweep_override():
         return [override.value()]
-    return list(override.sweep_iterator()) if override.is_discrete_sweep() else []
+    if override.is_discrete_sweep():
+        return list(override.sweep_iterator())
+    interval = override.value()
+    return [interval.start, interval.end]
 
 
 def check_overrides(argv: list[str]) -> None:
@@ -87,7 +91,7 @@ def check_overrides(argv: list[str]) -> None:
             continue
         key = token.split("=", 1)[0].lstrip("~+")
         if key.split(".")[0] == "hydra" or key.split("/")[0] == "hydra" or key in GROUPS:
-            continue  # Hydra checks its own keys and group choices
+            continue  # Hydra and its plugins (sweepers, launchers) check their own keys and group choices
         message = check_key(key)
         if message:
             problems.add(f"{token}: {message}")
@@ -105,6 +109,8 @@ def check_overrides(argv: list[str]) -> None:
             if problem:
                 if key == "debug":
                     problem += "\ndebug=true shows full tracebacks; the two-step smoke run is smoke=fast."
+                if override.is_interval_sweep() and isinstance(value, float) and value.is_integer():
+                    problem += "\nHydra's interval() gives floats; for an integer key write int(interval(a, b))."
                 problems.add(f"{token}: {problem}")
                 break
     problems.raise_if_any("the command-line overrides")

@@ -321,6 +321,20 @@ class BenchConfig:
 
 
 @dataclass
+class SweepConfig:
+    objective: str = "val/loss"
+    """What each job of a sweep (`-m`) returns to the sweeper: a key of its metrics.json, looked up in `after`,
+    then `train`, then as a dotted path ('val/loss' is after.val_loss; 'exact_match'; 'train.tokens_per_sec')."""
+    direction: str = "minimize"
+    """minimize | maximize. A job that fails or diverges returns inf (minimize) or -inf (maximize)."""
+    resume: bool = False
+    """Re-running a sweep into the same hydra.sweep.dir skips jobs that finished there (matched by their
+    overrides) and reuses their results; a job stopped by a signal continues from its checkpoint."""
+    gpus_per_job: int = 1
+    """With hydra/launcher=joblib: GPUs each parallel job is pinned to through CUDA_VISIBLE_DEVICES (0: none)."""
+
+
+@dataclass
 class TrainConfig:
     task: str = "train"
     """train | eval | export | bench | doctor."""
@@ -338,6 +352,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 # Each task and the module whose `run(cfg)` does it (imported only when its task runs).
@@ -367,6 +382,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "trainer.precision": ("auto", "32-true", "bf16-mixed", "bf16-true", "16-mixed"),
     "export.dtype": ("bfloat16", "float32", "float16"),
     "bench.workload": ("lognormal", "fixed"),
+    "sweep.direction": ("minimize", "maximize"),
 }
 
 
@@ -440,6 +456,8 @@ def validate(cfg: TrainConfig) -> None:
     _validate_bench(cfg.bench, problems)
     if cfg.export.push_to_hub and not cfg.export.repo_id:
         problems.add("export.push_to_hub=true needs export.repo_id=org/name.")
+    if cfg.sweep.gpus_per_job < 0:
+        problems.add(f"sweep.gpus_per_job={cfg.sweep.gpus_per_job} must be 0 (no pinning) or more.")
     if cfg.peft.use_dora and cfg.quant.method != "none":
         problems.add("peft.use_dora=true with a quantized base is not supported by peft. Fix: peft.use_dora=false.")
     problems.raise_if_any()

@@ -21,6 +21,11 @@ from bamba_ft.jobs.checkpoints import CONFIG_KEY, config_for_checkpoint, fsync_d
 log = logging.getLogger(__name__)
 
 
+# Exit status of a run stopped by a signal after saving its checkpoint: 128 + the signal's number, as a shell
+# reports a process killed by it, so schedulers and scripts tell a stopped run from a finished one.
+STOPPED_EXIT = {"SIGINT": 130, "SIGTERM": 143}
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary name, syncs it, then renames it: a crash never leaves a truncated .ckpt
     under a checkpoint's name (a `.name.partial` left by a killed process is removed by the next resume)."""

@@ -35,7 +35,7 @@ APPLIED = ("optim.", "trainer.max_steps", "trainer.max_epochs", "trainer.val_che
            "model.dtype", "model.attn_implementation", "model.mixer", "model.gradient_checkpointing",
            "model.cuda_graphs", "data.num_proc", "data.num_workers", "data.max_val_examples", "eval.", "logger.")
 # Keys that do not concern training at all.
-IGNORED = ("task", "debug", "output_dir", "trainer.resume", "trainer.fast_dev_run", "export.", "bench.")
+IGNORED = ("task", "debug", "output_dir", "trainer.resume", "trainer.fast_dev_run", "export.", "bench.", "sweep.")
 
 
 def run_checkpoints(run_dir: Path) -> list[Path]:

@@ -74,7 +74,8 @@ def held_elsewhere(run_dir: Path) -> bool:
         os.close(fd)  # closing drops a lock taken just now
 
 
-def _refuse(error: ConfigError) -> None:
+def refuse(error: ConfigError) -> None:
+    """Print a user error and exit 2 from a Hydra callback (Hydra turns a callback's exception into a warning)."""
     print(f"bamba_ft: {type(error).__name__}: {error}", file=sys.stderr)
     sys.exit(2)
 
@@ -86,13 +87,13 @@ class RunLock(Callback):
         try:
             acquire(Path(str(OmegaConf.select(config, "hydra.run.dir"))))
         except ConfigError as e:
-            _refuse(e)
+            refuse(e)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:  # each job of a sweep
         try:
             acquire(Path(str(config.hydra.runtime.output_dir)))
         except ConfigError as e:
-            _refuse(e)
+            refuse(e)
 
     def on_job_end(self, config: DictConfig, **kwargs: Any) -> None:
         release(Path(str(config.hydra.runtime.output_dir)))
