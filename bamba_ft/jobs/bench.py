@@ -36,6 +36,7 @@ from bamba_ft.jobs.report import atomic_write_json, atomic_write_text
 from bamba_ft.jobs.runtime import autocast_for, choose_device, to_device
 from bamba_ft.model.build import build_model
 from bamba_ft.model.lora import apply_peft
+from bamba_ft.model.memory import activation_memory, apply_checkpointing
 from bamba_ft.model.quant import base_weight_bytes
 from bamba_ft.model.shapes import SHAPES
 from bamba_ft.ops.loss import causal_lm, mean_loss
@@ -50,7 +51,7 @@ class Variant:
     stock: bool  # transformers' mixer, attention (sdpa) and loss
     packed: bool
     quant: str = "none"
-    ckpt: bool = False
+    memory: str = "none"  # a bench.memory_modes entry: checkpointing form [+offload]
     graphs: bool = False  # bamba_ft's conv+scan replayed as CUDA graphs
     cudnn_attention: bool = True  # False: torch's SDPA may not pick cuDNN (which plans each new shape)
 
@@ -65,6 +66,12 @@ VARIANTS = {
     "bamba_ft_nf4": Variant("bamba_ft_nf4", stock=False, packed=True, quant="nf4"),
     "bamba_ft_int8": Variant("bamba_ft_int8", stock=False, packed=True, quant="int8"),
 }
+
+
+def split_mode(mode: str) -> tuple[str, bool]:
+    """`all+offload` -> ("all", True): (model.gradient_checkpointing, model.activation_offload)."""
+    form, _, offload = mode.partition("+")
+    return form, offload == "offload"
 
 
 def sample_lengths(b: BenchConfig, n: int, seed: int) -> list[int]:
@@ -113,7 +120,7 @@ def _stock_loss(model: nn.Module, batch: dict) -> torch.Tensor:
 
 
 def _profile(model: nn.Module, loss_fn, batch: dict, opt: torch.optim.Optimizer, device: torch.device,  # noqa: ANN001
-             path: Path) -> str:
+             path: Path, offload: bool) -> str:
     """Two profiled training steps; the per-kernel table (sorted by device time) goes to `path`."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -123,7 +130,7 @@ def _profile(model: nn.Module, loss_fn, batch: dict, opt: torch.optim.Optimizer,
     with profile(activities=activities) as prof:
         t0 = time.perf_counter()
         for _ in range(2):
-            with autocast_for(causal_lm(model), device):
+            with autocast_for(causal_lm(model), device), activation_memory(model, offload):
                 loss = loss_fn(model, batch)
             loss.backward()
             opt.step()
@@ -148,8 +155,9 @@ def build_variant(v: Variant, model_cfg: ModelConfig, peft_cfg: PeftConfig, devi
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    form, offload = split_mode(v.memory)
     mcfg = replace(model_cfg, mixer="hf" if v.stock else "auto", attn_implementation="sdpa" if v.stock else "auto",
-                   gradient_checkpointing=v.ckpt, cuda_graphs=v.graphs)
+                   gradient_checkpointing=form, activation_offload=offload, cuda_graphs=v.graphs)
     torch.manual_seed(seed)
     model = build_model(mcfg, QuantConfig(method=v.quant), device)
     model = apply_peft(model, peft_cfg, fused=not v.stock)
@@ -168,6 +176,9 @@ def measure(v: Variant, model: nn.Module, steps: list, b: BenchConfig, device: t
         torch.cuda.reset_peak_memory_stats(device)
     n_linear = linear_weights(causal_lm(model))
     params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:  # a step that ran out of memory before may have left gradients
+        p.grad = None
+    offload = split_mode(v.memory)[1]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
     loss_fn = _stock_loss if v.stock else mean_loss
     times, tokens = [], []
@@ -178,7 +189,7 @@ def measure(v: Variant, model: nn.Module, steps: list, b: BenchConfig, device: t
         batch = to_device(to_batch(seqs, v.packed, v.stock), device)
         _sync(device)
         t0 = time.perf_counter()
-        with autocast_for(causal_lm(model), device):
+        with autocast_for(causal_lm(model), device), activation_memory(model, offload):
             loss = loss_fn(model, batch)
         loss.backward()
         if i == 0:
@@ -193,7 +204,7 @@ def measure(v: Variant, model: nn.Module, steps: list, b: BenchConfig, device: t
             raise RuntimeError(f"non-finite loss at step {i}")
     if b.profile:
         result["profile"] = _profile(model, loss_fn, to_device(to_batch(steps[-1], v.packed, v.stock), device),
-                                     opt, device, out_dir / f"profile_{v.name}{'_ckpt' if v.ckpt else ''}.txt")
+                                     opt, device, out_dir / f"profile_{v.name}{_suffix(v.memory)}.txt", offload)
     step = statistics.median(times)
     tps = statistics.median(t / s for t, s in zip(tokens, times))
     result.update(step_ms=1000 * step, tokens_per_sec=tps, tokens_per_step=statistics.mean(tokens),
@@ -205,6 +216,10 @@ def measure(v: Variant, model: nn.Module, steps: list, b: BenchConfig, device: t
         result["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     del opt
     return result
+
+
+def _suffix(mode: str) -> str:
+    return "" if mode == "none" else "_" + mode.replace("+", "_")
 
 
 def _guarded(result: dict, fn, *args) -> dict:  # noqa: ANN001, ANN002
@@ -227,7 +242,7 @@ def _release(device: torch.device) -> None:
 def run_variant(v: Variant, model_cfg: ModelConfig, peft_cfg: PeftConfig, steps: list, b: BenchConfig,
                 device: torch.device, seed: int, out_dir: Path = Path(".")) -> dict:
     """Build the model for `v`, run the steps, return the measurements (or the error it hit)."""
-    result: dict = {"variant": v.name, "activation_checkpointing": v.ckpt}
+    result: dict = {"variant": v.name, "memory_mode": v.memory}
     _guarded(result, build_variant, v, model_cfg, peft_cfg, device, seed)
     model = result.pop("model", None)
     if model is not None:
@@ -258,29 +273,50 @@ def _adapter_coverage(model: nn.Module) -> tuple[int, int]:
     return sum(1 for p in bs if p.grad is not None and bool(p.grad.abs().max() > 0)), len(bs)
 
 
+def variant(name: str, key: str = "bench.variants") -> Variant:
+    if name not in VARIANTS:
+        raise ConfigError(f"{key}: unknown '{name}'.{suggest(name, VARIANTS)} Valid: {', '.join(VARIANTS)}")
+    return VARIANTS[name]
+
+
 def seq_scaling(lengths: list[int], model_cfg: ModelConfig, peft_cfg: PeftConfig, b: BenchConfig,
                 device: torch.device, seed: int, vocab: int) -> Iterator[dict]:
-    """One sequence per step at each length, for each setting of `bench.activation_checkpointing`; OOM is recorded.
+    """One sequence per step at each length, for each of `bench.seq_scaling_variants` under each of
+    `bench.memory_modes`; out of memory is a result, and ends that mode's lengths.
 
-    One model per checkpointing setting serves every length (building a 9B model costs more than its steps).
-    Yields one row per length as it is measured.
+    One model per variant serves every mode and length (building a 9B model costs more than its steps): the
+    modes switch its layers' checkpointing and the offload hooks. Yields one row per length as it is measured.
     """
-    for ckpt in b.activation_checkpointing:
-        v = Variant("bamba_ft", stock=False, packed=True, ckpt=ckpt)
+    for name in b.seq_scaling_variants:
+        v = variant(name, "bench.seq_scaling_variants")
         built = _guarded({}, build_variant, v, model_cfg, peft_cfg, device, seed)
         model = built.pop("model", None)
-        for n in lengths:
-            bb = replace(b, workload="fixed", median_len=n, max_len=n, seqs_per_step=1, warmup_steps=1, steps=2,
-                         rehearse=False, profile=False)
-            row = {"variant": v.name, "activation_checkpointing": ckpt, "seq_len": n} | built
+        for mode in b.memory_modes:
             if model is not None:
-                _guarded(row, measure, v, model, make_steps(bb, vocab, seed), bb, device)
-            _release(device)
-            yield row
-            if "error" in row:
-                break  # longer sequences will not fit either
+                apply_checkpointing(model, split_mode(mode)[0])
+            for n in lengths:
+                bb = replace(b, workload="fixed", median_len=n, max_len=n, seqs_per_step=1, warmup_steps=1,
+                             steps=b.seq_scaling_steps, rehearse=False, profile=False)
+                row = {"variant": v.name, "memory_mode": mode, "seq_len": n} | built
+                if model is not None:
+                    _guarded(row, measure, replace(v, memory=mode), model, make_steps(bb, vocab, seed), bb, device)
+                _release(device)
+                yield row
+                if "error" in row:
+                    break  # longer sequences will not fit either
         del model
         _release(device)
+
+
+def longest_trained(rows: list[dict]) -> dict[str, int | None]:
+    """{"variant mode": the longest sequence that trained (None: not even the shortest)} of a scaling sweep."""
+    out: dict[str, int | None] = {}
+    for r in rows:
+        key = f"{r['variant']} {r['memory_mode']}"
+        out.setdefault(key, None)
+        if "error" not in r:
+            out[key] = max(out[key] or 0, r["seq_len"])
+    return out
 
 
 def mixer_only(model_cfg: ModelConfig, b: BenchConfig, device: torch.device, seed: int) -> dict:
@@ -340,9 +376,9 @@ def data_pipeline(n: int) -> dict:
 
 def _row(r: dict, ref: dict | None) -> list[str]:
     if "error" in r:
-        return [r["variant"], "yes" if r["activation_checkpointing"] else "no", r["error"], "", "", "", "", ""]
+        return [r["variant"], r["memory_mode"], r["error"], "", "", "", "", ""]
     ratio = f"{r['tokens_per_sec'] / ref['tokens_per_sec']:.2f}x" if ref and "tokens_per_sec" in ref else "-"
-    return [r["variant"], "yes" if r["activation_checkpointing"] else "no", f"{r['tokens_per_sec']:,.0f}", ratio,
+    return [r["variant"], r["memory_mode"], f"{r['tokens_per_sec']:,.0f}", ratio,
             f"{r['step_ms']:.0f}", f"{r.get('peak_gib', float('nan')):.1f}", f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-",
             f"{r['adapters_with_grad']}/{r['adapters']}"]
 
@@ -354,18 +390,20 @@ def markdown(results: dict) -> str:
     b = results["bench"]
     shapes = "each timed batch run once before (repeated shapes)" if b.get("rehearse") else "each a new packed length"
     lines += [f"{b['warmup_steps']} warm-up steps, {b['steps']} timed steps ({shapes}), median reported", ""]
-    header = ["variant", "act. ckpt", "real tokens/s", "vs hf_padfree", "step ms", "peak GiB", "MFU", "adapters w/ grad"]
+    header = ["variant", "memory", "real tokens/s", "vs hf_padfree", "step ms", "peak GiB", "MFU", "adapters w/ grad"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results["runs"]:
         ref = next((x for x in results["runs"] if x["variant"] == "hf_padfree"
-                    and x["activation_checkpointing"] == r["activation_checkpointing"]), None)
+                    and x["memory_mode"] == r["memory_mode"]), None)
         lines.append("| " + " | ".join(_row(r, ref)) + " |")
     if results.get("seq_scaling"):
-        lines += ["", "| seq len | act. ckpt | tokens/s | peak GiB |", "|---|---|---|---|"]
+        lines += ["", "| variant | memory | seq len | tokens/s | peak GiB |", "|---|---|---|---|---|"]
         for r in results["seq_scaling"]:
             val = r.get("error") or f"{r['tokens_per_sec']:,.0f}"
-            lines.append(f"| {r['seq_len']} | {'yes' if r['activation_checkpointing'] else 'no'} | {val} | "
-                         f"{r.get('peak_gib', float('nan')):.1f} |")
+            peak = f"{r['peak_gib']:.1f}" if "peak_gib" in r and "error" not in r else ""
+            lines.append(f"| {r['variant']} | {r['memory_mode']} | {r['seq_len']} | {val} | {peak} |")
+        lines += ["", "longest sequence trained: " + ", ".join(
+            f"{k} {v:,}" if v else f"{k} none" for k, v in results["longest_trained"].items())]
     if results.get("mixer_only"):
         m = results["mixer_only"]
         lines += ["", f"one mixer, forward+backward, padded batch {m['batch'][0]}x{m['batch'][1]}: transformers "
@@ -387,6 +425,10 @@ def run(cfg: TrainConfig) -> dict:
     if mcfg.shape is None:
         mcfg = replace(mcfg, shape="bamba-9b" if device.type == "cuda" else "tiny")
     vocab = SHAPES[mcfg.shape]["vocab_size"]
+    for name in b.variants:  # a misspelt name fails before anything is measured
+        variant(name)
+    for name in b.seq_scaling_variants if b.seq_scaling else []:
+        variant(name, "bench.seq_scaling_variants")
     steps = make_steps(b, vocab, cfg.trainer.seed)
     results: dict = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -394,11 +436,9 @@ def run(cfg: TrainConfig) -> dict:
         "date": time.strftime("%Y-%m-%d"), "runs": [],
     }
     out = Path(b.output) if Path(b.output).is_absolute() else Path(cfg.output_dir) / b.output
-    for ckpt in b.activation_checkpointing:
+    for mode in b.memory_modes:
         for name in b.variants:
-            if name not in VARIANTS:
-                raise ConfigError(f"bench.variants: unknown '{name}'.{suggest(name, VARIANTS)} Valid: {', '.join(VARIANTS)}")
-            r = run_variant(replace(VARIANTS[name], ckpt=ckpt), mcfg, cfg.peft, steps, b, device, cfg.trainer.seed,
+            r = run_variant(replace(variant(name), memory=mode), mcfg, cfg.peft, steps, b, device, cfg.trainer.seed,
                             Path(cfg.output_dir))
             log.info("bench %s: %s", name, json.dumps(r))
             results["runs"].append(r)
@@ -408,6 +448,7 @@ def run(cfg: TrainConfig) -> dict:
         for row in seq_scaling(list(b.seq_scaling), mcfg, cfg.peft, b, device, cfg.trainer.seed, vocab):
             log.info("bench seq_len %d: %s", row["seq_len"], json.dumps(row))
             results["seq_scaling"].append(row)
+            results["longest_trained"] = longest_trained(results["seq_scaling"])
             atomic_write_json(out, results)
     if b.data_pipeline_examples:
         results["data_pipeline"] = data_pipeline(b.data_pipeline_examples)
