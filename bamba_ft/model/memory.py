@@ -22,7 +22,7 @@ from torch import nn
 from torch.autograd.graph import save_on_cpu, saved_tensors_hooks
 
 from bamba_ft.config.schema import TrainConfig, checkpointing_problem
-from bamba_ft.errors import BambaFTError, ModelError
+from bamba_ft.errors import DeviceMemoryError, ModelError
 from bamba_ft.ops.loss import causal_lm
 
 log = logging.getLogger(__name__)
@@ -110,30 +110,32 @@ def describe(mode: str, offload: bool) -> str:
     return f"model.gradient_checkpointing={mode}, model.activation_offload={str(offload).lower()}"
 
 
-def out_of_memory_error(cfg: TrainConfig, where: str, batch: tuple[int, int] | None, error: BaseException) -> BambaFTError:
+def out_of_memory_error(cfg: TrainConfig, where: str, batch: tuple[int, int] | None,
+                        error: BaseException) -> DeviceMemoryError:
     """What ran out of memory, under which settings, and the overrides that lower activation memory."""
     m, d = cfg.model, cfg.data
     first = (str(error).strip().splitlines() or [type(error).__name__])[0]
     size = f"{batch[0]:,} tokens, longest sequence {batch[1]:,}" if batch else "size unknown"
     fixes = []
     if m.gradient_checkpointing != "all":
-        fixes.append("model.gradient_checkpointing=all   keep only each decoder layer's input; recompute the rest "
-                     "in backward (about a third more compute)")
+        fixes.append(("model.gradient_checkpointing=all",
+                      "keep only each decoder layer's input; recompute the rest in backward (about a third more compute)"))
     if not m.activation_offload:
-        fixes.append("model.activation_offload=true      hold the saved activations in pinned host memory "
-                     "(device-host copies each step)")
+        fixes.append(("model.activation_offload=true", "hold the saved activations in pinned host memory "
+                      "(device-host copies each step)"))
     if d.packing:
         half = max(1, d.max_tokens_per_batch // 2)
-        fixes.append(f"data.max_tokens_per_batch={half:<8}  fewer tokens per batch"
-                     + (f" (with data.max_seq_len={half}: one sequence of {d.max_seq_len:,} tokens fills a batch)"
-                        if d.max_seq_len > half else ""))
+        fixes.append((f"data.max_tokens_per_batch={half}", "fewer tokens per batch" + (
+            f" (with data.max_seq_len={half}: one sequence of {d.max_seq_len:,} tokens fills a batch)"
+            if d.max_seq_len > half else "")))
         limits = f"data.max_tokens_per_batch={d.max_tokens_per_batch}, data.max_seq_len={d.max_seq_len}"
     else:
-        fixes.append(f"data.batch_size={max(1, d.batch_size // 2):<16}  fewer rows per batch (or a lower data.max_seq_len)")
+        fixes.append((f"data.batch_size={max(1, d.batch_size // 2)}", "fewer rows per batch (or a lower data.max_seq_len)"))
         limits = f"padded: data.batch_size={d.batch_size}, data.max_seq_len={d.max_seq_len}"
-    return BambaFTError(
+    width = max(len(k) for k, _ in fixes)
+    return DeviceMemoryError(
         f"out of memory in {where} ({first[:200]}).\n"
         f"  batch: {size} ({limits})\n"
         f"  memory mode: {describe(m.gradient_checkpointing, m.activation_offload)}\n"
-        "Fix, one or more of:\n" + "\n".join("  " + f for f in fixes)
+        "Fix, one or more of:\n" + "\n".join(f"  {k.ljust(width)}  {why}" for k, why in fixes)
     )
