@@ -300,8 +300,8 @@ def seq_scaling(lengths: list[int], model_cfg: ModelConfig, peft_cfg: PeftConfig
                 row = {"variant": v.name, "memory_mode": mode, "seq_len": n} | built
                 if model is not None:
                     _guarded(row, measure, replace(v, memory=mode), model, make_steps(bb, vocab, seed), bb, device)
+                yield row  # recorded before the release, which a device fault can make raise
                 _release(device)
-                yield row
                 if "error" in row:
                     break  # longer sequences will not fit either
         del model
