@@ -214,6 +214,8 @@ def measure(v: Variant, model: nn.Module, steps: list, b: BenchConfig, device: t
         result["mfu"] = 4 * n_linear * tps / peak
     if device.type == "cuda":
         result["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if offload and hasattr(torch.cuda.memory, "host_memory_stats"):  # pinned host memory the offload held
+            result["host_pinned_gib"] = torch.cuda.memory.host_memory_stats().get("allocated_bytes.current", 0) / 2**30
     del opt
     return result
 
@@ -237,6 +239,13 @@ def _release(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+        # Pinned blocks that offload left cached are sized per length (rounded up to a power of two) and not
+        # reused by longer rows: without this a sweep to 262k tokens would hold ~120 GiB of host memory.
+        # torch names the call differently across versions; none available leaves the cache as it is.
+        for name in ("_accelerator_emptyHostCache", "_host_emptyCache"):
+            if hasattr(torch._C, name):
+                getattr(torch._C, name)()
+                break
 
 
 def run_variant(v: Variant, model_cfg: ModelConfig, peft_cfg: PeftConfig, steps: list, b: BenchConfig,
