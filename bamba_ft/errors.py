@@ -29,6 +29,10 @@ class ModelError(BambaFTError):
     """A checkpoint, tokenizer or model option that cannot be used."""
 
 
+class DeviceMemoryError(BambaFTError):
+    """The accelerator ran out of memory in training; the message names the batch, the memory mode and the fixes."""
+
+
 class Problems:
     """Collects problems so that every one is reported in one error."""
 

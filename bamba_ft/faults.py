@@ -20,6 +20,11 @@ Points (name: where the process dies):
   adapter.before_rename  the trained adapter (or full weights) and tokenizer written to .adapter.partial, not yet renamed
 
 A point written `name@N` fires the N-th time it is reached (`checkpoint.before_rename@2`: the second save).
+
+Raising points (name: where an exception is raised instead, standing in for a failure that cannot be provoked on
+every machine):
+  train.forward_oom      torch.OutOfMemoryError at the start of a training forward: the first is the gradient
+                         probe before training, the second the first training step
 """
 
 from __future__ import annotations
@@ -27,19 +32,31 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 ENV = "BAMBA_FT_FAULT"
 _hits: dict[str, int] = {}  # times each point was reached in this process
 
 
-def fault_point(name: str) -> None:
-    """SIGKILL this process if `name` is listed in the BAMBA_FT_FAULT environment variable."""
+def _fires(name: str) -> bool:
     wanted = os.environ.get(ENV)
     if not wanted:
-        return
+        return False
     # `name@N` fires on the N-th time the point is reached (e.g. the second periodic checkpoint), `name` on the first
     _hits[name] = _hits.get(name, 0) + 1
-    if not any(p.strip() in (name, f"{name}@{_hits[name]}") for p in wanted.split(",")):
+    return any(p.strip() in (name, f"{name}@{_hits[name]}") for p in wanted.split(","))
+
+
+def raise_point(name: str, error: Callable[[], BaseException]) -> None:
+    """Raise `error()` if `name` is listed in the BAMBA_FT_FAULT environment variable."""
+    if _fires(name):
+        sys.stderr.write(f"{ENV}: raising at {name}\n")
+        raise error()
+
+
+def fault_point(name: str) -> None:
+    """SIGKILL this process if `name` is listed in the BAMBA_FT_FAULT environment variable."""
+    if not _fires(name):
         return
     # Announce before dying so a test can tell "killed here" from "crashed earlier"; stderr may be a pipe.
     sys.stderr.write(f"{ENV}: killing process {os.getpid()} at {name}\n")

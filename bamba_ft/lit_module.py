@@ -12,6 +12,8 @@ from torch import nn
 
 from bamba_ft.config.schema import OptimConfig
 from bamba_ft.errors import ModelError
+from bamba_ft.faults import raise_point
+from bamba_ft.model.memory import activation_memory
 from bamba_ft.ops.loss import loss_sum_and_count
 
 
@@ -26,11 +28,36 @@ def lr_lambda(step: int, warmup: int, total: int, schedule: str, floor: float) -
     return floor + (1.0 - floor) * shape
 
 
+def batch_tokens(batch: dict) -> tuple[int, int]:
+    """(tokens in the batch, longest sequence in it): packed rows by their boundaries, padded rows by their mask."""
+    if "cu_seq_lens_q" in batch:
+        cu = batch["cu_seq_lens_q"]
+        return int(cu[-1]), int((cu[1:] - cu[:-1]).max())
+    mask = batch.get("attention_mask")
+    if mask is None:
+        return batch["input_ids"].numel(), batch["input_ids"].shape[-1]
+    return int(mask.sum()), int(mask.sum(-1).max())
+
+
+def training_loss(model: nn.Module, batch: dict, offload: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed loss, target tokens) of a forward whose saved tensors go to host memory when `offload`."""
+    raise_point("train.forward_oom", lambda: torch.OutOfMemoryError("CUDA out of memory (injected by BAMBA_FT_FAULT)"))
+    with activation_memory(model, offload):
+        return loss_sum_and_count(model, batch)
+
+
+def training_mean_loss(model: nn.Module, batch: dict, offload: bool) -> torch.Tensor:
+    total, count = training_loss(model, batch, offload)
+    return total / count.clamp(min=1)
+
+
 class BambaLitModule(L.LightningModule):
-    def __init__(self, model: nn.Module, optim: OptimConfig) -> None:
+    def __init__(self, model: nn.Module, optim: OptimConfig, activation_offload: bool = False) -> None:
         super().__init__()
         self.model = model
         self.optim = optim
+        self.activation_offload = activation_offload
+        self.last_batch: tuple[int, int] | None = None  # (tokens, longest sequence) of the latest training batch
         # Checkpoints hold only trainable tensors (the frozen base is reloaded from its source).
         self.strict_loading = False
         self._val_sum = self._val_count = None
@@ -46,8 +73,8 @@ class BambaLitModule(L.LightningModule):
         return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        total, count = self(batch)
-        loss = total / count.clamp(min=1)
+        self.last_batch = batch_tokens(batch)
+        loss = training_mean_loss(self.model, batch, self.activation_offload)
         self._tokens += self.real_tokens(batch)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss

@@ -35,11 +35,19 @@ class ModelConfig:
     """Attention kernel: auto | sdpa | eager | flash_attention_2 | varlen (torch's varlen flash attention, CUDA)."""
     mixer: str = "auto"
     """Mamba-2 mixer path: auto | kernels (mamba-ssm + causal-conv1d) | torch (exact reference) | hf (stock transformers; refuses packing)."""
-    gradient_checkpointing: bool = False
-    """Recompute each decoder layer in backward: less activation memory, about a third more compute."""
+    gradient_checkpointing: str = "none"
+    """Decoder layers (each whole: norm, mixer or attention, MLP) recomputed in backward, so that only their input
+    is kept: none | all | mamba (the Mamba-2 layers) | attention (the attention layers) | every-K (layers 0, K, 2K, ...).
+    `all` costs about a third more compute; true/false (older configs) mean all/none."""
+    activation_offload: bool = False
+    """Hold the tensors autograd saves for backward (the checkpointed layers' inputs included) in pinned host memory
+    instead of on the GPU: device memory stops growing with them, each step copies them out and back."""
     cuda_graphs: bool = False
     """Experimental: replay the Mamba-2 mixer's conv+scan kernels as CUDA graphs (CUDA kernels backend only).
     Less CPU per step, more device copies; no net speed-up measured yet (BENCHMARKS.md)."""
+
+    def __post_init__(self) -> None:
+        self.gradient_checkpointing = canonical_checkpointing(self.gradient_checkpointing)
 
 
 @dataclass
@@ -303,13 +311,20 @@ class BenchConfig:
     """Timed steps (median reported)."""
     variants: list[str] = field(default_factory=lambda: ["hf_padded", "hf_padfree", "bamba_ft", "bamba_ft_nf4"])
     """Which paths to run, in order."""
-    activation_checkpointing: list[bool] = field(default_factory=lambda: [False])
-    """Run each variant with and/or without activation checkpointing."""
+    memory_modes: list[str] = field(default_factory=lambda: ["none"])
+    """Memory settings to run each variant, the scaling sweep and the budget sweep under: a
+    `model.gradient_checkpointing` form, optionally `+offload` (model.activation_offload=true),
+    e.g. [none, mamba, all, all+offload]."""
     token_budgets: list[int] = field(default_factory=list)
     """Token budgets per step (as data.max_tokens_per_batch packs them) for the budget sweep of bamba_ft and
-    hf_padfree, e.g. [4096, 8192, 16384, 32768, 65536]; follows bench.activation_checkpointing; OOM is recorded."""
+    hf_padfree, e.g. [4096, 8192, 16384, 32768, 65536]; runs under every bench.memory_modes entry; OOM is
+    recorded."""
     seq_scaling: list[int] = field(default_factory=list)
     """Sequence lengths for the scaling sweep (one sequence per step), e.g. [2048, 4096, 8192]."""
+    seq_scaling_variants: list[str] = field(default_factory=lambda: ["bamba_ft"])
+    """Variants (packed ones, see bench.variants) the scaling sweep runs, each under every memory mode."""
+    seq_scaling_steps: int = 2
+    """Timed steps per length in the scaling sweep, after one warm-up step."""
     data_pipeline_examples: int = 0
     """Tokenize+pack this many generated examples and report throughput (0: skip)."""
     profile: bool = False
@@ -386,6 +401,35 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+CHECKPOINT_FORMS = "none, all, mamba, attention, every-K (K >= 1; every-2: layers 0, 2, 4, ...)"
+_BOOLS = {"true": "all", "false": "none"}
+
+
+def canonical_checkpointing(value: Any) -> Any:
+    """true/false (bool, or the string OmegaConf makes of one) -> all/none; anything else unchanged."""
+    return _BOOLS.get(str(value).lower(), value) if isinstance(value, (bool, str)) else value
+
+
+def checkpointing_problem(value: Any, key: str = "model.gradient_checkpointing") -> str | None:
+    """None if `value` is a valid checkpointing form, else a message naming `key` and the valid forms."""
+    value = canonical_checkpointing(value)
+    if value in ("none", "all", "mamba", "attention"):
+        return None
+    k = str(value).removeprefix("every-")
+    if str(value).startswith("every-") and k.isdigit() and int(k) >= 1:
+        return None
+    return f"{key}={value!r} is not a checkpointing form. Valid: {CHECKPOINT_FORMS}."
+
+
+def memory_mode_problem(mode: str) -> str | None:
+    """None if `mode` is `<checkpointing form>[+offload]` (a bench.memory_modes entry), else what is wrong."""
+    form, _, rest = str(mode).partition("+")
+    if rest not in ("", "offload"):
+        return f"bench.memory_modes: {mode!r} is not <checkpointing>[+offload] (e.g. all+offload)."
+    problem = checkpointing_problem(form, "bench.memory_modes")
+    return problem and f"{problem} Optionally followed by +offload."
+
+
 def _get(cfg: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         cfg = getattr(cfg, part)
@@ -402,6 +446,7 @@ def validate(cfg: TrainConfig) -> None:
                 f"{key}={value!r} is not an option.{suggest(str(value), options)} Valid: {', '.join(options)}"
             )
     positive = {
+        "bench.seq_scaling_steps": cfg.bench.seq_scaling_steps,
         "peft.r": cfg.peft.r,
         "data.max_seq_len": cfg.data.max_seq_len,
         "data.max_tokens_per_batch": cfg.data.max_tokens_per_batch,
@@ -454,6 +499,14 @@ def validate(cfg: TrainConfig) -> None:
             "has nothing to train in them.\nFix: use peft=lora with a quantized base (recipe=qlora), or quant=none."
         )
     _validate_bench(cfg.bench, problems)
+    for problem in [checkpointing_problem(cfg.model.gradient_checkpointing)] + [
+            memory_mode_problem(m) for m in cfg.bench.memory_modes]:
+        if problem:
+            problems.add(problem)
+    if cfg.model.activation_offload and cfg.trainer.strategy == "fsdp":
+        problems.add("model.activation_offload=true with trainer.strategy=fsdp: the offload keeps parameters on the "
+                     "device by their storage, which FSDP gathers only during the forward, so every gathered weight "
+                     "would be copied to the host as well.\nFix: model.activation_offload=false (or strategy=ddp).")
     if cfg.export.push_to_hub and not cfg.export.repo_id:
         problems.add("export.push_to_hub=true needs export.repo_id=org/name.")
     if cfg.sweep.gpus_per_job < 0:
@@ -475,6 +528,9 @@ def _validate_bench(b: BenchConfig, problems: Problems) -> None:
                      "'bench.rehearse=[false,true]'.")
     elif len(set(settings)) != len(settings):
         problems.add(f"bench.rehearse={list(settings)} names a regime twice. Fix: 'bench.rehearse=[false,true]'.")
+    if not b.memory_modes or len(set(b.memory_modes)) != len(b.memory_modes):
+        problems.add(f"bench.memory_modes={list(b.memory_modes)} must name each mode once, e.g. "
+                     "'bench.memory_modes=[none,all]'.")
     if b.repeats < 1:
         problems.add(f"bench.repeats={b.repeats} must be at least 1 (3 or more for a Headline).")
     if any(n < 8 for n in b.token_budgets):

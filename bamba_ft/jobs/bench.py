@@ -9,6 +9,8 @@ Variants (bench.variants):
 - bamba_ft_graphs: the same with the mixer's conv+scan replayed as CUDA graphs (`model.cuda_graphs=true`);
 - bamba_ft_padded: the same on hf_padded's padded batches (same work as hf_padded, to compare the paths);
 - bamba_ft_nf4 / bamba_ft_int8: the same on a torchao-quantized base (QLoRA).
+Each variant runs under every `bench.memory_modes` entry (a model.gradient_checkpointing form, optionally
+`+offload`); a built model serves every mode, which switches its layers' checkpointing and the offload hooks.
 `bench.repeats` measures every variant again after the others (interleaved), each run on fresh batches, and
 reuses the built models; `bench.rehearse` may list both warm-up regimes. Sweeps live in bench_sweeps.py and the
 report (medians, ranges, ratios, the Headline line) in bench_report.py.
@@ -46,6 +48,7 @@ from bamba_ft.jobs.report import atomic_write_json, atomic_write_text
 from bamba_ft.jobs.runtime import autocast_for, choose_device, to_device
 from bamba_ft.model.build import build_model
 from bamba_ft.model.lora import apply_peft
+from bamba_ft.model.memory import activation_memory, apply_checkpointing
 from bamba_ft.model.quant import base_weight_bytes
 from bamba_ft.model.shapes import SHAPES
 from bamba_ft.ops.loss import causal_lm, mean_loss
@@ -62,7 +65,7 @@ class Variant:
     stock: bool  # transformers' mixer, attention (sdpa) and loss
     packed: bool
     quant: str = "none"
-    ckpt: bool = False
+    memory: str = "none"  # a bench.memory_modes entry: checkpointing form [+offload]
     graphs: bool = False  # bamba_ft's conv+scan replayed as CUDA graphs
     cudnn_attention: bool = True  # False: torch's SDPA may not pick cuDNN (which plans each new shape)
 
@@ -77,6 +80,12 @@ VARIANTS = {
     "bamba_ft_nf4": Variant("bamba_ft_nf4", stock=False, packed=True, quant="nf4"),
     "bamba_ft_int8": Variant("bamba_ft_int8", stock=False, packed=True, quant="int8"),
 }
+
+
+def split_mode(mode: str) -> tuple[str, bool]:
+    """`all+offload` -> ("all", True): (model.gradient_checkpointing, model.activation_offload)."""
+    form, _, offload = mode.partition("+")
+    return form, offload == "offload"
 
 
 def sample_lengths(b: BenchConfig, n: int, seed: int) -> list[int]:
@@ -140,7 +149,7 @@ def _stock_loss(model: nn.Module, batch: dict) -> torch.Tensor:
 
 
 def _profile(model: nn.Module, loss_fn, batch: dict, opt: torch.optim.Optimizer, device: torch.device,  # noqa: ANN001
-             path: Path) -> str:
+             path: Path, offload: bool) -> str:
     """Two profiled training steps; the per-kernel table (sorted by device time) goes to `path`."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -150,7 +159,7 @@ def _profile(model: nn.Module, loss_fn, batch: dict, opt: torch.optim.Optimizer,
     with profile(activities=activities) as prof:
         t0 = time.perf_counter()
         for _ in range(2):
-            with autocast_for(causal_lm(model), device):
+            with autocast_for(causal_lm(model), device), activation_memory(model, offload):
                 loss = loss_fn(model, batch)
             loss.backward()
             opt.step()
@@ -177,8 +186,9 @@ def build_variant(v: Variant, model_cfg: ModelConfig, peft_cfg: PeftConfig, devi
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)  # models of other variants kept for later repeats
+    form, offload = split_mode(v.memory)
     mcfg = replace(model_cfg, mixer="hf" if v.stock else "auto", attn_implementation="sdpa" if v.stock else "auto",
-                   gradient_checkpointing=v.ckpt, cuda_graphs=v.graphs)
+                   gradient_checkpointing=form, activation_offload=offload, cuda_graphs=v.graphs)
     torch.manual_seed(seed)
     model = build_model(mcfg, QuantConfig(method=v.quant), device)
     model = apply_peft(model, peft_cfg, fused=not v.stock)
@@ -192,7 +202,8 @@ def build_variant(v: Variant, model_cfg: ModelConfig, peft_cfg: PeftConfig, devi
 
 def measure(v: Variant, model: nn.Module, steps: list, b: BenchConfig, device: torch.device,
             out_dir: Path = Path("."), resident_bytes: int | None = None) -> dict:
-    """Train `model` on `steps` (a fresh optimizer); step time, tokens/s, peak memory and adapter coverage.
+    """Train `model` on `steps` (a fresh optimizer) under `v.memory`; step time, tokens/s, peak memory and adapter
+    coverage.
 
     `resident_bytes`: what the model itself holds on the device; memory held by other models kept for later
     repeats is then left out of the peak, so it reads as in a process holding this model alone.
@@ -203,6 +214,8 @@ def measure(v: Variant, model: nn.Module, steps: list, b: BenchConfig, device: t
         torch.cuda.reset_peak_memory_stats(device)
         start = torch.cuda.memory_allocated(device)
         others = start - (start if resident_bytes is None else resident_bytes)
+    form, offload = split_mode(v.memory)
+    apply_checkpointing(model, form)  # the model may have served another memory mode before
     n_linear = linear_weights(causal_lm(model))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
@@ -215,7 +228,7 @@ def measure(v: Variant, model: nn.Module, steps: list, b: BenchConfig, device: t
         batch = to_device(to_batch(seqs, v.packed, v.stock), device)
         sync_device(device)
         t0 = time.perf_counter()
-        with autocast_for(causal_lm(model), device):
+        with autocast_for(causal_lm(model), device), activation_memory(model, offload):
             loss = loss_fn(model, batch)
         loss.backward()
         if i == 0:
@@ -230,7 +243,7 @@ def measure(v: Variant, model: nn.Module, steps: list, b: BenchConfig, device: t
             raise RuntimeError(f"non-finite loss at step {i}")
     if b.profile:
         result["profile"] = _profile(model, loss_fn, to_device(to_batch(steps[-1], v.packed, v.stock), device),
-                                     opt, device, out_dir / f"profile_{v.name}{'_ckpt' if v.ckpt else ''}.txt")
+                                     opt, device, out_dir / f"profile_{v.name}{_suffix(v.memory)}.txt", offload)
     step = statistics.median(times)
     tps = statistics.median(t / s for t, s in zip(tokens, times))
     result.update(step_ms=1000 * step, tokens_per_sec=tps, tokens_per_step=statistics.mean(tokens),
@@ -240,8 +253,14 @@ def measure(v: Variant, model: nn.Module, steps: list, b: BenchConfig, device: t
         result["mfu"] = 4 * n_linear * tps / peak
     if device.type == "cuda":
         result["peak_gib"] = (torch.cuda.max_memory_allocated(device) - others) / 2**30
+        if offload and hasattr(torch.cuda.memory, "host_memory_stats"):  # pinned host memory the offload held
+            result["host_pinned_gib"] = torch.cuda.memory.host_memory_stats().get("allocated_bytes.current", 0) / 2**30
     del opt
     return result
+
+
+def _suffix(mode: str) -> str:
+    return "" if mode == "none" else "_" + mode.replace("+", "_")
 
 
 def guarded(result: dict, fn, *args) -> dict:  # noqa: ANN001, ANN002
@@ -265,12 +284,19 @@ def release(device: torch.device, collect: bool = True) -> None:
         gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+        # Pinned blocks that offload left cached are sized per length (rounded up to a power of two) and not
+        # reused by longer rows: without this a sweep to 262k tokens would hold ~120 GiB of host memory.
+        # torch names the call differently across versions; none available leaves the cache as it is.
+        for name in ("_accelerator_emptyHostCache", "_host_emptyCache"):
+            if hasattr(torch._C, name):
+                getattr(torch._C, name)()
+                break
 
 
 def run_variant(v: Variant, model_cfg: ModelConfig, peft_cfg: PeftConfig, steps: list, b: BenchConfig,
                 device: torch.device, seed: int, out_dir: Path = Path(".")) -> dict:
     """Build the model for `v`, run the steps, return the measurements (or the error it hit)."""
-    result: dict = {"variant": v.name, "activation_checkpointing": v.ckpt}
+    result: dict = {"variant": v.name, "memory_mode": v.memory}
     guarded(result, build_variant, v, model_cfg, peft_cfg, device, seed)
     model = result.pop("model", None)
     if model is not None:
@@ -311,44 +337,45 @@ def _adapter_coverage(model: nn.Module) -> tuple[int, int]:
     return sum(1 for p in bs if p.grad is not None and bool(p.grad.abs().max() > 0)), len(bs)
 
 
-def schedule(b: BenchConfig) -> list[tuple[bool, int, bool, str]]:
-    """(activation checkpointing, repeat, rehearse, variant) in run order: within each repeat every regime runs
-    every variant (A B C A B C ...), so slow drift of the machine reaches all variants alike."""
-    return [(ckpt, rep, rehearse, name) for ckpt in b.activation_checkpointing for rep in range(b.repeats)
+def schedule(b: BenchConfig) -> list[tuple[str, int, bool, str]]:
+    """(memory mode, repeat, rehearse, variant) in run order: within each repeat every regime runs every variant
+    (A B C A B C ...), so slow drift of the machine reaches all variants alike."""
+    return [(mode, rep, rehearse, name) for mode in b.memory_modes for rep in range(b.repeats)
             for rehearse in rehearse_settings(b) for name in b.variants]
 
 
 def _model_key(v: Variant) -> tuple:
-    """What building a variant's model depends on: variants that differ only in batches or attention backend share one."""
-    return v.stock, v.quant, v.ckpt, v.graphs
+    """What building a variant's model depends on: variants that differ only in batches, attention backend or
+    memory mode (which `measure` switches on the built model) share one."""
+    return v.stock, v.quant, v.graphs
 
 
 def run_interleaved(b: BenchConfig, model_cfg: ModelConfig, peft_cfg: PeftConfig, device: torch.device, seed: int,
                     vocab: int, out_dir: Path = Path(".")) -> Iterator[dict]:
     """Every measurement of `schedule(b)`, one row each as it is measured.
 
-    Each model is built at its first use and freed after its last, so repeats do not rebuild. Each (setting,
-    repeat, regime) gets fresh batches, shared by its variants, with packed lengths the run has not used before.
+    Each model is built at its first use and freed after its last, so repeats and memory modes do not rebuild.
+    Each (memory mode, repeat, regime) gets fresh batches, shared by its variants, with packed lengths the run has not used before.
     """
     order = schedule(b)
-    last_use = {_model_key(replace(VARIANTS[name], ckpt=ckpt)): i for i, (ckpt, _, _, name) in enumerate(order)}
+    last_use = {_model_key(VARIANTS[name]): i for i, (_, _, _, name) in enumerate(order)}
     models: dict[tuple, dict] = {}
     steps: dict[tuple, list] = {}
     seen: set[int] = set()
     first_regime = rehearse_settings(b)[0]
-    for i, (ckpt, rep, rehearse, name) in enumerate(order):
-        v = replace(VARIANTS[name], ckpt=ckpt)
-        if (ckpt, rep, rehearse) not in steps:  # the first batches keep the seed of a single run
-            steps[(ckpt, rep, rehearse)] = make_steps(b, vocab, seed + 1000 * len(steps), seen)
+    for i, (mode, rep, rehearse, name) in enumerate(order):
+        v = replace(VARIANTS[name], memory=mode)
+        if (mode, rep, rehearse) not in steps:  # the first batches keep the seed of a single run
+            steps[(mode, rep, rehearse)] = make_steps(b, vocab, seed + 1000 * len(steps), seen)
         key = _model_key(v)
         if key not in models:
             models[key] = guarded({}, build_variant, v, model_cfg, peft_cfg, device, seed)
         built = models[key]
-        row = {"variant": name, "activation_checkpointing": ckpt, "rehearse": rehearse, "repeat": rep}
+        row = {"variant": name, "memory_mode": mode, "rehearse": rehearse, "repeat": rep}
         row |= {k: x for k, x in built.items() if k != "model"}
         if "model" in built:
             bb = replace(b, rehearse=rehearse, profile=b.profile and rep == 0 and rehearse == first_regime)
-            measure_into(row, v, built["model"], steps[(ckpt, rep, rehearse)], bb, device, out_dir,
+            measure_into(row, v, built["model"], steps[(mode, rep, rehearse)], bb, device, out_dir,
                          built.get("resident_bytes"))
         built = None
         if last_use[key] == i:
@@ -358,15 +385,19 @@ def run_interleaved(b: BenchConfig, model_cfg: ModelConfig, peft_cfg: PeftConfig
 
 
 def _check_variants(b: BenchConfig) -> None:
-    unknown = [n for n in b.variants if n not in VARIANTS]
+    """A misspelt variant name (bench.variants, or bench.seq_scaling_variants when that sweep runs) fails before
+    anything is measured."""
+    named = [("bench.variants", n) for n in b.variants]
+    named += [("bench.seq_scaling_variants", n) for n in (b.seq_scaling_variants if b.seq_scaling else [])]
+    unknown = [(key, n) for key, n in named if n not in VARIANTS]
     if unknown:
-        raise ConfigError([f"bench.variants: unknown '{n}'.{suggest(n, VARIANTS)} Valid: {', '.join(VARIANTS)}"
-                           for n in unknown])
+        raise ConfigError([f"{key}: unknown '{n}'.{suggest(n, VARIANTS)} Valid: {', '.join(VARIANTS)}"
+                           for key, n in unknown])
 
 
 def run(cfg: TrainConfig) -> dict:
     from bamba_ft.jobs import bench_sweeps as sweeps
-    from bamba_ft.jobs.bench_report import budget_bests, headline, markdown, summarize
+    from bamba_ft.jobs.bench_report import budget_bests, headline, longest_trained, markdown, summarize
     from bamba_ft.jobs.model_card import library_versions
 
     b = cfg.bench
@@ -398,6 +429,7 @@ def run(cfg: TrainConfig) -> dict:
         for row in sweeps.seq_scaling(list(b.seq_scaling), mcfg, cfg.peft, b, device, seed, vocab):
             log.info("bench seq_len %d: %s", row["seq_len"], json.dumps(row))
             results["seq_scaling"].append(row)
+            results["longest_trained"] = longest_trained(results["seq_scaling"])
             atomic_write_json(out, results)
     if b.data_pipeline_examples:
         results["data_pipeline"] = sweeps.data_pipeline(b.data_pipeline_examples)

@@ -24,10 +24,11 @@ def _ok(runs: list[dict]) -> list[dict]:
     return [r for r in runs if "tokens_per_sec" in r]
 
 
-def per_repeat_ratios(runs: list[dict], variant: str, ckpt: bool, rehearse: bool) -> list[float]:
-    """`variant`'s tokens/s over the best hf_padfree* variant's, one ratio per repeat in which both ran."""
+def per_repeat_ratios(runs: list[dict], variant: str, mode: str, rehearse: bool) -> list[float]:
+    """`variant`'s tokens/s over the best hf_padfree* variant's under memory mode `mode`, one ratio per repeat in
+    which both ran."""
     ratios = []
-    group = [r for r in _ok(runs) if r["activation_checkpointing"] == ckpt and r.get("rehearse", False) == rehearse]
+    group = [r for r in _ok(runs) if r["memory_mode"] == mode and r.get("rehearse", False) == rehearse]
     for rep in sorted({r.get("repeat", 0) for r in group}):
         here = [r for r in group if r.get("repeat", 0) == rep]
         ref = max((r["tokens_per_sec"] for r in here if r["variant"].startswith(HF_PADFREE)), default=None)
@@ -38,16 +39,15 @@ def per_repeat_ratios(runs: list[dict], variant: str, ckpt: bool, rehearse: bool
 
 
 def summarize(runs: list[dict]) -> list[dict]:
-    """One row per (checkpointing, regime, variant), in first-run order: medians and ranges over its repeats."""
-    keys = list(dict.fromkeys((r["activation_checkpointing"], r.get("rehearse", False), r["variant"]) for r in runs))
+    """One row per (memory mode, regime, variant), in first-run order: medians and ranges over its repeats."""
+    keys = list(dict.fromkeys((r["memory_mode"], r.get("rehearse", False), r["variant"]) for r in runs))
     rows = []
-    for ckpt, rehearse, name in keys:
-        mine = [r for r in runs if (r["activation_checkpointing"], r.get("rehearse", False), r["variant"])
-                == (ckpt, rehearse, name)]
+    for mode, rehearse, name in keys:
+        mine = [r for r in runs if (r["memory_mode"], r.get("rehearse", False), r["variant"]) == (mode, rehearse, name)]
         ok = _ok(mine)
-        row = {"variant": name, "activation_checkpointing": ckpt, "rehearse": rehearse, "runs": len(mine),
+        row = {"variant": name, "memory_mode": mode, "rehearse": rehearse, "runs": len(mine),
                "tokens_per_sec": spread(r["tokens_per_sec"] for r in ok),
-               "vs_best_hf_padfree": spread(per_repeat_ratios(runs, name, ckpt, rehearse)),
+               "vs_best_hf_padfree": spread(per_repeat_ratios(runs, name, mode, rehearse)),
                "step_ms": spread(r["step_ms"] for r in ok),
                "mfu": spread(r["mfu"] for r in ok if "mfu" in r),
                "peak_gib": max((r["peak_gib"] for r in ok if "peak_gib" in r), default=None),
@@ -65,34 +65,45 @@ def _gpu_name(device: str) -> str:
 
 def headline(results: dict) -> str | None:
     """The one Headline line (bamba_ft against the best hf_padfree* variant, median of per-repeat ratios) for the
-    default regime: no checkpointing and new shapes where those ran. None below 3 repeats or 3 paired runs."""
+    default regime: memory mode none and new shapes where those ran. None below 3 repeats or 3 paired runs."""
     b = results["bench"]
     if b.get("repeats", 1) < MIN_HEADLINE_RUNS:
         return None
-    ckpts, regimes = list(b["activation_checkpointing"]), results.get("rehearse", [False])
-    ckpt = False if False in ckpts else ckpts[0]
+    modes, regimes = list(b["memory_modes"]), results.get("rehearse", [False])
+    mode = "none" if "none" in modes else modes[0]
     rehearse = False if False in regimes else regimes[0]
-    ratios = per_repeat_ratios(results["runs"], "bamba_ft", ckpt, rehearse)
+    ratios = per_repeat_ratios(results["runs"], "bamba_ft", mode, rehearse)
     if len(ratios) < MIN_HEADLINE_RUNS:
         return None
     peft = results.get("peft", {})
     method = f"LoRA r={peft.get('r')}" if peft.get("method", "lora") == "lora" else "full fine-tuning"
     shape = SHAPE_NAMES.get(results["shape"], results["shape"])
-    extra = ", activation checkpointing" if ckpt else ""
+    extra = "" if mode == "none" else f", memory mode {mode}"
     return (f"Headline: bamba_ft {statistics.median(ratios):.2f}x transformers padding-free (median of {len(ratios)} "
             f"interleaved runs, one {_gpu_name(results['device'])}, {shape} shape, {method}{extra}, "
             f"{REGIMES[rehearse]}: bench.rehearse={str(rehearse).lower()})")
 
 
 def budget_bests(rows: list[dict]) -> dict:
-    """The best tokens/s each stack reached over budgets and checkpointing settings, and their ratio."""
+    """The best tokens/s each stack reached over budgets and memory modes, and their ratio."""
     best: dict = {}
     for r in rows:
         if "tokens_per_sec" in r and r["tokens_per_sec"] > best.get(r["variant"], {}).get("tokens_per_sec", 0):
-            best[r["variant"]] = {k: r[k] for k in ("tokens_per_sec", "token_budget", "activation_checkpointing")}
+            best[r["variant"]] = {k: r[k] for k in ("tokens_per_sec", "token_budget", "memory_mode")}
     if "bamba_ft" in best and HF_PADFREE in best:
         best["ratio"] = best["bamba_ft"]["tokens_per_sec"] / best[HF_PADFREE]["tokens_per_sec"]
     return best
+
+
+def longest_trained(rows: list[dict]) -> dict[str, int | None]:
+    """{"variant mode": the longest sequence that trained (None: not even the shortest)} of a scaling sweep."""
+    out: dict[str, int | None] = {}
+    for r in rows:
+        key = f"{r['variant']} {r['memory_mode']}"
+        out.setdefault(key, None)
+        if "error" not in r:
+            out[key] = max(out[key] or 0, r["seq_len"])
+    return out
 
 
 def _range(s: dict | None, fmt: str) -> tuple[str, str]:
@@ -101,18 +112,14 @@ def _range(s: dict | None, fmt: str) -> tuple[str, str]:
     return format(s["median"], fmt), f"{format(s['min'], fmt)}–{format(s['max'], fmt)}"
 
 
-def _yes(flag: bool) -> str:
-    return "yes" if flag else "no"
-
-
 def _summary_lines(rows: list[dict], repeats: int) -> list[str]:
-    header = ["variant", "act. ckpt", "timed steps", "real tokens/s (median)", "min–max", "vs best hf_padfree* "
+    header = ["variant", "memory", "timed steps", "real tokens/s (median)", "min–max", "vs best hf_padfree* "
               "(median)", "ratio min–max", "step ms", "peak GiB", "MFU", "adapters w/ grad"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         regime = "rehearsed" if r["rehearse"] else "new shapes"
         if r["tokens_per_sec"] is None:
-            lines.append(f"| {r['variant']} | {_yes(r['activation_checkpointing'])} | {regime} | "
+            lines.append(f"| {r['variant']} | {r['memory_mode']} | {regime} | "
                          f"{'; '.join(r['errors'])} |" + " |" * (len(header) - 4))
             continue
         tps, tps_range = _range(r["tokens_per_sec"], ",.0f")
@@ -121,7 +128,7 @@ def _summary_lines(rows: list[dict], repeats: int) -> list[str]:
         mfu = f"{100 * r['mfu']['median']:.1f}%" if r["mfu"] else "-"
         peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
         failed = f" ({r['runs'] - r['tokens_per_sec']['n']} of {r['runs']} failed)" if r["errors"] else ""
-        lines.append(f"| {r['variant']} | {_yes(r['activation_checkpointing'])} | {regime} | {tps}{failed} | "
+        lines.append(f"| {r['variant']} | {r['memory_mode']} | {regime} | {tps}{failed} | "
                      f"{tps_range} | {ratio} | {ratio_range} | {r['step_ms']['median']:.0f} | {peak} | {mfu} | "
                      f"{r['adapters_with_grad']}/{r['adapters']} |")
     return lines
@@ -129,19 +136,19 @@ def _summary_lines(rows: list[dict], repeats: int) -> list[str]:
 
 def _budget_lines(rows: list[dict], bests: dict) -> list[str]:
     lines = ["", "Token budgets (steps packed as data.max_tokens_per_batch packs them):", "",
-             "| token budget | variant | act. ckpt | real tokens/step | tokens/s | peak GiB |", "|---|---|---|---|---|---|"]
+             "| token budget | variant | memory | real tokens/step | tokens/s | peak GiB |", "|---|---|---|---|---|---|"]
     for r in rows:
         if "tokens_per_sec" in r:
             peak = f"{r['peak_gib']:.1f}" if "peak_gib" in r else "-"
             cells = f"{r['tokens_per_step']:,.0f} | {r['tokens_per_sec']:,.0f} | {peak}"
         else:
             cells = f" | {r['error']} | "
-        lines.append(f"| {r['token_budget']} | {r['variant']} | {_yes(r['activation_checkpointing'])} | {cells} |")
+        lines.append(f"| {r['token_budget']} | {r['variant']} | {r['memory_mode']} | {cells} |")
     for name in ("bamba_ft", HF_PADFREE):
         if name in bests:
             x = bests[name]
             lines.append(f"\nbest {name}: {x['tokens_per_sec']:,.0f} tokens/s (budget {x['token_budget']}, "
-                         f"act. ckpt {_yes(x['activation_checkpointing'])})")
+                         f"memory {x['memory_mode']})")
     if "ratio" in bests:
         lines.append(f"\nbest bamba_ft / best {HF_PADFREE}: {bests['ratio']:.2f}x")
     return lines
@@ -150,11 +157,14 @@ def _budget_lines(rows: list[dict], bests: dict) -> list[str]:
 def _extra_lines(results: dict) -> list[str]:
     lines = []
     if results.get("seq_scaling"):
-        lines += ["", "| seq len | act. ckpt | tokens/s | peak GiB |", "|---|---|---|---|"]
+        lines += ["", "| variant | memory | seq len | tokens/s | peak GiB |", "|---|---|---|---|---|"]
         for r in results["seq_scaling"]:
             val = r.get("error") or f"{r['tokens_per_sec']:,.0f}"
-            lines.append(f"| {r['seq_len']} | {_yes(r['activation_checkpointing'])} | {val} | "
-                         f"{r.get('peak_gib', float('nan')):.1f} |")
+            peak = f"{r['peak_gib']:.1f}" if "peak_gib" in r and "error" not in r else ""
+            lines.append(f"| {r['variant']} | {r['memory_mode']} | {r['seq_len']} | {val} | {peak} |")
+        longest = results.get("longest_trained") or longest_trained(results["seq_scaling"])
+        lines += ["", "longest sequence trained: " + ", ".join(
+            f"{k} {v:,}" if v else f"{k} none" for k, v in longest.items())]
     if results.get("mixer_only"):
         m = results["mixer_only"]
         lines += ["", f"one mixer, forward+backward, padded batch {m['batch'][0]}x{m['batch'][1]}: transformers "

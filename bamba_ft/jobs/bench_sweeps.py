@@ -15,7 +15,6 @@ from bamba_ft.errors import ConfigError
 from bamba_ft.jobs.bench import (
     OOM,
     VARIANTS,
-    Variant,
     build_variant,
     guarded,
     make_steps,
@@ -43,21 +42,21 @@ def budget_steps(b: BenchConfig, budget: int, vocab: int, seed: int) -> list[lis
 
 def token_budgets(model_cfg: ModelConfig, peft_cfg: PeftConfig, b: BenchConfig, device: torch.device, seed: int,
                   vocab: int) -> Iterator[dict]:
-    """bamba_ft and transformers' padding-free path at each of `b.token_budgets` (ascending) tokens per step, for
-    each setting of `bench.activation_checkpointing`; one model per stack and setting serves every budget.
+    """bamba_ft and transformers' padding-free path at each of `b.token_budgets` (ascending) tokens per step, under
+    each of `bench.memory_modes`; one model per stack serves every mode and budget.
 
     Steps are packed to the budget (`budget_steps`) and timed as training meets them (no rehearsal). A budget
-    that runs out of memory is recorded as OOM and its memory freed; larger budgets of that model are recorded as
-    OOM without running.
+    that runs out of memory is recorded as OOM and its memory freed; larger budgets of that model and mode are
+    recorded as OOM without running.
     """
-    for ckpt in b.activation_checkpointing:
-        for name in BUDGET_VARIANTS:
-            v = replace(VARIANTS[name], ckpt=ckpt)
-            built = guarded({}, build_variant, v, model_cfg, peft_cfg, device, seed)
-            model = built.pop("model", None)
+    for name in BUDGET_VARIANTS:
+        built = guarded({}, build_variant, VARIANTS[name], model_cfg, peft_cfg, device, seed)
+        model = built.pop("model", None)
+        for mode in b.memory_modes:
+            v = replace(VARIANTS[name], memory=mode)
             oom_at = None
             for budget in sorted(b.token_budgets):
-                row = {"variant": name, "activation_checkpointing": ckpt, "token_budget": budget} | built
+                row = {"variant": name, "memory_mode": mode, "token_budget": budget} | built
                 if oom_at is not None:
                     row["error"] = f"{OOM} (not run: {oom_at} tokens per step already ran out of memory)"
                 elif model is not None:
@@ -66,31 +65,33 @@ def token_budgets(model_cfg: ModelConfig, peft_cfg: PeftConfig, b: BenchConfig, 
                     oom_at = budget if row.get("error") == OOM else None
                 release(device, collect="error" in row)
                 yield row
-            del model
-            release(device)
+        del model
+        release(device)
 
 
 def seq_scaling(lengths: list[int], model_cfg: ModelConfig, peft_cfg: PeftConfig, b: BenchConfig,
                 device: torch.device, seed: int, vocab: int) -> Iterator[dict]:
-    """One sequence per step at each length, for each setting of `bench.activation_checkpointing`; OOM is recorded.
+    """One sequence per step at each length, for each of `bench.seq_scaling_variants` under each of
+    `bench.memory_modes`; out of memory is a result, and ends that mode's lengths.
 
-    One model per checkpointing setting serves every length (building a 9B model costs more than its steps).
-    Yields one row per length as it is measured.
+    One model per variant serves every mode and length (building a 9B model costs more than its steps): the
+    modes switch its layers' checkpointing and the offload hooks. Yields one row per length as it is measured.
     """
-    for ckpt in b.activation_checkpointing:
-        v = Variant("bamba_ft", stock=False, packed=True, ckpt=ckpt)
-        built = guarded({}, build_variant, v, model_cfg, peft_cfg, device, seed)
+    for name in b.seq_scaling_variants:
+        built = guarded({}, build_variant, VARIANTS[name], model_cfg, peft_cfg, device, seed)
         model = built.pop("model", None)
-        for n in lengths:
-            bb = replace(b, workload="fixed", median_len=n, max_len=n, seqs_per_step=1, warmup_steps=1, steps=2,
-                         rehearse=False, profile=False)
-            row = {"variant": v.name, "activation_checkpointing": ckpt, "seq_len": n} | built
-            if model is not None:
-                measure_into(row, v, model, make_steps(bb, vocab, seed), bb, device)
-            release(device)
-            yield row
-            if "error" in row:
-                break  # longer sequences will not fit either
+        for mode in b.memory_modes:
+            v = replace(VARIANTS[name], memory=mode)
+            for n in lengths:
+                bb = replace(b, workload="fixed", median_len=n, max_len=n, seqs_per_step=1, warmup_steps=1,
+                             steps=b.seq_scaling_steps, rehearse=False, profile=False)
+                row = {"variant": name, "memory_mode": mode, "seq_len": n} | built
+                if model is not None:
+                    measure_into(row, v, model, make_steps(bb, vocab, seed), bb, device)
+                yield row  # recorded before the release, which a device fault can make raise
+                release(device)
+                if "error" in row:
+                    break  # longer sequences will not fit either
         del model
         release(device)
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from bamba_ft.config.schema import TrainConfig
+from bamba_ft.config.schema import TrainConfig, canonical_checkpointing
 from bamba_ft.errors import ConfigError
 from bamba_ft.jobs.lock import held_elsewhere
 from bamba_ft.model.restore import checkpoint_problem
@@ -33,7 +33,7 @@ APPLIED = ("optim.", "trainer.max_steps", "trainer.max_epochs", "trainer.val_che
            "trainer.gradient_clip_val", "trainer.limit_val_batches", "trainer.enable_progress_bar",
            "trainer.precision", "trainer.accelerator", "trainer.deterministic", "trainer.num_sanity_val_steps",
            "model.dtype", "model.attn_implementation", "model.mixer", "model.gradient_checkpointing",
-           "model.cuda_graphs", "data.num_proc", "data.num_workers", "data.max_val_examples", "eval.", "logger.")
+           "model.activation_offload", "model.cuda_graphs", "data.num_proc", "data.num_workers", "data.max_val_examples", "eval.", "logger.")
 # Keys that do not concern training at all.
 IGNORED = ("task", "debug", "output_dir", "trainer.resume", "trainer.fast_dev_run", "export.", "bench.", "sweep.")
 
@@ -136,6 +136,8 @@ def config_changes(old: dict[str, Any], new: TrainConfig) -> tuple[list[str], li
             continue
         # A key added since the checkpoint's version was, in effect, at its default there.
         was, now = before.get(key, defaults.get(key, "(unset)")), after[key]
+        if key == "model.gradient_checkpointing":  # saved as true/false before it named layers
+            was = canonical_checkpointing(was)
         if was == now or (isinstance(was, (int, float)) and isinstance(now, (int, float)) and float(was) == float(now)):
             continue
         (applied if _matches(key, APPLIED) else refused).append(f"{key}: {was!r} -> {now!r}")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +30,14 @@ from bamba_ft.jobs.checkpoints import check_resume_config, remove_stale_temporar
 from bamba_ft.jobs.evaluate import evaluate_model, format_metrics
 from bamba_ft.jobs.report import plot_curves, publish_file, table
 from bamba_ft.jobs.runtime import autocast_for, choose_device, resolve_precision, to_device
-from bamba_ft.lit_module import BambaLitModule
+from bamba_ft.lit_module import BambaLitModule, batch_tokens, training_mean_loss
 from bamba_ft.model.build import build_model, load_config, load_tokenizer
 from bamba_ft.model.families import family_for, family_of
 from bamba_ft.model.lora import apply_peft, check_adapter_gradients
+from bamba_ft.model.memory import out_of_memory_error
 from bamba_ft.model.mixer import packing_safe, unsafe_attention
 from bamba_ft.model.restore import ADAPTER_DIR, MODEL_DIR, save_run_config
-from bamba_ft.ops.loss import causal_lm, mean_loss
+from bamba_ft.ops.loss import causal_lm
 
 log = logging.getLogger("bamba_ft")
 
@@ -128,10 +131,25 @@ def _prepare(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Any, Ba
     dm.prepare()
     # Every adapter must receive gradient before hours are spent training it.
     probe = to_device(dm.first_batch(), device)
-    with autocast_for(causal_lm(model), device):
-        norms = check_adapter_gradients(model, probe, mean_loss)
+    offload = cfg.model.activation_offload
+    where = "the gradient probe (the first forward and backward, on the first training batch)"
+    with _explain_oom(cfg, lambda: where, lambda: batch_tokens(probe)), autocast_for(causal_lm(model), device):
+        norms = check_adapter_gradients(model, probe, lambda m, b: training_mean_loss(m, b, offload))
     log.info("gradient check: all %d trainable tensors receive gradient", len(norms))
     return model, tokenizer, dm
+
+
+@contextlib.contextmanager
+def _explain_oom(cfg: TrainConfig, where: Callable[[], str], batch: Callable[[], tuple[int, int] | None]) -> Iterator[None]:
+    """A device out-of-memory error becomes a BambaFTError (exit status 2) naming the batch, the mode and the fixes."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        raise out_of_memory_error(cfg, where(), batch(), e) from e
+
+
+def _step_name(trainer: L.Trainer) -> str:
+    return "the first training step" if trainer.global_step == 0 else f"training step {trainer.global_step + 1}"
 
 
 def _callbacks(cfg: TrainConfig, dm: BambaDataModule, ckpt_dir: Path, stopper: GracefulStop,
@@ -208,9 +226,9 @@ def run(cfg: TrainConfig) -> dict:
 
     stopper = GracefulStop(run_dir / "checkpoints")
     trainer = _trainer(cfg, dm, run_dir, device, strategy, stopper)
-    lit = BambaLitModule(model, cfg.optim)
+    lit = BambaLitModule(model, cfg.optim, cfg.model.activation_offload)
     t_fit = time.perf_counter()
-    with stopper.installed():
+    with stopper.installed(), _explain_oom(cfg, lambda: _step_name(trainer), lambda: lit.last_batch):
         try:
             trainer.fit(lit, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
         except SIGTERMException:

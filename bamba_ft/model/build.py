@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 from bamba_ft.config.schema import ModelConfig, QuantConfig
 from bamba_ft.errors import ConfigError, ModelError
 from bamba_ft.model.families import family_for
+from bamba_ft.model.memory import apply_checkpointing
 from bamba_ft.model.mixer import install_mixer
 from bamba_ft.model.quant import quantize_layer, report_base_memory
 from bamba_ft.model.shapes import SHAPES
@@ -154,17 +155,13 @@ def build_model(cfg: ModelConfig, quant: QuantConfig, device: torch.device) -> n
     if model.generation_config is not None:
         model.generation_config.use_cache = True  # generation still uses the cache; training never does
     backend = install_mixer(model, cfg.mixer, cuda_graphs=cfg.cuda_graphs)
-    if cfg.gradient_checkpointing:
-        # transformers 5.2x renamed the switch; 5.17 only has gradient_checkpointing_enable
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    chosen = apply_checkpointing(model, cfg.gradient_checkpointing)
     params = sum(p.numel() for p in model.parameters())
     log.info(
-        "model: %s (%s, %.1fM parameters, %s, attention %s, mixer backend %s)",
+        "model: %s (%s, %.1fM parameters, %s, attention %s, mixer backend %s; %d of %d layers checkpointed%s)",
         cfg.name_or_path, "random init" if cfg.init == "random" else "pretrained", params / 1e6,
-        str(dtype).removeprefix("torch."), attn, backend,
+        str(dtype).removeprefix("torch."), attn, backend, len(chosen), config.num_hidden_layers,
+        ", activations offloaded to host memory" if cfg.activation_offload else "",
     )
     if quant.method != "none":
         report_base_memory(model, quant)

@@ -51,7 +51,7 @@ def test_eval_recipe_matches_training_exact_match(sft_run: Path, tmp_path: Path)
 def test_bench_smoke_on_cpu(tmp_path: Path) -> None:
     proc = cli(["recipe=bench", "trainer=cpu", "bench.warmup_steps=1", "bench.steps=1", "bench.seqs_per_step=2",
                 "bench.median_len=40", "bench.max_len=64", "bench.data_pipeline_examples=3000",
-                "bench.seq_scaling=[64,128]", "bench.mixer_only=true", "bench.activation_checkpointing=[false,true]",
+                "bench.seq_scaling=[64,128]", "bench.mixer_only=true", "bench.memory_modes=[none,all+offload]",
                 f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
     results = json.loads((tmp_path / "bench.json").read_text())
     by_name = {r["variant"]: r for r in results["runs"]}
@@ -59,15 +59,16 @@ def test_bench_smoke_on_cpu(tmp_path: Path) -> None:
     assert by_name["bamba_ft"]["adapters_with_grad"] == by_name["bamba_ft"]["adapters"]
     assert "error" in by_name["hf_padfree"]  # transformers' torch mixer refuses packed rows without mamba-ssm
     assert results["data_pipeline"]["packing_efficiency"] > 0.9
-    assert [(r["seq_len"], r["activation_checkpointing"]) for r in results["seq_scaling"]] == [
-        (64, False), (128, False), (64, True), (128, True)]
+    assert [(r["seq_len"], r["memory_mode"]) for r in results["seq_scaling"]] == [
+        (64, "none"), (128, "none"), (64, "all+offload"), (128, "all+offload")]
+    assert results["longest_trained"] == {"bamba_ft none": 128, "bamba_ft all+offload": 128}
     assert results["mixer_only"]["transformers_ms"] > 0 and results["mixer_only"]["bamba_ft_ms"] > 0
     assert "| bamba_ft |" in proc.stdout
 
 
 def test_cfg_job_prints_composed_config(tmp_path: Path) -> None:
     proc = cli(["recipe=qlora", "--cfg", "job"], cwd=tmp_path)
-    assert "method: nf4" in proc.stdout and "gradient_checkpointing: true" in proc.stdout
+    assert "method: nf4" in proc.stdout and "gradient_checkpointing: all" in proc.stdout
 
 
 def test_multirun_sweep_ends_with_table(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import statistics
+from dataclasses import replace
 
 import pytest
 import torch
@@ -54,7 +55,7 @@ def test_no_cudnn_variant_excludes_only_cudnn_attention() -> None:
 
 
 def test_schedule_interleaves_variants_within_each_repeat_and_regime() -> None:
-    b = BenchConfig(variants=["a", "b", "c"], repeats=2, rehearse=[False, True], activation_checkpointing=[False])
+    b = BenchConfig(variants=["a", "b", "c"], repeats=2, rehearse=[False, True], memory_modes=["none"])
     assert [(rep, reh, name) for _, rep, reh, name in bench.schedule(b)] == [
         (0, False, "a"), (0, False, "b"), (0, False, "c"), (0, True, "a"), (0, True, "b"), (0, True, "c"),
         (1, False, "a"), (1, False, "b"), (1, False, "c"), (1, True, "a"), (1, True, "b"), (1, True, "c")]
@@ -92,8 +93,48 @@ def test_repeats_measure_in_schedule_order_on_fresh_lengths_and_build_each_model
     assert len(every) == len(set(every)) == 6 * 5  # no packed length comes twice in the run
 
 
+def test_memory_modes_run_outermost_and_share_each_built_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    builds: list[str] = []
+    measured: list[tuple[str, str]] = []
+
+    def fake_build(v, *args):  # noqa: ANN001, ANN002, ANN202
+        builds.append(v.name)
+        return {"model": torch.nn.Linear(1, 1)}
+
+    def fake_measure(v, model, steps, b, *args):  # noqa: ANN001, ANN002, ANN202
+        measured.append((v.memory, v.name))
+        return {"tokens_per_sec": 1.0}
+
+    monkeypatch.setattr(bench, "build_variant", fake_build)
+    monkeypatch.setattr(bench, "measure", fake_measure)
+    b = BenchConfig(variants=["hf_padfree", "bamba_ft"], repeats=2, memory_modes=["none", "all+offload"],
+                    warmup_steps=1, steps=1, seqs_per_step=2, median_len=20, max_len=64)
+    rows = list(bench.run_interleaved(b, ModelConfig(), PeftConfig(), torch.device("cpu"), 0, 128))
+    assert [(r["memory_mode"], r["repeat"], r["variant"]) for r in rows] == [
+        (mode, rep, name) for mode in ("none", "all+offload") for rep in (0, 1) for name in ("hf_padfree", "bamba_ft")]
+    assert measured == [(r["memory_mode"], r["variant"]) for r in rows]
+    assert builds == ["hf_padfree", "bamba_ft"]  # a mode is switched on the built model, not rebuilt
+    b = BenchConfig(token_budgets=[64, 128], memory_modes=["none", "mamba"], warmup_steps=0, steps=1, median_len=20)
+    monkeypatch.setattr(bench_sweeps, "build_variant", fake_build)
+    rows = list(bench_sweeps.token_budgets(ModelConfig(), PeftConfig(), b, torch.device("cpu"), 0, 128))
+    assert [(r["variant"], r["memory_mode"], r["token_budget"]) for r in rows] == [
+        (name, mode, n) for name in ("bamba_ft", "hf_padfree") for mode in ("none", "mamba") for n in (64, 128)]
+    assert builds[2:] == ["bamba_ft", "hf_padfree"]
+
+
+def test_measure_switches_the_models_checkpointed_layers_to_the_variants_mode() -> None:
+    b = BenchConfig(warmup_steps=0, steps=1, seqs_per_step=1, median_len=16, max_len=16)
+    cpu, steps = torch.device("cpu"), bench.make_steps(b, 128, 0)
+    model = bench.build_variant(bench.VARIANTS["bamba_ft"], ModelConfig(init="random", shape="tiny"), PeftConfig(),
+                                cpu, seed=0)["model"]
+    layers = bench.causal_lm(model).model.layers
+    for mode, expected in [("all+offload", [True] * len(layers)), ("none", [False] * len(layers))]:
+        bench.measure(replace(bench.VARIANTS["bamba_ft"], memory=mode), model, steps, b, cpu)
+        assert [layer.gradient_checkpointing for layer in layers] == expected
+
+
 def _runs(table: dict[int, dict[str, float]], rehearse: bool = False) -> list[dict]:
-    return [{"variant": name, "activation_checkpointing": False, "rehearse": rehearse, "repeat": rep,
+    return [{"variant": name, "memory_mode": "none", "rehearse": rehearse, "repeat": rep,
              "tokens_per_sec": tps, "step_ms": 1000.0, "peak_gib": 50.0 + rep, "adapters_with_grad": 70, "adapters": 70}
             for rep, row in table.items() for name, tps in row.items()]
 
@@ -107,7 +148,7 @@ def test_median_range_and_per_run_ratio_to_the_best_padding_free_variant() -> No
     assert bench_report.spread([3.0, 1.0, 2.0, 10.0]) == {"median": 2.5, "min": 1.0, "max": 10.0, "n": 4}
     assert bench_report.spread([]) is None
     runs = _runs(THREE_RUNS)
-    assert bench_report.per_repeat_ratios(runs, "bamba_ft", False, False) == pytest.approx([1.2, 1.3, 1.1], abs=1e-12)
+    assert bench_report.per_repeat_ratios(runs, "bamba_ft", "none", False) == pytest.approx([1.2, 1.3, 1.1], abs=1e-12)
     row = next(r for r in bench_report.summarize(runs) if r["variant"] == "bamba_ft")
     assert row["tokens_per_sec"] == {"median": 150.0, "min": 130.0, "max": 220.0, "n": 3}
     assert row["vs_best_hf_padfree"]["median"] == pytest.approx(1.2, abs=1e-12)
@@ -117,7 +158,7 @@ def test_median_range_and_per_run_ratio_to_the_best_padding_free_variant() -> No
 
 def _results(repeats: int, runs: list[dict], rehearse: list[bool]) -> dict:
     return {"device": "NVIDIA H200", "shape": "bamba-9b", "versions": {}, "peft": {"method": "lora", "r": 16},
-            "bench": {"warmup_steps": 3, "steps": 6, "repeats": repeats, "activation_checkpointing": [False]},
+            "bench": {"warmup_steps": 3, "steps": 6, "repeats": repeats, "memory_modes": ["none"]},
             "rehearse": rehearse, "runs": runs}
 
 
@@ -133,6 +174,18 @@ def test_headline_line_for_the_default_regime_reads_as_the_published_form() -> N
     assert [x for x in md.splitlines() if x.startswith("Headline:")] == [line]
     only_rehearsed = _results(3, _runs(repeated, rehearse=True), [True])
     assert bench_report.headline(only_rehearsed).startswith("Headline: bamba_ft 1.90x")  # 2.0, 1.6, 1.9
+
+
+def test_headline_reads_memory_mode_none_and_names_any_other_mode() -> None:
+    slower = {rep: {**row, "bamba_ft": row["bamba_ft"] / 2} for rep, row in THREE_RUNS.items()}
+    runs = [r | {"memory_mode": "all"} for r in _runs(slower)] + _runs(THREE_RUNS)
+    results = _results(3, runs, [False])
+    results["bench"]["memory_modes"] = ["all", "none"]
+    assert bench_report.headline(results).startswith("Headline: bamba_ft 1.20x")  # mode none, listed second
+    assert "memory mode" not in bench_report.headline(results)
+    results["runs"], results["bench"]["memory_modes"] = runs[: len(runs) // 2], ["all"]
+    line = bench_report.headline(results)
+    assert line.startswith("Headline: bamba_ft 0.60x") and ", memory mode all, " in line
 
 
 def test_no_headline_below_three_repeats_or_three_paired_runs() -> None:
@@ -179,17 +232,18 @@ def test_token_budget_oom_is_recorded_and_larger_budgets_are_not_run(monkeypatch
 
 
 def test_token_budget_table_and_bests() -> None:
-    rows = [{"variant": v, "activation_checkpointing": ck, "token_budget": n, "tokens_per_step": 0.98 * n,
-             "tokens_per_sec": tps, "peak_gib": 30.0} for v, ck, n, tps in
-            [("bamba_ft", False, 4096, 11000.0), ("bamba_ft", True, 8192, 12500.0),
-             ("hf_padfree", False, 4096, 10000.0), ("hf_padfree", True, 8192, 9000.0)]]
-    rows.append({"variant": "hf_padfree", "activation_checkpointing": False, "token_budget": 8192, "error": "OOM"})
+    rows = [{"variant": v, "memory_mode": mode, "token_budget": n, "tokens_per_step": 0.98 * n,
+             "tokens_per_sec": tps, "peak_gib": 30.0} for v, mode, n, tps in
+            [("bamba_ft", "none", 4096, 11000.0), ("bamba_ft", "all", 8192, 12500.0),
+             ("hf_padfree", "none", 4096, 10000.0), ("hf_padfree", "all+offload", 8192, 9000.0)]]
+    rows.append({"variant": "hf_padfree", "memory_mode": "none", "token_budget": 8192, "error": "OOM"})
     bests = bench_report.budget_bests(rows)
-    assert bests["bamba_ft"] == {"tokens_per_sec": 12500.0, "token_budget": 8192, "activation_checkpointing": True}
+    assert bests["bamba_ft"] == {"tokens_per_sec": 12500.0, "token_budget": 8192, "memory_mode": "all"}
     assert bests["ratio"] == pytest.approx(1.25, abs=1e-12)
     md = bench_report.markdown(_results(1, [], [False]) | {"token_budgets": rows})
-    assert "| 8192 | hf_padfree | no |  | OOM |  |" in md
-    assert "| 8192 | bamba_ft | yes | 8,028 | 12,500 | 30.0 |" in md
+    assert "| 8192 | hf_padfree | none |  | OOM |  |" in md
+    assert "| 8192 | bamba_ft | all | 8,028 | 12,500 | 30.0 |" in md
+    assert "best bamba_ft: 12,500 tokens/s (budget 8192, memory all)" in md
     assert "best bamba_ft / best hf_padfree: 1.25x" in md
 
 
@@ -197,6 +251,8 @@ def test_token_budget_table_and_bests() -> None:
     ("rehearse", "yes", "bench.rehearse='yes' must be true, false or a list"),
     ("rehearse", [True, True], "names a regime twice"),
     ("repeats", 0, "bench.repeats=0 must be at least 1"),
+    ("memory_modes", ["all", "all"], "bench.memory_modes=\\['all', 'all'\\] must name each mode once"),
+    ("memory_modes", [], "bench.memory_modes=\\[\\] must name each mode once"),
     ("token_budgets", [4096, 0], "bench.token_budgets=\\[4096, 0\\]"),
 ])
 def test_bench_keys_are_checked(key: str, value: object, message: str) -> None:
@@ -204,3 +260,38 @@ def test_bench_keys_are_checked(key: str, value: object, message: str) -> None:
     setattr(cfg.bench, key, value)
     with pytest.raises(ConfigError, match=message):
         validate(cfg)
+
+
+def test_seq_scaling_runs_each_memory_mode_on_one_model_and_stops_a_mode_at_out_of_memory(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fake device: a 32-token row 'runs out of memory' unless every layer is checkpointed and offload is on."""
+    from bamba_ft.model import memory
+
+    loss, offloading = bench.mean_loss, []
+    original = memory.OffloadActivations.__init__
+    monkeypatch.setattr(memory.OffloadActivations, "__init__",
+                        lambda self, model: (offloading.append(True), original(self, model))[1])
+
+    def fake_device(model, batch):  # noqa: ANN001, ANN202
+        layers = bench.causal_lm(model).model.layers
+        full = all(layer.gradient_checkpointing for layer in layers) and bool(offloading)
+        offloading.clear()
+        if batch["input_ids"].shape[1] == 32 and not full:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return loss(model, batch)
+
+    monkeypatch.setattr(bench, "mean_loss", fake_device)
+    b = BenchConfig(memory_modes=["none", "every-2", "all+offload"], seq_scaling_steps=1)
+    rows = list(bench_sweeps.seq_scaling([16, 32], ModelConfig(init="random", shape="tiny"), PeftConfig(), b,
+                                         torch.device("cpu"), seed=0, vocab=128))
+    assert [(r["memory_mode"], r["seq_len"], r.get("error")) for r in rows] == [
+        ("none", 16, None), ("none", 32, "OOM"),
+        ("every-2", 16, None), ("every-2", 32, "OOM"),
+        ("all+offload", 16, None), ("all+offload", 32, None)]
+    assert all(r["tokens_per_sec"] > 0 for r in rows if "error" not in r)
+    longest = bench_report.longest_trained(rows)
+    assert longest == {"bamba_ft none": 16, "bamba_ft every-2": 16, "bamba_ft all+offload": 32}
+    md = bench_report.markdown({"device": "cpu", "versions": {}, "bench": {"warmup_steps": 1, "steps": 1}, "runs": [],
+                                "seq_scaling": rows, "longest_trained": longest})
+    assert "| bamba_ft | every-2 | 32 | OOM |  |" in md
+    assert "longest sequence trained: bamba_ft none 16, bamba_ft every-2 16, bamba_ft all+offload 32" in md

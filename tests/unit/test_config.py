@@ -48,7 +48,7 @@ def test_every_recipe_composes(recipe: str) -> None:
 
 def test_recipe_qlora_sets_its_groups() -> None:
     cfg = composed(["recipe=qlora"])
-    assert cfg.quant.method == "nf4" and cfg.peft.method == "lora" and cfg.model.gradient_checkpointing
+    assert cfg.quant.method == "nf4" and cfg.peft.method == "lora" and cfg.model.gradient_checkpointing == "all"
 
 
 def test_unknown_recipe_lists_the_options() -> None:

@@ -32,6 +32,8 @@ class Family:
     """transformers' Mamba-2 mixer of this family."""
     segment_mixer_class: type
     """Its segment-aware subclass (bamba_ft.ops.mamba2.SegmentAwareMixer first in the MRO)."""
+    attention_class: type
+    """transformers' attention module of this family (which layers `model.gradient_checkpointing=attention` picks)."""
     fused: dict[type, type] = field(default_factory=dict)
     """transformers class -> subclass with a fused CUDA forward (same math; transformers' forward on the CPU)."""
     config_keys: dict[str, str] = field(default_factory=dict)

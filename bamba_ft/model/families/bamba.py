@@ -17,6 +17,7 @@ FAMILY = Family(
     decoder_layer_class=mb.BambaDecoderLayer,
     mixer_class=mb.BambaMixer,
     segment_mixer_class=SegmentAwareBambaMixer,
+    attention_class=mb.BambaAttention,
     fused={mb.BambaRMSNormGated: FusedGatedRMSNorm, mb.BambaMLP: FusedBambaMLP, mb.BambaRMSNorm: FusedRMSNorm},
     config_keys=dict(n_heads="mamba_n_heads", head_dim="mamba_d_head", d_state="mamba_d_state",
                      n_groups="mamba_n_groups", chunk_size="mamba_chunk_size"),

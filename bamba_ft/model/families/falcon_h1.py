@@ -41,6 +41,7 @@ FAMILY = Family(
     decoder_layer_class=mf.FalconH1DecoderLayer,
     mixer_class=mf.FalconH1Mixer,
     segment_mixer_class=SegmentAwareFalconH1Mixer,
+    attention_class=mf.FalconH1Attention,
     fused={mf.FalconH1RMSNorm: with_mixin(RMSNormKernel, mf.FalconH1RMSNorm, "Fused")},
     config_keys=dict(n_heads="mamba_n_heads", head_dim="mamba_d_head", d_state="mamba_d_state",
                      n_groups="mamba_n_groups", chunk_size="mamba_chunk_size"),

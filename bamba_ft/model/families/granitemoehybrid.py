@@ -25,6 +25,7 @@ FAMILY = Family(
     decoder_layer_class=mg.GraniteMoeHybridDecoderLayer,
     mixer_class=mg.GraniteMoeHybridMambaLayer,
     segment_mixer_class=with_mixin(SegmentAwareMixer, mg.GraniteMoeHybridMambaLayer, "SegmentAware"),
+    attention_class=mg.GraniteMoeHybridAttention,
     fused={
         mg.GraniteMoeHybridRMSNormGated: with_mixin(GatedRMSNormKernel, mg.GraniteMoeHybridRMSNormGated, "Fused"),
         mg.GraniteMoeHybridRMSNorm: with_mixin(RMSNormKernel, mg.GraniteMoeHybridRMSNorm, "Fused"),

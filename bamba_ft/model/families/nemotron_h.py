@@ -22,6 +22,7 @@ FAMILY = Family(
     decoder_layer_class=mn.NemotronHBlock,
     mixer_class=mn.NemotronHMamba2Mixer,
     segment_mixer_class=with_mixin(SegmentAwareMixer, mn.NemotronHMamba2Mixer, "SegmentAware"),
+    attention_class=mn.NemotronHAttention,
     fused={mn.NemotronHRMSNormGated: with_mixin(GatedRMSNormKernel, mn.NemotronHRMSNormGated, "Fused")},
     config_keys=dict(n_heads="mamba_num_heads", head_dim="mamba_head_dim", d_state="ssm_state_size",
                      n_groups="n_groups", chunk_size="chunk_size"),
