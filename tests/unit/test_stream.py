@@ -8,13 +8,15 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import datasets
 import pytest
 
 from bamba_ft.config.schema import DataConfig, SourceConfig, TrainConfig, validate
 from bamba_ft.data.builtin import generate_pretrain, generate_sft
+from bamba_ft.data.load import load_stream
 from bamba_ft.data.module import BambaDataModule
 from bamba_ft.data.stream import STREAM_KEY, StreamBatches, StreamPosition, balance
-from bamba_ft.errors import ConfigError
+from bamba_ft.errors import ConfigError, DataError
 
 Seq = tuple[tuple[int, ...], tuple[int, ...]]
 
@@ -28,8 +30,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     d = tmp_path_factory.mktemp("stream")
     # chat rows (one example each) and text documents of ~300-600 tokens, which max_seq_len=128 splits in windows
+    datasets.Dataset.from_list(generate_sft(70, seed=1)).to_parquet(d / "sft.parquet")
     return {"sft": write_jsonl(d / "sft.jsonl", generate_sft(70, seed=1)),
-            "docs": write_jsonl(d / "docs.jsonl", generate_pretrain(24, seed=2))}
+            "docs": write_jsonl(d / "docs.jsonl", generate_pretrain(24, seed=2)), "parquet": str(d / "sft.parquet")}
 
 
 def data_cfg(source: str, **kw) -> DataConfig:  # noqa: ANN003
@@ -68,7 +71,7 @@ def in_memory(tokenizer, cfg: DataConfig) -> Counter:  # noqa: ANN001
     return Counter((tuple(r["input_ids"]), tuple(r["labels"])) for r in dm.train_set)
 
 
-@pytest.mark.parametrize("name", ["sft", "docs"])
+@pytest.mark.parametrize("name", ["sft", "docs", "parquet"])
 def test_stream_epoch_packs_the_in_memory_sequences(builtin_tokenizer, files: dict[str, str], name: str) -> None:  # noqa: ANN001
     cfg = data_cfg(files[name], streaming=True)
     streamed = Counter(s for seqs, _ in one_epoch(iter(stream_of(builtin_tokenizer, cfg))) for s in seqs)
@@ -168,3 +171,9 @@ def test_streaming_config_errors() -> None:
     cfg.data.num_workers = 2
     with pytest.raises(ConfigError, match=r"(?s)trainer.max_steps=-1.*set trainer.max_steps=N.*data.num_workers=2"):
         validate(cfg)
+
+
+def test_hub_stream_offline_says_to_use_a_local_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError, match=r"(?s)data.source=org/set: .*cannot be streamed.*pass its local path"):
+        load_stream("org/set", "train", "data.source")
