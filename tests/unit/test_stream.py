@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import datasets
@@ -17,6 +18,7 @@ from bamba_ft.data.load import load_stream
 from bamba_ft.data.module import BambaDataModule
 from bamba_ft.data.stream import STREAM_KEY, StreamBatches, StreamPosition, balance
 from bamba_ft.errors import ConfigError, DataError
+from bamba_ft.jobs.checkpoints import config_changes
 
 Seq = tuple[tuple[int, ...], tuple[int, ...]]
 
@@ -177,3 +179,14 @@ def test_hub_stream_offline_says_to_use_a_local_copy(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with pytest.raises(DataError, match=r"(?s)data.source=org/set: .*cannot be streamed.*pass its local path"):
         load_stream("org/set", "train", "data.source")
+
+
+def test_resume_refuses_a_changed_stream_head() -> None:
+    old = TrainConfig()
+    old.data.streaming = True
+    new = TrainConfig()
+    new.data.streaming, new.data.max_val_examples = True, 10
+    applied, refused = config_changes(asdict(old), new)
+    assert refused == ["data.max_val_examples: 1000 -> 10"] and not applied
+    new.data.streaming = old.data.streaming = False  # in memory the held-out rows do not move the training set
+    assert config_changes(asdict(old), new) == (["data.max_val_examples: 1000 -> 10"], [])
