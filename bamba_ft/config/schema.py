@@ -123,7 +123,8 @@ class DataConfig:
     val_fraction: float = 0.05
     """Fraction of `source` held out for validation when no validation source or split is given."""
     max_val_examples: int = 1000
-    """Upper bound on validation examples (keeps validation fast)."""
+    """Upper bound on validation examples (keeps validation fast). With data.streaming and no val_source or
+    val_split, the first this many rows of the stream (of each of data.sources, split evenly) are held out."""
     max_seq_len: int = 2048
     """Longest tokenized example, in tokens (at most 2^31-1: packed rows index tokens in int32)."""
     overlong: str = "truncate"
@@ -147,7 +148,12 @@ class DataConfig:
     num_proc: int = 1
     """Processes for tokenization (datasets.map)."""
     num_workers: int = 0
-    """DataLoader worker processes."""
+    """DataLoader worker processes (streaming: 0, or 1 to tokenize and pack in a background process)."""
+    streaming: bool = False
+    """Read the training rows lazily (datasets' streaming mode), tokenize them as they come and pack them window
+    by window; needs trainer.max_steps. Validation data is still loaded in memory."""
+    stream_buffer: int = 4096
+    """Streaming: examples held at once; each window of this many is packed (best fit) into batches."""
     builtin_train_examples: int = 4000
     """Size of the generated training set for `source=builtin`."""
     builtin_val_examples: int = 200
@@ -471,6 +477,7 @@ def validate(cfg: TrainConfig) -> None:
                      f"Fix: set data.overlong_stride to a smaller value (e.g. {cfg.data.max_seq_len // 8}), "
                      "or raise data.max_seq_len.")
     _check_sources(cfg.data, problems)
+    _check_streaming(cfg, problems)
     if cfg.data.chat_template:
         try:
             resolve_chat_template(cfg.data.chat_template)
@@ -536,6 +543,25 @@ def _validate_bench(b: BenchConfig, problems: Problems) -> None:
     if any(n < 8 for n in b.token_budgets):
         problems.add(f"bench.token_budgets={list(b.token_budgets)}: every budget must hold at least one sequence "
                      "(8 tokens or more), e.g. [4096,8192,16384].")
+
+
+def _check_streaming(cfg: TrainConfig, problems: Problems) -> None:
+    d = cfg.data
+    if d.stream_buffer <= 0:
+        problems.add(f"data.stream_buffer={d.stream_buffer} must be positive (examples held while packing a stream).")
+    if not d.streaming:
+        return
+    if cfg.trainer.max_steps <= 0:
+        problems.add(f"data.streaming=true with trainer.max_steps={cfg.trainer.max_steps}: a stream has no known "
+                     "length, so epochs cannot bound training.\nFix: set trainer.max_steps=N (the stream restarts "
+                     "when it runs out), or data.streaming=false to train for trainer.max_epochs.")
+    if d.num_workers > 1:
+        problems.add(f"data.num_workers={d.num_workers} with data.streaming=true: a stream is read in order by one "
+                     "process.\nFix: set data.num_workers=1 (tokenize and pack in a background process) or 0.")
+    if d.num_proc > 1:
+        problems.add(f"data.num_proc={d.num_proc} with data.streaming=true: a stream is tokenized as it is read, "
+                     "not by datasets.map worker processes.\nFix: set data.num_proc=1 (data.num_workers=1 moves "
+                     "tokenization off the training process).")
 
 
 def _check_sources(data: DataConfig, problems: Problems) -> None:

@@ -169,18 +169,39 @@ def _load_hub(source: str, split: str, key: str, config: str | None = None) -> d
         raise DataError(f"{where}: not a local file or directory, and {state}.\n{fix}") from e
 
 
-def rename_columns(rows: datasets.Dataset, columns: dict[str, str], key: str) -> datasets.Dataset:
+def column_names(rows: datasets.Dataset | datasets.IterableDataset) -> list[str]:
+    """The columns of `rows`; a stream whose reader does not know them yet is asked for its first row."""
+    if rows.column_names is not None:
+        return list(rows.column_names)
+    first = next(iter(rows.take(1)), None)
+    return list(first) if first is not None else []
+
+
+def rename_columns(rows: datasets.Dataset | datasets.IterableDataset, columns: dict[str, str],
+                   key: str) -> datasets.Dataset | datasets.IterableDataset:
     """`columns` ({their: ours}) applied; a column the data lacks is named with the ones it has."""
-    missing = [c for c in columns if c not in rows.column_names]
+    if not columns:
+        return rows
+    names = column_names(rows)
+    missing = [c for c in columns if c not in names]
     if missing:
-        have = ", ".join(c for c in rows.column_names if c not in POSITIONS)
+        have = ", ".join(c for c in names if c not in POSITIONS)
         raise DataError(f"{key}: no column {', '.join(missing)} to rename; the data has {have}.\n"
                         f"Fix: name existing columns in {key}.")
-    clash = [ours for their, ours in columns.items() if ours in rows.column_names and ours not in columns]
+    clash = [ours for their, ours in columns.items() if ours in names and ours not in columns]
     if clash:
         raise DataError(f"{key}: renaming onto {', '.join(clash)}, which the data already has. "
                         f"Fix: rename that column too, or map another one.")
-    return rows.rename_columns(dict(columns)) if columns else rows
+    return rows.rename_columns(dict(columns))
+
+
+def mix_sources(parts: list[Any], weights: list[float | None], seed: int) -> Any:
+    """Datasets (or streams) concatenated when no weights are given; else drawn by weight (seeded) until one source runs out."""
+    if weights[0] is None:
+        return datasets.concatenate_datasets(parts)
+    total = sum(w or 0.0 for w in weights)
+    return datasets.interleave_datasets(parts, probabilities=[(w or 0.0) / total for w in weights], seed=seed,
+                                        stopping_strategy="first_exhausted")
 
 
 def load_rows(source: str, split: str, key: str, config: str | None = None) -> datasets.Dataset:
@@ -193,3 +214,42 @@ def load_rows(source: str, split: str, key: str, config: str | None = None) -> d
     if source.startswith((".", "/", "~")) or source.endswith(tuple(_BUILDERS)):
         raise DataError(f"{key}={source}: no such file or directory.")
     return _load_hub(source, split, key, config)
+
+
+def _number_stream(rows: datasets.IterableDataset) -> datasets.IterableDataset:
+    """Each row's 1-based place in the stream (ROW); applied before any skip, so a resumed stream keeps them."""
+    return rows.map(lambda row, i: {ROW: i + 1}, with_indices=True)
+
+
+def load_stream(source: str, split: str, key: str, config: str | None = None) -> datasets.IterableDataset:
+    """The rows of `source` read lazily (datasets' streaming mode), numbered by their place in it.
+
+    A file is read by datasets' own reader, so a malformed line surfaces when the stream reaches it (with the
+    reader's message); the eager checks of `load_rows` would read the whole file first.
+    """
+    path = Path(source).expanduser()
+    where = f"{key}={source}"
+    if path.is_file():
+        builder = _BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise DataError(f"{where}: unsupported file type '{path.suffix}'. Use .jsonl, .json, .parquet or .csv.")
+        if path.stat().st_size == 0:
+            raise DataError(f"{where}: the file is empty (0 bytes).\nFix: point {key} at a file with training rows.")
+        return _number_stream(datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True))
+    if path.is_dir():
+        if any((path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+            return _load_dir(path, source, split, key).to_iterable_dataset()  # numbered by _load_dir
+        return _number_stream(datasets.load_dataset(str(path), split=split, streaming=True))
+    if source.startswith((".", "/", "~")) or source.endswith(tuple(_BUILDERS)):
+        raise DataError(f"{where}: no such file or directory.")
+    offline = constants.HF_HUB_OFFLINE or datasets.config.HF_HUB_OFFLINE
+    unreachable = None if offline else _hub_unreachable()
+    if offline or unreachable:  # a stream reads the Hub as it goes; no cached copy can stand in for it
+        why = "HF_HUB_OFFLINE=1 is set" if offline else f"the Hugging Face Hub is unreachable ({unreachable})"
+        raise DataError(f"{where}: not a local file or directory, and {why}, so it cannot be streamed.\n"
+                        "Fix: download the dataset where the Hub is reachable and pass its local path.")
+    try:
+        return _number_stream(datasets.load_dataset(source, config, split=split, streaming=True))
+    except Exception as e:
+        raise DataError(f"{where}: streaming it from the Hugging Face Hub failed ({type(e).__name__}: "
+                        f"{_first_line(e)}).\nFix: check the id and data.split.") from e

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import logging
 from collections import Counter
-from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -17,49 +16,14 @@ from transformers import PreTrainedTokenizerBase
 from bamba_ft.config.schema import DataConfig
 from bamba_ft.data.builtin import builtin_splits
 from bamba_ft.data.formats import check_fields, detect_format, role_map, to_messages
-from bamba_ft.data.load import POSITIONS, load_rows, locate, number_rows, rename_columns
+from bamba_ft.data.load import POSITIONS, load_rows, locate, mix_sources, number_rows, rename_columns
 from bamba_ft.data.packing import BatchPlan, MaskedRows, collate_packed, collate_padded
-from bamba_ft.data.tokenize import IGNORE_INDEX, split_windows, tokenize_example
-from bamba_ft.errors import DataError
+from bamba_ft.data.stream import STREAM_KEY, StreamBatches, StreamPosition, StreamSource, open_stream
+from bamba_ft.data.tokenize import encode_row, split_long
+from bamba_ft.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 datasets.disable_progress_bars()
-
-
-def _encode(row: dict, *, tokenizer, fmt: str, train_on: str, max_seq_len: int, split: bool, where: str,  # noqa: ANN001
-            renames: Mapping[str, str]) -> dict:
-    at = locate(where, row)
-    coerced: list[str] = []
-    example = to_messages(row, fmt, at, renames, coerced)
-    tok = tokenize_example(tokenizer, example, train_on, None if split else max_seq_len, at)
-    empty = not isinstance(example, str) and any(
-        m["role"] == "assistant" and not m["content"].strip() and not m.get("tool_calls") for m in example)
-    return {
-        "input_ids": tok.input_ids,
-        "labels": tok.labels,
-        "length": len(tok.input_ids),
-        "overlong": tok.truncated or len(tok.input_ids) > max_seq_len,
-        "n_targets": sum(1 for t in tok.labels if t != IGNORE_INDEX),
-        "full_targets": tok.full_targets,
-        "empty_assistant": empty,
-        "coerced": len(coerced),
-    }
-
-
-def _windows(batch: dict[str, list], *, max_seq_len: int, overlap: int) -> dict[str, list]:
-    """Examples longer than `max_seq_len` replaced by their windows (`split_windows`); windows without loss go."""
-    out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "n_targets": [], "window": []}
-    for ids, labels in zip(batch["input_ids"], batch["labels"]):
-        windows = split_windows(ids, labels, max_seq_len, overlap) if len(ids) > max_seq_len else [(ids, labels)]
-        for i, (w_ids, w_labels) in enumerate(windows):
-            n = sum(1 for t in w_labels if t != IGNORE_INDEX)
-            if n:
-                out["input_ids"].append(w_ids)
-                out["labels"].append(w_labels)
-                out["length"].append(len(w_ids))
-                out["n_targets"].append(n)
-                out["window"].append(i if len(windows) > 1 else -1)
-    return out
 
 
 @dataclass
@@ -102,15 +66,6 @@ class SplitStats:
         )
 
 
-def mix_sources(parts: list[datasets.Dataset], weights: list[float | None], seed: int) -> datasets.Dataset:
-    """Concatenated when no weights are given; else drawn by weight (seeded) until one source runs out."""
-    if weights[0] is None:
-        return datasets.concatenate_datasets(parts)
-    total = sum(w or 0.0 for w in weights)
-    return datasets.interleave_datasets(parts, probabilities=[(w or 0.0) / total for w in weights], seed=seed,
-                                        stopping_strategy="first_exhausted")
-
-
 def _first(flags: list[bool]) -> int:
     return next(i for i, f in enumerate(flags) if f)
 
@@ -129,6 +84,11 @@ class BambaDataModule(L.LightningDataModule):
         self.formats: dict[str, str] = {}  # each split's format (a validation file may use another)
         self._plan: BatchPlan | None = None
         self._resume: dict[str, int] | None = None
+        # data.streaming: the training rows as a stream, and how far training has consumed it
+        self.stream: datasets.IterableDataset | None = None
+        self.stream_sources: list[StreamSource] = []
+        self.stream_position = StreamPosition()
+        self.stream_tokens = self.stream_batches = 0  # real tokens and batches trained (for packing efficiency)
 
     # ----- building the splits
     def _raw_splits(self) -> tuple[datasets.Dataset, datasets.Dataset | None]:
@@ -211,7 +171,7 @@ class BambaDataModule(L.LightningDataModule):
         self.fmt = self.fmt or fmt
         self.formats[name] = fmt
         encode = functools.partial(
-            _encode, tokenizer=self.tokenizer, fmt=fmt, train_on=c.train_on, max_seq_len=c.max_seq_len,
+            encode_row, tokenizer=self.tokenizer, fmt=fmt, train_on=c.train_on, max_seq_len=c.max_seq_len,
             split=c.overlong == "split", where=where, renames=role_map(c.roles),
         )
         enc = rows.map(
@@ -223,7 +183,7 @@ class BambaDataModule(L.LightningDataModule):
         keep, stats = self._stats(rows, enc, name, where)
         kept = enc.select(keep).remove_columns(["overlong", "full_targets", "empty_assistant", "coerced"])
         if stats.split:
-            kept = kept.map(functools.partial(_windows, max_seq_len=c.max_seq_len, overlap=c.overlong_stride),
+            kept = kept.map(functools.partial(split_long, max_seq_len=c.max_seq_len, overlap=c.overlong_stride),
                             batched=True, batch_size=16, remove_columns=kept.column_names, desc=f"splitting {name}")
             windows = kept["window"]
             stats.split_windows = sum(1 for w in windows if w >= 0)
@@ -233,7 +193,14 @@ class BambaDataModule(L.LightningDataModule):
 
     def prepare(self) -> None:
         """Load and tokenize both splits (idempotent)."""
-        if self.train_set is not None:
+        if self.train_set is not None or self.stream is not None:
+            return
+        if self.cfg.streaming:
+            self.stream, self.stream_sources, vals = open_stream(self.cfg, self.seed)
+            self.fmt = self.formats["train"] = self.stream_sources[0].fmt
+            self._validation_parts(vals)
+            if "val" in self.stats:
+                log.info("data %s", self.stats["val"].line("val"))
             return
         if self.cfg.sources:
             self._prepare_sources()
@@ -329,10 +296,25 @@ class BambaDataModule(L.LightningDataModule):
 
     def first_batch(self) -> dict:
         """The first training batch in a fixed order (a probe for gradient checks)."""
+        if self.stream is not None:
+            batch = next(iter(self._stream_batches(sharded=False, start=StreamPosition())))
+            batch.pop(STREAM_KEY)
+            return batch
         assert self.train_set is not None
         return next(iter(self._loader(self.train_set, self.make_plan(self.train_set, shuffle=False, sharded=False))))
 
+    def _stream_batches(self, sharded: bool, start: StreamPosition) -> StreamBatches:
+        assert self.stream is not None
+        trainer = self.trainer if sharded else None
+        return StreamBatches(self.stream, self.stream_sources, self.tokenizer, self.cfg, self.seed,
+                             rank=trainer.global_rank if trainer else 0,
+                             world_size=trainer.world_size if trainer else 1, start=start)
+
     def train_dataloader(self) -> DataLoader:
+        if self.stream is not None:
+            # batch_size=None: StreamBatches collates itself; it is endless, so trainer.max_steps ends training
+            return DataLoader(self._stream_batches(sharded=True, start=self.stream_position), batch_size=None,
+                              num_workers=self.cfg.num_workers)
         assert self.train_set is not None
         self._plan = self.make_plan(self.train_set, shuffle=True)
         if self._resume is not None:
@@ -360,8 +342,31 @@ class BambaDataModule(L.LightningDataModule):
             return []
         return self._loader(self.val_set, self.make_plan(self.val_set, shuffle=False, sharded=False))
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:  # noqa: ANN401
+        """A stream batch's position is recorded here, as the batch reaches training (after any prefetch)."""
+        meta = batch.pop(STREAM_KEY, None) if isinstance(batch, dict) else None
+        if meta is not None:
+            self.stream_tokens += meta.pop("tokens")
+            self.stream_batches += 1
+            self.stream_position = StreamPosition(**meta)
+            if self.stream_position.steps_done == 0 and self.cfg.packing:  # a window (or the stream) ended
+                log.info("stream: epoch %d, %d rows read; packing efficiency %.1f%% over %d batches so far",
+                         meta["epoch"], meta["rows_read"], 100 * self.packing_efficiency(), self.stream_batches)
+        return batch
+
+    def packing_efficiency(self) -> float | None:
+        """Real tokens / token budget over the training batches: this epoch's plan, or the stream's batches so far."""
+        if not self.cfg.packing:
+            return None
+        if self.stream is not None:
+            return self.stream_tokens / (self.stream_batches * self.cfg.max_tokens_per_batch) if self.stream_batches else None
+        return self._plan.efficiency() if self._plan else None
+
     # ----- resume: the data position is part of the checkpoint
     def state_dict(self) -> dict[str, Any]:
+        if self.cfg.streaming:
+            return {"stream": {**vars(self.stream_position), "tokens": self.stream_tokens,
+                               "batches": self.stream_batches}}
         trainer = self.trainer
         if trainer is None:
             return {}
@@ -369,5 +374,13 @@ class BambaDataModule(L.LightningDataModule):
         return {"epoch": trainer.current_epoch, "batches_done": done}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state:
+        if state and ("stream" in state) != self.cfg.streaming:
+            raise ConfigError(f"trainer.resume: the checkpoint was written with data.streaming={'stream' in state}, "
+                              f"this run has data.streaming={self.cfg.streaming}, and their data positions do not "
+                              f"translate.\nFix: resume with data.streaming={str('stream' in state).lower()}.")
+        if state and "stream" in state:
+            s = dict(state["stream"])
+            self.stream_tokens, self.stream_batches = int(s.pop("tokens")), int(s.pop("batches"))
+            self.stream_position = StreamPosition(**{k: int(v) for k, v in s.items()})
+        elif state:
             self._resume = {"epoch": int(state["epoch"]), "batches_done": int(state["batches_done"])}

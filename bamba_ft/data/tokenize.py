@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from jinja2.exceptions import TemplateError
 from transformers import PreTrainedTokenizerBase
 
-from bamba_ft.data.formats import tools_of
+from bamba_ft.data.formats import to_messages, tools_of
+from bamba_ft.data.load import locate
 from bamba_ft.data.templates import PRESETS
 from bamba_ft.errors import DataError
 
@@ -158,3 +160,40 @@ def prompt_and_reference(tokenizer: PreTrainedTokenizerBase, example: list[dict]
     prompt = tokenizer.apply_chat_template(example[:last], tools=tools_of(example), tokenize=False,
                                            add_generation_prompt=True)
     return prompt, example[last]["content"]
+
+
+def encode_row(row: dict, *, tokenizer, fmt: str, train_on: str, max_seq_len: int, split: bool, where: str,  # noqa: ANN001
+               renames: Mapping[str, str]) -> dict:
+    """One raw row tokenized (`tokenize_example`), with the counts the length policy and the data report use."""
+    at = locate(where, row)
+    coerced: list[str] = []
+    example = to_messages(row, fmt, at, renames, coerced)
+    tok = tokenize_example(tokenizer, example, train_on, None if split else max_seq_len, at)
+    empty = not isinstance(example, str) and any(
+        m["role"] == "assistant" and not m["content"].strip() and not m.get("tool_calls") for m in example)
+    return {
+        "input_ids": tok.input_ids,
+        "labels": tok.labels,
+        "length": len(tok.input_ids),
+        "overlong": tok.truncated or len(tok.input_ids) > max_seq_len,
+        "n_targets": sum(1 for t in tok.labels if t != IGNORE_INDEX),
+        "full_targets": tok.full_targets,
+        "empty_assistant": empty,
+        "coerced": len(coerced),
+    }
+
+
+def split_long(batch: dict[str, list], *, max_seq_len: int, overlap: int) -> dict[str, list]:
+    """Examples longer than `max_seq_len` replaced by their windows (`split_windows`); windows without loss go."""
+    out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "n_targets": [], "window": []}
+    for ids, labels in zip(batch["input_ids"], batch["labels"]):
+        windows = split_windows(ids, labels, max_seq_len, overlap) if len(ids) > max_seq_len else [(ids, labels)]
+        for i, (w_ids, w_labels) in enumerate(windows):
+            n = sum(1 for t in w_labels if t != IGNORE_INDEX)
+            if n:
+                out["input_ids"].append(w_ids)
+                out["labels"].append(w_labels)
+                out["length"].append(len(w_ids))
+                out["n_targets"].append(n)
+                out["window"].append(i if len(windows) > 1 else -1)
+    return out

@@ -140,7 +140,9 @@ def config_changes(old: dict[str, Any], new: TrainConfig) -> tuple[list[str], li
             was = canonical_checkpointing(was)
         if was == now or (isinstance(was, (int, float)) and isinstance(now, (int, float)) and float(was) == float(now)):
             continue
-        (applied if _matches(key, APPLIED) else refused).append(f"{key}: {was!r} -> {now!r}")
+        # A stream's validation rows are its head, so their number moves where training starts in the stream.
+        fixed_by_stream = key == "data.max_val_examples" and new.data.streaming
+        (applied if _matches(key, APPLIED) and not fixed_by_stream else refused).append(f"{key}: {was!r} -> {now!r}")
     return applied, refused
 
 

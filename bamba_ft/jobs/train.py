@@ -273,8 +273,9 @@ def _finish(cfg: TrainConfig, model: nn.Module, tokenizer: Any, dm: BambaDataMod
             "last_val_loss": logged.get("val/loss"),  # from the training loop (reduced over ranks)
             "tokens_per_sec": logged.get("train/tokens_per_sec"),
         },
-        "data": {name: vars(st) for name, st in dm.stats.items()},
-        "packing_efficiency": dm._plan.efficiency() if (cfg.data.packing and dm._plan) else None,
+        "data": {name: vars(st) for name, st in dm.stats.items()}
+        | ({"train_stream": {**vars(dm.stream_position), "batches": dm.stream_batches}} if dm.stream else {}),
+        "packing_efficiency": dm.packing_efficiency(),
         "outputs": {"run": str(run_dir), ADAPTER_DIR if cfg.peft.method == "lora" else MODEL_DIR: str(saved)},
     }
     publish_file(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=str) + "\n")

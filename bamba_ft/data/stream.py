@@ -1,0 +1,240 @@
+"""Streaming training data: rows read lazily, tokenized as they come, packed window by window, resumable.
+
+Every rank reads the same stream and packs it the same way: each window of data.stream_buffer examples is
+packed best-fit (`pack_batches`) and rank r trains the window's batches r, r + world, ... So the ranks see
+disjoint examples, take the same number of steps without talking to each other, and one position (where the
+window starts, plus the steps done in it) holds for every rank: rank 0's checkpoint resumes them all. The
+price is that each rank tokenizes the whole stream, a small CPU cost next to a training step.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import datasets
+import torch
+
+from bamba_ft.config.schema import DataConfig, SourceConfig
+from bamba_ft.data.builtin import builtin_splits
+from bamba_ft.data.formats import check_fields, detect_format, role_map
+from bamba_ft.data.load import (
+    POSITIONS,
+    column_names,
+    load_rows,
+    load_stream,
+    locate,
+    mix_sources,
+    number_rows,
+    rename_columns,
+)
+from bamba_ft.data.packing import collate_packed, collate_padded, pack_batches, padded_batches
+from bamba_ft.data.tokenize import encode_row, split_long
+from bamba_ft.errors import DataError
+
+log = logging.getLogger(__name__)
+SOURCE = "__source__"  # which of data.sources a mixed row came from
+STREAM_KEY = "stream"  # batch key holding the position after the batch; BambaDataModule pops it before the model
+
+
+@dataclass(frozen=True)
+class StreamPosition:
+    epoch: int = 0
+    """Passes over the stream completed."""
+    rows_read: int = 0
+    """Rows of the training stream before the current window, in this pass."""
+    row_items: int = 0
+    """Examples of the next row packed into an earlier window (a row cut into several by data.overlong=split)."""
+    steps_done: int = 0
+    """Batches of the current window this rank has trained."""
+
+
+@dataclass
+class StreamSource:
+    fmt: str
+    columns: list[str]
+    where: str
+
+
+ValParts = list[tuple[datasets.Dataset, str, str | None]]
+
+
+def open_stream(c: DataConfig, seed: int) -> tuple[datasets.IterableDataset, list[StreamSource], ValParts]:
+    """The training rows as one stream (sources mixed), each source's format, and the validation rows.
+
+    Validation stays in memory: data.val_source or data.val_split when given, else the first
+    data.max_val_examples rows of the stream (split evenly over data.sources), which training then skips.
+    """
+    if c.source == "builtin" and not c.sources:
+        train, val = builtin_splits(c.builtin_kind, c.builtin_train_examples, c.builtin_val_examples, seed)
+        rows = number_rows(datasets.Dataset.from_list(train)).to_iterable_dataset()
+        source = _source(rows, c.format, "data.source=builtin")
+        return rows, [source], [(number_rows(datasets.Dataset.from_list(val)), source.where, None)]
+    specs = c.sources or [SourceConfig(source=c.source, split=c.split, format=c.format)]
+    hold = not c.val_source and not c.val_split and c.val_fraction > 0 and c.max_val_examples > 0
+    head = max(1, c.max_val_examples // len(specs))
+    streams, sources, vals = [], [], []
+    for i, s in enumerate(specs):
+        key = f"data.sources[{i}]" if c.sources else "data"
+        where = f"{key}.source={s.source}"
+        rows = rename_columns(load_stream(s.source, s.split, f"{key}.source", s.config), s.columns, f"{key}.columns")
+        if s.max_examples is not None:
+            rows = rows.take(s.max_examples)
+        if hold:
+            vals.append((datasets.Dataset.from_list(list(rows.take(head))), where, s.format))
+            rows = rows.skip(head)
+        sources.append(_source(rows, s.format, where, held=head if hold else 0))
+        streams.append(rows.map(functools.partial(_tag, source=i)))
+    if c.val_source:
+        vals = [(load_rows(c.val_source, c.val_split or c.split, "data.val_source"), f"data.val_source={c.val_source}",
+                 None)]
+    elif c.val_split:
+        vals = [(load_rows(c.source, c.val_split, "data.val_split"), f"data.source={c.source}", None)]
+    mixed = streams[0] if len(streams) == 1 else mix_sources(streams, [s.weight for s in specs], seed)
+    return mixed, sources, vals
+
+
+def _tag(row: dict, source: int) -> dict:
+    return {SOURCE: source}
+
+
+def _source(rows: datasets.IterableDataset, fmt: str, where: str, held: int = 0) -> StreamSource:
+    columns = [col for col in column_names(rows) if col not in POSITIONS]
+    if not columns:
+        after = f" after the first {held} held out for validation (data.max_val_examples)" if held else ""
+        raise DataError(f"{where}: the stream has no training rows{after}.\nFix: point the source at more rows"
+                        + (", lower data.max_val_examples, or set data.val_source." if held else "."))
+    fmt = fmt if fmt != "auto" else detect_format(columns, where)
+    check_fields(fmt, columns, where)
+    return StreamSource(fmt, columns, where)
+
+
+def _encode_stream_row(row: dict, *, sources: list[StreamSource], tokenizer: Any, c: DataConfig,  # noqa: ANN401
+                       renames: Mapping[str, str]) -> dict:
+    """`encode_row` plus the in-memory length policy (`BambaDataModule._stats`), for one row: its examples."""
+    src = sources[row.get(SOURCE) or 0]
+    # Mixed streams carry every source's columns (None where a row lacks them); each row sees only its own.
+    own = {k: row[k] for k in (*src.columns, *POSITIONS) if k in row}
+    enc = encode_row(own, tokenizer=tokenizer, fmt=src.fmt, train_on=c.train_on, max_seq_len=c.max_seq_len,
+                     split=c.overlong == "split", where=src.where, renames=renames)
+    full, n = enc["full_targets"], enc["n_targets"]
+    if full == 0:
+        verdict = "dropped_no_targets"
+    elif enc["overlong"] and c.overlong == "drop":
+        verdict = "dropped_overlong"
+    elif n == 0:
+        verdict = "dropped_prompt_too_long"
+    else:
+        verdict = "kept"
+    ids, labels = ([enc["input_ids"]], [enc["labels"]]) if verdict == "kept" else ([], [])
+    if verdict == "kept" and c.overlong == "split" and enc["overlong"]:
+        windows = split_long({"input_ids": ids, "labels": labels}, max_seq_len=c.max_seq_len, overlap=c.overlong_stride)
+        ids, labels = windows["input_ids"], windows["labels"]
+    return {"_ids": ids, "_labels": labels, "_verdict": verdict, "_empty": enc["empty_assistant"],
+            "_coerced": enc["coerced"] > 0}
+
+
+def balance(batches: list[list[int]], world_size: int) -> list[list[int]]:
+    """`batches` made a multiple of `world_size` in number by halving the ones with the most examples; when no
+    batch has two examples left, the remainder is dropped (every rank drops the same)."""
+    batches = list(batches)
+    while len(batches) % world_size:
+        k = max(range(len(batches)), key=lambda b: len(batches[b]))
+        if len(batches[k]) < 2:
+            return batches[: len(batches) // world_size * world_size]
+        half = len(batches[k]) // 2
+        batches[k : k + 1] = [batches[k][:half], batches[k][half:]]
+    return batches
+
+
+class StreamBatches(torch.utils.data.IterableDataset):
+    """This rank's collated batches of an endless stream (it restarts when the rows run out), from `start` on.
+
+    Each batch holds, under STREAM_KEY, the position after it and its real tokens. `peak_buffer` is the most
+    examples held at once (never above data.stream_buffer).
+    """
+
+    def __init__(self, rows: datasets.IterableDataset, sources: list[StreamSource], tokenizer: Any,  # noqa: ANN401
+                 cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1,
+                 start: StreamPosition | None = None) -> None:
+        self.rows, self.sources, self.tokenizer, self.cfg, self.seed = rows, sources, tokenizer, cfg, seed
+        self.rank, self.world_size, self.start = rank, world_size, start or StreamPosition()
+        self.peak_buffer = 0
+        self._warned: set[str] = set()
+
+    def __iter__(self) -> Iterator[dict]:
+        pos = self.start
+        while True:
+            steps = 0
+            for batch in self._epoch(pos):
+                steps += 1
+                yield batch
+            if steps == 0 and pos == StreamPosition(pos.epoch):
+                raise DataError(
+                    f"{self.sources[0].where}: a whole pass over the stream gave rank {self.rank} no training batch "
+                    f"({self.world_size} ranks). Fix: check the rows (all may have been dropped: see the warnings), "
+                    "lower data.max_tokens_per_batch, or run on fewer devices.")
+            pos = StreamPosition(pos.epoch + 1)
+
+    def _encoded(self, pos: StreamPosition) -> Iterator[dict]:
+        rows = self.rows.skip(pos.rows_read) if pos.rows_read else self.rows  # read, not tokenized, on resume
+        encode = functools.partial(_encode_stream_row, sources=self.sources, tokenizer=self.tokenizer, c=self.cfg,
+                                   renames=role_map(self.cfg.roles))
+        return iter(rows.map(encode))
+
+    def _epoch(self, pos: StreamPosition) -> Iterator[dict]:
+        buffer: list[dict] = []
+        start, skip_steps = (pos.rows_read, pos.row_items), pos.steps_done
+        for k, enc in enumerate(self._encoded(pos)):
+            row = pos.rows_read + k
+            self._warn(enc)
+            n_items = len(enc["_ids"])
+            for j in range(pos.row_items if k == 0 else 0, n_items):
+                buffer.append({"input_ids": enc["_ids"][j], "labels": enc["_labels"][j]})
+                self.peak_buffer = max(self.peak_buffer, len(buffer))
+                if len(buffer) == self.cfg.stream_buffer:
+                    after = StreamPosition(pos.epoch, *((row, j + 1) if j + 1 < n_items else (row + 1, 0)))
+                    yield from self._window(buffer, pos.epoch, start, skip_steps, after)
+                    buffer, start, skip_steps = [], (after.rows_read, after.row_items), 0
+        if buffer:
+            yield from self._window(buffer, pos.epoch, start, skip_steps, StreamPosition(pos.epoch + 1))
+
+    def _window(self, examples: list[dict], epoch: int, start: tuple[int, int], skip_steps: int,
+                after: StreamPosition) -> Iterator[dict]:
+        """This rank's batches of one window; the same window packs the same way on every rank and on resume."""
+        c = self.cfg
+        lengths = [len(e["input_ids"]) for e in examples]
+        seed = hash((self.seed, epoch, *start))  # ints hash the same in every process
+        if c.packing:
+            batches = pack_batches(lengths, c.max_tokens_per_batch, seed)
+            collate = collate_packed
+        else:
+            batches = padded_batches(len(examples), c.batch_size, seed, shuffle=True)
+            collate = functools.partial(collate_padded, pad_id=self.tokenizer.pad_token_id)
+        mine = balance(batches, self.world_size)[self.rank :: self.world_size]
+        for s in range(skip_steps, len(mine)):
+            batch = collate([examples[i] for i in mine[s]])
+            done = after if s + 1 == len(mine) else StreamPosition(epoch, *start, s + 1)
+            batch[STREAM_KEY] = {**asdict(done), "tokens": sum(lengths[i] for i in mine[s])}
+            yield batch
+
+    def _warn(self, enc: dict) -> None:
+        """The in-memory path's data warnings, once each (a stream has no end to count them at)."""
+        kinds = {"_empty": "an empty assistant message, which teaches an empty answer",
+                 "_coerced": "a number where text belongs, read as its decimal text ('007' became '7')"}
+        for flag, what in kinds.items():
+            if enc[flag] and flag not in self._warned:
+                self._warned.add(flag)
+                log.warning("data warning: a training row has %s (%s); later ones are not reported.",
+                            what, self._at(enc))
+        if enc["_verdict"] == "dropped_prompt_too_long" and "prompt" not in self._warned:
+            self._warned.add("prompt")
+            log.warning("data warning: examples are dropped: the prompt alone is longer than data.max_seq_len=%d, "
+                        "so no answer token is left (first: %s). Fix: raise data.max_seq_len.",
+                        self.cfg.max_seq_len, self._at(enc))
+
+    def _at(self, enc: dict) -> str:
+        return locate(self.sources[enc.get(SOURCE) or 0].where, enc)

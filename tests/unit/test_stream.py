@@ -1,0 +1,192 @@
+"""data.streaming: the stream packs the same sequences as the in-memory path, resumes where it stopped,
+shards ranks disjointly, and holds at most data.stream_buffer examples."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import datasets
+import pytest
+
+from bamba_ft.config.schema import DataConfig, SourceConfig, TrainConfig, validate
+from bamba_ft.data.builtin import generate_pretrain, generate_sft
+from bamba_ft.data.load import load_stream
+from bamba_ft.data.module import BambaDataModule
+from bamba_ft.data.stream import STREAM_KEY, StreamBatches, StreamPosition, balance
+from bamba_ft.errors import ConfigError, DataError
+from bamba_ft.jobs.checkpoints import config_changes
+
+Seq = tuple[tuple[int, ...], tuple[int, ...]]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    d = tmp_path_factory.mktemp("stream")
+    # chat rows (one example each) and text documents of ~300-600 tokens, which max_seq_len=128 splits in windows
+    datasets.Dataset.from_list(generate_sft(70, seed=1)).to_parquet(d / "sft.parquet")
+    return {"sft": write_jsonl(d / "sft.jsonl", generate_sft(70, seed=1)),
+            "docs": write_jsonl(d / "docs.jsonl", generate_pretrain(24, seed=2)), "parquet": str(d / "sft.parquet")}
+
+
+def data_cfg(source: str, **kw) -> DataConfig:  # noqa: ANN003
+    base = dict(source=source, max_seq_len=128, max_tokens_per_batch=512, val_fraction=0.0, stream_buffer=16)
+    if "docs" in source:
+        base.update(overlong="split", overlong_stride=8)
+    return DataConfig(**{**base, **kw})
+
+
+def stream_of(tokenizer, cfg: DataConfig, **kw) -> StreamBatches:  # noqa: ANN001, ANN003
+    dm = BambaDataModule(cfg, tokenizer)
+    dm.prepare()
+    return StreamBatches(dm.stream, dm.stream_sources, tokenizer, cfg, dm.seed, **kw)
+
+
+def sequences(batch: dict) -> list[Seq]:
+    cu = batch["cu_seq_lens_q"].tolist()
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    return [(tuple(ids[a:b]), tuple(labels[a:b])) for a, b in zip(cu, cu[1:])]
+
+
+def one_epoch(batches: Iterator[dict]) -> list[tuple[list[Seq], dict]]:
+    """(sequences, position after) of each batch until the stream's first pass ends."""
+    out = []
+    for batch in batches:
+        meta = batch[STREAM_KEY]
+        out.append((sequences(batch), meta))
+        if meta["epoch"] == 1:
+            return out
+    raise AssertionError("the stream ended; it should restart")
+
+
+def in_memory(tokenizer, cfg: DataConfig) -> Counter:  # noqa: ANN001
+    dm = BambaDataModule(cfg, tokenizer)
+    dm.prepare()
+    return Counter((tuple(r["input_ids"]), tuple(r["labels"])) for r in dm.train_set)
+
+
+@pytest.mark.parametrize("name", ["sft", "docs", "parquet"])
+def test_stream_epoch_packs_the_in_memory_sequences(builtin_tokenizer, files: dict[str, str], name: str) -> None:  # noqa: ANN001
+    cfg = data_cfg(files[name], streaming=True)
+    streamed = Counter(s for seqs, _ in one_epoch(iter(stream_of(builtin_tokenizer, cfg))) for s in seqs)
+    expected = in_memory(builtin_tokenizer, data_cfg(files[name]))
+    assert sum(expected.values()) > 2 * cfg.stream_buffer  # several windows
+    assert streamed == expected
+
+
+@pytest.mark.parametrize("stop", [1, 5, 9])
+def test_stream_resume_continues_at_the_same_position(builtin_tokenizer, files: dict[str, str], stop: int) -> None:  # noqa: ANN001
+    cfg = data_cfg(files["docs"], streaming=True, stream_buffer=7)  # windows end inside rows (split documents)
+    full = one_epoch(iter(stream_of(builtin_tokenizer, cfg)))
+    assert any(meta["row_items"] for _, meta in full)  # some stop points lie mid-row
+    position = StreamPosition(**{k: v for k, v in full[stop - 1][1].items() if k != "tokens"})
+    after = one_epoch(iter(stream_of(builtin_tokenizer, cfg, start=position)))
+    assert [s for s, _ in full[:stop] + after] == [s for s, _ in full]
+
+
+def test_datamodule_state_resumes_the_stream(builtin_tokenizer, files: dict[str, str]) -> None:  # noqa: ANN001
+    cfg = data_cfg(files["sft"], streaming=True, max_tokens_per_batch=128)  # ~20 batches an epoch
+    dm = BambaDataModule(cfg, builtin_tokenizer)
+    dm.prepare()
+    batches = iter(dm.train_dataloader())
+    seen = [sequences(dm.on_before_batch_transfer(next(batches), 0)) for _ in range(6)]
+    state = dm.state_dict()
+    assert state["stream"]["epoch"] == 0 and state["stream"]["batches"] == 6
+    assert dm.packing_efficiency() == pytest.approx(
+        sum(len(s[0]) for b in seen for s in b) / (6 * cfg.max_tokens_per_batch), abs=1e-12)
+    uninterrupted = [sequences(b) for _, b in zip(range(12), iter(stream_of(builtin_tokenizer, cfg)))]
+    resumed = BambaDataModule(cfg, builtin_tokenizer)
+    resumed.load_state_dict(state)
+    resumed.prepare()
+    rest = iter(resumed.train_dataloader())
+    assert seen + [sequences(resumed.on_before_batch_transfer(next(rest), 0)) for _ in range(6)] == uninterrupted
+    assert resumed.stream_batches == 12
+    with pytest.raises(ConfigError, match="data.streaming=true"):
+        BambaDataModule(data_cfg(files["sft"]), builtin_tokenizer).load_state_dict(state)
+
+
+def test_stream_ranks_see_disjoint_data_in_equal_steps(builtin_tokenizer, files: dict[str, str]) -> None:  # noqa: ANN001
+    cfg = data_cfg(files["sft"], streaming=True, max_tokens_per_batch=256)
+    whole = Counter(s for seqs, _ in one_epoch(iter(stream_of(builtin_tokenizer, cfg))) for s in seqs)
+    ranks = [one_epoch(iter(stream_of(builtin_tokenizer, cfg, rank=r, world_size=2))) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1])
+    positions = [[{k: v for k, v in m.items() if k != "tokens"} for _, m in rank] for rank in ranks]
+    assert positions[0] == positions[1]  # one position describes both ranks
+    parts = [Counter(s for seqs, _ in rank for s in seqs) for rank in ranks]
+    assert not parts[0] & parts[1] and parts[0] + parts[1] == whole
+
+
+def test_balance_splits_batches_to_a_multiple_of_the_world() -> None:
+    batches = [[0, 1, 2], [3], [4, 5]]
+    out = balance(batches, 2)
+    assert len(out) == 4 and sorted(i for b in out for i in b) == list(range(6))
+    assert balance([[0], [1], [2]], 2) == [[0], [1]]  # nothing to split: every rank drops the same remainder
+
+
+@pytest.mark.parametrize("name", ["sft", "docs"])
+def test_stream_buffer_never_holds_more_than_stream_buffer(builtin_tokenizer, files: dict[str, str], name: str) -> None:  # noqa: ANN001
+    cfg = data_cfg(files[name], streaming=True, stream_buffer=5)
+    stream = stream_of(builtin_tokenizer, cfg)
+    held = []
+    original = stream._window
+
+    def window(examples, *args):  # noqa: ANN001, ANN002, ANN202
+        held.append(len(examples))
+        yield from original(examples, *args)
+
+    stream._window = window
+    one_epoch(iter(stream))
+    assert stream.peak_buffer == 5 and max(held) == 5 and len(held) > 3
+
+
+def test_stream_holds_out_the_head_for_validation(builtin_tokenizer, files: dict[str, str]) -> None:  # noqa: ANN001
+    cfg = data_cfg(files["sft"], streaming=True, val_fraction=0.05, max_val_examples=10)
+    dm = BambaDataModule(cfg, builtin_tokenizer)
+    dm.prepare()
+    rows = [json.loads(line) for line in Path(files["sft"]).read_text().splitlines()]
+    assert [m[1]["content"] for m in dm.val_rows] == [r["messages"][1]["content"] for r in rows[:10]]
+    streamed = {r["__row__"] for r in dm.stream}
+    assert min(streamed) == 11 and len(streamed) == 60
+
+
+def test_stream_mixes_sources_by_weight(builtin_tokenizer, files: dict[str, str]) -> None:  # noqa: ANN001
+    cfg = DataConfig(source="builtin", sources=[SourceConfig(source=files["sft"], weight=1.0),
+                                                 SourceConfig(source=files["docs"], weight=1.0)],
+                     max_seq_len=128, max_tokens_per_batch=512, overlong="split", stream_buffer=16,
+                     streaming=True, max_val_examples=2)
+    epoch = one_epoch(iter(stream_of(builtin_tokenizer, cfg)))
+    texts = [builtin_tokenizer.decode(ids) for seqs, _ in epoch for ids, _ in seqs]
+    assert any("assistant" in t for t in texts) and any("Q:" in t for t in texts)
+
+
+def test_streaming_config_errors() -> None:
+    cfg = TrainConfig()
+    cfg.data.streaming, cfg.trainer.max_steps, cfg.trainer.max_epochs = True, -1, 2
+    cfg.data.num_workers = 2
+    with pytest.raises(ConfigError, match=r"(?s)trainer.max_steps=-1.*set trainer.max_steps=N.*data.num_workers=2"):
+        validate(cfg)
+
+
+def test_hub_stream_offline_says_to_use_a_local_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError, match=r"(?s)data.source=org/set: .*cannot be streamed.*pass its local path"):
+        load_stream("org/set", "train", "data.source")
+
+
+def test_resume_refuses_a_changed_stream_head() -> None:
+    old = TrainConfig()
+    old.data.streaming = True
+    new = TrainConfig()
+    new.data.streaming, new.data.max_val_examples = True, 10
+    applied, refused = config_changes(asdict(old), new)
+    assert refused == ["data.max_val_examples: 1000 -> 10"] and not applied
+    new.data.streaming = old.data.streaming = False  # in memory the held-out rows do not move the training set
+    assert config_changes(asdict(old), new) == (["data.max_val_examples: 1000 -> 10"], [])
