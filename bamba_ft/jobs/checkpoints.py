@@ -21,11 +21,11 @@ from bamba_ft.config.schema import TrainConfig, canonical_checkpointing
 from bamba_ft.errors import ConfigError
 from bamba_ft.jobs.lock import held_elsewhere
 from bamba_ft.model.restore import checkpoint_problem
+from bamba_ft.rundir import RunDir
 
 log = logging.getLogger("bamba_ft")
 
 CONFIG_KEY = "bamba_ft_config"  # the run's TrainConfig, as a dict, inside every checkpoint
-RESUMABLE = ("interrupted.ckpt", "last.ckpt")  # plus best-*.ckpt, which hold the full training state too
 
 # Keys whose change on resume applies from the resumed step on (recorded in the new run's run_config.yaml).
 APPLIED = ("optim.", "trainer.max_steps", "trainer.max_epochs", "trainer.val_check_interval",
@@ -38,15 +38,9 @@ APPLIED = ("optim.", "trainer.max_steps", "trainer.max_epochs", "trainer.val_che
 IGNORED = ("task", "debug", "output_dir", "trainer.resume", "trainer.fast_dev_run", "export.", "bench.", "sweep.")
 
 
-def run_checkpoints(run_dir: Path) -> list[Path]:
-    """The resumable checkpoints of a run, newest first."""
-    found = [p for p in (run_dir / "checkpoints").glob("*.ckpt") if p.name in RESUMABLE or p.name.startswith("best")]
-    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
-
-
 def newest_intact(run_dir: Path, key: str) -> Path:
     """The newest checkpoint of `run_dir` that is intact; says which were skipped and why."""
-    found = run_checkpoints(run_dir)
+    found = RunDir(run_dir).resumable_checkpoints()
     if not found:
         raise ConfigError(f"{key}: {run_dir}/checkpoints has no checkpoint (last.ckpt, interrupted.ckpt, best-*).")
     skipped = []
@@ -109,7 +103,7 @@ def saved_config(ckpt: Path) -> dict[str, Any] | None:
     state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
     if CONFIG_KEY in state:
         return state[CONFIG_KEY]
-    run_config = ckpt.parent.parent / "run_config.yaml"
+    run_config = RunDir.of_checkpoint(ckpt).run_config
     return OmegaConf.to_container(OmegaConf.load(run_config)) if run_config.exists() else None  # type: ignore[return-value]
 
 

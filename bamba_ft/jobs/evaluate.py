@@ -21,6 +21,7 @@ from bamba_ft.jobs.report import plot_curves, publish_file
 from bamba_ft.jobs.runtime import autocast_for, choose_device, to_device
 from bamba_ft.model.restore import load_source, locate
 from bamba_ft.ops.loss import causal_lm, loss_sum_and_count
+from bamba_ft.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -162,11 +163,12 @@ def write_results(out: Path, result: dict, rows: list[dict], run_dir: Path | Non
     """
     out.mkdir(parents=True, exist_ok=True)
     fault_point("eval.before_write")
-    (out / "metrics.json").unlink(missing_ok=True)
-    publish_file(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    curves = run_dir is not None and plot_curves(run_dir, out / "curves.png")
+    written = RunDir(out)
+    written.metrics.unlink(missing_ok=True)
+    publish_file(written.predictions, "".join(json.dumps(r) + "\n" for r in rows))
+    curves = run_dir is not None and plot_curves(run_dir, written.curves)
     fault_point("eval.before_metrics")
-    publish_file(out / "metrics.json", json.dumps(result, indent=2, default=str) + "\n")
+    publish_file(written.metrics, json.dumps(result, indent=2, default=str) + "\n")
     return curves
 
 

@@ -10,6 +10,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from bamba_ft.config.schema import TrainConfig
+from bamba_ft.rundir import RunDir
 
 _LIBRARIES = ("bamba_ft", "torch", "transformers", "peft", "torchao", "lightning", "datasets", "mamba-ssm", "causal-conv1d")
 
@@ -27,7 +28,7 @@ def library_versions() -> dict[str, str]:
 def write_model_card(directory: Path, cfg: TrainConfig, src: Any, report: dict, adapter_only: bool) -> None:
     run = src.run
     base = run.model.name_or_path if run is not None else src.model.name_or_path
-    metrics_file = Path(run.output_dir) / "metrics.json" if run is not None else None
+    metrics_file = RunDir(run.output_dir).metrics if run is not None else None
     metrics = json.loads(metrics_file.read_text()) if metrics_file is not None and metrics_file.exists() else {}
     tags = ["bamba", "mamba2", "bamba_ft"] + (["lora", "peft"] if adapter_only or (run and run.peft.method == "lora") else [])
     front = {"library_name": "peft" if adapter_only else "transformers", "base_model": base, "tags": tags}

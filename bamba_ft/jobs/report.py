@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from bamba_ft.rundir import RunDir
+
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write to a temporary file beside `path`, then rename: readers never see a half-written file."""
@@ -75,7 +77,7 @@ def publish_file(path: Path, data: str | bytes) -> None:
 
 def read_metrics_csv(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """{metric: [(step, value), ...]} from the newest CSV log of a run."""
-    files = sorted((run_dir / "logs" / "csv").glob("version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)
+    files = sorted(RunDir(run_dir).csv_logs.glob("version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)
     series: dict[str, list[tuple[int, float]]] = {}
     if not files:
         return series

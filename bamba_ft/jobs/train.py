@@ -36,8 +36,9 @@ from bamba_ft.model.families import family_for, family_of
 from bamba_ft.model.lora import apply_peft, check_adapter_gradients
 from bamba_ft.model.memory import out_of_memory_error
 from bamba_ft.model.mixer import packing_safe, unsafe_attention
-from bamba_ft.model.restore import ADAPTER_DIR, MODEL_DIR, save_run_config
+from bamba_ft.model.restore import save_run_config
 from bamba_ft.ops.loss import causal_lm
+from bamba_ft.rundir import RunDir
 
 log = logging.getLogger("bamba_ft")
 
@@ -60,14 +61,14 @@ def _strategy(cfg: TrainConfig, device: torch.device) -> Any:
 def _loggers(cfg: TrainConfig, run_dir: Path) -> list[Logger]:
     loggers: list[Logger] = []
     if cfg.logger.csv:
-        loggers.append(CSVLogger(run_dir / "logs", name="csv"))
+        loggers.append(CSVLogger(RunDir(run_dir).logs, name="csv"))
     if cfg.logger.tensorboard:
-        loggers.append(TensorBoardLogger(run_dir / "logs", name="tensorboard", default_hp_metric=False))
+        loggers.append(TensorBoardLogger(RunDir(run_dir).logs, name="tensorboard", default_hp_metric=False))
     if cfg.logger.wandb:
         try:
             from lightning.pytorch.loggers import WandbLogger
 
-            loggers.append(WandbLogger(project=cfg.logger.wandb_project, save_dir=str(run_dir / "logs")))
+            loggers.append(WandbLogger(project=cfg.logger.wandb_project, save_dir=str(RunDir(run_dir).logs)))
         except (ImportError, ModuleNotFoundError) as e:
             raise ConfigError(f"logger.wandb=true needs the wandb package ({e}). Fix: pip install 'bamba_ft[wandb]'.") from e
     return loggers
@@ -75,7 +76,7 @@ def _loggers(cfg: TrainConfig, run_dir: Path) -> list[Logger]:
 
 def save_trained(model: nn.Module, tokenizer: Any, cfg: TrainConfig, run_dir: Path) -> Path:
     """Adapter (peft format) or full weights, with the tokenizer, written under a temp name and renamed."""
-    final = run_dir / (ADAPTER_DIR if cfg.peft.method == "lora" else MODEL_DIR)
+    final = RunDir(run_dir).weights(cfg.peft.method)
     tmp = run_dir / f".{final.name}.partial"
     try:
         if tmp.exists():
@@ -96,7 +97,7 @@ def save_trained(model: nn.Module, tokenizer: Any, cfg: TrainConfig, run_dir: Pa
         shutil.rmtree(tmp, ignore_errors=True)
         raise BambaFTError(
             f"saving the trained weights to {final} failed: {e.strerror or e} ({e.filename or tmp}).\n"
-            f"Training itself finished: its final state is in {run_dir / 'checkpoints' / 'last.ckpt'}. Once the cause "
+            f"Training itself finished: its final state is in {RunDir(run_dir).last_ckpt}. Once the cause "
             f"is fixed (e.g. free disk space), write them with: python -m bamba_ft recipe=export "
             f"export.checkpoint={run_dir} export.adapter_only=true"
         ) from e
@@ -199,7 +200,7 @@ def _trainer(cfg: TrainConfig, dm: BambaDataModule, run_dir: Path, device: torch
         use_distributed_sampler=False,  # BambaDataModule shards its batch plan by rank itself
         default_root_dir=run_dir,
         logger=loggers or False,
-        callbacks=_callbacks(cfg, dm, run_dir / "checkpoints", stopper, bool(loggers)),
+        callbacks=_callbacks(cfg, dm, RunDir(run_dir).checkpoints, stopper, bool(loggers)),
         plugins=[AtomicCheckpointIO()],
     )
 
@@ -224,7 +225,7 @@ def run(cfg: TrainConfig) -> dict:
         before, _ = evaluate_model(model, tokenizer, dm, cfg.eval, device)
         log.info("before training: %s", format_metrics(before))
 
-    stopper = GracefulStop(run_dir / "checkpoints")
+    stopper = GracefulStop(RunDir(run_dir).checkpoints)
     trainer = _trainer(cfg, dm, run_dir, device, strategy, stopper)
     lit = BambaLitModule(model, cfg.optim, cfg.model.activation_offload)
     t_fit = time.perf_counter()
@@ -236,7 +237,7 @@ def run(cfg: TrainConfig) -> dict:
             if stopper.stopped_at is None:
                 raise
     fit_seconds = time.perf_counter() - t_fit
-    last = run_dir / "checkpoints" / "last.ckpt"
+    last = RunDir(run_dir).last_ckpt
     if stopper.stopped_at is None and not cfg.trainer.fast_dev_run and _saved_step(last) != trainer.global_step:
         # the final state, whatever N was, unless the periodic save just wrote it (a second copy would briefly
         # double the space); every rank calls this (it is collective under DDP/FSDP)
@@ -276,12 +277,13 @@ def _finish(cfg: TrainConfig, model: nn.Module, tokenizer: Any, dm: BambaDataMod
         "data": {name: vars(st) for name, st in dm.stats.items()}
         | ({"train_stream": {**vars(dm.stream_position), "batches": dm.stream_batches}} if dm.stream else {}),
         "packing_efficiency": dm.packing_efficiency(),
-        "outputs": {"run": str(run_dir), ADAPTER_DIR if cfg.peft.method == "lora" else MODEL_DIR: str(saved)},
+        "outputs": {"run": str(run_dir), saved.name: str(saved)},
     }
-    publish_file(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=str) + "\n")
+    rd = RunDir(run_dir)
+    publish_file(rd.metrics, json.dumps(metrics, indent=2, default=str) + "\n")
     if rows:
-        publish_file(run_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    has_curves = plot_curves(run_dir, run_dir / "curves.png")
+        publish_file(rd.predictions, "".join(json.dumps(r) + "\n" for r in rows))
+    has_curves = plot_curves(run_dir, rd.curves)
     _print_summary(metrics, run_dir, saved, has_curves, time.perf_counter() - t_start)
     return metrics
 
@@ -293,6 +295,7 @@ def _fmt(m: dict, key: str, pct: bool = False) -> str:
 
 
 def _print_summary(metrics: dict, run_dir: Path, saved: Path, has_curves: bool, wall: float) -> None:
+    rd = RunDir(run_dir)
     b, a, tr = metrics["before"], metrics["after"], metrics["train"]
     rows = [["val loss", _fmt(b, "val_loss"), _fmt(a, "val_loss")],
             ["val perplexity", _fmt(b, "val_ppl"), _fmt(a, "val_ppl")]]
@@ -308,12 +311,12 @@ def _print_summary(metrics: dict, run_dir: Path, saved: Path, has_curves: bool, 
         table(rows, ["metric", "before", "after"]),
         "outputs:",
         f"  {saved.name + '/':<13}{saved}",
-        f"  checkpoints/ {run_dir / 'checkpoints'}",
-        f"  logs/        {run_dir / 'logs'} (csv, tensorboard)",
-        f"  metrics      {run_dir / 'metrics.json'}",
+        f"  checkpoints/ {rd.checkpoints}",
+        f"  logs/        {rd.logs} (csv, tensorboard)",
+        f"  metrics      {rd.metrics}",
     ]
     if has_curves:
-        lines.append(f"  curves       {run_dir / 'curves.png'}")
+        lines.append(f"  curves       {rd.curves}")
     lines += [
         "next:",
         f"  python -m bamba_ft recipe=eval eval.checkpoint={run_dir}",

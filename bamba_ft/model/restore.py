@@ -20,12 +20,10 @@ from bamba_ft.config.schema import ModelConfig, QuantConfig, TrainConfig
 from bamba_ft.errors import ModelError
 from bamba_ft.model.build import build_model, load_tokenizer
 from bamba_ft.model.lora import allow_mixer_out_proj, apply_peft, fuse_lora_forward
+from bamba_ft.rundir import RUN_CONFIG, RunDir
 
 log = logging.getLogger(__name__)
 
-RUN_CONFIG = "run_config.yaml"  # the resolved TrainConfig of a training run
-ADAPTER_DIR = "adapter"  # peft adapter (LoRA runs)
-MODEL_DIR = "model"  # full weights (full fine-tuning runs)
 
 
 def save_run_config(cfg: TrainConfig, run_dir: Path) -> None:
@@ -113,19 +111,20 @@ def locate(checkpoint: str | None, cfg: TrainConfig) -> Source:
     if not path.exists():
         raise ModelError(f"checkpoint {checkpoint}: no such file or directory.")
     if path.is_file() and path.suffix == ".ckpt":
-        run_dir = path.parent.parent
+        run_dir = RunDir.of_checkpoint(path).root
         if not (run_dir / RUN_CONFIG).exists():
             raise ModelError(f"checkpoint {checkpoint}: cannot find its run's {RUN_CONFIG} in {run_dir}.")
         run = load_run_config(run_dir)
         return Source(run.model, run.quant, run=run, ckpt=path, description=f"training checkpoint {path}")
-    if (path / RUN_CONFIG).exists():
+    rd = RunDir(path)
+    if rd.run_config.exists():
         run = load_run_config(path)
-        if (path / ADAPTER_DIR).is_dir():
-            return Source(run.model, run.quant, run=run, adapter_dir=path / ADAPTER_DIR, description=f"run {path}")
-        if (path / MODEL_DIR).is_dir():
-            model = dataclasses.replace(run.model, name_or_path=str(path / MODEL_DIR), init="pretrained", tokenizer=None)
+        if rd.adapter.is_dir():
+            return Source(run.model, run.quant, run=run, adapter_dir=rd.adapter, description=f"run {path}")
+        if rd.full_model.is_dir():
+            model = dataclasses.replace(run.model, name_or_path=str(rd.full_model), init="pretrained", tokenizer=None)
             return Source(model, QuantConfig(), run=run, description=f"run {path} (full weights)")
-        last = path / "checkpoints" / "last.ckpt"
+        last = rd.last_ckpt
         if last.exists():
             return Source(run.model, run.quant, run=run, ckpt=last, description=f"run {path} (last.ckpt)")
         raise ModelError(f"checkpoint {checkpoint}: the run has no adapter/, model/ or checkpoints/last.ckpt yet.")
