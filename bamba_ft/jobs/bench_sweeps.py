@@ -101,7 +101,8 @@ def mixer_only(model_cfg: ModelConfig, b: BenchConfig, device: torch.device, see
     from transformers import BambaForCausalLM
 
     from bamba_ft.model.build import load_config
-    from bamba_ft.ops.mamba2 import available_backend, mixer_forward
+    from bamba_ft.ops.kernels import available_backend
+    from bamba_ft.ops.mamba2 import mixer_forward
 
     torch.manual_seed(seed)
     config = load_config(replace(model_cfg, init="random"))

@@ -24,9 +24,9 @@ from torch import nn
 from bamba_ft.errors import ModelError
 from bamba_ft.model.families import Family, family_of
 from bamba_ft.ops.graphs import ConvScanGraphs
+from bamba_ft.ops.kernels import available_backend
 from bamba_ft.ops.mamba2 import (
     SegmentAwareMixer,
-    available_backend,
     fused_conv_scan_ok,
     seq_idx_from_cu_seqlens,
     seq_idx_from_position_ids,

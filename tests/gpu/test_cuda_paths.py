@@ -17,14 +17,9 @@ from bamba_ft.model.mixer import install_mixer
 from bamba_ft.model.quant import quantize_layer
 from bamba_ft.ops.attention import _padded_sdpa, register_varlen_attention, varlen_available
 from bamba_ft.ops.fused import FusedBambaMLP, FusedRMSNorm
+from bamba_ft.ops.kernels import available_backend
 from bamba_ft.ops.loss import mean_loss
-from bamba_ft.ops.mamba2 import (
-    available_backend,
-    conv_scan,
-    fused_conv_scan_ok,
-    mixer_forward,
-    unfused_conv_scan,
-)
+from bamba_ft.ops.mamba2 import conv_scan, fused_conv_scan_ok, mixer_forward, unfused_conv_scan
 from tests.conftest import LORA_TARGETS, make_model
 
 pytestmark = pytest.mark.gpu

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from bamba_ft.ops import longseq
-from bamba_ft.ops.mamba2 import conv_scan, ssd_scan_torch
+from bamba_ft.ops.mamba2 import conv_scan
+from bamba_ft.ops.scan_ref import ssd_scan_torch
 from tests.conftest import make_model
 from tests.unit.test_conv_scan import TorchOps
 from tests.unit.test_mixer import recurrence

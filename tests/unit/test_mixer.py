@@ -8,12 +8,11 @@ import torch.nn.functional as F
 
 from bamba_ft.ops.mamba2 import (
     mixer_forward,
-    segment_conv1d,
     seq_idx_from_attention_mask,
     seq_idx_from_cu_seqlens,
     seq_idx_from_position_ids,
-    ssd_scan_torch,
 )
+from bamba_ft.ops.scan_ref import segment_conv1d, ssd_scan_torch
 from tests.conftest import make_model
 
 
