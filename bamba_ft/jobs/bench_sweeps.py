@@ -132,7 +132,7 @@ def mixer_only(model_cfg: ModelConfig, b: BenchConfig, device: torch.device, see
     stock = time_it(lambda: mixer(h, attention_mask=mask))
     ours = time_it(lambda: mixer_forward(mixer, h, attention_mask=mask, backend=backend))
     return {"batch": [len(lengths), width], "real_tokens": sum(lengths), "transformers_ms": stock,
-            "bamba_ft_ms": ours, "bamba_ft_backend": backend, "speedup": stock / ours}
+            "bamba_ft_ms": ours, "bamba_ft_backend": backend.value, "speedup": stock / ours}
 
 
 def data_pipeline(n: int) -> dict:

@@ -1,4 +1,4 @@
-"""The optional CUDA kernels of the Mamba-2 mixer: loading them, naming the backend they allow, and their calls.
+"""The optional CUDA kernels of the Mamba-2 mixer: loading them, the backend they allow, and their calls.
 
 mamba-ssm's Triton SSD scan and gated RMSNorm, and causal-conv1d's conv, each with `seq_idx`. Every loader
 returns None or {} when its package is missing or unusable, so importing this module never needs CUDA.
@@ -15,6 +15,8 @@ import sys
 import types
 
 import torch
+
+from bamba_ft.config.schema import Mixer
 
 log = logging.getLogger(__name__)
 
@@ -94,22 +96,26 @@ def causal_conv1d_halves() -> tuple[object, object] | None:
         return None
 
 
-def available_backend(device: torch.device | str) -> str:
-    """Name of the fastest exact backend for `device`: cuda-kernels | triton | torch."""
+def available_backend(device: torch.device | str) -> Mixer:
+    """The fastest exact mixer backend on `device`: kernels on CUDA where mamba-ssm imports, else torch.
+
+    kernels without causal-conv1d runs the conv in torch (`report_backend` warns once).
+    """
     if torch.device(device).type != "cuda" or not mamba_ssm_kernels():
-        return "torch"
-    return "cuda-kernels" if causal_conv1d_kernel() is not None else "triton"
+        return Mixer.TORCH
+    return Mixer.KERNELS
 
 
-_reported: set[str] = set()
+_reported: set[Mixer] = set()
 
 
-def report_backend(backend: str) -> None:
+def report_backend(backend: Mixer) -> None:
+    """Log the backend a mixer runs, once per backend, under its `model.mixer` name."""
     if backend in _reported:
         return
     _reported.add(backend)
-    log.info("mixer backend: %s", backend)
-    if backend == "triton":
+    log.info("mixer backend: %s", backend.value)
+    if backend == Mixer.KERNELS and causal_conv1d_kernel() is None:
         log.warning(
             "causal_conv1d is not installed: the mixer's conv runs in PyTorch (exact, slower). "
             "Install `causal-conv1d` for the fused kernel."

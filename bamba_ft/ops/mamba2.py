@@ -6,7 +6,8 @@ CUDA path takes `out_proj.weight` as a raw tensor (so LoRA on out_proj gets no g
 weights break in backward). This forward calls `in_proj`, `norm` and `out_proj` as modules and keeps
 sequences apart on every backend:
 
-- kernels: causal-conv1d and mamba-ssm's Triton SSD scan, both with `seq_idx` (CUDA);
+- kernels: causal-conv1d and mamba-ssm's Triton SSD scan, both with `seq_idx` (CUDA); without causal-conv1d
+  the conv runs in torch;
 - torch: an exact vectorised chunked SSD scan with segment masks, and a conv over a gapped layout.
 
 Kernel loading and backend selection live in bamba_ft.ops.kernels, the torch reference in bamba_ft.ops.scan_ref.
@@ -15,11 +16,14 @@ Kernel loading and backend selection live in bamba_ft.ops.kernels, the torch ref
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from transformers.models.bamba.modeling_bamba import BambaMixer, BambaRMSNormGated
 
+from bamba_ft.config.schema import Mixer
+from bamba_ft.errors import pick
 from bamba_ft.ops import longseq
 from bamba_ft.ops.kernels import (
     DirectConvScan,
@@ -59,20 +63,32 @@ def seq_idx_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 # The mixer
 
 
-def _conv(mixer: BambaMixer, xbc: torch.Tensor, seq_idx: torch.Tensor | None, backend: str) -> torch.Tensor:
-    weight = mixer.conv1d.weight.squeeze(1)
-    conv_fn = causal_conv1d_kernel() if backend == "cuda-kernels" else None
+def _conv_torch(mixer: BambaMixer, xbc: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
+    return mixer.act(segment_conv1d(xbc, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, seq_idx))
+
+
+def _conv_kernels(mixer: BambaMixer, xbc: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
+    """causal-conv1d where it applies, else the torch conv."""
+    conv_fn = causal_conv1d_kernel()
     # causal-conv1d takes seq_idx only in channel-last layout, with channels a multiple of 8.
-    if conv_fn is not None and mixer.activation in ("silu", "swish") and xbc.shape[-1] % 8 == 0:
-        x = xbc.contiguous()  # dense (b, t, c): its transpose is channel-last, and the output keeps that layout
-        return conv_fn(x.transpose(1, 2), weight, mixer.conv1d.bias, seq_idx=seq_idx, activation="silu").transpose(1, 2)
-    return mixer.act(segment_conv1d(xbc, weight, mixer.conv1d.bias, seq_idx))
+    if conv_fn is None or mixer.activation not in ("silu", "swish") or xbc.shape[-1] % 8:
+        return _conv_torch(mixer, xbc, seq_idx)
+    x = xbc.contiguous()  # dense (b, t, c): its transpose is channel-last, and the output keeps that layout
+    weight = mixer.conv1d.weight.squeeze(1)
+    return conv_fn(x.transpose(1, 2), weight, mixer.conv1d.bias, seq_idx=seq_idx, activation="silu").transpose(1, 2)
 
 
-def _scan(mixer: BambaMixer, x, dt, A, B, C, seq_idx, backend: str) -> torch.Tensor:  # noqa: ANN001
-    kwargs = dict(D=mixer.D, dt_bias=mixer.dt_bias, seq_idx=seq_idx, dt_limit=tuple(mixer.time_step_limit))
-    if backend not in ("cuda-kernels", "triton"):
-        return ssd_scan_torch(x, dt, A, B, C, mixer.chunk_size, **kwargs)
+def _scan_kwargs(mixer: BambaMixer, seq_idx: torch.Tensor | None) -> dict:
+    return dict(D=mixer.D, dt_bias=mixer.dt_bias, seq_idx=seq_idx, dt_limit=tuple(mixer.time_step_limit))
+
+
+def _scan_torch(mixer: BambaMixer, x, dt, A, B, C, seq_idx) -> torch.Tensor:  # noqa: ANN001
+    return ssd_scan_torch(x, dt, A, B, C, mixer.chunk_size, **_scan_kwargs(mixer, seq_idx))
+
+
+def _scan_kernels(mixer: BambaMixer, x, dt, A, B, C, seq_idx) -> torch.Tensor:  # noqa: ANN001
+    """mamba-ssm's scan; rows too long for its 32-bit offsets in pieces (bamba_ft.ops.longseq)."""
+    kwargs = _scan_kwargs(mixer, seq_idx)
     scan = functools.partial(mamba_ssm_kernels()["scan"], A=A, chunk_size=mixer.chunk_size, z=None, dt_softplus=True)
     if not longseq.needs_pieces(x.shape[0], x.shape[1], longseq.scan_cost(x, dt, B, C, mixer.chunk_size)):
         return scan(x, dt, B=B, C=C, **kwargs)
@@ -83,6 +99,13 @@ def _scan(mixer: BambaMixer, x, dt, A, B, C, seq_idx, backend: str) -> torch.Ten
                     **kwargs)
 
     return longseq.piecewise_scan(piece, x, dt, B, C, seq_idx, mixer.chunk_size)
+
+
+# The conv and the scan of each resolved backend, when they run as two autograd steps.
+_STEPS: dict[Mixer, tuple[Callable, Callable]] = {
+    Mixer.KERNELS: (_conv_kernels, _scan_kernels),
+    Mixer.TORCH: (_conv_torch, _scan_torch),
+}
 
 
 class _ConvScan(torch.autograd.Function):
@@ -137,9 +160,40 @@ def conv_scan(mixer: BambaMixer, xbc: torch.Tensor, dt: torch.Tensor, seq_idx: t
 
 def unfused_conv_scan(mixer: BambaMixer, xbc: torch.Tensor, dt: torch.Tensor, seq_idx: torch.Tensor | None,
                       backend: str) -> torch.Tensor:
-    """The same as `conv_scan` in two autograd steps (autograd keeps the conv output): torch and triton backends."""
-    x, B, C = split_xbc(_conv(mixer, xbc, seq_idx, backend), _ssm_shape(mixer))
-    return _scan(mixer, x, dt, -torch.exp(mixer.A_log.float()), B, C, seq_idx, backend)
+    """The same as `conv_scan` in two autograd steps (autograd keeps the conv output), on backend kernels or torch."""
+    conv, scan = pick(_STEPS, backend, "backend", where="unfused_conv_scan")
+    x, B, C = split_xbc(conv(mixer, xbc, seq_idx), _ssm_shape(mixer))
+    return scan(mixer, x, dt, -torch.exp(mixer.A_log.float()), B, C, seq_idx)
+
+
+def fused_conv_scan_runs(mixer: BambaMixer, backend: str) -> bool:
+    """Whether `mixer_forward` on resolved `backend` takes the fused conv+scan (`conv_scan`): kernels with
+    causal-conv1d, where `fused_conv_scan_ok`."""
+    return backend == Mixer.KERNELS and causal_conv1d_kernel() is not None and fused_conv_scan_ok(mixer)
+
+
+def _conv_scan_kernels(mixer: BambaMixer, xbc: torch.Tensor, dt: torch.Tensor,
+                       seq_idx: torch.Tensor | None) -> torch.Tensor:
+    if fused_conv_scan_runs(mixer, Mixer.KERNELS):
+        return conv_scan(mixer, xbc, dt, seq_idx)
+    return unfused_conv_scan(mixer, xbc, dt, seq_idx, Mixer.KERNELS)
+
+
+# The conv+scan of each resolved backend.
+_CONV_SCANS: dict[Mixer, Callable[..., torch.Tensor]] = {
+    Mixer.KERNELS: _conv_scan_kernels,
+    Mixer.TORCH: functools.partial(unfused_conv_scan, backend=Mixer.TORCH),
+}
+
+
+def resolve_backend(backend: str, device: torch.device | str) -> Mixer:
+    """The backend that `backend` (auto, kernels or torch) runs on `device`: auto picks `available_backend`."""
+    resolvers = {
+        Mixer.AUTO: lambda: available_backend(device),
+        Mixer.KERNELS: lambda: Mixer.KERNELS,
+        Mixer.TORCH: lambda: Mixer.TORCH,
+    }
+    return pick(resolvers, backend, "backend", where="the mixer forward")()
 
 
 def mixer_forward(
@@ -147,9 +201,12 @@ def mixer_forward(
     hidden_states: torch.Tensor,
     seq_idx: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
-    backend: str | None = None,
+    backend: str = Mixer.AUTO,
 ) -> torch.Tensor:
-    """Mamba-2 mixer over (batch, tokens, hidden) with `seq_idx` segments; `attention_mask` marks padding."""
+    """Mamba-2 mixer over (batch, tokens, hidden) with `seq_idx` segments; `attention_mask` marks padding.
+
+    backend: auto | kernels | torch (`Mixer`); auto picks the fastest on the input's device.
+    """
     b, t, _ = hidden_states.shape
     if attention_mask is not None and attention_mask.dim() == 2:
         # transformers passes a mixer a mask only when a row has padding; an all-ones mask is one segment per
@@ -159,16 +216,12 @@ def mixer_forward(
         seq_idx = seq_idx_from_attention_mask(attention_mask)
     if seq_idx is not None:
         seq_idx = seq_idx.to(torch.int32).contiguous()  # what both CUDA kernels take; the torch path too
-    backend = backend or available_backend(hidden_states.device)
+    backend = resolve_backend(backend, hidden_states.device)
     report_backend(backend)
 
     zxbcdt = mixer.project_in(hidden_states) if isinstance(mixer, SegmentAwareMixer) else mixer.in_proj(hidden_states)
     gate, xbc, dt = zxbcdt.split([mixer.intermediate_size, mixer.conv_dim, mixer.num_heads], dim=-1)
-    if backend == "cuda-kernels" and fused_conv_scan_ok(mixer):
-        y = conv_scan(mixer, xbc, dt, seq_idx)
-    else:
-        y = unfused_conv_scan(mixer, xbc, dt, seq_idx, backend)
-    y = y.reshape(b, t, -1)
+    y = _CONV_SCANS[backend](mixer, xbc, dt, seq_idx).reshape(b, t, -1)
     y = mixer.gated_norm(y, gate) if isinstance(mixer, SegmentAwareMixer) else mixer.norm(y, gate)
     return mixer.out_proj(y.to(hidden_states.dtype))
 
@@ -218,7 +271,8 @@ class SegmentAwareMixer:
     With a cache (generation), the stock forward runs: generation batches are padded, never packed.
     """
 
-    backend: str = "auto"
+    backend: Mixer = Mixer.AUTO
+    """auto or torch, set by bamba_ft.model.mixer.install_mixer."""
 
     def project_in(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(b, t, hidden) -> in_proj output [gate z, xBC, dt]."""
@@ -235,8 +289,7 @@ class SegmentAwareMixer:
                 raise ValueError("Packed batches (seq_idx) cannot be combined with a generation cache.")
             rest = {k: v for k, v in kwargs.items() if k not in PACKING_KWARGS}
             return super().forward(hidden_states, cache=cache, attention_mask=attention_mask, **rest)
-        backend = None if self.backend == "auto" else self.backend
-        return mixer_forward(self, hidden_states, seq_idx=seq_idx, attention_mask=attention_mask, backend=backend)
+        return mixer_forward(self, hidden_states, seq_idx=seq_idx, attention_mask=attention_mask, backend=self.backend)
 
 
 class SegmentAwareBambaMixer(SegmentAwareMixer, BambaMixer):
