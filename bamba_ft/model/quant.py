@@ -8,12 +8,13 @@ become `NF4LinearLayer` (bamba_ft.model.nf4), whose forward dequantizes through 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from bamba_ft.config.schema import QuantConfig
-from bamba_ft.errors import ModelError
+from bamba_ft.errors import ModelError, pick
 from bamba_ft.model.nf4 import NF4LinearLayer, quantize_nf4
 
 log = logging.getLogger(__name__)
@@ -31,9 +32,7 @@ def _torchao_config(cfg: QuantConfig):  # noqa: ANN202
         "int8": Int8WeightOnlyConfig,
         "int4": lambda: IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(cfg.group_size)),
     }
-    if cfg.method not in configs:
-        raise ModelError(f"quant.method={cfg.method} is not a torchao weight-only method ({', '.join(configs)}).")
-    return configs[cfg.method]()
+    return pick(configs, cfg.method, "quant.method", where="the torchao weight-only methods")()
 
 
 def _selected(name: str, cfg: QuantConfig) -> bool:
@@ -43,30 +42,45 @@ def _selected(name: str, cfg: QuantConfig) -> bool:
     return DECODER_LINEAR in cfg.target_modules or leaf in cfg.target_modules
 
 
+def _to_nf4(module: nn.Linear, name: str, cfg: QuantConfig) -> None:
+    module.weight = nn.Parameter(quantize_nf4(module.weight, cfg), requires_grad=False)
+    module.__class__ = NF4LinearLayer
+
+
+def _to_torchao(module: nn.Linear, name: str, cfg: QuantConfig) -> None:
+    from torchao.quantization import quantize_
+
+    if cfg.method == "int4" and module.in_features % cfg.group_size:
+        raise ModelError(
+            f"quant.group_size={cfg.group_size} does not divide in_features={module.in_features} of {name}."
+        )
+    quantize_(module, _torchao_config(cfg))
+    module.weight.requires_grad_(False)
+
+
+# quant.method -> how one selected Linear is quantized in place (none: every layer stays as it is).
+_QUANTIZERS: dict[str, Callable[[nn.Linear, str, QuantConfig], None] | None] = {
+    "none": None,
+    "nf4": _to_nf4,
+    "int8": _to_torchao,
+    "int4": _to_torchao,
+}
+
+
 def quantize_layer(layer: nn.Module, cfg: QuantConfig) -> int:
     """Quantize the selected Linear weights of one decoder layer in place; returns how many were quantized.
 
     NF4 modules become `NF4LinearLayer` (same parameters, fused dequantization); an already quantized layer
     is no plain `nn.Linear` any more and is skipped.
     """
-    if cfg.method == "none":
+    quantize = pick(_QUANTIZERS, cfg.method, "quant.method")
+    if quantize is None:
         return 0
     count = 0
     for name, module in layer.named_modules():
         if type(module) is not nn.Linear or not _selected(name, cfg):
             continue
-        if cfg.method == "nf4":
-            module.weight = nn.Parameter(quantize_nf4(module.weight, cfg), requires_grad=False)
-            module.__class__ = NF4LinearLayer
-        else:
-            from torchao.quantization import quantize_
-
-            if cfg.method == "int4" and module.in_features % cfg.group_size:
-                raise ModelError(
-                    f"quant.group_size={cfg.group_size} does not divide in_features={module.in_features} of {name}."
-                )
-            quantize_(module, _torchao_config(cfg))
-            module.weight.requires_grad_(False)
+        quantize(module, name, cfg)
         count += 1
     return count
 
