@@ -54,8 +54,8 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """Recompute each decoder layer in backward: less activation memory, about a third more compute."""
     cuda_graphs: bool = False
-    """Experimental: replay the Mamba-2 mixer's conv+scan kernels as CUDA graphs (`kernels` mixer with causal-conv1d only).
-    Less CPU per step, more device copies; no net speed-up measured yet (BENCHMARKS.md)."""
+    """Experimental: replay the Mamba-2 mixer's conv+scan kernels as CUDA graphs (`kernels` mixer with causal-conv1d
+    only). Less CPU per step, more device copies; no net speed-up measured yet (BENCHMARKS.md)."""
 
 
 @dataclass
