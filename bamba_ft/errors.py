@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class BambaFTError(Exception):
@@ -54,3 +57,16 @@ def suggest(name: str, valid: Iterable[str]) -> str:
     """' Did you mean X?' when a close match exists, else ''."""
     match = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
     return f" Did you mean '{match[0]}'?" if match else ""
+
+
+def not_an_option(key: str, value: object, options: Iterable[str]) -> str:
+    """The problem line for a value outside its closed set of choices: the value, a close match, every option."""
+    options = list(options)
+    return f"{key}={value!r} is not an option.{suggest(str(value), options)} Valid: {', '.join(options)}"
+
+
+def pick(table: Mapping[str, T], value: str, key: str, where: str = "the composed config") -> T:
+    """`table[value]`, or a ConfigError naming `key`, the value and the valid choices (the table's keys)."""
+    if value not in table:
+        raise ConfigError(not_an_option(key, value, table), where)
+    return table[value]

@@ -7,13 +7,28 @@ Rules that span fields live in `validate`, which gathers every problem and raise
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, is_dataclass
+from enum import StrEnum
 from typing import Any
 
 from bamba_ft.data.templates import resolve_chat_template
-from bamba_ft.errors import ConfigError, Problems, suggest
+from bamba_ft.errors import ConfigError, Problems, not_an_option
 
 INT32_MAX = 2**31 - 1
 DEFAULT_LORA_TARGETS = ["in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class Mixer(StrEnum):
+    """The Mamba-2 mixer paths: the values of `model.mixer`, and the names under which the path that runs is
+    logged (`mixer backend: ...`), written in bench rows and documented."""
+
+    AUTO = "auto"
+    """kernels on a CUDA device where mamba-ssm imports, torch elsewhere (chosen per device)."""
+    KERNELS = "kernels"
+    """mamba-ssm's Triton SSD scan with causal-conv1d's conv (CUDA); without causal-conv1d the conv runs in torch."""
+    TORCH = "torch"
+    """bamba_ft's exact vectorised torch implementation, on any device."""
+    HF = "hf"
+    """transformers' own mixer; it carries state across packed sequences, so packing is refused."""
 
 
 @dataclass
@@ -33,8 +48,9 @@ class ModelConfig:
     """Weight dtype: auto (bfloat16 on GPUs that support it, else float32) | float32 | bfloat16 | float16."""
     attn_implementation: str = "auto"
     """Attention kernel: auto | sdpa | eager | flash_attention_2 | varlen (torch's varlen flash attention, CUDA)."""
-    mixer: str = "auto"
-    """Mamba-2 mixer path: auto | kernels (mamba-ssm + causal-conv1d) | torch (exact reference) | hf (stock transformers; refuses packing)."""
+    mixer: str = Mixer.AUTO.value
+    """Mamba-2 mixer path: auto | kernels (mamba-ssm + causal-conv1d) | torch (exact reference) | hf (stock
+    transformers; refuses packing). Each is described in `Mixer`."""
     gradient_checkpointing: str = "none"
     """Decoder layers (each whole: norm, mixer or attention, MLP) recomputed in backward, so that only their input
     is kept: none | all | mamba (the Mamba-2 layers) | attention (the attention layers) | every-K (layers 0, K, 2K, ...).
@@ -43,8 +59,8 @@ class ModelConfig:
     """Hold the tensors autograd saves for backward (the checkpointed layers' inputs included) in pinned host memory
     instead of on the GPU: device memory stops growing with them, each step copies them out and back."""
     cuda_graphs: bool = False
-    """Experimental: replay the Mamba-2 mixer's conv+scan kernels as CUDA graphs (CUDA kernels backend only).
-    Less CPU per step, more device copies; no net speed-up measured yet (BENCHMARKS.md)."""
+    """Experimental: replay the Mamba-2 mixer's conv+scan kernels as CUDA graphs (`kernels` mixer with causal-conv1d
+    only). Less CPU per step, more device copies; no net speed-up measured yet (BENCHMARKS.md)."""
 
     def __post_init__(self) -> None:
         self.gradient_checkpointing = canonical_checkpointing(self.gradient_checkpointing)
@@ -390,7 +406,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.init": ("pretrained", "random"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "model.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2", "varlen"),
-    "model.mixer": ("auto", "kernels", "torch", "hf"),
+    "model.mixer": tuple(m.value for m in Mixer),
     "peft.method": ("lora", "none"),
     "quant.method": ("none", "nf4", "int8", "int4"),
     "data.format": ("auto", "messages", "prompt_completion", "alpaca", "text"),
@@ -448,9 +464,7 @@ def validate(cfg: TrainConfig) -> None:
     for key, options in CHOICES.items():
         value = _get(cfg, key)
         if value not in options:
-            problems.add(
-                f"{key}={value!r} is not an option.{suggest(str(value), options)} Valid: {', '.join(options)}"
-            )
+            problems.add(not_an_option(key, value, options))
     positive = {
         "bench.seq_scaling_steps": cfg.bench.seq_scaling_steps,
         "peft.r": cfg.peft.r,
@@ -584,8 +598,7 @@ def _check_sources(data: DataConfig, problems: Problems) -> None:
         if s.max_examples is not None and s.max_examples <= 0:
             problems.add(f"{key}.max_examples={s.max_examples} must be positive (or null: every row).")
         if s.format not in formats:
-            problems.add(f"{key}.format={s.format!r} is not an option.{suggest(s.format, formats)} "
-                         f"Valid: {', '.join(formats)}")
+            problems.add(not_an_option(f"{key}.format", s.format, formats))
 
 
 def field_names(dc: Any) -> list[str]:

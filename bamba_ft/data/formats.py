@@ -10,7 +10,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from bamba_ft.errors import ConfigError, DataError, suggest
+from bamba_ft.errors import ConfigError, DataError, pick, suggest
 
 # format -> (required fields, optional fields)
 FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -241,6 +241,46 @@ def _check_row(row: dict[str, Any], fmt: str, at: str) -> None:
     )
 
 
+def _from_text(row: dict[str, Any], at: str, renames: Mapping[str, str], coerced: list[str] | None) -> str:
+    return _text(row["text"], "text", at, coerced)
+
+
+def _from_messages(row: dict[str, Any], at: str, renames: Mapping[str, str],
+                   coerced: list[str] | None) -> Conversation:
+    value = row["messages"] if row.get("messages") is not None else row["conversations"]
+    return Conversation(_as_messages(value, at, renames, coerced), row_tools(row, at))
+
+
+def _from_prompt_completion(row: dict[str, Any], at: str, renames: Mapping[str, str],
+                            coerced: list[str] | None) -> Conversation:
+    prompt, completion = row["prompt"], row["completion"]
+    user = _as_messages(prompt, at, renames, coerced) if isinstance(prompt, list) else [
+        {"role": "user", "content": _text(prompt, "prompt", at, coerced)}
+    ]
+    answer = _as_messages(completion, at, renames, coerced) if isinstance(completion, list) else [
+        {"role": "assistant", "content": _text(completion, "completion", at, coerced)}
+    ]
+    return Conversation(_with_system(row, user + answer, at, coerced), row_tools(row, at))
+
+
+def _from_alpaca(row: dict[str, Any], at: str, renames: Mapping[str, str],
+                 coerced: list[str] | None) -> list[dict[str, Any]]:
+    instruction = _text(row["instruction"], "instruction", at, coerced)
+    extra = _optional(row, "input", at, coerced)
+    user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    output = _text(row["output"], "output", at, coerced)
+    return _with_system(row, [{"role": "user", "content": user}, {"role": "assistant", "content": output}], at, coerced)
+
+
+# format -> its row reader; the keys are FORMATS' keys.
+_READERS = {
+    "messages": _from_messages,
+    "prompt_completion": _from_prompt_completion,
+    "alpaca": _from_alpaca,
+    "text": _from_text,
+}
+
+
 def to_messages(
     row: dict[str, Any],
     fmt: str,
@@ -251,28 +291,10 @@ def to_messages(
     """One row as chat messages, or as a plain string for the text format.
 
     Args:
+        fmt: one of FORMATS (`auto` is resolved before, by `detect_format`).
         renames: `data.roles` (checked by `role_map`).
         coerced: receives the name of each field whose number was read as text.
     """
-    renames = renames or {}
+    read = pick(_READERS, fmt, "data.format")
     _check_row(row, fmt, at)
-    if fmt == "text":
-        return _text(row["text"], "text", at, coerced)
-    if fmt == "messages":
-        value = row["messages"] if row.get("messages") is not None else row["conversations"]
-        return Conversation(_as_messages(value, at, renames, coerced), row_tools(row, at))
-    if fmt == "prompt_completion":
-        prompt, completion = row["prompt"], row["completion"]
-        user = _as_messages(prompt, at, renames, coerced) if isinstance(prompt, list) else [
-            {"role": "user", "content": _text(prompt, "prompt", at, coerced)}
-        ]
-        answer = _as_messages(completion, at, renames, coerced) if isinstance(completion, list) else [
-            {"role": "assistant", "content": _text(completion, "completion", at, coerced)}
-        ]
-        return Conversation(_with_system(row, user + answer, at, coerced), row_tools(row, at))
-    # alpaca
-    instruction = _text(row["instruction"], "instruction", at, coerced)
-    extra = _optional(row, "input", at, coerced)
-    user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-    output = _text(row["output"], "output", at, coerced)
-    return _with_system(row, [{"role": "user", "content": user}, {"role": "assistant", "content": output}], at, coerced)
+    return read(row, at, renames or {}, coerced)

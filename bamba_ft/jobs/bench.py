@@ -36,6 +36,7 @@ from torch import nn
 
 from bamba_ft.config.schema import (
     BenchConfig,
+    Mixer,
     ModelConfig,
     PeftConfig,
     QuantConfig,
@@ -187,8 +188,9 @@ def build_variant(v: Variant, model_cfg: ModelConfig, peft_cfg: PeftConfig, devi
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)  # models of other variants kept for later repeats
     form, offload = split_mode(v.memory)
-    mcfg = replace(model_cfg, mixer="hf" if v.stock else "auto", attn_implementation="sdpa" if v.stock else "auto",
-                   gradient_checkpointing=form, activation_offload=offload, cuda_graphs=v.graphs)
+    mcfg = replace(model_cfg, mixer=Mixer.HF.value if v.stock else Mixer.AUTO.value,
+                   attn_implementation="sdpa" if v.stock else "auto", gradient_checkpointing=form,
+                   activation_offload=offload, cuda_graphs=v.graphs)
     torch.manual_seed(seed)
     model = build_model(mcfg, QuantConfig(method=v.quant), device)
     model = apply_peft(model, peft_cfg, fused=not v.stock)

@@ -102,7 +102,8 @@ def mixer_only(model_cfg: ModelConfig, b: BenchConfig, device: torch.device, see
     from transformers import BambaForCausalLM
 
     from bamba_ft.model.build import load_config
-    from bamba_ft.ops.mamba2 import available_backend, mixer_forward
+    from bamba_ft.ops.kernels import available_backend
+    from bamba_ft.ops.mamba2 import mixer_forward
 
     torch.manual_seed(seed)
     config = load_config(replace(model_cfg, init="random"))
@@ -132,7 +133,7 @@ def mixer_only(model_cfg: ModelConfig, b: BenchConfig, device: torch.device, see
     stock = time_it(lambda: mixer(h, attention_mask=mask))
     ours = time_it(lambda: mixer_forward(mixer, h, attention_mask=mask, backend=backend))
     return {"batch": [len(lengths), width], "real_tokens": sum(lengths), "transformers_ms": stock,
-            "bamba_ft_ms": ours, "bamba_ft_backend": backend, "speedup": stock / ours}
+            "bamba_ft_ms": ours, "bamba_ft_backend": backend.value, "speedup": stock / ours}
 
 
 def data_pipeline(n: int) -> dict:

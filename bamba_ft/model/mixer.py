@@ -5,7 +5,7 @@ same state-dict keys; bamba_ft/model/families/), and its norms and MLPs the fuse
 other models in the process keep transformers' classes.
 
 Packing-safe paths (shown exact by tests/unit/test_packing_equivalence.py and tests/unit/test_families.py):
-- the segment-aware mixers, every backend (torch, triton, cuda-kernels);
+- the segment-aware mixers, every backend (kernels, torch);
 - attention: flash_attention_2 and bamba_ft's `varlen` with `cu_seq_lens_*`; sdpa/eager with the block-diagonal
   mask transformers builds from packed `position_ids`, in the families whose decoder passes them to the mask
   (not granitemoehybrid's).
@@ -21,18 +21,19 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from bamba_ft.errors import ModelError
+from bamba_ft.config.schema import Mixer
+from bamba_ft.errors import ModelError, pick
 from bamba_ft.model.families import Family, family_of
 from bamba_ft.ops.graphs import ConvScanGraphs
+from bamba_ft.ops.kernels import available_backend
 from bamba_ft.ops.mamba2 import (
     SegmentAwareMixer,
-    available_backend,
-    fused_conv_scan_ok,
+    fused_conv_scan_runs,
+    resolve_backend,
     seq_idx_from_cu_seqlens,
     seq_idx_from_position_ids,
 )
 
-MIXER_CHOICES = ("auto", "kernels", "torch", "hf")
 PACKED_ATTENTION = ("varlen", "flash_attention_2", "flash_attention_3")  # read cu_seq_lens_*, ignore masks
 
 
@@ -40,37 +41,42 @@ def _mixers(model: nn.Module, family: Family) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, family.mixer_class)]
 
 
-def install_mixer(model: nn.Module, mixer: str = "auto", cuda_graphs: bool = False) -> str:
-    """Put bamba_ft's mixer on every Mamba-2 mixer of `model`; returns the backend that will run on its device.
+# What each mixer's forward resolves on its inputs' device. kernels too resolves per call (auto): install_mixer
+# has checked that the kernels load, and a model still on the CPU (before it is moved) runs torch meanwhile.
+_PER_CALL = {Mixer.AUTO: Mixer.AUTO, Mixer.KERNELS: Mixer.AUTO, Mixer.TORCH: Mixer.TORCH}
+
+
+def install_mixer(model: nn.Module, mixer: str = Mixer.AUTO, cuda_graphs: bool = False) -> Mixer:
+    """Put bamba_ft's mixer on every Mamba-2 mixer of `model` (`model.mixer`); returns the backend that will run
+    on its device (kernels, torch or hf).
 
     cuda_graphs: the mixers' conv+scan kernels are replayed as CUDA graphs (one `ConvScanGraphs` shared by all).
     """
-    if mixer not in MIXER_CHOICES:
-        raise ModelError(f"model.mixer={mixer!r} is not an option. Valid: {', '.join(MIXER_CHOICES)}")
+    choice = pick({m.value: m for m in Mixer}, mixer, "model.mixer")
     family = family_of(model)
     mixers = _mixers(model, family)
-    if mixer == "hf":
-        return "hf"
+    if choice == Mixer.HF:
+        return Mixer.HF
     device = next(model.parameters()).device
-    if mixer == "kernels" and available_backend("cuda") == "torch":
+    if choice == Mixer.KERNELS and available_backend("cuda") == Mixer.TORCH:
         raise ModelError(
             "model.mixer=kernels needs CUDA and the mamba-ssm package (plus causal-conv1d for the fused conv).\n"
             "Fix: install them (README, 'CUDA kernels'), or use model.mixer=auto."
         )
     for m in mixers:
         m.__class__ = family.segment_mixer_class
-        m.backend = "torch" if mixer == "torch" else "auto"
+        m.backend = _PER_CALL[choice]
     for m in model.modules():  # fused elementwise parts (CUDA); they run transformers' forward elsewhere
         if type(m) in family.fused:
             m.__class__ = family.fused[type(m)]
     for base in (m for m in model.modules() if isinstance(m, family.base_model_class)):
         base.register_forward_pre_hook(_complete_packing_kwargs, with_kwargs=True)
-    backend = "torch" if mixer == "torch" else available_backend(device)
+    backend = resolve_backend(_PER_CALL[choice], device)
     if cuda_graphs:
-        if backend != "cuda-kernels" or not mixers or not all(fused_conv_scan_ok(m) for m in mixers):
+        if not mixers or not all(fused_conv_scan_runs(m, backend) for m in mixers):
             raise ModelError(
                 f"model.cuda_graphs=true replays the fused CUDA conv+scan, which this run does not use (mixer "
-                f"backend {backend!r} on {device.type}).\n"
+                f"backend {backend} on {device.type}).\n"
                 "Fix: set model.cuda_graphs=false, or run on a GPU with mamba-ssm and causal-conv1d installed."
             )
         graphs = ConvScanGraphs()

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.bamba.modeling_bamba import BambaMLP, BambaRMSNorm
 
+from bamba_ft.ops.kernels import mamba_ssm_kernels
 from bamba_ft.ops.longseq import by_rows
 
 log = logging.getLogger(__name__)
@@ -97,9 +98,7 @@ class RMSNormKernel:
     mamba-ssm, its one-pass Triton kernel (float32 inside)."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        from bamba_ft.ops.mamba2 import _mamba_ssm
-
-        kernel = _mamba_ssm().get("rmsnorm") if hidden_states.is_cuda else None
+        kernel = mamba_ssm_kernels().get("rmsnorm") if hidden_states.is_cuda else None
         if kernel is None:
             return super().forward(hidden_states)
 

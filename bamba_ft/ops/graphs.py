@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-from bamba_ft.ops.mamba2 import KernelOps, conv_scan_backward_kernels, conv_scan_forward_kernels
+from bamba_ft.ops.kernels import KernelOps, conv_scan_backward_kernels, conv_scan_forward_kernels
 
 Shape = tuple[int, int, int, int]  # heads, head_dim, groups, state
 

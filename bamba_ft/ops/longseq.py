@@ -23,6 +23,8 @@ from collections.abc import Callable
 
 import torch
 
+from bamba_ft.ops.kernels import channel_last, split_xbc
+
 OFFSET_LIMIT = 2**31  # element offsets of every kernel argument stay below this (int32 in Triton)
 
 
@@ -75,9 +77,7 @@ def _scan_ids(ids: torch.Tensor | None, r: int, s: int, e: int) -> torch.Tensor 
 
 def _conv_piece(ops, xbc, weight, bias, ids, r, s, e, halo):  # noqa: ANN001, ANN202
     """(channel-last input view, conv output (1, halo + e - s, channels)) for piece [s, e) of row r."""
-    from bamba_ft.ops.mamba2 import _channel_last
-
-    x_cl = _channel_last(xbc[r : r + 1, s - halo : e])
+    x_cl = channel_last(xbc[r : r + 1, s - halo : e])
     seq = ids[r : r + 1, s - halo : e].contiguous() if ids is not None else None
     return x_cl, ops.conv_fwd(x_cl, weight, bias, seq).transpose(1, 2), seq
 
@@ -89,8 +89,6 @@ class _PiecewiseConvScan(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, xbc, dt, weight, bias, A, D, dt_bias, seq_idx, ops, shape, chunk_size, dt_limit, pieces):  # noqa: ANN001, ANN205
-        from bamba_ft.ops.mamba2 import _split_xbc
-
         b, t, _ = xbc.shape
         heads, head_dim, _, state = shape
         halo_max = weight.shape[-1] - 1
@@ -103,7 +101,7 @@ class _PiecewiseConvScan(torch.autograd.Function):
             for i, (s, e) in enumerate(pieces):
                 halo = min(halo_max, s)
                 _, conv, _ = _conv_piece(ops, xbc, weight, bias, ids, r, s, e, halo)
-                x, B, C = _split_xbc(conv[:, halo:], shape)
+                x, B, C = split_xbc(conv[:, halo:], shape)
                 if carry is not None:
                     starts[r, i] = carry[0]
                 y, carry = ops.scan_fwd_state(x, dt[r : r + 1, s:e], A, B, C, chunk_size, D, dt_bias,
@@ -117,8 +115,6 @@ class _PiecewiseConvScan(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dout):  # noqa: ANN001, ANN205
-        from bamba_ft.ops.mamba2 import _split_xbc
-
         xbc, dt, weight, bias, A, D, dt_bias, ids, starts = ctx.saved_tensors
         ops, shape, chunk_size, dt_limit = ctx.ops, ctx.shape, ctx.chunk_size, ctx.dt_limit
         b, t, channels = xbc.shape
@@ -137,10 +133,10 @@ class _PiecewiseConvScan(torch.autograd.Function):
             for i, (s, e) in reversed(list(enumerate(ctx.pieces))):
                 halo = min(halo_max, s)
                 x_cl, conv, seq = _conv_piece(ops, xbc, weight, bias, ids, r, s, e, halo)
-                x, B, C = _split_xbc(conv[:, halo:], shape)
+                x, B, C = split_xbc(conv[:, halo:], shape)
                 dconv = torch.empty(conv.shape, dtype=conv.dtype, device=conv.device)
                 dconv[:, :halo].zero_()  # the halo's outputs belong to the piece before
-                dx, dB, dC = _split_xbc(dconv[:, halo:], shape)
+                dx, dB, dC = split_xbc(dconv[:, halo:], shape)
                 ddt_r = ddt[r : r + 1, s:e]
                 got = ops.scan_bwd_state(dout[r : r + 1, s:e], x, dt[r : r + 1, s:e], A, B, C, x, chunk_size, D,
                                          dt_bias, _scan_ids(ids, r, s, e), dt_limit, dx, ddt_r, dB, dC,

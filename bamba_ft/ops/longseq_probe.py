@@ -127,7 +127,7 @@ def case_layouts(t: int, part: str = "forward") -> dict:
     The strided call of each kernel comes after every contiguous one, and each result is printed as it is
     known: a call that faults (run with CUDA_LAUNCH_BLOCKING=1) leaves the earlier results and its traceback.
     """
-    from bamba_ft.ops.mamba2 import KernelOps, _channel_last, _split_xbc, conv_scan_backward_kernels
+    from bamba_ft.ops.kernels import KernelOps, channel_last, conv_scan_backward_kernels, split_xbc
 
     mixer, config = build_mixer()
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -149,7 +149,7 @@ def case_layouts(t: int, part: str = "forward") -> dict:
 
     if part == "backward":
         x_c = xbc.contiguous()
-        x, B, C = _split_xbc(KernelOps.conv_fwd(_channel_last(x_c), weight, bias, None).transpose(1, 2), shape)
+        x, B, C = split_xbc(KernelOps.conv_fwd(channel_last(x_c), weight, bias, None).transpose(1, 2), shape)
         dout = torch.randn_like(x)
         del x, B, C
         args = (weight, bias, A, D, dt_bias, None, shape, mixer.chunk_size, limit)
@@ -160,11 +160,11 @@ def case_layouts(t: int, part: str = "forward") -> dict:
         for name, a, c in zip(["dxbc", "ddt", "dweight", "dbias", "dA", "dD", "ddt_bias"], b_s, b_c):
             row[f"backward {name}: strided vs contiguous"] = rel(a, c)
         return row
-    conv_c = KernelOps.conv_fwd(_channel_last(xbc.contiguous()), weight, bias, None).transpose(1, 2)
-    conv_s = KernelOps.conv_fwd(_channel_last(xbc), weight, bias, None).transpose(1, 2)
+    conv_c = KernelOps.conv_fwd(channel_last(xbc.contiguous()), weight, bias, None).transpose(1, 2)
+    conv_s = KernelOps.conv_fwd(channel_last(xbc), weight, bias, None).transpose(1, 2)
     note("conv: strided vs contiguous input", rel(conv_s, conv_c))
     del conv_s
-    x, B, C = _split_xbc(conv_c, shape)
+    x, B, C = split_xbc(conv_c, shape)
     dt_c = dt.contiguous()
 
     def scan(x, dt, B, C):  # noqa: ANN001, ANN202

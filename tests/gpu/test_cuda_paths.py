@@ -10,21 +10,16 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from bamba_ft.config.schema import PeftConfig, QuantConfig
+from bamba_ft.config.schema import Mixer, PeftConfig, QuantConfig
 from bamba_ft.data.packing import collate_packed
 from bamba_ft.model.lora import apply_peft, check_adapter_gradients
 from bamba_ft.model.mixer import install_mixer
 from bamba_ft.model.quant import quantize_layer
 from bamba_ft.ops.attention import _padded_sdpa, register_varlen_attention, varlen_available
 from bamba_ft.ops.fused import FusedBambaMLP, FusedRMSNorm
+from bamba_ft.ops.kernels import available_backend
 from bamba_ft.ops.loss import mean_loss
-from bamba_ft.ops.mamba2 import (
-    available_backend,
-    conv_scan,
-    fused_conv_scan_ok,
-    mixer_forward,
-    unfused_conv_scan,
-)
+from bamba_ft.ops.mamba2 import conv_scan, fused_conv_scan_ok, mixer_forward, unfused_conv_scan
 from tests.conftest import LORA_TARGETS, make_model
 
 pytestmark = pytest.mark.gpu
@@ -38,7 +33,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def kernels_required() -> None:
-    if available_backend("cuda") == "torch":
+    if available_backend("cuda") == Mixer.TORCH:
         pytest.skip("mamba-ssm is not installed: no CUDA kernel backend to compare")
 
 
@@ -55,14 +50,14 @@ def test_kernel_mixer_matches_torch_reference(dtype: torch.dtype, tol: float, gr
     w = torch.randn_like(h)
     params = dict(mixer.named_parameters())
     outs, grads = {}, {}
-    for backend in (available_backend("cuda"), "torch"):
+    for backend in (available_backend("cuda"), Mixer.TORCH):
         y = mixer_forward(mixer, h, seq_idx=seq, backend=backend)
         g = torch.autograd.grad((y * w).sum(), [h, *params.values()])
         outs[backend], grads[backend] = y, dict(zip(["input", *params], g))
     kernel = available_backend("cuda")
-    assert rel(outs[kernel], outs["torch"]) < tol
-    for name in grads["torch"]:  # the input and every parameter: conv, A_log, D, dt_bias, norm, projections
-        assert rel(grads[kernel][name], grads["torch"][name]) < tol, name
+    assert rel(outs[kernel], outs[Mixer.TORCH]) < tol
+    for name in grads[Mixer.TORCH]:  # the input and every parameter: conv, A_log, D, dt_bias, norm, projections
+        assert rel(grads[kernel][name], grads[Mixer.TORCH][name]) < tol, name
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -77,7 +72,7 @@ def test_fused_conv_scan_equals_unfused_kernels(dtype: torch.dtype) -> None:
     zxbcdt = torch.randn(1, sum(LENGTHS), mixer.in_proj.out_features, device="cuda", dtype=dtype, requires_grad=True)
     _, xbc, dt = zxbcdt.split([mixer.intermediate_size, mixer.conv_dim, mixer.num_heads], dim=-1)
     params = [mixer.conv1d.weight, mixer.conv1d.bias, mixer.A_log, mixer.D, mixer.dt_bias]
-    ref = unfused_conv_scan(mixer, xbc, dt, seq, "cuda-kernels")
+    ref = unfused_conv_scan(mixer, xbc, dt, seq, Mixer.KERNELS)
     w = torch.randn_like(ref)
     g_ref = torch.autograd.grad((ref * w).sum(), [zxbcdt, *params])
     y = conv_scan(mixer, xbc, dt, seq)

@@ -11,7 +11,8 @@ import torch
 
 from bamba_ft.model.mixer import install_mixer
 from bamba_ft.ops import longseq
-from bamba_ft.ops.mamba2 import KernelOps, fused_conv_scan_ok, mixer_forward
+from bamba_ft.ops.kernels import KernelOps
+from bamba_ft.ops.mamba2 import fused_conv_scan_ok, mixer_forward
 from tests.conftest import make_model
 from tests.gpu.test_cuda_paths import SHAPE, kernels_required, rel
 

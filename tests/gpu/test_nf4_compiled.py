@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bamba_ft.config.schema import QuantConfig
-from bamba_ft.model import quant
-from bamba_ft.model.quant import NF4LinearLayer, dequantize_nf4, quantize_layer
+from bamba_ft.model import nf4
+from bamba_ft.model.nf4 import NF4LinearLayer, dequantize_nf4
+from bamba_ft.model.quant import quantize_layer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 # (out, in, block_size, scaler_block_size): several weight shapes of one model share a compiled graph; a small
@@ -40,7 +41,7 @@ def test_compiled_dequantize_equals_torchao(stored: torch.dtype, dtype: torch.dt
     for shape in SHAPES:
         w = nf4_linear(shape, stored).weight
         assert torch.equal(dequantize_nf4(w, dtype), w.get_original_weight().to(dtype)), shape
-    assert not quant._FALLBACKS, quant._FALLBACKS
+    assert not nf4._FALLBACKS, nf4._FALLBACKS
 
 
 @pytest.mark.parametrize("stored,x_dtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
@@ -62,4 +63,4 @@ def test_nf4_layer_equals_torchao_under_autocast(stored: torch.dtype, x_dtype: t
     assert y.dtype == y_ref.dtype and gx.dtype == gx_ref.dtype
     assert torch.equal(y, y_ref)
     assert torch.equal(gx, gx_ref)
-    assert not quant._FALLBACKS, quant._FALLBACKS
+    assert not nf4._FALLBACKS, nf4._FALLBACKS

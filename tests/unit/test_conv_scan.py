@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bamba_ft.ops.mamba2 import conv_scan, segment_conv1d, ssd_scan_torch, unfused_conv_scan
+from bamba_ft.ops.mamba2 import conv_scan, unfused_conv_scan
+from bamba_ft.ops.scan_ref import segment_conv1d, ssd_scan_torch
 from tests.conftest import make_model
 
 

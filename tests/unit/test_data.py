@@ -9,12 +9,12 @@ import pytest
 import torch
 from transformers import DataCollatorWithFlattening
 
-from bamba_ft.config.schema import DataConfig
-from bamba_ft.data.formats import to_messages
+from bamba_ft.config.schema import CHOICES, DataConfig
+from bamba_ft.data.formats import FORMATS, to_messages
 from bamba_ft.data.module import BambaDataModule
 from bamba_ft.data.packing import BatchPlan, collate_packed, pack_batches
 from bamba_ft.data.tokenize import IGNORE_INDEX, split_windows, tokenize_example
-from bamba_ft.errors import DataError
+from bamba_ft.errors import ConfigError, DataError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
@@ -493,3 +493,13 @@ def test_sources_concatenate_without_weights_and_check_columns(builtin_tokenizer
     with pytest.raises(DataError, match=r"data.sources\[0\].columns: no column question to rename; the data has "
                                         r"prompt, completion"):
         BambaDataModule(bad, builtin_tokenizer).prepare()
+
+
+def test_to_messages_reads_alpaca_and_refuses_an_unknown_format_naming_the_valid_ones() -> None:
+    row = {"instruction": "Reverse.", "input": "cat", "output": "tac"}
+    assert to_messages(row, "alpaca", "test") == [{"role": "user", "content": "Reverse.\n\ncat"},
+                                                  {"role": "assistant", "content": "tac"}]
+    with pytest.raises(ConfigError, match=r"data.format='alpacca' is not an option\. Did you mean 'alpaca'\? "
+                                          r"Valid: messages, prompt_completion, alpaca, text"):
+        to_messages(row, "alpacca", "test")
+    assert CHOICES["data.format"] == ("auto", *FORMATS)  # every configurable format has a reader, and only those

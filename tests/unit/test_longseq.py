@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from bamba_ft.ops import longseq
-from bamba_ft.ops.mamba2 import conv_scan, ssd_scan_torch
+from bamba_ft.ops.mamba2 import conv_scan
+from bamba_ft.ops.scan_ref import ssd_scan_torch
 from tests.conftest import make_model
 from tests.unit.test_conv_scan import TorchOps
 from tests.unit.test_mixer import recurrence
@@ -110,7 +111,8 @@ def test_fused_conv_scan_in_pieces_equals_one_piece(monkeypatch: pytest.MonkeyPa
 
 @pytest.mark.parametrize("lengths", [[T], [16, 15, 2, 13, 1, 6]])
 def test_piecewise_scan_equals_one_scan(monkeypatch: pytest.MonkeyPatch, lengths: list[int]) -> None:
-    """`piecewise_scan` (the triton backend's long rows), the torch scan standing in for mamba-ssm's."""
+    """`piecewise_scan` (long rows of the kernels backend without causal-conv1d), the torch scan standing in for
+    mamba-ssm's."""
     torch.manual_seed(2)
     h, p, n = 8, 4, 6
     x, dt, B, C = (torch.randn(*shape, dtype=torch.float64, requires_grad=True)

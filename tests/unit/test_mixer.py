@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from bamba_ft.config.schema import CHOICES, Mixer
+from bamba_ft.errors import ConfigError
+from bamba_ft.model.mixer import install_mixer
+from bamba_ft.ops import kernels
+from bamba_ft.ops.kernels import available_backend
 from bamba_ft.ops.mamba2 import (
     mixer_forward,
-    segment_conv1d,
     seq_idx_from_attention_mask,
     seq_idx_from_cu_seqlens,
     seq_idx_from_position_ids,
-    ssd_scan_torch,
+    unfused_conv_scan,
 )
+from bamba_ft.ops.scan_ref import segment_conv1d, ssd_scan_torch
 from tests.conftest import make_model
 
 
@@ -133,3 +140,32 @@ def test_mixer_padded_rows_equal_unpadded() -> None:
     torch.testing.assert_close(out_r[0], ref_a[0], rtol=0, atol=1e-10)
     torch.testing.assert_close(out_r[1, :6], ref_b[0], rtol=0, atol=1e-10)
     torch.testing.assert_close(out_l[1, 3:], ref_b[0], rtol=0, atol=1e-10)
+
+
+def test_mixer_backend_is_logged_and_chosen_by_its_config_name(monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """auto resolves to torch on the CPU, logged as `mixer backend: torch`; a name outside the backends is refused
+    with the valid ones, where a fall-through would quietly have run the torch path."""
+    monkeypatch.setattr(kernels, "_reported", set())
+    mixer = make_model(torch.float32).model.layers[0].mamba
+    h = torch.randn(1, 5, mixer.hidden_size)
+    assert available_backend("cpu") is Mixer.TORCH
+    with caplog.at_level(logging.INFO, logger=kernels.__name__):
+        auto = mixer_forward(mixer, h, backend="auto")
+    assert "mixer backend: torch" in caplog.messages
+    torch.testing.assert_close(auto, mixer_forward(mixer, h, backend=Mixer.TORCH), rtol=0, atol=0)
+    for bad in ("cuda-kernels", "hf"):
+        with pytest.raises(ConfigError, match=rf"backend='{bad}' is not an option\..* Valid: auto, kernels, torch"):
+            mixer_forward(mixer, h, backend=bad)
+    with pytest.raises(ConfigError, match=r"backend='triton' is not an option\..* Valid: kernels, torch"):
+        unfused_conv_scan(mixer, h.new_zeros(1, 5, mixer.conv_dim), h.new_zeros(1, 5, mixer.num_heads), None, "triton")
+
+
+def test_install_mixer_refuses_an_unknown_choice_naming_every_model_mixer_value() -> None:
+    model = make_model(torch.float32)
+    valid = ", ".join(CHOICES["model.mixer"])
+    assert valid == "auto, kernels, torch, hf"
+    with pytest.raises(ConfigError, match=rf"model.mixer='kernel' is not an option\. Did you mean 'kernels'\? "
+                                          rf"Valid: {valid}"):
+        install_mixer(model, "kernel")
+    assert install_mixer(model, "torch") == "torch" == Mixer.TORCH

@@ -12,14 +12,9 @@ from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
 from bamba_ft.config.schema import QuantConfig
-from bamba_ft.model import quant
-from bamba_ft.model.quant import (
-    NF4LinearLayer,
-    dequantize_model,
-    dequantize_nf4,
-    is_quantized,
-    quantize_layer,
-)
+from bamba_ft.model import nf4
+from bamba_ft.model.nf4 import NF4LinearLayer, dequantize_nf4
+from bamba_ft.model.quant import dequantize_model, is_quantized, quantize_layer
 from tests.conftest import LORA_TARGETS, make_model
 
 # (out, in, block_size, scaler_block_size): the default blocks; blocks too few for the scaler block, which
@@ -95,8 +90,8 @@ def test_peft_wraps_nf4_layers_and_dequantize_restores_linear() -> None:
     model = make_model(torch.float32, mamba_chunk_size=8)
     for layer in model.model.layers:
         quantize_layer(layer, QuantConfig(method="nf4"))
-    nf4 = [n for n, m in model.named_modules() if type(m) is NF4LinearLayer]
-    assert {n.rsplit(".", 1)[-1] for n in nf4} >= set(LORA_TARGETS)
+    nf4_names = [n for n, m in model.named_modules() if type(m) is NF4LinearLayer]
+    assert {n.rsplit(".", 1)[-1] for n in nf4_names} >= set(LORA_TARGETS)
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=LORA_TARGETS))
     wrapped = [m for m in peft_model.modules() if isinstance(m, LoraLinear)]
     assert wrapped and all(type(m.base_layer) is NF4LinearLayer for m in wrapped)
@@ -105,18 +100,18 @@ def test_peft_wraps_nf4_layers_and_dequantize_restores_linear() -> None:
     peft_model(input_ids=ids).logits.float().pow(2).mean().backward()
     assert all(m.lora_A["default"].weight.grad is not None for m in wrapped)
 
-    assert dequantize_model(peft_model, torch.float32) == len(nf4)
+    assert dequantize_model(peft_model, torch.float32) == len(nf4_names)
     assert not any(isinstance(m, NF4LinearLayer) for m in peft_model.modules())
     assert all(type(m.base_layer) is nn.Linear and not is_quantized(m.base_layer.weight) for m in wrapped)
     merged = peft_model.merge_and_unload()
-    assert all(type(merged.get_submodule(n)) is nn.Linear for n in nf4)
+    assert all(type(merged.get_submodule(n)) is nn.Linear for n in nf4_names)
 
 
 def test_cpu_never_compiles(monkeypatch: pytest.MonkeyPatch) -> None:
     def no_compile():  # noqa: ANN202
         raise AssertionError("the compiled dequantization was asked for on the CPU")
 
-    monkeypatch.setattr(quant, "_compiled_dequantize", no_compile)
+    monkeypatch.setattr(nf4, "_compiled_dequantize", no_compile)
     w = nf4_linear(SHAPES[0], torch.float32).weight
     assert torch.equal(dequantize_nf4(w, torch.bfloat16), w.to(torch.bfloat16))
 
@@ -129,15 +124,15 @@ def test_failed_compile_falls_back_to_eager_with_one_warning(monkeypatch: pytest
         calls.append(1)
         raise RuntimeError("no Triton here")
 
-    monkeypatch.setattr(quant, "_compiled_dequantize", lambda: broken)
-    monkeypatch.setattr(quant, "_FALLBACKS", {})
+    monkeypatch.setattr(nf4, "_compiled_dequantize", lambda: broken)
+    monkeypatch.setattr(nf4, "_FALLBACKS", {})
     w = nf4_linear(SHAPES[0], torch.bfloat16).weight
     data = w.quantized_data.view(-1, w.block_size // 2)
-    with caplog.at_level(logging.WARNING, logger=quant.__name__):
+    with caplog.at_level(logging.WARNING, logger=nf4.__name__):
         for _ in range(3):
-            out = quant._dequantize_cuda(data, quant._block_scales(w), w.nf4, torch.bfloat16)
+            out = nf4._dequantize_cuda(data, nf4._block_scales(w), w.nf4, torch.bfloat16)
             assert torch.equal(out.view(w.shape), w.to(torch.bfloat16))
-    assert len(calls) == 1 and "failed" in quant._FALLBACKS
+    assert len(calls) == 1 and "failed" in nf4._FALLBACKS
     assert len([r for r in caplog.records if "compiled NF4 dequantization failed" in r.message]) == 1
 
 
@@ -151,11 +146,11 @@ def test_recompile_limit_runs_that_call_eagerly_and_keeps_compiling(monkeypatch:
         calls.append(1)
         raise FailOnRecompileLimitHit
 
-    monkeypatch.setattr(quant, "_compiled_dequantize", lambda: over_limit)
-    monkeypatch.setattr(quant, "_FALLBACKS", {})
+    monkeypatch.setattr(nf4, "_compiled_dequantize", lambda: over_limit)
+    monkeypatch.setattr(nf4, "_FALLBACKS", {})
     w = nf4_linear(SHAPES[0], torch.float32).weight
     data = w.quantized_data.view(-1, w.block_size // 2)
     for _ in range(2):
-        out = quant._dequantize_cuda(data, quant._block_scales(w), w.nf4, torch.bfloat16)
+        out = nf4._dequantize_cuda(data, nf4._block_scales(w), w.nf4, torch.bfloat16)
         assert torch.equal(out.view(w.shape), w.to(torch.bfloat16))
-    assert len(calls) == 2 and set(quant._FALLBACKS) == {"recompile_limit"}
+    assert len(calls) == 2 and set(nf4._FALLBACKS) == {"recompile_limit"}

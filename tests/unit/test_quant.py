@@ -8,8 +8,9 @@ import pytest
 import torch
 from peft import PeftModel
 
-from bamba_ft.config.schema import PeftConfig, QuantConfig
+from bamba_ft.config.schema import CHOICES, PeftConfig, QuantConfig
 from bamba_ft.data.packing import collate_packed
+from bamba_ft.errors import ConfigError
 from bamba_ft.model.lora import apply_peft
 from bamba_ft.model.mixer import install_mixer
 from bamba_ft.model.quant import base_weight_bytes, dequantize_model, is_quantized, quantize_layer
@@ -83,3 +84,13 @@ def test_adapters_train_on_quantized_base(method: str, tmp_path: Path) -> None:
         merged = model.merge_and_unload()
         after = merged(**inputs).logits
     assert float((after - before).abs().max()) < 1e-4
+
+
+def test_quantize_layer_refuses_an_unknown_method_naming_every_quant_method() -> None:
+    valid = ", ".join(CHOICES["quant.method"])
+    assert valid == "none, nf4, int8, int4"
+    layer = make_model(torch.float32).model.layers[0]
+    with pytest.raises(ConfigError, match=rf"quant.method='nf5' is not an option\. Did you mean 'nf4'\? Valid: {valid}"):
+        quantize_layer(layer, QuantConfig(method="nf5"))
+    assert quantize_layer(layer, QuantConfig(method="none")) == 0
+    assert not any(is_quantized(p) for p in layer.parameters())
