@@ -15,7 +15,7 @@ quiet.silence_import_noise()
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from bamba_ft.config.overrides import check_overrides, to_train_config  # noqa: E402
+from bamba_ft.config.overrides import check_overrides, to_run_config  # noqa: E402
 from bamba_ft.config.schema import TASK_JOBS  # noqa: E402
 from bamba_ft.config.store import config_dirs, register_configs  # noqa: E402
 from bamba_ft.errors import BambaFTError  # noqa: E402
@@ -28,7 +28,7 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 def run_config(cfg: DictConfig) -> dict:
     """Validate the composed config and run its task; return what the task returns (a train run: its metrics)."""
-    typed = to_train_config(cfg)  # validated: typed.task is a key of TASK_JOBS
+    typed = to_run_config(cfg)  # validated: typed.task is a key of TASK_JOBS
     return importlib.import_module(TASK_JOBS[typed.task]).run(typed)
 
 

@@ -1,4 +1,4 @@
-"""Turns a Hydra config into the typed `TrainConfig`, and checks command-line keys before Hydra runs.
+"""Turns a Hydra config into the typed `RunConfig`, and checks command-line keys before Hydra runs.
 
 Hydra's struct mode rejects unknown keys in YAML and plain overrides, but `+key=value` slips through it
 and its messages do not list the valid keys. Both paths here name the key, the valid ones and a close match.
@@ -13,7 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from bamba_ft.config.schema import TrainConfig, validate
+from bamba_ft.config.schema import RunConfig, validate
 from bamba_ft.errors import ConfigError, Problems, suggest
 
 GROUPS = ("model", "peft", "quant", "data", "optim", "trainer", "logger", "recipe", "smoke", "sweep")
@@ -24,8 +24,8 @@ def _hints(dc: type) -> dict[str, Any]:
 
 
 def check_key(dotted: str) -> str | None:
-    """None if `dotted` names a key of TrainConfig, else a message naming the bad part and the valid keys."""
-    node: Any = TrainConfig
+    """None if `dotted` names a key of RunConfig, else a message naming the bad part and the valid keys."""
+    node: Any = RunConfig
     path: list[str] = []
     for part in dotted.split("."):
         if is_dataclass(node):
@@ -60,7 +60,7 @@ def _type_problem(schema: DictConfig, key: str, value: Any) -> str | None:
     try:
         OmegaConf.update(schema, key, value, merge=True)
     except OmegaConfBaseException:
-        default = OmegaConf.select(OmegaConf.structured(TrainConfig), key, default=None)
+        default = OmegaConf.select(OmegaConf.structured(RunConfig), key, default=None)
         expected = _KINDS.get(type(default).__name__, "a value of the type this key declares")
         hint = f" (its default: {key}={_show(default)})" if default is not None else ""
         return f"{_show(value)} is not {expected}{hint}."
@@ -85,7 +85,7 @@ def check_overrides(argv: list[str]) -> None:
 
     problems = Problems()
     parser = OverridesParser.create()
-    schema = OmegaConf.structured(TrainConfig)
+    schema = OmegaConf.structured(RunConfig)
     for token in argv:
         if token.startswith("-") or "=" not in token:
             continue
@@ -116,7 +116,7 @@ def check_overrides(argv: list[str]) -> None:
     problems.raise_if_any("the command-line overrides")
 
 
-def to_train_config(cfg: DictConfig) -> TrainConfig:
+def to_run_config(cfg: DictConfig) -> RunConfig:
     """Merge the composed config onto the schema again (catching `+key` additions) and validate it."""
     # A `???` in a chosen group option must fail here. Hydra merges the option onto the schema, and a
     # merged `???` keeps the schema's default, so `data=file` without `data.source` would train on builtin data.
@@ -128,7 +128,7 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
 
         hydra_cfg = HydraConfig.get()
         overridden = {o.split("=", 1)[0].lstrip("+~") for o in hydra_cfg.overrides.task}
-        defaults = OmegaConf.structured(TrainConfig)
+        defaults = OmegaConf.structured(RunConfig)
         for group, option in hydra_cfg.runtime.choices.items():
             path = config_dirs()[0] / str(group) / f"{option}.yaml"
             if "/" in str(group) or option is None or not path.is_file():
@@ -149,12 +149,12 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
         ])
     try:
         container = OmegaConf.to_container(cfg, resolve=True)
-        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), container)
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), container)
         typed = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or ""
         message = (check_key(key) if key else None) or str(e).splitlines()[0]
         raise ConfigError(f"{key or 'config'}: {message}") from None
-    assert isinstance(typed, TrainConfig)
+    assert isinstance(typed, RunConfig)
     validate(typed)
     return typed

@@ -1,6 +1,6 @@
 """The closed, typed config: every key a run accepts, with its default and meaning.
 
-Hydra merges conf/ and recipes/ into `TrainConfig`, so a misspelt key fails at startup.
+Hydra merges conf/ and recipes/ into `RunConfig`, so a misspelt key fails at startup.
 Rules that span fields live in `validate`, which gathers every problem and raises once.
 """
 
@@ -372,7 +372,9 @@ class SweepConfig:
 
 
 @dataclass
-class TrainConfig:
+class RunConfig:
+    """The root config of every run: training, evaluation, export, benchmark and doctor alike (`task` says which)."""
+
     task: str = "train"
     """train | eval | export | bench | doctor."""
     debug: bool = False
@@ -458,7 +460,7 @@ def _get(cfg: Any, dotted: str) -> Any:
     return cfg
 
 
-def validate(cfg: TrainConfig) -> None:
+def validate(cfg: RunConfig) -> None:
     """Check choices and cross-field rules; raise one ConfigError listing every problem."""
     problems = Problems()
     for key, options in CHOICES.items():
@@ -559,7 +561,7 @@ def _validate_bench(b: BenchConfig, problems: Problems) -> None:
                      "(8 tokens or more), e.g. [4096,8192,16384].")
 
 
-def _check_streaming(cfg: TrainConfig, problems: Problems) -> None:
+def _check_streaming(cfg: RunConfig, problems: Problems) -> None:
     d = cfg.data
     if d.stream_buffer <= 0:
         problems.add(f"data.stream_buffer={d.stream_buffer} must be positive (examples held while packing a stream).")

@@ -7,7 +7,7 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from bamba_ft.config.schema import TrainConfig
+from bamba_ft.config.schema import RunConfig
 
 _PKG = Path(__file__).resolve().parent.parent
 
@@ -31,6 +31,6 @@ def register_configs() -> None:
     registered here instead, as global packages (a recipe may set any key and override any group).
     """
     cs = ConfigStore.instance()
-    cs.store(name="schema", node=TrainConfig)
+    cs.store(name="schema", node=RunConfig)
     for path in sorted(config_dirs()[1].glob("*.yaml")):
         cs.store(group="recipe", name=path.stem, node=OmegaConf.load(path), package="_global_")

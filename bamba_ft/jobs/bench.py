@@ -40,7 +40,7 @@ from bamba_ft.config.schema import (
     ModelConfig,
     PeftConfig,
     QuantConfig,
-    TrainConfig,
+    RunConfig,
     rehearse_settings,
 )
 from bamba_ft.data.packing import collate_packed, collate_padded
@@ -397,7 +397,7 @@ def _check_variants(b: BenchConfig) -> None:
                            for key, n in unknown])
 
 
-def run(cfg: TrainConfig) -> dict:
+def run(cfg: RunConfig) -> dict:
     from bamba_ft.jobs import bench_sweeps as sweeps
     from bamba_ft.jobs.bench_report import budget_bests, headline, longest_trained, markdown, summarize
     from bamba_ft.jobs.model_card import library_versions

@@ -14,7 +14,7 @@ from typing import Any
 import lightning as L
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from bamba_ft.config.schema import TrainConfig
+from bamba_ft.config.schema import RunConfig
 from bamba_ft.faults import fault_point
 from bamba_ft.jobs.checkpoints import CONFIG_KEY, config_for_checkpoint, fsync_dir
 
@@ -47,7 +47,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class ConfigInCheckpoint(L.Callback):
     """Stores the run's config in every checkpoint, so a resume can tell what it would change."""
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: RunConfig) -> None:
         self.config = config_for_checkpoint(cfg)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from bamba_ft.config.schema import TrainConfig, canonical_checkpointing
+from bamba_ft.config.schema import RunConfig, canonical_checkpointing
 from bamba_ft.errors import ConfigError
 from bamba_ft.jobs.lock import held_elsewhere
 from bamba_ft.model.restore import checkpoint_problem
@@ -25,7 +25,7 @@ from bamba_ft.rundir import RunDir
 
 log = logging.getLogger("bamba_ft")
 
-CONFIG_KEY = "bamba_ft_config"  # the run's TrainConfig, as a dict, inside every checkpoint
+CONFIG_KEY = "bamba_ft_config"  # the run's RunConfig, as a dict, inside every checkpoint
 
 # Keys whose change on resume applies from the resumed step on (recorded in the new run's run_config.yaml).
 APPLIED = ("optim.", "trainer.max_steps", "trainer.max_epochs", "trainer.val_check_interval",
@@ -99,7 +99,7 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
 
 
 def saved_config(ckpt: Path) -> dict[str, Any] | None:
-    """The TrainConfig (as a dict) stored in `ckpt`, else its run's run_config.yaml, else None."""
+    """The RunConfig (as a dict) stored in `ckpt`, else its run's run_config.yaml, else None."""
     state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
     if CONFIG_KEY in state:
         return state[CONFIG_KEY]
@@ -120,10 +120,10 @@ def _matches(key: str, patterns: tuple[str, ...]) -> bool:
     return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
 
 
-def config_changes(old: dict[str, Any], new: TrainConfig) -> tuple[list[str], list[str]]:
+def config_changes(old: dict[str, Any], new: RunConfig) -> tuple[list[str], list[str]]:
     """(applied, refused): 'key: old -> new' lines for every key that differs between a checkpoint's run and now."""
     before, after = _flatten(old), _flatten(asdict(new))
-    defaults = _flatten(asdict(TrainConfig()))
+    defaults = _flatten(asdict(RunConfig()))
     applied, refused = [], []
     for key in sorted(set(before) | set(after)):
         if key not in after or _matches(key, IGNORED):  # keys of another bamba_ft version are dropped on load
@@ -140,7 +140,7 @@ def config_changes(old: dict[str, Any], new: TrainConfig) -> tuple[list[str], li
     return applied, refused
 
 
-def check_resume_config(ckpt: Path, cfg: TrainConfig) -> list[str]:
+def check_resume_config(ckpt: Path, cfg: RunConfig) -> list[str]:
     """Refuse a resume whose config changes what is trained; return the applied changes (to log and record)."""
     old = saved_config(ckpt)
     if old is None:
@@ -158,8 +158,8 @@ def check_resume_config(ckpt: Path, cfg: TrainConfig) -> list[str]:
     return applied
 
 
-def config_for_checkpoint(cfg: TrainConfig) -> dict[str, Any]:
-    """What `CONFIG_KEY` holds: the config as plain data (no secrets live in TrainConfig)."""
+def config_for_checkpoint(cfg: RunConfig) -> dict[str, Any]:
+    """What `CONFIG_KEY` holds: the config as plain data (no secrets live in RunConfig)."""
     return asdict(cfg)
 
 

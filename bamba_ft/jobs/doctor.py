@@ -11,7 +11,7 @@ import platform
 
 import torch
 
-from bamba_ft.config.schema import TrainConfig
+from bamba_ft.config.schema import RunConfig
 from bamba_ft.data.packing import collate_packed
 from bamba_ft.errors import BambaFTError
 from bamba_ft.jobs.model_card import library_versions
@@ -54,7 +54,7 @@ def packed_vs_alone(model: torch.nn.Module, device: torch.device, vocab: int) ->
     return float((packed - alone).norm() / alone.norm())
 
 
-def run(cfg: TrainConfig) -> dict:
+def run(cfg: RunConfig) -> dict:
     print("\n".join(environment()))
     device = choose_device(cfg.trainer.accelerator)
     model = apply_peft(build_model(cfg.model, cfg.quant, device), cfg.peft)

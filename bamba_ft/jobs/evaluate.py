@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from bamba_ft.config.schema import EvalConfig, TrainConfig
+from bamba_ft.config.schema import EvalConfig, RunConfig
 from bamba_ft.data.module import BambaDataModule
 from bamba_ft.data.templates import ensure_chat_template, stop_token_ids
 from bamba_ft.data.tokenize import prompt_and_reference
@@ -128,7 +128,7 @@ def format_metrics(m: dict[str, float]) -> str:
     return ", ".join(parts) or "no validation data"
 
 
-def run(cfg: TrainConfig) -> dict:
+def run(cfg: RunConfig) -> dict:
     """recipe=eval: evaluate a base model, adapter, checkpoint or merged model; write metrics and predictions."""
     device = choose_device(cfg.trainer.accelerator)
     src = locate(cfg.eval.checkpoint, cfg)

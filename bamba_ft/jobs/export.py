@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bamba_ft.config.schema import TrainConfig
+from bamba_ft.config.schema import RunConfig
 from bamba_ft.data.templates import generation_config_for
 from bamba_ft.errors import BambaFTError, ConfigError
 from bamba_ft.faults import fault_point
@@ -280,7 +280,7 @@ def push_to_hub(directory: Path, repo_id: str, private: bool, message: str) -> s
     return str(getattr(info, "commit_url", info))
 
 
-def run(cfg: TrainConfig) -> dict:
+def run(cfg: RunConfig) -> dict:
     ex = cfg.export
     if not ex.checkpoint:
         raise ConfigError("export.checkpoint is not set. Fix: export.checkpoint=<training run directory or adapter>.")
@@ -327,7 +327,7 @@ def run(cfg: TrainConfig) -> dict:
     return report
 
 
-def _write(model: nn.Module, tokenizer, cfg: TrainConfig, src, tmp: Path, target: Path) -> dict:  # noqa: ANN001
+def _write(model: nn.Module, tokenizer, cfg: RunConfig, src, tmp: Path, target: Path) -> dict:  # noqa: ANN001
     ex = cfg.export
     report: dict = {"source": src.description, "dtype": ex.dtype}
     ids = _probe_ids(tokenizer)

@@ -9,7 +9,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from bamba_ft.config.schema import TrainConfig
+from bamba_ft.config.schema import RunConfig
 from bamba_ft.rundir import RunDir
 
 _LIBRARIES = ("bamba_ft", "torch", "transformers", "peft", "torchao", "lightning", "datasets", "mamba-ssm", "causal-conv1d")
@@ -25,7 +25,7 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def write_model_card(directory: Path, cfg: TrainConfig, src: Any, report: dict, adapter_only: bool) -> None:
+def write_model_card(directory: Path, cfg: RunConfig, src: Any, report: dict, adapter_only: bool) -> None:
     run = src.run
     base = run.model.name_or_path if run is not None else src.model.name_or_path
     metrics_file = RunDir(run.output_dir).metrics if run is not None else None

@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
-from bamba_ft.config.schema import TrainConfig
+from bamba_ft.config.schema import RunConfig
 from bamba_ft.data.module import BambaDataModule
 from bamba_ft.data.templates import ensure_chat_template, generation_config_for
 from bamba_ft.errors import BambaFTError, ConfigError
@@ -43,7 +43,7 @@ from bamba_ft.rundir import RunDir
 log = logging.getLogger("bamba_ft")
 
 
-def _strategy(cfg: TrainConfig, device: torch.device) -> Any:
+def _strategy(cfg: RunConfig, device: torch.device) -> Any:
     if cfg.trainer.strategy != "fsdp":
         return cfg.trainer.strategy
     if device.type != "cuda":
@@ -58,7 +58,7 @@ def _strategy(cfg: TrainConfig, device: torch.device) -> Any:
     return FSDPStrategy(auto_wrap_policy={layer}, use_orig_params=True, state_dict_type="full")
 
 
-def _loggers(cfg: TrainConfig, run_dir: Path) -> list[Logger]:
+def _loggers(cfg: RunConfig, run_dir: Path) -> list[Logger]:
     loggers: list[Logger] = []
     if cfg.logger.csv:
         loggers.append(CSVLogger(RunDir(run_dir).logs, name="csv"))
@@ -74,7 +74,7 @@ def _loggers(cfg: TrainConfig, run_dir: Path) -> list[Logger]:
     return loggers
 
 
-def save_trained(model: nn.Module, tokenizer: Any, cfg: TrainConfig, run_dir: Path) -> Path:
+def save_trained(model: nn.Module, tokenizer: Any, cfg: RunConfig, run_dir: Path) -> Path:
     """Adapter (peft format) or full weights, with the tokenizer, written under a temp name and renamed."""
     final = RunDir(run_dir).weights(cfg.peft.method)
     tmp = run_dir / f".{final.name}.partial"
@@ -111,7 +111,7 @@ def _saved_step(ckpt: Path) -> int | None:
     return int(torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)["global_step"])
 
 
-def _prepare(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Any, BambaDataModule]:
+def _prepare(cfg: RunConfig, device: torch.device) -> tuple[nn.Module, Any, BambaDataModule]:
     """Tokenizer, model with adapters, data; refuses packing on a leaking path and bypassed adapters."""
     tokenizer = load_tokenizer(cfg.model)
     ensure_chat_template(tokenizer, cfg.data.chat_template)
@@ -141,7 +141,7 @@ def _prepare(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Any, Ba
 
 
 @contextlib.contextmanager
-def _explain_oom(cfg: TrainConfig, where: Callable[[], str], batch: Callable[[], tuple[int, int] | None]) -> Iterator[None]:
+def _explain_oom(cfg: RunConfig, where: Callable[[], str], batch: Callable[[], tuple[int, int] | None]) -> Iterator[None]:
     """A device out-of-memory error becomes a BambaFTError (exit status 2) naming the batch, the mode and the fixes."""
     try:
         yield
@@ -153,7 +153,7 @@ def _step_name(trainer: L.Trainer) -> str:
     return "the first training step" if trainer.global_step == 0 else f"training step {trainer.global_step + 1}"
 
 
-def _callbacks(cfg: TrainConfig, dm: BambaDataModule, ckpt_dir: Path, stopper: GracefulStop,
+def _callbacks(cfg: RunConfig, dm: BambaDataModule, ckpt_dir: Path, stopper: GracefulStop,
                with_loggers: bool) -> list[L.Callback]:
     callbacks: list[L.Callback] = [stopper, ConfigInCheckpoint(cfg)]
     if with_loggers:
@@ -174,7 +174,7 @@ def _callbacks(cfg: TrainConfig, dm: BambaDataModule, ckpt_dir: Path, stopper: G
     return callbacks
 
 
-def _trainer(cfg: TrainConfig, dm: BambaDataModule, run_dir: Path, device: torch.device, strategy: Any,
+def _trainer(cfg: RunConfig, dm: BambaDataModule, run_dir: Path, device: torch.device, strategy: Any,
              stopper: GracefulStop) -> L.Trainer:
     t = cfg.trainer
     loggers = _loggers(cfg, run_dir) if not t.fast_dev_run else []
@@ -205,7 +205,7 @@ def _trainer(cfg: TrainConfig, dm: BambaDataModule, run_dir: Path, device: torch
     )
 
 
-def run(cfg: TrainConfig) -> dict:
+def run(cfg: RunConfig) -> dict:
     t_start = time.perf_counter()
     run_dir = Path(cfg.output_dir)
     lock.acquire(run_dir)  # the CLI took it before Hydra wrote here; this covers runs started from Python
@@ -253,7 +253,7 @@ def run(cfg: TrainConfig) -> dict:
     return _finish(cfg, model, tokenizer, dm, trainer, before, run_dir, device, fit_seconds, t_start)
 
 
-def _finish(cfg: TrainConfig, model: nn.Module, tokenizer: Any, dm: BambaDataModule, trainer: L.Trainer,
+def _finish(cfg: RunConfig, model: nn.Module, tokenizer: Any, dm: BambaDataModule, trainer: L.Trainer,
             before: dict, run_dir: Path, device: torch.device, fit_seconds: float, t_start: float) -> dict:
     """Save the adapter, evaluate again, write metrics.json and print the closing summary."""
     if cfg.trainer.fast_dev_run:

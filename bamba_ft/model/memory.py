@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.autograd.graph import save_on_cpu, saved_tensors_hooks
 
-from bamba_ft.config.schema import TrainConfig, checkpointing_problem
+from bamba_ft.config.schema import RunConfig, checkpointing_problem
 from bamba_ft.errors import DeviceMemoryError, ModelError
 from bamba_ft.model.families import family_of
 from bamba_ft.ops.loss import causal_lm
@@ -120,7 +120,7 @@ def describe(mode: str, offload: bool) -> str:
     return f"model.gradient_checkpointing={mode}, model.activation_offload={str(offload).lower()}"
 
 
-def out_of_memory_error(cfg: TrainConfig, where: str, batch: tuple[int, int] | None,
+def out_of_memory_error(cfg: RunConfig, where: str, batch: tuple[int, int] | None,
                         error: BaseException) -> DeviceMemoryError:
     """What ran out of memory, under which settings, and the overrides that lower activation memory."""
     m, d = cfg.model, cfg.data

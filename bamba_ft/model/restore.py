@@ -16,7 +16,7 @@ from peft import PeftModel
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from bamba_ft.config.schema import ModelConfig, QuantConfig, TrainConfig
+from bamba_ft.config.schema import ModelConfig, QuantConfig, RunConfig
 from bamba_ft.errors import ModelError
 from bamba_ft.model.build import build_model, load_tokenizer
 from bamba_ft.model.lora import allow_mixer_out_proj, apply_peft, fuse_lora_forward
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 
-def save_run_config(cfg: TrainConfig, run_dir: Path) -> None:
+def save_run_config(cfg: RunConfig, run_dir: Path) -> None:
     tmp = run_dir / f".{RUN_CONFIG}.tmp"
     tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     tmp.replace(run_dir / RUN_CONFIG)
@@ -80,13 +80,13 @@ def _drop_unknown(data: dict, schema: type, prefix: str = "") -> list[str]:
     return dropped
 
 
-def load_run_config(run_dir: Path) -> TrainConfig:
+def load_run_config(run_dir: Path) -> RunConfig:
     data = OmegaConf.to_container(OmegaConf.load(run_dir / RUN_CONFIG))
-    dropped = _drop_unknown(data, TrainConfig)
+    dropped = _drop_unknown(data, RunConfig)
     if dropped:
         log.warning("%s: ignoring keys this bamba_ft version does not know: %s", run_dir / RUN_CONFIG, ", ".join(dropped))
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), data))  # type: ignore[return-value]
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), data))  # type: ignore[return-value]
     except Exception as e:
         raise ModelError(f"{run_dir / RUN_CONFIG} does not describe a bamba_ft run ({e}).") from e
 
@@ -97,13 +97,13 @@ class Source:
 
     model: ModelConfig
     quant: QuantConfig
-    run: TrainConfig | None = None
+    run: RunConfig | None = None
     adapter_dir: Path | None = None
     ckpt: Path | None = None
     description: str = ""
 
 
-def locate(checkpoint: str | None, cfg: TrainConfig) -> Source:
+def locate(checkpoint: str | None, cfg: RunConfig) -> Source:
     """Interpret `checkpoint` (eval.checkpoint / export.checkpoint); None means the configured base model."""
     if checkpoint is None:
         return Source(cfg.model, cfg.quant, description=f"base model {cfg.model.name_or_path}")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bamba_ft.config.schema import TrainConfig
+from bamba_ft.config.schema import RunConfig
 from bamba_ft.model.mixer import stock_forward
 from bamba_ft.model.restore import load_source, locate
 from tests.integration.conftest import cli
@@ -19,7 +19,7 @@ PROMPT = [{"role": "user", "content": "What is 21 plus 21?"}]
 
 
 def adapter_model(run: Path):  # noqa: ANN201
-    return load_source(locate(str(run), TrainConfig()), torch.device("cpu"))
+    return load_source(locate(str(run), RunConfig()), torch.device("cpu"))
 
 
 def test_export_float32_reloads_with_same_logits_and_generations(sft_run: Path, tmp_path: Path) -> None:
@@ -85,7 +85,7 @@ def test_adapter_only_export_loads_with_peft(sft_run: Path, tmp_path: Path) -> N
     cli(["recipe=export", f"export.checkpoint={sft_run}", f"export.output_dir={out}", "export.adapter_only=true",
          f"hydra.run.dir={tmp_path}/log"], cwd=tmp_path)
     assert (out / "adapter_model.safetensors").exists() and (out / "README.md").exists()
-    base, _ = load_source(locate(None, TrainConfig()), torch.device("cpu"))
+    base, _ = load_source(locate(None, RunConfig()), torch.device("cpu"))
     model = PeftModel.from_pretrained(base, str(out)).eval()
     ref, _ = adapter_model(sft_run)
     ids = torch.tensor([[4, 40, 41, 42, 2, 5]])

@@ -15,7 +15,7 @@ from tests.integration.conftest import cli
 def test_greedy_generation_stops_at_eos_after_the_default_training(tmp_path: Path) -> None:
     from transformers import AutoTokenizer, GenerationConfig
 
-    from bamba_ft.config.schema import TrainConfig
+    from bamba_ft.config.schema import RunConfig
     from bamba_ft.data.builtin import generate_sft
     from bamba_ft.model.restore import load_source, locate
     from bamba_ft.ops.loss import causal_lm
@@ -29,7 +29,7 @@ def test_greedy_generation_stops_at_eos_after_the_default_training(tmp_path: Pat
     generation = GenerationConfig.from_pretrained(adapter)
     eos = tokenizer.convert_tokens_to_ids("<|end|>")
     assert generation.eos_token_id == tokenizer.eos_token_id == eos
-    model, _ = load_source(locate(str(run), TrainConfig()), torch.device("cpu"))
+    model, _ = load_source(locate(str(run), RunConfig()), torch.device("cpu"))
     lm = causal_lm(model)
     limit = 32
     for example in generate_sft(16, seed=7, validation=True):

@@ -13,15 +13,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bamba_ft.config.schema import DataConfig, TrainConfig
+from bamba_ft.config.schema import DataConfig, RunConfig
 from bamba_ft.jobs import train
 from bamba_ft.jobs.callbacks import GracefulStop
 from tests.integration.conftest import ROOT, cli
 
 
-def small_run(out: Path, resume: str | None = None, steps: int = 10) -> TrainConfig:
+def small_run(out: Path, resume: str | None = None, steps: int = 10) -> RunConfig:
     """4 batches per epoch, so 10 steps cross two epoch boundaries."""
-    cfg = TrainConfig(output_dir=str(out))
+    cfg = RunConfig(output_dir=str(out))
     cfg.trainer.accelerator = "cpu"
     cfg.trainer.max_steps = steps
     cfg.trainer.val_check_interval = 3

@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from bamba_ft.config.schema import BenchConfig, ModelConfig, PeftConfig, TrainConfig, validate
+from bamba_ft.config.schema import BenchConfig, ModelConfig, PeftConfig, RunConfig, validate
 from bamba_ft.errors import ConfigError
 from bamba_ft.jobs import bench, bench_report, bench_sweeps
 from bamba_ft.jobs.bench_sweeps import budget_steps
@@ -256,7 +256,7 @@ def test_token_budget_table_and_bests() -> None:
     ("token_budgets", [4096, 0], "bench.token_budgets=\\[4096, 0\\]"),
 ])
 def test_bench_keys_are_checked(key: str, value: object, message: str) -> None:
-    cfg = TrainConfig()
+    cfg = RunConfig()
     setattr(cfg.bench, key, value)
     with pytest.raises(ConfigError, match=message):
         validate(cfg)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bamba_ft.config.schema import TrainConfig
+from bamba_ft.config.schema import RunConfig
 from bamba_ft.errors import ConfigError, ModelError
 from bamba_ft.jobs import lock
 from bamba_ft.jobs.checkpoints import (
@@ -82,8 +82,8 @@ def test_a_named_broken_checkpoint_file_is_refused_with_its_name(tmp_path: Path)
 
 
 def test_config_changes_apply_optim_and_refuse_shape_keys() -> None:
-    old = asdict(TrainConfig())
-    new = TrainConfig()
+    old = asdict(RunConfig())
+    new = RunConfig()
     new.optim.lr = 1e-3
     new.trainer.max_steps = 900
     new.peft.r = 8
@@ -96,10 +96,10 @@ def test_config_changes_apply_optim_and_refuse_shape_keys() -> None:
 
 
 def test_keys_added_since_a_checkpoint_count_as_their_default() -> None:
-    old = asdict(TrainConfig())
+    old = asdict(RunConfig())
     del old["data"]["overlong_stride"], old["data"]["sources"]  # a run of a version without these keys
-    assert config_changes(old, TrainConfig()) == ([], [])
-    new = TrainConfig()
+    assert config_changes(old, RunConfig()) == ([], [])
+    new = RunConfig()
     new.data.overlong_stride = 8
     assert config_changes(old, new) == ([], ["data.overlong_stride: 0 -> 8"])
 
@@ -107,8 +107,8 @@ def test_keys_added_since_a_checkpoint_count_as_their_default() -> None:
 def test_check_resume_config_reads_the_checkpoint_and_refuses(tmp_path: Path) -> None:
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     ckpt.parent.mkdir(parents=True)
-    torch.save({"global_step": 3, "bamba_ft_config": asdict(TrainConfig())}, ckpt)
-    cfg = TrainConfig()
+    torch.save({"global_step": 3, "bamba_ft_config": asdict(RunConfig())}, ckpt)
+    cfg = RunConfig()
     cfg.peft.r = 8
     with pytest.raises(ConfigError, match=r"(?s)peft\.r: 16 -> 8.*Fix: drop these overrides"):
         check_resume_config(ckpt, cfg)

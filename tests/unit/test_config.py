@@ -10,8 +10,8 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf.errors import ConfigKeyError
 
-from bamba_ft.config.overrides import check_overrides, to_train_config
-from bamba_ft.config.schema import TASK_JOBS, TrainConfig, validate
+from bamba_ft.config.overrides import check_overrides, to_run_config
+from bamba_ft.config.schema import TASK_JOBS, RunConfig, validate
 from bamba_ft.config.store import config_dirs, recipe_names, register_configs
 from bamba_ft.errors import ConfigError
 
@@ -19,11 +19,11 @@ CONF, RECIPES = config_dirs()
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
 
 
-def composed(overrides: list[str]) -> TrainConfig:
+def composed(overrides: list[str]) -> RunConfig:
     register_configs()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=["output_dir=/tmp/bamba_ft_test", *overrides])
-    return to_train_config(cfg)
+    return to_run_config(cfg)
 
 
 def test_default_is_sft_on_the_builtin_task() -> None:
@@ -75,7 +75,7 @@ def test_plus_key_is_caught_after_composition() -> None:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=["output_dir=/tmp/x", "+peft.rr=8"])
     with pytest.raises(ConfigError, match=r"peft.rr: 'rr' is not a key of peft"):
-        to_train_config(cfg)
+        to_run_config(cfg)
 
 
 def test_typo_in_a_yaml_file_fails(tmp_path: Path) -> None:
@@ -91,7 +91,7 @@ def test_typo_in_a_yaml_file_fails(tmp_path: Path) -> None:
 
 
 def test_bad_values_gathered_into_one_error() -> None:
-    cfg = TrainConfig()
+    cfg = RunConfig()
     cfg.quant.method = "nf5"
     cfg.peft.r = 0
     cfg.data.max_tokens_per_batch = 100

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from bamba_ft.config.schema import TrainConfig
+from bamba_ft.config.schema import RunConfig
 from bamba_ft.config.store import config_dirs
 from tests.unit.test_config import composed
 
@@ -36,14 +36,14 @@ def _option_files() -> list[tuple[str, Path]]:
 def test_option_files_do_not_restate_schema_defaults(group: str, path: Path) -> None:
     text = path.read_text()
     package = "" if not group or "@package _global_" in text else f"{group}."
-    defaults = _flat(asdict(TrainConfig()))
+    defaults = _flat(asdict(RunConfig()))
     restated = [f"{package}{k}" for k, v in _flat(OmegaConf.to_container(OmegaConf.create(text))).items()
                 if f"{package}{k}" not in IDENTITY and f"{package}{k}" in defaults and defaults[f"{package}{k}"] == v]
     assert not restated, f"{path.name} restates schema defaults (drop them): {restated}"
 
 
 def test_default_run_is_the_schema_plus_the_builtin_task() -> None:
-    """`python -m bamba_ft` with no arguments == TrainConfig() overlaid with conf/data/builtin.yaml, nothing else."""
-    expected = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(CONF / "data" / "builtin.yaml"))
+    """`python -m bamba_ft` with no arguments == RunConfig() overlaid with conf/data/builtin.yaml, nothing else."""
+    expected = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(CONF / "data" / "builtin.yaml"))
     expected.output_dir = "/tmp/bamba_ft_test"
     assert asdict(composed([])) == asdict(OmegaConf.to_object(expected))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from bamba_ft.config.schema import BenchConfig, ModelConfig, TrainConfig, validate
+from bamba_ft.config.schema import BenchConfig, ModelConfig, RunConfig, validate
 from bamba_ft.data.packing import collate_packed
 from bamba_ft.errors import ConfigError
 from bamba_ft.model import memory
@@ -75,14 +75,14 @@ def test_old_boolean_settings_read_as_all_or_none(given: object, canonical: str)
 
 @pytest.mark.parametrize("bad", ["sometimes", "every-0", "every-x", "every2", "Mamba", "2"])
 def test_bad_checkpointing_form_names_the_key_and_the_forms(bad: str) -> None:
-    cfg = TrainConfig(model=ModelConfig(gradient_checkpointing=bad))
+    cfg = RunConfig(model=ModelConfig(gradient_checkpointing=bad))
     with pytest.raises(ConfigError, match=r"model.gradient_checkpointing=.* Valid: none, all, mamba, attention, every-K"):
         validate(cfg)
 
 
 @pytest.mark.parametrize("bad", ["all+offlaod", "sometimes+offload", "every-0"])
 def test_bad_bench_memory_mode_names_the_key(bad: str) -> None:
-    cfg = TrainConfig(bench=BenchConfig(memory_modes=["all", bad]))
+    cfg = RunConfig(bench=BenchConfig(memory_modes=["all", bad]))
     with pytest.raises(ConfigError, match=r"bench.memory_modes"):
         validate(cfg)
     validate(replace(cfg, bench=BenchConfig(memory_modes=["none", "mamba+offload", "every-3", "all+offload"])))
@@ -193,17 +193,17 @@ def test_memory_settings_apply_on_resume_and_old_boolean_is_no_change() -> None:
 
     from bamba_ft.jobs.checkpoints import config_changes
 
-    old = asdict(TrainConfig())
+    old = asdict(RunConfig())
     old["model"]["gradient_checkpointing"] = True  # what runs saved before the setting named layers
-    applied, refused = config_changes(old, TrainConfig(model=ModelConfig(gradient_checkpointing="all")))
+    applied, refused = config_changes(old, RunConfig(model=ModelConfig(gradient_checkpointing="all")))
     assert not refused and not any("gradient_checkpointing" in c for c in applied)
-    new = TrainConfig(model=ModelConfig(gradient_checkpointing="mamba", activation_offload=True))
+    new = RunConfig(model=ModelConfig(gradient_checkpointing="mamba", activation_offload=True))
     applied, refused = config_changes(old, new)
     assert not refused and len(applied) == 2
 
 
 def test_offload_with_fsdp_is_refused() -> None:
-    cfg = TrainConfig(model=ModelConfig(activation_offload=True))
+    cfg = RunConfig(model=ModelConfig(activation_offload=True))
     cfg.trainer.strategy = "fsdp"
     with pytest.raises(ConfigError, match=r"model.activation_offload=true with trainer.strategy=fsdp"):
         validate(cfg)
@@ -232,7 +232,7 @@ def test_offload_moves_checkpointed_inputs_to_pinned_host_memory(monkeypatch: py
 
 
 def test_out_of_memory_message_names_batch_mode_and_fixes() -> None:
-    cfg = TrainConfig(model=ModelConfig(gradient_checkpointing="mamba"))
+    cfg = RunConfig(model=ModelConfig(gradient_checkpointing="mamba"))
     e = memory.out_of_memory_error(cfg, "the first training step", (8192, 8000), torch.OutOfMemoryError("CUDA out of memory."))
     text = str(e)
     assert "out of memory in the first training step (CUDA out of memory.)" in text
@@ -240,7 +240,7 @@ def test_out_of_memory_message_names_batch_mode_and_fixes() -> None:
     assert "model.gradient_checkpointing=mamba, model.activation_offload=false" in text
     assert "model.gradient_checkpointing=all " in text and "model.activation_offload=true " in text
     assert "data.max_tokens_per_batch=2048" in text
-    done = TrainConfig(model=ModelConfig(gradient_checkpointing="all", activation_offload=True))
+    done = RunConfig(model=ModelConfig(gradient_checkpointing="all", activation_offload=True))
     text = str(memory.out_of_memory_error(done, "x", None, RuntimeError("oom")))
     assert "model.gradient_checkpointing=all " not in text and "model.activation_offload=true " not in text
 

@@ -143,10 +143,10 @@ def test_gradient_check_names_bypassed_module() -> None:
 
 
 def test_packing_refused_on_stock_mixer(tmp_path) -> None:  # noqa: ANN001
-    from bamba_ft.config.schema import TrainConfig
+    from bamba_ft.config.schema import RunConfig
     from bamba_ft.jobs import train
 
-    cfg = TrainConfig(output_dir=str(tmp_path))
+    cfg = RunConfig(output_dir=str(tmp_path))
     cfg.model.mixer, cfg.model.init, cfg.model.shape = "hf", "random", "tiny"
     cfg.data = DataConfig(builtin_train_examples=8, builtin_val_examples=4)
     cfg.trainer.accelerator = "cpu"

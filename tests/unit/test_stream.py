@@ -12,7 +12,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-from bamba_ft.config.schema import DataConfig, SourceConfig, TrainConfig, validate
+from bamba_ft.config.schema import DataConfig, RunConfig, SourceConfig, validate
 from bamba_ft.data.builtin import generate_pretrain, generate_sft
 from bamba_ft.data.load import load_stream
 from bamba_ft.data.module import BambaDataModule
@@ -168,7 +168,7 @@ def test_stream_mixes_sources_by_weight(builtin_tokenizer, files: dict[str, str]
 
 
 def test_streaming_config_errors() -> None:
-    cfg = TrainConfig()
+    cfg = RunConfig()
     cfg.data.streaming, cfg.trainer.max_steps, cfg.trainer.max_epochs = True, -1, 2
     cfg.data.num_workers = 2
     with pytest.raises(ConfigError, match=r"(?s)trainer.max_steps=-1.*set trainer.max_steps=N.*data.num_workers=2"):
@@ -182,9 +182,9 @@ def test_hub_stream_offline_says_to_use_a_local_copy(monkeypatch: pytest.MonkeyP
 
 
 def test_resume_refuses_a_changed_stream_head() -> None:
-    old = TrainConfig()
+    old = RunConfig()
     old.data.streaming = True
-    new = TrainConfig()
+    new = RunConfig()
     new.data.streaming, new.data.max_val_examples = True, 10
     applied, refused = config_changes(asdict(old), new)
     assert refused == ["data.max_val_examples: 1000 -> 10"] and not applied
