@@ -85,11 +85,33 @@ class GracefulStop(L.Callback):
             for s, h in previous.items():
                 signal.signal(s, h)
 
+    def _stop_here(self, trainer: L.Trainer, sigterm_only: bool = False) -> None:
+        """Save `interrupted.ckpt` and stop, if a stop was asked for and the state is at an optimizer step."""
+        asked = trainer.received_sigterm or (self.requested is not None and not sigterm_only)
+        if not asked or self.stopped_at is not None or trainer.sanity_checking:
+            return
+        if trainer.fit_loop.epoch_loop.batch_progress.current.processed % trainer.accumulate_grad_batches:
+            return  # half-accumulated gradient: wait for the step
+        self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(self.ckpt_path, weights_only=False)
+        self.stopped_at = trainer.global_step
+        trainer.should_stop = True
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         stepped = trainer.global_step != self._last_step
         self._last_step = trainer.global_step
-        if (self.requested or trainer.received_sigterm) and stepped and self.stopped_at is None:
-            self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-            trainer.save_checkpoint(self.ckpt_path, weights_only=False)
-            self.stopped_at = trainer.global_step
-            trainer.should_stop = True
+        if stepped:
+            self._stop_here(trainer)
+
+    # Lightning ends a fit on SIGTERM at its next check, which may come during validation or at an epoch's end,
+    # before another training batch ends: the state there is the last optimizer step's, so save it there too.
+    def on_validation_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.state.fn == "fit":
+            self._stop_here(trainer, sigterm_only=True)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit":
+            self._stop_here(trainer, sigterm_only=True)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_here(trainer, sigterm_only=True)

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -233,9 +234,12 @@ def run(cfg: RunConfig) -> dict:
         try:
             trainer.fit(lit, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
         except SIGTERMException:
-            # Lightning ends the fit after the batch on which SIGTERM arrived; GracefulStop saved it already.
+            # Lightning ends the fit at its next check after SIGTERM; GracefulStop saved the step it reached. If it
+            # could not (a stop before the first step), say so instead of exiting 0 as SIGTERMException would.
             if stopper.stopped_at is None:
-                raise
+                print(f"\nstopped by SIGTERM before an optimizer step could be saved; nothing new since "
+                      f"{RunDir(run_dir).checkpoints}.", file=sys.stderr)
+                return {"stopped_at": None, "signal": "SIGTERM"}
     fit_seconds = time.perf_counter() - t_fit
     last = RunDir(run_dir).last_ckpt
     if stopper.stopped_at is None and not cfg.trainer.fast_dev_run and _saved_step(last) != trainer.global_step:

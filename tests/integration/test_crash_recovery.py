@@ -177,3 +177,21 @@ def test_a_full_disk_at_the_adapter_save_names_the_recovery(tmp_path: Path, monk
         train.run(cfg)
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
     assert not (tmp_path / "run" / "adapter").exists() and not (tmp_path / "run" / ".adapter.partial").exists()
+
+
+def test_sigterm_during_validation_saves_the_step_and_reports_the_stop(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning ends a fit at its next check after SIGTERM, here inside validation, before another training batch
+    ends; the run must still save its step and report a stop (it used to exit 0 without a checkpoint)."""
+    from bamba_ft.jobs.callbacks import GracefulStop
+
+    def sigterm_in_validation(self, trainer, *args):  # noqa: ANN001, ANN202
+        if trainer.global_step == 3:
+            trainer._signal_connector.received_sigterm = True
+
+    monkeypatch.setattr(GracefulStop, "on_validation_batch_start", sigterm_in_validation, raising=False)
+    cfg = small_run(tmp_path / "run", steps=6)  # validation after step 3
+    result = train.run(cfg)
+    assert result == {"stopped_at": 3, "signal": "SIGTERM"}
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "interrupted.ckpt", map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 3
