@@ -157,9 +157,11 @@ def build_model(cfg: ModelConfig, quant: QuantConfig, device: torch.device) -> n
     backend = install_mixer(model, cfg.mixer, cuda_graphs=cfg.cuda_graphs)
     chosen = apply_checkpointing(model, cfg.gradient_checkpointing)
     params = sum(p.numel() for p in model.parameters())
+    # a random model with a named shape is that shape, whatever name_or_path (the tokenizer's source) says
+    named = f"{cfg.shape} shape" if cfg.init == "random" and cfg.shape else cfg.name_or_path
     log.info(
         "model: %s (%s, %.1fM parameters, %s, attention %s, mixer backend %s; %d of %d layers checkpointed%s)",
-        cfg.name_or_path, "random init" if cfg.init == "random" else "pretrained", params / 1e6,
+        named, "random init" if cfg.init == "random" else "pretrained", params / 1e6,
         str(dtype).removeprefix("torch."), attn, backend, len(chosen), config.num_hidden_layers,
         ", activations offloaded to host memory" if cfg.activation_offload else "",
     )
