@@ -334,9 +334,10 @@ def sync_device(device: torch.device) -> None:
 
 
 def _adapter_coverage(model: nn.Module) -> tuple[int, int]:
-    """(adapted modules whose lora_B got a non-zero gradient, adapted modules)."""
+    """(adapted modules whose lora_B got a finite, non-zero gradient, adapted modules)."""
     bs = [p for n, p in model.named_parameters() if "lora_B" in n]
-    return sum(1 for p in bs if p.grad is not None and bool(p.grad.abs().max() > 0)), len(bs)
+    return sum(1 for p in bs if p.grad is not None and bool(torch.isfinite(p.grad).all())
+               and bool(p.grad.abs().max() > 0)), len(bs)
 
 
 def schedule(b: BenchConfig) -> list[tuple[str, int, bool, str]]:

@@ -295,3 +295,15 @@ def test_seq_scaling_runs_each_memory_mode_on_one_model_and_stops_a_mode_at_out_
                                 "seq_scaling": rows, "longest_trained": longest})
     assert "| bamba_ft | every-2 | 32 | OOM |  |" in md
     assert "longest sequence trained: bamba_ft none 16, bamba_ft every-2 16, bamba_ft all+offload 32" in md
+
+
+def test_adapter_coverage_counts_only_finite_nonzero_gradients():
+    # a NaN or infinite gradient is a broken adapter, not a training one
+    model = torch.nn.Module()
+    grads = {"a": [0.5, 0.0], "b": [0.0, 0.0], "c": [float("nan"), 1.0], "d": [float("inf"), 1.0], "e": None}
+    for name, g in grads.items():
+        p = torch.nn.Parameter(torch.zeros(2))
+        p.grad = None if g is None else torch.tensor(g)
+        model.register_parameter(f"{name}_lora_B", p)
+    model.register_parameter("x_lora_A", torch.nn.Parameter(torch.ones(2)))
+    assert bench._adapter_coverage(model) == (1, 5)
