@@ -34,8 +34,9 @@ from bamba_ft.jobs.runtime import autocast_for, to_device
 from bamba_ft.model.build import build_model
 from bamba_ft.model.lora import apply_peft
 from bamba_ft.model.memory import activation_memory, apply_checkpointing
+from bamba_ft.model.objective import mean_loss
 from bamba_ft.model.quant import base_weight_bytes
-from bamba_ft.ops.loss import causal_lm, mean_loss
+from bamba_ft.ops.loss import causal_lm
 
 OOM = "OOM"
 MAX_REDRAWS = 100  # a step whose packed length the run has seen is drawn again at most this often
