@@ -14,7 +14,7 @@ from bamba_ft.config.schema import OptimConfig
 from bamba_ft.errors import ModelError
 from bamba_ft.faults import raise_point
 from bamba_ft.model.memory import activation_memory
-from bamba_ft.ops.loss import loss_sum_and_count
+from bamba_ft.model.objective import loss_sum_and_count
 
 
 def lr_lambda(step: int, warmup: int, total: int, schedule: str, floor: float) -> float:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
-from bamba_ft.data.templates import resolve_chat_template
-from bamba_ft.errors import ConfigError, Problems, not_an_option
+from bamba_ft.errors import Problems, not_an_option, suggest
 
 INT32_MAX = 2**31 - 1
 DEFAULT_LORA_TARGETS = ["in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj"]
@@ -425,6 +425,27 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+# The chat-template presets `data.chat_template` may name; their Jinja lives with the data code (data/templates.py).
+CHAT_TEMPLATE_PRESETS = ("bamba_ft", "chatml")
+
+
+def is_inline_template(value: str) -> bool:
+    return "{{" in value or "{%" in value
+
+
+def chat_template_problem(value: str, key: str = "data.chat_template") -> str | None:
+    """None if `value` is inline Jinja, a preset name or an existing file; else what is wrong and the fix."""
+    path = Path(value).expanduser()
+    if is_inline_template(value) or value in CHAT_TEMPLATE_PRESETS or path.is_file():
+        return None
+    presets = ", ".join(CHAT_TEMPLATE_PRESETS)
+    if path.suffix or "/" in value or "\\" in value:
+        return (f"{key}={value}: no such file. Fix: give the path of a Jinja template file, inline Jinja, or a "
+                f"preset ({presets}).")
+    return (f"{key}={value!r} is neither a preset nor a file nor a Jinja template."
+            f"{suggest(value, CHAT_TEMPLATE_PRESETS)} Presets: {presets}.")
+
+
 CHECKPOINT_FORMS = "none, all, mamba, attention, every-K (K >= 1; every-2: layers 0, 2, 4, ...)"
 _BOOLS = {"true": "all", "false": "none"}
 
@@ -494,11 +515,8 @@ def validate(cfg: RunConfig) -> None:
                      "or raise data.max_seq_len.")
     _check_sources(cfg.data, problems)
     _check_streaming(cfg, problems)
-    if cfg.data.chat_template:
-        try:
-            resolve_chat_template(cfg.data.chat_template)
-        except ConfigError as e:
-            problems.items.extend(e.problems)
+    if cfg.data.chat_template and (problem := chat_template_problem(cfg.data.chat_template)):
+        problems.add(problem)
     if cfg.trainer.max_steps <= 0 and not (cfg.trainer.max_steps == -1 and cfg.trainer.max_epochs):
         problems.add(
             f"trainer.max_steps={cfg.trainer.max_steps}: give a positive number of steps, "

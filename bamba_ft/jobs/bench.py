@@ -1,343 +1,40 @@
 """`task=bench`: the stock transformers paths against bamba_ft's, on the same batches, in one process.
 
-Variants (bench.variants):
-- hf_padded: transformers + peft, padded batches, transformers' loss (what a stock-stack user runs);
-- hf_padfree: transformers' own padding-free path (DataCollatorWithFlattening keys; its kernels when installed);
-- hf_padfree_no_cudnn: the same with torch's cuDNN attention backend excluded (sdpa_kernel), which builds an
-  execution plan for every new sequence shape;
-- bamba_ft: bamba_ft's mixer, fused MLP, norms and LoRA, packed attention and chunked loss;
-- bamba_ft_graphs: the same with the mixer's conv+scan replayed as CUDA graphs (`model.cuda_graphs=true`);
-- bamba_ft_padded: the same on hf_padded's padded batches (same work as hf_padded, to compare the paths);
-- bamba_ft_nf4 / bamba_ft_int8: the same on a torchao-quantized base (QLoRA).
-Each variant runs under every `bench.memory_modes` entry (a model.gradient_checkpointing form, optionally
-`+offload`); a built model serves every mode, which switches its layers' checkpointing and the offload hooks.
+The variants (bench.variants), the batches they share and one measurement live in bench_variants.py. Each
+variant runs under every `bench.memory_modes` entry, and a built model serves every mode.
 `bench.repeats` measures every variant again after the others (interleaved), each run on fresh batches, and
 reuses the built models; `bench.rehearse` may list both warm-up regimes. Sweeps live in bench_sweeps.py and the
 report (medians, ranges, ratios, the Headline line) in bench_report.py.
-Model FLOPs per token: 4 x (weights of all Linear layers): forward 2N plus input gradients 2N; LoRA's own
-FLOPs, attention scores and the SSD scan are left out, so MFU here is a lower bound.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import json
 import logging
-import math
-import statistics
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from bamba_ft.config.schema import (
-    BenchConfig,
-    Mixer,
-    ModelConfig,
-    PeftConfig,
-    QuantConfig,
-    RunConfig,
-    rehearse_settings,
-)
-from bamba_ft.data.packing import collate_packed, collate_padded
+from bamba_ft.config.schema import BenchConfig, ModelConfig, PeftConfig, RunConfig, rehearse_settings
 from bamba_ft.errors import ConfigError, suggest
+from bamba_ft.jobs import bench_sweeps as sweeps
+from bamba_ft.jobs.bench_variants import (
+    VARIANTS,
+    Variant,
+    build_variant,
+    guarded,
+    make_steps,
+    measure_into,
+    release,
+)
 from bamba_ft.jobs.report import atomic_write_json, atomic_write_text
-from bamba_ft.jobs.runtime import autocast_for, choose_device, to_device
-from bamba_ft.model.build import build_model
-from bamba_ft.model.lora import apply_peft
-from bamba_ft.model.memory import activation_memory, apply_checkpointing
-from bamba_ft.model.quant import base_weight_bytes
+from bamba_ft.jobs.runtime import choose_device
 from bamba_ft.model.shapes import SHAPES
-from bamba_ft.ops.loss import causal_lm, mean_loss
 
 log = logging.getLogger(__name__)
-OOM = "OOM"
-MAX_REDRAWS = 100  # a step whose packed length the run has seen is drawn again at most this often
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}  # vendor datasheets, dense bf16
-
-
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    stock: bool  # transformers' mixer, attention (sdpa) and loss
-    packed: bool
-    quant: str = "none"
-    memory: str = "none"  # a bench.memory_modes entry: checkpointing form [+offload]
-    graphs: bool = False  # bamba_ft's conv+scan replayed as CUDA graphs
-    cudnn_attention: bool = True  # False: torch's SDPA may not pick cuDNN (which plans each new shape)
-
-
-VARIANTS = {
-    "hf_padded": Variant("hf_padded", stock=True, packed=False),
-    "hf_padfree": Variant("hf_padfree", stock=True, packed=True),
-    "hf_padfree_no_cudnn": Variant("hf_padfree_no_cudnn", stock=True, packed=True, cudnn_attention=False),
-    "bamba_ft": Variant("bamba_ft", stock=False, packed=True),
-    "bamba_ft_graphs": Variant("bamba_ft_graphs", stock=False, packed=True, graphs=True),
-    "bamba_ft_padded": Variant("bamba_ft_padded", stock=False, packed=False),
-    "bamba_ft_nf4": Variant("bamba_ft_nf4", stock=False, packed=True, quant="nf4"),
-    "bamba_ft_int8": Variant("bamba_ft_int8", stock=False, packed=True, quant="int8"),
-}
-
-
-def split_mode(mode: str) -> tuple[str, bool]:
-    """`all+offload` -> ("all", True): (model.gradient_checkpointing, model.activation_offload)."""
-    form, _, offload = mode.partition("+")
-    return form, offload == "offload"
-
-
-def sample_lengths(b: BenchConfig, n: int, seed: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    if b.workload == "fixed":
-        return [b.median_len] * n
-    # lognormal with the given median; sigma 0.8 gives an SFT-like spread (p10 ~ 0.36x, p90 ~ 2.8x the median)
-    z = torch.randn(n, generator=g, dtype=torch.float64)
-    return [int(min(b.max_len, max(8, round(b.median_len * math.exp(0.8 * float(v)))))) for v in z]
-
-
-def make_steps(b: BenchConfig, vocab: int, seed: int, seen: set[int] | None = None) -> list[list[list[int]]]:
-    """Warm-up plus timed steps, each `seqs_per_step` sequences of random token ids (same for every variant).
-
-    With `seen` (the packed lengths a run has used so far; updated), a lognormal step whose packed length is in
-    it is drawn again, so that repeated runs in one process keep meeting shapes they have not run before.
-    """
-    n_steps, k = b.warmup_steps + b.steps, b.seqs_per_step
-    lengths = sample_lengths(b, n_steps * k, seed)
-    per_step = [lengths[i * k : (i + 1) * k] for i in range(n_steps)]
-    if seen is not None and b.workload != "fixed":
-        for i in range(n_steps):
-            for attempt in range(1, MAX_REDRAWS + 1):
-                if sum(per_step[i]) not in seen:
-                    break
-                per_step[i] = sample_lengths(b, k, seed + 7919 * attempt + i)
-            seen.add(sum(per_step[i]))
-    return random_tokens(per_step, vocab, seed + 1)
-
-
-def random_tokens(per_step: list[list[int]], vocab: int, seed: int) -> list[list[list[int]]]:
-    g = torch.Generator().manual_seed(seed)
-    return [[torch.randint(3, vocab, (n,), generator=g).tolist() for n in step] for step in per_step]
-
-
-def to_batch(seqs: list[list[int]], packed: bool, stock: bool) -> dict:
-    examples = [{"input_ids": s, "labels": [-100] + s[1:]} for s in seqs]
-    if not packed:
-        return collate_padded(examples, pad_id=0)
-    batch = collate_packed(examples)
-    if stock:  # transformers' padding-free keys (DataCollatorWithFlattening): the same set
-        batch = {k: batch[k] for k in ("input_ids", "labels", "position_ids", "seq_idx", "cu_seq_lens_q",
-                                       "cu_seq_lens_k", "max_length_q", "max_length_k")}
-    return batch
-
-
-def linear_weights(model: nn.Module) -> int:
-    """Weights of the base model's Linear layers (LoRA's own A and B excluded)."""
-    return sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, nn.Linear) and "lora_" not in n)
-
-
-def _peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-
-
-def _stock_loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    return model(**batch, use_cache=False).loss
-
-
-def _profile(model: nn.Module, loss_fn, batch: dict, opt: torch.optim.Optimizer, device: torch.device,  # noqa: ANN001
-             path: Path, offload: bool) -> str:
-    """Two profiled training steps; the per-kernel table (sorted by device time) goes to `path`."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sync_device(device)
-    with profile(activities=activities) as prof:
-        t0 = time.perf_counter()
-        for _ in range(2):
-            with autocast_for(causal_lm(model), device), activation_memory(model, offload):
-                loss = loss_fn(model, batch)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        sync_device(device)
-        wall = (time.perf_counter() - t0) / 2
-    averages = prof.key_averages()
-    # kernel rows only: operator rows repeat the time of the kernels they launched
-    kernels = sum(e.self_device_time_total for e in averages if e.device_type == DeviceType.CUDA) / 2e3  # ms/step
-    cpu = sum(e.self_cpu_time_total for e in averages) / 2e3
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    head = (f"per step (profiled, so slower than measured): wall {1e3 * wall:.1f} ms, device kernels {kernels:.1f} ms "
-            f"(busy {100 * kernels / (1e3 * wall):.0f}%), host ops {cpu:.1f} ms\n\n")
-    path.write_text(head + averages.table(sort_by=key, row_limit=60, max_name_column_width=90))
-    return str(path)
-
-
-def build_variant(v: Variant, model_cfg: ModelConfig, peft_cfg: PeftConfig, device: torch.device,
-                  seed: int) -> dict:
-    """{"model": the model of variant `v` with its adapters, in train mode, plus what loading it measured}."""
-    before = 0
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)  # models of other variants kept for later repeats
-    form, offload = split_mode(v.memory)
-    mcfg = replace(model_cfg, mixer=Mixer.HF.value if v.stock else Mixer.AUTO.value,
-                   attn_implementation="sdpa" if v.stock else "auto", gradient_checkpointing=form,
-                   activation_offload=offload, cuda_graphs=v.graphs)
-    torch.manual_seed(seed)
-    model = build_model(mcfg, QuantConfig(method=v.quant), device)
-    model = apply_peft(model, peft_cfg, fused=not v.stock)
-    model.train()
-    loaded = {"model": model, "base_weight_gib": base_weight_bytes(model) / 2**30}
-    if device.type == "cuda":  # quantized bases are built layer by layer: this stays near the quantized size
-        loaded["load_peak_gib"] = (torch.cuda.max_memory_allocated(device) - before) / 2**30
-        loaded["resident_bytes"] = torch.cuda.memory_allocated(device) - before
-    return loaded
-
-
-def measure(v: Variant, model: nn.Module, steps: list, b: BenchConfig, device: torch.device,
-            out_dir: Path = Path("."), resident_bytes: int | None = None) -> dict:
-    """Train `model` on `steps` (a fresh optimizer) under `v.memory`; step time, tokens/s, peak memory and adapter
-    coverage.
-
-    `resident_bytes`: what the model itself holds on the device; memory held by other models kept for later
-    repeats is then left out of the peak, so it reads as in a process holding this model alone.
-    """
-    result: dict = {}
-    others = 0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        start = torch.cuda.memory_allocated(device)
-        others = start - (start if resident_bytes is None else resident_bytes)
-    form, offload = split_mode(v.memory)
-    apply_checkpointing(model, form)  # the model may have served another memory mode before
-    n_linear = linear_weights(causal_lm(model))
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
-    loss_fn = _stock_loss if v.stock else mean_loss
-    times, tokens = [], []
-    untimed = b.warmup_steps + (b.steps if b.rehearse else 0)
-    if b.rehearse:  # the timed batches once more, untimed, before they are timed
-        steps = steps[: b.warmup_steps] + steps[b.warmup_steps :] * 2
-    for i, seqs in enumerate(steps):
-        batch = to_device(to_batch(seqs, v.packed, v.stock), device)
-        sync_device(device)
-        t0 = time.perf_counter()
-        with autocast_for(causal_lm(model), device), activation_memory(model, offload):
-            loss = loss_fn(model, batch)
-        loss.backward()
-        if i == 0:
-            result["adapters_with_grad"], result["adapters"] = _adapter_coverage(model)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync_device(device)
-        if i >= untimed:
-            times.append(time.perf_counter() - t0)
-            tokens.append(sum(len(s) for s in seqs))
-        if not math.isfinite(float(loss.detach())):
-            raise RuntimeError(f"non-finite loss at step {i}")
-    if b.profile:
-        result["profile"] = _profile(model, loss_fn, to_device(to_batch(steps[-1], v.packed, v.stock), device),
-                                     opt, device, out_dir / f"profile_{v.name}{_suffix(v.memory)}.txt", offload)
-    step = statistics.median(times)
-    tps = statistics.median(t / s for t, s in zip(tokens, times))
-    result.update(step_ms=1000 * step, tokens_per_sec=tps, tokens_per_step=statistics.mean(tokens),
-                  final_loss=float(loss.detach()), linear_params=n_linear)
-    peak = _peak_flops(device)
-    if peak:
-        result["mfu"] = 4 * n_linear * tps / peak
-    if device.type == "cuda":
-        result["peak_gib"] = (torch.cuda.max_memory_allocated(device) - others) / 2**30
-        if offload and hasattr(torch.cuda.memory, "host_memory_stats"):  # pinned host memory the offload held
-            result["host_pinned_gib"] = torch.cuda.memory.host_memory_stats().get("allocated_bytes.current", 0) / 2**30
-    del opt
-    return result
-
-
-def _suffix(mode: str) -> str:
-    return "" if mode == "none" else "_" + mode.replace("+", "_")
-
-
-def guarded(result: dict, fn, *args) -> dict:  # noqa: ANN001, ANN002
-    """`fn(*args)`'s measurements added to `result`, or the error it hit (a path that cannot run here is a result).
-
-    Out of memory is recorded as OOM; leaving the handler drops the traceback and the activations it held.
-    """
-    try:
-        result.update(fn(*args))
-    except torch.OutOfMemoryError:
-        result["error"] = OOM
-    except Exception as e:
-        result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    return result
-
-
-def release(device: torch.device, collect: bool = True) -> None:
-    """Give cached device memory back; `collect` first frees what only a full collection finds (dropped models,
-    an error's traceback), at about 0.5 s of host time with transformers loaded."""
-    if collect:
-        gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        # Pinned blocks that offload left cached are sized per length (rounded up to a power of two) and not
-        # reused by longer rows: without this a sweep to 262k tokens would hold ~120 GiB of host memory.
-        # torch names the call differently across versions; none available leaves the cache as it is.
-        for name in ("_accelerator_emptyHostCache", "_host_emptyCache"):
-            if hasattr(torch._C, name):
-                getattr(torch._C, name)()
-                break
-
-
-def run_variant(v: Variant, model_cfg: ModelConfig, peft_cfg: PeftConfig, steps: list, b: BenchConfig,
-                device: torch.device, seed: int, out_dir: Path = Path(".")) -> dict:
-    """Build the model for `v`, run the steps, return the measurements (or the error it hit)."""
-    result: dict = {"variant": v.name, "memory_mode": v.memory}
-    guarded(result, build_variant, v, model_cfg, peft_cfg, device, seed)
-    model = result.pop("model", None)
-    if model is not None:
-        measure_into(result, v, model, steps, b, device, out_dir)
-    del model
-    release(device)
-    return result
-
-
-def measure_into(row: dict, v: Variant, model: nn.Module, steps: list, b: BenchConfig, device: torch.device,
-                 out_dir: Path = Path("."), resident_bytes: int | None = None) -> dict:
-    """`measure` under `v`'s attention backends, its results (or error) added to `row`; a failed step's
-    gradients are dropped so that the model serves the next measurement."""
-    with _attention_backends(v):
-        guarded(row, measure, v, model, steps, b, device, out_dir, resident_bytes)
-    if "error" in row:
-        model.zero_grad(set_to_none=True)
-    return row
-
-
-def _attention_backends(v: Variant) -> contextlib.AbstractContextManager:
-    if v.cudnn_attention:
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    others = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH, SDPBackend.OVERRIDEABLE]
-    return sdpa_kernel(others)
-
-
-def sync_device(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _adapter_coverage(model: nn.Module) -> tuple[int, int]:
-    """(adapted modules whose lora_B got a finite, non-zero gradient, adapted modules)."""
-    bs = [p for n, p in model.named_parameters() if "lora_B" in n]
-    return sum(1 for p in bs if p.grad is not None and bool(torch.isfinite(p.grad).all())
-               and bool(p.grad.abs().max() > 0)), len(bs)
 
 
 def schedule(b: BenchConfig) -> list[tuple[str, int, bool, str]]:
@@ -399,7 +96,6 @@ def _check_variants(b: BenchConfig) -> None:
 
 
 def run(cfg: RunConfig) -> dict:
-    from bamba_ft.jobs import bench_sweeps as sweeps
     from bamba_ft.jobs.bench_report import budget_bests, headline, longest_trained, markdown, summarize
     from bamba_ft.jobs.model_card import library_versions
 

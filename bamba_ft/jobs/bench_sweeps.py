@@ -12,7 +12,7 @@ import torch
 from bamba_ft.config.schema import BenchConfig, ModelConfig, PeftConfig
 from bamba_ft.data.packing import pack_batches
 from bamba_ft.errors import ConfigError
-from bamba_ft.jobs.bench import (
+from bamba_ft.jobs.bench_variants import (
     OOM,
     VARIANTS,
     build_variant,

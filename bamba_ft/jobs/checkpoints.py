@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -98,12 +98,48 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
 # ----- the config a checkpoint was written with
 
 
-def saved_config(ckpt: Path) -> dict[str, Any] | None:
-    """The RunConfig (as a dict) stored in `ckpt`, else its run's run_config.yaml, else None."""
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    """What bamba_ft reads of a checkpoint file besides its tensors, from one load."""
+
+    path: Path
+    step: int | None
+    """The optimizer step it was written at."""
+    config: dict[str, Any] | None
+    """The RunConfig stored under CONFIG_KEY (None in checkpoints written before it was stored)."""
+    version: tuple[int, int, int, int]
+    """(device, inode, size, mtime ns) of the file read: every checkpoint write ends in a rename, so a rewrite
+    changes it."""
+
+
+def _version(ckpt: Path) -> tuple[int, int, int, int]:
+    st = ckpt.stat()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def read_checkpoint(ckpt: Path) -> SavedCheckpoint:
+    """The step and config of `ckpt`; memory-mapped, so its tensors are not read."""
+    version = _version(ckpt)
     state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
-    if CONFIG_KEY in state:
-        return state[CONFIG_KEY]
-    run_config = RunDir.of_checkpoint(ckpt).run_config
+    step = state.get("global_step")
+    return SavedCheckpoint(ckpt, None if step is None else int(step), state.get(CONFIG_KEY), version)
+
+
+def saved_step(ckpt: Path, known: SavedCheckpoint | None = None) -> int | None:
+    """The optimizer step `ckpt` was written at (None when there is no such file). `known` is an earlier reading:
+    while the file is still the version it read, its step is used instead of loading the file again."""
+    if not ckpt.exists():
+        return None
+    if known is not None and known.version == _version(ckpt):
+        return known.step
+    return read_checkpoint(ckpt).step
+
+
+def saved_config(saved: SavedCheckpoint) -> dict[str, Any] | None:
+    """The RunConfig (as a dict) stored in the checkpoint, else its run's run_config.yaml, else None."""
+    if saved.config is not None:
+        return saved.config
+    run_config = RunDir.of_checkpoint(saved.path).run_config
     return OmegaConf.to_container(OmegaConf.load(run_config)) if run_config.exists() else None  # type: ignore[return-value]
 
 
@@ -140,9 +176,9 @@ def config_changes(old: dict[str, Any], new: RunConfig) -> tuple[list[str], list
     return applied, refused
 
 
-def check_resume_config(ckpt: Path, cfg: RunConfig) -> list[str]:
+def check_resume_config(saved: SavedCheckpoint, cfg: RunConfig) -> list[str]:
     """Refuse a resume whose config changes what is trained; return the applied changes (to log and record)."""
-    old = saved_config(ckpt)
+    ckpt, old = saved.path, saved_config(saved)
     if old is None:
         log.warning("%s holds no bamba_ft config and its run has no run_config.yaml: config changes cannot be "
                     "checked on this resume.", ckpt)

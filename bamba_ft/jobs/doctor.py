@@ -18,9 +18,10 @@ from bamba_ft.jobs.model_card import library_versions
 from bamba_ft.jobs.runtime import autocast_for, choose_device, to_device
 from bamba_ft.model.build import build_model
 from bamba_ft.model.lora import apply_peft, check_adapter_gradients
+from bamba_ft.model.objective import mean_loss
 from bamba_ft.ops.attention import flash_attn_installed, varlen_available
 from bamba_ft.ops.kernels import available_backend
-from bamba_ft.ops.loss import causal_lm, mean_loss
+from bamba_ft.ops.loss import causal_lm
 
 LENGTHS = [37, 1, 64, 5]
 

@@ -19,8 +19,9 @@ from bamba_ft.data.tokenize import prompt_and_reference
 from bamba_ft.faults import fault_point
 from bamba_ft.jobs.report import plot_curves, publish_file
 from bamba_ft.jobs.runtime import autocast_for, choose_device, to_device
+from bamba_ft.model.objective import loss_sum_and_count
 from bamba_ft.model.restore import load_source, locate
-from bamba_ft.ops.loss import causal_lm, loss_sum_and_count
+from bamba_ft.ops.loss import causal_lm
 from bamba_ft.rundir import RunDir
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,13 @@ from bamba_ft.errors import BambaFTError, ConfigError
 from bamba_ft.faults import fault_point
 from bamba_ft.jobs import lock
 from bamba_ft.jobs.callbacks import AtomicCheckpointIO, ConfigInCheckpoint, GracefulStop
-from bamba_ft.jobs.checkpoints import check_resume_config, remove_stale_temporaries, resolve_resume
+from bamba_ft.jobs.checkpoints import (
+    check_resume_config,
+    read_checkpoint,
+    remove_stale_temporaries,
+    resolve_resume,
+    saved_step,
+)
 from bamba_ft.jobs.evaluate import evaluate_model, format_metrics
 from bamba_ft.jobs.report import plot_curves, publish_file, table
 from bamba_ft.jobs.runtime import autocast_for, choose_device, resolve_precision, to_device
@@ -103,13 +109,6 @@ def save_trained(model: nn.Module, tokenizer: Any, cfg: RunConfig, run_dir: Path
             f"export.checkpoint={run_dir} export.adapter_only=true"
         ) from e
     return final
-
-
-def _saved_step(ckpt: Path) -> int | None:
-    """The optimizer step a checkpoint file was written at (None when there is none)."""
-    if not ckpt.exists():
-        return None
-    return int(torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)["global_step"])
 
 
 def _prepare(cfg: RunConfig, device: torch.device) -> tuple[nn.Module, Any, BambaDataModule]:
@@ -212,8 +211,11 @@ def run(cfg: RunConfig) -> dict:
     lock.acquire(run_dir)  # the CLI took it before Hydra wrote here; this covers runs started from Python
     remove_stale_temporaries(run_dir)
     ckpt_path = resolve_resume(cfg.trainer.resume, run_dir)
-    if ckpt_path:
-        changed = check_resume_config(ckpt_path, cfg)
+    # Read once: its config is checked now; its step spares loading it again at the end when it is also this run's
+    # last.ckpt (a resume into the same directory, as sweep.resume does) and the fit did not rewrite it.
+    resumed = read_checkpoint(ckpt_path) if ckpt_path else None
+    if resumed is not None:
+        changed = check_resume_config(resumed, cfg)
         log.info("resuming from %s%s", ckpt_path, "".join(f"\n  changed, applied from the resumed step on: {c}" for c in changed))
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     device = choose_device(cfg.trainer.accelerator, cfg.trainer.devices)
@@ -242,7 +244,7 @@ def run(cfg: RunConfig) -> dict:
                 return {"stopped_at": None, "signal": "SIGTERM"}
     fit_seconds = time.perf_counter() - t_fit
     last = RunDir(run_dir).last_ckpt
-    if stopper.stopped_at is None and not cfg.trainer.fast_dev_run and _saved_step(last) != trainer.global_step:
+    if stopper.stopped_at is None and not cfg.trainer.fast_dev_run and saved_step(last, resumed) != trainer.global_step:
         # the final state, whatever N was, unless the periodic save just wrote it (a second copy would briefly
         # double the space); every rank calls this (it is collective under DDP/FSDP)
         trainer.save_checkpoint(last, weights_only=False)

@@ -15,12 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from bamba_ft.data.tokenize import IGNORE_INDEX
-from bamba_ft.model.families import family_for
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "seq_idx", "cu_seq_lens_q", "cu_seq_lens_k",
-                "max_length_q", "max_length_k")
-
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
     """Loss arithmetic: float32, or float64 for float64 inputs."""
@@ -97,19 +91,3 @@ def causal_lm(model: nn.Module) -> nn.Module:
     """The ForCausalLM inside a peft wrapper, or the model itself."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
-
-
-def loss_sum_and_count(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed next-token loss, number of target tokens) for a packed or padded batch with `labels`."""
-    lm = causal_lm(model)
-    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-    hidden = lm.model(**inputs, use_cache=False).last_hidden_state
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE_INDEX
-    scale = family_for(lm.config.model_type).logit_scale(lm.config)  # Granite divides, Falcon-H1 multiplies
-    return head_loss_sum(hidden[:, :-1][keep], targets[keep], lm.lm_head, scale=scale), keep.sum()
-
-
-def mean_loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    total, count = loss_sum_and_count(model, batch)
-    return total / count.clamp(min=1)

@@ -13,9 +13,9 @@ from bamba_ft.config.schema import PeftConfig
 from bamba_ft.data.packing import collate_packed
 from bamba_ft.model.lora import apply_peft
 from bamba_ft.model.mixer import install_mixer
+from bamba_ft.model.objective import mean_loss
 from bamba_ft.ops.graphs import ConvScanGraphs
 from bamba_ft.ops.kernels import KernelOps
-from bamba_ft.ops.loss import mean_loss
 from bamba_ft.ops.mamba2 import conv_scan
 from tests.conftest import LORA_TARGETS, make_model
 from tests.gpu.test_cuda_paths import SHAPE, rel

@@ -14,11 +14,11 @@ from bamba_ft.config.schema import Mixer, PeftConfig, QuantConfig
 from bamba_ft.data.packing import collate_packed
 from bamba_ft.model.lora import apply_peft, check_adapter_gradients
 from bamba_ft.model.mixer import install_mixer
+from bamba_ft.model.objective import mean_loss
 from bamba_ft.model.quant import quantize_layer
 from bamba_ft.ops.attention import _padded_sdpa, register_varlen_attention, varlen_available
 from bamba_ft.ops.fused import FusedBambaMLP, FusedRMSNorm
 from bamba_ft.ops.kernels import available_backend
-from bamba_ft.ops.loss import mean_loss
 from bamba_ft.ops.mamba2 import conv_scan, fused_conv_scan_ok, mixer_forward, unfused_conv_scan
 from tests.conftest import LORA_TARGETS, make_model
 

@@ -12,7 +12,7 @@ import torch
 
 from bamba_ft.config.schema import BenchConfig, ModelConfig, PeftConfig, RunConfig, validate
 from bamba_ft.errors import ConfigError
-from bamba_ft.jobs import bench, bench_report, bench_sweeps
+from bamba_ft.jobs import bench, bench_report, bench_sweeps, bench_variants
 from bamba_ft.jobs.bench_sweeps import budget_steps
 
 
@@ -20,27 +20,29 @@ from bamba_ft.jobs.bench_sweeps import budget_steps
 def test_rehearsal_runs_each_timed_batch_once_before_timing_it(monkeypatch: pytest.MonkeyPatch, rehearse: bool,
                                                                expected: list[int]) -> None:
     b = BenchConfig(warmup_steps=1, steps=2, seqs_per_step=2, median_len=20, max_len=32, rehearse=rehearse)
-    steps = bench.make_steps(b, 128, seed=0)
+    steps = bench_variants.make_steps(b, 128, seed=0)
     seen: list[int] = []
-    loss = bench.mean_loss
+    loss = bench_variants.mean_loss
 
     def counting_loss(model, batch):  # noqa: ANN001, ANN202
         seen.append(next(i for i, s in enumerate(steps) if batch["input_ids"].shape[1] == sum(map(len, s))))
         return loss(model, batch)
 
-    monkeypatch.setattr(bench, "mean_loss", counting_loss)
+    monkeypatch.setattr(bench_variants, "mean_loss", counting_loss)
     cpu = torch.device("cpu")
-    model = bench.build_variant(bench.VARIANTS["bamba_ft"], ModelConfig(init="random", shape="tiny"), PeftConfig(),
-                                cpu, seed=0)["model"]
-    result = bench.measure(bench.VARIANTS["bamba_ft"], model, steps, b, cpu)
+    model = bench_variants.build_variant(bench_variants.VARIANTS["bamba_ft"], ModelConfig(init="random", shape="tiny"),
+                                         PeftConfig(), cpu, seed=0)["model"]
+    result = bench_variants.measure(bench_variants.VARIANTS["bamba_ft"], model, steps, b, cpu)
     assert seen == expected
     assert result["tokens_per_step"] == sum(sum(map(len, s)) for s in steps[1:]) / 2  # the timed steps only
 
 
 def test_graphs_variant_reports_why_it_cannot_run_on_cpu() -> None:
     b = BenchConfig(warmup_steps=0, steps=1, seqs_per_step=1, median_len=8, max_len=8)
-    result = bench.run_variant(bench.VARIANTS["bamba_ft_graphs"], ModelConfig(init="random", shape="tiny"),
-                               PeftConfig(), bench.make_steps(b, 128, 0), b, torch.device("cpu"), seed=0)
+    steps = bench_variants.make_steps(b, 128, 0)
+    result = bench_variants.run_variant(bench_variants.VARIANTS["bamba_ft_graphs"],
+                                        ModelConfig(init="random", shape="tiny"), PeftConfig(), steps, b,
+                                        torch.device("cpu"), seed=0)
     assert result["error"].startswith("ModelError: model.cuda_graphs=true replays the fused CUDA conv+scan")
 
 
@@ -48,9 +50,9 @@ def test_no_cudnn_variant_excludes_only_cudnn_attention() -> None:
     from torch.nn.attention import SDPBackend, _cur_sdpa_kernel_backends
 
     everything = set(_cur_sdpa_kernel_backends())
-    with bench._attention_backends(bench.VARIANTS["hf_padfree_no_cudnn"]):
+    with bench_variants._attention_backends(bench_variants.VARIANTS["hf_padfree_no_cudnn"]):
         assert set(_cur_sdpa_kernel_backends()) == everything - {SDPBackend.CUDNN_ATTENTION}
-    with bench._attention_backends(bench.VARIANTS["hf_padfree"]):
+    with bench_variants._attention_backends(bench_variants.VARIANTS["hf_padfree"]):
         assert set(_cur_sdpa_kernel_backends()) == everything
 
 
@@ -77,7 +79,7 @@ def test_repeats_measure_in_schedule_order_on_fresh_lengths_and_build_each_model
         return {"tokens_per_sec": 1.0}
 
     monkeypatch.setattr(bench, "build_variant", fake_build)
-    monkeypatch.setattr(bench, "measure", fake_measure)
+    monkeypatch.setattr(bench_variants, "measure", fake_measure)
     b = BenchConfig(variants=["hf_padfree", "hf_padfree_no_cudnn", "bamba_ft"], repeats=3, rehearse=[False, True],
                     warmup_steps=2, steps=3, seqs_per_step=4, median_len=50, max_len=200)
     rows = list(bench.run_interleaved(b, ModelConfig(), PeftConfig(), torch.device("cpu"), 0, 128))
@@ -106,7 +108,7 @@ def test_memory_modes_run_outermost_and_share_each_built_model(monkeypatch: pyte
         return {"tokens_per_sec": 1.0}
 
     monkeypatch.setattr(bench, "build_variant", fake_build)
-    monkeypatch.setattr(bench, "measure", fake_measure)
+    monkeypatch.setattr(bench_variants, "measure", fake_measure)
     b = BenchConfig(variants=["hf_padfree", "bamba_ft"], repeats=2, memory_modes=["none", "all+offload"],
                     warmup_steps=1, steps=1, seqs_per_step=2, median_len=20, max_len=64)
     rows = list(bench.run_interleaved(b, ModelConfig(), PeftConfig(), torch.device("cpu"), 0, 128))
@@ -124,12 +126,12 @@ def test_memory_modes_run_outermost_and_share_each_built_model(monkeypatch: pyte
 
 def test_measure_switches_the_models_checkpointed_layers_to_the_variants_mode() -> None:
     b = BenchConfig(warmup_steps=0, steps=1, seqs_per_step=1, median_len=16, max_len=16)
-    cpu, steps = torch.device("cpu"), bench.make_steps(b, 128, 0)
-    model = bench.build_variant(bench.VARIANTS["bamba_ft"], ModelConfig(init="random", shape="tiny"), PeftConfig(),
-                                cpu, seed=0)["model"]
-    layers = bench.causal_lm(model).model.layers
+    cpu, steps = torch.device("cpu"), bench_variants.make_steps(b, 128, 0)
+    model = bench_variants.build_variant(bench_variants.VARIANTS["bamba_ft"], ModelConfig(init="random", shape="tiny"),
+                                         PeftConfig(), cpu, seed=0)["model"]
+    layers = bench_variants.causal_lm(model).model.layers
     for mode, expected in [("all+offload", [True] * len(layers)), ("none", [False] * len(layers))]:
-        bench.measure(replace(bench.VARIANTS["bamba_ft"], memory=mode), model, steps, b, cpu)
+        bench_variants.measure(replace(bench_variants.VARIANTS["bamba_ft"], memory=mode), model, steps, b, cpu)
         assert [layer.gradient_checkpointing for layer in layers] == expected
 
 
@@ -210,7 +212,7 @@ def test_budget_steps_are_packed_to_the_budget() -> None:
 
 
 def test_token_budget_oom_is_recorded_and_larger_budgets_are_not_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    loss = bench.mean_loss
+    loss = bench_variants.mean_loss
     calls: list[int] = []
 
     def oom_above_100_tokens(model, batch):  # noqa: ANN001, ANN202
@@ -219,7 +221,7 @@ def test_token_budget_oom_is_recorded_and_larger_budgets_are_not_run(monkeypatch
             raise torch.OutOfMemoryError("CUDA out of memory (faked)")
         return loss(model, batch)
 
-    monkeypatch.setattr(bench, "mean_loss", oom_above_100_tokens)
+    monkeypatch.setattr(bench_variants, "mean_loss", oom_above_100_tokens)
     b = BenchConfig(token_budgets=[256, 64, 128], warmup_steps=0, steps=1, median_len=20, max_len=64)
     rows = list(bench_sweeps.token_budgets(ModelConfig(init="random", shape="tiny"), PeftConfig(), b,
                                            torch.device("cpu"), 0, 128))
@@ -267,20 +269,20 @@ def test_seq_scaling_runs_each_memory_mode_on_one_model_and_stops_a_mode_at_out_
     """Fake device: a 32-token row 'runs out of memory' unless every layer is checkpointed and offload is on."""
     from bamba_ft.model import memory
 
-    loss, offloading = bench.mean_loss, []
+    loss, offloading = bench_variants.mean_loss, []
     original = memory.OffloadActivations.__init__
     monkeypatch.setattr(memory.OffloadActivations, "__init__",
                         lambda self, model: (offloading.append(True), original(self, model))[1])
 
     def fake_device(model, batch):  # noqa: ANN001, ANN202
-        layers = bench.causal_lm(model).model.layers
+        layers = bench_variants.causal_lm(model).model.layers
         full = all(layer.gradient_checkpointing for layer in layers) and bool(offloading)
         offloading.clear()
         if batch["input_ids"].shape[1] == 32 and not full:
             raise torch.OutOfMemoryError("CUDA out of memory")
         return loss(model, batch)
 
-    monkeypatch.setattr(bench, "mean_loss", fake_device)
+    monkeypatch.setattr(bench_variants, "mean_loss", fake_device)
     b = BenchConfig(memory_modes=["none", "every-2", "all+offload"], seq_scaling_steps=1)
     rows = list(bench_sweeps.seq_scaling([16, 32], ModelConfig(init="random", shape="tiny"), PeftConfig(), b,
                                          torch.device("cpu"), seed=0, vocab=128))
@@ -306,4 +308,4 @@ def test_adapter_coverage_counts_only_finite_nonzero_gradients():
         p.grad = None if g is None else torch.tensor(g)
         model.register_parameter(f"{name}_lora_B", p)
     model.register_parameter("x_lora_A", torch.nn.Parameter(torch.ones(2)))
-    assert bench._adapter_coverage(model) == (1, 5)
+    assert bench_variants._adapter_coverage(model) == (1, 5)

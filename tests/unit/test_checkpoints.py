@@ -20,8 +20,10 @@ from bamba_ft.jobs.checkpoints import (
     check_resume_config,
     config_changes,
     newest_intact,
+    read_checkpoint,
     remove_stale_temporaries,
     resolve_resume,
+    saved_step,
 )
 from bamba_ft.model.restore import checkpoint_problem, require_intact
 
@@ -111,10 +113,26 @@ def test_check_resume_config_reads_the_checkpoint_and_refuses(tmp_path: Path) ->
     cfg = RunConfig()
     cfg.peft.r = 8
     with pytest.raises(ConfigError, match=r"(?s)peft\.r: 16 -> 8.*Fix: drop these overrides"):
-        check_resume_config(ckpt, cfg)
+        check_resume_config(read_checkpoint(ckpt), cfg)
     cfg.peft.r = 16
     cfg.optim.lr = 5e-4
-    assert check_resume_config(ckpt, cfg) == ["optim.lr: 0.0002 -> 0.0005"]
+    assert check_resume_config(read_checkpoint(ckpt), cfg) == ["optim.lr: 0.0002 -> 0.0005"]
+
+
+def test_saved_step_reuses_a_reading_until_the_file_is_rewritten(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    ckpt = _ckpt(tmp_path / "checkpoints" / "last.ckpt", 4)
+    resumed = read_checkpoint(ckpt)
+    assert (resumed.step, resumed.config) == (4, None)
+    loads = []
+    load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a[0]) or load(*a, **k))
+    assert saved_step(ckpt, resumed) == 4 and loads == []
+    assert saved_step(tmp_path / "missing.ckpt", resumed) is None and loads == []
+    rewritten = _ckpt(tmp_path / "next.ckpt", 9)
+    os.replace(rewritten, ckpt)  # as every checkpoint write ends
+    assert saved_step(ckpt, resumed) == 9 and loads == [ckpt]
+    assert saved_step(ckpt) == 9 and len(loads) == 2
 
 
 _HOLD = """

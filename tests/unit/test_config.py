@@ -115,6 +115,13 @@ def test_lengths_beyond_int32_and_bad_stride_are_refused() -> None:
     assert (cfg.data.max_seq_len, cfg.data.overlong_stride) == (1 << 20, 0)
 
 
+def test_every_chat_template_preset_the_config_accepts_has_its_jinja() -> None:
+    from bamba_ft.config.schema import CHAT_TEMPLATE_PRESETS
+    from bamba_ft.data.templates import PRESETS
+
+    assert list(PRESETS) == list(CHAT_TEMPLATE_PRESETS)
+
+
 def test_chat_template_takes_inline_jinja_a_file_or_a_preset(tmp_path: Path) -> None:
     from bamba_ft.data.templates import PRESETS, resolve_chat_template
 

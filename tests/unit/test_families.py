@@ -17,8 +17,8 @@ from bamba_ft.model.build import shape_config
 from bamba_ft.model.families import family_for, family_of
 from bamba_ft.model.lora import allow_mixer_out_proj
 from bamba_ft.model.mixer import install_mixer, packing_safe, stock_forward, unsafe_attention
+from bamba_ft.model.objective import loss_sum_and_count
 from bamba_ft.ops.attention import register_varlen_attention
-from bamba_ft.ops.loss import loss_sum_and_count
 from bamba_ft.ops.mamba2 import _gated_rmsnorm
 from tests.conftest import LORA_TARGETS, randomize_mixer_params
 from tests.unit.test_packing_equivalence import packed_vs_alone

@@ -20,7 +20,7 @@ from bamba_ft.model.memory import (
     checkpointed_layers,
 )
 from bamba_ft.model.mixer import install_mixer
-from bamba_ft.ops.loss import mean_loss
+from bamba_ft.model.objective import mean_loss
 from tests.conftest import make_model
 
 TARGETS = ["in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]

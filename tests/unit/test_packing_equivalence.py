@@ -11,8 +11,8 @@ from bamba_ft.data.packing import collate_packed
 from bamba_ft.errors import ConfigError, ModelError
 from bamba_ft.model.lora import apply_peft, check_adapter_gradients
 from bamba_ft.model.mixer import install_mixer, packing_safe
+from bamba_ft.model.objective import mean_loss
 from bamba_ft.ops.attention import register_varlen_attention
-from bamba_ft.ops.loss import mean_loss
 from tests.conftest import LORA_TARGETS, make_model
 
 

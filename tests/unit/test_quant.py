@@ -13,8 +13,8 @@ from bamba_ft.data.packing import collate_packed
 from bamba_ft.errors import ConfigError
 from bamba_ft.model.lora import apply_peft
 from bamba_ft.model.mixer import install_mixer
+from bamba_ft.model.objective import mean_loss
 from bamba_ft.model.quant import base_weight_bytes, dequantize_model, is_quantized, quantize_layer
-from bamba_ft.ops.loss import mean_loss
 from tests.conftest import LORA_TARGETS, make_model
 
 # Relative logit error ||q - f|| / ||f|| of the quantized base against float32, measured on this random tiny
