@@ -170,6 +170,10 @@ class DataConfig:
     by window; needs trainer.max_steps. Validation data is still loaded in memory."""
     stream_buffer: int = 4096
     """Streaming: examples held at once; each window of this many is packed (best fit) into batches."""
+    shuffle_buffer: int = 10_000
+    """Streaming: rows shuffled in a buffer of this many before tokenizing (datasets' IterableDataset.shuffle,
+    seeded by trainer.seed and, through set_epoch, by the pass over the stream); 0 reads rows in stream order.
+    The buffer holds raw rows: about this many times a row's size in memory."""
     builtin_train_examples: int = 4000
     """Size of the generated training set for `source=builtin`."""
     builtin_val_examples: int = 200
@@ -565,6 +569,9 @@ def _check_streaming(cfg: RunConfig, problems: Problems) -> None:
     d = cfg.data
     if d.stream_buffer <= 0:
         problems.add(f"data.stream_buffer={d.stream_buffer} must be positive (examples held while packing a stream).")
+    if d.shuffle_buffer < 0:
+        problems.add(f"data.shuffle_buffer={d.shuffle_buffer} must be 0 (rows in stream order) or more (rows held "
+                     "while shuffling a stream).")
     if not d.streaming:
         return
     if cfg.trainer.max_steps <= 0:

@@ -366,7 +366,7 @@ class BambaDataModule(L.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         if self.cfg.streaming:
             return {"stream": {**vars(self.stream_position), "tokens": self.stream_tokens,
-                               "batches": self.stream_batches}}
+                               "batches": self.stream_batches, "shuffle_buffer": self.cfg.shuffle_buffer}}
         trainer = self.trainer
         if trainer is None:
             return {}
@@ -380,6 +380,11 @@ class BambaDataModule(L.LightningDataModule):
                               f"translate.\nFix: resume with data.streaming={str('stream' in state).lower()}.")
         if state and "stream" in state:
             s = dict(state["stream"])
+            shuffled = int(s.pop("shuffle_buffer", 0))  # checkpoints older than the shuffle read rows in order
+            if shuffled != self.cfg.shuffle_buffer:
+                raise ConfigError(f"trainer.resume: the checkpoint's stream was read with data.shuffle_buffer={shuffled}"
+                                  f", this run has data.shuffle_buffer={self.cfg.shuffle_buffer}, so its position "
+                                  f"would name other rows.\nFix: resume with data.shuffle_buffer={shuffled}.")
             self.stream_tokens, self.stream_batches = int(s.pop("tokens")), int(s.pop("batches"))
             self.stream_position = StreamPosition(**{k: int(v) for k, v in s.items()})
         elif state:

@@ -10,6 +10,7 @@ price is that each rank tokenizes the whole stream, a small CPU cost next to a t
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -179,11 +180,28 @@ class StreamBatches(torch.utils.data.IterableDataset):
                     "lower data.max_tokens_per_batch, or run on fewer devices.")
             pos = StreamPosition(pos.epoch + 1)
 
+    def _pass_rows(self, epoch: int) -> Iterator[dict]:
+        """The rows of pass `epoch` in training order: shuffled (data.shuffle_buffer, seeded by the run seed and
+        the pass), else in stream order. The same for every rank and process, so a row count is a position."""
+        rows = self.rows
+        if self.cfg.shuffle_buffer:
+            # datasets fills the buffer from up to 10 shards at once; for one shard that only adds a reader thread
+            # pool whose shutdown sleeps 5 s at the end of every pass (Parquet).
+            rows = rows.shuffle(seed=self.seed, buffer_size=self.cfg.shuffle_buffer,  # a new dataset: its epoch is ours
+                                max_buffer_input_shards=min(10, rows.num_shards))
+            rows.set_epoch(epoch)
+        # iter(batch_size=) rather than iter(rows): in a DataLoader worker, datasets' __iter__ shards the rows by
+        # worker and reseeds every shuffle with the worker id, so a row count would mean other rows there.
+        for batch in rows.iter(batch_size=256):
+            names = list(batch)
+            for values in zip(*batch.values()):
+                yield dict(zip(names, values))
+
     def _encoded(self, pos: StreamPosition) -> Iterator[dict]:
-        rows = self.rows.skip(pos.rows_read) if pos.rows_read else self.rows  # read, not tokenized, on resume
         encode = functools.partial(_encode_stream_row, sources=self.sources, tokenizer=self.tokenizer, c=self.cfg,
                                    renames=role_map(self.cfg.roles))
-        return iter(rows.map(encode))
+        for row in itertools.islice(self._pass_rows(pos.epoch), pos.rows_read, None):  # read, not tokenized, on resume
+            yield {**row, **encode(row)}
 
     def _epoch(self, pos: StreamPosition) -> Iterator[dict]:
         buffer: list[dict] = []
