@@ -126,8 +126,13 @@ class DataConfig:
     """`builtin` (the generated task), a .jsonl/.json/.parquet/.csv file, a directory saved by datasets, or a Hub id.
     The one-source shorthand of `sources`."""
     sources: list[SourceConfig] = field(default_factory=list)
-    """Several sources mixed by weight (datasets.interleave_datasets, seeded by trainer.seed; sampling stops when
-    one source runs out) or concatenated; each holds out data.val_fraction for validation. Replaces `source`."""
+    """Several sources mixed by weight (datasets.interleave_datasets, seeded by trainer.seed; `stopping_strategy`
+    says when the mix ends) or concatenated; each holds out data.val_fraction for validation. Replaces `source`."""
+    stopping_strategy: str = "first_exhausted"
+    """When a mix of weighted data.sources ends (datasets.interleave_datasets' stopping_strategy):
+    first_exhausted (when any source runs out: no example repeats, larger sources are partly unused) |
+    all_exhausted (when every source has run out once: smaller sources repeat, keeping the weights) |
+    all_exhausted_without_replacement (every example once; a source that runs out leaves the draw)."""
     format: str = "auto"
     """Row format: auto | messages | prompt_completion | alpaca | text."""
     split: str = "train"
@@ -417,6 +422,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "quant.method": ("none", "nf4", "int8", "int4"),
     "data.format": ("auto", "messages", "prompt_completion", "alpaca", "text"),
     "data.overlong": ("truncate", "drop", "split"),
+    "data.stopping_strategy": ("first_exhausted", "all_exhausted", "all_exhausted_without_replacement"),
     "data.train_on": ("completion", "all"),
     "data.builtin_kind": ("sft", "pretrain"),
     "optim.name": ("adamw",),
@@ -588,12 +594,16 @@ def _check_streaming(cfg: RunConfig, problems: Problems) -> None:
 
 
 def _check_sources(data: DataConfig, problems: Problems) -> None:
+    weights = [s.weight for s in data.sources]
+    if data.stopping_strategy != DataConfig.stopping_strategy and all(w is None for w in weights):
+        problems.add(f"data.stopping_strategy={data.stopping_strategy} ends a mix of weighted data.sources, and "
+                     "this run mixes none (one source, or data.sources without weights: concatenated, each row "
+                     "read once).\nFix: give every one of data.sources a weight, or drop the override.")
     if not data.sources:
         return
     if data.source != "builtin":
         problems.add(f"data.source={data.source} and data.sources are both set. Fix: list every source in "
                      "data.sources (data.source is its one-source shorthand).")
-    weights = [s.weight for s in data.sources]
     if any(w is None for w in weights) and any(w is not None for w in weights):
         problems.add(f"data.sources: weights {weights} are set on some sources only. Fix: give every source a "
                      "weight (mixed by weight), or none (concatenated).")

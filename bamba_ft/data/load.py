@@ -195,13 +195,14 @@ def rename_columns(rows: datasets.Dataset | datasets.IterableDataset, columns: d
     return rows.rename_columns(dict(columns))
 
 
-def mix_sources(parts: list[Any], weights: list[float | None], seed: int) -> Any:
-    """Datasets (or streams) concatenated when no weights are given; else drawn by weight (seeded) until one source runs out."""
+def mix_sources(parts: list[Any], weights: list[float | None], seed: int, stopping_strategy: str) -> Any:
+    """Datasets (or streams) concatenated when no weights are given; else drawn by weight (seeded) until
+    `stopping_strategy` (data.stopping_strategy) ends the mix."""
     if weights[0] is None:
         return datasets.concatenate_datasets(parts)
     total = sum(w or 0.0 for w in weights)
     return datasets.interleave_datasets(parts, probabilities=[(w or 0.0) / total for w in weights], seed=seed,
-                                        stopping_strategy="first_exhausted")
+                                        stopping_strategy=stopping_strategy)
 
 
 def load_rows(source: str, split: str, key: str, config: str | None = None) -> datasets.Dataset:

@@ -24,6 +24,7 @@ from bamba_ft.data.builtin import builtin_splits
 from bamba_ft.data.formats import check_fields, detect_format, role_map
 from bamba_ft.data.load import (
     POSITIONS,
+    ROW,
     column_names,
     load_rows,
     load_stream,
@@ -58,6 +59,8 @@ class StreamSource:
     fmt: str
     columns: list[str]
     where: str
+    first_row: int = 1
+    """ROW of the source's first training row (after any held-out head): reading it starts a pass over the source."""
 
 
 ValParts = list[tuple[datasets.Dataset, str, str | None]]
@@ -94,7 +97,8 @@ def open_stream(c: DataConfig, seed: int) -> tuple[datasets.IterableDataset, lis
                  None)]
     elif c.val_split:
         vals = [(load_rows(c.source, c.val_split, "data.val_split"), f"data.source={c.source}", None)]
-    mixed = streams[0] if len(streams) == 1 else mix_sources(streams, [s.weight for s in specs], seed)
+    mixed = streams[0] if len(streams) == 1 else mix_sources(streams, [s.weight for s in specs], seed,
+                                                                c.stopping_strategy)
     return mixed, sources, vals
 
 
@@ -110,7 +114,7 @@ def _source(rows: datasets.IterableDataset, fmt: str, where: str, held: int = 0)
                         + (", lower data.max_val_examples, or set data.val_source." if held else "."))
     fmt = fmt if fmt != "auto" else detect_format(columns, where)
     check_fields(fmt, columns, where)
-    return StreamSource(fmt, columns, where)
+    return StreamSource(fmt, columns, where, first_row=held + 1)
 
 
 def _encode_stream_row(row: dict, *, sources: list[StreamSource], tokenizer: Any, c: DataConfig,  # noqa: ANN401
@@ -206,23 +210,32 @@ class StreamBatches(torch.utils.data.IterableDataset):
     def _epoch(self, pos: StreamPosition) -> Iterator[dict]:
         buffer: list[dict] = []
         start, skip_steps = (pos.rows_read, pos.row_items), pos.steps_done
+        read = [[0, 0] for _ in self.sources]  # per source: rows that started in this window, passes started
         for k, enc in enumerate(self._encoded(pos)):
             row = pos.rows_read + k
             self._warn(enc)
+            if k or not pos.row_items:  # else the row started in the window before, which counted it
+                src = enc.get(SOURCE) or 0
+                read[src][0] += 1
+                read[src][1] += enc.get(ROW) == self.sources[src].first_row
             n_items = len(enc["_ids"])
             for j in range(pos.row_items if k == 0 else 0, n_items):
                 buffer.append({"input_ids": enc["_ids"][j], "labels": enc["_labels"][j]})
                 self.peak_buffer = max(self.peak_buffer, len(buffer))
                 if len(buffer) == self.cfg.stream_buffer:
                     after = StreamPosition(pos.epoch, *((row, j + 1) if j + 1 < n_items else (row + 1, 0)))
-                    yield from self._window(buffer, pos.epoch, start, skip_steps, after)
+                    yield from self._window(buffer, pos.epoch, start, skip_steps, after, read)
                     buffer, start, skip_steps = [], (after.rows_read, after.row_items), 0
+                    read = [[0, 0] for _ in self.sources]
         if buffer:
-            yield from self._window(buffer, pos.epoch, start, skip_steps, StreamPosition(pos.epoch + 1))
+            yield from self._window(buffer, pos.epoch, start, skip_steps, StreamPosition(pos.epoch + 1), read)
 
     def _window(self, examples: list[dict], epoch: int, start: tuple[int, int], skip_steps: int,
-                after: StreamPosition) -> Iterator[dict]:
-        """This rank's batches of one window; the same window packs the same way on every rank and on resume."""
+                after: StreamPosition, read: list[list[int]]) -> Iterator[dict]:
+        """This rank's batches of one window; the same window packs the same way on every rank and on resume.
+
+        The window's rows per source (`read`) travel with its last batch, which moves the position past them.
+        """
         c = self.cfg
         lengths = [len(e["input_ids"]) for e in examples]
         seed = hash((self.seed, epoch, *start))  # ints hash the same in every process
@@ -236,7 +249,8 @@ class StreamBatches(torch.utils.data.IterableDataset):
         for s in range(skip_steps, len(mine)):
             batch = collate([examples[i] for i in mine[s]])
             done = after if s + 1 == len(mine) else StreamPosition(epoch, *start, s + 1)
-            batch[STREAM_KEY] = {**asdict(done), "tokens": sum(lengths[i] for i in mine[s])}
+            batch[STREAM_KEY] = {**asdict(done), "tokens": sum(lengths[i] for i in mine[s]),
+                                 "sources": read if s + 1 == len(mine) else [[0, 0]] * len(read)}
             yield batch
 
     def _warn(self, enc: dict) -> None:

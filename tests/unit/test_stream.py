@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import datasets
@@ -57,6 +57,11 @@ def sequences(batch: dict) -> list[Seq]:
     return [(tuple(ids[a:b]), tuple(labels[a:b])) for a, b in zip(cu, cu[1:])]
 
 
+def position_of(meta: dict) -> StreamPosition:
+    """The position a batch's STREAM_KEY entry ends at (without its counts)."""
+    return StreamPosition(**{f.name: meta[f.name] for f in fields(StreamPosition)})
+
+
 def one_epoch(batches: Iterator[dict]) -> list[tuple[list[Seq], dict]]:
     """(sequences, position after) of each batch until the stream's first pass ends."""
     out = []
@@ -88,7 +93,7 @@ def test_stream_resume_continues_at_the_same_position(builtin_tokenizer, files: 
     cfg = data_cfg(files["docs"], streaming=True, stream_buffer=7)  # windows end inside rows (split documents)
     full = one_epoch(iter(stream_of(builtin_tokenizer, cfg)))
     assert any(meta["row_items"] for _, meta in full)  # some stop points lie mid-row
-    position = StreamPosition(**{k: v for k, v in full[stop - 1][1].items() if k != "tokens"})
+    position = position_of(full[stop - 1][1])
     after = one_epoch(iter(stream_of(builtin_tokenizer, cfg, start=position)))
     assert [s for s, _ in full[:stop] + after] == [s for s, _ in full]
 
@@ -112,7 +117,7 @@ def test_stream_shuffle_is_seeded_by_pass_and_resumes_at_the_same_rows(builtin_t
     assert [r["__row__"] for r in stream_of(builtin_tokenizer, cfg, seed=7)._pass_rows(0)] != orders[0]
     assert [r["__row__"] for r in stream_of(builtin_tokenizer, cfg)._pass_rows(1)] == orders[1]  # reproducible
     full = passes(iter(stream), 2)
-    positions = [StreamPosition(**{k: v for k, v in meta.items() if k != "tokens"}) for _, meta in full]
+    positions = [position_of(meta) for _, meta in full]
     for epoch in (0, 1):  # a stop inside a window, past the first window, of each pass
         stop = next(i for i, p in enumerate(positions, 1) if p.epoch == epoch and p.rows_read and p.steps_done)
         position = positions[stop - 1]
@@ -158,7 +163,7 @@ def test_stream_ranks_see_disjoint_data_in_equal_steps(builtin_tokenizer, files:
     whole = Counter(s for seqs, _ in one_epoch(iter(stream_of(builtin_tokenizer, cfg))) for s in seqs)
     ranks = [one_epoch(iter(stream_of(builtin_tokenizer, cfg, rank=r, world_size=2))) for r in range(2)]
     assert len(ranks[0]) == len(ranks[1])
-    positions = [[{k: v for k, v in m.items() if k != "tokens"} for _, m in rank] for rank in ranks]
+    positions = [[(position_of(m), m["sources"]) for _, m in rank] for rank in ranks]
     assert positions[0] == positions[1]  # one position describes both ranks
     parts = [Counter(s for seqs, _ in rank for s in seqs) for rank in ranks]
     assert not parts[0] & parts[1] and parts[0] + parts[1] == whole
