@@ -105,11 +105,12 @@ class QuantConfig:
 @dataclass
 class SourceConfig:
     source: str = ""
-    """A .jsonl/.json/.parquet/.csv file, a directory saved by datasets, or a Hub id (as data.source)."""
+    """A .jsonl/.json/.parquet/.csv file, a directory saved by datasets, a dataset repository directory, or a Hub id
+    (as data.source)."""
     split: str = "train"
     """Split to read (Hub datasets and dataset directories)."""
     config: str | None = None
-    """Hub dataset configuration name (datasets.load_dataset's `name`)."""
+    """Configuration of the source (datasets.load_dataset's `name`), as data.config."""
     format: str = "auto"
     """Row format of this source: auto | messages | prompt_completion | alpaca | text."""
     weight: float | None = None
@@ -123,8 +124,11 @@ class SourceConfig:
 @dataclass
 class DataConfig:
     source: str = "builtin"
-    """`builtin` (the generated task), a .jsonl/.json/.parquet/.csv file, a directory saved by datasets, or a Hub id.
-    The one-source shorthand of `sources`."""
+    """`builtin` (the generated task), a .jsonl/.json/.parquet/.csv file, a directory saved by datasets, a dataset
+    repository directory (data files, configurations in its README.md), or a Hub id. The one-source shorthand of
+    `sources`."""
+    config: str | None = None
+    """Configuration of `source` (datasets.load_dataset's `name`), for Hub ids and dataset repository directories."""
     sources: list[SourceConfig] = field(default_factory=list)
     """Several sources mixed by weight (datasets.interleave_datasets, seeded by trainer.seed; `stopping_strategy`
     says when the mix ends) or concatenated; each holds out data.val_fraction for validation. Replaces `source`."""
@@ -601,9 +605,10 @@ def _check_sources(data: DataConfig, problems: Problems) -> None:
                      "read once).\nFix: give every one of data.sources a weight, or drop the override.")
     if not data.sources:
         return
-    if data.source != "builtin":
-        problems.add(f"data.source={data.source} and data.sources are both set. Fix: list every source in "
-                     "data.sources (data.source is its one-source shorthand).")
+    if data.source != "builtin" or data.config is not None:
+        shorthand = f"data.source={data.source}" if data.source != "builtin" else f"data.config={data.config}"
+        problems.add(f"{shorthand} and data.sources are both set. Fix: list every source in data.sources, each "
+                     "with its own config (data.source and data.config are the one-source shorthand).")
     if any(w is None for w in weights) and any(w is not None for w in weights):
         problems.add(f"data.sources: weights {weights} are set on some sources only. Fix: give every source a "
                      "weight (mixed by weight), or none (concatenated).")

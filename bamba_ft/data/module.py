@@ -103,11 +103,11 @@ class BambaDataModule(L.LightningDataModule):
         if c.source == "builtin":
             train, val = builtin_splits(c.builtin_kind, c.builtin_train_examples, c.builtin_val_examples, self.seed)
             return number_rows(datasets.Dataset.from_list(train)), number_rows(datasets.Dataset.from_list(val))
-        train = load_rows(c.source, c.split, "data.source")
+        train = load_rows(c.source, c.split, "data.source", c.config)
         if c.val_source:
             return train, load_rows(c.val_source, c.val_split or c.split, "data.val_source")
         if c.val_split:
-            return train, load_rows(c.source, c.val_split, "data.val_split")
+            return train, load_rows(c.source, c.val_split, "data.val_split", c.config)
         if c.val_fraction <= 0 or len(train) < 2:
             return train, None
         parts = train.train_test_split(test_size=c.val_fraction, seed=self.seed, shuffle=True)

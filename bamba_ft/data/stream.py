@@ -77,7 +77,7 @@ def open_stream(c: DataConfig, seed: int) -> tuple[datasets.IterableDataset, lis
         rows = number_rows(datasets.Dataset.from_list(train)).to_iterable_dataset()
         source = _source(rows, c.format, "data.source=builtin")
         return rows, [source], [(number_rows(datasets.Dataset.from_list(val)), source.where, None)]
-    specs = c.sources or [SourceConfig(source=c.source, split=c.split, format=c.format)]
+    specs = c.sources or [SourceConfig(source=c.source, split=c.split, config=c.config, format=c.format)]
     hold = not c.val_source and not c.val_split and c.val_fraction > 0 and c.max_val_examples > 0
     head = max(1, c.max_val_examples // len(specs))
     streams, sources, vals = [], [], []
@@ -96,7 +96,7 @@ def open_stream(c: DataConfig, seed: int) -> tuple[datasets.IterableDataset, lis
         vals = [(load_rows(c.val_source, c.val_split or c.split, "data.val_source"), f"data.val_source={c.val_source}",
                  None)]
     elif c.val_split:
-        vals = [(load_rows(c.source, c.val_split, "data.val_split"), f"data.source={c.source}", None)]
+        vals = [(load_rows(c.source, c.val_split, "data.val_split", c.config), f"data.source={c.source}", None)]
     mixed = streams[0] if len(streams) == 1 else mix_sources(streams, [s.weight for s in specs], seed,
                                                                 c.stopping_strategy)
     return mixed, sources, vals

@@ -4,7 +4,6 @@ the small source ends the mix, repeats, or is read once, and the per-source coun
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
