@@ -361,7 +361,12 @@ class BenchConfig:
     seq_scaling_steps: int = 2
     """Timed steps per length in the scaling sweep, after one warm-up step."""
     data_pipeline_examples: int = 0
-    """Tokenize+pack this many generated examples and report throughput (0: skip)."""
+    """Read, tokenize, pack and collate this many generated chat rows (a JSON Lines file) with the default data
+    settings; report examples/s, tokens/s and peak host memory (RSS) per configuration (0: skip)."""
+    data_pipeline_num_proc: list[int] = field(default_factory=lambda: [1, 2])
+    """data.num_proc values the in-memory path is measured at (a stream is tokenized by its reader: once, at 1)."""
+    data_pipeline_paths: list[str] = field(default_factory=lambda: ["memory", "stream"])
+    """Data paths to measure: memory (tokenize all, then pack the epoch) | stream (data.streaming=true, one pass)."""
     profile: bool = False
     """Profile two extra steps of each variant (torch.profiler) into profile_<variant>.txt."""
     mixer_only: bool = False
@@ -570,6 +575,13 @@ def _validate_bench(b: BenchConfig, problems: Problems) -> None:
                      "'bench.memory_modes=[none,all]'.")
     if b.repeats < 1:
         problems.add(f"bench.repeats={b.repeats} must be at least 1 (3 or more for a Headline).")
+    if not b.data_pipeline_num_proc or any(n < 1 for n in b.data_pipeline_num_proc):
+        problems.add(f"bench.data_pipeline_num_proc={list(b.data_pipeline_num_proc)} must list process counts of 1 "
+                     "or more, e.g. '[1,2]'.")
+    unknown = [p for p in b.data_pipeline_paths if p not in ("memory", "stream")]
+    if unknown or not b.data_pipeline_paths:
+        problems.add(f"bench.data_pipeline_paths={list(b.data_pipeline_paths)} must name memory and/or stream, "
+                     "e.g. '[memory,stream]'.")
     if any(n < 8 for n in b.token_budgets):
         problems.add(f"bench.token_budgets={list(b.token_budgets)}: every budget must hold at least one sequence "
                      "(8 tokens or more), e.g. [4096,8192,16384].")
