@@ -183,9 +183,10 @@ def markdown(results: dict) -> str:
              f"{v.get('mamba-ssm', '-')} | causal-conv1d {v.get('causal-conv1d', '-')}"]
     b = results["bench"]
     repeats = b.get("repeats", 1)
-    lines += [f"{b['warmup_steps']} warm-up steps, {b['steps']} timed steps (median per run); {repeats} interleaved "
-              f"run{'s' if repeats > 1 else ''} of every variant, each run on fresh batches; ratios are per run, "
-              "against the best hf_padfree* variant of that run"]
+    if b.get("variants") != []:  # a data-only benchmark ('bench.variants=[]') times no steps
+        lines += [f"{b['warmup_steps']} warm-up steps, {b['steps']} timed steps (median per run); {repeats} "
+                  f"interleaved run{'s' if repeats > 1 else ''} of every variant, each run on fresh batches; ratios "
+                  "are per run, against the best hf_padfree* variant of that run"]
     line = headline(results)
     if line:
         lines += ["", line]
