@@ -105,11 +105,12 @@ class QuantConfig:
 @dataclass
 class SourceConfig:
     source: str = ""
-    """A .jsonl/.json/.parquet/.csv file, a directory saved by datasets, or a Hub id (as data.source)."""
+    """A .jsonl/.json/.parquet/.csv file, a directory saved by datasets, a dataset repository directory, or a Hub id
+    (as data.source)."""
     split: str = "train"
     """Split to read (Hub datasets and dataset directories)."""
     config: str | None = None
-    """Hub dataset configuration name (datasets.load_dataset's `name`)."""
+    """Configuration of the source (datasets.load_dataset's `name`), as data.config."""
     format: str = "auto"
     """Row format of this source: auto | messages | prompt_completion | alpaca | text."""
     weight: float | None = None
@@ -123,11 +124,19 @@ class SourceConfig:
 @dataclass
 class DataConfig:
     source: str = "builtin"
-    """`builtin` (the generated task), a .jsonl/.json/.parquet/.csv file, a directory saved by datasets, or a Hub id.
-    The one-source shorthand of `sources`."""
+    """`builtin` (the generated task), a .jsonl/.json/.parquet/.csv file, a directory saved by datasets, a dataset
+    repository directory (data files, configurations in its README.md), or a Hub id. The one-source shorthand of
+    `sources`."""
+    config: str | None = None
+    """Configuration of `source` (datasets.load_dataset's `name`), for Hub ids and dataset repository directories."""
     sources: list[SourceConfig] = field(default_factory=list)
-    """Several sources mixed by weight (datasets.interleave_datasets, seeded by trainer.seed; sampling stops when
-    one source runs out) or concatenated; each holds out data.val_fraction for validation. Replaces `source`."""
+    """Several sources mixed by weight (datasets.interleave_datasets, seeded by trainer.seed; `stopping_strategy`
+    says when the mix ends) or concatenated; each holds out data.val_fraction for validation. Replaces `source`."""
+    stopping_strategy: str = "first_exhausted"
+    """When a mix of weighted data.sources ends (datasets.interleave_datasets' stopping_strategy):
+    first_exhausted (when any source runs out: no example repeats, larger sources are partly unused) |
+    all_exhausted (when every source has run out once: smaller sources repeat, keeping the weights) |
+    all_exhausted_without_replacement (every example once; a source that runs out leaves the draw)."""
     format: str = "auto"
     """Row format: auto | messages | prompt_completion | alpaca | text."""
     split: str = "train"
@@ -170,6 +179,10 @@ class DataConfig:
     by window; needs trainer.max_steps. Validation data is still loaded in memory."""
     stream_buffer: int = 4096
     """Streaming: examples held at once; each window of this many is packed (best fit) into batches."""
+    shuffle_buffer: int = 10_000
+    """Streaming: rows shuffled in a buffer of this many before tokenizing (datasets' IterableDataset.shuffle,
+    seeded by trainer.seed and, through set_epoch, by the pass over the stream); 0 reads rows in stream order.
+    The buffer holds raw rows: about this many times a row's size in memory."""
     builtin_train_examples: int = 4000
     """Size of the generated training set for `source=builtin`."""
     builtin_val_examples: int = 200
@@ -348,7 +361,12 @@ class BenchConfig:
     seq_scaling_steps: int = 2
     """Timed steps per length in the scaling sweep, after one warm-up step."""
     data_pipeline_examples: int = 0
-    """Tokenize+pack this many generated examples and report throughput (0: skip)."""
+    """Read, tokenize, pack and collate this many generated chat rows (a JSON Lines file) with the default data
+    settings; report examples/s, tokens/s and peak host memory (RSS) per configuration (0: skip)."""
+    data_pipeline_num_proc: list[int] = field(default_factory=lambda: [1, 2])
+    """data.num_proc values the in-memory path is measured at (a stream is tokenized by its reader: once, at 1)."""
+    data_pipeline_paths: list[str] = field(default_factory=lambda: ["memory", "stream"])
+    """Data paths to measure: memory (tokenize all, then pack the epoch) | stream (data.streaming=true, one pass)."""
     profile: bool = False
     """Profile two extra steps of each variant (torch.profiler) into profile_<variant>.txt."""
     mixer_only: bool = False
@@ -413,6 +431,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "quant.method": ("none", "nf4", "int8", "int4"),
     "data.format": ("auto", "messages", "prompt_completion", "alpaca", "text"),
     "data.overlong": ("truncate", "drop", "split"),
+    "data.stopping_strategy": ("first_exhausted", "all_exhausted", "all_exhausted_without_replacement"),
     "data.train_on": ("completion", "all"),
     "data.builtin_kind": ("sft", "pretrain"),
     "optim.name": ("adamw",),
@@ -574,6 +593,13 @@ def _validate_bench(b: BenchConfig, problems: Problems) -> None:
                      "'bench.memory_modes=[none,all]'.")
     if b.repeats < 1:
         problems.add(f"bench.repeats={b.repeats} must be at least 1 (3 or more for a Headline).")
+    if not b.data_pipeline_num_proc or any(n < 1 for n in b.data_pipeline_num_proc):
+        problems.add(f"bench.data_pipeline_num_proc={list(b.data_pipeline_num_proc)} must list process counts of 1 "
+                     "or more, e.g. '[1,2]'.")
+    unknown = [p for p in b.data_pipeline_paths if p not in ("memory", "stream")]
+    if unknown or not b.data_pipeline_paths:
+        problems.add(f"bench.data_pipeline_paths={list(b.data_pipeline_paths)} must name memory and/or stream, "
+                     "e.g. '[memory,stream]'.")
     if any(n < 8 for n in b.token_budgets):
         problems.add(f"bench.token_budgets={list(b.token_budgets)}: every budget must hold at least one sequence "
                      "(8 tokens or more), e.g. [4096,8192,16384].")
@@ -583,6 +609,9 @@ def _check_streaming(cfg: RunConfig, problems: Problems) -> None:
     d = cfg.data
     if d.stream_buffer <= 0:
         problems.add(f"data.stream_buffer={d.stream_buffer} must be positive (examples held while packing a stream).")
+    if d.shuffle_buffer < 0:
+        problems.add(f"data.shuffle_buffer={d.shuffle_buffer} must be 0 (rows in stream order) or more (rows held "
+                     "while shuffling a stream).")
     if not d.streaming:
         return
     if cfg.trainer.max_steps <= 0:
@@ -599,12 +628,17 @@ def _check_streaming(cfg: RunConfig, problems: Problems) -> None:
 
 
 def _check_sources(data: DataConfig, problems: Problems) -> None:
+    weights = [s.weight for s in data.sources]
+    if data.stopping_strategy != DataConfig.stopping_strategy and all(w is None for w in weights):
+        problems.add(f"data.stopping_strategy={data.stopping_strategy} ends a mix of weighted data.sources, and "
+                     "this run mixes none (one source, or data.sources without weights: concatenated, each row "
+                     "read once).\nFix: give every one of data.sources a weight, or drop the override.")
     if not data.sources:
         return
-    if data.source != "builtin":
-        problems.add(f"data.source={data.source} and data.sources are both set. Fix: list every source in "
-                     "data.sources (data.source is its one-source shorthand).")
-    weights = [s.weight for s in data.sources]
+    if data.source != "builtin" or data.config is not None:
+        shorthand = f"data.source={data.source}" if data.source != "builtin" else f"data.config={data.config}"
+        problems.add(f"{shorthand} and data.sources are both set. Fix: list every source in data.sources, each "
+                     "with its own config (data.source and data.config are the one-source shorthand).")
     if any(w is None for w in weights) and any(w is not None for w in weights):
         problems.add(f"data.sources: weights {weights} are set on some sources only. Fix: give every source a "
                      "weight (mixed by weight), or none (concatenated).")

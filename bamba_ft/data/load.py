@@ -113,12 +113,37 @@ def _load_file(path: Path, source: str, key: str) -> datasets.Dataset:
     return number_rows(ds)
 
 
-def _load_dir(path: Path, source: str, split: str, key: str) -> datasets.Dataset:
+def _saved(path: Path) -> bool:
+    """A directory written by datasets' save_to_disk (read by load_from_disk, not load_dataset)."""
+    return any((path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+def _config_key(key: str) -> str:
+    """The config key naming the configuration of the source that `key` names (data.config, data.sources[i].config)."""
+    return f"{key.rpartition('.')[0]}.config" if key.endswith(".source") else "data.config"
+
+
+def load_repo(source: str, config: str | None, split: str, key: str,
+              streaming: bool = False) -> datasets.Dataset | datasets.IterableDataset:
+    """`datasets.load_dataset(source, config, split=, streaming=)`: how a Hub id is read, and a local dataset
+    repository too (a directory of data files, its configurations declared in its README.md as on the Hub), so
+    both take one code path. A missing or unknown configuration is named with the config key that picks one."""
+    try:
+        return datasets.load_dataset(source, config, split=split, streaming=streaming)
+    except ValueError as e:
+        if "config" not in str(e).lower():
+            raise
+        available = re.search(r"\[.*?\]", str(e))
+        raise DataError(f"{key}={source}: {_first_line(e)} (configurations: {available.group(0) if available else '?'})"
+                        f"\nFix: set {_config_key(key)} to one of its configurations.") from None
+
+
+def _load_dir(path: Path, source: str, split: str, key: str, config: str | None) -> datasets.Dataset:
     where = f"{key}={source}"
     if not [p for p in path.iterdir() if not p.name.startswith(".")]:
         raise DataError(f"{where}: the directory is empty.\nFix: point {key} at a data file, or at a directory "
                         "of .jsonl/.json/.parquet/.csv files or one written by datasets' save_to_disk.")
-    if any((path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+    if _saved(path):
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
@@ -126,7 +151,9 @@ def _load_dir(path: Path, source: str, split: str, key: str) -> datasets.Dataset
             loaded = loaded[split]
         return number_rows(loaded)
     try:
-        return number_rows(datasets.load_dataset(str(path), split=split))
+        return number_rows(load_repo(str(path), config, split, key))
+    except DataError:
+        raise
     except Exception as e:
         raise DataError(
             f"{where}: could not read the directory as a dataset ({type(e).__name__}: {_first_line(e)}).\n"
@@ -158,7 +185,9 @@ def _load_hub(source: str, split: str, key: str, config: str | None = None) -> d
             f"unreachable ({unreachable}).\n{fix}\n(HF_HUB_OFFLINE=1 reads a copy already in the datasets cache.)"
         )
     try:
-        return number_rows(datasets.load_dataset(source, config, split=split))
+        return number_rows(load_repo(source, config, split, key))
+    except DataError:
+        raise
     except ValueError as e:
         if "split" in str(e).lower():
             raise DataError(f"{where}: no split '{split}'. {e}") from e
@@ -195,13 +224,14 @@ def rename_columns(rows: datasets.Dataset | datasets.IterableDataset, columns: d
     return rows.rename_columns(dict(columns))
 
 
-def mix_sources(parts: list[Any], weights: list[float | None], seed: int) -> Any:
-    """Datasets (or streams) concatenated when no weights are given; else drawn by weight (seeded) until one source runs out."""
+def mix_sources(parts: list[Any], weights: list[float | None], seed: int, stopping_strategy: str) -> Any:
+    """Datasets (or streams) concatenated when no weights are given; else drawn by weight (seeded) until
+    `stopping_strategy` (data.stopping_strategy) ends the mix."""
     if weights[0] is None:
         return datasets.concatenate_datasets(parts)
     total = sum(w or 0.0 for w in weights)
     return datasets.interleave_datasets(parts, probabilities=[(w or 0.0) / total for w in weights], seed=seed,
-                                        stopping_strategy="first_exhausted")
+                                        stopping_strategy=stopping_strategy)
 
 
 def load_rows(source: str, split: str, key: str, config: str | None = None) -> datasets.Dataset:
@@ -210,7 +240,7 @@ def load_rows(source: str, split: str, key: str, config: str | None = None) -> d
     if path.is_file():
         return _load_file(path, source, key)
     if path.is_dir():
-        return _load_dir(path, source, split, key)
+        return _load_dir(path, source, split, key, config)
     if source.startswith((".", "/", "~")) or source.endswith(tuple(_BUILDERS)):
         raise DataError(f"{key}={source}: no such file or directory.")
     return _load_hub(source, split, key, config)
@@ -236,10 +266,10 @@ def load_stream(source: str, split: str, key: str, config: str | None = None) ->
         if path.stat().st_size == 0:
             raise DataError(f"{where}: the file is empty (0 bytes).\nFix: point {key} at a file with training rows.")
         return _number_stream(datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True))
-    if path.is_dir():
-        if any((path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
-            return _load_dir(path, source, split, key).to_iterable_dataset()  # numbered by _load_dir
-        return _number_stream(datasets.load_dataset(str(path), split=split, streaming=True))
+    if path.is_dir() and _saved(path):
+        return _load_dir(path, source, split, key, config).to_iterable_dataset()  # numbered by _load_dir
+    if path.is_dir():  # a dataset repository on disk: read as a Hub id is
+        return _number_stream(load_repo(str(path), config, split, key, streaming=True))
     if source.startswith((".", "/", "~")) or source.endswith(tuple(_BUILDERS)):
         raise DataError(f"{where}: no such file or directory.")
     offline = constants.HF_HUB_OFFLINE or datasets.config.HF_HUB_OFFLINE
@@ -249,7 +279,9 @@ def load_stream(source: str, split: str, key: str, config: str | None = None) ->
         raise DataError(f"{where}: not a local file or directory, and {why}, so it cannot be streamed.\n"
                         "Fix: download the dataset where the Hub is reachable and pass its local path.")
     try:
-        return _number_stream(datasets.load_dataset(source, config, split=split, streaming=True))
+        return _number_stream(load_repo(source, config, split, key, streaming=True))
+    except DataError:
+        raise
     except Exception as e:
         raise DataError(f"{where}: streaming it from the Hugging Face Hub failed ({type(e).__name__}: "
                         f"{_first_line(e)}).\nFix: check the id and data.split.") from e

@@ -48,16 +48,20 @@ class SplitStats:
     """Rows where a number stood in a text field and was read as its decimal text."""
     in_mix: int | None = None
     """data.sources: this source's examples in the mixed training set."""
+    passes: float | None = None
+    """data.sources: in_mix / kept, how often the mix reads this source's examples (data.stopping_strategy:
+    below 1 a source is partly unused, above 1 its examples repeat)."""
 
     @classmethod
     def total(cls, parts: list[SplitStats]) -> SplitStats:
-        """The counts of several sources added up (`in_mix` belongs to one source, so it is left unset)."""
-        return cls(**{f.name: sum(getattr(p, f.name) for p in parts) for f in fields(cls) if f.name != "in_mix"})
+        """The counts of several sources added up (`in_mix` and `passes` belong to one source: left unset)."""
+        return cls(**{f.name: sum(getattr(p, f.name) for p in parts) for f in fields(cls)
+                      if f.name not in ("in_mix", "passes")})
 
     def line(self, name: str) -> str:
         return (
             f"{name}: {self.kept}/{self.rows} examples, {self.tokens} tokens ({self.target_tokens} with loss)"
-            + (f" ({self.in_mix} in the training mix)" if self.in_mix is not None else "")
+            + (f" ({self.in_mix} in the training mix: {self.passes:.2f} passes)" if self.in_mix is not None else "")
             + f"; truncated {self.truncated}, "
             + (f"split {self.split} into {self.split_windows} windows, " if self.split else "")
             + f"dropped {self.dropped_overlong} overlong, "
@@ -89,6 +93,8 @@ class BambaDataModule(L.LightningDataModule):
         self.stream_sources: list[StreamSource] = []
         self.stream_position = StreamPosition()
         self.stream_tokens = self.stream_batches = 0  # real tokens and batches trained (for packing efficiency)
+        self.source_rows: list[int] = []  # per source: stream rows read into trained windows, and passes started
+        self.source_passes: list[int] = []
 
     # ----- building the splits
     def _raw_splits(self) -> tuple[datasets.Dataset, datasets.Dataset | None]:
@@ -97,11 +103,11 @@ class BambaDataModule(L.LightningDataModule):
         if c.source == "builtin":
             train, val = builtin_splits(c.builtin_kind, c.builtin_train_examples, c.builtin_val_examples, self.seed)
             return number_rows(datasets.Dataset.from_list(train)), number_rows(datasets.Dataset.from_list(val))
-        train = load_rows(c.source, c.split, "data.source")
+        train = load_rows(c.source, c.split, "data.source", c.config)
         if c.val_source:
             return train, load_rows(c.val_source, c.val_split or c.split, "data.val_source")
         if c.val_split:
-            return train, load_rows(c.source, c.val_split, "data.val_split")
+            return train, load_rows(c.source, c.val_split, "data.val_split", c.config)
         if c.val_fraction <= 0 or len(train) < 2:
             return train, None
         parts = train.train_test_split(test_size=c.val_fraction, seed=self.seed, shuffle=True)
@@ -233,10 +239,11 @@ class BambaDataModule(L.LightningDataModule):
                 vals.append((held["test"], where, s.format))
             enc, self.stats[f"train[{i}]"] = self._tokenize(rows, f"train[{i}]", where, s.format)
             parts.append(enc.add_column("__source__", [i] * len(enc)))
-        mixed = mix_sources(parts, [s.weight for s in c.sources], self.seed)
+        mixed = mix_sources(parts, [s.weight for s in c.sources], self.seed, c.stopping_strategy)
         counts = Counter(mixed["__source__"])
         for i in range(len(parts)):
-            self.stats[f"train[{i}]"].in_mix = counts[i]
+            st = self.stats[f"train[{i}]"]
+            st.in_mix, st.passes = counts[i], counts[i] / st.kept
         self.train_set = mixed.remove_columns("__source__")
         self.fmt = self.formats["train[0]"]
         self.stats["train"] = SplitStats.total([self.stats[f"train[{i}]"] for i in range(len(parts))])
@@ -348,11 +355,26 @@ class BambaDataModule(L.LightningDataModule):
         if meta is not None:
             self.stream_tokens += meta.pop("tokens")
             self.stream_batches += 1
+            read = meta.pop("sources")
+            self.source_rows = [a + r for a, (r, _) in zip(self.source_rows or [0] * len(read), read)]
+            self.source_passes = [a + n for a, (_, n) in zip(self.source_passes or [0] * len(read), read)]
             self.stream_position = StreamPosition(**meta)
             if self.stream_position.steps_done == 0 and self.cfg.packing:  # a window (or the stream) ended
-                log.info("stream: epoch %d, %d rows read; packing efficiency %.1f%% over %d batches so far",
-                         meta["epoch"], meta["rows_read"], 100 * self.packing_efficiency(), self.stream_batches)
+                log.info("stream: epoch %d, %d rows read; packing efficiency %.1f%% over %d batches so far%s",
+                         meta["epoch"], meta["rows_read"], 100 * self.packing_efficiency(), self.stream_batches,
+                         self._sources_line())
         return batch
+
+    def _sources_line(self) -> str:
+        if len(self.source_rows) < 2:
+            return ""
+        return "; rows read per source " + ", ".join(
+            f"train[{i}] {r} ({n} passes started)" for i, (r, n) in enumerate(zip(self.source_rows, self.source_passes)))
+
+    def stream_report(self) -> dict[str, Any]:
+        """The stream's position and counts, for metrics.json: batches, and rows and passes per source."""
+        return {**vars(self.stream_position), "batches": self.stream_batches, "source_rows": self.source_rows,
+                "source_passes": self.source_passes}
 
     def packing_efficiency(self) -> float | None:
         """Real tokens / token budget over the training batches: this epoch's plan, or the stream's batches so far."""
@@ -366,7 +388,8 @@ class BambaDataModule(L.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         if self.cfg.streaming:
             return {"stream": {**vars(self.stream_position), "tokens": self.stream_tokens,
-                               "batches": self.stream_batches}}
+                               "batches": self.stream_batches, "shuffle_buffer": self.cfg.shuffle_buffer,
+                               "source_rows": self.source_rows, "source_passes": self.source_passes}}
         trainer = self.trainer
         if trainer is None:
             return {}
@@ -380,7 +403,14 @@ class BambaDataModule(L.LightningDataModule):
                               f"translate.\nFix: resume with data.streaming={str('stream' in state).lower()}.")
         if state and "stream" in state:
             s = dict(state["stream"])
+            shuffled = int(s.pop("shuffle_buffer", 0))  # checkpoints older than the shuffle read rows in order
+            if shuffled != self.cfg.shuffle_buffer:
+                raise ConfigError(f"trainer.resume: the checkpoint's stream was read with data.shuffle_buffer={shuffled}"
+                                  f", this run has data.shuffle_buffer={self.cfg.shuffle_buffer}, so its position "
+                                  f"would name other rows.\nFix: resume with data.shuffle_buffer={shuffled}.")
             self.stream_tokens, self.stream_batches = int(s.pop("tokens")), int(s.pop("batches"))
+            self.source_rows = [int(n) for n in s.pop("source_rows", [])]  # counted since checkpoints had them
+            self.source_passes = [int(n) for n in s.pop("source_passes", [])]
             self.stream_position = StreamPosition(**{k: int(v) for k, v in s.items()})
         elif state:
             self._resume = {"epoch": int(state["epoch"]), "batches_done": int(state["batches_done"])}

@@ -10,6 +10,7 @@ price is that each rank tokenizes the whole stream, a small CPU cost next to a t
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -23,6 +24,7 @@ from bamba_ft.data.builtin import builtin_splits
 from bamba_ft.data.formats import check_fields, detect_format, role_map
 from bamba_ft.data.load import (
     POSITIONS,
+    ROW,
     column_names,
     load_rows,
     load_stream,
@@ -57,6 +59,8 @@ class StreamSource:
     fmt: str
     columns: list[str]
     where: str
+    first_row: int = 1
+    """ROW of the source's first training row (after any held-out head): reading it starts a pass over the source."""
 
 
 ValParts = list[tuple[datasets.Dataset, str, str | None]]
@@ -73,7 +77,7 @@ def open_stream(c: DataConfig, seed: int) -> tuple[datasets.IterableDataset, lis
         rows = number_rows(datasets.Dataset.from_list(train)).to_iterable_dataset()
         source = _source(rows, c.format, "data.source=builtin")
         return rows, [source], [(number_rows(datasets.Dataset.from_list(val)), source.where, None)]
-    specs = c.sources or [SourceConfig(source=c.source, split=c.split, format=c.format)]
+    specs = c.sources or [SourceConfig(source=c.source, split=c.split, config=c.config, format=c.format)]
     hold = not c.val_source and not c.val_split and c.val_fraction > 0 and c.max_val_examples > 0
     head = max(1, c.max_val_examples // len(specs))
     streams, sources, vals = [], [], []
@@ -92,8 +96,9 @@ def open_stream(c: DataConfig, seed: int) -> tuple[datasets.IterableDataset, lis
         vals = [(load_rows(c.val_source, c.val_split or c.split, "data.val_source"), f"data.val_source={c.val_source}",
                  None)]
     elif c.val_split:
-        vals = [(load_rows(c.source, c.val_split, "data.val_split"), f"data.source={c.source}", None)]
-    mixed = streams[0] if len(streams) == 1 else mix_sources(streams, [s.weight for s in specs], seed)
+        vals = [(load_rows(c.source, c.val_split, "data.val_split", c.config), f"data.source={c.source}", None)]
+    mixed = streams[0] if len(streams) == 1 else mix_sources(streams, [s.weight for s in specs], seed,
+                                                                c.stopping_strategy)
     return mixed, sources, vals
 
 
@@ -109,7 +114,7 @@ def _source(rows: datasets.IterableDataset, fmt: str, where: str, held: int = 0)
                         + (", lower data.max_val_examples, or set data.val_source." if held else "."))
     fmt = fmt if fmt != "auto" else detect_format(columns, where)
     check_fields(fmt, columns, where)
-    return StreamSource(fmt, columns, where)
+    return StreamSource(fmt, columns, where, first_row=held + 1)
 
 
 def _encode_stream_row(row: dict, *, sources: list[StreamSource], tokenizer: Any, c: DataConfig,  # noqa: ANN401
@@ -179,32 +184,58 @@ class StreamBatches(torch.utils.data.IterableDataset):
                     "lower data.max_tokens_per_batch, or run on fewer devices.")
             pos = StreamPosition(pos.epoch + 1)
 
+    def _pass_rows(self, epoch: int) -> Iterator[dict]:
+        """The rows of pass `epoch` in training order: shuffled (data.shuffle_buffer, seeded by the run seed and
+        the pass), else in stream order. The same for every rank and process, so a row count is a position."""
+        rows = self.rows
+        if self.cfg.shuffle_buffer:
+            # datasets fills the buffer from up to 10 shards at once; for one shard that only adds a reader thread
+            # pool whose shutdown sleeps 5 s at the end of every pass (Parquet).
+            rows = rows.shuffle(seed=self.seed, buffer_size=self.cfg.shuffle_buffer,  # a new dataset: its epoch is ours
+                                max_buffer_input_shards=min(10, rows.num_shards))
+            rows.set_epoch(epoch)
+        # iter(batch_size=) rather than iter(rows): in a DataLoader worker, datasets' __iter__ shards the rows by
+        # worker and reseeds every shuffle with the worker id, so a row count would mean other rows there.
+        for batch in rows.iter(batch_size=256):
+            names = list(batch)
+            for values in zip(*batch.values()):
+                yield dict(zip(names, values))
+
     def _encoded(self, pos: StreamPosition) -> Iterator[dict]:
-        rows = self.rows.skip(pos.rows_read) if pos.rows_read else self.rows  # read, not tokenized, on resume
         encode = functools.partial(_encode_stream_row, sources=self.sources, tokenizer=self.tokenizer, c=self.cfg,
                                    renames=role_map(self.cfg.roles))
-        return iter(rows.map(encode))
+        for row in itertools.islice(self._pass_rows(pos.epoch), pos.rows_read, None):  # read, not tokenized, on resume
+            yield {**row, **encode(row)}
 
     def _epoch(self, pos: StreamPosition) -> Iterator[dict]:
         buffer: list[dict] = []
         start, skip_steps = (pos.rows_read, pos.row_items), pos.steps_done
+        read = [[0, 0] for _ in self.sources]  # per source: rows that started in this window, passes started
         for k, enc in enumerate(self._encoded(pos)):
             row = pos.rows_read + k
             self._warn(enc)
+            if k or not pos.row_items:  # else the row started in the window before, which counted it
+                src = enc.get(SOURCE) or 0
+                read[src][0] += 1
+                read[src][1] += enc.get(ROW) == self.sources[src].first_row
             n_items = len(enc["_ids"])
             for j in range(pos.row_items if k == 0 else 0, n_items):
                 buffer.append({"input_ids": enc["_ids"][j], "labels": enc["_labels"][j]})
                 self.peak_buffer = max(self.peak_buffer, len(buffer))
                 if len(buffer) == self.cfg.stream_buffer:
                     after = StreamPosition(pos.epoch, *((row, j + 1) if j + 1 < n_items else (row + 1, 0)))
-                    yield from self._window(buffer, pos.epoch, start, skip_steps, after)
+                    yield from self._window(buffer, pos.epoch, start, skip_steps, after, read)
                     buffer, start, skip_steps = [], (after.rows_read, after.row_items), 0
+                    read = [[0, 0] for _ in self.sources]
         if buffer:
-            yield from self._window(buffer, pos.epoch, start, skip_steps, StreamPosition(pos.epoch + 1))
+            yield from self._window(buffer, pos.epoch, start, skip_steps, StreamPosition(pos.epoch + 1), read)
 
     def _window(self, examples: list[dict], epoch: int, start: tuple[int, int], skip_steps: int,
-                after: StreamPosition) -> Iterator[dict]:
-        """This rank's batches of one window; the same window packs the same way on every rank and on resume."""
+                after: StreamPosition, read: list[list[int]]) -> Iterator[dict]:
+        """This rank's batches of one window; the same window packs the same way on every rank and on resume.
+
+        The window's rows per source (`read`) travel with its last batch, which moves the position past them.
+        """
         c = self.cfg
         lengths = [len(e["input_ids"]) for e in examples]
         seed = hash((self.seed, epoch, *start))  # ints hash the same in every process
@@ -218,7 +249,8 @@ class StreamBatches(torch.utils.data.IterableDataset):
         for s in range(skip_steps, len(mine)):
             batch = collate([examples[i] for i in mine[s]])
             done = after if s + 1 == len(mine) else StreamPosition(epoch, *start, s + 1)
-            batch[STREAM_KEY] = {**asdict(done), "tokens": sum(lengths[i] for i in mine[s])}
+            batch[STREAM_KEY] = {**asdict(done), "tokens": sum(lengths[i] for i in mine[s]),
+                                 "sources": read if s + 1 == len(mine) else [[0, 0]] * len(read)}
             yield batch
 
     def _warn(self, enc: dict) -> None:

@@ -131,7 +131,10 @@ def run(cfg: RunConfig) -> dict:
             results["longest_trained"] = longest_trained(results["seq_scaling"])
             atomic_write_json(out, results)
     if b.data_pipeline_examples:
-        results["data_pipeline"] = sweeps.data_pipeline(b.data_pipeline_examples)
+        from bamba_ft.jobs.bench_data import data_pipeline
+
+        results["data_pipeline"] = data_pipeline(b.data_pipeline_examples, list(b.data_pipeline_num_proc),
+                                                 list(b.data_pipeline_paths), seed)
     if b.mixer_only:
         results["mixer_only"] = sweeps.mixer_only(mcfg, b, device, seed)
     results["summary"] = summarize(results["runs"])

@@ -171,9 +171,9 @@ def _extra_lines(results: dict) -> list[str]:
                       f"{m['transformers_ms']:.1f} ms, bamba_ft ({m['bamba_ft_backend']}) {m['bamba_ft_ms']:.1f} ms "
                       f"({m['speedup']:.2f}x)"]
     if results.get("data_pipeline"):
-        d = results["data_pipeline"]
-        lines += ["", f"data pipeline: {d['examples']} examples tokenized+packed in {d['tokenize_s'] + d['pack_s']:.1f} s "
-                      f"({d['examples_per_s']:,.0f} examples/s), packing efficiency {100 * d['packing_efficiency']:.1f}%"]
+        from bamba_ft.jobs.bench_data import data_pipeline_lines
+
+        lines += data_pipeline_lines(results["data_pipeline"])
     return lines
 
 
@@ -183,9 +183,10 @@ def markdown(results: dict) -> str:
              f"{v.get('mamba-ssm', '-')} | causal-conv1d {v.get('causal-conv1d', '-')}"]
     b = results["bench"]
     repeats = b.get("repeats", 1)
-    lines += [f"{b['warmup_steps']} warm-up steps, {b['steps']} timed steps (median per run); {repeats} interleaved "
-              f"run{'s' if repeats > 1 else ''} of every variant, each run on fresh batches; ratios are per run, "
-              "against the best hf_padfree* variant of that run"]
+    if b.get("variants") != []:  # a data-only benchmark ('bench.variants=[]') times no steps
+        lines += [f"{b['warmup_steps']} warm-up steps, {b['steps']} timed steps (median per run); {repeats} "
+                  f"interleaved run{'s' if repeats > 1 else ''} of every variant, each run on fresh batches; ratios "
+                  "are per run, against the best hf_padfree* variant of that run"]
     line = headline(results)
     if line:
         lines += ["", line]

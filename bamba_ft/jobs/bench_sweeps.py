@@ -1,4 +1,4 @@
-"""The benchmark's sweeps: token budgets per step, one long sequence per step, one mixer alone, the data path."""
+"""The benchmark's sweeps: token budgets per step, one long sequence per step, one mixer alone."""
 
 from __future__ import annotations
 
@@ -134,22 +134,3 @@ def mixer_only(model_cfg: ModelConfig, b: BenchConfig, device: torch.device, see
     ours = time_it(lambda: mixer_forward(mixer, h, attention_mask=mask, backend=backend))
     return {"batch": [len(lengths), width], "real_tokens": sum(lengths), "transformers_ms": stock,
             "bamba_ft_ms": ours, "bamba_ft_backend": backend.value, "speedup": stock / ours}
-
-
-def data_pipeline(n: int) -> dict:
-    """Tokenize and pack `n` generated chat examples on the CPU."""
-    from bamba_ft.config.schema import DataConfig
-    from bamba_ft.data.builtin import build_char_tokenizer
-    from bamba_ft.data.module import BambaDataModule
-
-    tok = build_char_tokenizer()
-    dm = BambaDataModule(DataConfig(builtin_train_examples=n, builtin_val_examples=10, max_tokens_per_batch=4096,
-                                    max_seq_len=512, num_proc=1), tok)
-    t0 = time.perf_counter()
-    dm.prepare()
-    t1 = time.perf_counter()
-    plan = dm.make_plan(dm.train_set, shuffle=True)
-    batches = plan.plan()
-    t2 = time.perf_counter()
-    return {"examples": n, "tokenize_s": t1 - t0, "pack_s": t2 - t1, "examples_per_s": n / (t2 - t0),
-            "tokens": dm.stats["train"].tokens, "batches": len(batches), "packing_efficiency": plan.efficiency()}

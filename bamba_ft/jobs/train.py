@@ -281,7 +281,7 @@ def _finish(cfg: RunConfig, model: nn.Module, tokenizer: Any, dm: BambaDataModul
             "tokens_per_sec": logged.get("train/tokens_per_sec"),
         },
         "data": {name: vars(st) for name, st in dm.stats.items()}
-        | ({"train_stream": {**vars(dm.stream_position), "batches": dm.stream_batches}} if dm.stream else {}),
+        | ({"train_stream": dm.stream_report()} if dm.stream else {}),
         "packing_efficiency": dm.packing_efficiency(),
         "outputs": {"run": str(run_dir), saved.name: str(saved)},
     }

@@ -55,3 +55,16 @@ def test_resume_skips_only_in_the_epoch_the_checkpoint_was_in() -> None:
     plan.resume_from(1, 3)  # mid-epoch: Lightning continues epoch 1
     assert list(plan) == list(expected)[3:]
     assert list(plan) == list(expected)  # the next pass over the epoch is whole again
+
+
+def test_epochs_keep_about_two_thirds_of_batch_mates_on_lognormal_lengths() -> None:
+    """What README says of the in-memory epoch shuffle: a new batch order, batch-mates only partly changed."""
+    rng = random.Random(0)
+    lengths = [min(512, int(rng.lognormvariate(5, 0.7))) for _ in range(5000)]
+    plan = BatchPlan(lengths, packing=True, max_tokens=4096, batch_size=8, seed=3)
+    mates = []
+    for epoch in (0, 1):
+        plan.set_epoch(epoch)
+        mates.append({i: frozenset(b) - {i} for b in plan.plan() for i in b})
+    kept = sum(len(mates[0][i] & mates[1][i]) for i in mates[0]) / sum(len(m) for m in mates[0].values())
+    assert 0.55 <= kept <= 0.75  # "about two thirds"

@@ -256,6 +256,8 @@ def test_token_budget_table_and_bests() -> None:
     ("memory_modes", ["all", "all"], "bench.memory_modes=\\['all', 'all'\\] must name each mode once"),
     ("memory_modes", [], "bench.memory_modes=\\[\\] must name each mode once"),
     ("token_budgets", [4096, 0], "bench.token_budgets=\\[4096, 0\\]"),
+    ("data_pipeline_num_proc", [1, 0], "bench.data_pipeline_num_proc=\\[1, 0\\] must list process counts"),
+    ("data_pipeline_paths", ["memory", "disk"], "bench.data_pipeline_paths=\\['memory', 'disk'\\] must name memory"),
 ])
 def test_bench_keys_are_checked(key: str, value: object, message: str) -> None:
     cfg = RunConfig()

@@ -451,11 +451,11 @@ def test_sources_mix_by_weight_deterministically() -> None:
     from bamba_ft.data.module import mix_sources
 
     parts = [datasets.Dataset.from_dict({"source": [i] * 6000}) for i in (0, 1)]
-    first = mix_sources(parts, [0.7, 0.3], seed=1)["source"][:5000]
+    first = mix_sources(parts, [0.7, 0.3], seed=1, stopping_strategy="first_exhausted")["source"][:5000]
     assert abs(first.count(0) / 5000 - 0.7) < 0.02  # binomial sd at n=5000 is 0.0065
-    assert mix_sources(parts, [0.7, 0.3], seed=1)["source"][:5000] == first
-    assert mix_sources(parts, [0.7, 0.3], seed=2)["source"][:5000] != first
-    assert mix_sources(parts, [None, None], seed=1)["source"] == [0] * 6000 + [1] * 6000
+    assert mix_sources(parts, [0.7, 0.3], seed=1, stopping_strategy="first_exhausted")["source"][:5000] == first
+    assert mix_sources(parts, [0.7, 0.3], seed=2, stopping_strategy="first_exhausted")["source"][:5000] != first
+    assert mix_sources(parts, [None, None], seed=1, stopping_strategy="first_exhausted")["source"] == [0] * 6000 + [1] * 6000
 
 
 def test_sources_map_columns_and_count_each_source(builtin_tokenizer, tmp_path: Path) -> None:  # noqa: ANN001

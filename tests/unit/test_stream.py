@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import datasets
 import pytest
+import torch
 
 from bamba_ft.config.schema import DataConfig, RunConfig, SourceConfig, validate
 from bamba_ft.data.builtin import generate_pretrain, generate_sft
@@ -44,8 +45,8 @@ def data_cfg(source: str, **kw) -> DataConfig:  # noqa: ANN003
     return DataConfig(**{**base, **kw})
 
 
-def stream_of(tokenizer, cfg: DataConfig, **kw) -> StreamBatches:  # noqa: ANN001, ANN003
-    dm = BambaDataModule(cfg, tokenizer)
+def stream_of(tokenizer, cfg: DataConfig, seed: int = 42, **kw) -> StreamBatches:  # noqa: ANN001, ANN003
+    dm = BambaDataModule(cfg, tokenizer, seed=seed)
     dm.prepare()
     return StreamBatches(dm.stream, dm.stream_sources, tokenizer, cfg, dm.seed, **kw)
 
@@ -54,6 +55,11 @@ def sequences(batch: dict) -> list[Seq]:
     cu = batch["cu_seq_lens_q"].tolist()
     ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
     return [(tuple(ids[a:b]), tuple(labels[a:b])) for a, b in zip(cu, cu[1:])]
+
+
+def position_of(meta: dict) -> StreamPosition:
+    """The position a batch's STREAM_KEY entry ends at (without its counts)."""
+    return StreamPosition(**{f.name: meta[f.name] for f in fields(StreamPosition)})
 
 
 def one_epoch(batches: Iterator[dict]) -> list[tuple[list[Seq], dict]]:
@@ -87,9 +93,44 @@ def test_stream_resume_continues_at_the_same_position(builtin_tokenizer, files: 
     cfg = data_cfg(files["docs"], streaming=True, stream_buffer=7)  # windows end inside rows (split documents)
     full = one_epoch(iter(stream_of(builtin_tokenizer, cfg)))
     assert any(meta["row_items"] for _, meta in full)  # some stop points lie mid-row
-    position = StreamPosition(**{k: v for k, v in full[stop - 1][1].items() if k != "tokens"})
+    position = position_of(full[stop - 1][1])
     after = one_epoch(iter(stream_of(builtin_tokenizer, cfg, start=position)))
     assert [s for s, _ in full[:stop] + after] == [s for s, _ in full]
+
+
+def passes(batches: Iterator[dict], n: int) -> list[tuple[list[Seq], dict]]:
+    """(sequences, position after) of each batch until `n` passes over the stream have ended."""
+    out = []
+    for batch in batches:
+        out.append((sequences(batch), batch[STREAM_KEY]))
+        if batch[STREAM_KEY]["epoch"] == n:
+            return out
+    raise AssertionError("the stream ended; it should restart")
+
+
+def test_stream_shuffle_is_seeded_by_pass_and_resumes_at_the_same_rows(builtin_tokenizer, files: dict[str, str]) -> None:  # noqa: ANN001
+    cfg = data_cfg(files["sft"], streaming=True, shuffle_buffer=16, stream_buffer=8, max_tokens_per_batch=128)
+    stream = stream_of(builtin_tokenizer, cfg)
+    orders = [[r["__row__"] for r in stream._pass_rows(epoch)] for epoch in range(2)]
+    assert sorted(orders[0]) == sorted(orders[1]) == list(range(1, 71))  # every row once per pass
+    assert orders[0] != list(range(1, 71)) and orders[0] != orders[1]  # shuffled, differently in each pass
+    assert [r["__row__"] for r in stream_of(builtin_tokenizer, cfg, seed=7)._pass_rows(0)] != orders[0]
+    assert [r["__row__"] for r in stream_of(builtin_tokenizer, cfg)._pass_rows(1)] == orders[1]  # reproducible
+    full = passes(iter(stream), 2)
+    positions = [position_of(meta) for _, meta in full]
+    for epoch in (0, 1):  # a stop inside a window, past the first window, of each pass
+        stop = next(i for i, p in enumerate(positions, 1) if p.epoch == epoch and p.rows_read and p.steps_done)
+        position = positions[stop - 1]
+        after = passes(iter(stream_of(builtin_tokenizer, cfg, start=position)), 2)
+        assert [s for s, _ in full[:stop] + after] == [s for s, _ in full]
+
+
+def test_stream_shuffle_order_is_the_same_in_a_dataloader_worker(builtin_tokenizer, files: dict[str, str]) -> None:  # noqa: ANN001
+    """datasets reseeds a shuffle in a DataLoader worker by the worker id; data.num_workers=1 must not move rows."""
+    cfg = data_cfg(files["sft"], streaming=True, shuffle_buffer=16, stream_buffer=8, max_tokens_per_batch=128)
+    here = [s for s, _ in one_epoch(iter(stream_of(builtin_tokenizer, cfg)))]
+    loader = torch.utils.data.DataLoader(stream_of(builtin_tokenizer, cfg), batch_size=None, num_workers=1)
+    assert [s for s, _ in one_epoch(iter(loader))] == here
 
 
 def test_datamodule_state_resumes_the_stream(builtin_tokenizer, files: dict[str, str]) -> None:  # noqa: ANN001
@@ -111,6 +152,10 @@ def test_datamodule_state_resumes_the_stream(builtin_tokenizer, files: dict[str,
     assert resumed.stream_batches == 12
     with pytest.raises(ConfigError, match="data.streaming=true"):
         BambaDataModule(data_cfg(files["sft"]), builtin_tokenizer).load_state_dict(state)
+    older = {"stream": {k: v for k, v in state["stream"].items() if k != "shuffle_buffer"}}  # before the shuffle
+    with pytest.raises(ConfigError, match=r"(?s)data.shuffle_buffer=0, this run has data.shuffle_buffer=10000.*"
+                                          r"Fix: resume with data.shuffle_buffer=0"):
+        BambaDataModule(cfg, builtin_tokenizer).load_state_dict(older)
 
 
 def test_stream_ranks_see_disjoint_data_in_equal_steps(builtin_tokenizer, files: dict[str, str]) -> None:  # noqa: ANN001
@@ -118,7 +163,7 @@ def test_stream_ranks_see_disjoint_data_in_equal_steps(builtin_tokenizer, files:
     whole = Counter(s for seqs, _ in one_epoch(iter(stream_of(builtin_tokenizer, cfg))) for s in seqs)
     ranks = [one_epoch(iter(stream_of(builtin_tokenizer, cfg, rank=r, world_size=2))) for r in range(2)]
     assert len(ranks[0]) == len(ranks[1])
-    positions = [[{k: v for k, v in m.items() if k != "tokens"} for _, m in rank] for rank in ranks]
+    positions = [[(position_of(m), m["sources"]) for _, m in rank] for rank in ranks]
     assert positions[0] == positions[1]  # one position describes both ranks
     parts = [Counter(s for seqs, _ in rank for s in seqs) for rank in ranks]
     assert not parts[0] & parts[1] and parts[0] + parts[1] == whole
