@@ -52,6 +52,33 @@ def allow_mixer_out_proj(model: nn.Module) -> Iterator[None]:
         tuners_utils._check_lora_target_modules_mamba = check
 
 
+@contextmanager
+def adapters_off_meta(model: nn.Module) -> Iterator[None]:
+    """On a base whose parameters are on the meta device (built to be sharded), keep new adapters on the CPU.
+
+    peft moves each new adapter to its base layer's device (in `_replace_module` and in
+    `_move_adapter_to_device_of_base_layer`); onto meta that would discard the initial values it has just drawn,
+    which must be those a one-process run draws from the same seed. Here a module's move to meta leaves it where
+    it is; a dtype cast in the same call still applies.
+    """
+    if not any(p.is_meta for p in model.parameters()):
+        yield
+        return
+    to = nn.Module.to
+
+    def to_unless_meta(self: nn.Module, *args, **kwargs) -> nn.Module:  # noqa: ANN002, ANN003
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if device is None or device.type != "meta":
+            return to(self, *args, **kwargs)
+        return to(self, dtype=dtype) if dtype is not None else self
+
+    nn.Module.to = to_unless_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.to = to  # type: ignore[method-assign]
+
+
 def apply_peft(model: nn.Module, cfg: PeftConfig, fused: bool = True) -> nn.Module:
     """LoRA adapters on `cfg.target_modules` (base frozen), or the model unchanged for full fine-tuning.
 
@@ -86,7 +113,7 @@ def apply_peft(model: nn.Module, cfg: PeftConfig, fused: bool = True) -> nn.Modu
     with warnings.catch_warnings():
         # int8 bases: peft warns that it cannot re-quantize after merging; bamba_ft merges into dequantized weights.
         warnings.filterwarnings("ignore", message=".*get_apply_tensor_subclass.*")
-        with allow_mixer_out_proj(model):
+        with allow_mixer_out_proj(model), adapters_off_meta(model):
             peft_model = get_peft_model(model, lora)
     if fused:
         fuse_lora_forward(peft_model)
