@@ -14,13 +14,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import OmegaConf
 
 from bamba_ft.config.schema import RunConfig, canonical_checkpointing
 from bamba_ft.errors import ConfigError
 from bamba_ft.jobs.lock import held_elsewhere
-from bamba_ft.model.restore import checkpoint_problem
+from bamba_ft.model.restore import checkpoint_problem, checkpoint_state, is_sharded
 from bamba_ft.rundir import RunDir
 
 log = logging.getLogger("bamba_ft")
@@ -69,7 +68,7 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
         path = runs[-1]
     else:
         path = Path(resume).expanduser()
-    if path.is_file():
+    if path.is_file() or is_sharded(path):
         problem = checkpoint_problem(path)
         if problem:
             raise ConfigError(f"{key}: {path} is {problem}.\n"
@@ -86,6 +85,7 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
     `.name.tmp` files. Runs that another live process holds are left alone."""
     if held_elsewhere(run_dir):
         return []
+    restore_replaced(run_dir / "checkpoints")
     stale = [p for pattern in (".*.partial", ".*.tmp", "checkpoints/.*.partial") for p in run_dir.glob(pattern)]
     for path in stale:
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
@@ -95,12 +95,39 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
     return stale
 
 
+def replace_path(tmp: Path, path: Path) -> None:
+    """Rename `tmp` (a finished file or directory) onto `path`; a directory in the way is first renamed aside to
+    `.NAME.old`, which `restore_replaced` puts back if a crash comes between the two renames."""
+    if path.is_dir():
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        if path.exists():
+            path.unlink()  # a checkpoint file of the same name (os.replace cannot put a directory over a file)
+        os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def restore_replaced(directory: Path) -> None:
+    """Undo a `replace_path` cut short: `.NAME.old` goes back to NAME when NAME is missing, else it is removed."""
+    for old in directory.glob(".*.old"):
+        name = directory / old.name[1 : -len(".old")]
+        if name.exists():
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+        else:
+            os.replace(old, name)
+            log.warning("restored %s: a checkpoint save that was replacing it was killed midway", name)
+
+
 # ----- the config a checkpoint was written with
 
 
 def saved_config(ckpt: Path) -> dict[str, Any] | None:
     """The RunConfig (as a dict) stored in `ckpt`, else its run's run_config.yaml, else None."""
-    state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+    state = checkpoint_state(ckpt)
     if CONFIG_KEY in state:
         return state[CONFIG_KEY]
     run_config = RunDir.of_checkpoint(ckpt).run_config

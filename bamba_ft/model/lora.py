@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -195,12 +196,11 @@ def check_adapter_gradients(model: nn.Module, batch: dict, loss_fn) -> dict[str,
     try:
         with torch.no_grad():
             for n in saved:
-                params[n].normal_(0.0, 0.02)
+                _local(params[n]).normal_(0.0, 0.02)
         for p in params.values():
             p.grad = None
         loss_fn(model, batch).backward()
-        norms = {n: float(p.grad.norm()) if p.grad is not None else 0.0 for n, p in params.items()}
-        finite = {n: torch.isfinite(p.grad).all().item() if p.grad is not None else False for n, p in params.items()}
+        norms = {n: _norm(p.grad) for n, p in params.items()}  # a non-finite entry makes the norm non-finite
     finally:
         with torch.no_grad():
             for n, value in saved.items():
@@ -208,7 +208,7 @@ def check_adapter_gradients(model: nn.Module, batch: dict, loss_fn) -> dict[str,
         for p in params.values():
             p.grad = None
         model.train(was_training)
-    bypassed = sorted({_module_of(n) for n, v in norms.items() if v == 0.0 or not finite[n]})
+    bypassed = sorted({_module_of(n) for n, v in norms.items() if v == 0.0 or not math.isfinite(v)})
     if bypassed:
         shown = "\n".join(bypassed[:20]) + (f"\n... and {len(bypassed) - 20} more" if len(bypassed) > 20 else "")
         raise ModelError(
@@ -217,6 +217,19 @@ def check_adapter_gradients(model: nn.Module, batch: dict, loss_fn) -> dict[str,
             "directly). Fix: use bamba_ft's mixer (model.mixer=auto) or drop them from peft.target_modules."
         )
     return norms
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded (DTensor) tensor; a plain tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _norm(grad: torch.Tensor | None) -> float:
+    """The norm of a gradient over all its shards (0 when there is none)."""
+    if grad is None:
+        return 0.0
+    norm = grad.norm()
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 def _module_of(param_name: str) -> str:

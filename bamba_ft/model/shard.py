@@ -86,34 +86,51 @@ def initial_values(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: t.detach().clone() for n, t in model.state_dict(keep_vars=True).items() if not t.is_meta}
 
 
-def load_sharded(model: nn.Module, read: Reader | None, initial: dict[str, torch.Tensor]) -> None:
+def load_sharded(model: nn.Module, make_reader: Callable[[], Reader] | None, initial: dict[str, torch.Tensor]) -> None:
     """Give every rank its shards of `model`'s weights, one unit at a time, from rank 0.
 
-    On rank 0, `read` gives the checkpoint's tensors and `initial` the adapters' starting values (which also
-    win for any name both have); other ranks pass None and {}. Tied weights (one tensor under two names) are
-    loaded once. Raises ModelError on rank 0 naming weights the checkpoint lacks.
+    Rank 0 passes `make_reader` (the checkpoint's tensors) and `initial` (the adapters' starting values, which
+    win for any name both have); the other ranks pass None and {}. A problem on rank 0 (a missing file or
+    tensor) is sent to every rank, which all raise the same ModelError instead of waiting for tensors.
     """
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    rank0 = dist.get_rank() == 0
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
     dtypes = {n: t.dtype for n, t in model.state_dict(keep_vars=True).items()}
+    read: Reader | None = None
     for unit, names in _units(model):
         state: dict[str, torch.Tensor] = {}
-        if rank0:
-            wanted = {checkpoint_key(n) for n in names if n not in initial}
-            found = read(sorted(wanted)) if wanted else {}
-            missing = sorted(wanted - set(found))
-            if missing:
-                raise ModelError(f"the checkpoint has no tensor {missing[0]} ({len(missing)} missing in {unit}); "
-                                 "it was saved for a different model.")
-            state = {n: (initial[n] if n in initial else found[checkpoint_key(n)]).to(dtypes[n]) for n in names}
+        error: Exception | None = None
+        if make_reader is not None:
+            try:
+                read = read or make_reader()
+                state = _unit_state(read, names, initial, dtypes)
+            except Exception as e:  # the other ranks are waiting for this unit: tell them first
+                error = e
+        problem = [f"{type(error).__name__}: {error} (loading {unit})" if error else None]
+        dist.broadcast_object_list(problem, src=0)
+        if error is not None:
+            raise error
+        if problem[0] is not None:
+            raise ModelError(f"rank 0 could not read the weights: {problem[0]}")
         set_model_state_dict(model, state, options=options)
         del state
     left = [n for n, t in model.state_dict(keep_vars=True).items() if t.is_meta]
     if left:
         raise ModelError(f"{len(left)} tensors of the model were not loaded (first: {left[0]}).")
+
+
+def _unit_state(read: Reader, names: list[str], initial: dict[str, torch.Tensor],
+                dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
+    """Rank 0: the full tensors of one unit, by the model's names, in the model's dtypes."""
+    wanted = {checkpoint_key(n) for n in names if n not in initial}
+    found = read(sorted(wanted)) if wanted else {}
+    missing = sorted(wanted - set(found))
+    if missing:
+        raise ModelError(f"the checkpoint has no tensor {missing[0]} ({len(missing)} missing); it was saved for "
+                         "a different model.")
+    return {n: (initial[n] if n in initial else found[checkpoint_key(n)]).to(dtypes[n]) for n in names}
 
 
 def _checkpoint_files(path: Path) -> dict[str, Path]:
