@@ -25,6 +25,7 @@ from bamba_ft.rundir import RunDir
 log = logging.getLogger("bamba_ft")
 
 CONFIG_KEY = "bamba_ft_config"  # the run's RunConfig, as a dict, inside every checkpoint
+WORLD_KEY = "bamba_ft_world_size"  # the number of ranks that wrote it
 
 # Keys whose change on resume applies from the resumed step on (recorded in the new run's run_config.yaml).
 APPLIED = ("optim.", "trainer.max_steps", "trainer.max_epochs", "trainer.val_check_interval",
@@ -33,6 +34,9 @@ APPLIED = ("optim.", "trainer.max_steps", "trainer.max_epochs", "trainer.val_che
            "trainer.precision", "trainer.accelerator", "trainer.deterministic", "trainer.num_sanity_val_steps",
            "model.dtype", "model.attn_implementation", "model.mixer", "model.gradient_checkpointing",
            "model.activation_offload", "model.cuda_graphs", "data.num_proc", "data.num_workers", "data.max_val_examples", "eval.", "logger.")
+# Keys that set how many ranks share a step and how many batches each accumulates: a resume may change them when
+# ranks x accumulated batches (the batches of one optimizer step) stays the same (`resume_on_ranks` checks that).
+RANKS = ("trainer.devices", "trainer.num_nodes", "trainer.accumulate_grad_batches")
 # Keys that do not concern training at all.
 IGNORED = ("task", "debug", "output_dir", "trainer.resume", "trainer.fast_dev_run", "export.", "bench.", "sweep.")
 
@@ -163,7 +167,8 @@ def config_changes(old: dict[str, Any], new: RunConfig) -> tuple[list[str], list
             continue
         # A stream's validation rows are its head, so their number moves where training starts in the stream.
         fixed_by_stream = key == "data.max_val_examples" and new.data.streaming
-        (applied if _matches(key, APPLIED) and not fixed_by_stream else refused).append(f"{key}: {was!r} -> {now!r}")
+        ok = (_matches(key, APPLIED) and not fixed_by_stream) or (_matches(key, RANKS) and not new.data.streaming)
+        (applied if ok else refused).append(f"{key}: {was!r} -> {now!r}")
     return applied, refused
 
 
@@ -183,6 +188,38 @@ def check_resume_config(ckpt: Path, cfg: RunConfig) -> list[str]:
             "Fix: drop these overrides to resume, or start a new run (without trainer.resume) to train with them."
         )
     return applied
+
+
+def resume_on_ranks(checkpoint: dict[str, Any], world_size: int, accumulate: int) -> None:
+    """Let a checkpoint written by N ranks continue on M: same optimizer steps, each from the same batches.
+
+    Rank r trains on every N-th batch of the epoch plan, so N ranks accumulating A batches consume the plan in the
+    order M ranks accumulating B do when N*A == M*B. The loop counters of a checkpoint count this rank's batches:
+    the batches done are rescaled by N/M, keeping the one-batch lag that marks a save at a batch's end. The data
+    module rescales its position the same way (BambaDataModule.load_state_dict).
+    """
+    saved = int(checkpoint.get(WORLD_KEY, world_size))
+    if saved == world_size:
+        return
+    saved_accumulate = int(checkpoint.get(CONFIG_KEY, {}).get("trainer", {}).get("accumulate_grad_batches", 0))
+    if saved * saved_accumulate != world_size * accumulate:
+        fit = saved * saved_accumulate / world_size
+        fix = (f"trainer.accumulate_grad_batches={int(fit)}" if fit == int(fit) and fit >= 1
+               else f"a number of ranks that divides {saved * saved_accumulate}")
+        raise ConfigError(
+            f"trainer.resume: the checkpoint was written by {saved} ranks accumulating {saved_accumulate} batches "
+            f"per step ({saved * saved_accumulate} batches a step); this run has {world_size} ranks accumulating "
+            f"{accumulate} ({world_size * accumulate}), which would change the training.\nFix: {fix}."
+        )
+    progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+    for part in ("total", "current"):
+        counts = progress[part]
+        done, rest = divmod(counts["processed"] * saved, world_size)
+        if rest:
+            raise ConfigError(f"trainer.resume: the checkpoint was written in the middle of an optimizer step's "
+                              f"batches, which {world_size} ranks cannot split.\nFix: resume from last.ckpt or "
+                              f"interrupted.ckpt (written at a step), or on {saved} ranks.")
+        progress[part] = {k: done - (counts["processed"] - v) for k, v in counts.items()}
 
 
 def config_for_checkpoint(cfg: RunConfig) -> dict[str, Any]:
