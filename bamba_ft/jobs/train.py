@@ -169,8 +169,8 @@ def _shard_and_load(cfg: RunConfig, dm: BambaDataModule, device: torch.device, l
         reader = functools.partial(shard.safetensors_reader, cfg.model)
     shard.load_sharded(lit.model, reader if rank0 else None, initial)
     held, full = (sum(x) for x in zip(*((h, f) for _, h, f in shard.storage_bytes(lit.model))))
-    log.info("FSDP: %d units over %d ranks; this rank holds %.1fM of %.1fM parameters (%s)", units,
-             dist.get_world_size(), held / 1e6, full / 1e6, str(dtype).removeprefix("torch."))
+    log.info("FSDP: %d units over %d ranks; this rank holds %s of %s parameters (%s)", units,
+             dist.get_world_size(), f"{held:,}", f"{full:,}", str(dtype).removeprefix("torch."))
     _probe(cfg, lit.model, dm, device, lambda m, b: lit.mean_loss(b))
 
 
