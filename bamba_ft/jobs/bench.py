@@ -45,6 +45,7 @@ from bamba_ft.config.schema import (
 )
 from bamba_ft.data.packing import collate_packed, collate_padded
 from bamba_ft.errors import ConfigError, suggest
+from bamba_ft.jobs import bench_ranks as ranks
 from bamba_ft.jobs.report import atomic_write_json, atomic_write_text
 from bamba_ft.jobs.runtime import autocast_for, choose_device, to_device
 from bamba_ft.model.build import build_model
@@ -222,6 +223,7 @@ def measure(v: Variant, model: nn.Module, steps: list, b: BenchConfig, device: t
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
     loss_fn = _stock_loss if v.stock else mean_loss
+    step_fn = ranks.step_module(model, loss_fn, device, find_unused=v.stock)  # DDP under torchrun
     times, tokens = [], []
     untimed = b.warmup_steps + (b.steps if b.rehearse else 0)
     if b.rehearse:  # the timed batches once more, untimed, before they are timed
@@ -231,7 +233,7 @@ def measure(v: Variant, model: nn.Module, steps: list, b: BenchConfig, device: t
         sync_device(device)
         t0 = time.perf_counter()
         with autocast_for(causal_lm(model), device), activation_memory(model, offload):
-            loss = loss_fn(model, batch)
+            loss = step_fn(batch)
         loss.backward()
         if i == 0:
             result["adapters_with_grad"], result["adapters"] = _adapter_coverage(model)
@@ -398,13 +400,29 @@ def _check_variants(b: BenchConfig) -> None:
 
 
 def run(cfg: RunConfig) -> dict:
-    from bamba_ft.jobs import bench_sweeps as sweeps
-    from bamba_ft.jobs.bench_report import budget_bests, headline, longest_trained, markdown, summarize
-    from bamba_ft.jobs.model_card import library_versions
-
     b = cfg.bench
     _check_variants(b)
+    ranks.check_distributed(b)
     device = choose_device(cfg.trainer.accelerator)
+    ranks.start(device)  # several ranks (torchrun): each on the GPU of its local rank
+    try:
+        return _run(cfg, b, device)
+    finally:
+        ranks.stop()
+
+
+def _run(cfg: RunConfig, b: BenchConfig, device: torch.device) -> dict:
+    from bamba_ft.jobs import bench_sweeps as sweeps
+    from bamba_ft.jobs.bench_report import (
+        budget_bests,
+        headline,
+        longest_trained,
+        markdown,
+        merge_ranks,
+        summarize,
+    )
+    from bamba_ft.jobs.model_card import library_versions
+
     mcfg = cfg.model if cfg.model.init == "random" else replace(cfg.model, init="random")
     if mcfg.shape is None:
         mcfg = replace(mcfg, shape="bamba-9b" if device.type == "cuda" else "tiny")
@@ -413,12 +431,19 @@ def run(cfg: RunConfig) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "shape": mcfg.shape, "versions": library_versions(), "bench": asdict(b), "peft": asdict(cfg.peft),
         "rehearse": rehearse_settings(b), "date": time.strftime("%Y-%m-%d"), "runs": [],
+        "world_size": ranks.world_size(),
     }
     out = Path(b.output) if Path(b.output).is_absolute() else Path(cfg.output_dir) / b.output
     for row in run_interleaved(b, mcfg, cfg.peft, device, seed, vocab, Path(cfg.output_dir)):
+        every_rank = ranks.gather(row)
+        if every_rank is None:  # ranks > 0: rank 0 reports
+            continue
+        row = merge_ranks(every_rank)
         log.info("bench %s: %s", row["variant"], json.dumps(row))
         results["runs"].append(row)
         atomic_write_json(out, results)  # what a long benchmark has measured survives its interruption
+    if ranks.rank() != 0:
+        return {}
     if b.token_budgets:
         results["token_budgets"] = []
         for row in sweeps.token_budgets(mcfg, cfg.peft, b, device, seed, vocab):
