@@ -25,7 +25,7 @@ from torch import nn
 from bamba_ft.config.schema import ModelConfig
 from bamba_ft.errors import ModelError
 from bamba_ft.model.build import empty_model, load_config, resolve_path
-from bamba_ft.model.families import family_for
+from bamba_ft.model.families import family_for, family_of
 from bamba_ft.ops.loss import causal_lm
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,11 @@ def shard_model(root: nn.Module, model: nn.Module, mesh, policy) -> int:  # noqa
     from torch.distributed.fsdp import fully_shard
 
     layers = causal_lm(model).model.layers
+    unit = family_of(model).decoder_layer_class
+    odd = sorted({type(layer).__name__ for layer in layers if not isinstance(layer, unit)})
+    if odd:
+        raise ModelError(f"the decoder stack holds {', '.join(odd)}, not only {unit.__name__}: one FSDP unit per "
+                         "decoder layer needs the family's layer class.")
     for i, layer in enumerate(layers):
         # the last layer's weights are needed again at once by backward: keep them gathered after its forward
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(layers) - 1)
