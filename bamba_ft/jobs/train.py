@@ -143,11 +143,13 @@ def _prepare(cfg: RunConfig, device: torch.device) -> tuple[nn.Module, Any, Bamb
     return model, tokenizer, dm
 
 
-def _probe(cfg: RunConfig, model: nn.Module, dm: BambaDataModule, device: torch.device, loss_fn: Callable) -> None:
-    """Every adapter must receive gradient before hours are spent training it."""
+def _probe(cfg: RunConfig, model: nn.Module, dm: BambaDataModule, device: torch.device, loss_fn: Callable,
+           autocast: contextlib.AbstractContextManager | None = None) -> None:
+    """Every adapter must receive gradient before hours are spent training it (under `autocast`, by default the
+    one the model's dtype implies)."""
     probe = to_device(dm.first_batch(), device)
     where = "the gradient probe (the first forward and backward, on the first training batch)"
-    with _explain_oom(cfg, lambda: where, lambda: batch_tokens(probe)), autocast_for(causal_lm(model), device):
+    with _explain_oom(cfg, lambda: where, lambda: batch_tokens(probe)), autocast or autocast_for(causal_lm(model), device):
         norms = check_adapter_gradients(model, probe, loss_fn)
     log.info("gradient check: all %d trainable tensors receive gradient", len(norms))
 
@@ -171,7 +173,10 @@ def _shard_and_load(cfg: RunConfig, dm: BambaDataModule, device: torch.device, l
     held, full = (sum(x) for x in zip(*((h, f) for _, h, f in shard.storage_bytes(lit.model))))
     log.info("FSDP: %d units over %d ranks; this rank holds %s of %s parameters (%s)", units,
              dist.get_world_size(), f"{held:,}", f"{full:,}", str(dtype).removeprefix("torch."))
-    _probe(cfg, lit.model, dm, device, lambda m, b: lit.mean_loss(b))
+    # as Lightning runs the steps: bf16 autocast under bf16-mixed, whatever dtype the shards are kept in
+    mixed = device.type == "cuda" and resolve_precision(cfg.trainer.precision, device) == "bf16-mixed"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if mixed else contextlib.nullcontext()
+    _probe(cfg, lit.model, dm, device, lambda m, b: lit.mean_loss(b), autocast)
 
 
 @contextlib.contextmanager
