@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -52,11 +53,14 @@ def training_mean_loss(model: nn.Module, batch: dict, offload: bool) -> torch.Te
 
 
 class BambaLitModule(L.LightningModule):
-    def __init__(self, model: nn.Module, optim: OptimConfig, activation_offload: bool = False) -> None:
+    def __init__(self, model: nn.Module, optim: OptimConfig, activation_offload: bool = False,
+                 configure: Callable[[BambaLitModule], None] | None = None) -> None:
+        """`configure`: run once by Lightning's `configure_model`, with the process group up (sharding)."""
         super().__init__()
         self.model = model
         self.optim = optim
         self.activation_offload = activation_offload
+        self._configure = configure
         self.last_batch: tuple[int, int] | None = None  # (tokens, longest sequence) of the latest training batch
         # Checkpoints hold only trainable tensors (the frozen base is reloaded from its source).
         self.strict_loading = False
@@ -64,8 +68,21 @@ class BambaLitModule(L.LightningModule):
         self._tokens = 0
         self._t0: float | None = None
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, batch: dict, train: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed loss, target tokens). Every loss goes through here: under FSDP this module is the sharding root,
+        whose hooks gather the embeddings and LM head that the loss reads outside the model's own forward."""
+        if train:
+            return training_loss(self.model, batch, self.activation_offload)
         return loss_sum_and_count(self.model, batch)
+
+    def mean_loss(self, batch: dict) -> torch.Tensor:
+        total, count = self(batch, train=True)
+        return total / count.clamp(min=1)
+
+    def configure_model(self) -> None:
+        if self._configure is not None:
+            configure, self._configure = self._configure, None
+            configure(self)
 
     @staticmethod
     def real_tokens(batch: dict) -> int:
@@ -74,7 +91,7 @@ class BambaLitModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self.last_batch = batch_tokens(batch)
-        loss = training_mean_loss(self.model, batch, self.activation_offload)
+        loss = self.mean_loss(batch)
         self._tokens += self.real_tokens(batch)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss
@@ -111,7 +128,8 @@ class BambaLitModule(L.LightningModule):
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]  # weight decay per group: _apply_hyperparameters
         groups = [{"params": decay}, {"params": no_decay}]
-        fused = all(p.is_cuda for p in params) and bool(params)
+        # fused AdamW on plain CUDA tensors; sharded (DTensor) parameters take the foreach path
+        fused = all(p.is_cuda and type(p.data) is torch.Tensor for p in params) and bool(params)
         opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.optim.lr, fused=fused or None)
         self._apply_hyperparameters(opt)
         total = int(self.trainer.estimated_stepping_batches)
@@ -140,15 +158,17 @@ class BambaLitModule(L.LightningModule):
                 group["lr"] = self.optim.lr * factor
 
     # Checkpoints: trainable tensors only.
-    def _trainable_keys(self) -> set[str]:
+    def trainable_keys(self) -> set[str]:
         return {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        trainable = self._trainable_keys()
+        trainable = self.trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        missing = sorted(self._trainable_keys() - set(checkpoint["state_dict"]))
+        if "state_dict" not in checkpoint:  # a sharded checkpoint: the strategy has loaded and checked the tensors
+            return
+        missing = sorted(self.trainable_keys() - set(checkpoint["state_dict"]))
         if missing:
             raise ModelError(
                 f"The checkpoint lacks {len(missing)} trainable tensors of this model (first: {missing[0]}); "

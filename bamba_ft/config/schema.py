@@ -224,7 +224,7 @@ class TrainerConfig:
     num_nodes: int = 1
     """Machines for multi-node training."""
     strategy: str = "auto"
-    """auto | ddp | fsdp (Lightning strategies)."""
+    """auto | ddp | fsdp (Lightning strategies; fsdp is FSDP2, sharded per decoder layer, on GPUs or CPUs)."""
     precision: str = "auto"
     """auto (bf16-mixed on GPUs with bf16, else 32-true) | 32-true | bf16-mixed | bf16-true | 16-mixed."""
     accumulate_grad_batches: int = 1
@@ -567,6 +567,7 @@ def validate(cfg: RunConfig) -> None:
         problems.add("model.activation_offload=true with trainer.strategy=fsdp: the offload keeps parameters on the "
                      "device by their storage, which FSDP gathers only during the forward, so every gathered weight "
                      "would be copied to the host as well.\nFix: model.activation_offload=false (or strategy=ddp).")
+    _check_sharded(cfg, problems)
     if cfg.export.push_to_hub and not cfg.export.repo_id:
         problems.add("export.push_to_hub=true needs export.repo_id=org/name.")
     if cfg.sweep.gpus_per_job < 0:
@@ -574,6 +575,28 @@ def validate(cfg: RunConfig) -> None:
     if cfg.peft.use_dora and cfg.quant.method != "none":
         problems.add("peft.use_dora=true with a quantized base is not supported by peft. Fix: peft.use_dora=false.")
     problems.raise_if_any()
+
+
+def _check_sharded(cfg: RunConfig, problems: Problems) -> None:
+    """trainer.strategy=fsdp builds the model without weights, shards it, then streams plain tensors in."""
+    if cfg.trainer.strategy != "fsdp":
+        return
+    if cfg.quant.method != "none":
+        problems.add(
+            f"quant.method={cfg.quant.method} with trainer.strategy=fsdp: bamba_ft quantizes the base layer by layer "
+            "as it loads, while FSDP loads plain weights into shards after sharding; sharding quantized tensors (as "
+            "torchtune does for NF4) is not implemented here.\nFix: trainer=ddp (every GPU holds the quantized base: "
+            "Bamba-9B in NF4 is about 6 GiB), or quant=none with trainer=fsdp."
+        )
+    if cfg.peft.use_dora:
+        problems.add("peft.use_dora=true with trainer.strategy=fsdp: DoRA computes its magnitudes from the base weights "
+                     "when the adapter is made, before FSDP has loaded them.\nFix: peft.use_dora=false, or trainer=ddp.")
+    if cfg.trainer.precision not in ("auto", "32-true", "bf16-mixed"):
+        problems.add(
+            f"trainer.precision={cfg.trainer.precision} with trainer.strategy=fsdp: FSDP computes in bf16 through its "
+            "mixed-precision policy under bf16-mixed; other precisions are not supported there.\nFix: "
+            "trainer.precision=bf16-mixed (add model.dtype=bfloat16 to keep the parameters themselves in bf16), or 32-true."
+        )
 
 
 def rehearse_settings(b: BenchConfig) -> list[bool]:

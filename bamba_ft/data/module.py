@@ -376,6 +376,9 @@ class BambaDataModule(L.LightningDataModule):
         return {**vars(self.stream_position), "batches": self.stream_batches, "source_rows": self.source_rows,
                 "source_passes": self.source_passes}
 
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self.trainer is not None else 1
+
     def packing_efficiency(self) -> float | None:
         """Real tokens / token budget over the training batches: this epoch's plan, or the stream's batches so far."""
         if not self.cfg.packing:
@@ -394,7 +397,7 @@ class BambaDataModule(L.LightningDataModule):
         if trainer is None:
             return {}
         done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": trainer.current_epoch, "batches_done": done}
+        return {"epoch": trainer.current_epoch, "batches_done": done, "world_size": trainer.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state and ("stream" in state) != self.cfg.streaming:
@@ -413,4 +416,13 @@ class BambaDataModule(L.LightningDataModule):
             self.source_passes = [int(n) for n in s.pop("source_passes", [])]
             self.stream_position = StreamPosition(**{k: int(v) for k, v in s.items()})
         elif state:
-            self._resume = {"epoch": int(state["epoch"]), "batches_done": int(state["batches_done"])}
+            # batches_done counts one rank's batches: on another number of ranks, the same batches of the plan
+            # are done when each rank has done batches_done * saved / now (jobs/checkpoints.py resume_on_ranks)
+            done, saved, now = int(state["batches_done"]), int(state.get("world_size", 1)), self._world_size()
+            if "world_size" in state and (done * saved) % now:
+                raise ConfigError(f"trainer.resume: {saved} ranks had done {done} batches each, which {now} ranks "
+                                  f"cannot share evenly.\nFix: resume on {saved} ranks, or from a checkpoint "
+                                  "written at the end of an optimizer step (last.ckpt, interrupted.ckpt).")
+            if "world_size" in state:
+                done = done * saved // now
+            self._resume = {"epoch": int(state["epoch"]), "batches_done": done}

@@ -20,6 +20,7 @@ import torch
 
 from bamba_ft.config.schema import BenchConfig, ModelConfig, PeftConfig, RunConfig, rehearse_settings
 from bamba_ft.errors import ConfigError, suggest
+from bamba_ft.jobs import bench_ranks as ranks
 from bamba_ft.jobs import bench_sweeps as sweeps
 from bamba_ft.jobs.bench_variants import (
     VARIANTS,
@@ -96,12 +97,28 @@ def _check_variants(b: BenchConfig) -> None:
 
 
 def run(cfg: RunConfig) -> dict:
-    from bamba_ft.jobs.bench_report import budget_bests, headline, longest_trained, markdown, summarize
-    from bamba_ft.jobs.model_card import library_versions
-
     b = cfg.bench
     _check_variants(b)
+    ranks.check_distributed(b)
     device = choose_device(cfg.trainer.accelerator)
+    ranks.start(device)  # several ranks (torchrun): each on the GPU of its local rank
+    try:
+        return _run(cfg, b, device)
+    finally:
+        ranks.stop()
+
+
+def _run(cfg: RunConfig, b: BenchConfig, device: torch.device) -> dict:
+    from bamba_ft.jobs.bench_report import (
+        budget_bests,
+        headline,
+        longest_trained,
+        markdown,
+        merge_ranks,
+        summarize,
+    )
+    from bamba_ft.jobs.model_card import library_versions
+
     mcfg = cfg.model if cfg.model.init == "random" else replace(cfg.model, init="random")
     if mcfg.shape is None:
         mcfg = replace(mcfg, shape="bamba-9b" if device.type == "cuda" else "tiny")
@@ -110,12 +127,19 @@ def run(cfg: RunConfig) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "shape": mcfg.shape, "versions": library_versions(), "bench": asdict(b), "peft": asdict(cfg.peft),
         "rehearse": rehearse_settings(b), "date": time.strftime("%Y-%m-%d"), "runs": [],
+        "world_size": ranks.world_size(),
     }
     out = Path(b.output) if Path(b.output).is_absolute() else Path(cfg.output_dir) / b.output
     for row in run_interleaved(b, mcfg, cfg.peft, device, seed, vocab, Path(cfg.output_dir)):
+        every_rank = ranks.gather(row)
+        if every_rank is None:  # ranks > 0: rank 0 reports
+            continue
+        row = merge_ranks(every_rank)
         log.info("bench %s: %s", row["variant"], json.dumps(row))
         results["runs"].append(row)
         atomic_write_json(out, results)  # what a long benchmark has measured survives its interruption
+    if ranks.rank() != 0:
+        return {}
     if b.token_budgets:
         results["token_budgets"] = []
         for row in sweeps.token_budgets(mcfg, cfg.peft, b, device, seed, vocab):

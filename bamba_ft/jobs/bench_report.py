@@ -1,10 +1,16 @@
 """The benchmark's summaries: medians and ranges over interleaved repeats, ratios to transformers' best
-padding-free variant, the Headline line, the token-budget bests, and the markdown report."""
+padding-free variant, the Headline line, the token-budget bests, the markdown report, and multi-GPU scaling.
+
+    python -m bamba_ft.jobs.bench_report 1gpu/bench.json 2gpu/bench.json 4gpu/bench.json   # the scaling line
+"""
 
 from __future__ import annotations
 
+import json
 import statistics
+import sys
 from collections.abc import Iterable
+from pathlib import Path
 
 HF_PADFREE = "hf_padfree"  # every variant whose name starts with this is a transformers padding-free path
 SHAPE_NAMES = {"bamba-9b": "Bamba-9B"}
@@ -63,6 +69,11 @@ def _gpu_name(device: str) -> str:
     return "CPU" if device == "cpu" else device.removeprefix("NVIDIA ").strip()
 
 
+def _gpus(results: dict) -> str:
+    world, name = results.get("world_size", 1), _gpu_name(results["device"])
+    return f"one {name}" if world == 1 else f"{world} x {name} with DDP, per GPU"
+
+
 def headline(results: dict) -> str | None:
     """The one Headline line (bamba_ft against the best hf_padfree* variant, median of per-repeat ratios) for the
     default regime: memory mode none and new shapes where those ran. None below 3 repeats or 3 paired runs."""
@@ -80,7 +91,7 @@ def headline(results: dict) -> str | None:
     shape = SHAPE_NAMES.get(results["shape"], results["shape"])
     extra = "" if mode == "none" else f", memory mode {mode}"
     return (f"Headline: bamba_ft {statistics.median(ratios):.2f}x transformers padding-free (median of {len(ratios)} "
-            f"interleaved runs, one {_gpu_name(results['device'])}, {shape} shape, {method}{extra}, "
+            f"interleaved runs, {_gpus(results)}, {shape} shape, {method}{extra}, "
             f"{REGIMES[rehearse]}: bench.rehearse={str(rehearse).lower()})")
 
 
@@ -177,6 +188,74 @@ def _extra_lines(results: dict) -> list[str]:
     return lines
 
 
+def merge_ranks(rows: list[dict]) -> dict:
+    """One row from every rank's row of a measurement: tokens/s and MFU per GPU (means over ranks), the step time of
+    the slowest rank and the peak memory of the fullest, each rank's own figures under `ranks`; an error on any rank
+    is the row's error."""
+    if len(rows) == 1:
+        return rows[0]
+    per_rank = ("tokens_per_sec", "step_ms", "peak_gib", "mfu", "final_loss")
+    merged = {k: v for k, v in rows[0].items() if k not in per_rank} | {"world_size": len(rows)}
+    errors = [r["error"] for r in rows if "error" in r]
+    if errors:
+        return merged | {"error": errors[0]}
+    merged |= {"tokens_per_sec": statistics.mean(r["tokens_per_sec"] for r in rows),
+               "step_ms": max(r["step_ms"] for r in rows), "final_loss": rows[0]["final_loss"],
+               "ranks": [{k: r[k] for k in per_rank if k in r} for r in rows]}
+    if all("peak_gib" in r for r in rows):
+        merged["peak_gib"] = max(r["peak_gib"] for r in rows)
+    if all("mfu" in r for r in rows):
+        merged["mfu"] = statistics.mean(r["mfu"] for r in rows)
+    return merged
+
+
+def _default_row(results: dict, variant: str) -> dict | None:
+    """`variant`'s summary row in the default regime (memory mode none, new shapes, where those ran)."""
+    modes, regimes = list(results["bench"]["memory_modes"]), results.get("rehearse", [False])
+    mode, rehearse = ("none" if "none" in modes else modes[0]), (False if False in regimes else regimes[0])
+    return next((r for r in summarize(results["runs"]) if (r["variant"], r["memory_mode"], r["rehearse"])
+                 == (variant, mode, rehearse) and r["tokens_per_sec"]), None)
+
+
+def scaling(runs: list[dict], variant: str = "bamba_ft") -> list[str]:
+    """A table and the scaling line from bench results at several GPU counts (one of them a one-GPU run):
+    efficiency = tokens/s per GPU at N GPUs over the one-GPU run's (median over each run's repeats)."""
+    rows = {}
+    for results in runs:
+        row = _default_row(results, variant)
+        if row is not None:
+            rows[results.get("world_size", 1)] = (row, results)
+    if 1 not in rows or len(rows) < 2:
+        raise ValueError(f"scaling needs {variant} measured on one GPU and on more (found GPU counts: "
+                         f"{sorted(rows) or 'none'}); run recipe=bench without torchrun for the one-GPU figure.")
+    base = rows[1][0]["tokens_per_sec"]["median"]
+    lines = [f"{variant}, memory mode {rows[1][0]['memory_mode']}:", "",
+             "| GPUs | tokens/s per GPU | tokens/s, all GPUs | efficiency | peak GiB per GPU |", "|---|---|---|---|---|"]
+    for n, (row, _) in sorted(rows.items()):
+        tps, peak = row["tokens_per_sec"]["median"], row["peak_gib"]
+        lines.append(f"| {n} | {tps:,.0f} | {n * tps:,.0f} | {100 * tps / base:.0f}% | "
+                     f"{'-' if peak is None else f'{peak:.1f}'} |")
+    first = rows[1][1]
+    peft = first.get("peft", {})
+    method = "LoRA" if peft.get("method", "lora") == "lora" else "full fine-tuning"
+    parts = ", ".join(f"{n} GPUs {100 * row['tokens_per_sec']['median'] / base:.0f}%"
+                      for n, (row, _) in sorted(rows.items()) if n > 1)
+    shape = SHAPE_NAMES.get(first["shape"], first["shape"])
+    return lines + ["", f"Multi-GPU scaling ({_gpu_name(first['device'])}, {shape} shape, {method}, DDP): {parts}"]
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print(__doc__.strip().splitlines()[-1].strip(), file=sys.stderr)
+        return 2
+    try:
+        print("\n".join(scaling([json.loads(Path(a).read_text()) for a in argv])))
+    except (OSError, ValueError, KeyError) as e:
+        print(f"bench_report: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def markdown(results: dict) -> str:
     v = results["versions"]
     lines = [f"{results['device']} | torch {v.get('torch')} | transformers {v.get('transformers')} | mamba-ssm "
@@ -187,6 +266,9 @@ def markdown(results: dict) -> str:
         lines += [f"{b['warmup_steps']} warm-up steps, {b['steps']} timed steps (median per run); {repeats} "
                   f"interleaved run{'s' if repeats > 1 else ''} of every variant, each run on fresh batches; ratios "
                   "are per run, against the best hf_padfree* variant of that run"]
+    if results.get("world_size", 1) > 1:
+        lines.append(f"{results['world_size']} GPUs, data parallel (DDP), every rank on the same batches: tokens/s per "
+                     "GPU (mean over ranks), step time of the slowest rank, peak memory of the fullest")
     line = headline(results)
     if line:
         lines += ["", line]
@@ -195,3 +277,7 @@ def markdown(results: dict) -> str:
     if results.get("token_budgets"):
         lines += _budget_lines(results["token_budgets"], budget_bests(results["token_budgets"]))
     return "\n".join(lines + _extra_lines(results))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

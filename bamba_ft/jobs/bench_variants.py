@@ -30,6 +30,7 @@ from torch import nn
 
 from bamba_ft.config.schema import BenchConfig, Mixer, ModelConfig, PeftConfig, QuantConfig
 from bamba_ft.data.packing import collate_packed, collate_padded
+from bamba_ft.jobs import bench_ranks as ranks
 from bamba_ft.jobs.runtime import autocast_for, to_device
 from bamba_ft.model.build import build_model
 from bamba_ft.model.lora import apply_peft
@@ -205,6 +206,7 @@ def measure(v: Variant, model: nn.Module, steps: list, b: BenchConfig, device: t
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
     loss_fn = _stock_loss if v.stock else mean_loss
+    step_fn = ranks.step_module(model, loss_fn, device, find_unused=v.stock)  # DDP under torchrun
     times, tokens = [], []
     untimed = b.warmup_steps + (b.steps if b.rehearse else 0)
     if b.rehearse:  # the timed batches once more, untimed, before they are timed
@@ -214,7 +216,7 @@ def measure(v: Variant, model: nn.Module, steps: list, b: BenchConfig, device: t
         sync_device(device)
         t0 = time.perf_counter()
         with autocast_for(causal_lm(model), device), activation_memory(model, offload):
-            loss = loss_fn(model, batch)
+            loss = step_fn(batch)
         loss.backward()
         if i == 0:
             result["adapters_with_grad"], result["adapters"] = _adapter_coverage(model)

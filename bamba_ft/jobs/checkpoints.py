@@ -14,18 +14,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import OmegaConf
 
 from bamba_ft.config.schema import RunConfig, canonical_checkpointing
 from bamba_ft.errors import ConfigError
 from bamba_ft.jobs.lock import held_elsewhere
-from bamba_ft.model.restore import checkpoint_problem
+from bamba_ft.model.restore import SHARDED_META, checkpoint_problem, checkpoint_state, is_sharded
 from bamba_ft.rundir import RunDir
 
 log = logging.getLogger("bamba_ft")
 
 CONFIG_KEY = "bamba_ft_config"  # the run's RunConfig, as a dict, inside every checkpoint
+WORLD_KEY = "bamba_ft_world_size"  # the number of ranks that wrote it
 
 # Keys whose change on resume applies from the resumed step on (recorded in the new run's run_config.yaml).
 APPLIED = ("optim.", "trainer.max_steps", "trainer.max_epochs", "trainer.val_check_interval",
@@ -34,6 +34,9 @@ APPLIED = ("optim.", "trainer.max_steps", "trainer.max_epochs", "trainer.val_che
            "trainer.precision", "trainer.accelerator", "trainer.deterministic", "trainer.num_sanity_val_steps",
            "model.dtype", "model.attn_implementation", "model.mixer", "model.gradient_checkpointing",
            "model.activation_offload", "model.cuda_graphs", "data.num_proc", "data.num_workers", "data.max_val_examples", "eval.", "logger.")
+# Keys that set how many ranks share a step and how many batches each accumulates: a resume may change them when
+# ranks x accumulated batches (the batches of one optimizer step) stays the same (`resume_on_ranks` checks that).
+RANKS = ("trainer.devices", "trainer.num_nodes", "trainer.accumulate_grad_batches")
 # Keys that do not concern training at all.
 IGNORED = ("task", "debug", "output_dir", "trainer.resume", "trainer.fast_dev_run", "export.", "bench.", "sweep.")
 
@@ -69,7 +72,7 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
         path = runs[-1]
     else:
         path = Path(resume).expanduser()
-    if path.is_file():
+    if path.is_file() or is_sharded(path):
         problem = checkpoint_problem(path)
         if problem:
             raise ConfigError(f"{key}: {path} is {problem}.\n"
@@ -86,6 +89,7 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
     `.name.tmp` files. Runs that another live process holds are left alone."""
     if held_elsewhere(run_dir):
         return []
+    restore_replaced(run_dir / "checkpoints")
     stale = [p for pattern in (".*.partial", ".*.tmp", "checkpoints/.*.partial") for p in run_dir.glob(pattern)]
     for path in stale:
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
@@ -95,12 +99,39 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
     return stale
 
 
+def replace_path(tmp: Path, path: Path) -> None:
+    """Rename `tmp` (a finished file or directory) onto `path`; a directory in the way is first renamed aside to
+    `.NAME.old`, which `restore_replaced` puts back if a crash comes between the two renames."""
+    if path.is_dir():
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        if path.exists():
+            path.unlink()  # a checkpoint file of the same name (os.replace cannot put a directory over a file)
+        os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def restore_replaced(directory: Path) -> None:
+    """Undo a `replace_path` cut short: `.NAME.old` goes back to NAME when NAME is missing, else it is removed."""
+    for old in directory.glob(".*.old"):
+        name = directory / old.name[1 : -len(".old")]
+        if name.exists():
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+        else:
+            os.replace(old, name)
+            log.warning("restored %s: a checkpoint save that was replacing it was killed midway", name)
+
+
 # ----- the config a checkpoint was written with
 
 
 @dataclass(frozen=True)
 class SavedCheckpoint:
-    """What bamba_ft reads of a checkpoint file besides its tensors, from one load."""
+    """What bamba_ft reads of a checkpoint (file or sharded directory) besides its tensors, from one load."""
 
     path: Path
     step: int | None
@@ -113,14 +144,14 @@ class SavedCheckpoint:
 
 
 def _version(ckpt: Path) -> tuple[int, int, int, int]:
-    st = ckpt.stat()
+    st = (ckpt / SHARDED_META if ckpt.is_dir() else ckpt).stat()  # a sharded directory: its meta.pt
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def read_checkpoint(ckpt: Path) -> SavedCheckpoint:
-    """The step and config of `ckpt`; memory-mapped, so its tensors are not read."""
+    """The step and config of `ckpt` (a file or a sharded directory); memory-mapped, so its tensors are not read."""
     version = _version(ckpt)
-    state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+    state = checkpoint_state(ckpt)
     step = state.get("global_step")
     return SavedCheckpoint(ckpt, None if step is None else int(step), state.get(CONFIG_KEY), version)
 
@@ -172,7 +203,8 @@ def config_changes(old: dict[str, Any], new: RunConfig) -> tuple[list[str], list
             continue
         # A stream's validation rows are its head, so their number moves where training starts in the stream.
         fixed_by_stream = key == "data.max_val_examples" and new.data.streaming
-        (applied if _matches(key, APPLIED) and not fixed_by_stream else refused).append(f"{key}: {was!r} -> {now!r}")
+        ok = (_matches(key, APPLIED) and not fixed_by_stream) or (_matches(key, RANKS) and not new.data.streaming)
+        (applied if ok else refused).append(f"{key}: {was!r} -> {now!r}")
     return applied, refused
 
 
@@ -192,6 +224,38 @@ def check_resume_config(saved: SavedCheckpoint, cfg: RunConfig) -> list[str]:
             "Fix: drop these overrides to resume, or start a new run (without trainer.resume) to train with them."
         )
     return applied
+
+
+def resume_on_ranks(checkpoint: dict[str, Any], world_size: int, accumulate: int) -> None:
+    """Let a checkpoint written by N ranks continue on M: same optimizer steps, each from the same batches.
+
+    Rank r trains on every N-th batch of the epoch plan, so N ranks accumulating A batches consume the plan in the
+    order M ranks accumulating B do when N*A == M*B. The loop counters of a checkpoint count this rank's batches:
+    the batches done are rescaled by N/M, keeping the one-batch lag that marks a save at a batch's end. The data
+    module rescales its position the same way (BambaDataModule.load_state_dict).
+    """
+    saved = int(checkpoint.get(WORLD_KEY, world_size))
+    if saved == world_size:
+        return
+    saved_accumulate = int(checkpoint.get(CONFIG_KEY, {}).get("trainer", {}).get("accumulate_grad_batches", 0))
+    if saved * saved_accumulate != world_size * accumulate:
+        fit = saved * saved_accumulate / world_size
+        fix = (f"trainer.accumulate_grad_batches={int(fit)}" if fit == int(fit) and fit >= 1
+               else f"a number of ranks that divides {saved * saved_accumulate}")
+        raise ConfigError(
+            f"trainer.resume: the checkpoint was written by {saved} ranks accumulating {saved_accumulate} batches "
+            f"per step ({saved * saved_accumulate} batches a step); this run has {world_size} ranks accumulating "
+            f"{accumulate} ({world_size * accumulate}), which would change the training.\nFix: {fix}."
+        )
+    progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+    for part in ("total", "current"):
+        counts = progress[part]
+        done, rest = divmod(counts["processed"] * saved, world_size)
+        if rest:
+            raise ConfigError(f"trainer.resume: the checkpoint was written in the middle of an optimizer step's "
+                              f"batches, which {world_size} ranks cannot split.\nFix: resume from last.ckpt or "
+                              f"interrupted.ckpt (written at a step), or on {saved} ranks.")
+        progress[part] = {k: done - (counts["processed"] - v) for k, v in counts.items()}
 
 
 def config_for_checkpoint(cfg: RunConfig) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -35,11 +36,12 @@ from bamba_ft.jobs.checkpoints import (
     saved_step,
 )
 from bamba_ft.jobs.evaluate import evaluate_model, format_metrics
+from bamba_ft.jobs.fsdp import storage_dtype
 from bamba_ft.jobs.report import plot_curves, publish_file, table
 from bamba_ft.jobs.runtime import autocast_for, choose_device, resolve_precision, to_device
 from bamba_ft.lit_module import BambaLitModule, batch_tokens, training_mean_loss
-from bamba_ft.model.build import build_model, load_config, load_tokenizer
-from bamba_ft.model.families import family_for, family_of
+from bamba_ft.model.build import build_model, load_tokenizer
+from bamba_ft.model.families import family_of
 from bamba_ft.model.lora import apply_peft, check_adapter_gradients
 from bamba_ft.model.memory import out_of_memory_error
 from bamba_ft.model.mixer import packing_safe, unsafe_attention
@@ -50,19 +52,16 @@ from bamba_ft.rundir import RunDir
 log = logging.getLogger("bamba_ft")
 
 
-def _strategy(cfg: RunConfig, device: torch.device) -> Any:
+def _strategy(cfg: RunConfig) -> Any:
     if cfg.trainer.strategy != "fsdp":
         return cfg.trainer.strategy
-    if device.type != "cuda":
-        raise ConfigError(
-            "trainer.strategy=fsdp needs CUDA GPUs: Lightning's FSDP has no CPU backend.\n"
-            "Fix: trainer=ddp (runs on CPUs over gloo as well), or run on a machine with GPUs."
-        )
-    from lightning.pytorch.strategies import FSDPStrategy
+    from bamba_ft.jobs.fsdp import ShardedStrategy
 
-    layer = family_for(load_config(cfg.model).model_type).decoder_layer_class
-    # One FSDP unit per decoder layer; use_orig_params lets frozen and trainable tensors share a unit (LoRA).
-    return FSDPStrategy(auto_wrap_policy={layer}, use_orig_params=True, state_dict_type="full")
+    return ShardedStrategy()
+
+
+def _sharded(cfg: RunConfig) -> bool:
+    return cfg.trainer.strategy == "fsdp"
 
 
 def _loggers(cfg: RunConfig, run_dir: Path) -> list[Logger]:
@@ -112,10 +111,17 @@ def save_trained(model: nn.Module, tokenizer: Any, cfg: RunConfig, run_dir: Path
 
 
 def _prepare(cfg: RunConfig, device: torch.device) -> tuple[nn.Module, Any, BambaDataModule]:
-    """Tokenizer, model with adapters, data; refuses packing on a leaking path and bypassed adapters."""
+    """Tokenizer, model with adapters, data; refuses packing on a leaking path and bypassed adapters.
+
+    Every rank runs this on its own device (the ranks Lightning or torchrun starts run the whole job), so the
+    packing checks and the gradient probe run on each rank's device. Under FSDP the model is built without
+    weights and the probe waits until it is sharded and loaded (`_shard_and_load`, inside the fit).
+    """
     tokenizer = load_tokenizer(cfg.model)
     ensure_chat_template(tokenizer, cfg.data.chat_template)
-    model = apply_peft(build_model(cfg.model, cfg.quant, device), cfg.peft)
+    sharded = _sharded(cfg)
+    dtype = storage_dtype(cfg.model.dtype, resolve_precision(cfg.trainer.precision, device), device) if sharded else None
+    model = apply_peft(build_model(cfg.model, cfg.quant, device, empty=sharded, dtype=dtype), cfg.peft)
     if cfg.data.packing and (attn := unsafe_attention(model)) is not None:
         raise ConfigError(
             f"data.packing=true: model.attn_implementation={attn} lets packed sequences attend to each other in "
@@ -130,14 +136,46 @@ def _prepare(cfg: RunConfig, device: torch.device) -> tuple[nn.Module, Any, Bamb
         )
     dm = BambaDataModule(cfg.data, tokenizer, seed=cfg.trainer.seed)
     dm.prepare()
-    # Every adapter must receive gradient before hours are spent training it.
-    probe = to_device(dm.first_batch(), device)
-    offload = cfg.model.activation_offload
-    where = "the gradient probe (the first forward and backward, on the first training batch)"
-    with _explain_oom(cfg, lambda: where, lambda: batch_tokens(probe)), autocast_for(causal_lm(model), device):
-        norms = check_adapter_gradients(model, probe, lambda m, b: training_mean_loss(m, b, offload))
-    log.info("gradient check: all %d trainable tensors receive gradient", len(norms))
+    if not sharded:
+        offload = cfg.model.activation_offload
+        _probe(cfg, model, dm, device, lambda m, b: training_mean_loss(m, b, offload))
     return model, tokenizer, dm
+
+
+def _probe(cfg: RunConfig, model: nn.Module, dm: BambaDataModule, device: torch.device, loss_fn: Callable,
+           autocast: contextlib.AbstractContextManager | None = None) -> None:
+    """Every adapter must receive gradient before hours are spent training it (under `autocast`, by default the
+    one the model's dtype implies)."""
+    probe = to_device(dm.first_batch(), device)
+    where = "the gradient probe (the first forward and backward, on the first training batch)"
+    with _explain_oom(cfg, lambda: where, lambda: batch_tokens(probe)), autocast or autocast_for(causal_lm(model), device):
+        norms = check_adapter_gradients(model, probe, loss_fn)
+    log.info("gradient check: all %d trainable tensors receive gradient", len(norms))
+
+
+def _shard_and_load(cfg: RunConfig, dm: BambaDataModule, device: torch.device, lit: BambaLitModule) -> None:
+    """Under FSDP, inside the fit on every rank: shard the empty model, stream its weights in, run the probe."""
+    import torch.distributed as dist
+
+    from bamba_ft.model import shard
+
+    rank0 = dist.get_rank() == 0
+    initial = shard.initial_values(lit.model) if rank0 else {}
+    policy = shard.mixed_precision(resolve_precision(cfg.trainer.precision, device), device)
+    units = shard.shard_model(lit, lit.model, lit.trainer.strategy.shard_mesh, policy)
+    dtype = next(lit.model.parameters()).dtype
+    if cfg.model.init == "random":
+        reader = functools.partial(shard.random_reader, cfg.model, dtype)
+    else:
+        reader = functools.partial(shard.safetensors_reader, cfg.model)
+    shard.load_sharded(lit.model, reader if rank0 else None, initial)
+    held, full = (sum(x) for x in zip(*((h, f) for _, h, f in shard.storage_bytes(lit.model))))
+    log.info("FSDP: %d units over %d ranks; this rank holds %s of %s parameters (%s)", units,
+             dist.get_world_size(), f"{held:,}", f"{full:,}", str(dtype).removeprefix("torch."))
+    # as Lightning runs the steps: bf16 autocast under bf16-mixed, whatever dtype the shards are kept in
+    mixed = device.type == "cuda" and resolve_precision(cfg.trainer.precision, device) == "bf16-mixed"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if mixed else contextlib.nullcontext()
+    _probe(cfg, lit.model, dm, device, lambda m, b: lit.mean_loss(b), autocast)
 
 
 @contextlib.contextmanager
@@ -219,18 +257,22 @@ def run(cfg: RunConfig) -> dict:
         log.info("resuming from %s%s", ckpt_path, "".join(f"\n  changed, applied from the resumed step on: {c}" for c in changed))
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     device = choose_device(cfg.trainer.accelerator, cfg.trainer.devices)
-    strategy = _strategy(cfg, device)
+    strategy = _strategy(cfg)
     model, tokenizer, dm = _prepare(cfg, device)
     save_run_config(cfg, run_dir)
 
     before: dict = {}
     if cfg.eval.before_training and lock.launching_process() and not cfg.trainer.fast_dev_run and not cfg.trainer.resume:
-        before, _ = evaluate_model(model, tokenizer, dm, cfg.eval, device)
-        log.info("before training: %s", format_metrics(before))
+        if _sharded(cfg):  # the weights arrive inside the fit, sharded
+            log.info("eval.before_training: skipped under trainer.strategy=fsdp; val/loss is logged during training")
+        else:
+            before, _ = evaluate_model(model, tokenizer, dm, cfg.eval, device)
+            log.info("before training: %s", format_metrics(before))
 
     stopper = GracefulStop(RunDir(run_dir).checkpoints)
     trainer = _trainer(cfg, dm, run_dir, device, strategy, stopper)
-    lit = BambaLitModule(model, cfg.optim, cfg.model.activation_offload)
+    configure = functools.partial(_shard_and_load, cfg, dm, device) if _sharded(cfg) else None
+    lit = BambaLitModule(model, cfg.optim, cfg.model.activation_offload, configure=configure)
     t_fit = time.perf_counter()
     with stopper.installed(), _explain_oom(cfg, lambda: _step_name(trainer), lambda: lit.last_batch):
         try:
@@ -248,6 +290,8 @@ def run(cfg: RunConfig) -> dict:
         # the final state, whatever N was, unless the periodic save just wrote it (a second copy would briefly
         # double the space); every rank calls this (it is collective under DDP/FSDP)
         trainer.save_checkpoint(last, weights_only=False)
+    if _sharded(cfg) and stopper.stopped_at is None and not cfg.trainer.fast_dev_run:
+        model = _gathered_model(cfg, lit, device)  # collective; the full model on rank 0 only
     if not trainer.is_global_zero:
         return {}
     if stopper.stopped_at is not None:
@@ -257,6 +301,24 @@ def run(cfg: RunConfig) -> dict:
         )
         return {"stopped_at": stopper.stopped_at, "signal": stopper.requested or "SIGTERM"}
     return _finish(cfg, model, tokenizer, dm, trainer, before, run_dir, device, fit_seconds, t_start)
+
+
+def _gathered_model(cfg: RunConfig, lit: BambaLitModule, device: torch.device) -> nn.Module | None:
+    """Rank 0: the trained model as one process would hold it (on the CPU, in the dtype model.dtype gives on
+    `device`), rebuilt from every rank's shards gathered once, so that saving and evaluating run as without FSDP."""
+    import torch.distributed as dist
+
+    from bamba_ft.model.shard import full_state
+
+    state = full_state(lit.model)
+    if dist.get_rank() != 0:
+        return None
+    model = apply_peft(build_model(cfg.model, cfg.quant, device, empty=True), cfg.peft)
+    dtypes = {n: t.dtype for n, t in model.state_dict(keep_vars=True).items()}
+    model.load_state_dict({n: t.to(dtypes[n]) for n, t in state.items()}, strict=True, assign=True)
+    if causal_lm(model).config.tie_word_embeddings:
+        causal_lm(model).tie_weights()
+    return model
 
 
 def _finish(cfg: RunConfig, model: nn.Module, tokenizer: Any, dm: BambaDataModule, trainer: L.Trainer,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -90,19 +92,20 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
         raise _hub_error("model.tokenizer" if cfg.tokenizer else "model.name_or_path", path, e) from e
 
 
-def _materialize_random(model: PreTrainedModel, device: torch.device, quant: QuantConfig) -> None:
-    """Fill a meta-device model with fresh weights one decoder layer at a time (quantizing each as it lands).
+def init_layer(model: PreTrainedModel, layer: nn.Module, device: torch.device) -> None:
+    """Give one decoder layer of a meta-device `model` fresh weights on `device`."""
+    layer.to_empty(device=device)
+    for m in layer.modules():
+        model._init_weights(m)
+
+
+def init_rest(model: PreTrainedModel, device: torch.device) -> None:
+    """Fresh weights on `device` for everything of `model` outside its decoder layers (embeddings, norm, head).
 
     transformers' `_init_weights` also recomputes the non-persistent buffers a meta build leaves empty (rotary
     `inv_freq`; Falcon-H1's per-layer `mup_vector`, set from its decoder stack's module).
     """
-    layers = model.model.layers
-    in_layers = {id(m) for m in layers.modules()}
-    for layer in layers:
-        layer.to_empty(device=device)
-        for m in layer.modules():
-            model._init_weights(m)
-        quantize_layer(layer, quant)
+    in_layers = {id(m) for m in model.model.layers.modules()}
     rest = [m for m in model.modules() if id(m) not in in_layers]
     for m in rest:
         m.to_empty(device=device, recurse=False)
@@ -112,14 +115,55 @@ def _materialize_random(model: PreTrainedModel, device: torch.device, quant: Qua
         model.tie_weights()
 
 
-def build_model(cfg: ModelConfig, quant: QuantConfig, device: torch.device) -> nn.Module:
+def _materialize_random(model: PreTrainedModel, device: torch.device, quant: QuantConfig) -> None:
+    """Fill a meta-device model with fresh weights one decoder layer at a time (quantizing each as it lands)."""
+    for layer in model.model.layers:
+        init_layer(model, layer, device)
+        quantize_layer(layer, quant)
+    init_rest(model, device)
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device and their buffers where they are made.
+
+    `with torch.device("meta")` would put the buffers there too, and the non-persistent ones (rotary
+    frequencies, Falcon-H1's muP vector) are in no checkpoint: they must be computed, and they are small.
+    """
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def empty_model(causal_lm_class: type, config: PretrainedConfig) -> PreTrainedModel:
+    """The model with meta parameters and real buffers, computed as a load computes them."""
+    with parameters_on_meta():
+        model = causal_lm_class(config)
+    for m in reversed(list(model.modules())):  # children first, as _materialize_random; on meta params a no-op
+        model._init_weights(m)
+    return model
+
+
+def build_model(cfg: ModelConfig, quant: QuantConfig, device: torch.device, empty: bool = False,
+                dtype: torch.dtype | None = None) -> nn.Module:
     """The model on `device`, in `cfg.dtype`, with bamba_ft's mixer installed and `use_cache=False`.
 
     Quantized bases are built one decoder layer at a time, so the device never holds the full 16-bit model.
+    `empty`: parameters on the meta device (for sharding first and loading after; bamba_ft/model/shard.py), for
+    computing on `device`. `dtype` overrides the dtype `cfg.dtype` resolves to.
     """
     config = load_config(cfg)
     causal_lm_class = family_for(config.model_type).causal_lm_class
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype = dtype or resolve_dtype(cfg.dtype, device)
     attn = choose_attention(cfg.attn_implementation, device.type)
     if attn == VARLEN:
         register_varlen_attention()
@@ -130,7 +174,9 @@ def build_model(cfg: ModelConfig, quant: QuantConfig, device: torch.device) -> n
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        if cfg.init == "random":
+        if empty:
+            model = empty_model(causal_lm_class, config)
+        elif cfg.init == "random":
             with torch.device("meta"):
                 model = causal_lm_class(config)
             _materialize_random(model, device, quant)
@@ -154,14 +200,15 @@ def build_model(cfg: ModelConfig, quant: QuantConfig, device: torch.device) -> n
     model.config.use_cache = False
     if model.generation_config is not None:
         model.generation_config.use_cache = True  # generation still uses the cache; training never does
-    backend = install_mixer(model, cfg.mixer, cuda_graphs=cfg.cuda_graphs)
+    backend = install_mixer(model, cfg.mixer, cuda_graphs=cfg.cuda_graphs, device=device)
     chosen = apply_checkpointing(model, cfg.gradient_checkpointing)
     params = sum(p.numel() for p in model.parameters())
     # a random model with a named shape is that shape, whatever name_or_path (the tokenizer's source) says
     named = f"{cfg.shape} shape" if cfg.init == "random" and cfg.shape else cfg.name_or_path
+    weights = "random init" if cfg.init == "random" else "pretrained"
     log.info(
         "model: %s (%s, %.1fM parameters, %s, attention %s, mixer backend %s; %d of %d layers checkpointed%s)",
-        named, "random init" if cfg.init == "random" else "pretrained", params / 1e6,
+        named, weights + (", loaded after sharding" if empty else ""), params / 1e6,
         str(dtype).removeprefix("torch."), attn, backend, len(chosen), config.num_hidden_layers,
         ", activations offloaded to host memory" if cfg.activation_offload else "",
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -52,6 +53,33 @@ def allow_mixer_out_proj(model: nn.Module) -> Iterator[None]:
         tuners_utils._check_lora_target_modules_mamba = check
 
 
+@contextmanager
+def adapters_off_meta(model: nn.Module) -> Iterator[None]:
+    """On a base whose parameters are on the meta device (built to be sharded), keep new adapters on the CPU.
+
+    peft moves each new adapter to its base layer's device (in `_replace_module` and in
+    `_move_adapter_to_device_of_base_layer`); onto meta that would discard the initial values it has just drawn,
+    which must be those a one-process run draws from the same seed. Here a module's move to meta leaves it where
+    it is; a dtype cast in the same call still applies.
+    """
+    if not any(p.is_meta for p in model.parameters()):
+        yield
+        return
+    to = nn.Module.to
+
+    def to_unless_meta(self: nn.Module, *args, **kwargs) -> nn.Module:  # noqa: ANN002, ANN003
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if device is None or device.type != "meta":
+            return to(self, *args, **kwargs)
+        return to(self, dtype=dtype) if dtype is not None else self
+
+    nn.Module.to = to_unless_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.to = to  # type: ignore[method-assign]
+
+
 def apply_peft(model: nn.Module, cfg: PeftConfig, fused: bool = True) -> nn.Module:
     """LoRA adapters on `cfg.target_modules` (base frozen), or the model unchanged for full fine-tuning.
 
@@ -86,7 +114,7 @@ def apply_peft(model: nn.Module, cfg: PeftConfig, fused: bool = True) -> nn.Modu
     with warnings.catch_warnings():
         # int8 bases: peft warns that it cannot re-quantize after merging; bamba_ft merges into dequantized weights.
         warnings.filterwarnings("ignore", message=".*get_apply_tensor_subclass.*")
-        with allow_mixer_out_proj(model):
+        with allow_mixer_out_proj(model), adapters_off_meta(model):
             peft_model = get_peft_model(model, lora)
     if fused:
         fuse_lora_forward(peft_model)
@@ -168,12 +196,11 @@ def check_adapter_gradients(model: nn.Module, batch: dict, loss_fn) -> dict[str,
     try:
         with torch.no_grad():
             for n in saved:
-                params[n].normal_(0.0, 0.02)
+                _local(params[n]).normal_(0.0, 0.02)
         for p in params.values():
             p.grad = None
         loss_fn(model, batch).backward()
-        norms = {n: float(p.grad.norm()) if p.grad is not None else 0.0 for n, p in params.items()}
-        finite = {n: torch.isfinite(p.grad).all().item() if p.grad is not None else False for n, p in params.items()}
+        norms = {n: _norm(p.grad) for n, p in params.items()}  # a non-finite entry makes the norm non-finite
     finally:
         with torch.no_grad():
             for n, value in saved.items():
@@ -181,7 +208,7 @@ def check_adapter_gradients(model: nn.Module, batch: dict, loss_fn) -> dict[str,
         for p in params.values():
             p.grad = None
         model.train(was_training)
-    bypassed = sorted({_module_of(n) for n, v in norms.items() if v == 0.0 or not finite[n]})
+    bypassed = sorted({_module_of(n) for n, v in norms.items() if v == 0.0 or not math.isfinite(v)})
     if bypassed:
         shown = "\n".join(bypassed[:20]) + (f"\n... and {len(bypassed) - 20} more" if len(bypassed) > 20 else "")
         raise ModelError(
@@ -190,6 +217,19 @@ def check_adapter_gradients(model: nn.Module, batch: dict, loss_fn) -> dict[str,
             "directly). Fix: use bamba_ft's mixer (model.mixer=auto) or drop them from peft.target_modules."
         )
     return norms
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded (DTensor) tensor; a plain tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _norm(grad: torch.Tensor | None) -> float:
+    """The norm of a gradient over all its shards (0 when there is none)."""
+    if grad is None:
+        return 0.0
+    norm = grad.norm()
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 def _module_of(param_name: str) -> str:

@@ -46,9 +46,10 @@ def _mixers(model: nn.Module, family: Family) -> list[nn.Module]:
 _PER_CALL = {Mixer.AUTO: Mixer.AUTO, Mixer.KERNELS: Mixer.AUTO, Mixer.TORCH: Mixer.TORCH}
 
 
-def install_mixer(model: nn.Module, mixer: str = Mixer.AUTO, cuda_graphs: bool = False) -> Mixer:
+def install_mixer(model: nn.Module, mixer: str = Mixer.AUTO, cuda_graphs: bool = False,
+                  device: torch.device | None = None) -> Mixer:
     """Put bamba_ft's mixer on every Mamba-2 mixer of `model` (`model.mixer`); returns the backend that will run
-    on its device (kernels, torch or hf).
+    on `device` (default: the model's; kernels, torch or hf).
 
     cuda_graphs: the mixers' conv+scan kernels are replayed as CUDA graphs (one `ConvScanGraphs` shared by all).
     """
@@ -57,7 +58,7 @@ def install_mixer(model: nn.Module, mixer: str = Mixer.AUTO, cuda_graphs: bool =
     mixers = _mixers(model, family)
     if choice == Mixer.HF:
         return Mixer.HF
-    device = next(model.parameters()).device
+    device = device or next(model.parameters()).device
     if choice == Mixer.KERNELS and available_backend("cuda") == Mixer.TORCH:
         raise ModelError(
             "model.mixer=kernels needs CUDA and the mamba-ssm package (plus causal-conv1d for the fused conv).\n"

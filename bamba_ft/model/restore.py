@@ -38,8 +38,36 @@ def save_run_config(cfg: RunConfig, run_dir: Path) -> None:
 _FULL_CRC_BELOW = 4 << 30
 
 
+SHARDED_META = "meta.pt"  # Lightning's name for the non-tensor state of a sharded checkpoint directory
+DCP_INDEX = ".metadata"  # torch.distributed.checkpoint's index of the shard files
+
+
+def is_sharded(path: Path) -> bool:
+    """A checkpoint directory written by trainer.strategy=fsdp (torch.distributed.checkpoint plus meta.pt)."""
+    return path.is_dir() and (path / SHARDED_META).is_file()
+
+
+def _sharded_problem(path: Path) -> str | None:
+    if not (path / SHARDED_META).is_file():
+        return f"a directory without {SHARDED_META} (not a finished sharded checkpoint)"
+    if not (path / DCP_INDEX).is_file():
+        return f"a sharded checkpoint without its {DCP_INDEX} index"
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        storage = FileSystemReader(str(path)).read_metadata().storage_data.values()
+    except Exception as e:  # a truncated or foreign index
+        return f"a sharded checkpoint whose {DCP_INDEX} does not read ({type(e).__name__})"
+    absent = sorted({s.relative_path for s in storage} - {p.name for p in path.iterdir()})
+    if absent:
+        return f"a sharded checkpoint missing {len(absent)} shard file(s) (first: {absent[0]})"
+    return checkpoint_problem(path / SHARDED_META)
+
+
 def checkpoint_problem(path: Path) -> str | None:
-    """Why `path` cannot be a complete checkpoint, or None when it looks intact."""
+    """Why `path` cannot be a complete checkpoint (a file, or a sharded directory), or None when it looks intact."""
+    if path.is_dir():
+        return _sharded_problem(path)
     try:
         size = path.stat().st_size
     except OSError as e:
@@ -65,6 +93,26 @@ def require_intact(path: Path, what: str) -> None:
     if problem:
         raise ModelError(f"{what}: {path} is {problem}, so it cannot be loaded. Use another checkpoint of the run "
                          f"(its adapter/ directory, or best-*.ckpt under checkpoints/).")
+
+
+def checkpoint_state(path: Path) -> dict:
+    """A checkpoint's non-tensor state (global_step, loops, the run's config): of a file, or a sharded directory's
+    meta.pt; tensors are mapped, not read."""
+    file = path / SHARDED_META if path.is_dir() else path
+    return torch.load(file, map_location="cpu", weights_only=False, mmap=True)
+
+
+def read_sharded(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Fill `tensors` (name -> a tensor of the right shape) from a sharded checkpoint's `state_dict`, in one process
+    or on every rank of a run (each reading what its tensors hold); ModelError names a tensor the checkpoint lacks."""
+    import torch.distributed.checkpoint as dcp
+
+    stored = {k.removeprefix("state_dict.") for k in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata}
+    missing = sorted(set(tensors) - stored)
+    if missing:
+        raise ModelError(f"{path}: lacks {len(missing)} trained tensors of this model (first: {missing[0]}); it was "
+                         "written for a different model or adapter configuration.")
+    dcp.load({"state_dict": tensors}, checkpoint_id=str(path))
 
 
 def _drop_unknown(data: dict, schema: type, prefix: str = "") -> list[str]:
@@ -110,7 +158,7 @@ def locate(checkpoint: str | None, cfg: RunConfig) -> Source:
     path = Path(checkpoint).expanduser()
     if not path.exists():
         raise ModelError(f"checkpoint {checkpoint}: no such file or directory.")
-    if path.is_file() and path.suffix == ".ckpt":
+    if path.suffix == ".ckpt" and (path.is_file() or is_sharded(path)):
         run_dir = RunDir.of_checkpoint(path).root
         if not (run_dir / RUN_CONFIG).exists():
             raise ModelError(f"checkpoint {checkpoint}: cannot find its run's {RUN_CONFIG} in {run_dir}.")
@@ -155,9 +203,14 @@ def load_source(src: Source, device: torch.device, trainable: bool = False) -> t
         assert src.run is not None
         model = apply_peft(model, src.run.peft)
         require_intact(src.ckpt, "checkpoint")
-        state = torch.load(src.ckpt, map_location=device, weights_only=False)["state_dict"]
         prefix = "model."
-        weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if src.ckpt.is_dir():  # sharded (trainer.strategy=fsdp): the shards of every rank, read into one process
+            weights = {prefix + n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+            read_sharded(src.ckpt, weights)
+            weights = {k[len(prefix):]: v for k, v in weights.items()}
+        else:
+            state = torch.load(src.ckpt, map_location=device, weights_only=False)["state_dict"]
+            weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in weights]
         if missing:
             raise ModelError(f"{src.ckpt}: lacks {len(missing)} trained tensors (first: {missing[0]}).")

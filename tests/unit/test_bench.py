@@ -311,3 +311,38 @@ def test_adapter_coverage_counts_only_finite_nonzero_gradients():
         model.register_parameter(f"{name}_lora_B", p)
     model.register_parameter("x_lora_A", torch.nn.Parameter(torch.ones(2)))
     assert bench_variants._adapter_coverage(model) == (1, 5)
+
+
+def test_ranks_merge_into_per_gpu_figures_and_an_error_on_any_rank_is_the_rows() -> None:
+    rows = [{"variant": "bamba_ft", "memory_mode": "none", "tokens_per_sec": tps, "step_ms": ms, "peak_gib": gib,
+             "final_loss": 2.0, "adapters": 70} for tps, ms, gib in [(100.0, 80.0, 40.0), (90.0, 90.0, 42.0)]]
+    merged = bench_report.merge_ranks(rows)
+    assert (merged["tokens_per_sec"], merged["step_ms"], merged["peak_gib"], merged["world_size"]) == (95.0, 90.0, 42.0, 2)
+    assert [r["tokens_per_sec"] for r in merged["ranks"]] == [100.0, 90.0] and merged["adapters"] == 70
+    failed = bench_report.merge_ranks([rows[0], {**rows[1], "error": "OOM"}])
+    assert failed["error"] == "OOM" and "tokens_per_sec" not in failed
+    assert bench_report.merge_ranks(rows[:1]) is rows[0]
+
+
+def test_scaling_line_is_per_gpu_throughput_over_one_gpus() -> None:
+    def at(world: int, per_gpu: float) -> dict:
+        runs = [{"variant": "bamba_ft", "memory_mode": "none", "rehearse": False, "repeat": 0, "tokens_per_sec": per_gpu,
+                 "step_ms": 1.0, "peak_gib": 48.0 + world, "adapters_with_grad": 70, "adapters": 70}]
+        return _results(1, runs, [False]) | {"world_size": world}
+
+    lines = bench_report.scaling([at(4, 8800.0), at(1, 10000.0), at(2, 9500.0)])
+    assert lines[-1] == "Multi-GPU scaling (H200, Bamba-9B shape, LoRA, DDP): 2 GPUs 95%, 4 GPUs 88%"
+    assert "| 4 | 8,800 | 35,200 | 88% | 52.0 |" in lines
+    with pytest.raises(ValueError, match=r"one GPU and on more \(found GPU counts: \[2, 4\]\)"):
+        bench_report.scaling([at(4, 8800.0), at(2, 9500.0)])
+
+
+def test_sweeps_are_refused_on_several_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bamba_ft.jobs import bench_ranks
+
+    b = BenchConfig(token_budgets=[4096], profile=True)
+    bench_ranks.check_distributed(b)  # one process: allowed
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match=r"bench.token_budgets, bench.profile with 4 ranks.*\n.*Fix: run them without"):
+        bench_ranks.check_distributed(b)
+    bench_ranks.check_distributed(BenchConfig())

@@ -27,7 +27,7 @@ class Family:
     base_model_class: type
     """The decoder stack (`causal_lm.model`): its forward gets the packing keyword completion hook."""
     decoder_layer_class: type
-    """One FSDP unit."""
+    """The class of every entry of `model.layers`: one FSDP unit each (bamba_ft/model/shard.py)."""
     mixer_class: type
     """transformers' Mamba-2 mixer of this family."""
     segment_mixer_class: type
