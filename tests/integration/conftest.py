@@ -1,4 +1,5 @@
-"""Integration fixtures: the CLI as a subprocess, and one short real SFT run shared by the tests."""
+"""Integration fixtures: the CLI as a subprocess or its config run in this process, and one short real SFT run
+shared by the tests."""
 
 from __future__ import annotations
 
@@ -21,6 +22,30 @@ def cli(args: list[str], cwd: Path, check: bool = True, timeout: int = 300,
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
     return proc
+
+
+def run_in_process(args: list[str], run_dir: Path) -> dict:
+    """What `python -m bamba_ft ARGS hydra.run.dir=RUN_DIR` runs, in this process: the same composed config, checked
+    against the same Hydra choices and overrides, and its task, without the several seconds a fresh interpreter
+    spends importing torch, transformers and Lightning. For tests of what a task does: exit statuses, console
+    logging, signals and Hydra's own files need `cli`."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from bamba_ft.__main__ import run_config
+    from bamba_ft.config.store import config_dirs, register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(config_dirs()[0]), version_base="1.3"):
+        cfg = compose("train", overrides=[*args, f"output_dir={run_dir}"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # as Hydra's run_job does: the checks of a missing `???` read it
+    with open_dict(cfg):
+        del cfg["hydra"]
+    try:
+        return run_config(cfg)
+    finally:
+        HydraConfig.instance().cfg = None  # a later in-process compose must not see this run's choices
 
 
 @pytest.fixture(scope="session")

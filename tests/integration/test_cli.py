@@ -1,4 +1,7 @@
-"""`python -m bamba_ft` as users run it: every recipe on the tiny model, sweeps, errors without tracebacks."""
+"""`python -m bamba_ft` as users run it: every recipe on the tiny model, errors without tracebacks.
+
+Tests of what a recipe does (not of the process around it) run its composed config in this process
+(`run_in_process`); the shared SFT run, `--cfg` and the error messages go through the CLI itself."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bamba_ft.config.store import recipe_names
-from tests.integration.conftest import cli
+from tests.integration.conftest import cli, run_in_process
 
 FAST = ["model=tiny", "trainer=cpu", "smoke=fast", "logger=none"]
 
@@ -28,31 +31,33 @@ def test_sft_run_writes_everything(sft_run: Path) -> None:
 
 
 @pytest.mark.parametrize("recipe", [r for r in recipe_names() if r not in ("eval", "export", "bench", "doctor")])
-def test_training_recipes_run_two_steps(recipe: str, tmp_path: Path) -> None:
-    proc = cli([f"recipe={recipe}", *FAST, f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
-    assert "bamba_ft: trained 2 steps" in proc.stdout
+def test_training_recipes_run_two_steps(recipe: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    metrics = run_in_process([f"recipe={recipe}", *FAST], tmp_path)
+    assert metrics["train"]["steps"] == 2
+    assert "bamba_ft: trained 2 steps" in capsys.readouterr().out
 
 
 def test_padded_batches_run(tmp_path: Path) -> None:
-    cli(["recipe=sft", *FAST, "data.packing=false", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    metrics = run_in_process(["recipe=sft", *FAST, "data.packing=false"], tmp_path)
+    assert metrics["train"]["steps"] == 2 and metrics["packing_efficiency"] is None  # padded: nothing packed
 
 
-def test_eval_recipe_matches_training_exact_match(sft_run: Path, tmp_path: Path) -> None:
-    proc = cli(["recipe=eval", "trainer=cpu", f"eval.checkpoint={sft_run}", "eval.num_generate=8",
-                "eval.max_new_tokens=6", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+def test_eval_recipe_matches_training_exact_match(sft_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run_in_process(["recipe=eval", "trainer=cpu", f"eval.checkpoint={sft_run}", "eval.num_generate=8",
+                    "eval.max_new_tokens=6"], tmp_path)
     ours = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
     trained = json.loads((sft_run / "metrics.json").read_text())["after"]
     assert ours["exact_match"] == trained["exact_match"]
     assert abs(ours["val_loss"] - trained["val_loss"]) < 1e-5
     assert (tmp_path / "predictions.jsonl").exists() and (tmp_path / "curves.png").exists()
-    assert "exact match" in proc.stdout
+    assert "exact match" in capsys.readouterr().out
 
 
-def test_bench_smoke_on_cpu(tmp_path: Path) -> None:
-    proc = cli(["recipe=bench", "trainer=cpu", "bench.warmup_steps=1", "bench.steps=1", "bench.seqs_per_step=2",
-                "bench.median_len=40", "bench.max_len=64", "bench.data_pipeline_examples=3000", "bench.data_pipeline_num_proc=[2]",
-                "bench.seq_scaling=[64,128]", "bench.mixer_only=true", "bench.memory_modes=[none,all+offload]",
-                f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+def test_bench_smoke_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run_in_process(["recipe=bench", "trainer=cpu", "bench.warmup_steps=1", "bench.steps=1", "bench.seqs_per_step=2",
+                    "bench.median_len=40", "bench.max_len=64", "bench.data_pipeline_examples=3000",
+                    "bench.data_pipeline_num_proc=[2]", "bench.seq_scaling=[64,128]", "bench.mixer_only=true",
+                    "bench.memory_modes=[none,all+offload]"], tmp_path)
     results = json.loads((tmp_path / "bench.json").read_text())
     by_name = {r["variant"]: r for r in results["runs"]}
     assert by_name["bamba_ft"]["tokens_per_sec"] > 0 and by_name["hf_padded"]["tokens_per_sec"] > 0
@@ -61,27 +66,17 @@ def test_bench_smoke_on_cpu(tmp_path: Path) -> None:
     memory, stream = results["data_pipeline"]["rows"]  # each measured in its own process
     assert (memory["path"], memory["num_proc"], stream["path"]) == ("memory", 2, "stream")
     assert memory["tokens"] == stream["tokens"] and memory["packing_efficiency"] > 0.9
-    assert "| memory | 2 | 3,000 |" in proc.stdout
     assert [(r["seq_len"], r["memory_mode"]) for r in results["seq_scaling"]] == [
         (64, "none"), (128, "none"), (64, "all+offload"), (128, "all+offload")]
     assert results["longest_trained"] == {"bamba_ft none": 128, "bamba_ft all+offload": 128}
     assert results["mixer_only"]["transformers_ms"] > 0 and results["mixer_only"]["bamba_ft_ms"] > 0
-    assert "| bamba_ft |" in proc.stdout
+    out = capsys.readouterr().out
+    assert "| bamba_ft |" in out and "| memory | 2 | 3,000 |" in out
 
 
 def test_cfg_job_prints_composed_config(tmp_path: Path) -> None:
     proc = cli(["recipe=qlora", "--cfg", "job"], cwd=tmp_path)
     assert "method: nf4" in proc.stdout and "gradient_checkpointing: all" in proc.stdout
-
-
-def test_multirun_sweep_ends_with_table(tmp_path: Path) -> None:
-    proc = cli(["-m", "recipe=sft", "trainer=cpu", "logger=none", "trainer.max_steps=2", "trainer.val_check_interval=2",
-                "eval.before_training=false", "eval.num_generate=2", "eval.max_new_tokens=2",
-                "data.builtin_train_examples=32", "data.builtin_val_examples=8", "optim.lr=1e-4,3e-4",
-                f"hydra.sweep.dir={tmp_path}/sweep"], cwd=tmp_path, timeout=400)
-    assert "optim.lr=0.0001" in proc.stdout and "optim.lr=0.0003" in proc.stdout
-    assert (tmp_path / "sweep/0/metrics.json").exists() and (tmp_path / "sweep/1/metrics.json").exists()
-    assert "exact match" in proc.stdout.split("sweep ")[-1]
 
 
 @pytest.mark.parametrize("args,message", [
@@ -110,12 +105,13 @@ def test_non_bamba_checkpoint_is_refused(tmp_path: Path) -> None:
     assert "is a 'llama' model" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_doctor_checks_the_model(tmp_path: Path) -> None:
-    proc = cli(["recipe=doctor", "trainer=cpu", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
-    assert "gradient check: 20 adapter tensors, all receive gradient" in proc.stdout
-    assert "packing check" in proc.stdout and "doctor: ok" in proc.stdout
+def test_doctor_checks_the_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run_in_process(["recipe=doctor", "trainer=cpu"], tmp_path)
+    out = capsys.readouterr().out
+    assert "gradient check: 20 adapter tensors, all receive gradient" in out
+    assert "packing check" in out and "doctor: ok" in out
 
 
-def test_gradient_accumulation_counts_optimizer_steps(tmp_path: Path) -> None:
-    proc = cli(["recipe=sft", *FAST, "trainer.accumulate_grad_batches=2", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
-    assert "bamba_ft: trained 2 steps" in proc.stdout
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    metrics = run_in_process(["recipe=sft", *FAST, "trainer.accumulate_grad_batches=2"], tmp_path)
+    assert metrics["train"]["steps"] == 2 and "bamba_ft: trained 2 steps" in capsys.readouterr().out

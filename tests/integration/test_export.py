@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from bamba_ft.config.schema import RunConfig
 from bamba_ft.model.mixer import stock_forward
 from bamba_ft.model.restore import load_source, locate
-from tests.integration.conftest import cli
+from tests.integration.conftest import cli, run_in_process
 from tests.integration.fake_hub import FakeHub
 
 PROMPT = [{"role": "user", "content": "What is 21 plus 21?"}]
@@ -74,7 +74,11 @@ def test_export_files_model_card_and_overwrite_rule(sft_run: Path, tmp_path: Pat
 
     again = cli(["recipe=export", "export.checkpoint=run", "hydra.run.dir=b"], cwd=tmp_path, check=False)
     assert again.returncode == 2 and "exists. Fix: choose another directory or export.overwrite=true" in again.stderr
-    cli(["recipe=export", "export.checkpoint=run", "export.overwrite=true", "hydra.run.dir=c"], cwd=tmp_path)
+    # verify=false: replacing runs the same reload check as the first export above
+    (out / "model.safetensors").write_bytes(b"stale")
+    run_in_process(["recipe=export", f"export.checkpoint={tmp_path / 'run'}", "export.overwrite=true",
+                    "export.verify=false"], tmp_path / "c")
+    assert (out / "model.safetensors").read_bytes() != b"stale" and (out / "export_report.json").exists()
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".export")]  # no temp or backup dirs left
 
 
@@ -82,8 +86,8 @@ def test_adapter_only_export_loads_with_peft(sft_run: Path, tmp_path: Path) -> N
     from peft import PeftModel
 
     out = tmp_path / "adapter"
-    cli(["recipe=export", f"export.checkpoint={sft_run}", f"export.output_dir={out}", "export.adapter_only=true",
-         f"hydra.run.dir={tmp_path}/log"], cwd=tmp_path)
+    run_in_process(["recipe=export", f"export.checkpoint={sft_run}", f"export.output_dir={out}",
+                    "export.adapter_only=true"], tmp_path / "log")
     assert (out / "adapter_model.safetensors").exists() and (out / "README.md").exists()
     base, _ = load_source(locate(None, RunConfig()), torch.device("cpu"))
     model = PeftModel.from_pretrained(base, str(out)).eval()
@@ -99,7 +103,7 @@ def test_push_to_hub_uploads_the_export(sft_run: Path, tmp_path: Path) -> None:
         env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_test", "HF_HUB_OFFLINE": "0"}
         proc = cli(["recipe=export", f"export.checkpoint={sft_run}", f"export.output_dir={out}",
                     "export.push_to_hub=true", "export.repo_id=me/tiny-sft", "export.commit_message=first upload",
-                    f"hydra.run.dir={tmp_path}/log"], cwd=tmp_path, env=env)
+                    "export.verify=false", f"hydra.run.dir={tmp_path}/log"], cwd=tmp_path, env=env)
         repo = hub.repos["me/tiny-sft"]
     assert "pushed: " in proc.stdout
     assert repo["private"] is True and repo["commits"] == ["first upload"]
@@ -118,7 +122,8 @@ def test_push_failure_keeps_local_export(sft_run: Path, tmp_path: Path, env: dic
     out = tmp_path / "kept"
     with FakeHub(token="hf_test") as hub:
         proc = cli(["recipe=export", f"export.checkpoint={sft_run}", f"export.output_dir={out}",
-                    "export.push_to_hub=true", "export.repo_id=me/tiny-sft", f"hydra.run.dir={tmp_path}/log"],
+                    "export.push_to_hub=true", "export.repo_id=me/tiny-sft", "export.verify=false",
+                    f"hydra.run.dir={tmp_path}/log"],
                    cwd=tmp_path, env={"HF_ENDPOINT": hub.url, **env}, check=False)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
     assert "local export at" in proc.stderr and (out / "model.safetensors").exists()
@@ -139,9 +144,9 @@ def test_run_written_by_another_version_still_loads(sft_run: Path, tmp_path: Pat
 
 
 def test_qlora_run_exports_merged_with_quantization_error_reported(tmp_path: Path) -> None:
-    cli(["recipe=qlora", "trainer=cpu", "trainer.max_steps=4", "trainer.val_check_interval=4", "logger=none",
-         "eval.before_training=false", "eval.num_generate=4", "eval.max_new_tokens=4", "data.builtin_train_examples=200",
-         "data.builtin_val_examples=16", "hydra.run.dir=run"], cwd=tmp_path)
+    run_in_process(["recipe=qlora", "trainer=cpu", "trainer.max_steps=4", "trainer.val_check_interval=4", "logger=none",
+                    "eval.before_training=false", "eval.num_generate=4", "eval.max_new_tokens=4",
+                    "data.builtin_train_examples=200", "data.builtin_val_examples=16"], tmp_path / "run")
     proc = cli(["recipe=export", "export.checkpoint=run", "export.dtype=float32", "hydra.run.dir=log"], cwd=tmp_path)
     report = json.loads((tmp_path / "run/export/export_report.json").read_text())
     assert report["dequantized_layers"] == 22  # 3 mixers x (in, out) + attention q, k, v, o + 4 MLPs x 3

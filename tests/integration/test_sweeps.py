@@ -48,15 +48,20 @@ def test_optuna_search_ends_with_its_results_and_the_table(tmp_path: Path) -> No
 
 
 @pytest.mark.slow
-def test_submitit_local_runs_every_job(tmp_path: Path) -> None:
+def test_submitit_local_runs_every_job_and_ends_with_the_table(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    cli(["-m", "hydra/launcher=submitit_local", "trainer.max_steps=2", "optim.lr=1e-4,3e-4", *FAST,
-         f"hydra.sweep.dir={sweep}"], cwd=tmp_path, timeout=600)
+    proc = cli(["-m", "hydra/launcher=submitit_local", "trainer.max_steps=2", "optim.lr=1e-4,3e-4", *FAST,
+                f"hydra.sweep.dir={sweep}"], cwd=tmp_path, timeout=600)
     results = _results(sweep)
     assert sorted((r["status"], r["overrides"][1]) for r in results.values()) == [
         ("ok", "optim.lr=0.0001"), ("ok", "optim.lr=0.0003")]
     assert all((sweep / str(j) / "metrics.json").exists() for j in results)
     assert (sweep / ".submitit").is_dir()  # the jobs did go through submitit
+    # The table closes the output, one row per job, naming what differs between them.
+    head = f"sweep {sweep}: 2 jobs, 0 failed"
+    assert head in proc.stdout, proc.stdout[-2000:]
+    table = proc.stdout.split(head)[-1]
+    assert "optim.lr=0.0001" in table and "optim.lr=0.0003" in table and "exact match" in table
 
 
 def test_joblib_pins_each_worker_to_its_own_gpu(tmp_path: Path) -> None:
