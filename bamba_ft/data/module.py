@@ -418,11 +418,12 @@ class BambaDataModule(L.LightningDataModule):
         elif state:
             # batches_done counts one rank's batches: on another number of ranks, the same batches of the plan
             # are done when each rank has done batches_done * saved / now (jobs/checkpoints.py resume_on_ranks)
-            done, saved, now = int(state["batches_done"]), int(state.get("world_size", 1)), self._world_size()
-            if "world_size" in state and (done * saved) % now:
-                raise ConfigError(f"trainer.resume: {saved} ranks had done {done} batches each, which {now} ranks "
-                                  f"cannot share evenly.\nFix: resume on {saved} ranks, or from a checkpoint "
-                                  "written at the end of an optimizer step (last.ckpt, interrupted.ckpt).")
+            done = int(state["batches_done"])
             if "world_size" in state:
+                saved, now = int(state["world_size"]), self._world_size()
+                if (done * saved) % now:
+                    raise ConfigError(f"trainer.resume: {saved} ranks had done {done} batches each, which {now} ranks "
+                                      f"cannot share evenly.\nFix: resume on {saved} ranks, or from a checkpoint "
+                                      "written at the end of an optimizer step (last.ckpt, interrupted.ckpt).")
                 done = done * saved // now
             self._resume = {"epoch": int(state["epoch"]), "batches_done": done}

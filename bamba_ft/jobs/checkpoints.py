@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from bamba_ft.config.schema import RunConfig, canonical_checkpointing
 from bamba_ft.errors import ConfigError
 from bamba_ft.jobs.lock import held_elsewhere
-from bamba_ft.model.restore import SHARDED_META, checkpoint_problem, checkpoint_state, is_sharded
+from bamba_ft.model.restore import checkpoint_problem, checkpoint_state, is_sharded, state_file
 from bamba_ft.rundir import RunDir
 
 log = logging.getLogger("bamba_ft")
@@ -144,7 +144,7 @@ class SavedCheckpoint:
 
 
 def _version(ckpt: Path) -> tuple[int, int, int, int]:
-    st = (ckpt / SHARDED_META if ckpt.is_dir() else ckpt).stat()  # a sharded directory: its meta.pt
+    st = state_file(ckpt).stat()  # a sharded directory: its meta.pt
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 

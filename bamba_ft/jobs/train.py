@@ -161,7 +161,8 @@ def _shard_and_load(cfg: RunConfig, dm: BambaDataModule, device: torch.device, l
 
     rank0 = dist.get_rank() == 0
     initial = shard.initial_values(lit.model) if rank0 else {}
-    policy = shard.mixed_precision(resolve_precision(cfg.trainer.precision, device), device)
+    precision = resolve_precision(cfg.trainer.precision, device)
+    policy = shard.mixed_precision(precision, device)
     units = shard.shard_model(lit, lit.model, lit.trainer.strategy.shard_mesh, policy)
     dtype = next(lit.model.parameters()).dtype
     if cfg.model.init == "random":
@@ -173,7 +174,7 @@ def _shard_and_load(cfg: RunConfig, dm: BambaDataModule, device: torch.device, l
     log.info("FSDP: %d units over %d ranks; this rank holds %s of %s parameters (%s)", units,
              dist.get_world_size(), f"{held:,}", f"{full:,}", str(dtype).removeprefix("torch."))
     # as Lightning runs the steps: bf16 autocast under bf16-mixed, whatever dtype the shards are kept in
-    mixed = device.type == "cuda" and resolve_precision(cfg.trainer.precision, device) == "bf16-mixed"
+    mixed = device.type == "cuda" and precision == "bf16-mixed"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if mixed else contextlib.nullcontext()
     _probe(cfg, lit.model, dm, device, lambda m, b: lit.mean_loss(b), autocast)
 

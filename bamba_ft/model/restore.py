@@ -95,11 +95,15 @@ def require_intact(path: Path, what: str) -> None:
                          f"(its adapter/ directory, or best-*.ckpt under checkpoints/).")
 
 
+def state_file(path: Path) -> Path:
+    """The file holding a checkpoint's non-tensor state: the checkpoint file, or a sharded directory's meta.pt."""
+    return path / SHARDED_META if path.is_dir() else path
+
+
 def checkpoint_state(path: Path) -> dict:
     """A checkpoint's non-tensor state (global_step, loops, the run's config): of a file, or a sharded directory's
     meta.pt; tensors are mapped, not read."""
-    file = path / SHARDED_META if path.is_dir() else path
-    return torch.load(file, map_location="cpu", weights_only=False, mmap=True)
+    return torch.load(state_file(path), map_location="cpu", weights_only=False, mmap=True)
 
 
 def read_sharded(path: Path, tensors: dict[str, torch.Tensor]) -> None:
