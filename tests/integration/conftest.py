@@ -50,11 +50,12 @@ def run_in_process(args: list[str], run_dir: Path) -> dict:
 
 @pytest.fixture(scope="session")
 def sft_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A short real SFT run (8 steps) whose outputs the eval and export recipes use."""
+    """A short real SFT run (8 steps) whose outputs the eval and export recipes use. Tests that write into it
+    work on a copy. (CLI training runs are checked by the token, signal, kill and DDP tests.)"""
     run = tmp_path_factory.mktemp("sft") / "run"
-    cli(["recipe=sft", "trainer=cpu", "trainer.max_steps=8", "trainer.val_check_interval=4",
-         "data.builtin_train_examples=200", "data.builtin_val_examples=24", "eval.num_generate=8",
-         "eval.max_new_tokens=6", f"hydra.run.dir={run}"], cwd=run.parent)
+    run_in_process(["recipe=sft", "trainer=cpu", "trainer.max_steps=8", "trainer.val_check_interval=4",
+                    "data.builtin_train_examples=200", "data.builtin_val_examples=24", "eval.num_generate=8",
+                    "eval.max_new_tokens=6"], run)
     return run
 
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from bamba_ft.errors import BambaFTError, ConfigError
 from bamba_ft.jobs import train
 from bamba_ft.jobs.callbacks import AtomicCheckpointIO
-from tests.integration.conftest import ROOT, cli
+from tests.integration.conftest import ROOT, cli, run_in_process
 from tests.integration.test_resume import small_run
 
 # 4 batches per epoch, a checkpoint every 2 steps, 8 steps: kills land in epochs 0 and 1
@@ -44,7 +44,7 @@ def assert_same_adapter(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
     run = tmp_path_factory.mktemp("reference") / "run"
-    cli([*ARGS, f"hydra.run.dir={run}"], cwd=run.parent)
+    run_in_process(ARGS, run)
     return adapter(run)
 
 
@@ -58,13 +58,13 @@ def test_kill_9_then_resume_reaches_the_uninterrupted_adapter(point: str, refere
     assert not (killed / "adapter").exists()
     partial = list(killed.glob("checkpoints/.*.partial")) + list(killed.glob(".adapter.partial"))
     assert partial, "the kill should have left the writer's temporary behind"
-    cli([*ARGS, f"trainer.resume={killed}", f"hydra.run.dir={tmp_path / 'resumed'}"], cwd=tmp_path)
+    run_in_process([*ARGS, f"trainer.resume={killed}"], tmp_path / "resumed")  # only the killed run needs a process
     assert not [p for p in partial if p.exists()], "the resume removes what the killed writer left"
     assert_same_adapter(reference, adapter(tmp_path / "resumed"))
 
 
 @pytest.mark.slow
-def test_sigint_and_sigterm_exit_130_and_143_after_saving(tmp_path: Path) -> None:
+def test_sigint_and_sigterm_exit_130_and_143_after_saving_a_resumable_checkpoint(tmp_path: Path) -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
         run, out = tmp_path / sig.name, tmp_path / f"{sig.name}.txt"
@@ -78,8 +78,14 @@ def test_sigint_and_sigterm_exit_130_and_143_after_saving(tmp_path: Path) -> Non
             time.sleep(1)
             proc.send_signal(sig)
             assert proc.wait(timeout=120) == code, out.read_text()[-2000:]
-        assert (run / "checkpoints" / "interrupted.ckpt").exists()
-        assert "stopped at step" in out.read_text()
+        ckpt = run / "checkpoints" / "interrupted.ckpt"
+        assert ckpt.exists() and not list(run.rglob("*.partial"))
+        assert "stopped at step" in out.read_text() and f"trainer.resume={run}" in out.read_text()
+    # The command the stop printed continues from the checkpoint to a trained adapter.
+    step = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
+    metrics = run_in_process([*ARGS, f"trainer.max_steps={step + 2}", f"trainer.resume={run}"], tmp_path / "resumed")
+    assert metrics["train"]["steps"] == step + 2
+    assert (tmp_path / "resumed/adapter/adapter_model.safetensors").exists()
 
 
 def test_a_second_run_into_a_live_run_directory_is_refused(tmp_path: Path) -> None:

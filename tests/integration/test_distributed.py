@@ -16,7 +16,7 @@ from bamba_ft.errors import ConfigError
 from bamba_ft.jobs import runtime
 from bamba_ft.model.build import resolve_path
 from bamba_ft.model.restore import is_sharded, load_source, locate, read_sharded
-from tests.integration.conftest import cli
+from tests.integration.conftest import cli, run_in_process
 
 
 @pytest.fixture
@@ -53,8 +53,12 @@ RUN = ["recipe=sft", "model=tiny", "trainer=cpu", "logger=none", "trainer.max_st
 
 
 def _adapter(tmp_path: Path, name: str, *overrides: str) -> dict[str, torch.Tensor]:
+    """Through the CLI for trainer.devices=2 (the launcher starts rank 1 from the command line), else in this process."""
     run = tmp_path / name
-    cli([*RUN, *overrides, f"hydra.run.dir={run}"], cwd=tmp_path, timeout=600)
+    if "trainer.devices=2" in overrides:
+        cli([*RUN, *overrides, f"hydra.run.dir={run}"], cwd=tmp_path, timeout=600)
+    else:
+        run_in_process([*RUN, *overrides], run)
     return load_file(run / "adapter" / "adapter_model.safetensors")
 
 

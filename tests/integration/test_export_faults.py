@@ -16,23 +16,25 @@ from pathlib import Path
 
 import pytest
 
+from bamba_ft.errors import ConfigError
 from bamba_ft.jobs.export import OWNER_FILE
-from tests.integration.conftest import ROOT, cli
+from tests.integration.conftest import ROOT, cli, run_in_process
 
-# Points before the rename: the export never reaches the target, whatever else it wrote. The first and last run
-# in CI; the two around the reload check add little (same directory, one more file) but 25 s.
-BEFORE_RENAME = [
-    pytest.param(["export.after_save", "export.before_rename"], id="save,rename"),
-    pytest.param(["export.before_verify", "export.after_verify"], id="verify", marks=pytest.mark.slow),
-]
+# Points before the rename, in the order an export reaches them: the export never reaches the target, whatever
+# else it wrote. One after another into the same parent, so each next export also removes the one before.
+BEFORE_RENAME = ["export.after_save", "export.before_verify", "export.after_verify", "export.before_rename"]
+
+
+def export_overrides(run: Path, *extra: str) -> list[str]:
+    return ["recipe=export", f"export.checkpoint={run}", "export.dtype=float32", *extra]
 
 
 def export_args(run: Path, log: str, *extra: str) -> list[str]:
-    # verify=false for the runs that are killed anyway: the reload check is a second process (~10 s on CPU)
-    return ["recipe=export", f"export.checkpoint={run}", "export.dtype=float32", f"hydra.run.dir={log}", *extra]
+    return [*export_overrides(run, *extra), f"hydra.run.dir={log}"]
 
 
 def killed_export(run: Path, cwd: Path, point: str, *extra: str) -> subprocess.CompletedProcess:
+    # verify=false for the runs that are killed anyway: the reload check is a second process (~10 s on CPU)
     proc = cli(export_args(run, f"log-{point}", "export.verify=false", *extra), cwd=cwd, check=False,
                env={"BAMBA_FT_FAULT": point})
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
@@ -63,10 +65,9 @@ def run_copy(sft_run: Path, tmp_path: Path) -> Path:
     return run
 
 
-@pytest.mark.parametrize("points", BEFORE_RENAME)
-def test_export_killed_before_rename_is_cleaned_by_next_export(run_copy: Path, tmp_path: Path, points: list[str]) -> None:
+def test_export_killed_before_rename_is_cleaned_by_next_export(run_copy: Path, tmp_path: Path) -> None:
     target = run_copy / "export"
-    for i, point in enumerate(points):
+    for i, point in enumerate(BEFORE_RENAME):
         proc = killed_export(run_copy, tmp_path, point)
         assert_nothing_looks_finished(target)
         assert not target.exists()
@@ -75,8 +76,7 @@ def test_export_killed_before_rename_is_cleaned_by_next_export(run_copy: Path, t
         assert [p.name.split("-")[0] for p in partials] == [".export.partial"], point
         assert (partials[0] / OWNER_FILE).exists() and (partials[0] / "model.safetensors").exists()
         assert proc.stdout.count("left by an export that was killed") == min(i, 1), proc.stdout
-    if points[-1] == "export.before_rename":  # complete but for the rename: still not at the target
-        assert (partials[0] / "export_report.json").exists()
+    assert (partials[0] / "export_report.json").exists()  # complete but for the rename: still not at the target
 
     # Temporary directories the next export must keep: a live export's (this test process) and another host's.
     live = run_copy / ".export.partial-live"
@@ -106,25 +106,30 @@ def _start(pid: int) -> str | None:
     return _process_start(pid)
 
 
+def in_process_export(run: Path, cwd: Path, log: str, *extra: str) -> dict:
+    """An export that is not killed: its config in this process (the killed ones need a process of their own)."""
+    return run_in_process(export_overrides(run, *extra), cwd / log)
+
+
 @pytest.mark.slow
 def test_export_killed_while_replacing_keeps_one_complete_export(run_copy: Path, tmp_path: Path) -> None:
     target = run_copy / "export"
-    cli(export_args(run_copy, "log-first", "export.verify=false"), cwd=tmp_path)
+    in_process_export(run_copy, tmp_path, "log-first", "export.verify=false")
     first = (target / "model.safetensors").read_bytes()
 
     # Killed between moving the old export aside and moving the new one in: the target is briefly absent.
     killed_export(run_copy, tmp_path, "export.mid_replace", "export.overwrite=true")
     assert not target.exists() and leftovers(run_copy) == [".export.old", ".export.partial"]
     # The next export puts the old one back first, so without overwrite it refuses, as it did before the kill.
-    proc = cli(export_args(run_copy, "log-refused"), cwd=tmp_path, check=False)
-    assert proc.returncode == 2 and "exists. Fix:" in proc.stderr, proc.stderr[-2000:]
+    with pytest.raises(ConfigError, match="exists. Fix:"):
+        in_process_export(run_copy, tmp_path, "log-refused")
     assert (target / "model.safetensors").read_bytes() == first and leftovers(run_copy) == []
 
     # Killed after the rename: the new export is complete; the old one and the owner file are what is left.
     killed_export(run_copy, tmp_path, "export.after_rename", "export.overwrite=true")
     assert_nothing_looks_finished(target)
     assert (target / OWNER_FILE).exists() and leftovers(run_copy) == [".export.old"]
-    cli(export_args(run_copy, "log-last", "export.overwrite=true"), cwd=tmp_path)
+    in_process_export(run_copy, tmp_path, "log-last", "export.overwrite=true")
     assert_verified_export(target)
     assert leftovers(run_copy) == []
 
@@ -158,7 +163,7 @@ def test_eval_killed_before_metrics_leaves_no_metrics_json(sft_run: Path, tmp_pa
     assert sorted(p.name for p in out.iterdir()) == ["curves.png", "predictions.jsonl"]
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 2
 
-    cli([*args, "hydra.run.dir=log-again"], cwd=tmp_path)
+    run_in_process(args, tmp_path / "log-again")
     assert json.loads((out / "metrics.json").read_text())["metrics"]["num_generated"] == 2
     assert sorted(p.name for p in out.iterdir()) == ["curves.png", "metrics.json", "predictions.jsonl"]
     umask = os.umask(0o022)

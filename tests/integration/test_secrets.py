@@ -35,7 +35,8 @@ def test_hub_token_never_written_or_printed(tmp_path: Path) -> None:
     needles = [env_token, file_token, env_token[7:], file_token[7:]]
 
     outputs = [cli(["trainer=cpu", "trainer.max_steps=2", "eval.num_generate=2", "eval.max_new_tokens=2",
-                    "logger=default", "data.builtin_train_examples=64", "hydra.run.dir=run"], cwd=tmp_path, env=env)]
+                    "logger=default", "data.builtin_train_examples=64", "data.builtin_val_examples=16",
+                    "hydra.run.dir=run"], cwd=tmp_path, env=env)]
     # Export and push with the token from HF_TOKEN: the upload succeeding shows the process held the token.
     with FakeHub(token=env_token) as hub:
         outputs.append(cli(["recipe=export", "export.checkpoint=run", "export.push_to_hub=true", "export.repo_id=me/t",
