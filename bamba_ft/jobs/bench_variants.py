@@ -35,6 +35,7 @@ from bamba_ft.jobs.runtime import autocast_for, to_device
 from bamba_ft.model.build import build_model
 from bamba_ft.model.lora import apply_peft
 from bamba_ft.model.memory import activation_memory, apply_checkpointing
+from bamba_ft.model.mixer import prepare_graphs
 from bamba_ft.model.objective import mean_loss
 from bamba_ft.model.quant import base_weight_bytes
 from bamba_ft.ops.loss import causal_lm
@@ -207,6 +208,12 @@ def measure(v: Variant, model: nn.Module, steps: list, b: BenchConfig, device: t
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
     loss_fn = _stock_loss if v.stock else mean_loss
     step_fn = ranks.step_module(model, loss_fn, device, find_unused=v.stock)  # DDP under torchrun
+    if v.graphs:  # every bucket the steps reach, captured before any step (as training does at its start)
+        t0 = time.perf_counter()
+        result["graphs_captured"] = prepare_graphs(model, max(sum(len(s) for s in seqs) for seqs in steps),
+                                                   next(causal_lm(model).parameters()).dtype)
+        sync_device(device)
+        result["graph_capture_s"] = time.perf_counter() - t0
     times, tokens = [], []
     untimed = b.warmup_steps + (b.steps if b.rehearse else 0)
     if b.rehearse:  # the timed batches once more, untimed, before they are timed

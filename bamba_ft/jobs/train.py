@@ -44,7 +44,7 @@ from bamba_ft.model.build import build_model, load_tokenizer
 from bamba_ft.model.families import family_of
 from bamba_ft.model.lora import apply_peft, check_adapter_gradients
 from bamba_ft.model.memory import out_of_memory_error
-from bamba_ft.model.mixer import packing_safe, unsafe_attention
+from bamba_ft.model.mixer import packing_safe, prepare_graphs, unsafe_attention
 from bamba_ft.model.restore import save_run_config
 from bamba_ft.ops.loss import causal_lm
 from bamba_ft.rundir import RunDir
@@ -136,10 +136,23 @@ def _prepare(cfg: RunConfig, device: torch.device) -> tuple[nn.Module, Any, Bamb
         )
     dm = BambaDataModule(cfg.data, tokenizer, seed=cfg.trainer.seed)
     dm.prepare()
+    if cfg.model.cuda_graphs and cfg.data.packing:
+        _capture_graphs(cfg, model, device)
     if not sharded:
         offload = cfg.model.activation_offload
         _probe(cfg, model, dm, device, lambda m, b: training_mean_loss(m, b, offload))
     return model, tokenizer, dm
+
+
+def _capture_graphs(cfg: RunConfig, model: nn.Module, device: torch.device) -> None:
+    """Every length bucket a packed batch can reach (data.max_tokens_per_batch), captured before the first step."""
+    precision = resolve_precision(cfg.trainer.precision, device)
+    mixed = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision.split("-")[0])
+    dtype = mixed if mixed is not None and precision.endswith("mixed") else next(causal_lm(model).parameters()).dtype
+    start = time.perf_counter()
+    captured = prepare_graphs(model, cfg.data.max_tokens_per_batch, dtype)
+    log.info("CUDA graphs: %d captured for rows up to %d tokens in %.1f s", captured, cfg.data.max_tokens_per_batch,
+             time.perf_counter() - start)
 
 
 def _probe(cfg: RunConfig, model: nn.Module, dm: BambaDataModule, device: torch.device, loss_fn: Callable,
@@ -166,7 +179,7 @@ def _shard_and_load(cfg: RunConfig, dm: BambaDataModule, device: torch.device, l
     units = shard.shard_model(lit, lit.model, lit.trainer.strategy.shard_mesh, policy)
     dtype = next(lit.model.parameters()).dtype
     if cfg.model.init == "random":
-        reader = functools.partial(shard.random_reader, cfg.model, dtype)
+        reader = functools.partial(shard.random_reader, cfg.model, dtype, device)
     else:
         reader = functools.partial(shard.safetensors_reader, cfg.model)
     shard.load_sharded(lit.model, reader if rank0 else None, initial)

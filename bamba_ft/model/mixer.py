@@ -86,6 +86,22 @@ def install_mixer(model: nn.Module, mixer: str = Mixer.AUTO, cuda_graphs: bool =
     return backend
 
 
+def prepare_graphs(model: nn.Module, longest: int, dtype: torch.dtype, rows: int = 1) -> int:
+    """Capture the conv+scan CUDA graphs (`model.cuda_graphs`) of every length bucket up to `longest` tokens per
+    row, for activations of `dtype`, so that no training step pays for a capture; returns the graphs captured
+    (0 when the model's mixers replay none)."""
+    done: set[tuple] = set()
+    captured = 0
+    for m in _mixers(model, family_of(model)):
+        graphs = m.__dict__.get("conv_scan_graphs")
+        key = (id(graphs), m.conv_dim, m.num_heads, m.head_dim, m.ssm_state_size, m.chunk_size)
+        if graphs is None or key in done:
+            continue
+        done.add(key)
+        captured += graphs.prepare(m, rows, longest, dtype)
+    return captured
+
+
 @contextmanager
 def stock_forward(model: nn.Module) -> Iterator[None]:
     """Run transformers' own mixer, norms and MLPs inside the block (to compare with a model loaded elsewhere)."""

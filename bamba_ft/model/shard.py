@@ -190,8 +190,9 @@ def safetensors_reader(cfg: ModelConfig) -> Reader:
     return read
 
 
-def random_reader(cfg: ModelConfig, dtype: torch.dtype) -> Reader:
-    """Fresh weights as `init=random` draws them, one decoder layer (or the rest) at a time, on the CPU.
+def random_reader(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str = "cpu") -> Reader:
+    """Fresh weights as `init=random` draws them, one decoder layer (or the rest) at a time, on `device` (rank 0's
+    GPU: drawing a 9B model's weights on the host took minutes).
 
     A one-process run draws its weights before its adapters, a sharded one after them (the adapters must exist
     before sharding), so the two start from different random weights with the same seed.
@@ -206,17 +207,17 @@ def random_reader(cfg: ModelConfig, dtype: torch.dtype) -> Reader:
     finally:
         torch.set_default_dtype(previous)
     layers = template.model.layers
-    cpu = torch.device("cpu")
+    device = torch.device(device)
 
     def read(keys: list[str]) -> dict[str, torch.Tensor]:
         match = re.match(r"model\.layers\.(\d+)\.", keys[0])
         if match:
             i = int(match.group(1))
-            init_layer(template, layers[i], cpu)
+            init_layer(template, layers[i], device)
             state = {f"model.layers.{i}.{k}": v for k, v in layers[i].state_dict().items()}
             layers[i].to("meta")  # free it: the next layer takes its place
         else:
-            init_rest(template, cpu)
+            init_rest(template, device)
             state = {k: v for k, v in template.state_dict().items() if not k.startswith("model.layers.")}
         return {k: state[k] for k in keys if k in state}
 

@@ -5,12 +5,14 @@ Triton's launcher, which costs the CPU about twice what the kernels cost the GPU
 per call). Replaying a captured graph costs one launch.
 
 How: every mixer of a model with the same dimensions shares one `ConvScanGraphs`. Its static buffers hold
-one layer's inputs and outputs at a time; a call copies its tensors in, replays the graph of its length
-bucket (token count rounded up to `bucket`) and returns copies of the outputs. The padded tail of a bucket
-is a sequence of its own (`seq_idx` = last + 1) with zero inputs and zero output gradient, so it changes
-nothing the real tokens see or receive. Graphs of all buckets share one memory pool (they never run at the
-same time). When a longer input arrives than the buffers hold, the buffers grow (x1.25) and the graphs are
-captured again, lazily.
+one layer's inputs and outputs at a time; a call copies its tensors in, replays the graph of its length bucket
+(token count rounded up to `bucket`) and returns copies of the outputs. The backward kernels write their input
+gradients straight into the static buffers; the scan's forward allocates its output, which the graph copies
+into its buffer. The padded tail of a bucket is a sequence of its own (`seq_idx` = last + 1)
+with zero inputs and zero output gradient, so it changes nothing the real tokens see or receive. Graphs of all
+buckets share one memory pool (they never run at the same time). When a longer input arrives than the buffers
+hold, the buffers grow (x1.25) and the graphs are captured again, lazily; `prepare` captures every bucket up to
+a known longest row before training, so that no step pays for a capture.
 
 `capture=False` runs the same bookkeeping with the kernel calls made directly instead of replayed (used to
 test it on CPU).
@@ -28,11 +30,26 @@ from bamba_ft.ops.kernels import KernelOps, conv_scan_backward_kernels, conv_sca
 Shape = tuple[int, int, int, int]  # heads, head_dim, groups, state
 
 
-class _Direct:
-    """Stand-in for a CUDA graph when capture is off: replay() runs the body."""
+Outputs = tuple[torch.Tensor | None, ...]
 
-    def __init__(self, body: Callable[[], None]) -> None:
+
+class _Direct:
+    """Stand-in for a captured graph when capture is off: replay() runs the body and returns what it returned."""
+
+    def __init__(self, body: Callable[[], Outputs]) -> None:
         self.replay = body
+
+
+class _Captured:
+    """A CUDA graph and its output tensors (static buffers, or small ones its capture allocated in the pool, which
+    stay reserved for it): replay() rewrites them."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, outputs: Outputs) -> None:
+        self.graph, self.outputs = graph, outputs
+
+    def replay(self) -> Outputs:
+        self.graph.replay()
+        return self.outputs
 
 
 class _Family:
@@ -50,11 +67,10 @@ class _Family:
         self.inner = {name: inner for name, (inner, _) in layout.items()}
         self.flat = {name: torch.zeros(rows * capacity * math.prod(inner), dtype=dtype, device=xbc.device)
                      for name, (inner, dtype) in layout.items()}
-        # parameters and their gradients (whole tensors, the same for every bucket)
+        # parameters (whole tensors, the same for every bucket)
         self.params = {k: (torch.zeros_like(v) if v is not None else None) for k, v in like.items()
                        if k not in ("xbc", "dt")}
-        self.grads = {k: (torch.zeros_like(v) if v is not None else None) for k, v in self.params.items()}
-        self.graphs: dict[tuple[str, int], object] = {}
+        self.graphs: dict[tuple[str, int], _Direct | _Captured] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
 
     def view(self, name: str, length: int) -> torch.Tensor:
@@ -88,22 +104,39 @@ class ConvScanGraphs:
     def forward(self, xbc, dt, weight, bias, A, D, dt_bias, seq_idx, shape, chunk_size, dt_limit):  # noqa: ANN001, ANN201
         params = {"weight": weight, "bias": bias, "A": A, "D": D, "dt_bias": dt_bias}
         fam, length, t = self._load(xbc, dt, seq_idx, params, shape, chunk_size, dt_limit)
-        self._replay(fam, "fwd", length)
-        return fam.view("y", length)[:, :t].clone()
+        (y,) = self._replay(fam, "fwd", length)
+        return y[:, :t].clone()
 
     def backward(self, dout, xbc, dt, weight, bias, A, D, dt_bias, seq_idx, shape, chunk_size, dt_limit):  # noqa: ANN001, ANN201
         params = {"weight": weight, "bias": bias, "A": A, "D": D, "dt_bias": dt_bias}
         fam, length, t = self._load(xbc, dt, seq_idx, params, shape, chunk_size, dt_limit)
         _fill(fam.view("dout", length), dout, t, 0)
-        self._replay(fam, "bwd", length)
-        g = fam.grads
-        return (fam.view("dxbc", length)[:, :t].clone(), fam.view("ddt", length)[:, :t].clone(),
-                g["weight"].clone(), g["bias"].clone() if bias is not None else None, g["A"].clone(),
-                g["D"].clone(), g["dt_bias"].clone())
+        dxbc, ddt, *grads = self._replay(fam, "bwd", length)
+        return dxbc[:, :t].clone(), ddt[:, :t].clone(), *(g.clone() if g is not None else None for g in grads)
+
+    def prepare(self, mixer: torch.nn.Module, rows: int, longest: int, dtype: torch.dtype) -> int:
+        """Capture the forward and backward graphs of every bucket up to `longest` tokens per row for mixers of
+        `mixer`'s dimensions whose in_proj output is `dtype` (the autocast dtype, or the model's), on zero
+        inputs, with buffers that hold `longest`; returns the number of graphs captured."""
+        from bamba_ft.ops.mamba2 import _ssm_shape
+
+        before, device = self.captures, mixer.conv1d.weight.device
+        top = -(-longest // self.bucket) * self.bucket
+        for length in range(top, 0, -self.bucket):  # the longest first: the buffers are sized once
+            xbc = torch.zeros(rows, length, mixer.conv_dim, dtype=dtype, device=device)
+            dt = torch.zeros(rows, length, mixer.num_heads, dtype=dtype, device=device)
+            params = {"weight": mixer.conv1d.weight.detach().squeeze(1), "bias": _detach(mixer.conv1d.bias),
+                      "A": -torch.exp(mixer.A_log.detach().float()), "D": mixer.D.detach(),
+                      "dt_bias": mixer.dt_bias.detach()}
+            rest = (_ssm_shape(mixer), mixer.chunk_size, tuple(mixer.time_step_limit))
+            fam, _, _ = self._load(xbc, dt, None, params, *rest, growth=1.0)
+            self._replay(fam, "fwd", length)
+            self._replay(fam, "bwd", length)
+        return self.captures - before
 
     # ------------------------------------------------------------------------------------------------------
 
-    def _load(self, xbc, dt, seq_idx, params, shape, chunk_size, dt_limit):  # noqa: ANN001, ANN202
+    def _load(self, xbc, dt, seq_idx, params, shape, chunk_size, dt_limit, growth=None):  # noqa: ANN001, ANN202
         """Copy one call's tensors into the static buffers of its bucket; (family, bucket length, tokens)."""
         rows, t, _ = xbc.shape
         length = -(-t // self.bucket) * self.bucket
@@ -113,7 +146,7 @@ class ConvScanGraphs:
         if fam is None or fam.capacity < length:
             if fam is not None and self.capture:
                 torch.cuda.synchronize(xbc.device)  # the old graphs may still be running on the old buffers
-            capacity = -(-int(length * self.growth) // self.bucket) * self.bucket
+            capacity = -(-int(length * (growth or self.growth)) // self.bucket) * self.bucket
             fam = self._families[key] = _Family({"xbc": xbc, "dt": dt, **params}, rows, capacity, shape, chunk_size,
                                                 dt_limit, self.capture)
         _fill(fam.view("xbc", length), xbc, t, 0)
@@ -129,41 +162,37 @@ class ConvScanGraphs:
         torch._foreach_copy_([fam.params[k] for k in names], [params[k] for k in names])
         return fam, length, t
 
-    def _replay(self, fam: _Family, direction: str, length: int) -> None:
+    def _replay(self, fam: _Family, direction: str, length: int) -> Outputs:
         graph = fam.graphs.get((direction, length))
         if graph is None:
             body = (self._forward_body if direction == "fwd" else self._backward_body)(fam, length)
             graph = fam.graphs[(direction, length)] = self._capture(body, fam.pool) if self.capture else _Direct(body)
             self.captures += 1
-        graph.replay()
+        return graph.replay()
 
-    def _forward_body(self, fam: _Family, length: int) -> Callable[[], None]:
+    def _forward_body(self, fam: _Family, length: int) -> Callable[[], Outputs]:
         v = {k: fam.view(k, length) for k in ("xbc", "dt", "seq", "y")}
         p = fam.params
 
-        def body() -> None:
+        def body() -> Outputs:
             out = conv_scan_forward_kernels(self.ops, v["xbc"], v["dt"], p["weight"], p["bias"], p["A"], p["D"],
                                             p["dt_bias"], v["seq"], fam.shape, fam.chunk_size, fam.dt_limit)
-            v["y"].copy_(out)
+            return (v["y"].copy_(out),)
 
         return body
 
-    def _backward_body(self, fam: _Family, length: int) -> Callable[[], None]:
+    def _backward_body(self, fam: _Family, length: int) -> Callable[[], Outputs]:
         v = {k: fam.view(k, length) for k in ("xbc", "dt", "seq", "dout", "dxbc", "ddt")}
-        p, g = fam.params, fam.grads
+        p = fam.params
 
-        def body() -> None:
-            grads = conv_scan_backward_kernels(self.ops, v["dout"], v["xbc"], v["dt"], p["weight"], p["bias"],
-                                               p["A"], p["D"], p["dt_bias"], v["seq"], fam.shape, fam.chunk_size,
-                                               fam.dt_limit)
-            targets = (v["dxbc"], v["ddt"], g["weight"], g["bias"], g["A"], g["D"], g["dt_bias"])
-            for dst, src in zip(targets, grads):
-                if dst is not None:
-                    dst.copy_(src)
+        def body() -> Outputs:  # (dxbc, ddt, dweight, dbias, dA, dD, ddt_bias)
+            return conv_scan_backward_kernels(self.ops, v["dout"], v["xbc"], v["dt"], p["weight"], p["bias"], p["A"],
+                                              p["D"], p["dt_bias"], v["seq"], fam.shape, fam.chunk_size, fam.dt_limit,
+                                              dxbc=v["dxbc"], ddt=v["ddt"])
 
         return body
 
-    def _capture(self, body: Callable[[], None], pool: tuple) -> torch.cuda.CUDAGraph:
+    def _capture(self, body: Callable[[], Outputs], pool: tuple) -> _Captured:
         # Run once outside the capture: Triton compiles and autotunes there (both synchronise the device).
         side = self._side = self._side or torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -173,13 +202,17 @@ class ConvScanGraphs:
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                body()
+                outputs = body()
         except Exception as e:
             raise RuntimeError(
                 "Capturing the Mamba-2 mixer's kernels as a CUDA graph failed (see the error above).\n"
                 "Fix: train with model.cuda_graphs=false."
             ) from e
-        return graph
+        return _Captured(graph, outputs)
+
+
+def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t.detach() if t is not None else None
 
 
 def _fill(dst: torch.Tensor, src: torch.Tensor, t: int, tail: float) -> None:

@@ -195,24 +195,26 @@ def conv_scan_forward_kernels(ops, xbc, dt, weight, bias, A, D, dt_bias, seq_idx
     return ops.scan_fwd(x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, dt_limit)
 
 
-def conv_scan_backward_kernels(ops, dout, xbc, dt, weight, bias, A, D, dt_bias, seq_idx, shape, chunk_size, dt_limit):  # noqa: ANN001, ANN202
-    """(dxbc, ddt, dweight, dbias, dA, dD, ddt_bias); the conv output is recomputed from its input."""
+def conv_scan_backward_kernels(ops, dout, xbc, dt, weight, bias, A, D, dt_bias, seq_idx, shape, chunk_size, dt_limit,  # noqa: ANN001, ANN202
+                               dxbc=None, ddt=None):
+    """(dxbc, ddt, dweight, dbias, dA, dD, ddt_bias); the conv output is recomputed from its input. `dxbc` and
+    `ddt`, when given (dense, shaped as `xbc` and `dt`), receive those gradients in place."""
     x_cl = channel_last(xbc)
     x, B, C = split_xbc(ops.conv_fwd(x_cl, weight, bias, seq_idx).transpose(1, 2), shape)
     dconv = torch.empty(xbc.shape, dtype=xbc.dtype, device=xbc.device)  # dense: its transpose is channel-last
     dx, dB, dC = split_xbc(dconv, shape)
-    ddt = torch.empty(dt.shape, dtype=dt.dtype, device=dt.device)
+    ddt = torch.empty(dt.shape, dtype=dt.dtype, device=dt.device) if ddt is None else ddt
     # mamba-ssm's backward reads the forward output only to go through a gate (z); this scan has none, so x
     # stands in for it and the output need not be kept.
     got = ops.scan_bwd(dout, x, dt, A, B, C, x, chunk_size, D, dt_bias, seq_idx, dt_limit, dx, ddt, dB, dC)
-    for buf, value in zip((dx, dB, dC), (got[0], got[3], got[4])):
+    for buf, value in zip((dx, ddt, dB, dC), (got[0], got[1], got[3], got[4])):
         if value.data_ptr() != buf.data_ptr():
             buf.copy_(value)
-    dxbc = torch.empty(xbc.shape, dtype=xbc.dtype, device=xbc.device)
+    dxbc = torch.empty(xbc.shape, dtype=xbc.dtype, device=xbc.device) if dxbc is None else dxbc
     dxbc_cl, dweight, dbias = ops.conv_bwd(x_cl, weight, bias, dconv.transpose(1, 2), seq_idx, dxbc.transpose(1, 2))
     if dxbc_cl.data_ptr() != dxbc.data_ptr():
         dxbc.copy_(dxbc_cl.transpose(1, 2))
-    return dxbc, got[1], dweight, dbias, got[2], got[5], got[6]
+    return dxbc, ddt, dweight, dbias, got[2], got[5], got[6]
 
 
 class DirectConvScan:

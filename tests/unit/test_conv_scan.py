@@ -162,6 +162,40 @@ def test_graphed_conv_scan_matches_direct_calls_across_buckets_and_growth(rows: 
     assert graphs.captures == 2 * 4
 
 
+def test_prepared_buckets_are_not_captured_again_and_match_direct_calls() -> None:
+    """`prepare` captures every bucket up to the longest row once (buffers sized for it); later calls of any
+    length up to it only replay, with the direct calls' results (float64, 1e-12 absolute)."""
+    from bamba_ft.model.mixer import prepare_graphs
+    from bamba_ft.ops.graphs import ConvScanGraphs
+
+    model = make_model(torch.float64, mamba_n_heads=8, mamba_d_head=16, mamba_chunk_size=8, num_hidden_layers=3,
+                       attn_layer_indices=[2])
+    mixers = [model.model.layers[i].mamba for i in (0, 1)]
+    graphs = ConvScanGraphs(TorchOps, bucket=8, capture=False)
+    for m in mixers:
+        m.conv_scan_graphs = graphs
+    assert prepare_graphs(model, longest=20, dtype=torch.float64) == 2 * 3  # buckets 24, 16, 8: forward, backward
+    for lengths in ([9, 11], [5], [3, 4, 16]):
+        t = sum(lengths)
+        seq_idx = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None].to(torch.int32)
+        inputs = []
+        for m in mixers:
+            z = torch.randn(1, t, m.in_proj.out_features, dtype=torch.float64, requires_grad=True)
+            _, xbc, dt = z.split([m.intermediate_size, m.conv_dim, m.num_heads], dim=-1)
+            inputs.append((z, xbc, dt, seq_idx))
+        weights = [torch.randn(1, t, m.num_heads, m.head_dim, dtype=torch.float64) for m in mixers]
+        graphed = _two_layer_grads(mixers, inputs, weights)
+        for m in mixers:
+            del m.conv_scan_graphs
+        direct = _two_layer_grads(mixers, inputs, weights)
+        for m in mixers:
+            m.conv_scan_graphs = graphs
+        for a, b in zip([*direct[0], *direct[1]], [*graphed[0], *graphed[1]]):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+            assert a.abs().max() > 0
+    assert graphs.captures == 2 * 3
+
+
 def test_cuda_graphs_refused_without_the_fused_kernels() -> None:
     from bamba_ft.errors import ModelError
     from bamba_ft.model.mixer import install_mixer
