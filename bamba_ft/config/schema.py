@@ -369,6 +369,9 @@ class BenchConfig:
     """Data paths to measure: memory (tokenize all, then pack the epoch) | stream (data.streaming=true, one pass)."""
     profile: bool = False
     """Profile two extra steps of each variant (torch.profiler) into profile_<variant>.txt."""
+    matmul_ceiling: bool = False
+    """Also time the base model's Linear layers alone (forward and input gradient of each, in its dtype, on this
+    device) at the mean tokens of a timed step: the step time and tokens/s no stack can beat with these matmuls."""
     mixer_only: bool = False
     """Also time one Mamba-2 mixer alone (forward + backward) on a padded batch: transformers' forward vs bamba_ft's."""
     output: str = "bench.json"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, replace
@@ -161,6 +162,10 @@ def _run(cfg: RunConfig, b: BenchConfig, device: torch.device) -> dict:
                                                  list(b.data_pipeline_paths), seed)
     if b.mixer_only:
         results["mixer_only"] = sweeps.mixer_only(mcfg, b, device, seed)
+    if b.matmul_ceiling:
+        timed = [r["tokens_per_step"] for r in results["runs"] if "tokens_per_step" in r]
+        tokens = round(statistics.mean(timed)) if timed else b.median_len * b.seqs_per_step
+        results["matmul_ceiling"] = sweeps.matmul_ceiling(mcfg, b, device, tokens)
     results["summary"] = summarize(results["runs"])
     results["headline"] = headline(results)
     atomic_write_json(out, results)

@@ -181,6 +181,14 @@ def _extra_lines(results: dict) -> list[str]:
         lines += ["", f"one mixer, forward+backward, padded batch {m['batch'][0]}x{m['batch'][1]}: transformers "
                       f"{m['transformers_ms']:.1f} ms, bamba_ft ({m['bamba_ft_backend']}) {m['bamba_ft_ms']:.1f} ms "
                       f"({m['speedup']:.2f}x)"]
+    if results.get("matmul_ceiling"):
+        c = results["matmul_ceiling"]
+        lines += ["", f"base matmuls alone ({c['dtype']}, forward and input gradient of every Linear at {c['tokens']:,} "
+                      f"tokens): {c['step_ms']:.1f} ms per step, a ceiling of {c['tokens_per_sec']:,.0f} tokens/s"]
+        for r in results.get("summary") or []:
+            if r.get("tokens_per_sec"):
+                lines.append(f"- {r['variant']} ({r['memory_mode']}, {'rehearsed' if r['rehearse'] else 'new shapes'}): "
+                             f"{100 * r['tokens_per_sec']['median'] / c['tokens_per_sec']:.0f}% of the ceiling")
     if results.get("data_pipeline"):
         from bamba_ft.jobs.bench_data import data_pipeline_lines
 

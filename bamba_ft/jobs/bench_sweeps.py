@@ -119,18 +119,50 @@ def mixer_only(model_cfg: ModelConfig, b: BenchConfig, device: torch.device, see
     h = torch.randn(len(lengths), width, config.hidden_size, device=device, dtype=dtype, requires_grad=True)
 
     def time_it(fn) -> float:  # noqa: ANN001
-        times = []
-        for i in range(b.warmup_steps + b.steps):
-            sync_device(device)
-            t0 = time.perf_counter()
-            fn().float().pow(2).mean().backward()
-            sync_device(device)
-            if i >= b.warmup_steps:
-                times.append(time.perf_counter() - t0)
-        return 1000 * statistics.median(times)
+        return _median_ms(lambda: fn().float().pow(2).mean().backward(), b, device)
 
     backend = available_backend(device)
     stock = time_it(lambda: mixer(h, attention_mask=mask))
     ours = time_it(lambda: mixer_forward(mixer, h, attention_mask=mask, backend=backend))
     return {"batch": [len(lengths), width], "real_tokens": sum(lengths), "transformers_ms": stock,
             "bamba_ft_ms": ours, "bamba_ft_backend": backend.value, "speedup": stock / ours}
+
+
+def matmul_ceiling(model_cfg: ModelConfig, b: BenchConfig, device: torch.device, tokens: int) -> dict:
+    """The base model's Linear layers alone at `tokens` tokens: forward (x @ W.T) and input gradient (g @ W) of every
+    distinct (in, out) shape, median of `b.steps` timings after `b.warmup_steps`, times how often the model has
+    it. LoRA, the scan, norms, attention and the optimizer are left out, so no training step of this model with
+    these matmuls is faster: the ratio of a variant's tokens/s to this one is how close it comes."""
+    from collections import Counter
+
+    from bamba_ft.model.build import empty_model, load_config
+    from bamba_ft.model.families import family_for
+
+    config = load_config(replace(model_cfg, init="random"))
+    model = empty_model(family_for(config.model_type).causal_lm_class, config)
+    shapes = Counter((m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    per_shape, forward, grad = [], 0.0, 0.0
+    for (k, n), count in sorted(shapes.items()):
+        x = torch.randn(tokens, k, device=device, dtype=dtype)
+        w = torch.randn(n, k, device=device, dtype=dtype)
+        g = torch.randn(tokens, n, device=device, dtype=dtype)
+        f_ms, g_ms = _median_ms(lambda x=x, w=w: x @ w.t(), b, device), _median_ms(lambda g=g, w=w: g @ w, b, device)
+        per_shape.append({"in": k, "out": n, "count": count, "forward_ms": f_ms, "input_grad_ms": g_ms})
+        forward, grad = forward + count * f_ms, grad + count * g_ms
+        del x, w, g
+    step = forward + grad
+    return {"tokens": tokens, "dtype": str(dtype).removeprefix("torch."), "forward_ms": forward,
+            "input_grad_ms": grad, "step_ms": step, "tokens_per_sec": 1000 * tokens / step, "shapes": per_shape}
+
+
+def _median_ms(fn, b: BenchConfig, device: torch.device) -> float:  # noqa: ANN001
+    times = []
+    for i in range(b.warmup_steps + b.steps):
+        sync_device(device)
+        t0 = time.perf_counter()
+        fn()
+        sync_device(device)
+        if i >= b.warmup_steps:
+            times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)

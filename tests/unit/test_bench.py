@@ -346,3 +346,27 @@ def test_sweeps_are_refused_on_several_ranks(monkeypatch: pytest.MonkeyPatch) ->
     with pytest.raises(ConfigError, match=r"bench.token_budgets, bench.profile with 4 ranks.*\n.*Fix: run them without"):
         bench_ranks.check_distributed(b)
     bench_ranks.check_distributed(BenchConfig())
+
+
+def test_matmul_ceiling_times_every_linear_shape_of_the_model_and_reports_the_share(monkeypatch) -> None:  # noqa: ANN001
+    """Every Linear of the tiny shape is counted once per occurrence; the per-step sum and the ceiling follow from
+    the timings (here faked: 1 ms per forward, 2 ms per input gradient); the report names each variant's share."""
+    from transformers import BambaForCausalLM
+
+    from bamba_ft.model.build import load_config
+
+    calls = iter([1.0, 2.0] * 1000)
+    monkeypatch.setattr(bench_sweeps, "_median_ms", lambda fn, b, device: (fn(), next(calls))[1])
+    ceiling = bench_sweeps.matmul_ceiling(ModelConfig(init="random", shape="tiny"), BenchConfig(warmup_steps=0, steps=1),
+                                          torch.device("cpu"), tokens=64)
+    config = load_config(ModelConfig(init="random", shape="tiny"))
+    linears = [m for m in BambaForCausalLM(config).modules() if isinstance(m, torch.nn.Linear)]
+    assert sum(s["count"] for s in ceiling["shapes"]) == len(linears)
+    assert ceiling["forward_ms"] == len(linears) and ceiling["input_grad_ms"] == 2 * len(linears)
+    assert ceiling["tokens_per_sec"] == pytest.approx(1000 * 64 / (3 * len(linears)))
+    results = {"device": "cpu", "versions": {}, "bench": {"variants": []}, "runs": [], "matmul_ceiling": ceiling,
+               "summary": [{"variant": "bamba_ft", "memory_mode": "none", "rehearse": False,
+                            "tokens_per_sec": {"median": ceiling["tokens_per_sec"] / 2}}]}
+    text = bench_report.markdown(results)
+    assert f"a ceiling of {ceiling['tokens_per_sec']:,.0f} tokens/s" in text
+    assert "bamba_ft (none, new shapes): 50% of the ceiling" in text
