@@ -60,7 +60,8 @@ class ModelConfig:
     instead of on the GPU: device memory stops growing with them, each step copies them out and back."""
     cuda_graphs: bool = False
     """Experimental: replay the Mamba-2 mixer's conv+scan kernels as CUDA graphs (`kernels` mixer with causal-conv1d
-    only). Less CPU per step, more device copies; no net speed-up measured yet (BENCHMARKS.md)."""
+    only), every length bucket up to data.max_tokens_per_batch captured before the first step. Less CPU per step,
+    more device copies; no net speed-up measured (BENCHMARKS.md)."""
 
     def __post_init__(self) -> None:
         self.gradient_checkpointing = canonical_checkpointing(self.gradient_checkpointing)
