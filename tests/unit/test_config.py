@@ -96,7 +96,7 @@ def test_bad_values_gathered_into_one_error() -> None:
     cfg.peft.r = 0
     cfg.data.max_tokens_per_batch = 100
     with pytest.raises(ConfigError, match=r"(?s)3 problems.*quant.method='nf5' is not an option\. Did you mean 'nf4'\? "
-                                          r"Valid: none, nf4, int8, int4.*peft.r=0 must be positive.*smaller than one sequence"):
+                                          r"Valid: none, nf4, int8, int4, fp8.*peft.r=0 must be positive.*smaller than one sequence"):
         validate(cfg)
 
 

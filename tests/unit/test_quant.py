@@ -88,7 +88,7 @@ def test_adapters_train_on_quantized_base(method: str, tmp_path: Path) -> None:
 
 def test_quantize_layer_refuses_an_unknown_method_naming_every_quant_method() -> None:
     valid = ", ".join(CHOICES["quant.method"])
-    assert valid == "none, nf4, int8, int4"
+    assert valid == "none, nf4, int8, int4, fp8"
     layer = make_model(torch.float32).model.layers[0]
     with pytest.raises(ConfigError, match=rf"quant.method='nf5' is not an option\. Did you mean 'nf4'\? Valid: {valid}"):
         quantize_layer(layer, QuantConfig(method="nf5"))
