@@ -1,26 +1,29 @@
-"""quant.method=fp8 end to end on the CPU: the builtin model trains LoRA adapters like a float32 base, evaluates,
-and exports to an ordinary model directory."""
+"""quant.method=fp8 end to end on the CPU: the builtin model trains LoRA adapters like a float32 base, evaluates
+and generates, resumes from a stop to the same adapter, and exports to an ordinary model directory."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from bamba_ft.config.schema import RunConfig
 from bamba_ft.jobs import export, train
-from tests.integration.test_resume import small_run
+from bamba_ft.jobs.callbacks import GracefulStop
+from tests.integration.test_resume import adapter, small_run
 
 STEPS = 30
 
 
-def fp8_or_plain_run(out: Path, method: str) -> dict:
-    cfg = small_run(out, steps=STEPS)
+def fp8_or_plain_run(out: Path, method: str, resume: str | None = None) -> dict:
+    cfg = small_run(out, resume=resume, steps=STEPS)
     cfg.trainer.val_check_interval = STEPS
     cfg.quant.method = method
     cfg.eval.before_training = True
+    if method == "fp8":  # greedy generation runs the layers one token at a time (rows of 1)
+        cfg.eval.generate, cfg.eval.num_generate, cfg.eval.max_new_tokens = True, 4, 4
     return train.run(cfg)
 
 
@@ -39,9 +42,9 @@ def test_fp8_base_trains_adapters_like_float32_base(fp8_run: tuple[Path, dict], 
     assert after < before - 0.5, (before, after)
     ref = plain["after"]["val_loss"]
     assert abs(after - ref) < 0.05 * ref, (after, ref)
+    assert fp8["after"]["num_generated"] == 4 and (run / "predictions.jsonl").read_text().count("\n") == 4
     # Every adapter trained: peft starts lora_B at zero, and only a gradient moves it.
-    adapter = load_file(run / "adapter" / "adapter_model.safetensors")
-    lora_b = {k: v for k, v in adapter.items() if "lora_B" in k}
+    lora_b = {k: v for k, v in adapter(run).items() if "lora_B" in k}
     assert lora_b and all(float(v.abs().max()) > 0 for v in lora_b.values()), sorted(lora_b)
 
 
@@ -64,3 +67,23 @@ def test_fp8_run_exports_an_ordinary_model(fp8_run: tuple[Path, dict], tmp_path:
         dtypes = {f.get_slice(n).get_dtype() for n in names}
     assert dtypes == {"F32"} and not any(n.endswith(("weight_t", "weight_scale")) for n in names), dtypes
     assert "model.layers.0.mamba.out_proj.weight" in names
+
+
+def test_fp8_run_resumes_to_the_uninterrupted_adapter(fp8_run: tuple[Path, dict], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    run, _ = fp8_run
+    original = GracefulStop.on_train_batch_end
+
+    def stop(self, trainer, *args):  # noqa: ANN001, ANN202
+        if trainer.global_step == 12:
+            self.requested = "SIGINT"
+        return original(self, trainer, *args)
+
+    monkeypatch.setattr(GracefulStop, "on_train_batch_end", stop)
+    assert fp8_or_plain_run(tmp_path / "first", "fp8") == {"stopped_at": 12, "signal": "SIGINT"}
+    monkeypatch.setattr(GracefulStop, "on_train_batch_end", original)
+    fp8_or_plain_run(tmp_path / "second", "fp8", resume=str(tmp_path / "first"))
+    full, resumed = adapter(run), adapter(tmp_path / "second")
+    assert full.keys() == resumed.keys()
+    for name in full:
+        torch.testing.assert_close(resumed[name], full[name], rtol=0, atol=1e-6)
