@@ -3,6 +3,8 @@ torch runs torch._scaled_mm with row scales on the CPU too)."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from peft import PeftModel
@@ -175,6 +177,16 @@ def test_adapters_train_on_fp8_base_round_trip_and_merge(tmp_path) -> None:  # n
     # The merged model multiplies the same weights (q s) in float32; the fp8 one also rounded the activations
     # (relative difference measured 0.021).
     assert 0.002 < float((after - before).norm() / before.norm()) < 0.1
+
+
+def test_fp8_build_logs_the_layers_it_keeps(caplog: pytest.LogCaptureFixture) -> None:
+    """builtin:tiny's in_proj (128 -> 584 features) in its 3 mixer layers does not fit."""
+    caplog.set_level(logging.INFO, logger="bamba_ft")
+    model = build_model(ModelConfig(), QuantConfig(method="fp8"), torch.device("cpu"))
+    assert sum(isinstance(m, FP8Linear) for m in model.modules()) == 19
+    assert "3 selected Linear layers kept in float32 (in_proj): quant.method=fp8 needs in and out features that " \
+           "are multiples of 16" in caplog.text
+    assert "(19 Linear layers fp8)" in caplog.text
 
 
 def test_fp8_refused_on_gpus_without_float8(monkeypatch: pytest.MonkeyPatch) -> None:
