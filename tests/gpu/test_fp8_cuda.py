@@ -1,5 +1,6 @@
 """fp8 bases on CUDA (`pytest -m gpu`, compute capability 8.9+): torch._scaled_mm with the compiled quantizers
-against float64, with the CPU tests' tolerances, on Bamba-9B's Linear shapes."""
+against float64, with the CPU tests' tolerances, on Bamba-9B's Linear shapes. A model on an fp8 base trains through
+the bamba_ft mixer in test_cuda_paths.py."""
 
 from __future__ import annotations
 
@@ -7,15 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from bamba_ft.config.schema import PeftConfig, QuantConfig
-from bamba_ft.data.packing import collate_packed
 from bamba_ft.model import fp8
-from bamba_ft.model.fp8 import FP8Linear, quantize_fp8, quantize_rows
-from bamba_ft.model.lora import apply_peft, check_adapter_gradients
-from bamba_ft.model.mixer import install_mixer
-from bamba_ft.model.objective import mean_loss
-from bamba_ft.model.quant import quantize_layer
-from tests.conftest import LORA_TARGETS, make_model
+from bamba_ft.model.fp8 import quantize_fp8, quantize_rows
 from tests.unit.test_fp8 import FP8_ERROR
 
 
@@ -87,20 +81,3 @@ def test_compiled_quantizer_matches_eager() -> None:
     torch.testing.assert_close(scales, ref_scales, rtol=1e-6, atol=0)
     differ = (codes.view(torch.uint8).int() - ref_codes.view(torch.uint8).int()).abs()
     assert int(differ.max()) <= 1 and float((differ > 0).float().mean()) < 1e-4
-
-
-def test_fp8_base_trains_through_bamba_mixer() -> None:
-    shape = dict(hidden_size=256, intermediate_size=512, mamba_n_heads=8, mamba_d_head=64, mamba_d_state=64,
-                 mamba_chunk_size=64, num_attention_heads=8, num_key_value_heads=2)
-    model = make_model(torch.float32, **shape).cuda().to(torch.bfloat16)
-    for layer in model.model.layers:
-        quantize_layer(layer, QuantConfig(method="fp8"))
-    assert sum(isinstance(m, FP8Linear) for m in model.modules()) > 0
-    install_mixer(model, "auto")
-    model = apply_peft(model, PeftConfig(r=8, target_modules=LORA_TARGETS))
-    batch = collate_packed([{"input_ids": list(range(1, 70)), "labels": list(range(1, 70))},
-                            {"input_ids": list(range(3, 40)), "labels": list(range(3, 40))}])
-    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        norms = check_adapter_gradients(model, batch, mean_loss)
-    assert norms and all(v > 0 for v in norms.values())

@@ -11,8 +11,7 @@ from safetensors import safe_open
 
 from bamba_ft.config.schema import RunConfig
 from bamba_ft.jobs import export, train
-from bamba_ft.jobs.callbacks import GracefulStop
-from tests.integration.test_resume import adapter, small_run
+from tests.integration.test_resume import adapter, small_run, stop_at
 
 STEPS = 30
 
@@ -72,16 +71,9 @@ def test_fp8_run_exports_an_ordinary_model(fp8_run: tuple[Path, dict], tmp_path:
 def test_fp8_run_resumes_to_the_uninterrupted_adapter(fp8_run: tuple[Path, dict], tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     run, _ = fp8_run
-    original = GracefulStop.on_train_batch_end
-
-    def stop(self, trainer, *args):  # noqa: ANN001, ANN202
-        if trainer.global_step == 12:
-            self.requested = "SIGINT"
-        return original(self, trainer, *args)
-
-    monkeypatch.setattr(GracefulStop, "on_train_batch_end", stop)
+    stop_at(monkeypatch, 12)
     assert fp8_or_plain_run(tmp_path / "first", "fp8") == {"stopped_at": 12, "signal": "SIGINT"}
-    monkeypatch.setattr(GracefulStop, "on_train_batch_end", original)
+    monkeypatch.undo()
     fp8_or_plain_run(tmp_path / "second", "fp8", resume=str(tmp_path / "first"))
     full, resumed = adapter(run), adapter(tmp_path / "second")
     assert full.keys() == resumed.keys()

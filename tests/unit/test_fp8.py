@@ -7,19 +7,18 @@ import logging
 
 import pytest
 import torch
-from peft import PeftModel
 from torch import nn
 
 from bamba_ft.config.schema import ModelConfig, PeftConfig, QuantConfig
-from bamba_ft.data.packing import collate_packed
 from bamba_ft.errors import ConfigError
 from bamba_ft.model.build import build_model
 from bamba_ft.model.fp8 import FP8Linear, check_fp8_device, quantize_fp8
 from bamba_ft.model.lora import apply_peft, check_adapter_gradients
 from bamba_ft.model.mixer import install_mixer
 from bamba_ft.model.objective import mean_loss
-from bamba_ft.model.quant import base_weight_bytes, dequantize_model, is_quantized, quantize_layer
+from bamba_ft.model.quant import base_weight_bytes, dequantize_model, is_quantized
 from tests.conftest import LORA_TARGETS, make_model
+from tests.unit.test_quant import batch, quantized_model
 
 # Relative Frobenius error of one float8 matmul (inputs and weight rounded to e4m3, 3 mantissa bits) on Gaussian
 # data: about 0.036 measured here (bf16 inputs alone: about 0.002). Above 0.06 the quantization is broken; below
@@ -111,26 +110,12 @@ def test_fp8_leaves_unaligned_layers_and_keeps_float8_under_dtype_casts() -> Non
     assert torch.equal(layer(x), before)
 
 
-def fp8_model(seed: int = 0) -> nn.Module:
-    model = make_model(torch.float32, seed=seed, mamba_chunk_size=8)
-    for layer in model.model.layers:
-        quantize_layer(layer, QuantConfig(method="fp8"))
-    install_mixer(model, "torch")
-    return model
-
-
-def batch() -> dict:
-    g = torch.Generator().manual_seed(5)
-    seqs = [torch.randint(1, 256, (n,), generator=g).tolist() for n in (17, 9, 30)]
-    return collate_packed([{"input_ids": s, "labels": s} for s in seqs])
-
-
 def test_fp8_model_logits_close_to_float_and_base_bytes() -> None:
     """The test model's in_proj (64 -> 292 features) does not fit and stays float32; every other Linear of the
     decoder layers is fp8. Relative logit error measured 0.030; broken quantization gives errors near 1."""
     ref = make_model(torch.float32, mamba_chunk_size=8)
     install_mixer(ref, "torch")
-    q = fp8_model()
+    q = quantized_model("fp8")
     kinds = {name.rsplit(".", 1)[-1]: type(m) for name, m in q.model.layers.named_modules() if isinstance(m, nn.Linear)}
     assert kinds.pop("in_proj") is nn.Linear and set(kinds.values()) == {FP8Linear}, kinds
     # fp8 layers hold 2 bytes per weight (codes and transposed codes) plus 4 per row, against float32's 4
@@ -143,40 +128,22 @@ def test_fp8_model_logits_close_to_float_and_base_bytes() -> None:
     assert 0.005 < float((a - r).norm() / r.norm()) < 0.1
 
 
-def test_adapters_train_on_fp8_base_round_trip_and_merge(tmp_path) -> None:  # noqa: ANN001
-    model = apply_peft(fp8_model(), PeftConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS + ["gate_proj"]))
+def test_peft_on_fp8_base_keeps_float32_adapters_and_dequantizes_to_codes_times_scales() -> None:
+    """Training, the adapter round trip and the merge are tested with the other methods (test_quant.py)."""
+    model = apply_peft(quantized_model("fp8"), PeftConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS + ["gate_proj"]))
     adapters = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert adapters and all(p.dtype == torch.float32 for p in adapters.values())  # not cast to float8 by peft
-    b = batch()
-    norms = check_adapter_gradients(model, b, mean_loss)  # raises when an adapter gets no gradient
+    norms = check_adapter_gradients(model, batch(), mean_loss)  # raises when an adapter gets no gradient
     assert norms.keys() == adapters.keys()
-    opt = torch.optim.AdamW(list(adapters.values()), lr=1e-2)
-    losses = []
-    for _ in range(8):
-        loss = mean_loss(model, b)
-        loss.backward()
-        assert all(p.grad is None for p in model.parameters() if not p.requires_grad)  # the base gets none
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(loss))
-    assert losses[-1] < losses[0] - 0.5, losses
-
-    # Adapter round trip onto a freshly quantized base: the same codes, so the same logits.
-    model.save_pretrained(tmp_path / "adapter")
-    again = PeftModel.from_pretrained(fp8_model(), str(tmp_path / "adapter")).eval()
-    model.eval()
-    inputs = {k: v for k, v in b.items() if k != "labels"}
-    with torch.no_grad():
-        torch.testing.assert_close(again(**inputs).logits, model(**inputs).logits, rtol=0, atol=1e-6)
-        before = model(**inputs).logits
-        # layer 0: out_proj + 3 MLP projections; layer 1: q, k, v, o + 3 MLP projections (in_proj stays float32)
-        assert dequantize_model(model, torch.float32) == 11
-        merged = model.merge_and_unload()
-        after = merged(**inputs).logits
-    assert not any(isinstance(m, FP8Linear) or is_quantized(p) for m in merged.modules() for p in m.parameters())
-    # The merged model multiplies the same weights (q s) in float32; the fp8 one also rounded the activations
-    # (relative difference measured 0.021).
-    assert 0.002 < float((after - before).norm() / before.norm()) < 0.1
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, FP8Linear)}
+    expected = {n: m.dequantized_weight(torch.float32) for n, m in layers.items()}
+    # layer 0: out_proj + 3 MLP projections; layer 1: q, k, v, o + 3 MLP projections (in_proj stays float32)
+    assert dequantize_model(model, torch.float32) == len(layers) == 11
+    modules = dict(model.named_modules())
+    for name, weight in expected.items():
+        assert type(modules[name]) is nn.Linear and not hasattr(modules[name], "weight_t")
+        assert torch.equal(modules[name].weight, weight) and not modules[name].weight.requires_grad
+    assert not any(is_quantized(p) for p in model.parameters())
 
 
 def test_fp8_build_logs_the_layers_it_keeps(caplog: pytest.LogCaptureFixture) -> None:
