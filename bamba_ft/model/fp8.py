@@ -81,8 +81,9 @@ class FP8Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, codes_t: torch.Tensor,  # noqa: ANN001
                 dtype: torch.dtype) -> torch.Tensor:
-        ctx.save_for_backward(codes_t, scale)  # module tensors: nothing of x
-        ctx.x_dtype = x.dtype
+        # The frozen layer's own tensors, held directly rather than through save_for_backward: saved-tensor hooks
+        # (activation offload) would copy them to the host. Nothing of x is kept.
+        ctx.codes_t, ctx.scale, ctx.x_dtype = codes_t, scale, x.dtype
         xq, x_scale = _quantize(x.reshape(-1, x.shape[-1]))
         out = scaled_mm(xq, x_scale, codes.t(), scale.view(1, -1), dtype)
         return out.view(*x.shape[:-1], codes.shape[0])
@@ -91,7 +92,7 @@ class FP8Matmul(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None]:  # noqa: ANN001
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
-        codes_t, scale = ctx.saved_tensors
+        codes_t, scale = ctx.codes_t, ctx.scale
         gq, g_scale = _quantize_grad(grad.reshape(-1, grad.shape[-1]), scale.view(1, -1))
         ones = torch.ones(1, codes_t.shape[0], dtype=torch.float32, device=grad.device)
         dx = scaled_mm(gq, g_scale, codes_t.t(), ones, ctx.x_dtype)
@@ -108,8 +109,10 @@ class FP8Linear(nn.Linear):
     float32) and the transposed codes (`weight_t`, K x N), installed by `quantize_fp8` through `__class__`.
 
     Still an `nn.Linear` (peft wraps it in lora.Linear; `compute_dtype`, the dtype it was built in, is what peft
-    casts the adapters to instead of the weight's float8). The scales and transposed codes are non-persistent
-    buffers: checkpoints hold only the trained adapters, and exports dequantize (`to_linear`).
+    casts the adapters to instead of the weight's float8). The scales and transposed codes are plain attributes,
+    moved with the module by `_apply`: as buffers, DDP would broadcast them from rank 0 before every forward
+    (broadcast_buffers, Lightning's default), a second copy of the base per step. They are in no state dict:
+    checkpoints hold only the trained adapters, and exports dequantize (`to_linear`).
     """
 
     weight_scale: torch.Tensor
@@ -132,17 +135,18 @@ class FP8Linear(nn.Linear):
         self.__class__ = nn.Linear
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202
-        """Device moves apply as usual; dtype casts (`model.to(torch.bfloat16)`, as Lightning's bf16-true does)
-        leave the codes and scales in their dtypes and move `compute_dtype` along with the bias."""
-        kept = {id(t) for t in (self.weight, self.weight_scale, self.weight_t)}
+        """Device moves apply to the codes, scales and transposed codes too; dtype casts (`model.to(torch.bfloat16)`,
+        as Lightning's bf16-true does) leave them in their dtypes and move `compute_dtype` along with the bias."""
 
         def keep_dtype(t: torch.Tensor) -> torch.Tensor:
             out = fn(t)
             # a cast would round the scales: take the device only, from the tensor itself
-            return t.to(out.device) if id(t) in kept and out.dtype != t.dtype else out
+            return t.to(out.device) if out.dtype != t.dtype else out
 
+        self.weight_scale, self.weight_t = keep_dtype(self.weight_scale), keep_dtype(self.weight_t)
         self.compute_dtype = fn(torch.zeros((), dtype=self.compute_dtype)).dtype
-        return super()._apply(keep_dtype, recurse)
+        codes = self.weight
+        return super()._apply(lambda t: keep_dtype(t) if t is codes else fn(t), recurse)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, float8_e4m3fn weight with row scales"
@@ -155,8 +159,8 @@ def quantize_fp8(module: nn.Linear) -> bool:
     weight = module.weight.detach()
     codes, scale = quantize_rows(weight)
     module.weight = nn.Parameter(codes, requires_grad=False)
-    module.register_buffer("weight_scale", scale.view(-1), persistent=False)
-    module.register_buffer("weight_t", codes.t().contiguous(), persistent=False)
+    module.weight_scale = scale.view(-1)
+    module.weight_t = codes.t().contiguous()
     module.compute_dtype = weight.dtype
     module.__class__ = FP8Linear
     return True

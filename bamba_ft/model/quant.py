@@ -146,7 +146,7 @@ def base_weight_bytes(model: nn.Module) -> int:
     """Bytes held by the base model's weights, adapters excluded (quantized tensors by their packed storage; fp8
     layers with their scales and transposed codes)."""
     held = [p for n, p in model.named_parameters() if "lora_" not in n]
-    held += [b for m in model.modules() if isinstance(m, FP8Linear) for b in m.buffers(recurse=False)]
+    held += [t for m in model.modules() if isinstance(m, FP8Linear) for t in (m.weight_scale, m.weight_t)]
     return sum(_tensor_bytes(t) for t in held)
 
 
