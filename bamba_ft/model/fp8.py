@@ -84,7 +84,8 @@ class FP8Matmul(torch.autograd.Function):
         # The frozen layer's own tensors, held directly rather than through save_for_backward: saved-tensor hooks
         # (activation offload) would copy them to the host. Nothing of x is kept.
         ctx.codes_t, ctx.scale, ctx.x_dtype = codes_t, scale, x.dtype
-        xq, x_scale = _quantize(x.reshape(-1, x.shape[-1]))
+        # contiguous rows in, contiguous (row-major) codes out, as torch._scaled_mm's first operand must be
+        xq, x_scale = _quantize(x.reshape(-1, x.shape[-1]).contiguous())
         out = scaled_mm(xq, x_scale, codes.t(), scale.view(1, -1), dtype)
         return out.view(*x.shape[:-1], codes.shape[0])
 
@@ -93,7 +94,7 @@ class FP8Matmul(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
         codes_t, scale = ctx.codes_t, ctx.scale
-        gq, g_scale = _quantize_grad(grad.reshape(-1, grad.shape[-1]), scale.view(1, -1))
+        gq, g_scale = _quantize_grad(grad.reshape(-1, grad.shape[-1]).contiguous(), scale.view(1, -1))
         ones = torch.ones(1, codes_t.shape[0], dtype=torch.float32, device=grad.device)
         dx = scaled_mm(gq, g_scale, codes_t.t(), ones, ctx.x_dtype)
         return dx.view(*grad.shape[:-1], codes_t.shape[0]), None, None, None, None
