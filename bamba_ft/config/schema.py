@@ -90,7 +90,9 @@ class PeftConfig:
 @dataclass
 class QuantConfig:
     method: str = "none"
-    """Base-weight quantization (torchao): none | nf4 | int8 | int4 (weight-only)."""
+    """Frozen base weights: none | nf4 | int8 | int4 (torchao weight-only, QLoRA) | fp8 (float8 e4m3 weights with row
+    scales; the base matmuls run in float8 on GPUs of compute capability 8.9+, for speed, with inputs rounded to
+    3 mantissa bits: bamba_ft/model/fp8.py)."""
     block_size: int = 64
     """nf4: weights per quantization block."""
     scaler_block_size: int = 256
@@ -432,7 +434,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2", "varlen"),
     "model.mixer": tuple(m.value for m in Mixer),
     "peft.method": ("lora", "none"),
-    "quant.method": ("none", "nf4", "int8", "int4"),
+    "quant.method": ("none", "nf4", "int8", "int4", "fp8"),
     "data.format": ("auto", "messages", "prompt_completion", "alpaca", "text"),
     "data.overlong": ("truncate", "drop", "split"),
     "data.stopping_strategy": ("first_exhausted", "all_exhausted", "all_exhausted_without_replacement"),

@@ -8,7 +8,8 @@ Variants (bench.variants):
 - bamba_ft: bamba_ft's mixer, fused MLP, norms and LoRA, packed attention and chunked loss;
 - bamba_ft_graphs: the same with the mixer's conv+scan replayed as CUDA graphs (`model.cuda_graphs=true`);
 - bamba_ft_padded: the same on hf_padded's padded batches (same work as hf_padded, to compare the paths);
-- bamba_ft_nf4 / bamba_ft_int8: the same on a torchao-quantized base (QLoRA).
+- bamba_ft_nf4 / bamba_ft_int8: the same on a torchao-quantized base (QLoRA);
+- bamba_ft_fp8: the same with the frozen base's matmuls in float8 (`quant.method=fp8`; needs compute capability 8.9+).
 Each variant runs under a `bench.memory_modes` entry (a model.gradient_checkpointing form, optionally
 `+offload`); a built model serves every mode, which switches its layers' checkpointing and the offload hooks.
 Model FLOPs per token: 4 x (weights of all Linear layers): forward 2N plus input gradients 2N; LoRA's own
@@ -65,6 +66,7 @@ VARIANTS = {
     "bamba_ft_padded": Variant("bamba_ft_padded", stock=False, packed=False),
     "bamba_ft_nf4": Variant("bamba_ft_nf4", stock=False, packed=True, quant="nf4"),
     "bamba_ft_int8": Variant("bamba_ft_int8", stock=False, packed=True, quant="int8"),
+    "bamba_ft_fp8": Variant("bamba_ft_fp8", stock=False, packed=True, quant="fp8"),
 }
 
 

@@ -16,7 +16,7 @@ from bamba_ft.errors import ConfigError, ModelError
 from bamba_ft.model.families import family_for
 from bamba_ft.model.memory import apply_checkpointing
 from bamba_ft.model.mixer import install_mixer
-from bamba_ft.model.quant import quantize_layer, report_base_memory
+from bamba_ft.model.quant import check_quant_device, quantize_layer, report_base_memory
 from bamba_ft.model.shapes import SHAPES
 from bamba_ft.ops.attention import VARLEN, choose_attention, register_varlen_attention
 
@@ -161,6 +161,7 @@ def build_model(cfg: ModelConfig, quant: QuantConfig, device: torch.device, empt
     `empty`: parameters on the meta device (for sharding first and loading after; bamba_ft/model/shard.py), for
     computing on `device`. `dtype` overrides the dtype `cfg.dtype` resolves to.
     """
+    check_quant_device(quant, device)
     config = load_config(cfg)
     causal_lm_class = family_for(config.model_type).causal_lm_class
     dtype = dtype or resolve_dtype(cfg.dtype, device)

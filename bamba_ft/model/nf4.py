@@ -147,7 +147,7 @@ def dequantize_nf4(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return blocks.view(weight.shape).to(dtype)
 
 
-def _linear_dtype(x: torch.Tensor) -> torch.dtype:
+def linear_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype F.linear computes in: autocast's for a float32 input under autocast, else the input's.
 
     torchao dequantizes to x.dtype and lets autocast cast the weight again; dequantizing straight to the
@@ -165,7 +165,7 @@ class NF4Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(weight)
-        return F.linear(x, dequantize_nf4(weight, _linear_dtype(x)))
+        return F.linear(x, dequantize_nf4(weight, linear_dtype(x)))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:

@@ -182,7 +182,11 @@ def test_varlen_attention_matches_padded_sdpa() -> None:
     assert rel(out[0], ref) < 1e-2
 
 
-@pytest.mark.parametrize("method", ["nf4", "int8"])
+FLOAT8 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8", pytest.param("fp8", marks=pytest.mark.skipif(
+    not FLOAT8, reason="needs a CUDA GPU of compute capability 8.9+ (float8)"))])
 def test_quantized_base_trains_through_bamba_mixer(method: str) -> None:
     model = make_model(torch.float32, **SHAPE).cuda().to(torch.bfloat16)
     for layer in model.model.layers:

@@ -22,7 +22,7 @@ from bamba_ft.errors import BambaFTError, ConfigError
 from bamba_ft.jobs import train
 from bamba_ft.jobs.callbacks import AtomicCheckpointIO
 from tests.integration.conftest import ROOT, cli, run_in_process
-from tests.integration.test_resume import small_run
+from tests.integration.test_resume import small_run, stop_at
 
 # 4 batches per epoch, a checkpoint every 2 steps, 8 steps: kills land in epochs 0 and 1
 ARGS = ["trainer=cpu", "trainer.max_steps=8", "trainer.val_check_interval=4", "trainer.checkpoint_every_n_steps=2",
@@ -109,24 +109,11 @@ def test_a_second_run_into_a_live_run_directory_is_refused(tmp_path: Path) -> No
         first.wait()
 
 
-def _stop_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
-    from bamba_ft.jobs.callbacks import GracefulStop
-
-    original = GracefulStop.on_train_batch_end
-
-    def stop(self, trainer, *args):  # noqa: ANN001, ANN202
-        if trainer.global_step == step:
-            self.requested = "SIGINT"
-        return original(self, trainer, *args)
-
-    monkeypatch.setattr(GracefulStop, "on_train_batch_end", stop)
-
-
 def test_resume_applies_a_changed_lr_and_refuses_a_changed_rank(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first = small_run(tmp_path / "first", steps=6)
     first.optim.scheduler = "constant"
     first.optim.warmup_steps = 0
-    _stop_at(monkeypatch, 3)
+    stop_at(monkeypatch, 3)
     assert train.run(first)["stopped_at"] == 3
     monkeypatch.undo()
 

@@ -29,6 +29,18 @@ def small_run(out: Path, resume: str | None = None, steps: int = 10) -> RunConfi
     return cfg
 
 
+def stop_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """Runs started from here on stop once they reach `step`, as after Ctrl-C (`monkeypatch.undo()` ends it)."""
+    original = GracefulStop.on_train_batch_end
+
+    def stop(self, trainer, *args):  # noqa: ANN001, ANN202
+        if trainer.global_step == step:
+            self.requested = "SIGINT"  # what the Ctrl-C handler sets
+        return original(self, trainer, *args)
+
+    monkeypatch.setattr(GracefulStop, "on_train_batch_end", stop)
+
+
 def adapter(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "adapter" / "adapter_model.safetensors")
 
@@ -41,21 +53,14 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.T
 
 
 # epoch 0, epoch 1, epoch 2 (4 batches per epoch)
-@pytest.mark.parametrize("stop_at", [pytest.param(3, marks=pytest.mark.slow), 6, pytest.param(9, marks=pytest.mark.slow)])
-def test_resume_matches_uninterrupted(stop_at: int, uninterrupted: dict[str, torch.Tensor], tmp_path: Path,
+@pytest.mark.parametrize("step", [pytest.param(3, marks=pytest.mark.slow), 6, pytest.param(9, marks=pytest.mark.slow)])
+def test_resume_matches_uninterrupted(step: int, uninterrupted: dict[str, torch.Tensor], tmp_path: Path,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    original = GracefulStop.on_train_batch_end
-
-    def stop(self, trainer, *args):  # noqa: ANN001, ANN202
-        if trainer.global_step == stop_at:
-            self.requested = "SIGINT"  # what the Ctrl-C handler sets
-        return original(self, trainer, *args)
-
-    monkeypatch.setattr(GracefulStop, "on_train_batch_end", stop)
-    assert train.run(small_run(tmp_path / "first")) == {"stopped_at": stop_at, "signal": "SIGINT"}
+    stop_at(monkeypatch, step)
+    assert train.run(small_run(tmp_path / "first")) == {"stopped_at": step, "signal": "SIGINT"}
     assert (tmp_path / "first/checkpoints/interrupted.ckpt").exists()
     assert not (tmp_path / "first/adapter").exists()
-    monkeypatch.setattr(GracefulStop, "on_train_batch_end", original)
+    monkeypatch.undo()
 
     train.run(small_run(tmp_path / "second", resume=str(tmp_path / "first")))
     full, resumed = uninterrupted, adapter(tmp_path / "second")

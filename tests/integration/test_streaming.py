@@ -11,9 +11,8 @@ import torch
 from bamba_ft.config.schema import DataConfig
 from bamba_ft.data.builtin import generate_sft
 from bamba_ft.jobs import train
-from bamba_ft.jobs.callbacks import GracefulStop
 from tests.integration.test_distributed import _adapter
-from tests.integration.test_resume import adapter, small_run
+from tests.integration.test_resume import adapter, small_run, stop_at
 
 
 def stream_run(out: Path, source: Path, steps: int, resume: str | None = None, workers: int = 0) -> object:
@@ -43,16 +42,9 @@ def test_streaming_train_run_writes_packing_efficiency(source: Path, tmp_path: P
 
 def test_streaming_resume_matches_uninterrupted(source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     train.run(stream_run(tmp_path / "full", source, steps=6))
-    original = GracefulStop.on_train_batch_end
-
-    def stop(self, trainer, *args):  # noqa: ANN001, ANN202
-        if trainer.global_step == 4:
-            self.requested = "SIGINT"
-        return original(self, trainer, *args)
-
-    monkeypatch.setattr(GracefulStop, "on_train_batch_end", stop)
+    stop_at(monkeypatch, 4)
     assert train.run(stream_run(tmp_path / "first", source, steps=6))["stopped_at"] == 4
-    monkeypatch.setattr(GracefulStop, "on_train_batch_end", original)
+    monkeypatch.undo()
     metrics = train.run(stream_run(tmp_path / "second", source, steps=6, resume=str(tmp_path / "first")))
     assert metrics["data"]["train_stream"]["batches"] == 6  # counted across the resume
     full, resumed = adapter(tmp_path / "full"), adapter(tmp_path / "second")

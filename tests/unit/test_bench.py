@@ -46,6 +46,15 @@ def test_graphs_variant_reports_why_it_cannot_run_on_cpu() -> None:
     assert result["error"].startswith("ModelError: model.cuda_graphs=true replays the fused CUDA conv+scan")
 
 
+def test_fp8_variant_trains_every_adapter_on_cpu() -> None:
+    b = BenchConfig(warmup_steps=0, steps=1, seqs_per_step=2, median_len=16, max_len=32)
+    steps = bench_variants.make_steps(b, 128, 0)
+    result = bench_variants.run_variant(bench_variants.VARIANTS["bamba_ft_fp8"], ModelConfig(init="random", shape="tiny"),
+                                        PeftConfig(), steps, b, torch.device("cpu"), seed=0)
+    assert "error" not in result, result
+    assert result["adapters_with_grad"] == result["adapters"] > 0
+
+
 def test_no_cudnn_variant_excludes_only_cudnn_attention() -> None:
     from torch.nn.attention import SDPBackend, _cur_sdpa_kernel_backends
 

@@ -96,13 +96,23 @@ def test_bad_values_gathered_into_one_error() -> None:
     cfg.peft.r = 0
     cfg.data.max_tokens_per_batch = 100
     with pytest.raises(ConfigError, match=r"(?s)3 problems.*quant.method='nf5' is not an option\. Did you mean 'nf4'\? "
-                                          r"Valid: none, nf4, int8, int4.*peft.r=0 must be positive.*smaller than one sequence"):
+                                          r"Valid: none, nf4, int8, int4, fp8.*peft.r=0 must be positive.*smaller than one sequence"):
         validate(cfg)
 
 
 def test_full_finetune_with_quantized_base_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"quant.method=nf4 freezes quantized base weights"):
         composed(["recipe=qlora", "peft=none"])
+
+
+def test_fp8_base_composes_with_lora_and_refuses_what_quantized_bases_cannot_do() -> None:
+    cfg = composed(["recipe=qlora", "quant=fp8"])
+    assert cfg.quant.method == "fp8" and cfg.peft.method == "lora"
+    assert composed(["quant.method=fp8"]).quant.method == "fp8"
+    with pytest.raises(ConfigError, match=r"quant.method=fp8 freezes quantized base weights"):
+        composed(["recipe=qlora", "quant=fp8", "peft=none"])
+    with pytest.raises(ConfigError, match=r"peft.use_dora=true with a quantized base .* Fix: peft.use_dora=false"):
+        composed(["recipe=qlora", "quant=fp8", "peft.use_dora=true"])
 
 
 def test_lengths_beyond_int32_and_bad_stride_are_refused() -> None:

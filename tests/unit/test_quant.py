@@ -1,4 +1,4 @@
-"""torchao-quantized bases: each method trains adapters only, round-trips, and merges within tolerance."""
+"""Quantized bases (torchao, fp8): each method trains adapters only, round-trips, and merges within tolerance."""
 
 from __future__ import annotations
 
@@ -21,6 +21,10 @@ from tests.conftest import LORA_TARGETS, make_model
 # model: nf4 0.104, int4 0.101, int8 0.0064. Bounds are ~2-3x that; broken quantization (zeroed or transposed
 # weights) gives errors near 1.
 QUANT_ERROR = {"nf4": 0.2, "int8": 0.02, "int4": 0.2}
+# Max |logit change| from merging the adapter into the dequantized base. torchao methods: the merged model multiplies
+# the same dequantized weights, float32 rounding only. fp8 also rounds every matmul's activations to float8, which
+# the merged model does not: measured 0.017, with logits up to 1.4.
+MERGE_ERROR = {"nf4": 1e-4, "int8": 1e-4, "int4": 1e-4, "fp8": 0.05}
 
 
 def quantized_model(method: str, seed: int = 0) -> torch.nn.Module:
@@ -51,7 +55,7 @@ def test_quantized_logits_close_to_float(method: str) -> None:
     assert err < QUANT_ERROR[method], err
 
 
-@pytest.mark.parametrize("method", ["nf4", "int8", "int4"])
+@pytest.mark.parametrize("method", ["nf4", "int8", "int4", "fp8"])
 def test_adapters_train_on_quantized_base(method: str, tmp_path: Path) -> None:
     model = apply_peft(quantized_model(method), PeftConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS))
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad
@@ -83,12 +87,12 @@ def test_adapters_train_on_quantized_base(method: str, tmp_path: Path) -> None:
         assert dequantize_model(model, torch.float32) > 0
         merged = model.merge_and_unload()
         after = merged(**inputs).logits
-    assert float((after - before).abs().max()) < 1e-4
+    assert float((after - before).abs().max()) < MERGE_ERROR[method]
 
 
 def test_quantize_layer_refuses_an_unknown_method_naming_every_quant_method() -> None:
     valid = ", ".join(CHOICES["quant.method"])
-    assert valid == "none, nf4, int8, int4"
+    assert valid == "none, nf4, int8, int4, fp8"
     layer = make_model(torch.float32).model.layers[0]
     with pytest.raises(ConfigError, match=rf"quant.method='nf5' is not an option\. Did you mean 'nf4'\? Valid: {valid}"):
         quantize_layer(layer, QuantConfig(method="nf5"))

@@ -151,6 +151,7 @@ def test_data_position_moves_to_another_number_of_ranks(builtin_tokenizer) -> No
 
 @pytest.mark.parametrize(("key", "value", "message"), [
     ("quant.method", "nf4", r"quant.method=nf4 with trainer.strategy=fsdp.*\n.*Fix: trainer=ddp"),
+    ("quant.method", "fp8", r"quant.method=fp8 with trainer.strategy=fsdp.*\n.*Fix: trainer=ddp"),
     ("peft.use_dora", True, r"peft.use_dora=true with trainer.strategy=fsdp.*\n.*Fix: peft.use_dora=false"),
     ("trainer.precision", "16-mixed", r"trainer.precision=16-mixed with trainer.strategy=fsdp.*\n.*bf16-mixed"),
 ])
