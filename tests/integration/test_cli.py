@@ -1,16 +1,18 @@
 """`python -m bamba_ft` as users run it: every recipe on the tiny model, errors without tracebacks.
 
 Tests of what a recipe does (not of the process around it) run its composed config in this process
-(`run_in_process`); the shared SFT run, `--cfg` and the error messages go through the CLI itself."""
+(`run_in_process`); `--cfg` and the exit status and form of a user error go through the CLI itself."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from bamba_ft.config.store import recipe_names
+from bamba_ft.errors import BambaFTError
 from tests.integration.conftest import cli, run_in_process
 
 FAST = ["model=tiny", "trainer=cpu", "smoke=fast", "logger=none"]
@@ -80,18 +82,30 @@ def test_cfg_job_prints_composed_config(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("args,message", [
+    # refused by the override check, before Hydra composes anything
     (["peft.rr=8"], "'rr' is not a key of peft. Did you mean 'r'?"),
-    (["peft.target_modules=[in_prj]", *FAST], "'in_prj' matches no module of BambaForCausalLM. Did you mean 'in_proj'?"),
+    # refused by the task: the CLI turns any BambaFTError into this one message (the cases below raise one)
     (["data.source=/nonexistent/train.jsonl", *FAST], "data.source=/nonexistent/train.jsonl: no such file or directory"),
+])
+def test_user_errors_exit_2_with_one_message_and_no_traceback(args: list[str], message: str, tmp_path: Path) -> None:
+    proc = cli([*args, f"hydra.run.dir={tmp_path}"], cwd=tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert re.search(r"^bamba_ft: \w+Error: ", proc.stderr, re.M) and message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["peft.target_modules=[in_prj]", *FAST], "'in_prj' matches no module of BambaForCausalLM. Did you mean 'in_proj'?"),
     (["model.name_or_path=/nonexistent/model", *FAST], "model.name_or_path=/nonexistent/model: no such directory"),
     (["model.name_or_path=some-org/some-model", *FAST], "not a local directory, and the Hugging Face Hub did not provide it"),
     (["recipe=eval", "eval.checkpoint=/nonexistent/run"], "checkpoint /nonexistent/run: no such file or directory"),
 ])
 def test_user_errors_are_one_clear_message(args: list[str], message: str, tmp_path: Path) -> None:
-    proc = cli([*args, f"hydra.run.dir={tmp_path}"], cwd=tmp_path, check=False)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert message in proc.stderr
-    assert "Traceback" not in proc.stderr
+    """A BambaFTError is what the CLI prints as one message with exit status 2 (the test above): in this process."""
+    with pytest.raises(BambaFTError) as error:
+        run_in_process(args, tmp_path / "run")
+    assert message in str(error.value)
+    assert "Traceback" not in str(error.value)  # not a wrapped report of another error
 
 
 def test_non_bamba_checkpoint_is_refused(tmp_path: Path) -> None:
@@ -99,10 +113,8 @@ def test_non_bamba_checkpoint_is_refused(tmp_path: Path) -> None:
 
     LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                 vocab_size=128).save_pretrained(tmp_path / "llama")
-    proc = cli([f"model.name_or_path={tmp_path / 'llama'}", *FAST, f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path,
-               check=False)
-    assert proc.returncode == 2
-    assert "is a 'llama' model" in proc.stderr and "Traceback" not in proc.stderr
+    with pytest.raises(BambaFTError, match="is a 'llama' model"):
+        run_in_process([f"model.name_or_path={tmp_path / 'llama'}", *FAST], tmp_path / "run")
 
 
 def test_doctor_checks_the_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
