@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import huggingface_hub.constants as hub_constants
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bamba_ft.config.schema import RunConfig
+from bamba_ft.errors import BambaFTError, ConfigError
 from bamba_ft.model.mixer import stock_forward
 from bamba_ft.model.restore import load_source, locate
-from tests.integration.conftest import cli, run_in_process
+from tests.integration.conftest import run_in_process
 from tests.integration.fake_hub import FakeHub
 
 PROMPT = [{"role": "user", "content": "What is 21 plus 21?"}]
@@ -63,8 +65,6 @@ def test_export_files_model_card_and_overwrite_rule(sft_run: Path, tmp_path: Pat
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
 
-    from bamba_ft.errors import ConfigError
-
     shutil.copytree(sft_run, tmp_path / "run")
     out = tmp_path / "run" / "export"  # the default target, given relative paths as users type them
     monkeypatch.chdir(tmp_path)  # where the CLI would start: Hydra leaves the working directory as it is
@@ -103,15 +103,25 @@ def test_adapter_only_export_loads_with_peft(sft_run: Path, tmp_path: Path) -> N
         assert torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits)
 
 
-def test_push_to_hub_uploads_the_export(sft_run: Path, tmp_path: Path) -> None:
+def use_hub(monkeypatch: pytest.MonkeyPatch, hub: FakeHub, token: str, offline: bool = False) -> None:
+    """What HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE give a CLI run, in this process: huggingface_hub reads the
+    endpoint and offline mode when it is imported, the token at each request. (test_secrets pushes through the CLI
+    with these variables.)"""
+    monkeypatch.setattr(hub_constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setenv("HF_TOKEN", token)
+
+
+def test_push_to_hub_uploads_the_export(sft_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "pushed"
     with FakeHub(token="hf_test") as hub:
-        env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_test", "HF_HUB_OFFLINE": "0"}
-        proc = cli(["recipe=export", f"export.checkpoint={sft_run}", f"export.output_dir={out}",
-                    "export.push_to_hub=true", "export.repo_id=me/tiny-sft", "export.commit_message=first upload",
-                    "export.verify=false", f"hydra.run.dir={tmp_path}/log"], cwd=tmp_path, env=env)
+        use_hub(monkeypatch, hub, "hf_test")
+        run_in_process(["recipe=export", f"export.checkpoint={sft_run}", f"export.output_dir={out}",
+                        "export.push_to_hub=true", "export.repo_id=me/tiny-sft", "export.commit_message=first upload",
+                        "export.verify=false"], tmp_path / "log")
         repo = hub.repos["me/tiny-sft"]
-    assert "pushed: " in proc.stdout
+    assert "pushed: " in capsys.readouterr().out
     assert repo["private"] is True and repo["commits"] == ["first upload"]
     local = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert set(repo["files"]) == set(local)
@@ -120,19 +130,20 @@ def test_push_to_hub_uploads_the_export(sft_run: Path, tmp_path: Path) -> None:
     assert "hub_commit" in json.loads(local["export_report.json"])
 
 
-@pytest.mark.parametrize("env,message", [
-    ({"HF_TOKEN": "wrong", "HF_HUB_OFFLINE": "0"}, "push to me/tiny-sft failed (401"),
-    ({"HF_TOKEN": "hf_test", "HF_HUB_OFFLINE": "1"}, "offline"),
+@pytest.mark.parametrize("token,offline,message", [
+    ("wrong", False, "push to me/tiny-sft failed (401"),
+    ("hf_test", True, "offline"),
 ])
-def test_push_failure_keeps_local_export(sft_run: Path, tmp_path: Path, env: dict, message: str) -> None:
+def test_push_failure_keeps_local_export(sft_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, token: str,
+                                         offline: bool, message: str) -> None:
+    """A BambaFTError, which the CLI prints as one message with exit status 2 (test_cli; test_secrets for this one)."""
     out = tmp_path / "kept"
-    with FakeHub(token="hf_test") as hub:
-        proc = cli(["recipe=export", f"export.checkpoint={sft_run}", f"export.output_dir={out}",
-                    "export.push_to_hub=true", "export.repo_id=me/tiny-sft", "export.verify=false",
-                    f"hydra.run.dir={tmp_path}/log"],
-                   cwd=tmp_path, env={"HF_ENDPOINT": hub.url, **env}, check=False)
-    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
-    assert "local export at" in proc.stderr and (out / "model.safetensors").exists()
+    with FakeHub(token="hf_test") as hub, pytest.raises(BambaFTError) as error:
+        use_hub(monkeypatch, hub, token, offline)
+        run_in_process(["recipe=export", f"export.checkpoint={sft_run}", f"export.output_dir={out}",
+                        "export.push_to_hub=true", "export.repo_id=me/tiny-sft", "export.verify=false"], tmp_path / "log")
+    assert message in str(error.value) and "Traceback" not in str(error.value)
+    assert "local export at" in str(error.value) and (out / "model.safetensors").exists()
 
 
 def test_run_written_by_another_version_still_loads(sft_run: Path, tmp_path: Path) -> None:
