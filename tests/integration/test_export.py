@@ -136,7 +136,7 @@ def test_push_to_hub_uploads_the_export(sft_run: Path, tmp_path: Path, monkeypat
 ])
 def test_push_failure_keeps_local_export(sft_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, token: str,
                                          offline: bool, message: str) -> None:
-    """A BambaFTError, which the CLI prints as one message with exit status 2 (test_cli; test_secrets for this one)."""
+    """A BambaFTError, which the CLI prints as one message with exit status 2 (test_out_of_memory; test_secrets for this one)."""
     out = tmp_path / "kept"
     with FakeHub(token="hf_test") as hub, pytest.raises(BambaFTError) as error:
         use_hub(monkeypatch, hub, token, offline)

@@ -3,6 +3,7 @@ the memory mode and the fixes (the error is injected through BAMBA_FT_FAULT: no 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -25,11 +26,13 @@ def assert_names_batch_mode_and_fixes(message: str, where: str) -> None:
 
 
 def test_out_of_memory_in_training_exits_2_naming_batch_mode_and_fixes(tmp_path: Path) -> None:
-    """Raised inside Lightning's fit: the CLI still ends it with one message and exit status 2."""
+    """Raised inside Lightning's fit: the CLI still ends it with one message and exit status 2, as it does any
+    BambaFTError a task raises (the tests that check such errors in this process rely on that)."""
     proc = cli([*ARGS, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, check=False,
                env={"BAMBA_FT_FAULT": "train.forward_oom@2"})
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "BAMBA_FT_FAULT: raising at train.forward_oom" in proc.stderr and "Traceback" not in proc.stderr
+    assert re.search(r"^bamba_ft: DeviceMemoryError: ", proc.stderr, re.M), proc.stderr[-3000:]  # one message
     assert_names_batch_mode_and_fixes(proc.stderr, "out of memory in the first training step")
 
 
