@@ -66,31 +66,18 @@ def test_kill_9_then_resume_reaches_the_uninterrupted_adapter(point: str, refere
 @pytest.mark.slow
 def test_sigint_and_sigterm_exit_130_and_143_after_saving_a_resumable_checkpoint(tmp_path: Path) -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    codes = {signal.SIGINT: 130, signal.SIGTERM: 143}
-    # Both runs at once: their interpreters start side by side (each start is single-threaded).
-    runs = {sig: (tmp_path / sig.name, tmp_path / f"{sig.name}.txt") for sig in codes}
-    procs = {}
-    for sig, (run, out) in runs.items():
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        run, out = tmp_path / sig.name, tmp_path / f"{sig.name}.txt"
         with out.open("w") as log:
-            procs[sig] = subprocess.Popen([sys.executable, "-m", "bamba_ft", *ARGS, "trainer.max_steps=500",
-                                           f"hydra.run.dir={run}"], cwd=tmp_path, env=env, stdout=log,
-                                          stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 180
-        # the packing line is logged when fit asks for the training batches: the stop handler is installed
-        for _, out in runs.values():
+            proc = subprocess.Popen([sys.executable, "-m", "bamba_ft", *ARGS, "trainer.max_steps=500",
+                                     f"hydra.run.dir={run}"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+            deadline = time.time() + 120
+            # the packing line is logged when fit asks for the training batches: the stop handler is installed
             while "packing efficiency" not in out.read_text() and time.time() < deadline:
                 time.sleep(0.2)
-        time.sleep(1)
-        for sig, proc in procs.items():
+            time.sleep(1)
             proc.send_signal(sig)
-        for sig, proc in procs.items():
-            assert proc.wait(timeout=120) == codes[sig], runs[sig][1].read_text()[-2000:]
-    finally:
-        for proc in procs.values():
-            proc.kill()
-            proc.wait()
-    for run, out in runs.values():
+            assert proc.wait(timeout=120) == code, out.read_text()[-2000:]
         ckpt = run / "checkpoints" / "interrupted.ckpt"
         assert ckpt.exists() and not list(run.rglob("*.partial"))
         assert "stopped at step" in out.read_text() and f"trainer.resume={run}" in out.read_text()
