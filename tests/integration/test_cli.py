@@ -58,16 +58,18 @@ def test_eval_recipe_matches_training_exact_match(sft_run: Path, tmp_path: Path,
 def test_bench_smoke_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run_in_process(["recipe=bench", "trainer=cpu", "bench.warmup_steps=1", "bench.steps=1", "bench.seqs_per_step=2",
                     "bench.median_len=40", "bench.max_len=64", "bench.data_pipeline_examples=3000",
-                    "bench.data_pipeline_num_proc=[2]", "bench.seq_scaling=[64,128]", "bench.mixer_only=true",
-                    "bench.memory_modes=[none,all+offload]"], tmp_path)
+                    "bench.data_pipeline_num_proc=[2]", "bench.data_pipeline_paths=[memory]", "bench.seq_scaling=[64,128]",
+                    "bench.mixer_only=true", "bench.memory_modes=[none,all+offload]"], tmp_path)
     results = json.loads((tmp_path / "bench.json").read_text())
     by_name = {r["variant"]: r for r in results["runs"]}
     assert by_name["bamba_ft"]["tokens_per_sec"] > 0 and by_name["hf_padded"]["tokens_per_sec"] > 0
     assert by_name["bamba_ft"]["adapters_with_grad"] == by_name["bamba_ft"]["adapters"]
     assert "error" in by_name["hf_padfree"]  # transformers' torch mixer refuses packed rows without mamba-ssm
-    memory, stream = results["data_pipeline"]["rows"]  # each measured in its own process
-    assert (memory["path"], memory["num_proc"], stream["path"]) == ("memory", 2, "stream")
-    assert memory["tokens"] == stream["tokens"] and memory["packing_efficiency"] > 0.9
+    # Measured in a process of its own (its ~10 s start is why the stream path, whose rows and tokens
+    # test_bench_data compares with these at data.num_proc=2, is left out here).
+    (memory,) = results["data_pipeline"]["rows"]
+    assert (memory["path"], memory["num_proc"], memory["examples"]) == ("memory", 2, 3000)
+    assert memory["tokens"] > 0 and memory["packing_efficiency"] > 0.9
     assert [(r["seq_len"], r["memory_mode"]) for r in results["seq_scaling"]] == [
         (64, "none"), (128, "none"), (64, "all+offload"), (128, "all+offload")]
     assert results["longest_trained"] == {"bamba_ft none": 128, "bamba_ft all+offload": 128}
