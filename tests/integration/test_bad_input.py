@@ -1,5 +1,5 @@
 """Bad data inputs end in one error naming the file (and line) and the fix: a BambaFTError, which the CLI prints
-as one `bamba_ft:` message with exit status 2 and no traceback (test_cli checks that for a missing data file).
+as one `bamba_ft:` message with exit status 2 and no traceback (test_out_of_memory checks that through the CLI).
 Each case runs its composed config in this process: the CLI would add only its ~5 s start per case."""
 
 from __future__ import annotations

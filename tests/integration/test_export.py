@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import huggingface_hub.constants as hub_constants
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bamba_ft.config.schema import RunConfig
+from bamba_ft.errors import BambaFTError, ConfigError
 from bamba_ft.model.mixer import stock_forward
 from bamba_ft.model.restore import load_source, locate
-from tests.integration.conftest import cli, run_in_process
+from tests.integration.conftest import run_in_process
 from tests.integration.fake_hub import FakeHub
 
 PROMPT = [{"role": "user", "content": "What is 21 plus 21?"}]
@@ -22,13 +24,15 @@ def adapter_model(run: Path):  # noqa: ANN201
     return load_source(locate(str(run), RunConfig()), torch.device("cpu"))
 
 
-def test_export_float32_reloads_with_same_logits_and_generations(sft_run: Path, tmp_path: Path) -> None:
+def test_export_float32_reloads_with_same_logits_and_generations(sft_run: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "merged"
-    proc = cli(["recipe=export", f"export.checkpoint={sft_run}", f"export.output_dir={out}", "export.dtype=float32",
-                f"hydra.run.dir={tmp_path}/log"], cwd=tmp_path)
-    assert "verified: reloaded with BambaForCausalLM" in proc.stdout
+    run_in_process(["recipe=export", f"export.checkpoint={sft_run}", f"export.output_dir={out}",
+                    "export.dtype=float32"], tmp_path / "log")
+    assert "verified: reloaded with BambaForCausalLM" in capsys.readouterr().out
     report = json.loads((out / "export_report.json").read_text())
     assert report["verify"]["max_rel_logit_diff"] <= 1e-5 and report["verify"]["greedy_generation_identical"]
+    assert "## Export check" in (out / "README.md").read_text()  # the check's result, in the model card
 
     # Independently of the export's own check: plain transformers in this process.
     model, tokenizer = adapter_model(sft_run)
@@ -57,12 +61,15 @@ def test_export_float32_reloads_with_same_logits_and_generations(sft_run: Path, 
     assert torch.equal(gen_ref, gen_got)
 
 
-def test_export_files_model_card_and_overwrite_rule(sft_run: Path, tmp_path: Path) -> None:
+def test_export_files_model_card_and_overwrite_rule(sft_run: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
 
     shutil.copytree(sft_run, tmp_path / "run")
     out = tmp_path / "run" / "export"  # the default target, given relative paths as users type them
-    cli(["recipe=export", "export.checkpoint=run", "hydra.run.dir=a"], cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)  # where the CLI would start: Hydra leaves the working directory as it is
+    # verify=false: the reload check is the float32 test's; what is asserted here is written either way
+    run_in_process(["recipe=export", "export.checkpoint=run", "export.verify=false"], tmp_path / "a")
     for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                  "tokenizer_config.json", "README.md"):
         assert (out / name).exists(), name
@@ -72,9 +79,8 @@ def test_export_files_model_card_and_overwrite_rule(sft_run: Path, tmp_path: Pat
     config = json.loads((out / "config.json").read_text())
     assert config["torch_dtype" if "torch_dtype" in config else "dtype"] == "bfloat16" and config["use_cache"] is True
 
-    again = cli(["recipe=export", "export.checkpoint=run", "hydra.run.dir=b"], cwd=tmp_path, check=False)
-    assert again.returncode == 2 and "exists. Fix: choose another directory or export.overwrite=true" in again.stderr
-    # verify=false: replacing runs the same reload check as the first export above
+    with pytest.raises(ConfigError, match="exists. Fix: choose another directory or export.overwrite=true"):
+        run_in_process(["recipe=export", "export.checkpoint=run"], tmp_path / "b")
     (out / "model.safetensors").write_bytes(b"stale")
     run_in_process(["recipe=export", f"export.checkpoint={tmp_path / 'run'}", "export.overwrite=true",
                     "export.verify=false"], tmp_path / "c")
@@ -97,15 +103,25 @@ def test_adapter_only_export_loads_with_peft(sft_run: Path, tmp_path: Path) -> N
         assert torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits)
 
 
-def test_push_to_hub_uploads_the_export(sft_run: Path, tmp_path: Path) -> None:
+def use_hub(monkeypatch: pytest.MonkeyPatch, hub: FakeHub, token: str, offline: bool = False) -> None:
+    """What HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE give a CLI run, in this process: huggingface_hub reads the
+    endpoint and offline mode when it is imported, the token at each request. (test_secrets pushes through the CLI
+    with these variables.)"""
+    monkeypatch.setattr(hub_constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setenv("HF_TOKEN", token)
+
+
+def test_push_to_hub_uploads_the_export(sft_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "pushed"
     with FakeHub(token="hf_test") as hub:
-        env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_test", "HF_HUB_OFFLINE": "0"}
-        proc = cli(["recipe=export", f"export.checkpoint={sft_run}", f"export.output_dir={out}",
-                    "export.push_to_hub=true", "export.repo_id=me/tiny-sft", "export.commit_message=first upload",
-                    "export.verify=false", f"hydra.run.dir={tmp_path}/log"], cwd=tmp_path, env=env)
+        use_hub(monkeypatch, hub, "hf_test")
+        run_in_process(["recipe=export", f"export.checkpoint={sft_run}", f"export.output_dir={out}",
+                        "export.push_to_hub=true", "export.repo_id=me/tiny-sft", "export.commit_message=first upload",
+                        "export.verify=false"], tmp_path / "log")
         repo = hub.repos["me/tiny-sft"]
-    assert "pushed: " in proc.stdout
+    assert "pushed: " in capsys.readouterr().out
     assert repo["private"] is True and repo["commits"] == ["first upload"]
     local = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert set(repo["files"]) == set(local)
@@ -114,19 +130,20 @@ def test_push_to_hub_uploads_the_export(sft_run: Path, tmp_path: Path) -> None:
     assert "hub_commit" in json.loads(local["export_report.json"])
 
 
-@pytest.mark.parametrize("env,message", [
-    ({"HF_TOKEN": "wrong", "HF_HUB_OFFLINE": "0"}, "push to me/tiny-sft failed (401"),
-    ({"HF_TOKEN": "hf_test", "HF_HUB_OFFLINE": "1"}, "offline"),
+@pytest.mark.parametrize("token,offline,message", [
+    ("wrong", False, "push to me/tiny-sft failed (401"),
+    ("hf_test", True, "offline"),
 ])
-def test_push_failure_keeps_local_export(sft_run: Path, tmp_path: Path, env: dict, message: str) -> None:
+def test_push_failure_keeps_local_export(sft_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, token: str,
+                                         offline: bool, message: str) -> None:
+    """A BambaFTError, which the CLI prints as one message with exit status 2 (test_out_of_memory; test_secrets for this one)."""
     out = tmp_path / "kept"
-    with FakeHub(token="hf_test") as hub:
-        proc = cli(["recipe=export", f"export.checkpoint={sft_run}", f"export.output_dir={out}",
-                    "export.push_to_hub=true", "export.repo_id=me/tiny-sft", "export.verify=false",
-                    f"hydra.run.dir={tmp_path}/log"],
-                   cwd=tmp_path, env={"HF_ENDPOINT": hub.url, **env}, check=False)
-    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
-    assert "local export at" in proc.stderr and (out / "model.safetensors").exists()
+    with FakeHub(token="hf_test") as hub, pytest.raises(BambaFTError) as error:
+        use_hub(monkeypatch, hub, token, offline)
+        run_in_process(["recipe=export", f"export.checkpoint={sft_run}", f"export.output_dir={out}",
+                        "export.push_to_hub=true", "export.repo_id=me/tiny-sft", "export.verify=false"], tmp_path / "log")
+    assert message in str(error.value) and "Traceback" not in str(error.value)
+    assert "local export at" in str(error.value) and (out / "model.safetensors").exists()
 
 
 def test_run_written_by_another_version_still_loads(sft_run: Path, tmp_path: Path) -> None:
@@ -143,14 +160,14 @@ def test_run_written_by_another_version_still_loads(sft_run: Path, tmp_path: Pat
     assert cfg.model.name_or_path == "builtin:tiny" and cfg.peft.method == "lora"
 
 
-def test_qlora_run_exports_merged_with_quantization_error_reported(tmp_path: Path) -> None:
+def test_qlora_run_exports_merged_with_quantization_error_reported(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run_in_process(["recipe=qlora", "trainer=cpu", "trainer.max_steps=4", "trainer.val_check_interval=4", "logger=none",
                     "eval.before_training=false", "eval.num_generate=4", "eval.max_new_tokens=4",
                     "data.builtin_train_examples=200", "data.builtin_val_examples=16"], tmp_path / "run")
-    proc = cli(["recipe=export", "export.checkpoint=run", "export.dtype=float32", "hydra.run.dir=log"], cwd=tmp_path)
+    run_in_process(["recipe=export", f"export.checkpoint={tmp_path / 'run'}", "export.dtype=float32"], tmp_path / "log")
     report = json.loads((tmp_path / "run/export/export_report.json").read_text())
     assert report["dequantized_layers"] == 22  # 3 mixers x (in, out) + attention q, k, v, o + 4 MLPs x 3
     # Merging adds the adapter to the same dequantized values the NF4 forward used: float32 rounding only.
     assert report["quantized_vs_merged_max_abs_logit_diff"] < 1e-4
-    assert "quantized base + adapter vs merged" in proc.stdout
+    assert "quantized base + adapter vs merged" in capsys.readouterr().out
     assert report["verify"]["max_rel_logit_diff"] <= 1e-5

@@ -4,6 +4,7 @@ and the next export removes what they left and succeeds."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -20,9 +21,12 @@ from bamba_ft.errors import ConfigError
 from bamba_ft.jobs.export import OWNER_FILE
 from tests.integration.conftest import ROOT, cli, run_in_process
 
-# Points before the rename, in the order an export reaches them: the export never reaches the target, whatever
-# else it wrote. One after another into the same parent, so each next export also removes the one before.
-BEFORE_RENAME = ["export.after_save", "export.before_verify", "export.after_verify", "export.before_rename"]
+# The first and the last point before the rename, in the order an export reaches them: the export never reaches
+# the target, whatever else it wrote. The points between them (export.before_verify, export.after_verify) hold the
+# first point's temporary directory plus the tokenizer and generation config (and, with verify=false, nothing
+# more); the cleanup removes such a directory whole whatever it holds, and only the rename after the last point
+# creates the target. One after another into the same parent, so the second export also removes the first's.
+BEFORE_RENAME = ["export.after_save", "export.before_rename"]
 
 
 def export_overrides(run: Path, *extra: str) -> list[str]:
@@ -40,6 +44,11 @@ def killed_export(run: Path, cwd: Path, point: str, *extra: str) -> subprocess.C
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert "BAMBA_FT_FAULT: killing process" in proc.stderr and f"at {point}\n" in proc.stderr  # not an earlier crash
     return proc
+
+
+def in_process_export(run: Path, cwd: Path, log: str, *extra: str) -> dict:
+    """An export that is not killed: its config in this process (the killed ones need a process of their own)."""
+    return run_in_process(export_overrides(run, *extra), cwd / log)
 
 
 def leftovers(parent: Path, name: str = "export") -> list[str]:
@@ -65,7 +74,8 @@ def run_copy(sft_run: Path, tmp_path: Path) -> Path:
     return run
 
 
-def test_export_killed_before_rename_is_cleaned_by_next_export(run_copy: Path, tmp_path: Path) -> None:
+def test_export_killed_before_rename_is_cleaned_by_next_export(run_copy: Path, tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
     target = run_copy / "export"
     for i, point in enumerate(BEFORE_RENAME):
         proc = killed_export(run_copy, tmp_path, point)
@@ -87,8 +97,9 @@ def test_export_killed_before_rename_is_cleaned_by_next_export(run_copy: Path, t
     remote.mkdir()
     (remote / OWNER_FILE).write_text(json.dumps({"pid": 1, "host": socket.gethostname() + "-elsewhere"}))
 
-    proc = cli(export_args(run_copy, "log-next"), cwd=tmp_path)
-    assert proc.stdout.count("left by an export that was killed") == 1, proc.stdout
+    with caplog.at_level(logging.WARNING, logger="bamba_ft"):
+        in_process_export(run_copy, tmp_path, "log-next")
+    assert caplog.text.count("left by an export that was killed") == 1, caplog.text
     assert_verified_export(target)
     assert sorted(p.name for p in run_copy.iterdir() if p.name.startswith(".export")) == [
         ".export.partial-live", ".export.partial-remote"]
@@ -104,11 +115,6 @@ def _start(pid: int) -> str | None:
     from bamba_ft.jobs.export import _process_start
 
     return _process_start(pid)
-
-
-def in_process_export(run: Path, cwd: Path, log: str, *extra: str) -> dict:
-    """An export that is not killed: its config in this process (the killed ones need a process of their own)."""
-    return run_in_process(export_overrides(run, *extra), cwd / log)
 
 
 @pytest.mark.slow

@@ -19,7 +19,8 @@ CAUSAL_LM = {"granitemoehybrid": "GraniteMoeHybridForCausalLM", "falcon_h1": "Fa
 @pytest.mark.parametrize("model_type", list(CAUSAL_LM))
 def test_family_sft_then_export_reloads_in_transformers(model_type: str, tmp_path: Path) -> None:
     run, out = tmp_path / "run", tmp_path / "export"
-    run_in_process(["recipe=sft", f"model=tiny-random-{model_type}", "data=builtin", "trainer=cpu", "trainer.max_steps=2",
+    # smoke=fast: 2 steps on 64 builtin rows (the default 4,000 are tokenized for 2 steps otherwise), 16 to validate
+    run_in_process(["recipe=sft", f"model=tiny-random-{model_type}", "data=builtin", "trainer=cpu", "smoke=fast",
                     "eval.before_training=false", "eval.num_generate=2", "eval.max_new_tokens=4"], run)
     assert (run / "adapter" / "adapter_config.json").exists()
     run_in_process(["recipe=export", f"export.checkpoint={run}", f"export.output_dir={out}", "export.dtype=float32"],

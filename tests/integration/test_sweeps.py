@@ -76,28 +76,6 @@ def test_joblib_pins_each_worker_to_its_own_gpu(tmp_path: Path) -> None:
     assert len({r["cuda_visible_devices"] for r in results}) == len({r["pid"] for r in results})
 
 
-@pytest.mark.slow
-def test_failed_job_is_reported_and_an_interrupted_sweep_resumes(tmp_path: Path) -> None:
-    sweep = tmp_path / "sweep"
-    args = ["-m", "trainer.max_steps=2", "peft.r=8,-1,16", *FAST, f"hydra.sweep.dir={sweep}"]
-    # The sweep process is SIGKILLed while job 2 saves its adapter (the second adapter saved: job 1 fails first).
-    killed = cli(args, cwd=tmp_path, check=False, env={"BAMBA_FT_FAULT": "adapter.before_rename@2"})
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    first = _results(sweep)
-    assert [first[0]["status"], first[1]["status"], 2 in first] == ["ok", "failed", False]
-    assert "peft.r=-1 must be positive" in first[1]["error"] and first[1]["objective"] == float("inf")
-    assert not (sweep / "sweep.csv").exists()
-
-    done = cli([*args, "sweep.resume=true"], cwd=tmp_path, timeout=600)
-    second = _results(sweep)
-    assert second[0]["reused"] is True and second[0]["pid"] == first[0]["pid"]  # job 0 did not run again
-    assert second[2]["status"] == "ok" and second[2]["pid"] != first[0]["pid"]  # job 2 ran in the new process
-    assert "reusing its result" in done.stderr + done.stdout
-    rows = list(csv.DictReader((sweep / "sweep.csv").open()))
-    assert [(r["job"], r["status"]) for r in rows] == [("0", "ok (reused)"), ("1", "failed"), ("2", "ok")]
-    assert "peft.r=-1 must be positive" in rows[1]["error"]
-
-
 @pytest.mark.parametrize("args,env,message", [
     (["hydra/sweeper=optuna", "sweep.direction=maximize"], {},
      "hydra.sweeper.direction=Direction.minimize but sweep.direction=maximize"),
@@ -112,9 +90,12 @@ def test_sweep_settings_that_cannot_work_stop_before_any_job(args: list[str], en
 
 
 @pytest.mark.slow
-def test_a_sweep_stopped_by_ctrl_c_continues_the_job_from_its_checkpoint(tmp_path: Path) -> None:
+def test_a_sweep_stopped_by_ctrl_c_then_killed_resumes_reporting_its_failed_job(tmp_path: Path) -> None:
+    """One sweep, interrupted both ways, each time continued by the same command plus sweep.resume=true: Ctrl-C
+    stops it in job 0, which the first resume continues from its checkpoint before job 1 fails and the process is
+    SIGKILLed while job 2 saves its adapter; the second resume reuses job 0, reports job 1 and runs job 2."""
     sweep = tmp_path / "sweep"
-    args = ["-m", "trainer.max_steps=12", "optim.lr=1e-4,3e-4", *FAST, f"hydra.sweep.dir={sweep}"]
+    args = ["-m", "trainer.max_steps=12", "peft.r=8,-1,16", *FAST, f"hydra.sweep.dir={sweep}"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT))
     out = tmp_path / "first.txt"
     with out.open("w") as log:
@@ -130,7 +111,23 @@ def test_a_sweep_stopped_by_ctrl_c_continues_the_job_from_its_checkpoint(tmp_pat
     assert list(stopped) == [0] and stopped[0]["status"] == "stopped"  # job 1 never started
     assert "the same command plus sweep.resume=true" in out.read_text()
 
+    # Job 0's adapter is the first this process saves, job 2's the second (job 1 fails at validation).
+    killed = cli([*args, "sweep.resume=true"], cwd=tmp_path, check=False, env={"BAMBA_FT_FAULT": "adapter.before_rename@2"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert "job 0 continues from its checkpoint" in killed.stdout + killed.stderr
+    assert "resuming from" in killed.stdout + killed.stderr
+    first = _results(sweep)
+    assert [first[0]["status"], first[1]["status"], 2 in first] == ["ok", "failed", False]
+    assert first[0]["metrics"]["steps"] == 12
+    assert "peft.r=-1 must be positive" in first[1]["error"] and first[1]["objective"] == float("inf")
+    assert not (sweep / "sweep.csv").exists()
+
     done = cli([*args, "sweep.resume=true"], cwd=tmp_path, timeout=600)
-    assert "job 0 continues from its checkpoint" in done.stdout + done.stderr
-    assert "resuming from" in done.stdout + done.stderr
-    assert [(r["status"], r["metrics"]["steps"]) for r in _results(sweep).values()] == [("ok", 12), ("ok", 12)]
+    second = _results(sweep)
+    assert second[0]["reused"] is True and second[0]["pid"] == first[0]["pid"]  # job 0 did not run again
+    assert second[2]["status"] == "ok" and second[2]["pid"] != first[0]["pid"]  # job 2 ran in the new process
+    assert second[2]["metrics"]["steps"] == 12
+    assert "reusing its result" in done.stderr + done.stdout
+    rows = list(csv.DictReader((sweep / "sweep.csv").open()))
+    assert [(r["job"], r["status"]) for r in rows] == [("0", "ok (reused)"), ("1", "failed"), ("2", "ok")]
+    assert "peft.r=-1 must be positive" in rows[1]["error"]

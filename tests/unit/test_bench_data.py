@@ -12,10 +12,12 @@ from bamba_ft.jobs.bench_data import MIB, data_pipeline, data_pipeline_lines, tr
 
 
 def test_data_pipeline_rows_and_table() -> None:
-    d = data_pipeline(120, [1], ["memory", "stream"], seed=0, isolate=False)
+    # data.num_proc=2: the in-memory rows are tokenized by two worker processes (1, the default, by every training
+    # test); a fresh source file, so nothing is read back from the datasets cache
+    d = data_pipeline(120, [2], ["memory", "stream"], seed=0, isolate=False)
     memory, stream = d["rows"]
-    assert (memory["path"], stream["path"]) == ("memory", "stream")
-    # one streamed pass packs every example the in-memory epoch does
+    assert (memory["path"], memory["num_proc"], stream["path"]) == ("memory", 2, "stream")
+    # one streamed pass packs every example the in-memory epoch does, as the two processes tokenized them
     assert memory["examples"] == stream["examples"] == 120 and memory["tokens"] == stream["tokens"] > 0
     for r in d["rows"]:
         assert r["examples_per_s"] == pytest.approx(r["examples"] / r["total_s"], rel=1e-12)
@@ -24,7 +26,7 @@ def test_data_pipeline_rows_and_table() -> None:
     assert memory["total_s"] >= memory["prepare_s"] + memory["pack_s"] + memory["collate_s"]
     table = [line for line in data_pipeline_lines(d) if line.startswith("|")]
     assert len(table) == 4 and {line.count("|") for line in table} == {13}
-    assert table[2].startswith("| memory | 1 | 120 | ") and table[3].startswith("| stream | 1 | 120 | ")
+    assert table[2].startswith("| memory | 2 | 120 | ") and table[3].startswith("| stream | 1 | 120 | ")
     assert table[3].split(" | ")[5:7] == ["-", "-"]  # a stream packs and collates inside its pass
 
 
