@@ -50,6 +50,12 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "32-true"
 
 
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The dtype Lightning's autocast computes in under a resolved `precision` (bf16-mixed, 16-mixed); None for the
+    full and *-true precisions, which compute in the weights' dtype."""
+    return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+
+
 def autocast_for(model: torch.nn.Module, device: torch.device):  # noqa: ANN201
     """bf16/fp16 autocast on CUDA when the model's weights are 16-bit (as Lightning's mixed precision does)."""
     import contextlib

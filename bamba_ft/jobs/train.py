@@ -38,7 +38,7 @@ from bamba_ft.jobs.checkpoints import (
 from bamba_ft.jobs.evaluate import evaluate_model, format_metrics
 from bamba_ft.jobs.fsdp import storage_dtype
 from bamba_ft.jobs.report import plot_curves, publish_file, table
-from bamba_ft.jobs.runtime import autocast_for, choose_device, resolve_precision, to_device
+from bamba_ft.jobs.runtime import autocast_dtype, autocast_for, choose_device, resolve_precision, to_device
 from bamba_ft.lit_module import BambaLitModule, batch_tokens, training_mean_loss
 from bamba_ft.model.build import build_model, load_tokenizer
 from bamba_ft.model.families import family_of
@@ -146,9 +146,7 @@ def _prepare(cfg: RunConfig, device: torch.device) -> tuple[nn.Module, Any, Bamb
 
 def _capture_graphs(cfg: RunConfig, model: nn.Module, device: torch.device) -> None:
     """Every length bucket a packed batch can reach (data.max_tokens_per_batch), captured before the first step."""
-    precision = resolve_precision(cfg.trainer.precision, device)
-    mixed = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision.split("-")[0])
-    dtype = mixed if mixed is not None and precision.endswith("mixed") else next(causal_lm(model).parameters()).dtype
+    dtype = autocast_dtype(resolve_precision(cfg.trainer.precision, device)) or next(causal_lm(model).parameters()).dtype
     start = time.perf_counter()
     captured = prepare_graphs(model, cfg.data.max_tokens_per_batch, dtype)
     log.info("CUDA graphs: %d captured for rows up to %d tokens in %.1f s", captured, cfg.data.max_tokens_per_batch,
@@ -187,8 +185,8 @@ def _shard_and_load(cfg: RunConfig, dm: BambaDataModule, device: torch.device, l
     log.info("FSDP: %d units over %d ranks; this rank holds %s of %s parameters (%s)", units,
              dist.get_world_size(), f"{held:,}", f"{full:,}", str(dtype).removeprefix("torch."))
     # as Lightning runs the steps: bf16 autocast under bf16-mixed, whatever dtype the shards are kept in
-    mixed = device.type == "cuda" and precision == "bf16-mixed"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if mixed else contextlib.nullcontext()
+    mixed = autocast_dtype(precision) if device.type == "cuda" else None  # fsdp takes auto, 32-true or bf16-mixed
+    autocast = torch.autocast("cuda", dtype=mixed) if mixed is not None else contextlib.nullcontext()
     _probe(cfg, lit.model, dm, device, lambda m, b: lit.mean_loss(b), autocast)
 
 

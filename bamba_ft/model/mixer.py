@@ -28,6 +28,7 @@ from bamba_ft.ops.graphs import ConvScanGraphs
 from bamba_ft.ops.kernels import available_backend
 from bamba_ft.ops.mamba2 import (
     SegmentAwareMixer,
+    conv_scan_params,
     fused_conv_scan_runs,
     resolve_backend,
     seq_idx_from_cu_seqlens,
@@ -98,7 +99,9 @@ def prepare_graphs(model: nn.Module, longest: int, dtype: torch.dtype, rows: int
         if graphs is None or key in done:
             continue
         done.add(key)
-        captured += graphs.prepare(m, rows, longest, dtype)
+        with torch.no_grad():
+            params, rest = conv_scan_params(m)
+        captured += graphs.prepare(params, rest, rows, longest, dtype)
     return captured
 
 

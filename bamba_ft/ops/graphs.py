@@ -28,6 +28,7 @@ import torch
 from bamba_ft.ops.kernels import KernelOps, conv_scan_backward_kernels, conv_scan_forward_kernels
 
 Shape = tuple[int, int, int, int]  # heads, head_dim, groups, state
+PARAMS = ("weight", "bias", "A", "D", "dt_bias")  # the conv+scan's parameters, in the kernels' order
 
 
 Outputs = tuple[torch.Tensor | None, ...]
@@ -102,34 +103,30 @@ class ConvScanGraphs:
         return ConvScanGraphs(**self.__getstate__())
 
     def forward(self, xbc, dt, weight, bias, A, D, dt_bias, seq_idx, shape, chunk_size, dt_limit):  # noqa: ANN001, ANN201
-        params = {"weight": weight, "bias": bias, "A": A, "D": D, "dt_bias": dt_bias}
+        params = dict(zip(PARAMS, (weight, bias, A, D, dt_bias)))
         fam, length, t = self._load(xbc, dt, seq_idx, params, shape, chunk_size, dt_limit)
         (y,) = self._replay(fam, "fwd", length)
         return y[:, :t].clone()
 
     def backward(self, dout, xbc, dt, weight, bias, A, D, dt_bias, seq_idx, shape, chunk_size, dt_limit):  # noqa: ANN001, ANN201
-        params = {"weight": weight, "bias": bias, "A": A, "D": D, "dt_bias": dt_bias}
+        params = dict(zip(PARAMS, (weight, bias, A, D, dt_bias)))
         fam, length, t = self._load(xbc, dt, seq_idx, params, shape, chunk_size, dt_limit)
         _fill(fam.view("dout", length), dout, t, 0)
         dxbc, ddt, *grads = self._replay(fam, "bwd", length)
         return dxbc[:, :t].clone(), ddt[:, :t].clone(), *(g.clone() if g is not None else None for g in grads)
 
-    def prepare(self, mixer: torch.nn.Module, rows: int, longest: int, dtype: torch.dtype) -> int:
-        """Capture the forward and backward graphs of every bucket up to `longest` tokens per row for mixers of
-        `mixer`'s dimensions whose in_proj output is `dtype` (the autocast dtype, or the model's), on zero
-        inputs, with buffers that hold `longest`; returns the number of graphs captured."""
-        from bamba_ft.ops.mamba2 import _ssm_shape
-
-        before, device = self.captures, mixer.conv1d.weight.device
+    def prepare(self, params: tuple, rest: tuple, rows: int, longest: int, dtype: torch.dtype) -> int:
+        """Capture the forward and backward graphs of every bucket up to `longest` tokens per row for mixers with
+        these conv+scan `params` and fixed arguments `rest` (bamba_ft.ops.mamba2.conv_scan_params), whose in_proj
+        output is `dtype` (the autocast dtype, or the model's), on zero inputs, with buffers that hold `longest`;
+        returns the number of graphs captured."""
+        named, heads = dict(zip(PARAMS, params)), rest[0][0]
+        weight, before = named["weight"], self.captures
         top = -(-longest // self.bucket) * self.bucket
         for length in range(top, 0, -self.bucket):  # the longest first: the buffers are sized once
-            xbc = torch.zeros(rows, length, mixer.conv_dim, dtype=dtype, device=device)
-            dt = torch.zeros(rows, length, mixer.num_heads, dtype=dtype, device=device)
-            params = {"weight": mixer.conv1d.weight.detach().squeeze(1), "bias": _detach(mixer.conv1d.bias),
-                      "A": -torch.exp(mixer.A_log.detach().float()), "D": mixer.D.detach(),
-                      "dt_bias": mixer.dt_bias.detach()}
-            rest = (_ssm_shape(mixer), mixer.chunk_size, tuple(mixer.time_step_limit))
-            fam, _, _ = self._load(xbc, dt, None, params, *rest, growth=1.0)
+            xbc = torch.zeros(rows, length, weight.shape[0], dtype=dtype, device=weight.device)
+            dt = torch.zeros(rows, length, heads, dtype=dtype, device=weight.device)
+            fam, _, _ = self._load(xbc, dt, None, named, *rest, growth=1.0)
             self._replay(fam, "fwd", length)
             self._replay(fam, "bwd", length)
         return self.captures - before
@@ -209,10 +206,6 @@ class ConvScanGraphs:
                 "Fix: train with model.cuda_graphs=false."
             ) from e
         return _Captured(graph, outputs)
-
-
-def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
-    return t.detach() if t is not None else None
 
 
 def _fill(dst: torch.Tensor, src: torch.Tensor, t: int, tail: float) -> None:

@@ -142,6 +142,14 @@ def _ssm_shape(mixer: BambaMixer) -> tuple[int, int, int, int]:
     return mixer.num_heads, mixer.head_dim, mixer.n_groups, mixer.ssm_state_size
 
 
+def conv_scan_params(mixer: BambaMixer) -> tuple[tuple, tuple]:
+    """What the conv+scan kernels take from `mixer`: its parameters (conv weight (conv_dim, width), conv bias, A,
+    D, dt_bias) and its fixed arguments ((heads, head_dim, groups, state), chunk_size, dt_limit)."""
+    A = -torch.exp(mixer.A_log.float())
+    return ((mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, A, mixer.D, mixer.dt_bias),
+            (_ssm_shape(mixer), mixer.chunk_size, tuple(mixer.time_step_limit)))
+
+
 def conv_scan(mixer: BambaMixer, xbc: torch.Tensor, dt: torch.Tensor, seq_idx: torch.Tensor | None,
               ops: type = KernelOps) -> torch.Tensor:
     """y = scan(silu(conv(xbc))) for (b, t, conv_dim) `xbc`, (b, t, heads) `dt`; returns (b, t, heads, head_dim).
@@ -149,9 +157,8 @@ def conv_scan(mixer: BambaMixer, xbc: torch.Tensor, dt: torch.Tensor, seq_idx: t
     The kernels run through `mixer.conv_scan_graphs` (CUDA graphs, with their own ops) when it is set. Rows too
     long for the kernels' 32-bit offsets run in pieces (bamba_ft.ops.longseq), with direct kernel calls.
     """
-    A = -torch.exp(mixer.A_log.float())
-    args = (xbc, dt, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, A, mixer.D, mixer.dt_bias, seq_idx)
-    rest = (_ssm_shape(mixer), mixer.chunk_size, tuple(mixer.time_step_limit))
+    params, rest = conv_scan_params(mixer)
+    args = (xbc, dt, *params, seq_idx)
     if longseq.needs_pieces(xbc.shape[0], xbc.shape[1], longseq.token_cost(xbc, dt, rest[0], rest[1])):
         return longseq.piecewise_conv_scan(*args, ops, *rest)
     runner = mixer.__dict__.get("conv_scan_graphs") or DirectConvScan(ops)
