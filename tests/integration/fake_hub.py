@@ -14,6 +14,9 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import huggingface_hub.constants as hub_constants
+import pytest
+
 
 class FakeHub:
     def __init__(self, token: str) -> None:
@@ -87,3 +90,12 @@ class FakeHub:
     def __exit__(self, *exc: Any) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def use_hub(monkeypatch: pytest.MonkeyPatch, hub: FakeHub, token: str, offline: bool = False) -> None:
+    """What HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE give a CLI run, in this process: huggingface_hub reads the
+    endpoint and offline mode when it is imported, the token (an empty one counts as unset) at each request.
+    (test_secrets pushes through the CLI with these variables.)"""
+    monkeypatch.setattr(hub_constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setenv("HF_TOKEN", token)

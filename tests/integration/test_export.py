@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import huggingface_hub.constants as hub_constants
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -15,7 +14,7 @@ from bamba_ft.errors import BambaFTError, ConfigError
 from bamba_ft.model.mixer import stock_forward
 from bamba_ft.model.restore import load_source, locate
 from tests.integration.conftest import run_in_process
-from tests.integration.fake_hub import FakeHub
+from tests.integration.fake_hub import FakeHub, use_hub
 
 PROMPT = [{"role": "user", "content": "What is 21 plus 21?"}]
 
@@ -101,15 +100,6 @@ def test_adapter_only_export_loads_with_peft(sft_run: Path, tmp_path: Path) -> N
     ids = torch.tensor([[4, 40, 41, 42, 2, 5]])
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits)
-
-
-def use_hub(monkeypatch: pytest.MonkeyPatch, hub: FakeHub, token: str, offline: bool = False) -> None:
-    """What HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE give a CLI run, in this process: huggingface_hub reads the
-    endpoint and offline mode when it is imported, the token at each request. (test_secrets pushes through the CLI
-    with these variables.)"""
-    monkeypatch.setattr(hub_constants, "ENDPOINT", hub.url)
-    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", offline)
-    monkeypatch.setenv("HF_TOKEN", token)
 
 
 def test_push_to_hub_uploads_the_export(sft_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -10,8 +10,9 @@ from pathlib import Path
 import huggingface_hub.constants as hub_constants
 import pytest
 
+from bamba_ft.errors import BambaFTError
 from tests.integration.conftest import cli, run_in_process
-from tests.integration.fake_hub import FakeHub
+from tests.integration.fake_hub import FakeHub, use_hub
 
 
 def fake_token() -> str:
@@ -43,7 +44,7 @@ def test_hub_token_never_written_or_printed(tmp_path: Path, monkeypatch: pytest.
     # Training runs in this process, holding the tokens as a CLI run would: in its environment, and where
     # huggingface_hub (which read HF_HOME when it was imported) looks for the saved login. What it prints is read
     # at the file descriptors, what it logs (which the CLI prints and writes to Hydra's .log) through caplog at
-    # every level, and its warnings through recwarn; Hydra's own files are the exports' below.
+    # every level, and its warnings through recwarn; Hydra's own files are the CLI export's below.
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(hub_constants, "HF_HOME", str(hf_home))
@@ -54,20 +55,21 @@ def test_hub_token_never_written_or_printed(tmp_path: Path, monkeypatch: pytest.
     run_in_process(["trainer=cpu", "trainer.max_steps=2", "eval.num_generate=2", "eval.max_new_tokens=2",
                     "logger=default", "data.builtin_train_examples=64", "data.builtin_val_examples=16",
                     "data.max_seq_len=128", "data.max_tokens_per_batch=512"], tmp_path / "run")
-    trained = capfd.readouterr()
-    printed = [trained.out + trained.err + caplog.text + "".join(str(w.message) for w in recwarn)]
-    # Export and push with the token from HF_TOKEN: the upload succeeding shows the process held the token.
+    # Export and push with the token from HF_TOKEN, through the CLI (Hydra's files, the variables read at start):
+    # the upload succeeding shows the process held the token.
     with FakeHub(token=env_token) as hub:
         pushed = cli(["recipe=export", "export.checkpoint=run", "export.push_to_hub=true", "export.repo_id=me/t",
                       "hydra.run.dir=export_log"], cwd=tmp_path, env={**env, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"})
         assert hub.repos["me/t"]["commits"]
-    # Push with the saved login's token (an empty HF_TOKEN counts as unset), refused: the error message is where a token is likeliest to be echoed.
-    with FakeHub(token=env_token) as hub:
-        refused = cli(["recipe=export", "export.checkpoint=run", "export.output_dir=export2", "export.verify=false",
-                       "export.push_to_hub=true", "export.repo_id=me/t", "hydra.run.dir=export2_log"], cwd=tmp_path,
-                      env={"HF_TOKEN": "", "HF_HOME": str(hf_home), "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"}, check=False)
-        assert refused.returncode == 2 and "push to me/t failed (401" in refused.stderr, refused.stderr[-2000:]
-    printed += [p.stdout + p.stderr for p in (pushed, refused)]
+    # Push with the saved login's token (an empty HF_TOKEN counts as unset), refused: the error message, which the
+    # CLI prints whole, is where a token is likeliest to be echoed. In this process, as the training run.
+    with FakeHub(token=env_token) as hub, pytest.raises(BambaFTError, match=r"push to me/t failed \(401") as refused:
+        use_hub(monkeypatch, hub, "")
+        run_in_process(["recipe=export", f"export.checkpoint={tmp_path / 'run'}", f"export.output_dir={tmp_path / 'export2'}",
+                        "export.verify=false", "export.push_to_hub=true", "export.repo_id=me/t"], tmp_path / "export2_log")
+    here = capfd.readouterr()  # both runs in this process
+    printed = [here.out + here.err + caplog.text + "".join(str(w.message) for w in recwarn) + str(refused.value),
+               pushed.stdout + pushed.stderr]
 
     run = tmp_path / "run"
     for name in ("run_config.yaml", "metrics.json", "export/README.md", "export/export_report.json",
