@@ -9,8 +9,8 @@ method is for speed; quant.method=nf4 is the one that saves memory.
 Forward: the rows of x are quantized the same way (their own scale each) and `torch._scaled_mm` multiplies the
 codes, applying both row scales to its float32 accumulator. Backward: the weight is frozen, so only the input
 gradient is computed, dX = dY @ W = (dY * s) @ q: the weight's scales fold into the output gradient, whose rows are
-quantized and multiplied by q_t. Nothing of x is kept for the backward. The two quantizations are compiled on
-CUDA (bamba_ft.ops.fused.Compiled).
+quantized and multiplied by q_t. Nothing of x is kept for the backward. On CUDA both quantizations are one Triton
+kernel each (bamba_ft.ops.float8).
 
 What it trades: every base matmul's inputs (activations, weights, output gradients) are rounded to 3 mantissa
 bits. On Gaussian data a matmul's output is then off by about 3.7% (relative Frobenius norm; bf16 inputs: about
@@ -30,7 +30,7 @@ from torch import nn
 
 from bamba_ft.errors import ConfigError
 from bamba_ft.model.nf4 import linear_dtype
-from bamba_ft.ops.fused import Compiled
+from bamba_ft.ops import float8
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,30 @@ def quantize_grad_rows(grad: torch.Tensor, weight_scale: torch.Tensor) -> tuple[
     return quantize_rows(grad.float() * weight_scale)
 
 
-_quantize = Compiled(quantize_rows, "float8 input quantization")
-_quantize_grad = Compiled(quantize_grad_rows, "float8 gradient quantization")
+class RowQuantizer:
+    """`quantize_rows` (or `quantize_grad_rows`, given column scales) through the Triton kernel on CUDA, the torch
+    reference elsewhere. If the kernel fails (no working Triton on this machine), one warning is logged and the
+    reference runs from then on: same codes, more passes over memory."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.kernel_ran = self.failed = False
+
+    def __call__(self, x: torch.Tensor, col_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.failed and float8.available(x):
+            try:
+                out = float8.quantize_rows(x, col_scale)
+                self.kernel_ran = True
+                return out
+            except Exception as e:  # noqa: BLE001
+                self.failed = True
+                log.warning("the float8 %s kernel failed (%s: %s); quantizing with torch ops from now on.",
+                            self.what, type(e).__name__, e)
+        return quantize_rows(x) if col_scale is None else quantize_grad_rows(x, col_scale)
+
+
+_quantize = RowQuantizer("input quantization")
+_quantize_grad = RowQuantizer("gradient quantization")
 
 
 def scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
@@ -73,6 +95,18 @@ def scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: 
     """
     out = torch.bfloat16 if a.is_cuda else dtype
     return torch._scaled_mm(a, b, scale_a=a_scale, scale_b=b_scale, out_dtype=out).to(dtype)
+
+
+_ONES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _ones(n: int, device: torch.device) -> torch.Tensor:
+    """(1, n) float32 ones: the column scales of the backward's second operand (its scales are folded into the
+    gradient), made once per width and device rather than on every backward."""
+    key = (n, device)
+    if key not in _ONES:
+        _ONES[key] = torch.ones(1, n, dtype=torch.float32, device=device)
+    return _ONES[key]
 
 
 class FP8Matmul(torch.autograd.Function):
@@ -95,8 +129,7 @@ class FP8Matmul(torch.autograd.Function):
             return None, None, None, None, None
         codes_t, scale = ctx.codes_t, ctx.scale
         gq, g_scale = _quantize_grad(grad.reshape(-1, grad.shape[-1]).contiguous(), scale.view(1, -1))
-        ones = torch.ones(1, codes_t.shape[0], dtype=torch.float32, device=grad.device)
-        dx = scaled_mm(gq, g_scale, codes_t.t(), ones, ctx.x_dtype)
+        dx = scaled_mm(gq, g_scale, codes_t.t(), _ones(codes_t.shape[0], grad.device), ctx.x_dtype)
         return dx.view(*grad.shape[:-1], codes_t.shape[0]), None, None, None, None
 
 
