@@ -30,6 +30,14 @@ def available(x: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _scaled_block(x_row, col_scale_ptr, cols, n_cols, HAS_COL_SCALE: tl.constexpr):
+        mask = cols < n_cols
+        v = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_COL_SCALE:
+            v = v * tl.load(col_scale_ptr + cols, mask=mask, other=0.0)
+        return v
+
+    @triton.jit
     def _quantize_rows_kernel(x_ptr, col_scale_ptr, q_ptr, s_ptr, n_cols, x_stride, q_stride,
                               HAS_COL_SCALE: tl.constexpr, BLOCK: tl.constexpr, QMAX: tl.constexpr,
                               MIN_SCALE: tl.constexpr):
@@ -38,22 +46,15 @@ if triton is not None:
         q_row = q_ptr + row * q_stride
         amax = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            mask = cols < n_cols
-            v = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-            if HAS_COL_SCALE:
-                v = v * tl.load(col_scale_ptr + cols, mask=mask, other=0.0)
+            v = _scaled_block(x_row, col_scale_ptr, start + tl.arange(0, BLOCK), n_cols, HAS_COL_SCALE)
             amax = tl.maximum(amax, tl.abs(v))
         scale = tl.maximum(tl.max(amax, axis=0) / QMAX, MIN_SCALE)
         tl.store(s_ptr + row, scale)
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
-            mask = cols < n_cols
-            v = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-            if HAS_COL_SCALE:
-                v = v * tl.load(col_scale_ptr + cols, mask=mask, other=0.0)
+            v = _scaled_block(x_row, col_scale_ptr, cols, n_cols, HAS_COL_SCALE)
             q = tl.minimum(tl.maximum(tl.math.div_rn(v, scale), -QMAX), QMAX)
-            tl.store(q_row + cols, q.to(tl.float8e4nv), mask=mask)
+            tl.store(q_row + cols, q.to(tl.float8e4nv), mask=cols < n_cols)
 
 
 def quantize_rows(x: torch.Tensor, col_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
