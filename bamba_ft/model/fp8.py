@@ -23,6 +23,7 @@ Needs CUDA compute capability 8.9 or newer (Ada, Hopper and later); torch runs t
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -31,6 +32,7 @@ from torch import nn
 from bamba_ft.errors import ConfigError
 from bamba_ft.model.nf4 import linear_dtype
 from bamba_ft.ops import float8
+from bamba_ft.ops.fused import Compiled
 
 log = logging.getLogger(__name__)
 
@@ -59,30 +61,9 @@ def quantize_grad_rows(grad: torch.Tensor, weight_scale: torch.Tensor) -> tuple[
     return quantize_rows(grad.float() * weight_scale)
 
 
-class RowQuantizer:
-    """`quantize_rows` (or `quantize_grad_rows`, given column scales) through the Triton kernel on CUDA, the torch
-    reference elsewhere. If the kernel fails (no working Triton on this machine), one warning is logged and the
-    reference runs from then on: same codes, more passes over memory."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self.kernel_ran = self.failed = False
-
-    def __call__(self, x: torch.Tensor, col_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.failed and float8.available(x):
-            try:
-                out = float8.quantize_rows(x, col_scale)
-                self.kernel_ran = True
-                return out
-            except Exception as e:  # noqa: BLE001
-                self.failed = True
-                log.warning("the float8 %s kernel failed (%s: %s); quantizing with torch ops from now on.",
-                            self.what, type(e).__name__, e)
-        return quantize_rows(x) if col_scale is None else quantize_grad_rows(x, col_scale)
-
-
-_quantize = RowQuantizer("input quantization")
-_quantize_grad = RowQuantizer("gradient quantization")
+# On CUDA both run as the Triton kernel of bamba_ft.ops.float8 (quantize_grad_rows's weight_scale is its col_scale).
+_quantize = Compiled(quantize_rows, "float8 input quantization", kernel=float8.quantize_rows)
+_quantize_grad = Compiled(quantize_grad_rows, "float8 gradient quantization", kernel=float8.quantize_rows)
 
 
 def scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
@@ -97,16 +78,11 @@ def scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: 
     return torch._scaled_mm(a, b, scale_a=a_scale, scale_b=b_scale, out_dtype=out).to(dtype)
 
 
-_ONES: dict[tuple[int, torch.device], torch.Tensor] = {}
-
-
+@functools.cache
 def _ones(n: int, device: torch.device) -> torch.Tensor:
     """(1, n) float32 ones: the column scales of the backward's second operand (its scales are folded into the
     gradient), made once per width and device rather than on every backward."""
-    key = (n, device)
-    if key not in _ONES:
-        _ONES[key] = torch.ones(1, n, dtype=torch.float32, device=device)
-    return _ONES[key]
+    return torch.ones(1, n, dtype=torch.float32, device=device)
 
 
 class FP8Matmul(torch.autograd.Function):

@@ -8,7 +8,8 @@ only the codes and the scale.
 
 The math is `bamba_ft.model.fp8.quantize_rows` (optionally times per-column scales first, for the gradient): the
 scale is amax / 448 (at least the smallest normal float32), each element is divided by it (IEEE division), clamped
-to +-448 and rounded to nearest-even e4m3. Without Triton (CPU, or no compiler) callers use that function.
+to +-448 and rounded to nearest-even e4m3. On the CPU, or where this kernel fails, callers run that function
+(bamba_ft.ops.fused.Compiled).
 """
 
 from __future__ import annotations
@@ -18,13 +19,8 @@ import torch
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU installs: callers run the torch reference
+except ImportError:  # CPU installs: callers run the torch reference (quantize_rows is CUDA-only)
     triton = None
-
-
-def available(x: torch.Tensor) -> bool:
-    """Whether the Triton kernel can quantize `x`: a CUDA tensor with Triton installed."""
-    return triton is not None and x.is_cuda
 
 
 if triton is not None:

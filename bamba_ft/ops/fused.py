@@ -38,14 +38,15 @@ def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor) ->
 
 
 class Compiled:
-    """`fn` through torch.compile on CUDA (dynamic shapes: packed lengths vary every step), eager elsewhere.
+    """`fn` through torch.compile on CUDA (dynamic shapes: packed lengths vary every step), or through `kernel`, a
+    hand-written CUDA kernel of the same math, when one is given; eager elsewhere.
 
-    Compilation happens on the first CUDA call. If it fails (no working Triton or C compiler on this machine),
-    one warning is logged and `fn` runs eagerly from then on: same math, more kernels.
+    Compilation happens on the first CUDA call. If it or the kernel fails (no working Triton or C compiler on this
+    machine), one warning is logged and `fn` runs eagerly from then on: same math, more kernels.
     """
 
-    def __init__(self, fn, what: str) -> None:  # noqa: ANN001
-        self.fn, self.what = fn, what
+    def __init__(self, fn, what: str, kernel=None) -> None:  # noqa: ANN001
+        self.fn, self.what, self.kernel = fn, what, kernel
         self._compiled = None
         self.failed = False
 
@@ -54,7 +55,7 @@ class Compiled:
             return self.fn(*args)
         try:
             if self._compiled is None:
-                self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
+                self._compiled = self.kernel or torch.compile(self.fn, dynamic=True, fullgraph=True)
             return self._compiled(*args)
         except Exception as e:  # noqa: BLE001
             self.failed = True

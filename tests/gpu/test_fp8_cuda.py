@@ -55,8 +55,8 @@ def test_fp8_linear_cuda_forward_and_input_gradient_close_to_float64(shape: tupl
     assert x.grad.dtype == dtype
     assert FP8_ERROR[0] < rel_err(x.grad, grad.double() @ weight) < FP8_ERROR[1]
     assert layer.weight.grad is None
-    assert fp8._quantize.kernel_ran and not fp8._quantize.failed  # the Triton kernels ran
-    assert fp8._quantize_grad.kernel_ran and not fp8._quantize_grad.failed
+    assert fp8._quantize._compiled is float8.quantize_rows and not fp8._quantize.failed  # the Triton kernels ran
+    assert fp8._quantize_grad._compiled is float8.quantize_rows and not fp8._quantize_grad.failed
 
 
 def test_fp8_linear_cuda_under_autocast_float32_weights() -> None:
