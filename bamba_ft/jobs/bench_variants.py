@@ -39,6 +39,7 @@ from bamba_ft.model.memory import activation_memory, apply_checkpointing
 from bamba_ft.model.mixer import prepare_graphs
 from bamba_ft.model.objective import mean_loss
 from bamba_ft.model.quant import base_weight_bytes
+from bamba_ft.ops.launch import triton_launches
 from bamba_ft.ops.loss import causal_lm
 
 OOM = "OOM"
@@ -306,20 +307,25 @@ def measure_into(row: dict, v: Variant, model: nn.Module, steps: list, b: BenchC
                  out_dir: Path = Path("."), resident_bytes: int | None = None) -> dict:
     """`measure` under `v`'s attention backends, its results (or error) added to `row`; a failed step's
     gradients are dropped so that the model serves the next measurement."""
-    with _attention_backends(v):
+    with _backends(v):
         guarded(row, measure, v, model, steps, b, device, out_dir, resident_bytes)
     if "error" in row:
         model.zero_grad(set_to_none=True)
     return row
 
 
-def _attention_backends(v: Variant) -> contextlib.AbstractContextManager:
-    if v.cudnn_attention:
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+def _backends(v: Variant) -> contextlib.AbstractContextManager:
+    """The stock stack keeps Triton's own launches of the mamba-ssm kernels it shares with bamba_ft
+    (bamba_ft.ops.launch); `cudnn_attention=False` excludes cuDNN from torch's SDPA."""
+    stack = contextlib.ExitStack()
+    if v.stock:
+        stack.enter_context(triton_launches())
+    if not v.cudnn_attention:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    others = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH, SDPBackend.OVERRIDEABLE]
-    return sdpa_kernel(others)
+        others = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH, SDPBackend.OVERRIDEABLE]
+        stack.enter_context(sdpa_kernel(others))
+    return stack
 
 
 def sync_device(device: torch.device) -> None:
