@@ -72,6 +72,8 @@ def test_stock_variants_keep_tritons_own_launches() -> None:
         assert not launch._enabled
     with bench_variants._backends(bench_variants.VARIANTS["bamba_ft"]):
         assert launch._enabled
+    with bench_variants._backends(bench_variants.VARIANTS["bamba_ft_fp8_triton_launches"]):
+        assert not launch._enabled
     assert launch._enabled
 
 
