@@ -9,9 +9,7 @@ Variants (bench.variants):
 - bamba_ft_graphs: the same with the mixer's conv+scan replayed as CUDA graphs (`model.cuda_graphs=true`);
 - bamba_ft_padded: the same on hf_padded's padded batches (same work as hf_padded, to compare the paths);
 - bamba_ft_nf4 / bamba_ft_int8: the same on a torchao-quantized base (QLoRA);
-- bamba_ft_fp8: the same with the frozen base's matmuls in float8 (`quant.method=fp8`; needs compute capability 8.9+);
-- bamba_ft_triton_launches / bamba_ft_fp8_triton_launches: bamba_ft / bamba_ft_fp8 with Triton's own kernel launches
-  (without bamba_ft.ops.launch's cache), to measure what the cache gives.
+- bamba_ft_fp8: the same with the frozen base's matmuls in float8 (`quant.method=fp8`; needs compute capability 8.9+).
 Each variant runs under a `bench.memory_modes` entry (a model.gradient_checkpointing form, optionally
 `+offload`); a built model serves every mode, which switches its layers' checkpointing and the offload hooks.
 Model FLOPs per token: 4 x (weights of all Linear layers): forward 2N plus input gradients 2N; LoRA's own
@@ -41,7 +39,6 @@ from bamba_ft.model.memory import activation_memory, apply_checkpointing
 from bamba_ft.model.mixer import prepare_graphs
 from bamba_ft.model.objective import mean_loss
 from bamba_ft.model.quant import base_weight_bytes
-from bamba_ft.ops.launch import triton_launches
 from bamba_ft.ops.loss import causal_lm
 
 OOM = "OOM"
@@ -58,7 +55,6 @@ class Variant:
     memory: str = "none"  # a bench.memory_modes entry: checkpointing form [+offload]
     graphs: bool = False  # bamba_ft's conv+scan replayed as CUDA graphs
     cudnn_attention: bool = True  # False: torch's SDPA may not pick cuDNN (which plans each new shape)
-    cached_launches: bool = True  # False: Triton's own launches of the Triton kernels (bamba_ft.ops.launch off)
 
 
 VARIANTS = {
@@ -71,9 +67,6 @@ VARIANTS = {
     "bamba_ft_nf4": Variant("bamba_ft_nf4", stock=False, packed=True, quant="nf4"),
     "bamba_ft_int8": Variant("bamba_ft_int8", stock=False, packed=True, quant="int8"),
     "bamba_ft_fp8": Variant("bamba_ft_fp8", stock=False, packed=True, quant="fp8"),
-    "bamba_ft_triton_launches": Variant("bamba_ft_triton_launches", stock=False, packed=True, cached_launches=False),
-    "bamba_ft_fp8_triton_launches": Variant("bamba_ft_fp8_triton_launches", stock=False, packed=True, quant="fp8",
-                                            cached_launches=False),
 }
 
 
@@ -313,25 +306,20 @@ def measure_into(row: dict, v: Variant, model: nn.Module, steps: list, b: BenchC
                  out_dir: Path = Path("."), resident_bytes: int | None = None) -> dict:
     """`measure` under `v`'s attention backends, its results (or error) added to `row`; a failed step's
     gradients are dropped so that the model serves the next measurement."""
-    with _backends(v):
+    with _attention_backends(v):
         guarded(row, measure, v, model, steps, b, device, out_dir, resident_bytes)
     if "error" in row:
         model.zero_grad(set_to_none=True)
     return row
 
 
-def _backends(v: Variant) -> contextlib.AbstractContextManager:
-    """The stock stack (and `cached_launches=False`) keeps Triton's own launches of the mamba-ssm kernels it
-    shares with bamba_ft (bamba_ft.ops.launch); `cudnn_attention=False` excludes cuDNN from torch's SDPA."""
-    stack = contextlib.ExitStack()
-    if v.stock or not v.cached_launches:
-        stack.enter_context(triton_launches())
-    if not v.cudnn_attention:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
+def _attention_backends(v: Variant) -> contextlib.AbstractContextManager:
+    if v.cudnn_attention:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        others = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH, SDPBackend.OVERRIDEABLE]
-        stack.enter_context(sdpa_kernel(others))
-    return stack
+    others = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH, SDPBackend.OVERRIDEABLE]
+    return sdpa_kernel(others)
 
 
 def sync_device(device: torch.device) -> None:

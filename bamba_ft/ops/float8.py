@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import torch
 
-from bamba_ft.ops.launch import CachedLaunch
-
 try:
     import triton
     import triton.language as tl
@@ -53,8 +51,6 @@ if triton is not None:
             v = _scaled_block(x_row, col_scale_ptr, cols, n_cols, HAS_COL_SCALE)
             q = tl.minimum(tl.maximum(tl.math.div_rn(v, scale), -QMAX), QMAX)
             tl.store(q_row + cols, q.to(tl.float8e4nv), mask=cols < n_cols)
-
-    _quantize_rows_kernel = CachedLaunch(_quantize_rows_kernel)
 
 
 def quantize_rows(x: torch.Tensor, col_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

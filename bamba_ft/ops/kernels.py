@@ -17,7 +17,6 @@ import types
 import torch
 
 from bamba_ft.config.schema import Mixer
-from bamba_ft.ops.launch import cache_launches
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +28,6 @@ log = logging.getLogger(__name__)
 def _import_triton_kernels() -> dict[str, object]:
     from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-
-    for name, module in list(sys.modules.items()):  # the scan's and the norm's kernels: cheaper repeat launches
-        if name.startswith("mamba_ssm.ops.triton.") and module is not None:
-            cache_launches(module)
 
     kernels = {"scan": mamba_chunk_scan_combined, "rmsnorm": rmsnorm_fn}
     try:  # the scan's forward and backward halves (what mamba-ssm's own fused conv+scan calls)

@@ -59,22 +59,10 @@ def test_no_cudnn_variant_excludes_only_cudnn_attention() -> None:
     from torch.nn.attention import SDPBackend, _cur_sdpa_kernel_backends
 
     everything = set(_cur_sdpa_kernel_backends())
-    with bench_variants._backends(bench_variants.VARIANTS["hf_padfree_no_cudnn"]):
+    with bench_variants._attention_backends(bench_variants.VARIANTS["hf_padfree_no_cudnn"]):
         assert set(_cur_sdpa_kernel_backends()) == everything - {SDPBackend.CUDNN_ATTENTION}
-    with bench_variants._backends(bench_variants.VARIANTS["hf_padfree"]):
+    with bench_variants._attention_backends(bench_variants.VARIANTS["hf_padfree"]):
         assert set(_cur_sdpa_kernel_backends()) == everything
-
-
-def test_stock_variants_keep_tritons_own_launches() -> None:
-    from bamba_ft.ops import launch
-
-    with bench_variants._backends(bench_variants.VARIANTS["hf_padfree"]):
-        assert not launch._enabled
-    with bench_variants._backends(bench_variants.VARIANTS["bamba_ft"]):
-        assert launch._enabled
-    with bench_variants._backends(bench_variants.VARIANTS["bamba_ft_fp8_triton_launches"]):
-        assert not launch._enabled
-    assert launch._enabled
 
 
 def test_schedule_interleaves_variants_within_each_repeat_and_regime() -> None:
