@@ -162,6 +162,10 @@ def _run(cfg: RunConfig, b: BenchConfig, device: torch.device) -> dict:
                                                  list(b.data_pipeline_paths), seed)
     if b.mixer_only:
         results["mixer_only"] = sweeps.mixer_only(mcfg, b, device, seed)
+    if b.layer_parts:
+        from bamba_ft.jobs.bench_parts import layer_parts
+
+        results["layer_parts"] = layer_parts(mcfg, cfg.peft, b, device, seed, vocab)
     if b.matmul_ceiling:
         timed = [r["tokens_per_step"] for r in results["runs"] if "tokens_per_step" in r]
         tokens = round(statistics.mean(timed)) if timed else b.median_len * b.seqs_per_step

@@ -29,7 +29,7 @@ def check_distributed(b: BenchConfig) -> None:
     """The sweeps and the profile run one process; several ranks measure the variants table only."""
     sweeps = {"bench.token_budgets": b.token_budgets, "bench.seq_scaling": b.seq_scaling,
               "bench.data_pipeline_examples": b.data_pipeline_examples, "bench.mixer_only": b.mixer_only,
-              "bench.profile": b.profile}
+              "bench.layer_parts": b.layer_parts, "bench.profile": b.profile}
     on = [k for k, v in sweeps.items() if v]
     if world_size() > 1 and on:
         raise ConfigError(f"{', '.join(on)} with {world_size()} ranks: the sweeps and the profile measure one GPU.\n"

@@ -181,6 +181,10 @@ def _extra_lines(results: dict) -> list[str]:
         lines += ["", f"one mixer, forward+backward, padded batch {m['batch'][0]}x{m['batch'][1]}: transformers "
                       f"{m['transformers_ms']:.1f} ms, bamba_ft ({m['bamba_ft_backend']}) {m['bamba_ft_ms']:.1f} ms "
                       f"({m['speedup']:.2f}x)"]
+    if results.get("layer_parts"):
+        from bamba_ft.jobs.bench_parts import layer_parts_lines
+
+        lines += layer_parts_lines(results["layer_parts"])
     if results.get("matmul_ceiling"):
         c = results["matmul_ceiling"]
         lines += ["", f"base matmuls alone ({c['dtype']}, forward and input gradient of every Linear at {c['tokens']:,} "

@@ -379,3 +379,44 @@ def test_matmul_ceiling_times_every_linear_shape_of_the_model_and_reports_the_sh
     text = bench_report.markdown(results)
     assert f"a ceiling of {ceiling['tokens_per_sec']:,.0f} tokens/s" in text
     assert "bamba_ft (none, new shapes): 50% of the ceiling" in text
+
+
+def test_layer_parts_times_each_part_of_a_layer_on_the_inputs_of_a_real_forward(monkeypatch) -> None:  # noqa: ANN001
+    """Every part of the first Mamba layer, and the first attention layer, runs forward and backward on what it
+    received in the model's forward; on the CPU only wall time exists; the report prints one row per part."""
+    from bamba_ft.jobs import bench_parts
+
+    b = BenchConfig(warmup_steps=0, steps=1, seqs_per_step=3, median_len=20, max_len=40)
+    timings: list[dict] = []
+    timed = bench_parts._time
+
+    def spy(fn, b, device, split=True):  # noqa: ANN001, ANN202
+        row = timed(fn, b, device, split)
+        assert row["wall_ms"] > 0 and row["host_ms"] is None and row["device_ms"] is None
+        timings.append(row)
+        return row
+
+    monkeypatch.setattr(bench_parts, "_time", spy)
+    result = bench_parts.layer_parts(ModelConfig(init="random", shape="tiny"), PeftConfig(), b, torch.device("cpu"),
+                                     0, vocab=128)
+    names = [r["part"] for r in result["parts"]]
+    assert names[:5] == ["Mamba decoder layer", "mixer", "mixer in_proj", "mixer norm", "mixer out_proj"]
+    assert {"input_layernorm", "pre_ff_layernorm", "feed_forward", "attention decoder layer"} <= set(names)
+    assert names[-1] == "whole model, loss included" and "conv+scan" not in names  # no CUDA kernels on the CPU
+    assert len(timings) == len(names)
+    assert 3 <= result["tokens"] <= 3 * 40
+    text = bench_report.markdown({"device": "cpu", "versions": {}, "bench": {"variants": []}, "runs": [],
+                                  "layer_parts": result})
+    assert f"on a packed batch of {result['tokens']:,} tokens" in text
+    assert all(f"| {n} |" in text for n in names)
+
+
+def test_a_part_gets_its_inputs_as_new_leaves_so_backward_stops_there() -> None:
+    from bamba_ft.jobs import bench_parts
+
+    layer = torch.nn.Linear(4, 3)
+    x = torch.randn(2, 4, requires_grad=True)
+    upstream = x * 2  # not a leaf: backward of the part must not reach x
+    run = bench_parts._forward_backward(layer, (upstream,), {}, layer, torch.device("cpu"))
+    run()
+    assert x.grad is None and layer.weight.grad is not None
