@@ -378,8 +378,9 @@ class BenchConfig:
     mixer_only: bool = False
     """Also time one Mamba-2 mixer alone (forward + backward) on a padded batch: transformers' forward vs bamba_ft's."""
     layer_parts: bool = False
-    """Also time each part of a decoder layer alone (forward + backward on the inputs it gets from a timed step's
-    batch): host ms to issue it, device ms to run it, wall ms (bamba_ft.jobs.bench_parts)."""
+    """Also time each part of a decoder layer of the bamba_ft variant's model alone (forward + backward on the
+    inputs it gets from a timed step's batch): host ms to issue it, device ms to run it, wall ms
+    (bamba_ft.jobs.bench_parts)."""
     output: str = "bench.json"
     """JSON results file (a markdown table is printed and written beside it)."""
 
