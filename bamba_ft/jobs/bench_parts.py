@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from bamba_ft.config.schema import BenchConfig, ModelConfig, PeftConfig
+from bamba_ft.jobs.bench_sweeps import median_ms
 from bamba_ft.jobs.bench_variants import VARIANTS, build_variant, make_steps, release, sync_device, to_batch
 from bamba_ft.jobs.runtime import autocast_for, to_device
 from bamba_ft.model.families import family_of
@@ -98,20 +99,29 @@ def _leaf(value: object) -> object:
     return value
 
 
-def _forward_backward(module: nn.Module, args: tuple, kwargs: dict, lm: nn.Module, device: torch.device) -> Callable:
-    args = tuple(_leaf(a) for a in args)
-    kwargs = {k: _leaf(v) if k == "hidden_states" else v for k, v in kwargs.items()}
+def _with_backward(forward: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    """`forward` then its backward from one random output gradient, drawn on the first call and reused."""
     grad: list[torch.Tensor] = []
 
     def run() -> None:
-        with autocast_for(lm, device):
-            out = module(*args, **kwargs)
-        out = out[0] if isinstance(out, tuple) else out
+        out = forward()
         if not grad:
             grad.append(torch.randn_like(out))
         out.backward(grad[0])
 
     return run
+
+
+def _forward_backward(module: nn.Module, args: tuple, kwargs: dict, lm: nn.Module, device: torch.device) -> Callable:
+    args = tuple(_leaf(a) for a in args)
+    kwargs = {k: _leaf(v) if k == "hidden_states" else v for k, v in kwargs.items()}
+
+    def forward() -> torch.Tensor:
+        with autocast_for(lm, device):
+            out = module(*args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    return _with_backward(forward)
 
 
 def _conv_scan(mixer: nn.Module, inputs: tuple[tuple, dict], batch: dict, lm: nn.Module,
@@ -123,15 +133,7 @@ def _conv_scan(mixer: nn.Module, inputs: tuple[tuple, dict], batch: dict, lm: nn
     _, xbc, dt = projected.split([mixer.intermediate_size, mixer.conv_dim, mixer.num_heads], dim=-1)
     xbc, dt = xbc.detach().requires_grad_(), dt.detach().requires_grad_()
     seq_idx = batch["seq_idx"].to(torch.int32)
-    grad: list[torch.Tensor] = []
-
-    def run() -> None:
-        y = conv_scan(mixer, xbc, dt, seq_idx)
-        if not grad:
-            grad.append(torch.randn_like(y))
-        y.backward(grad[0])
-
-    return run
+    return _with_backward(lambda: conv_scan(mixer, xbc, dt, seq_idx))
 
 
 def _model_step(model: nn.Module, lm: nn.Module, batch: dict, device: torch.device) -> Callable:
@@ -145,22 +147,14 @@ def _model_step(model: nn.Module, lm: nn.Module, batch: dict, device: torch.devi
 
 
 def _time(fn: Callable[[], None], b: BenchConfig, device: torch.device, split: bool = True) -> dict:
-    """Median wall ms, and on CUDA with `split` the median host and device ms (module docstring)."""
-    for _ in range(b.warmup_steps):
-        fn()
-    walls, hosts, devices = [], [], []
-    for _ in range(max(b.steps, 1)):
-        sync_device(device)
-        t0 = time.perf_counter()
-        fn()
-        sync_device(device)
-        walls.append(1e3 * (time.perf_counter() - t0))
-        if split and device.type == "cuda":
-            host, dev = _issued_behind_busy_gpu(fn, device, busy_ms=50 + 3 * walls[-1])
-            hosts.append(host)
-            devices.append(dev)
-    return {"wall_ms": statistics.median(walls), "host_ms": statistics.median(hosts) if hosts else None,
-            "device_ms": statistics.median(devices) if devices else None}
+    """Median wall ms (after `b.warmup_steps`), and on CUDA with `split` the median host and device ms of `b.steps`
+    more calls (module docstring)."""
+    wall = median_ms(fn, b, device)
+    row = {"wall_ms": wall, "host_ms": None, "device_ms": None}
+    if split and device.type == "cuda":
+        hosts, devices = zip(*(_issued_behind_busy_gpu(fn, device, busy_ms=50 + 3 * wall) for _ in range(b.steps)))
+        row.update(host_ms=statistics.median(hosts), device_ms=statistics.median(devices))
+    return row
 
 
 def _issued_behind_busy_gpu(fn: Callable[[], None], device: torch.device, busy_ms: float) -> tuple[float, float]:

@@ -119,7 +119,7 @@ def mixer_only(model_cfg: ModelConfig, b: BenchConfig, device: torch.device, see
     h = torch.randn(len(lengths), width, config.hidden_size, device=device, dtype=dtype, requires_grad=True)
 
     def time_it(fn) -> float:  # noqa: ANN001
-        return _median_ms(lambda: fn().float().pow(2).mean().backward(), b, device)
+        return median_ms(lambda: fn().float().pow(2).mean().backward(), b, device)
 
     backend = available_backend(device)
     stock = time_it(lambda: mixer(h, attention_mask=mask))
@@ -147,7 +147,7 @@ def matmul_ceiling(model_cfg: ModelConfig, b: BenchConfig, device: torch.device,
         x = torch.randn(tokens, k, device=device, dtype=dtype)
         w = torch.randn(n, k, device=device, dtype=dtype)
         g = torch.randn(tokens, n, device=device, dtype=dtype)
-        f_ms, g_ms = _median_ms(lambda x=x, w=w: x @ w.t(), b, device), _median_ms(lambda g=g, w=w: g @ w, b, device)
+        f_ms, g_ms = median_ms(lambda x=x, w=w: x @ w.t(), b, device), median_ms(lambda g=g, w=w: g @ w, b, device)
         per_shape.append({"in": k, "out": n, "count": count, "forward_ms": f_ms, "input_grad_ms": g_ms})
         forward, grad = forward + count * f_ms, grad + count * g_ms
         del x, w, g
@@ -156,7 +156,8 @@ def matmul_ceiling(model_cfg: ModelConfig, b: BenchConfig, device: torch.device,
             "input_grad_ms": grad, "step_ms": step, "tokens_per_sec": 1000 * tokens / step, "shapes": per_shape}
 
 
-def _median_ms(fn, b: BenchConfig, device: torch.device) -> float:  # noqa: ANN001
+def median_ms(fn, b: BenchConfig, device: torch.device) -> float:  # noqa: ANN001
+    """Median wall ms of `b.steps` calls of `fn`, each waited for, after `b.warmup_steps` untimed ones."""
     times = []
     for i in range(b.warmup_steps + b.steps):
         sync_device(device)

@@ -365,7 +365,7 @@ def test_matmul_ceiling_times_every_linear_shape_of_the_model_and_reports_the_sh
     from bamba_ft.model.build import load_config
 
     calls = iter([1.0, 2.0] * 1000)
-    monkeypatch.setattr(bench_sweeps, "_median_ms", lambda fn, b, device: (fn(), next(calls))[1])
+    monkeypatch.setattr(bench_sweeps, "median_ms", lambda fn, b, device: (fn(), next(calls))[1])
     ceiling = bench_sweeps.matmul_ceiling(ModelConfig(init="random", shape="tiny"), BenchConfig(warmup_steps=0, steps=1),
                                           torch.device("cpu"), tokens=64)
     config = load_config(ModelConfig(init="random", shape="tiny"))
