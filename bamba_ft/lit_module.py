@@ -31,6 +31,8 @@ def lr_lambda(step: int, warmup: int, total: int, schedule: str, floor: float) -
 
 def batch_tokens(batch: dict) -> tuple[int, int]:
     """(tokens in the batch, longest sequence in it): packed rows by their boundaries, padded rows by their mask."""
+    if "max_length_q" in batch:  # a packed row (its collator's ints: no sync with the GPU)
+        return batch["input_ids"].numel(), int(batch["max_length_q"])
     if "cu_seq_lens_q" in batch:
         cu = batch["cu_seq_lens_q"]
         return int(cu[-1]), int((cu[1:] - cu[:-1]).max())

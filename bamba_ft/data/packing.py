@@ -51,8 +51,23 @@ def padded_batches(n: int, batch_size: int, seed: int, shuffle: bool) -> list[li
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
+LOSS_INDEX = "loss_index"
+
+
+def loss_index(labels: torch.Tensor) -> torch.Tensor:
+    """Flat positions, in the (rows x tokens) layout of `labels`, of the tokens whose next token is a target.
+
+    The collators compute it on the CPU: selecting the loss's rows with it on the GPU needs no device-to-host
+    sync, as a boolean mask would (twice: forward and backward), each sync stalling the host that queues kernels.
+    """
+    target = torch.zeros_like(labels, dtype=torch.bool)
+    target[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return target.flatten().nonzero().squeeze(1)
+
+
 def collate_packed(examples: list[dict]) -> dict:
-    """One padding-free row: the keys of transformers' DataCollatorWithFlattening (seq_idx, flash kwargs).
+    """One padding-free row: the keys of transformers' DataCollatorWithFlattening (seq_idx, flash kwargs), and
+    `loss_index`.
 
     position_ids, seq_idx and cu_seq_lens are int32 (transformers gives int64 position_ids): the kernels take
     int32, and a 1M-token row's position_ids then take 4 MB instead of 8 on every copy. The config caps
@@ -63,9 +78,11 @@ def collate_packed(examples: list[dict]) -> dict:
     labels = [t for e in examples for t in e["labels"]]
     cu = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0).to(torch.int32)
     longest = max(lengths)
+    labels = torch.tensor([labels])
     return {
         "input_ids": torch.tensor([ids]),
-        "labels": torch.tensor([labels]),
+        "labels": labels,
+        LOSS_INDEX: loss_index(labels),
         "position_ids": torch.cat([torch.arange(n, dtype=torch.int32) for n in lengths])[None],
         "seq_idx": torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32), torch.tensor(lengths))[None],
         "cu_seq_lens_q": cu,
@@ -76,7 +93,7 @@ def collate_packed(examples: list[dict]) -> dict:
 
 
 def collate_padded(examples: list[dict], pad_id: int, left: bool = False) -> dict:
-    """Right-padded (or left-padded) rows with an attention mask; padding carries no loss."""
+    """Right-padded (or left-padded) rows with an attention mask, and `loss_index`; padding carries no loss."""
     width = max(len(e["input_ids"]) for e in examples)
     ids, labels, mask = [], [], []
     for e in examples:
@@ -90,7 +107,9 @@ def collate_padded(examples: list[dict], pad_id: int, left: bool = False) -> dic
         ids.append(row_ids)
         labels.append(row_labels)
         mask.append(row_mask)
-    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
+    labels = torch.tensor(labels)
+    return {"input_ids": torch.tensor(ids), "labels": labels, "attention_mask": torch.tensor(mask),
+            LOSS_INDEX: loss_index(labels)}
 
 
 class BatchPlan(Sampler[list[int]]):

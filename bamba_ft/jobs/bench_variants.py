@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from bamba_ft.config.schema import BenchConfig, Mixer, ModelConfig, PeftConfig, QuantConfig
-from bamba_ft.data.packing import collate_packed, collate_padded
+from bamba_ft.data.packing import LOSS_INDEX, collate_packed, collate_padded
 from bamba_ft.jobs import bench_ranks as ranks
 from bamba_ft.jobs.runtime import autocast_for, to_device
 from bamba_ft.model.build import build_model
@@ -112,7 +112,8 @@ def random_tokens(per_step: list[list[int]], vocab: int, seed: int) -> list[list
 def to_batch(seqs: list[list[int]], packed: bool, stock: bool) -> dict:
     examples = [{"input_ids": s, "labels": [-100] + s[1:]} for s in seqs]
     if not packed:
-        return collate_padded(examples, pad_id=0)
+        batch = collate_padded(examples, pad_id=0)
+        return {k: v for k, v in batch.items() if k != LOSS_INDEX} if stock else batch
     batch = collate_packed(examples)
     if stock:  # transformers' padding-free keys (DataCollatorWithFlattening): the same set
         batch = {k: batch[k] for k in ("input_ids", "labels", "position_ids", "seq_idx", "cu_seq_lens_q",

@@ -199,3 +199,37 @@ def test_quantized_base_trains_through_bamba_mixer(method: str) -> None:
     with torch.autocast("cuda", dtype=torch.bfloat16):
         norms = check_adapter_gradients(model, batch, mean_loss)
     assert all(v > 0 for v in norms.values())
+
+
+def test_a_packed_training_step_never_waits_for_the_gpu() -> None:
+    """The host queues a Bamba step's kernels only a little faster than the GPU runs them, so a sync mid-step
+    costs the lead it had (bamba_ft.model.objective): forward, loss, backward and optimizer step run without one."""
+    kernels_required()
+    if not varlen_available():
+        pytest.skip("torch varlen attention needs an Ampere or newer GPU")
+    from bamba_ft.config.schema import ModelConfig
+    from bamba_ft.jobs.bench_variants import VARIANTS, build_variant
+    from bamba_ft.jobs.runtime import autocast_for, to_device
+    from bamba_ft.ops.loss import causal_lm
+
+    device = torch.device("cuda")
+    model = build_variant(VARIANTS["bamba_ft"], ModelConfig(init="random", shape="tiny", dtype="bfloat16"),
+                          PeftConfig(), device, 0)["model"]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    seqs = [list(range(3, 3 + n)) for n in LENGTHS]
+    batch = to_device(collate_packed([{"input_ids": s, "labels": [-100] + s[1:]} for s in seqs]), device)
+
+    def step() -> None:
+        with autocast_for(causal_lm(model), device):
+            loss = mean_loss(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # compiles and autotunes the kernels, which may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -12,7 +12,7 @@ from transformers import DataCollatorWithFlattening
 from bamba_ft.config.schema import CHOICES, DataConfig
 from bamba_ft.data.formats import FORMATS, to_messages
 from bamba_ft.data.module import BambaDataModule
-from bamba_ft.data.packing import BatchPlan, collate_packed, pack_batches
+from bamba_ft.data.packing import LOSS_INDEX, BatchPlan, collate_packed, pack_batches
 from bamba_ft.data.tokenize import IGNORE_INDEX, split_windows, tokenize_example
 from bamba_ft.errors import ConfigError, DataError
 
@@ -163,7 +163,8 @@ def test_collate_packed_matches_transformers_flattening() -> None:
     ours = collate_packed(examples)
     theirs = DataCollatorWithFlattening(return_seq_idx=True, return_flash_attn_kwargs=True, return_tensors="pt")(
         [dict(e) for e in examples])
-    assert set(ours) == set(theirs)
+    assert set(ours) == set(theirs) | {LOSS_INDEX}  # ours also says which rows the loss reads
+    assert ours.pop(LOSS_INDEX).tolist() == [0, 1, 4]  # tokens 5, 6 and 9 have a target next
     for key in ours:
         if torch.is_tensor(ours[key]):
             assert torch.equal(ours[key].long(), theirs[key].long()), key
