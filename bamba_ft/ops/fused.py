@@ -39,14 +39,15 @@ def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor) ->
 
 class Compiled:
     """`fn` through torch.compile on CUDA (dynamic shapes: packed lengths vary every step), or through `kernel`, a
-    hand-written CUDA kernel of the same math, when one is given; eager elsewhere.
+    hand-written CUDA kernel of the same math, when one is given; eager elsewhere. `traced`: a form of the same
+    math to compile instead of `fn`, where the form that fuses best is not the one that runs best eagerly.
 
     Compilation happens on the first CUDA call. If it or the kernel fails (no working Triton or C compiler on this
     machine), one warning is logged and `fn` runs eagerly from then on: same math, more kernels.
     """
 
-    def __init__(self, fn, what: str, kernel=None) -> None:  # noqa: ANN001
-        self.fn, self.what, self.kernel = fn, what, kernel
+    def __init__(self, fn, what: str, kernel=None, traced=None) -> None:  # noqa: ANN001
+        self.fn, self.what, self.kernel, self.traced = fn, what, kernel, traced
         self._compiled = None
         self.failed = False
 
@@ -55,7 +56,7 @@ class Compiled:
             return self.fn(*args)
         try:
             if self._compiled is None:
-                self._compiled = self.kernel or torch.compile(self.fn, dynamic=True, fullgraph=True)
+                self._compiled = self.kernel or torch.compile(self.traced or self.fn, dynamic=True, fullgraph=True)
             return self._compiled(*args)
         except Exception as e:  # noqa: BLE001
             self.failed = True

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from bamba_ft.ops.fused import Compiled
+
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
     """Loss arithmetic: float32, or float64 for float64 inputs."""
@@ -29,6 +31,46 @@ def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, sc
 RECOMPUTE_BYTES = 256 * 2**20  # float32 logits of a chunk above this are recomputed in backward, not stored
 
 
+def softmax_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, scale: float,
+                          with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(summed cross-entropy of `scale * logits` against `targets`, its gradient with respect to `logits` or None),
+    in float32 (float64 stays float64); the gradient is rounded once to the logits' dtype. Eager form: in place
+    over one float32 copy of the logits."""
+    x = logits.to(_acc(logits.dtype), copy=True)
+    if scale != 1.0:
+        x.mul_(scale)
+    lse = torch.logsumexp(x, dim=-1)
+    total = (lse - x.gather(1, targets[:, None])[:, 0]).sum()
+    if not with_grad:
+        return total, None
+    grad = x.sub_(lse[:, None]).exp_()  # softmax
+    grad.scatter_add_(1, targets[:, None], grad.new_full((targets.shape[0], 1), -1.0))
+    if scale != 1.0:
+        grad.mul_(scale)
+    return total, grad.to(logits.dtype)
+
+
+def softmax_cross_entropy_pointwise(logits: torch.Tensor, targets: torch.Tensor, scale: float,
+                                    with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The same as `softmax_cross_entropy`, written as reductions and pointwise math only (the one-hot as a
+    comparison, not a scatter), which torch.compile fuses into a log-sum-exp pass and one pass writing the
+    gradient: the low-precision logits are read twice and no float32 copy of them is made."""
+    x = logits.to(_acc(logits.dtype))
+    if scale != 1.0:
+        x = x * scale
+    lse = torch.logsumexp(x, dim=-1)
+    total = (lse - x.gather(1, targets[:, None])[:, 0]).sum()
+    if not with_grad:
+        return total, None
+    onehot = torch.arange(x.shape[1], device=x.device)[None, :] == targets[:, None]
+    grad = torch.exp(x - lse[:, None]) - onehot.to(x.dtype)
+    return total, (grad * scale if scale != 1.0 else grad).to(logits.dtype)
+
+
+# On CUDA the pointwise form compiled; elsewhere, or if compiling fails, the eager form.
+_softmax_cross_entropy = Compiled(softmax_cross_entropy, "softmax cross-entropy", traced=softmax_cross_entropy_pointwise)
+
+
 class _FrozenHeadLoss(torch.autograd.Function):
     """Summed cross-entropy of `scale * hidden @ weight.T` (frozen weight) against `targets`; forward also
     computes the gradient with respect to `hidden`: scale * (softmax - onehot) @ weight, in float32 (float64
@@ -38,22 +80,14 @@ class _FrozenHeadLoss(torch.autograd.Function):
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,  # noqa: ANN001
                 scale: float) -> torch.Tensor:
-        acc = _acc(hidden.dtype)
-        total = torch.zeros((), dtype=acc, device=hidden.device)
+        total = torch.zeros((), dtype=_acc(hidden.dtype), device=hidden.device)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         for s in range(0, hidden.shape[0], chunk):
             h, t = hidden[s : s + chunk], targets[s : s + chunk]
-            logits = F.linear(h, weight).to(acc)
-            if scale != 1.0:
-                logits = logits.mul_(scale)
-            lse = torch.logsumexp(logits, dim=-1)
-            total = total + (lse - logits.gather(1, t[:, None])[:, 0]).sum()
+            loss, grad_logits = _softmax_cross_entropy(F.linear(h, weight), t, scale, grad is not None)
+            total = total + loss
             if grad is not None:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place over the logits
-                probs.scatter_add_(1, t[:, None], probs.new_full((t.shape[0], 1), -1.0))
-                if scale != 1.0:
-                    probs.mul_(scale)
-                grad[s : s + chunk] = probs.to(h.dtype) @ weight
+                grad[s : s + chunk] = grad_logits @ weight
         ctx.save_for_backward(grad)
         return total
 

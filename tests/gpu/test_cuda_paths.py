@@ -216,7 +216,7 @@ def test_a_packed_training_step_never_waits_for_the_gpu() -> None:
     model = build_variant(VARIANTS["bamba_ft"], ModelConfig(init="random", shape="tiny", dtype="bfloat16"),
                           PeftConfig(), device, 0)["model"]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
-    seqs = [list(range(3, 3 + n)) for n in LENGTHS]
+    seqs = [[3 + i % 100 for i in range(n)] for n in LENGTHS]  # the tiny shape has 128 token ids
     batch = to_device(collate_packed([{"input_ids": s, "labels": [-100] + s[1:]} for s in seqs]), device)
 
     def step() -> None:
@@ -233,3 +233,19 @@ def test_a_packed_training_step_never_waits_for_the_gpu() -> None:
         step()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_compiled_softmax_cross_entropy_matches_eager(dtype: torch.dtype, tol: float) -> None:
+    from bamba_ft.ops.loss import _softmax_cross_entropy, softmax_cross_entropy
+
+    torch.manual_seed(0)
+    for rows in (37, 300):  # a second row count: dynamic shapes
+        logits = torch.randn(rows, 50_003, device="cuda", dtype=dtype) * 4
+        targets = torch.randint(0, logits.shape[1], (rows,), device="cuda")
+        for scale in (1.0, 0.25):
+            loss, grad = _softmax_cross_entropy(logits, targets, scale, True)
+            assert not _softmax_cross_entropy.failed, "the compiled loss fell back to eager"
+            want_loss, want_grad = softmax_cross_entropy(logits, targets, scale, True)
+            assert grad.dtype == dtype and rel(loss, want_loss) < 1e-6 and rel(grad, want_grad) < tol
+            assert rel(_softmax_cross_entropy(logits, targets, scale, False)[0], want_loss) < 1e-6
