@@ -34,9 +34,9 @@ RECOMPUTE_BYTES = 256 * 2**20  # float32 logits of a chunk above this are recomp
 def softmax_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, scale: float,
                           with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(summed cross-entropy of `scale * logits` against `targets`, its gradient with respect to `logits` or None),
-    in float32 (float64 stays float64); the gradient is rounded once to the logits' dtype. Eager form: in place
-    over one float32 copy of the logits."""
-    x = logits.to(_acc(logits.dtype), copy=True)
+    in float32 (float64 stays float64); the gradient is rounded once to the logits' dtype. Eager form, in place:
+    it consumes `logits` (overwritten when they already are float32 or float64; otherwise one float32 copy)."""
+    x = logits.to(_acc(logits.dtype))
     if scale != 1.0:
         x.mul_(scale)
     lse = torch.logsumexp(x, dim=-1)
