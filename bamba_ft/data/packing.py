@@ -59,6 +59,7 @@ def loss_index(labels: torch.Tensor) -> torch.Tensor:
 
     The collators compute it on the CPU: selecting the loss's rows with it on the GPU needs no device-to-host
     sync, as a boolean mask would (twice: forward and backward), each sync stalling the host that queues kernels.
+    On a GPU tensor it syncs once (the loss computes it so for batches built without the collators).
     """
     target = torch.zeros_like(labels, dtype=torch.bool)
     target[:, :-1] = labels[:, 1:] != IGNORE_INDEX

@@ -12,16 +12,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bamba_ft.data.packing import LOSS_INDEX
-from bamba_ft.data.tokenize import IGNORE_INDEX
+from bamba_ft.data.packing import LOSS_INDEX, loss_index
 from bamba_ft.model.families import family_for
-from bamba_ft.ops.attention import VARLEN
+from bamba_ft.model.mixer import PACKED_ATTENTION
 from bamba_ft.ops.loss import causal_lm, head_loss_sum
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "seq_idx", "cu_seq_lens_q", "cu_seq_lens_k",
                 "max_length_q", "max_length_k")
-# Attention that finds a packed row's sequences from cu_seq_lens_q/k alone, so the row needs no mask.
-_BY_SEQ_LENS = (VARLEN, "flash_attention_2", "flash_attention_3")
 
 
 def model_inputs(lm: nn.Module, batch: dict) -> dict:
@@ -29,7 +26,7 @@ def model_inputs(lm: nn.Module, batch: dict) -> dict:
     ready-made: what transformers would build for it, but without its packed-sequence check, which syncs."""
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
     if ("cu_seq_lens_q" in inputs and inputs.get("attention_mask") is None
-            and getattr(lm.config, "_attn_implementation", None) in _BY_SEQ_LENS):
+            and getattr(lm.config, "_attn_implementation", None) in PACKED_ATTENTION):
         inputs["attention_mask"] = {"full_attention": None, "linear_attention": None}
     return inputs
 
@@ -41,15 +38,12 @@ def loss_sum_and_count(model: nn.Module, batch: dict) -> tuple[torch.Tensor, tor
     hidden = lm.model(**model_inputs(lm, batch), use_cache=False).last_hidden_state
     labels = batch["labels"]
     index = batch.get(LOSS_INDEX)
-    if index is None:  # a batch from elsewhere: boolean selection (syncs)
-        keep = labels[:, 1:] != IGNORE_INDEX
-        rows, targets, count = hidden[:, :-1][keep], labels[:, 1:][keep], keep.sum()
-    else:
-        rows = hidden.flatten(0, 1).index_select(0, index)
-        targets = labels.flatten().index_select(0, index + 1)
-        count = index.new_full((), index.numel())
+    if index is None:  # a batch built elsewhere: found on its device (which syncs once)
+        index = loss_index(labels)
+    rows = hidden.flatten(0, 1).index_select(0, index)
+    targets = labels.flatten().index_select(0, index + 1)
     scale = family_for(lm.config.model_type).logit_scale(lm.config)  # Granite divides, Falcon-H1 multiplies
-    return head_loss_sum(rows, targets, lm.lm_head, scale=scale), count
+    return head_loss_sum(rows, targets, lm.lm_head, scale=scale), index.new_full((), index.numel())
 
 
 def mean_loss(model: nn.Module, batch: dict) -> torch.Tensor:

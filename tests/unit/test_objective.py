@@ -13,6 +13,7 @@ from bamba_ft.data.tokenize import IGNORE_INDEX
 from bamba_ft.model.mixer import install_mixer
 from bamba_ft.model.objective import loss_sum_and_count, model_inputs
 from bamba_ft.ops.attention import VARLEN, register_varlen_attention
+from bamba_ft.ops.loss import head_loss_sum
 from tests.conftest import LORA_TARGETS, make_model
 
 X = IGNORE_INDEX
@@ -48,9 +49,18 @@ def lora_model(attn: str) -> torch.nn.Module:
     return model.double()
 
 
-def loss_and_grads(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+def boolean_selection(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference: the target rows picked by a boolean mask (what the loss did before `loss_index`)."""
+    lm = model.get_base_model()
+    hidden = lm.model(**model_inputs(lm, batch), use_cache=False).last_hidden_state
+    keep = batch["labels"][:, 1:] != X
+    return head_loss_sum(hidden[:, :-1][keep], batch["labels"][:, 1:][keep], lm.lm_head), keep.sum()
+
+
+def loss_and_grads(model: torch.nn.Module, batch: dict,
+                   loss=loss_sum_and_count) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:  # noqa: ANN001
     model.zero_grad(set_to_none=True)
-    total, count = loss_sum_and_count(model, batch)
+    total, count = loss(model, batch)
     (total / count).backward()
     return total.detach(), count, [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
@@ -62,12 +72,14 @@ def test_loss_index_gives_what_the_boolean_selection_gives(collate: str) -> None
              "left_padded": lambda e: collate_padded(e, pad_id=0, left=True)}[collate](examples())
     assert LOSS_INDEX in batch
     with_index = loss_and_grads(model, batch)
-    plain = loss_and_grads(model, {k: v for k, v in batch.items() if k != LOSS_INDEX})
-    assert int(with_index[1]) == int(plain[1]) == sum(len(e["input_ids"]) - max(1, e["labels"].count(X))
+    without = loss_and_grads(model, {k: v for k, v in batch.items() if k != LOSS_INDEX})  # found from the labels
+    plain = loss_and_grads(model, batch, boolean_selection)
+    assert int(with_index[1]) == int(without[1]) == int(plain[1]) == sum(len(e["input_ids"]) - max(1, e["labels"].count(X))
                                                      for e in examples())
-    torch.testing.assert_close(with_index[0], plain[0], rtol=1e-13, atol=0)
-    for a, b in zip(with_index[2], plain[2], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-15)
+    for got in (with_index, without):
+        torch.testing.assert_close(got[0], plain[0], rtol=1e-13, atol=0)
+        for a, b in zip(got[2], plain[2], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-15)
 
 
 def test_a_batch_without_targets_gives_zero_loss_and_count() -> None:
