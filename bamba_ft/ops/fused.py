@@ -5,7 +5,8 @@ intermediates: SwiGLU keeps `silu(gate)` (tokens x intermediate_size, the larges
 RMSNorm keeps float32 copies of its input. Here:
 - SwiGLU is one autograd function that keeps only `gate` and `up` (which autograd kept anyway) and computes
   forward and backward as one kernel each (torch.compile of the pointwise math, float32 inside);
-- RMSNorm runs mamba-ssm's Triton norm kernel (one pass forward, one backward), when mamba-ssm is installed.
+- RMSNorm runs torch's fused RMSNorm (one kernel forward, one backward, issued natively); where input and
+  weight dtypes differ, mamba-ssm's Triton norm kernel, when mamba-ssm is installed.
 On the CPU (and wherever a piece is missing) transformers' own forward runs.
 """
 
@@ -96,19 +97,28 @@ class FusedBambaMLP(BambaMLP):
 
 
 class RMSNormKernel:
-    """Mixin for transformers' RMSNorms computing `weight * normalised(x in float32).to(x.dtype)`: on CUDA with
-    mamba-ssm, its one-pass Triton kernel (float32 inside)."""
+    """Mixin for transformers' RMSNorms computing `weight * normalised(x in float32).to(x.dtype)`: on CUDA, one
+    kernel each way (float32 inside, rounded once).
+
+    Where input and weight share a dtype (as in training), torch's fused RMSNorm: a native op, which the host
+    issues in a fraction of the time mamba-ssm's Triton kernel takes through Python and Triton's launcher (a
+    step issues two per decoder layer in each direction), and whose backward skips the frozen weight's
+    gradient. Otherwise mamba-ssm's kernel.
+    """
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        kernel = mamba_ssm_kernels().get("rmsnorm") if hidden_states.is_cuda else None
-        if kernel is None:
+        if not hidden_states.is_cuda:
             return super().forward(hidden_states)
-
-        def norm(x: torch.Tensor) -> torch.Tensor:
-            return kernel(x, self.weight, None, z=None, eps=self.variance_epsilon, group_size=None,
-                          norm_before_gate=False)
-
-        return by_rows(norm, hidden_states)  # int32 offsets in the kernel: very long rows go in ranges
+        if hidden_states.dtype == self.weight.dtype:
+            def norm(x: torch.Tensor) -> torch.Tensor:
+                return F.rms_norm(x, self.weight.shape, self.weight, self.variance_epsilon)
+        elif (kernel := mamba_ssm_kernels().get("rmsnorm")) is not None:
+            def norm(x: torch.Tensor) -> torch.Tensor:
+                return kernel(x, self.weight, None, z=None, eps=self.variance_epsilon, group_size=None,
+                              norm_before_gate=False)
+        else:
+            return super().forward(hidden_states)
+        return by_rows(norm, hidden_states)  # very long rows in ranges (the Triton kernel has 32-bit offsets)
 
 
 class FusedRMSNorm(RMSNormKernel, BambaRMSNorm):

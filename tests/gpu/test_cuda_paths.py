@@ -83,7 +83,7 @@ def test_fused_conv_scan_equals_unfused_kernels(dtype: torch.dtype) -> None:
 
 
 def test_fused_mlp_and_norm_match_transformers_bf16() -> None:
-    """Compiled SwiGLU and mamba-ssm's RMSNorm kernel against transformers' forward: bf16 rounding only."""
+    """Compiled SwiGLU and torch's fused RMSNorm against transformers' forward: bf16 rounding only."""
     kernels_required()
     model = make_model(torch.float32, **SHAPE).cuda().to(torch.bfloat16)
     mlp, norm = model.model.layers[0].feed_forward, model.model.layers[0].input_layernorm
