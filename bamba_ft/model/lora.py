@@ -124,24 +124,65 @@ def apply_peft(model: nn.Module, cfg: PeftConfig, fused: bool = True) -> nn.Modu
     return peft_model
 
 
+class _LoraLinear(torch.autograd.Function):
+    """y = x W^T + s (x A^T) B^T for a frozen, plain weight W: both GEMMs of the input gradient in one.
+
+    Autograd would compute dx = dy W and dx' = (s dy B) A separately and add them, one more pass over the
+    layer's input per adapter; here the second GEMM accumulates into the first (`addmm_`). All tensors come in
+    the compute dtype; `bias` (W's) may be None.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, weight_a, weight_b, scaling):  # noqa: ANN001, ANN205
+        flat = x.reshape(-1, x.shape[-1])
+        a = flat @ weight_a.t()
+        out = torch.addmm(bias, flat, weight.t()) if bias is not None else flat @ weight.t()
+        out.addmm_(a, weight_b.t(), alpha=scaling)
+        ctx.save_for_backward(flat, weight, weight_a, weight_b, a)
+        ctx.scaling, ctx.x_shape, ctx.has_bias = scaling, x.shape, bias is not None
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):  # noqa: ANN001, ANN205
+        flat, weight, weight_a, weight_b, a = ctx.saved_tensors
+        dy = dy.reshape(-1, dy.shape[-1])
+        da = (dy @ weight_b).mul_(ctx.scaling)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = (dy @ weight).addmm_(da, weight_a).view(ctx.x_shape)
+        dbias = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        dweight_b = (dy.t() @ a).mul_(ctx.scaling)
+        return dx, None, dbias, da.t() @ flat, dweight_b, None
+
+
 class _FusedLoraForward:
-    """peft's LoRA Linear with the adapter folded into one GEMM: `addmm(base(x), A(x), B^T, alpha=scaling)`.
+    """peft's LoRA Linear with the adapter folded into the base layer's GEMMs.
 
     peft computes `base(x) + B(A(dropout(x))) * scaling`, which writes the full-width adapter output, scales it
     and adds it: three passes over the layer's output in forward and more in backward. It also casts `x` to the
     adapters' float32 under autocast, copying every adapted layer's input twice, although autocast multiplies
-    in bfloat16 anyway. The fused form accumulates into the base output in the GEMM epilogue, in the autocast
-    dtype. Anything else (merged or disabled adapters, several active adapters, DoRA and other variants,
-    per-call adapter names, an adapter bias) runs peft's own forward.
+    in bfloat16 anyway. Here, in the autocast dtype:
+    - a plain frozen `nn.Linear` base without dropout runs `_LoraLinear`: the adapter accumulates into the base
+      output in the GEMM epilogue (forward) and into the base's input gradient (backward);
+    - any other base (quantized, sharded as a tensor subclass, trainable) or adapter dropout: `addmm(base(x),
+      A(dropout(x)), B^T, alpha=scaling)`, the forward fused and autograd's backward.
+    Anything else (merged or disabled adapters, several active adapters, DoRA and other variants, per-call
+    adapter names, an adapter bias) runs peft's own forward.
     """
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:  # noqa: ANN002, ANN003
         name = self._single_plain_adapter() if not args and not kwargs else None
         if name is None:
             return super().forward(x, *args, **kwargs)
-        result = self.base_layer(x)
         lora_a, lora_b = self.lora_A[name], self.lora_B[name]
         autocast = torch.is_autocast_enabled(x.device.type)
+        if self._plain_base(name):
+            base = self.base_layer
+            dtype = torch.get_autocast_dtype(x.device.type) if autocast else base.weight.dtype
+            bias = base.bias.to(dtype) if base.bias is not None else None
+            return _LoraLinear.apply(x.to(dtype), base.weight.to(dtype), bias, lora_a.weight.to(dtype),
+                                     lora_b.weight.to(dtype), self.scaling[name])
+        result = self.base_layer(x)
         if not autocast and x.dtype != lora_a.weight.dtype:
             x = x.to(lora_a.weight.dtype)
         a = lora_a(self.lora_dropout[name](x))
@@ -151,6 +192,13 @@ class _FusedLoraForward:
         out = torch.addmm(result.reshape(-1, result.shape[-1]), a.reshape(-1, a.shape[-1]), weight_b.t(),
                           alpha=self.scaling[name])
         return out.view(result.shape)
+
+    def _plain_base(self, name: str) -> bool:
+        """A frozen nn.Linear with plain tensors (not quantized or sharded) and no adapter dropout."""
+        base = self.base_layer
+        if type(base) is not nn.Linear or not isinstance(self.lora_dropout[name], nn.Identity):
+            return False
+        return all(t is None or (type(t.data) is torch.Tensor and not t.requires_grad) for t in (base.weight, base.bias))
 
     def _single_plain_adapter(self) -> str | None:
         if self.disable_adapters or self.merged or len(self.active_adapters) != 1:

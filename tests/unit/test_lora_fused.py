@@ -76,3 +76,27 @@ def test_fallbacks_and_dropout_match_peft(case: str) -> None:
     fuse_lora_forward(model)
     assert all(isinstance(m, _FusedLoraForward) for m in model.modules() if isinstance(m, LoraLinear))
     torch.testing.assert_close(run(), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_plain_base_with_bias_runs_one_function_and_matches_peft_float64() -> None:
+    """A frozen biased Linear takes `_LoraLinear` (the adapter's input gradient accumulated in the base's GEMM)."""
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(12, 10), torch.nn.Tanh(), torch.nn.Linear(10, 7)).double()
+    model = get_peft_model(base, LoraConfig(r=3, lora_alpha=6, target_modules=["0", "2"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    x = torch.randn(5, 4, 12, dtype=torch.float64, requires_grad=True)
+    lora = [p for p in model.parameters() if p.requires_grad]
+
+    def run() -> tuple[torch.Tensor, ...]:
+        y = model(x)
+        return (y, *torch.autograd.grad(y.pow(2).sum(), [x, *lora]))
+
+    ref = run()
+    fuse_lora_forward(model)
+    got = run()
+    assert type(got[0].grad_fn).__name__ == "_LoraLinearBackward"
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
