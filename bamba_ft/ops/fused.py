@@ -1,4 +1,4 @@
-"""Fused elementwise parts of Bamba's decoder layer on CUDA: the MLP's SwiGLU and the (gated) RMSNorms.
+"""Fused elementwise parts of Bamba's decoder layer on CUDA: the MLP's SwiGLU and the RMSNorms.
 
 transformers computes both as chains of PyTorch ops, each a full pass over memory, and autograd keeps their
 intermediates: SwiGLU keeps `silu(gate)` (tokens x intermediate_size, the largest activation of the MLP) and
@@ -6,10 +6,7 @@ RMSNorm keeps float32 copies of its input. Here:
 - SwiGLU is one autograd function that keeps only `gate` and `up` (which autograd kept anyway) and computes
   forward and backward as one kernel each (torch.compile of the pointwise math, float32 inside);
 - RMSNorm runs torch's fused RMSNorm (one kernel forward, one backward, issued natively); where input and
-  weight dtypes differ, mamba-ssm's Triton norm kernel, when mamba-ssm is installed;
-- the mixer's gated RMSNorm is one autograd function like SwiGLU (compiled, one kernel each way).
-Both norms used to run mamba-ssm's Triton kernels, which the host issues through Python and Triton's launcher
-at several times the cost of a native op or a compiled function.
+  weight dtypes differ, mamba-ssm's Triton norm kernel, when mamba-ssm is installed.
 On the CPU (and wherever a piece is missing) transformers' own forward runs.
 """
 
@@ -97,64 +94,6 @@ class FusedBambaMLP(BambaMLP):
         if not x.is_cuda or self.config.hidden_act not in ("silu", "swish"):
             return super().forward(x)
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
-
-
-def gated_rmsnorm_forward(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float,
-                          group: int) -> torch.Tensor:
-    """weight * rmsnorm(x * silu(z)) over groups of `group` channels: float32 inside (float64 stays float64),
-    rounded once to x's dtype (mamba-ssm's gated norm with norm_before_gate=False)."""
-    acc = torch.promote_types(x.dtype, torch.float32)
-    h = x.to(acc) * F.silu(z.to(acc))
-    groups = h.unflatten(-1, (-1, group))
-    normed = groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + eps)
-    return (normed.flatten(-2) * weight.to(acc)).to(x.dtype)
-
-
-def gated_rmsnorm_backward(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, eps: float,
-                           group: int, weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Gradients of `gated_rmsnorm_forward` w.r.t. x, z and (when `weight_grad`) weight, from its inputs.
-
-    With h = x silu(z), r = rsqrt(mean_group(h^2) + eps), a = grad * weight: dh = r (a - h r mean_group(a h r)),
-    dx = dh silu(z), dz = dh x s (1 + z (1 - s)) where s = sigmoid(z).
-    """
-    acc = torch.promote_types(x.dtype, torch.float32)
-    xf, zf, g = x.to(acc), z.to(acc), grad.to(acc)
-    s = torch.sigmoid(zf)
-    h = (xf * zf * s).unflatten(-1, (-1, group))
-    r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    normed = h * r
-    a = (g * weight.to(acc)).unflatten(-1, (-1, group))
-    dh = (r * (a - normed * (a * normed).mean(-1, keepdim=True))).flatten(-2)
-    dx = dh * zf * s
-    dz = dh * xf * s * (1 + zf * (1 - s))
-    dw = (g * normed.flatten(-2)).flatten(0, -2).sum(0).to(weight.dtype) if weight_grad else None
-    return dx.to(x.dtype), dz.to(z.dtype), dw
-
-
-_gated_rmsnorm = (Compiled(gated_rmsnorm_forward, "gated RMSNorm"),
-                  Compiled(gated_rmsnorm_backward, "gated RMSNorm backward"))
-
-
-class _GatedRMSNorm(torch.autograd.Function):
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float, group: int) -> torch.Tensor:  # noqa: ANN001
-        ctx.save_for_backward(x, z, weight)
-        ctx.eps, ctx.group = eps, group
-        return _gated_rmsnorm[0](x, z, weight, eps, group)
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, grad: torch.Tensor) -> tuple:  # noqa: ANN001
-        x, z, weight = ctx.saved_tensors
-        dx, dz, dw = _gated_rmsnorm[1](x, z, weight, grad, ctx.eps, ctx.group, ctx.needs_input_grad[2])
-        return dx, dz, dw, None, None
-
-
-def gated_rmsnorm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float, group: int) -> torch.Tensor:
-    """`gated_rmsnorm_forward` as one autograd function (compiled on CUDA, one kernel each way) keeping only its
-    inputs: the scan output and the gate, which autograd kept anyway."""
-    return _GatedRMSNorm.apply(x, z, weight, eps, group)
 
 
 class RMSNormKernel:

@@ -25,7 +25,6 @@ from transformers.models.bamba.modeling_bamba import BambaMixer, BambaRMSNormGat
 from bamba_ft.config.schema import Mixer
 from bamba_ft.errors import pick
 from bamba_ft.ops import longseq
-from bamba_ft.ops.fused import gated_rmsnorm
 from bamba_ft.ops.kernels import (
     DirectConvScan,
     KernelOps,
@@ -247,13 +246,19 @@ def _gated_rmsnorm(norm: BambaRMSNormGated, x: torch.Tensor, gate: torch.Tensor 
 
 class GatedRMSNormKernel:
     """Mixin for transformers' gated RMSNorms that gate before normalising per group (`weight`, `group_size`,
-    `variance_epsilon`): on CUDA, one compiled kernel each way (bamba_ft.ops.fused.gated_rmsnorm, the math of
-    mamba-ssm's gated norm, float32 inside); elsewhere, or without a gate, transformers' math."""
+    `variance_epsilon`): on CUDA with mamba-ssm, its fused Triton kernel (same math, one pass)."""
 
     def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-        if not hidden_states.is_cuda or gate is None:
+        fused = mamba_ssm_kernels().get("rmsnorm") if hidden_states.is_cuda else None
+        if fused is None:
             return _gated_rmsnorm(self, hidden_states, gate)
-        return gated_rmsnorm(hidden_states.to(gate.dtype), gate, self.weight, self.variance_epsilon, self.group_size)
+
+        def norm(x: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+            return fused(x, self.weight, None, z=z, eps=self.variance_epsilon, group_size=self.group_size,
+                         norm_before_gate=False)
+
+        # the gate is a slice of in_proj's output (a long row stride): long rows pass the kernel's int32 offsets
+        return longseq.by_rows(norm, hidden_states.to(gate.dtype) if gate is not None else hidden_states, gate)
 
 
 class FusedGatedRMSNorm(GatedRMSNormKernel, BambaRMSNormGated):
