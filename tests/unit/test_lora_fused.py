@@ -100,3 +100,23 @@ def test_plain_base_with_bias_runs_one_function_and_matches_peft_float64() -> No
     assert type(got[0].grad_fn).__name__ == "_LoraLinearBackward"
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_subclassed_or_trainable_bases_keep_autograds_backward() -> None:
+    """Only a plain frozen nn.Linear takes `_LoraLinear`: a subclass (e.g. the float8 base, whose `weight` holds
+    codes) or a trainable base weight runs the fused forward with autograd's backward."""
+
+    class Subclassed(torch.nn.Linear):
+        pass
+
+    base = torch.nn.Sequential(torch.nn.Linear(6, 5, bias=False), torch.nn.Linear(5, 4, bias=False)).double()
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["0", "1"]))
+    fuse_lora_forward(model)
+    layer = model.base_model.model[1]
+    x = torch.randn(3, 6, dtype=torch.float64)
+    assert type(model(x).grad_fn).__name__ == "_LoraLinearBackward"
+    layer.base_layer.__class__ = Subclassed
+    assert type(model(x).grad_fn).__name__ != "_LoraLinearBackward"
+    layer.base_layer.__class__ = torch.nn.Linear
+    layer.base_layer.weight.requires_grad_(True)
+    assert type(model(x).grad_fn).__name__ != "_LoraLinearBackward"
