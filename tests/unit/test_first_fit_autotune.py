@@ -1,0 +1,58 @@
+"""The GPU tests' first-fit autotuning (tests/gpu/autotune.py), run in Triton's interpreter on the CPU."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+
+from tests.gpu.autotune import autotuners, first_fit
+
+
+def test_first_fit_runs_configs_in_order_until_one_works_and_no_later_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    triton = pytest.importorskip("triton", reason="Triton is not installed (it comes with CUDA builds of torch)")
+    import triton.language as tl
+    from triton.runtime.errors import OutOfResources
+
+    ran: list[int] = []
+
+    def config(block: int, fails: bool = False) -> triton.Config:
+        def hook(nargs: dict) -> None:
+            ran.append(block)
+            if fails:  # stands in for a configuration that does not compile (out of shared memory, say)
+                raise OutOfResources(1, 0, "shared memory")
+
+        return triton.Config({"BLOCK": block}, pre_hook=hook)
+
+    with triton.knobs.runtime.scope():  # the interpreter for this kernel only (decided when it is defined)
+        triton.knobs.runtime.interpret = True
+
+        @triton.autotune(configs=[config(8, fails=True), config(16), config(32), config(64)], key=["n"])
+        @triton.jit
+        def double(x_ptr, out_ptr, n, BLOCK: tl.constexpr):  # noqa: N803
+            offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+            mask = offsets < n
+            tl.store(out_ptr + offsets, 2 * tl.load(x_ptr + offsets, mask=mask), mask=mask)
+
+        def run(n: int) -> torch.Tensor:
+            x = torch.arange(n, dtype=torch.float32)
+            out = torch.empty_like(x)
+            double[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](x, out, n)
+            torch.testing.assert_close(out, 2 * x)
+            return out
+
+        module = types.ModuleType("first_fit_kernels")
+        module.double = double
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+        assert autotuners(("first_fit_kernels",)) == [double]
+        first_fit(double)
+        run(100)
+        assert ran == [8, 16, 16]  # 8 fails, 16 works (once tried, once the call itself); 32 and 64 never run
+        ran.clear()
+        run(100)
+        assert ran == [16]  # the key is cached
+        ran.clear()
+        run(37)
+        assert ran == [8, 16, 16]  # a new key: first fit again
