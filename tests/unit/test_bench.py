@@ -420,3 +420,27 @@ def test_a_part_gets_its_inputs_as_new_leaves_so_backward_stops_there() -> None:
     run = bench_parts._forward_backward(layer, (upstream,), {}, layer, torch.device("cpu"))
     run()
     assert x.grad is None and layer.weight.grad is not None
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_warmup_covers_both_length_specialisations_and_timed_lengths_stay_new(seed: int) -> None:
+    b = BenchConfig(warmup_steps=3, steps=6, seqs_per_step=4, median_len=50, max_len=64)
+    plain = bench_variants.make_steps(BenchConfig(warmup_steps=0, steps=9, seqs_per_step=4, median_len=50,
+                                                  max_len=64), 128, seed)
+    seen: set[int] = set()
+    steps = bench_variants.make_steps(b, 128, seed, seen)
+    lengths = [sum(map(len, s)) for s in steps]
+    assert lengths[0] % 16 == 0 and lengths[1] % 16 != 0
+    assert len(set(lengths)) == len(lengths) and set(lengths) <= seen
+    for made, drawn in zip(steps[:2], plain[:2]):  # only the last sequence changes, by fewer than 16 tokens
+        assert [len(s) for s in made[:-1]] == [len(s) for s in drawn[:-1]]
+        assert 0 <= abs(len(made[-1]) - len(drawn[-1])) < 16 and 1 <= len(made[-1]) <= b.max_len
+
+
+def test_cover_length_specialisation_respects_max_len() -> None:
+    step = [60, 63]  # 123: the next multiple of 16 would need 68 > max_len 64, so the last sequence shrinks
+    bench_variants.cover_length_specialisation(step, multiple=True, max_len=64)
+    assert step == [60, 52] and sum(step) % 16 == 0
+    step = [64, 64]  # a multiple already; made not one without passing max_len
+    bench_variants.cover_length_specialisation(step, multiple=False, max_len=64)
+    assert step == [64, 63]
