@@ -31,6 +31,17 @@ class Mixer(StrEnum):
     """transformers' own mixer; it carries state across packed sequences, so packing is refused."""
 
 
+class ScanStates(StrEnum):
+    """The values of `model.scan_states`: what the `kernels` mixer's SSD scan does with its chunk states."""
+
+    AUTO = "auto"
+    """keep in checkpointed layers (held only while their layer's backward runs), recompute elsewhere."""
+    KEEP = "keep"
+    """keep from forward for backward in every layer: faster, more activation memory."""
+    RECOMPUTE = "recompute"
+    """recompute in backward, as mamba-ssm's own backward does: the least memory."""
+
+
 @dataclass
 class ModelConfig:
     name_or_path: str = "builtin:tiny"
@@ -58,6 +69,12 @@ class ModelConfig:
     activation_offload: bool = False
     """Hold the tensors autograd saves for backward (the checkpointed layers' inputs included) in pinned host memory
     instead of on the GPU: device memory stops growing with them, each step copies them out and back."""
+    scan_states: str = ScanStates.AUTO.value
+    """`kernels` mixer: whether the SSD scan keeps its float32 chunk states from forward for backward (keep) or
+    recomputes them there as mamba-ssm's backward does (recompute). Keeping saves about 6% of the conv+scan's
+    kernel time and holds about 19 KB per token and Mamba-2 layer at the Bamba-9B shape until backward. auto keeps
+    them in checkpointed layers only (model.gradient_checkpointing), where they live just while their layer's
+    backward runs."""
     cuda_graphs: bool = False
     """Experimental: replay the Mamba-2 mixer's conv+scan kernels as CUDA graphs (`kernels` mixer with causal-conv1d
     only), every length bucket up to data.max_tokens_per_batch captured before the first step. Less CPU per step,

@@ -201,7 +201,8 @@ def build_model(cfg: ModelConfig, quant: QuantConfig, device: torch.device, empt
     model.config.use_cache = False
     if model.generation_config is not None:
         model.generation_config.use_cache = True  # generation still uses the cache; training never does
-    backend = install_mixer(model, cfg.mixer, cuda_graphs=cfg.cuda_graphs, device=device)
+    backend = install_mixer(model, cfg.mixer, cuda_graphs=cfg.cuda_graphs, device=device,
+                            scan_states=cfg.scan_states)
     chosen = apply_checkpointing(model, cfg.gradient_checkpointing)
     params = sum(p.numel() for p in model.parameters())
     # a random model with a named shape is that shape, whatever name_or_path (the tokenizer's source) says

@@ -27,6 +27,7 @@ from bamba_ft.config.schema import RunConfig, checkpointing_problem
 from bamba_ft.errors import DeviceMemoryError, ModelError
 from bamba_ft.model.families import family_of
 from bamba_ft.ops.loss import causal_lm
+from bamba_ft.ops.mamba2 import SegmentAwareMixer
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,9 @@ def apply_checkpointing(model: nn.Module, mode: str) -> list[int]:
             raise ModelError(f"decoder layer {i} ({type(layer).__name__}) has no per-layer checkpointing switch; "
                              "this transformers version is too old. Fix: model.gradient_checkpointing=none.")
         layer.gradient_checkpointing = i in chosen  # transformers' GradientCheckpointingLayer reads it per call
+        for m in layer.modules():
+            if isinstance(m, SegmentAwareMixer):
+                m.checkpointed = i in chosen  # model.scan_states=auto keeps the scan's states here
     return chosen
 
 

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from bamba_ft.config.schema import Mixer
+from bamba_ft.config.schema import Mixer, ScanStates
 from bamba_ft.errors import ModelError, pick
 from bamba_ft.model.families import Family, family_of
 from bamba_ft.ops.graphs import ConvScanGraphs
@@ -48,13 +48,15 @@ _PER_CALL = {Mixer.AUTO: Mixer.AUTO, Mixer.KERNELS: Mixer.AUTO, Mixer.TORCH: Mix
 
 
 def install_mixer(model: nn.Module, mixer: str = Mixer.AUTO, cuda_graphs: bool = False,
-                  device: torch.device | None = None) -> Mixer:
+                  device: torch.device | None = None, scan_states: str = ScanStates.AUTO) -> Mixer:
     """Put bamba_ft's mixer on every Mamba-2 mixer of `model` (`model.mixer`); returns the backend that will run
     on `device` (default: the model's; kernels, torch or hf).
 
     cuda_graphs: the mixers' conv+scan kernels are replayed as CUDA graphs (one `ConvScanGraphs` shared by all).
+    scan_states: whether the kernels' scan keeps its chunk states for backward (`model.scan_states`).
     """
     choice = pick({m.value: m for m in Mixer}, mixer, "model.mixer")
+    states = pick({s.value: s for s in ScanStates}, scan_states, "model.scan_states")
     family = family_of(model)
     mixers = _mixers(model, family)
     if choice == Mixer.HF:
@@ -68,6 +70,7 @@ def install_mixer(model: nn.Module, mixer: str = Mixer.AUTO, cuda_graphs: bool =
     for m in mixers:
         m.__class__ = family.segment_mixer_class
         m.backend = _PER_CALL[choice]
+        m.scan_states = states
     for m in model.modules():  # fused elementwise parts (CUDA); they run transformers' forward elsewhere
         if type(m) in family.fused:
             m.__class__ = family.fused[type(m)]
@@ -103,6 +106,23 @@ def prepare_graphs(model: nn.Module, longest: int, dtype: torch.dtype, rows: int
             params, rest = conv_scan_params(m)
         captured += graphs.prepare(params, rest, rows, longest, dtype)
     return captured
+
+
+@contextmanager
+def scan_states(model: nn.Module, policy: str | None) -> Iterator[None]:
+    """Inside the block, `model`'s segment-aware mixers follow `policy` (a `model.scan_states` value; None: as
+    installed)."""
+    mixers = [m for m in model.modules() if isinstance(m, SegmentAwareMixer)]
+    before = [m.scan_states for m in mixers]
+    if policy is not None:
+        chosen = pick({s.value: s for s in ScanStates}, policy, "model.scan_states")
+        for m in mixers:
+            m.scan_states = chosen
+    try:
+        yield
+    finally:
+        for m, was in zip(mixers, before):
+            m.scan_states = was
 
 
 @contextmanager

@@ -83,7 +83,7 @@ class _Family:
 class ConvScanGraphs:
     """Runs `conv_scan`'s forward and backward kernels as CUDA graphs (see the module docstring).
 
-    Same interface as `DirectConvScan`: `forward(...)` -> scan output, `backward(dout, ...)` -> input gradients.
+    Same interface as `DirectConvScan`: `forward(...)` -> (scan output, ()), `backward(dout, ...)` -> input gradients.
     """
 
     def __init__(self, ops: type = KernelOps, bucket: int = 256, capture: bool = True, growth: float = 1.25) -> None:
@@ -106,9 +106,9 @@ class ConvScanGraphs:
         params = dict(zip(PARAMS, (weight, bias, A, D, dt_bias)))
         fam, length, t = self._load(xbc, dt, seq_idx, params, shape, chunk_size, dt_limit)
         (y,) = self._replay(fam, "fwd", length)
-        return y[:, :t].clone()
+        return y[:, :t].clone(), ()  # nothing kept: the next layer's replay reuses the graph's memory
 
-    def backward(self, dout, xbc, dt, weight, bias, A, D, dt_bias, seq_idx, shape, chunk_size, dt_limit):  # noqa: ANN001, ANN201
+    def backward(self, dout, xbc, dt, weight, bias, A, D, dt_bias, seq_idx, shape, chunk_size, dt_limit, kept=()):  # noqa: ANN001, ANN201
         params = dict(zip(PARAMS, (weight, bias, A, D, dt_bias)))
         fam, length, t = self._load(xbc, dt, seq_idx, params, shape, chunk_size, dt_limit)
         _fill(fam.view("dout", length), dout, t, 0)

@@ -39,7 +39,17 @@ def _import_triton_kernels() -> dict[str, object]:
         kernels.update(scan_fwd=_mamba_chunk_scan_combined_fwd, scan_bwd=_mamba_chunk_scan_combined_bwd)
     except ImportError:
         pass
+    from mamba_ssm.ops.triton import ssd_combined
+
+    if all(hasattr(ssd_combined, name) for name in _SSD_PIECES):  # the pieces those two halves are made of
+        kernels["ssd"] = ssd_combined
     return kernels
+
+
+_SSD_PIECES = ("_chunk_cumsum_fwd", "_chunk_state_fwd", "_state_passing_fwd", "_bmm_chunk_fwd", "_chunk_scan_fwd",
+               "_chunk_scan_bwd_dstates", "_state_passing_bwd", "_chunk_scan_chunk_state_bwd_dx", "_chunk_state_bwd_db",
+               "_chunk_scan_bwd_dC", "_chunk_scan_bwd_dcb", "_bmm_chunk_bwd", "_chunk_scan_bwd_ddAcs_stable",
+               "_chunk_cumsum_bwd")
 
 
 @functools.cache
@@ -159,6 +169,55 @@ class KernelOps:
         return dx, ddt, dA, dB, dC, dD, ddt_bias
 
     @staticmethod
+    def can_keep() -> bool:
+        """Whether `scan_fwd_keep` and `scan_bwd_kept` can run (mamba-ssm exposes the pieces of its scan)."""
+        return "ssd" in mamba_ssm_kernels()
+
+    @staticmethod
+    def scan_fwd_keep(x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, dt_limit):  # noqa: ANN001, ANN205
+        """`scan_fwd` from mamba-ssm's pieces; returns (out, kept), kept = (softplus(dt + bias) per chunk, its
+        cumulative dA, every chunk's incoming state in float32, C·B per chunk): what mamba-ssm's backward would
+        recompute with the same kernels from the same inputs. The output is the same: the scan reads the states
+        rounded to the input dtype either way."""
+        k = mamba_ssm_kernels()["ssd"]
+        B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (B, C))
+        x = x if x.stride(-1) == 1 or x.stride(1) == 1 else x.contiguous()
+        dA_cs, dt_s = k._chunk_cumsum_fwd(dt, A, chunk_size, dt_bias=dt_bias, dt_softplus=True, dt_limit=dt_limit)
+        states = k._chunk_state_fwd(B, x, dt_s, dA_cs, seq_idx=seq_idx, states_in_fp32=True)
+        states, _ = k._state_passing_fwd(states.flatten(-2), dA_cs[:, :, :, -1], seq_idx=seq_idx, chunk_size=chunk_size)
+        states = states.unflatten(-1, (x.shape[-1], B.shape[-1]))
+        CB = k._bmm_chunk_fwd(C, B, chunk_size, seq_idx=seq_idx, output_dtype=torch.float32)
+        out, _ = k._chunk_scan_fwd(CB, x, dt_s, dA_cs, C, states, D=D, z=None, seq_idx=seq_idx)
+        return out, (dt_s, dA_cs, states, CB)
+
+    @staticmethod
+    def scan_bwd_kept(dout, x, dt, A, B, C, kept, chunk_size, D, dt_bias, seq_idx, dt_limit, dx, ddt, dB, dC):  # noqa: ANN001, ANN205
+        """`scan_bwd` from what `scan_fwd_keep` kept: mamba-ssm's backward, the same kernels in the same order,
+        without recomputing the forward's states. Returns (dx, ddt, dA, dB, dC, dD, ddt_bias)."""
+        k = mamba_ssm_kernels()["ssd"]
+        dt_s, dA_cs, states, CB = kept
+        dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+        dstates = k._chunk_scan_bwd_dstates(C, dA_cs, dout, seq_idx=seq_idx, dtype=states.dtype)
+        dstates, ddA_chunk, _, states = k._state_passing_bwd(
+            states.flatten(-2), dA_cs[:, :, :, -1], dstates.flatten(-2), seq_idx=seq_idx, has_initial_states=False,
+            dstates_dtype=x.dtype, states_dtype=x.dtype, chunk_size=chunk_size)
+        states, dstates = (t.unflatten(-1, (x.shape[-1], B.shape[-1])) for t in (states, dstates))
+        dx, ddt_s, dD = k._chunk_scan_chunk_state_bwd_dx(x, dt_s, dA_cs, B, CB, dout, dstates, D=D, seq_idx=seq_idx,
+                                                         dx=dx)
+        groups = B.shape[2]
+        dB_part, ddA_next = k._chunk_state_bwd_db(x, dt_s, dA_cs, dstates, seq_idx=seq_idx, B=B, ngroups=groups)
+        dC_part, ddA_prev = k._chunk_scan_bwd_dC(states.to(x.dtype), dA_cs, dout, seq_idx=seq_idx, C=C, ngroups=groups)
+        dCB = k._chunk_scan_bwd_dcb(x, dt_s, dA_cs, dout, seq_idx=seq_idx, ngroups=groups).to(CB.dtype)
+        k._bmm_chunk_bwd(C, dCB, residual=dB_part, out=dB)
+        k._bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC_part, out=dC)
+        ddA_prev[..., -1] += ddA_chunk
+        ddA = k._chunk_scan_bwd_ddAcs_stable(x, dt_s, dA_cs, dout, CB)
+        ddA += ddA_next + ddA_prev.flip([-1]).cumsum(dim=-1).flip([-1])
+        ddt, dA, ddt_bias = k._chunk_cumsum_bwd(ddA, ddt_s, dt, A, dt_bias=dt_bias, dt_softplus=True,
+                                                dt_limit=dt_limit, ddt=ddt)
+        return dx, ddt, dA, dB, dC, dD, ddt_bias
+
+    @staticmethod
     def scan_fwd_state(x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, dt_limit, initial_states):  # noqa: ANN001, ANN205
         """`scan_fwd` starting from `initial_states` (or zeros); returns (out, final states in float32)."""
         got = mamba_ssm_kernels()["scan_fwd"](x, dt, A, B, C, chunk_size, D=D, z=None, dt_bias=dt_bias,
@@ -189,16 +248,21 @@ def split_xbc(xbc: torch.Tensor, shape: tuple[int, int, int, int]) -> tuple[torc
     return x.reshape(b, t, heads, head_dim), B.reshape(b, t, groups, state), C.reshape(b, t, groups, state)
 
 
-def conv_scan_forward_kernels(ops, xbc, dt, weight, bias, A, D, dt_bias, seq_idx, shape, chunk_size, dt_limit):  # noqa: ANN001, ANN201
-    """The conv+scan forward as kernel calls: scan(silu(conv(xbc))), (b, t, heads, head_dim)."""
+def conv_scan_forward_kernels(ops, xbc, dt, weight, bias, A, D, dt_bias, seq_idx, shape, chunk_size, dt_limit,  # noqa: ANN001, ANN201
+                              keep=False):
+    """The conv+scan forward as kernel calls: scan(silu(conv(xbc))), (b, t, heads, head_dim). With `keep` (ops
+    that `can_keep`), returns (out, kept): what the scan's backward would recompute (`KernelOps.scan_fwd_keep`)."""
     x, B, C = split_xbc(ops.conv_fwd(channel_last(xbc), weight, bias, seq_idx).transpose(1, 2), shape)
+    if keep:
+        return ops.scan_fwd_keep(x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, dt_limit)
     return ops.scan_fwd(x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, dt_limit)
 
 
 def conv_scan_backward_kernels(ops, dout, xbc, dt, weight, bias, A, D, dt_bias, seq_idx, shape, chunk_size, dt_limit,  # noqa: ANN001, ANN202
-                               dxbc=None, ddt=None):
+                               dxbc=None, ddt=None, kept=()):
     """(dxbc, ddt, dweight, dbias, dA, dD, ddt_bias); the conv output is recomputed from its input. `dxbc` and
-    `ddt`, when given (dense, shaped as `xbc` and `dt`), receive those gradients in place."""
+    `ddt`, when given (dense, shaped as `xbc` and `dt`), receive those gradients in place. `kept`: what
+    `conv_scan_forward_kernels(keep=True)` returned beside the output (the scan then recomputes nothing)."""
     x_cl = channel_last(xbc)
     x, B, C = split_xbc(ops.conv_fwd(x_cl, weight, bias, seq_idx).transpose(1, 2), shape)
     dconv = torch.empty(xbc.shape, dtype=xbc.dtype, device=xbc.device)  # dense: its transpose is channel-last
@@ -206,7 +270,10 @@ def conv_scan_backward_kernels(ops, dout, xbc, dt, weight, bias, A, D, dt_bias, 
     ddt = torch.empty(dt.shape, dtype=dt.dtype, device=dt.device) if ddt is None else ddt
     # mamba-ssm's backward reads the forward output only to go through a gate (z); this scan has none, so x
     # stands in for it and the output need not be kept.
-    got = ops.scan_bwd(dout, x, dt, A, B, C, x, chunk_size, D, dt_bias, seq_idx, dt_limit, dx, ddt, dB, dC)
+    if kept:
+        got = ops.scan_bwd_kept(dout, x, dt, A, B, C, kept, chunk_size, D, dt_bias, seq_idx, dt_limit, dx, ddt, dB, dC)
+    else:
+        got = ops.scan_bwd(dout, x, dt, A, B, C, x, chunk_size, D, dt_bias, seq_idx, dt_limit, dx, ddt, dB, dC)
     for buf, value in zip((dx, ddt, dB, dC), (got[0], got[1], got[3], got[4])):
         if value.data_ptr() != buf.data_ptr():
             buf.copy_(value)
@@ -218,13 +285,20 @@ def conv_scan_backward_kernels(ops, dout, xbc, dt, weight, bias, A, D, dt_bias, 
 
 
 class DirectConvScan:
-    """Makes the conv+scan's kernel calls one by one (`ConvScanGraphs` in bamba_ft.ops.graphs replays them)."""
+    """Makes the conv+scan's kernel calls one by one (`ConvScanGraphs` in bamba_ft.ops.graphs replays them).
 
-    def __init__(self, ops: type = KernelOps) -> None:
+    `forward(...)` -> (scan output, kept tensors); `backward(dout, ..., kept)` -> input gradients. With `keep`
+    (and ops that `can_keep`) the scan's forward keeps its chunk states for backward: about 19 KB per token and
+    Mamba-2 layer at the Bamba-9B shape, for a backward without mamba-ssm's recomputation.
+    """
+
+    def __init__(self, ops: type = KernelOps, keep: bool = False) -> None:
         self.ops = ops
+        self.keep = keep and getattr(ops, "can_keep", lambda: False)()
 
     def forward(self, *args):  # noqa: ANN002, ANN201
-        return conv_scan_forward_kernels(self.ops, *args)
+        got = conv_scan_forward_kernels(self.ops, *args, keep=self.keep)
+        return got if self.keep else (got, ())
 
-    def backward(self, *args):  # noqa: ANN002, ANN201
-        return conv_scan_backward_kernels(self.ops, *args)
+    def backward(self, *args, kept=()):  # noqa: ANN002, ANN001, ANN201
+        return conv_scan_backward_kernels(self.ops, *args, kept=kept)

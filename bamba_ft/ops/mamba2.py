@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.bamba.modeling_bamba import BambaMixer, BambaRMSNormGated
 
-from bamba_ft.config.schema import Mixer
+from bamba_ft.config.schema import Mixer, ScanStates
 from bamba_ft.errors import pick
 from bamba_ft.ops import longseq
 from bamba_ft.ops.kernels import (
@@ -119,18 +119,22 @@ class _ConvScan(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, xbc, dt, weight, bias, A, D, dt_bias, seq_idx, runner, shape, chunk_size, dt_limit):  # noqa: ANN001, ANN205
-        out = runner.forward(xbc, dt, weight, bias, A, D, dt_bias, seq_idx, shape, chunk_size, dt_limit)
-        ctx.save_for_backward(xbc, dt, weight, bias, A, D, dt_bias, seq_idx)
+        out, kept = runner.forward(xbc, dt, weight, bias, A, D, dt_bias, seq_idx, shape, chunk_size, dt_limit)
+        ctx.save_for_backward(xbc, dt, weight, bias, A, D, dt_bias, seq_idx, *kept)
         ctx.runner, ctx.shape, ctx.chunk_size, ctx.dt_limit = runner, shape, chunk_size, dt_limit
         return out
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dout):  # noqa: ANN001, ANN205
-        xbc, dt, weight, bias, A, D, dt_bias, seq_idx = ctx.saved_tensors
+        xbc, dt, weight, bias, A, D, dt_bias, seq_idx, *kept = ctx.saved_tensors
         grads = ctx.runner.backward(dout, xbc, dt, weight, bias, A, D, dt_bias, seq_idx, ctx.shape,
-                                    ctx.chunk_size, ctx.dt_limit)
+                                    ctx.chunk_size, ctx.dt_limit, kept=tuple(kept))
         return (*grads, None, None, None, None, None)
+
+
+def _keeps_states(mixer: BambaMixer) -> bool:
+    return isinstance(mixer, SegmentAwareMixer) and mixer.keeps_scan_states()
 
 
 def fused_conv_scan_ok(mixer: BambaMixer, ops: type = KernelOps) -> bool:
@@ -161,7 +165,7 @@ def conv_scan(mixer: BambaMixer, xbc: torch.Tensor, dt: torch.Tensor, seq_idx: t
     args = (xbc, dt, *params, seq_idx)
     if longseq.needs_pieces(xbc.shape[0], xbc.shape[1], longseq.token_cost(xbc, dt, rest[0], rest[1])):
         return longseq.piecewise_conv_scan(*args, ops, *rest)
-    runner = mixer.__dict__.get("conv_scan_graphs") or DirectConvScan(ops)
+    runner = mixer.__dict__.get("conv_scan_graphs") or DirectConvScan(ops, keep=_keeps_states(mixer))
     return _ConvScan.apply(*args, runner, *rest)
 
 
@@ -280,6 +284,14 @@ class SegmentAwareMixer:
 
     backend: Mixer = Mixer.AUTO
     """auto or torch, set by bamba_ft.model.mixer.install_mixer."""
+    scan_states: ScanStates = ScanStates.AUTO
+    """Whether the fused conv+scan keeps the scan's chunk states for backward (`model.scan_states`; set by
+    install_mixer)."""
+    checkpointed: bool = False
+    """This mixer's decoder layer is recomputed in backward (set by bamba_ft.model.memory.apply_checkpointing)."""
+
+    def keeps_scan_states(self) -> bool:
+        return self.scan_states == ScanStates.KEEP or (self.scan_states == ScanStates.AUTO and self.checkpointed)
 
     def project_in(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(b, t, hidden) -> in_proj output [gate z, xBC, dt]."""

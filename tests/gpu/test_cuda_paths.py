@@ -60,13 +60,16 @@ def test_kernel_mixer_matches_torch_reference(dtype: torch.dtype, tol: float, gr
         assert rel(grads[kernel][name], grads[Mixer.TORCH][name]) < tol, name
 
 
+@pytest.mark.parametrize("states", ["recompute", "keep"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_conv_scan_equals_unfused_kernels(dtype: torch.dtype) -> None:
-    """Recomputing the conv in backward changes nothing: same kernels, same numbers (scan atomics aside)."""
+def test_fused_conv_scan_equals_unfused_kernels(dtype: torch.dtype, states: str) -> None:
+    """Recomputing the conv in backward, and keeping the scan's chunk states from forward (`model.scan_states`),
+    change nothing: same kernels, same numbers (scan atomics aside)."""
     kernels_required()
     model = make_model(torch.float32, **SHAPE).cuda().to(dtype)
+    install_mixer(model, "auto", scan_states=states)
     mixer = model.model.layers[0].mamba
-    assert fused_conv_scan_ok(mixer)
+    assert fused_conv_scan_ok(mixer) and mixer.keeps_scan_states() == (states == "keep")
     seq = torch.repeat_interleave(torch.arange(len(LENGTHS)), torch.tensor(LENGTHS))[None].cuda().to(torch.int32)
     torch.manual_seed(0)
     zxbcdt = torch.randn(1, sum(LENGTHS), mixer.in_proj.out_features, device="cuda", dtype=dtype, requires_grad=True)

@@ -116,6 +116,66 @@ def test_fused_conv_scan_keeps_only_the_conv_input() -> None:
         [tuple(s.shape) for s in big]
 
 
+class KeepingTorchOps(TorchOps):
+    """`TorchOps` that keep tensors from the scan's forward and check that its backward receives exactly them."""
+
+    kept: tuple[torch.Tensor, ...] = ()
+
+    @staticmethod
+    def can_keep() -> bool:
+        return True
+
+    @classmethod
+    def scan_fwd_keep(cls, *args):  # noqa: ANN002, ANN206
+        cls.calls["scan_fwd_keep"] = cls.calls.get("scan_fwd_keep", 0) + 1
+        x = args[0]
+        cls.kept = (x.sum(-1), torch.arange(3.0, dtype=x.dtype))  # stand-ins for dt, dA cumsum, states, C·B
+        return cls.scan_fwd(*args), cls.kept
+
+    @classmethod
+    def scan_bwd_kept(cls, dout, x, dt, A, B, C, kept, *rest):  # noqa: ANN001, ANN002, ANN206
+        cls.calls["scan_bwd_kept"] = cls.calls.get("scan_bwd_kept", 0) + 1
+        assert len(kept) == len(cls.kept) and all(a is b or a.data_ptr() == b.data_ptr() for a, b in zip(kept, cls.kept))
+        return cls.scan_bwd(dout, x, dt, A, B, C, x, *rest)
+
+
+@pytest.mark.parametrize("policy,checkpointed,keeps", [
+    ("keep", False, True), ("recompute", True, False), ("auto", False, False), ("auto", True, True)])
+def test_kept_scan_states_reach_the_backward_and_change_nothing(policy: str, checkpointed: bool, keeps: bool) -> None:
+    """`model.scan_states`: what the forward keeps is what the backward gets (saved through autograd), and the
+    gradients are those of the recomputing path (float64, 1e-12). auto keeps in checkpointed layers only."""
+    from bamba_ft.model.memory import apply_checkpointing
+    from bamba_ft.model.mixer import install_mixer
+
+    model = make_model(torch.float64, mamba_n_heads=8, mamba_d_head=16, mamba_chunk_size=8)
+    install_mixer(model, "torch", scan_states=policy)
+    apply_checkpointing(model, "all" if checkpointed else "none")
+    mixer = model.model.layers[0].mamba
+    assert mixer.keeps_scan_states() == keeps
+    lengths = [5, 1, 12, 8]
+    seq_idx = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None].to(torch.int32)
+    zxbcdt = torch.randn(1, sum(lengths), mixer.in_proj.out_features, dtype=torch.float64, requires_grad=True)
+    _, xbc, dt = zxbcdt.split([mixer.intermediate_size, mixer.conv_dim, mixer.num_heads], dim=-1)
+    params = [mixer.conv1d.weight, mixer.conv1d.bias, mixer.A_log, mixer.D, mixer.dt_bias]
+    grads = {}
+    for ops in (TorchOps, KeepingTorchOps):
+        TorchOps.calls.clear()
+        y = conv_scan(mixer, xbc, dt, seq_idx, ops=ops)
+        w = torch.ones_like(y).cumsum(1)
+        grads[ops] = (y, *torch.autograd.grad((y * w).sum(), [zxbcdt, *params]))
+    assert TorchOps.calls.get("scan_bwd_kept", 0) == TorchOps.calls.get("scan_fwd_keep", 0) == int(keeps)
+    for a, b in zip(grads[KeepingTorchOps], grads[TorchOps]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_a_misspelt_scan_states_policy_names_the_key() -> None:
+    from bamba_ft.errors import BambaFTError
+    from bamba_ft.model.mixer import install_mixer
+
+    with pytest.raises(BambaFTError, match="model.scan_states"):
+        install_mixer(make_model(torch.float64), "torch", scan_states="kept")
+
+
 def _two_layer_grads(mixers, inputs, weights):  # noqa: ANN001, ANN202
     """Forward both layers, then one backward through both: what a model does with shared graph buffers."""
     outs = [conv_scan(m, xbc, dt, seq_idx, ops=TorchOps) for m, (_, xbc, dt, seq_idx) in zip(mixers, inputs)]
