@@ -7,6 +7,8 @@ Variants (bench.variants):
   execution plan for every new sequence shape;
 - bamba_ft: bamba_ft's mixer, fused MLP, norms and LoRA, packed attention and chunked loss;
 - bamba_ft_graphs: the same with the mixer's conv+scan replayed as CUDA graphs (`model.cuda_graphs=true`);
+- bamba_ft_keep_states: the same with the SSD scan keeping its chunk states for backward in every layer
+  (`model.scan_states=keep`; it shares bamba_ft's model, switched per measurement);
 - bamba_ft_padded: the same on hf_padded's padded batches (same work as hf_padded, to compare the paths);
 - bamba_ft_nf4 / bamba_ft_int8: the same on a torchao-quantized base (QLoRA);
 - bamba_ft_fp8: the same with the frozen base's matmuls in float8 (`quant.method=fp8`; needs compute capability 8.9+).
@@ -36,7 +38,7 @@ from bamba_ft.jobs.runtime import autocast_for, to_device
 from bamba_ft.model.build import build_model
 from bamba_ft.model.lora import apply_peft
 from bamba_ft.model.memory import activation_memory, apply_checkpointing
-from bamba_ft.model.mixer import prepare_graphs
+from bamba_ft.model.mixer import prepare_graphs, scan_states
 from bamba_ft.model.objective import mean_loss
 from bamba_ft.model.quant import base_weight_bytes
 from bamba_ft.ops.loss import causal_lm
@@ -54,6 +56,7 @@ class Variant:
     quant: str = "none"
     memory: str = "none"  # a bench.memory_modes entry: checkpointing form [+offload]
     graphs: bool = False  # bamba_ft's conv+scan replayed as CUDA graphs
+    scan_states: str | None = None  # model.scan_states for this variant (None: the run's)
     cudnn_attention: bool = True  # False: torch's SDPA may not pick cuDNN (which plans each new shape)
 
 
@@ -63,6 +66,7 @@ VARIANTS = {
     "hf_padfree_no_cudnn": Variant("hf_padfree_no_cudnn", stock=True, packed=True, cudnn_attention=False),
     "bamba_ft": Variant("bamba_ft", stock=False, packed=True),
     "bamba_ft_graphs": Variant("bamba_ft_graphs", stock=False, packed=True, graphs=True),
+    "bamba_ft_keep_states": Variant("bamba_ft_keep_states", stock=False, packed=True, scan_states="keep"),
     "bamba_ft_padded": Variant("bamba_ft_padded", stock=False, packed=False),
     "bamba_ft_nf4": Variant("bamba_ft_nf4", stock=False, packed=True, quant="nf4"),
     "bamba_ft_int8": Variant("bamba_ft_int8", stock=False, packed=True, quant="int8"),
@@ -334,7 +338,7 @@ def measure_into(row: dict, v: Variant, model: nn.Module, steps: list, b: BenchC
                  out_dir: Path = Path("."), resident_bytes: int | None = None) -> dict:
     """`measure` under `v`'s attention backends, its results (or error) added to `row`; a failed step's
     gradients are dropped so that the model serves the next measurement."""
-    with _attention_backends(v):
+    with _attention_backends(v), scan_states(model, v.scan_states):
         guarded(row, measure, v, model, steps, b, device, out_dir, resident_bytes)
     if "error" in row:
         model.zero_grad(set_to_none=True)
