@@ -362,8 +362,10 @@ class BenchConfig:
     on variable-length packed batches (per-shape costs such as kernel plans or graph captures are included).
     A list, e.g. [false,true], measures both regimes in one run (the first is the headline's)."""
     repeats: int = 1
-    """Measure every variant this many times, interleaved (A B C A B C ...), each time after its own warm-up on
-    batches of new lengths; models are built once. Medians and ranges are reported; 3 or more print a Headline."""
+    """Measure every variant this many times, interleaved, each time after its own warm-up on batches of new
+    lengths; models are built once. The order rotates by one place per repeat (A B C, B C A, C A B, ...): on an
+    H200 one model timed twice in a row ran 1-2% faster the second time, so a fixed order would favour a place.
+    Medians and ranges are reported; 3 or more print a Headline."""
     steps: int = 10
     """Timed steps (median reported)."""
     variants: list[str] = field(default_factory=lambda: ["hf_padded", "hf_padfree", "bamba_ft", "bamba_ft_nf4"])

@@ -2,8 +2,8 @@
 
 The variants (bench.variants), the batches they share and one measurement live in bench_variants.py. Each
 variant runs under every `bench.memory_modes` entry, and a built model serves every mode.
-`bench.repeats` measures every variant again after the others (interleaved), each run on fresh batches, and
-reuses the built models; `bench.rehearse` may list both warm-up regimes. Sweeps live in bench_sweeps.py and the
+`bench.repeats` measures every variant again after the others (interleaved, the order rotated by one place each
+repeat), each run on fresh batches, and reuses the built models; `bench.rehearse` may list both warm-up regimes. Sweeps live in bench_sweeps.py and the
 report (medians, ranges, ratios, the Headline line) in bench_report.py.
 """
 
@@ -40,10 +40,16 @@ log = logging.getLogger(__name__)
 
 
 def schedule(b: BenchConfig) -> list[tuple[str, int, bool, str]]:
-    """(memory mode, repeat, rehearse, variant) in run order: within each repeat every regime runs every variant
-    (A B C A B C ...), so slow drift of the machine reaches all variants alike."""
+    """(memory mode, repeat, rehearse, variant) in run order: within each repeat every regime runs every variant,
+    so slow drift of the machine reaches all variants alike, and each repeat starts one variant later
+    (A B C, B C A, C A B, ...), so that no variant always runs in the same place, after the same other one."""
     return [(mode, rep, rehearse, name) for mode in b.memory_modes for rep in range(b.repeats)
-            for rehearse in rehearse_settings(b) for name in b.variants]
+            for rehearse in rehearse_settings(b) for name in rotated(b.variants, rep)]
+
+
+def rotated(names: list[str], by: int) -> list[str]:
+    k = by % len(names) if names else 0
+    return list(names[k:]) + list(names[:k])
 
 
 def _model_key(v: Variant) -> tuple:

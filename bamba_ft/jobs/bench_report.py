@@ -275,8 +275,9 @@ def markdown(results: dict) -> str:
     b = results["bench"]
     repeats = b.get("repeats", 1)
     if b.get("variants") != []:  # a data-only benchmark ('bench.variants=[]') times no steps
+        order = " (their order rotated by one place each run)" if repeats > 1 else ""
         lines += [f"{b['warmup_steps']} warm-up steps, {b['steps']} timed steps (median per run); {repeats} "
-                  f"interleaved run{'s' if repeats > 1 else ''} of every variant, each run on fresh batches; ratios "
+                  f"interleaved run{'s' if repeats > 1 else ''} of every variant{order}, each run on fresh batches; ratios "
                   "are per run, against the best hf_padfree* variant of that run"]
     if results.get("world_size", 1) > 1:
         lines.append(f"{results['world_size']} GPUs, data parallel (DDP), every rank on the same batches: tokens/s per "

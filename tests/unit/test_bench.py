@@ -65,11 +65,16 @@ def test_no_cudnn_variant_excludes_only_cudnn_attention() -> None:
         assert set(_cur_sdpa_kernel_backends()) == everything
 
 
-def test_schedule_interleaves_variants_within_each_repeat_and_regime() -> None:
-    b = BenchConfig(variants=["a", "b", "c"], repeats=2, rehearse=[False, True], memory_modes=["none"])
+def test_schedule_interleaves_variants_within_each_repeat_and_regime_and_rotates_their_order() -> None:
+    b = BenchConfig(variants=["a", "b", "c"], repeats=4, rehearse=[False, True], memory_modes=["none"])
     assert [(rep, reh, name) for _, rep, reh, name in bench.schedule(b)] == [
         (0, False, "a"), (0, False, "b"), (0, False, "c"), (0, True, "a"), (0, True, "b"), (0, True, "c"),
-        (1, False, "a"), (1, False, "b"), (1, False, "c"), (1, True, "a"), (1, True, "b"), (1, True, "c")]
+        (1, False, "b"), (1, False, "c"), (1, False, "a"), (1, True, "b"), (1, True, "c"), (1, True, "a"),
+        (2, False, "c"), (2, False, "a"), (2, False, "b"), (2, True, "c"), (2, True, "a"), (2, True, "b"),
+        (3, False, "a"), (3, False, "b"), (3, False, "c"), (3, True, "a"), (3, True, "b"), (3, True, "c")]
+    # over len(variants) repeats every variant runs once in every place
+    places = [[name for _, rep, reh, name in bench.schedule(b) if rep == r and not reh] for r in range(3)]
+    assert all(sorted(column) == ["a", "b", "c"] for column in zip(*places))
 
 
 def test_repeats_measure_in_schedule_order_on_fresh_lengths_and_build_each_model_once(
@@ -122,7 +127,8 @@ def test_memory_modes_run_outermost_and_share_each_built_model(monkeypatch: pyte
                     warmup_steps=1, steps=1, seqs_per_step=2, median_len=20, max_len=64)
     rows = list(bench.run_interleaved(b, ModelConfig(), PeftConfig(), torch.device("cpu"), 0, 128))
     assert [(r["memory_mode"], r["repeat"], r["variant"]) for r in rows] == [
-        (mode, rep, name) for mode in ("none", "all+offload") for rep in (0, 1) for name in ("hf_padfree", "bamba_ft")]
+        (mode, rep, name) for mode in ("none", "all+offload") for rep in (0, 1)
+        for name in (("hf_padfree", "bamba_ft"), ("bamba_ft", "hf_padfree"))[rep]]
     assert measured == [(r["memory_mode"], r["variant"]) for r in rows]
     assert builds == ["hf_padfree", "bamba_ft"]  # a mode is switched on the built model, not rebuilt
     b = BenchConfig(token_budgets=[64, 128], memory_modes=["none", "mamba"], warmup_steps=0, steps=1, median_len=20)
