@@ -458,6 +458,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "model.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2", "varlen"),
     "model.mixer": tuple(m.value for m in Mixer),
+    "model.scan_states": tuple(s.value for s in ScanStates),
     "peft.method": ("lora", "none"),
     "quant.method": ("none", "nf4", "int8", "int4", "fp8"),
     "data.format": ("auto", "messages", "prompt_completion", "alpaca", "text"),

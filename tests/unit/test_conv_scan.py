@@ -169,11 +169,17 @@ def test_kept_scan_states_reach_the_backward_and_change_nothing(policy: str, che
 
 
 def test_a_misspelt_scan_states_policy_names_the_key() -> None:
-    from bamba_ft.errors import BambaFTError
+    from bamba_ft.config.schema import RunConfig, validate
+    from bamba_ft.errors import ConfigError
     from bamba_ft.model.mixer import install_mixer
 
-    with pytest.raises(BambaFTError, match="model.scan_states"):
+    message = r"model.scan_states='kept' is not an option\. Did you mean 'keep'\? Valid: auto, keep, recompute"
+    with pytest.raises(ConfigError, match=message):
         install_mixer(make_model(torch.float64), "torch", scan_states="kept")
+    cfg = RunConfig()
+    cfg.model.scan_states = "kept"
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg)
 
 
 def _two_layer_grads(mixers, inputs, weights):  # noqa: ANN001, ANN202
