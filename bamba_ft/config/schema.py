@@ -392,7 +392,9 @@ class BenchConfig:
     data_pipeline_paths: list[str] = field(default_factory=lambda: ["memory", "stream"])
     """Data paths to measure: memory (tokenize all, then pack the epoch) | stream (data.streaming=true, one pass)."""
     profile: bool = False
-    """Profile two extra steps of each variant (torch.profiler) into profile_<variant>.txt."""
+    """Profile two extra steps of each variant (torch.profiler) into profile_<variant>.txt: the device time per
+    kernel family (matmul, Mamba-2 scan, conv, norms, copies, ...; also `profile_kernel_ms` in the row) above the
+    per-kernel table."""
     matmul_ceiling: bool = False
     """Also time the base model's Linear layers alone (forward and input gradient of each, in its dtype, on this
     device) at the mean tokens of a timed step: the step time and tokens/s no stack can beat with these matmuls."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
+import re
 import statistics
 import time
 from dataclasses import dataclass, replace
@@ -168,9 +169,41 @@ def _stock_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     return model(**batch, use_cache=False).loss
 
 
+# What a profiled step's kernels do, by name (case-insensitive; the first family that matches takes a kernel).
+KERNEL_FAMILIES = (
+    ("matmul", r"gemm|nvjet|cutlass|xmma|wgmma|cublas|splitkreduce"),
+    ("Mamba-2 scan (mamba-ssm)", r"^_chunk_|^_state_passing|^_bmm_chunk"),
+    ("conv (causal-conv1d)", r"causal_conv1d"),
+    ("attention", r"flash|fmha|attention"),
+    ("norms", r"rms_?norm|layer_?norm"),
+    ("compiled (inductor: SwiGLU, loss)", r"^triton_"),
+    ("copies", r"copy|memcpy|catarray"),
+    ("fills", r"fill|memset"),
+    ("reductions, cumsums", r"reduce|scan_innermost|scan_outer"),
+    ("optimizer", r"multi_tensor|adam"),
+    ("other elementwise", r"elementwise"),
+)
+
+
+def kernel_families(kernels: list[tuple[str, float]]) -> dict[str, float]:
+    """Device ms per `KERNEL_FAMILIES` entry (and "other") from (kernel name, ms) pairs, largest first."""
+    totals: dict[str, float] = {}
+    for name, ms in kernels:
+        family = next((f for f, pattern in KERNEL_FAMILIES if re.search(pattern, name, re.IGNORECASE)), "other")
+        totals[family] = totals.get(family, 0.0) + ms
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+def _families_table(families: dict[str, float]) -> str:
+    total = sum(families.values()) or 1.0
+    rows = [f"| {f} | {ms:.1f} | {100 * ms / total:.0f}% |" for f, ms in families.items()]
+    return "\n".join(["| kernels | ms per step | share |", "|---|---|---|", *rows]) + "\n\n"
+
+
 def _profile(model: nn.Module, loss_fn, batch: dict, opt: torch.optim.Optimizer, device: torch.device,  # noqa: ANN001
-             path: Path, offload: bool) -> str:
-    """Two profiled training steps; the per-kernel table (sorted by device time) goes to `path`."""
+             path: Path, offload: bool) -> tuple[str, dict[str, float]]:
+    """Two profiled training steps; the kernels' device time per family (`kernel_families`) and the per-kernel
+    table (sorted by device time) go to `path`. Returns the path and the families' ms per step."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -188,14 +221,17 @@ def _profile(model: nn.Module, loss_fn, batch: dict, opt: torch.optim.Optimizer,
         wall = (time.perf_counter() - t0) / 2
     averages = prof.key_averages()
     # kernel rows only: operator rows repeat the time of the kernels they launched
-    kernels = sum(e.self_device_time_total for e in averages if e.device_type == DeviceType.CUDA) / 2e3  # ms/step
+    per_kernel = [(e.key, e.self_device_time_total / 2e3) for e in averages if e.device_type == DeviceType.CUDA]
+    kernels = sum(ms for _, ms in per_kernel)  # ms per step
+    families = kernel_families(per_kernel)
     cpu = sum(e.self_cpu_time_total for e in averages) / 2e3
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     path.parent.mkdir(parents=True, exist_ok=True)
     head = (f"per step (profiled, so slower than measured): wall {1e3 * wall:.1f} ms, device kernels {kernels:.1f} ms "
             f"(busy {100 * kernels / (1e3 * wall):.0f}%), host ops {cpu:.1f} ms\n\n")
+    head += _families_table(families) if families else ""
     path.write_text(head + averages.table(sort_by=key, row_limit=60, max_name_column_width=90))
-    return str(path)
+    return str(path), families
 
 
 def build_variant(v: Variant, model_cfg: ModelConfig, peft_cfg: PeftConfig, device: torch.device,
@@ -270,8 +306,10 @@ def measure(v: Variant, model: nn.Module, steps: list, b: BenchConfig, device: t
         if not math.isfinite(float(loss.detach())):
             raise RuntimeError(f"non-finite loss at step {i}")
     if b.profile:
-        result["profile"] = _profile(model, loss_fn, to_device(to_batch(steps[-1], v.packed, v.stock), device),
-                                     opt, device, out_dir / f"profile_{v.name}{_suffix(v.memory)}.txt", offload)
+        result["profile"], families = _profile(model, loss_fn, to_device(to_batch(steps[-1], v.packed, v.stock), device),
+                                               opt, device, out_dir / f"profile_{v.name}{_suffix(v.memory)}.txt", offload)
+        if families:
+            result["profile_kernel_ms"] = families
     step = statistics.median(times)
     tps = statistics.median(t / s for t, s in zip(tokens, times))
     result.update(step_ms=1000 * step, tokens_per_sec=tps, tokens_per_step=statistics.mean(tokens),

@@ -450,3 +450,38 @@ def test_cover_length_specialisation_respects_max_len() -> None:
     step = [64, 64]  # a multiple already; made not one without passing max_len
     bench_variants.cover_length_specialisation(step, multiple=False, max_len=64)
     assert step == [64, 63]
+
+
+def test_profiled_kernels_are_grouped_by_what_they_do() -> None:
+    """Names as torch's profiler reports them on an H200 (cuBLAS, mamba-ssm, causal-conv1d, flash attention,
+    inductor, ATen); the first matching family takes a kernel, the rest is "other"."""
+    kernels = [
+        ("nvjet_tst_256x128_64x4_1x2_h_bz_coopA_NTT", 10.0),
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", 5.0),
+        ("_chunk_scan_chunk_state_bwd_dx_kernel", 2.0),
+        ("_state_passing_fwd_kernel", 0.5),
+        ("_chunk_cumsum_fwd_kernel", 0.25),
+        ("void causal_conv1d_channellast_bwd_kernel<Causal_conv1d_channellast_bwd_kernel_traits<128, 4>>", 1.0),
+        ("void flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits>", 0.75),
+        ("_layer_norm_fwd_1pass_kernel", 0.5),
+        ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float>", 0.25),
+        ("triton_red_fused__to_copy_mul_silu_0", 3.0),
+        ("void at::native::vectorized_elementwise_kernel<8, at::native::bfloat16_copy_kernel_cuda>", 0.5),
+        ("void at::native::(anonymous namespace)::CatArrayBatchedCopy<at::native::OpaqueType<2u>>", 0.25),
+        ("Memcpy DtoD (Device -> Device)", 0.25),
+        ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", 0.125),
+        ("Memset (Device)", 0.125),
+        ("void at::native::reduce_kernel<128, 4, at::native::ReduceOp<float>>", 0.5),
+        ("void at::native::tensor_kernel_scan_innermost_dim<float, std::plus<float>>", 0.25),
+        ("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor<float>>", 0.375),
+        ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>", 1.5),
+        ("void at::native::index_elementwise_kernel<128, 4, flip_kernel_impl>", 0.125),
+        ("some_new_kernel", 0.0625),
+    ]
+    families = bench_variants.kernel_families(kernels)
+    assert families == {
+        "matmul": 15.0, "compiled (inductor: SwiGLU, loss)": 3.0, "Mamba-2 scan (mamba-ssm)": 2.75,
+        "other elementwise": 1.625, "conv (causal-conv1d)": 1.0, "copies": 1.0, "attention": 0.75, "norms": 0.75,
+        "reductions, cumsums": 0.75, "optimizer": 0.375, "fills": 0.25, "other": 0.0625}
+    assert list(families) == sorted(families, key=lambda f: -families[f])
+    assert sum(families.values()) == sum(ms for _, ms in kernels)
