@@ -155,12 +155,14 @@ def conv_scan_params(mixer: BambaMixer) -> tuple[tuple, tuple]:
 
 
 def conv_scan(mixer: BambaMixer, xbc: torch.Tensor, dt: torch.Tensor, seq_idx: torch.Tensor | None,
-              ops: type = KernelOps) -> torch.Tensor:
+              ops: type | None = None) -> torch.Tensor:
     """y = scan(silu(conv(xbc))) for (b, t, conv_dim) `xbc`, (b, t, heads) `dt`; returns (b, t, heads, head_dim).
 
     The kernels run through `mixer.conv_scan_graphs` (CUDA graphs, with their own ops) when it is set. Rows too
-    long for the kernels' 32-bit offsets run in pieces (bamba_ft.ops.longseq), with direct kernel calls.
+    long for the kernels' 32-bit offsets run in pieces (bamba_ft.ops.longseq), with direct kernel calls. `ops`
+    (default: `mixer.conv_scan_ops` where set, else `KernelOps`) makes the kernel calls.
     """
+    ops = ops or mixer.__dict__.get("conv_scan_ops") or KernelOps
     params, rest = conv_scan_params(mixer)
     args = (xbc, dt, *params, seq_idx)
     if longseq.needs_pieces(xbc.shape[0], xbc.shape[1], longseq.token_cost(xbc, dt, rest[0], rest[1])):

@@ -37,13 +37,16 @@ def test_rehearsal_runs_each_timed_batch_once_before_timing_it(monkeypatch: pyte
     assert result["tokens_per_step"] == sum(sum(map(len, s)) for s in steps[1:]) / 2  # the timed steps only
 
 
-def test_graphs_variant_reports_why_it_cannot_run_on_cpu() -> None:
+@pytest.mark.parametrize("name,error", [
+    ("bamba_ft_graphs", "ModelError: model.cuda_graphs=true replays the fused CUDA conv+scan"),
+    ("bamba_ft_triton_conv", "RuntimeError: bamba_ft_triton_conv replaces the CUDA kernels' conv; the model is not "
+                             "on a CUDA device")])
+def test_cuda_kernel_variants_report_why_they_cannot_run_on_cpu(name: str, error: str) -> None:
     b = BenchConfig(warmup_steps=0, steps=1, seqs_per_step=1, median_len=8, max_len=8)
     steps = bench_variants.make_steps(b, 128, 0)
-    result = bench_variants.run_variant(bench_variants.VARIANTS["bamba_ft_graphs"],
-                                        ModelConfig(init="random", shape="tiny"), PeftConfig(), steps, b,
-                                        torch.device("cpu"), seed=0)
-    assert result["error"].startswith("ModelError: model.cuda_graphs=true replays the fused CUDA conv+scan")
+    result = bench_variants.run_variant(bench_variants.VARIANTS[name], ModelConfig(init="random", shape="tiny"),
+                                        PeftConfig(), steps, b, torch.device("cpu"), seed=0)
+    assert result["error"].startswith(error)
 
 
 def test_fp8_variant_trains_every_adapter_on_cpu() -> None:
@@ -485,3 +488,4 @@ def test_profiled_kernels_are_grouped_by_what_they_do() -> None:
         "reductions, cumsums": 0.75, "optimizer": 0.375, "fills": 0.25, "other": 0.0625}
     assert list(families) == sorted(families, key=lambda f: -families[f])
     assert sum(families.values()) == sum(ms for _, ms in kernels)
+

@@ -168,6 +168,18 @@ def test_kept_scan_states_reach_the_backward_and_change_nothing(policy: str, che
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+def test_a_mixer_may_carry_its_own_kernel_calls() -> None:
+    """`mixer.conv_scan_ops` (how the bench's bamba_ft_triton_conv swaps the conv) is used when no ops are given."""
+    model = make_model(torch.float64, mamba_n_heads=8, mamba_d_head=16, mamba_chunk_size=8)
+    mixer = model.model.layers[0].mamba
+    zxbcdt = torch.randn(1, 20, mixer.in_proj.out_features, dtype=torch.float64)
+    _, xbc, dt = zxbcdt.split([mixer.intermediate_size, mixer.conv_dim, mixer.num_heads], dim=-1)
+    TorchOps.calls.clear()
+    mixer.conv_scan_ops = TorchOps
+    conv_scan(mixer, xbc, dt, None)
+    assert TorchOps.calls["conv_fwd"] == 1
+
+
 def test_a_misspelt_scan_states_policy_names_the_key() -> None:
     from bamba_ft.config.schema import RunConfig, validate
     from bamba_ft.errors import ConfigError
