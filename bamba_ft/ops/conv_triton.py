@@ -100,17 +100,18 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, dy_ptr, dx_ptr, dw_ptr, db_pt
             dpre = dpre * sg * (1.0 + pre * (1.0 - sg))
         w_tap = tl.load(w_ptr + c * swc + (W - 1 - d) * swk, mask=cm, other=0.0).to(tl.float32)
         dx += dpre * w_tap[None, :]
-        if WGRAD and d == 0:  # dpre of the tile's own rows: the weight's and the bias's gradients
-            if HAS_BIAS:
-                tl.atomic_add(db_ptr + c, tl.sum(dpre, axis=0), mask=cm)
-            for k in tl.static_range(W):
-                src = t - (W - 1) + k
-                ok = tm & (src >= 0)
-                if HAS_SEQ:
-                    ok = ok & (tl.load(seq_ptr + src * sst, mask=ok, other=-2) == s_t)
-                xv = tl.load(x_ptr + src[:, None] * sxt + c[None, :] * sxc, mask=ok[:, None] & cm[None, :],
-                             other=0.0).to(tl.float32)
-                tl.atomic_add(dw_ptr + c * W + k, tl.sum(dpre * xv, axis=0), mask=cm)
+        if WGRAD:
+            if d == 0:  # dpre of the tile's own rows: the weight's and the bias's gradients
+                if HAS_BIAS:
+                    tl.atomic_add(db_ptr + c, tl.sum(dpre, axis=0), mask=cm)
+                for k in tl.static_range(W):
+                    src = t - (W - 1) + k
+                    ok = tm & (src >= 0)
+                    if HAS_SEQ:
+                        ok = ok & (tl.load(seq_ptr + src * sst, mask=ok, other=-2) == s_t)
+                    xv = tl.load(x_ptr + src[:, None] * sxt + c[None, :] * sxc, mask=ok[:, None] & cm[None, :],
+                                 other=0.0).to(tl.float32)
+                    tl.atomic_add(dw_ptr + c * W + k, tl.sum(dpre * xv, axis=0), mask=cm)
     tl.store(dx_ptr + t[:, None] * sdxt + c[None, :] * sdxc, dx.to(dx_ptr.dtype.element_ty),
              mask=tm[:, None] & cm[None, :])
 
