@@ -20,7 +20,11 @@ import triton.language as tl
 
 from bamba_ft.ops.kernels import KernelOps
 
-BLOCK_T, BLOCK_C = 32, 128
+# (tokens, channels, warps) per program, chosen so that ptxas spills no registers for sm_90 (ptxas -v on the
+# kernels' PTX): the backward's unrolled taps keep many tiles of addresses live. The weight gradient takes
+# taller tiles, for half the atomics.
+FWD_BLOCK = (16, 128, 8)
+BWD_BLOCK = {False: (8, 128, 4), True: (16, 128, 8)}  # by whether the weight and bias gradients are computed
 
 
 @triton.jit
@@ -129,11 +133,12 @@ def conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, s
     b, c, t = x.shape
     y = torch.empty((b, t, c), dtype=x.dtype, device=x.device).transpose(1, 2)
     seq, ssb, sst = _seq(seq_idx, x)
-    grid = (triton.cdiv(t, BLOCK_T), triton.cdiv(c, BLOCK_C), b)
+    bt, bc, warps = FWD_BLOCK
+    grid = (triton.cdiv(t, bt), triton.cdiv(c, bc), b)
     _conv_fwd_kernel[grid](x, weight, bias if bias is not None else weight, seq, y, t, c,
                            x.stride(0), x.stride(2), x.stride(1), y.stride(0), y.stride(2), y.stride(1), ssb, sst,
                            weight.stride(0), weight.stride(1), HAS_BIAS=bias is not None,
-                           HAS_SEQ=seq_idx is not None, SILU=silu, W=weight.shape[1], BT=BLOCK_T, BC=BLOCK_C)
+                           HAS_SEQ=seq_idx is not None, SILU=silu, W=weight.shape[1], BT=bt, BC=bc, num_warps=warps)
     return y
 
 
@@ -148,13 +153,14 @@ def conv_bwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, d
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if wgrad else None
     db = torch.zeros(c, dtype=torch.float32, device=x.device) if wgrad and bias is not None else None
     seq, ssb, sst = _seq(seq_idx, x)
-    grid = (triton.cdiv(t, BLOCK_T), triton.cdiv(c, BLOCK_C), b)
+    bt, bc, warps = BWD_BLOCK[wgrad]
+    grid = (triton.cdiv(t, bt), triton.cdiv(c, bc), b)
     _conv_bwd_kernel[grid](x, weight, bias if bias is not None else weight, seq, dout, dx,
                            dw if dw is not None else x, db if db is not None else x, t, c,
                            x.stride(0), x.stride(2), x.stride(1), dout.stride(0), dout.stride(2), dout.stride(1),
                            dx.stride(0), dx.stride(2), dx.stride(1), ssb, sst, weight.stride(0), weight.stride(1),
                            HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None, SILU=silu,
-                           W=weight.shape[1], WGRAD=wgrad, BT=BLOCK_T, BC=BLOCK_C)
+                           W=weight.shape[1], WGRAD=wgrad, BT=bt, BC=bc, num_warps=warps)
     return (dx, dw.to(weight.dtype) if dw is not None else None, db.to(bias.dtype) if db is not None else None)
 
 
