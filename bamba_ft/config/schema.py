@@ -74,7 +74,7 @@ class ModelConfig:
     recomputes them there as mamba-ssm's backward does (recompute). Keeping saves about 6% of the conv+scan's
     kernel time and holds about 19 KB per token and Mamba-2 layer at the Bamba-9B shape until backward. auto keeps
     them in checkpointed layers only (model.gradient_checkpointing), where they live just while their layer's
-    backward runs."""
+    backward runs. The CUDA graphs of model.cuda_graphs=true always recompute them."""
     cuda_graphs: bool = False
     """Experimental: replay the Mamba-2 mixer's conv+scan kernels as CUDA graphs (`kernels` mixer with causal-conv1d
     only), every length bucket up to data.max_tokens_per_batch captured before the first step. Less CPU per step,
