@@ -262,3 +262,34 @@ def test_modes_find_mamba_and_attention_layers_in_every_family(shape: str, expec
     for mode, layers in expected.items():
         assert apply_checkpointing(model, mode) == layers
         assert [i for i, layer in enumerate(model.model.layers) if layer.gradient_checkpointing] == layers
+
+
+@pytest.mark.parametrize("mode", ["none", "mamba", "all"])
+def test_auto_keeps_scan_states_only_in_checkpointed_layers_and_changes_no_number(
+        monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """model.scan_states=auto through a whole LoRA model, its conv+scan fused (torch stand-ins for the kernels): the
+    Mamba layers that are checkpointed keep the scan's states, made again by the recompute in backward, and the
+    others recompute them; the loss and every LoRA gradient equal the recomputing path's (float64, 1e-10)."""
+    from bamba_ft.config.schema import Mixer
+    from bamba_ft.ops import mamba2
+    from tests.unit.test_conv_scan import KeepingTorchOps, TorchOps
+
+    monkeypatch.setitem(mamba2._CONV_SCANS, Mixer.TORCH, mamba2.conv_scan)
+    model = lora_model()
+    mixers = [m for m in model.modules() if isinstance(m, mamba2.SegmentAwareMixer)]
+    batch = packed_batch([5, 17, 9])
+    apply_checkpointing(model, mode)
+    results, calls = {}, {}
+    for ops in (TorchOps, KeepingTorchOps):
+        for m in mixers:
+            m.conv_scan_ops = ops
+        TorchOps.calls.clear()
+        KeepingTorchOps.kept.clear()
+        results[ops] = loss_and_grads(model, batch, offload=False)
+        calls[ops] = dict(TorchOps.calls)
+    checkpointed_mamba = len(set(EXPECTED[mode]) & {0, 2, 3})
+    assert calls[KeepingTorchOps].get("scan_bwd_kept", 0) == checkpointed_mamba
+    assert calls[KeepingTorchOps].get("scan_fwd_keep", 0) == 2 * checkpointed_mamba  # forward, then the recompute
+    torch.testing.assert_close(results[KeepingTorchOps][0], results[TorchOps][0], rtol=0, atol=1e-10)
+    for name, g in results[TorchOps][1].items():
+        torch.testing.assert_close(results[KeepingTorchOps][1][name], g, rtol=0, atol=1e-10, msg=name)
