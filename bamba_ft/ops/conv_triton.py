@@ -20,11 +20,12 @@ import triton.language as tl
 
 from bamba_ft.ops.kernels import KernelOps
 
-# (tokens, channels, warps) per program, chosen so that ptxas spills no registers for sm_90 (ptxas -v on the
-# kernels' PTX): the backward's unrolled taps keep many tiles of addresses live. The weight gradient takes
-# taller tiles, for half the atomics.
-FWD_BLOCK = (16, 128, 8)
-BWD_BLOCK = {False: (8, 128, 4), True: (16, 128, 8)}  # by whether the weight and bias gradients are computed
+# (tokens, channels, warps) per program that Triton's autotuner chooses from, per channel count and dtype: shapes
+# for which ptxas spills no registers in any of the three kernels (forward; backward with and without the weight
+# gradient) for sm_90 (ptxas -v on their PTX, Triton 3.6): the backward's unrolled taps keep many tiles of
+# addresses live, and 32 x 128 with 4 warps spilled 2 KB per thread there.
+BLOCKS = ((16, 128, 8), (8, 256, 8), (32, 64, 8), (16, 64, 4), (8, 128, 4))
+_CONFIGS = [triton.Config({"BT": bt, "BC": bc}, num_warps=warps) for bt, bc, warps in BLOCKS]
 
 
 @triton.jit
@@ -120,6 +121,18 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, dy_ptr, dx_ptr, dw_ptr, db_pt
              mask=tm[:, None] & cm[None, :])
 
 
+_fwd_tuned = triton.autotune(_CONFIGS, key=["C"])(_conv_fwd_kernel)
+_bwd_tuned = triton.autotune(_CONFIGS, key=["C", "WGRAD"], reset_to_zero=["dw_ptr", "db_ptr"])(_conv_bwd_kernel)
+
+
+def _launch(tuned, kernel, grid_of, block: tuple[int, int, int] | None, *args, **meta) -> None:  # noqa: ANN001
+    """`tuned` (the autotuner) over `grid_of(BT, BC)`, or `kernel` at the given (BT, BC, warps) `block`."""
+    if block is None:
+        tuned[lambda m: grid_of(m["BT"], m["BC"])](*args, **meta)
+    else:
+        kernel[grid_of(block[0], block[1])](*args, **meta, BT=block[0], BC=block[1], num_warps=block[2])
+
+
 def _seq(seq_idx: torch.Tensor | None, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     if seq_idx is None:
         return x, 0, 0  # a placeholder pointer, never read (HAS_SEQ=False)
@@ -127,40 +140,40 @@ def _seq(seq_idx: torch.Tensor | None, x: torch.Tensor) -> tuple[torch.Tensor, i
 
 
 def conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, seq_idx: torch.Tensor | None,
-             silu: bool = True) -> torch.Tensor:
+             silu: bool = True, block: tuple[int, int, int] | None = None) -> torch.Tensor:
     """silu(conv(x)) for `x` (batch, channels, tokens), any strides; returns a (batch, channels, tokens) view of
-    channel-last (batch, tokens, channels) memory, as causal-conv1d does for channel-last input."""
+    channel-last (batch, tokens, channels) memory, as causal-conv1d does for channel-last input. `block`: one of
+    `BLOCKS` instead of the autotuner's choice."""
     b, c, t = x.shape
     y = torch.empty((b, t, c), dtype=x.dtype, device=x.device).transpose(1, 2)
     seq, ssb, sst = _seq(seq_idx, x)
-    bt, bc, warps = FWD_BLOCK
-    grid = (triton.cdiv(t, bt), triton.cdiv(c, bc), b)
-    _conv_fwd_kernel[grid](x, weight, bias if bias is not None else weight, seq, y, t, c,
-                           x.stride(0), x.stride(2), x.stride(1), y.stride(0), y.stride(2), y.stride(1), ssb, sst,
-                           weight.stride(0), weight.stride(1), HAS_BIAS=bias is not None,
-                           HAS_SEQ=seq_idx is not None, SILU=silu, W=weight.shape[1], BT=bt, BC=bc, num_warps=warps)
+    _launch(_fwd_tuned, _conv_fwd_kernel, lambda bt, bc: (triton.cdiv(t, bt), triton.cdiv(c, bc), b), block,
+            x, weight, bias if bias is not None else weight, seq, y, t, c,
+            x.stride(0), x.stride(2), x.stride(1), y.stride(0), y.stride(2), y.stride(1), ssb, sst,
+            weight.stride(0), weight.stride(1), HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None, SILU=silu,
+            W=weight.shape[1])
     return y
 
 
 def conv_bwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dout: torch.Tensor,
-             seq_idx: torch.Tensor | None, dx: torch.Tensor | None = None, silu: bool = True,
-             wgrad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+             seq_idx: torch.Tensor | None, dx: torch.Tensor | None = None, silu: bool = True, wgrad: bool = True,
+             block: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(dx, dweight, dbias) of `conv_fwd` for the (batch, channels, tokens) gradient `dout`; `dx`, when given
-    (shaped as `x`), receives the input gradient. Without `wgrad` (a frozen conv) dweight and dbias are None."""
+    (shaped as `x`), receives the input gradient. Without `wgrad` (a frozen conv) dweight and dbias are None.
+    `block`: one of `BLOCKS` instead of the autotuner's choice."""
     b, c, t = x.shape
     if dx is None:
         dx = torch.empty((b, t, c), dtype=x.dtype, device=x.device).transpose(1, 2)
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if wgrad else None
     db = torch.zeros(c, dtype=torch.float32, device=x.device) if wgrad and bias is not None else None
+    unused = torch.zeros(1, dtype=torch.float32, device=x.device)  # stands in for dw / db: the autotuner zeroes it
     seq, ssb, sst = _seq(seq_idx, x)
-    bt, bc, warps = BWD_BLOCK[wgrad]
-    grid = (triton.cdiv(t, bt), triton.cdiv(c, bc), b)
-    _conv_bwd_kernel[grid](x, weight, bias if bias is not None else weight, seq, dout, dx,
-                           dw if dw is not None else x, db if db is not None else x, t, c,
-                           x.stride(0), x.stride(2), x.stride(1), dout.stride(0), dout.stride(2), dout.stride(1),
-                           dx.stride(0), dx.stride(2), dx.stride(1), ssb, sst, weight.stride(0), weight.stride(1),
-                           HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None, SILU=silu,
-                           W=weight.shape[1], WGRAD=wgrad, BT=bt, BC=bc, num_warps=warps)
+    _launch(_bwd_tuned, _conv_bwd_kernel, lambda bt, bc: (triton.cdiv(t, bt), triton.cdiv(c, bc), b), block,
+            x, weight, bias if bias is not None else weight, seq, dout, dx,
+            dw if dw is not None else unused, db if db is not None else unused, t, c,
+            x.stride(0), x.stride(2), x.stride(1), dout.stride(0), dout.stride(2), dout.stride(1),
+            dx.stride(0), dx.stride(2), dx.stride(1), ssb, sst, weight.stride(0), weight.stride(1),
+            HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None, SILU=silu, W=weight.shape[1], WGRAD=wgrad)
     return (dx, dw.to(weight.dtype) if dw is not None else None, db.to(bias.dtype) if db is not None else None)
 
 

@@ -21,4 +21,4 @@ def test_triton_conv_matches_the_reference_forward_and_backward_in_the_interpret
     run = subprocess.run([sys.executable, "-m", "tests.unit.conv_triton_check"], cwd=root, env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count("ok") == 6
+    assert run.stdout.count("ok") == 6 + 4  # six cases at the first block shape, the others on one
