@@ -28,7 +28,6 @@ import math
 import re
 import statistics
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -42,11 +41,10 @@ from bamba_ft.jobs.runtime import autocast_for, to_device
 from bamba_ft.model.build import build_model
 from bamba_ft.model.lora import apply_peft
 from bamba_ft.model.memory import activation_memory, apply_checkpointing
-from bamba_ft.model.mixer import prepare_graphs, scan_states
+from bamba_ft.model.mixer import on_mixers, prepare_graphs, scan_states
 from bamba_ft.model.objective import mean_loss
 from bamba_ft.model.quant import base_weight_bytes
 from bamba_ft.ops.loss import causal_lm
-from bamba_ft.ops.mamba2 import SegmentAwareMixer
 
 OOM = "OOM"
 MAX_REDRAWS = 100  # a step whose packed length the run has seen is drawn again at most this often
@@ -394,24 +392,15 @@ def _measure_with_conv(v: Variant, model: nn.Module, *args) -> dict:  # noqa: AN
         return measure(v, model, *args)
 
 
-@contextlib.contextmanager
-def _conv_ops(model: nn.Module, triton_conv: bool) -> Iterator[None]:
+def _conv_ops(model: nn.Module, triton_conv: bool) -> contextlib.AbstractContextManager:
     """With `triton_conv`, the model's segment-aware mixers run bamba_ft's Triton conv in the block."""
     if not triton_conv:
-        yield
-        return
+        return contextlib.nullcontext()
     if next(model.parameters()).device.type != "cuda":
         raise RuntimeError("bamba_ft_triton_conv replaces the CUDA kernels' conv; the model is not on a CUDA device")
     from bamba_ft.ops.conv_triton import TritonConvOps  # imports Triton: only where this variant runs
 
-    mixers = [m for m in model.modules() if isinstance(m, SegmentAwareMixer)]
-    for m in mixers:
-        m.conv_scan_ops = TritonConvOps
-    try:
-        yield
-    finally:
-        for m in mixers:
-            del m.conv_scan_ops
+    return on_mixers(model, conv_scan_ops=TritonConvOps)
 
 
 def _attention_backends(v: Variant) -> contextlib.AbstractContextManager:

@@ -15,6 +15,7 @@ across sequences, so packed batches are refused there.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -56,7 +57,7 @@ def install_mixer(model: nn.Module, mixer: str = Mixer.AUTO, cuda_graphs: bool =
     scan_states: whether the kernels' scan keeps its chunk states for backward (`model.scan_states`).
     """
     choice = pick({m.value: m for m in Mixer}, mixer, "model.mixer")
-    states = pick({s.value: s for s in ScanStates}, scan_states, "model.scan_states")
+    states = _scan_states(scan_states)
     family = family_of(model)
     mixers = _mixers(model, family)
     if choice == Mixer.HF:
@@ -108,21 +109,34 @@ def prepare_graphs(model: nn.Module, longest: int, dtype: torch.dtype, rows: int
     return captured
 
 
+def _scan_states(value: str) -> ScanStates:
+    return pick({s.value: s for s in ScanStates}, value, "model.scan_states")
+
+
 @contextmanager
-def scan_states(model: nn.Module, policy: str | None) -> Iterator[None]:
-    """Inside the block, `model`'s segment-aware mixers follow `policy` (a `model.scan_states` value; None: as
-    installed)."""
+def on_mixers(model: nn.Module, **attributes: object) -> Iterator[None]:
+    """Inside the block, `model`'s segment-aware mixers carry `attributes`; afterwards what they had before (an
+    attribute a mixer did not have is removed again)."""
     mixers = [m for m in model.modules() if isinstance(m, SegmentAwareMixer)]
-    before = [m.scan_states for m in mixers]
-    if policy is not None:
-        chosen = pick({s.value: s for s in ScanStates}, policy, "model.scan_states")
-        for m in mixers:
-            m.scan_states = chosen
+    before = [{k: m.__dict__[k] for k in attributes if k in m.__dict__} for m in mixers]
+    for m in mixers:
+        for k, v in attributes.items():
+            setattr(m, k, v)
     try:
         yield
     finally:
-        for m, was in zip(mixers, before):
-            m.scan_states = was
+        for m, had in zip(mixers, before):
+            for k in attributes:
+                if k in had:
+                    setattr(m, k, had[k])
+                else:
+                    m.__dict__.pop(k, None)
+
+
+def scan_states(model: nn.Module, policy: str | None) -> contextlib.AbstractContextManager:
+    """Inside the block, `model`'s segment-aware mixers follow `policy` (a `model.scan_states` value; None: as
+    installed)."""
+    return contextlib.nullcontext() if policy is None else on_mixers(model, scan_states=_scan_states(policy))
 
 
 @contextmanager

@@ -169,3 +169,23 @@ def test_install_mixer_refuses_an_unknown_choice_naming_every_model_mixer_value(
                                           rf"Valid: {valid}"):
         install_mixer(model, "kernel")
     assert install_mixer(model, "torch") == "torch" == Mixer.TORCH
+
+
+def test_on_mixers_sets_attributes_in_the_block_and_restores_them() -> None:
+    """What the bench's per-measurement switches rely on: a value the mixers had comes back, one they did not
+    have is removed again, also when the block raises."""
+    from bamba_ft.config.schema import ScanStates
+    from bamba_ft.model.mixer import on_mixers, scan_states
+
+    model = make_model(torch.float32)
+    install_mixer(model, "torch", scan_states="recompute")
+    mixers = [m for m in model.modules() if hasattr(m, "keeps_scan_states")]
+    assert mixers
+    with pytest.raises(RuntimeError, match="inside"), on_mixers(model, scan_states=ScanStates.KEEP, conv_scan_ops=int):
+        assert all(m.scan_states == ScanStates.KEEP and m.conv_scan_ops is int for m in mixers)
+        raise RuntimeError("inside")
+    assert all(m.scan_states == ScanStates.RECOMPUTE and "conv_scan_ops" not in m.__dict__ for m in mixers)
+    with scan_states(model, "keep"):
+        assert all(m.keeps_scan_states() for m in mixers)
+    with scan_states(model, None):
+        assert not any(m.keeps_scan_states() for m in mixers)
