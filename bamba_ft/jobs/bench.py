@@ -3,8 +3,8 @@
 The variants (bench.variants), the batches they share and one measurement live in bench_variants.py. Each
 variant runs under every `bench.memory_modes` entry, and a built model serves every mode.
 `bench.repeats` measures every variant again after the others (interleaved, the order rotated by one place each
-repeat), each run on fresh batches, and reuses the built models; `bench.rehearse` may list both warm-up regimes. Sweeps live in bench_sweeps.py and the
-report (medians, ranges, ratios, the Headline line) in bench_report.py.
+repeat), each run on fresh batches, and reuses the built models; `bench.rehearse` may list both warm-up regimes.
+Sweeps live in bench_sweeps.py and the report (medians, ranges, ratios, the Headline line) in bench_report.py.
 """
 
 from __future__ import annotations

@@ -33,8 +33,8 @@ APPLIED = ("optim.", "trainer.max_steps", "trainer.max_epochs", "trainer.val_che
            "trainer.gradient_clip_val", "trainer.limit_val_batches", "trainer.enable_progress_bar",
            "trainer.precision", "trainer.accelerator", "trainer.deterministic", "trainer.num_sanity_val_steps",
            "model.dtype", "model.attn_implementation", "model.mixer", "model.gradient_checkpointing",
-           "model.activation_offload", "model.cuda_graphs",
-           "model.scan_states", "data.num_proc", "data.num_workers", "data.max_val_examples", "eval.", "logger.")
+           "model.activation_offload", "model.cuda_graphs", "model.scan_states", "data.num_proc", "data.num_workers",
+           "data.max_val_examples", "eval.", "logger.")
 # Keys that set how many ranks share a step and how many batches each accumulates: a resume may change them when
 # ranks x accumulated batches (the batches of one optimizer step) stays the same (`resume_on_ranks` checks that).
 RANKS = ("trainer.devices", "trainer.num_nodes", "trainer.accumulate_grad_batches")

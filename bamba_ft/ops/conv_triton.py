@@ -166,7 +166,8 @@ def conv_bwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, d
         dx = torch.empty((b, t, c), dtype=x.dtype, device=x.device).transpose(1, 2)
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if wgrad else None
     db = torch.zeros(c, dtype=torch.float32, device=x.device) if wgrad and bias is not None else None
-    unused = torch.zeros(1, dtype=torch.float32, device=x.device)  # stands in for dw / db: the autotuner zeroes it
+    # a stand-in for an absent dw or db, which the kernel never writes (the autotuner zeroes it)
+    unused = torch.zeros(1, dtype=torch.float32, device=x.device) if dw is None or db is None else None
     seq, ssb, sst = _seq(seq_idx, x)
     _launch(_bwd_tuned, _conv_bwd_kernel, lambda bt, bc: (triton.cdiv(t, bt), triton.cdiv(c, bc), b), block,
             x, weight, bias if bias is not None else weight, seq, dout, dx,
