@@ -28,6 +28,7 @@ import math
 import re
 import statistics
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from torch import nn
 from bamba_ft.config.schema import BenchConfig, Mixer, ModelConfig, PeftConfig, QuantConfig
 from bamba_ft.data.packing import LOSS_INDEX, collate_packed, collate_padded
 from bamba_ft.jobs import bench_ranks as ranks
+from bamba_ft.jobs.compiles import CompileWatch
 from bamba_ft.jobs.runtime import autocast_for, to_device
 from bamba_ft.model.build import build_model
 from bamba_ft.model.lora import apply_peft
@@ -231,7 +233,9 @@ def _profile(model: nn.Module, loss_fn, batch: dict, opt: torch.optim.Optimizer,
     cpu = sum(e.self_cpu_time_total for e in averages) / 2e3
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     path.parent.mkdir(parents=True, exist_ok=True)
-    head = (f"per step (profiled, so slower than measured): wall {1e3 * wall:.1f} ms, device kernels {kernels:.1f} ms "
+    tokens = int(batch["input_ids"].numel()) if "input_ids" in batch else None
+    head = (f"per step of the last timed batch ({tokens} token positions; profiled, so slower than measured): "
+            f"wall {1e3 * wall:.1f} ms, device kernels {kernels:.1f} ms "
             f"(busy {100 * kernels / (1e3 * wall):.0f}%), host ops {cpu:.1f} ms\n\n")
     head += _families_table(families) if families else ""
     path.write_text(head + averages.table(sort_by=key, row_limit=60, max_name_column_width=90))
@@ -288,27 +292,30 @@ def measure(v: Variant, model: nn.Module, steps: list, b: BenchConfig, device: t
                                                    next(causal_lm(model).parameters()).dtype)
         sync_device(device)
         result["graph_capture_s"] = time.perf_counter() - t0
-    times, tokens = [], []
+    times, tokens, compiled = [], [], []
     untimed = b.warmup_steps + (b.steps if b.rehearse else 0)
     if b.rehearse:  # the timed batches once more, untimed, before they are timed
         steps = steps[: b.warmup_steps] + steps[b.warmup_steps :] * 2
-    for i, seqs in enumerate(steps):
-        batch = to_device(to_batch(seqs, v.packed, v.stock), device)
-        sync_device(device)
-        t0 = time.perf_counter()
-        with autocast_for(causal_lm(model), device), activation_memory(model, offload):
-            loss = step_fn(batch)
-        loss.backward()
-        if i == 0:
-            result["adapters_with_grad"], result["adapters"] = _adapter_coverage(model)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync_device(device)
-        if i >= untimed:
-            times.append(time.perf_counter() - t0)
-            tokens.append(sum(len(s) for s in seqs))
-        if not math.isfinite(float(loss.detach())):
-            raise RuntimeError(f"non-finite loss at step {i}")
+    with CompileWatch() as watch:
+        for i, seqs in enumerate(steps):
+            batch = to_device(to_batch(seqs, v.packed, v.stock), device)
+            sync_device(device)
+            watch.take()
+            t0 = time.perf_counter()
+            with autocast_for(causal_lm(model), device), activation_memory(model, offload):
+                loss = step_fn(batch)
+            loss.backward()
+            if i == 0:
+                result["adapters_with_grad"], result["adapters"] = _adapter_coverage(model)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync_device(device)
+            if i >= untimed:
+                times.append(time.perf_counter() - t0)
+                tokens.append(sum(len(s) for s in seqs))
+                compiled.append(watch.take())
+            if not math.isfinite(float(loss.detach())):
+                raise RuntimeError(f"non-finite loss at step {i}")
     if b.profile:
         result["profile"], families = _profile(model, loss_fn, to_device(to_batch(steps[-1], v.packed, v.stock), device),
                                                opt, device, out_dir / f"profile_{v.name}{_suffix(v.memory)}.txt", offload)
@@ -317,7 +324,11 @@ def measure(v: Variant, model: nn.Module, steps: list, b: BenchConfig, device: t
     step = statistics.median(times)
     tps = statistics.median(t / s for t, s in zip(tokens, times))
     result.update(step_ms=1000 * step, tokens_per_sec=tps, tokens_per_step=statistics.mean(tokens),
-                  final_loss=float(loss.detach()), linear_params=n_linear)
+                  final_loss=float(loss.detach()), linear_params=n_linear,
+                  step_ms_each=[round(1000 * t, 2) for t in times], tokens_each=tokens,
+                  compiles_each=[sum(c.values()) for c in compiled])
+    if any(compiled):  # what the timed steps compiled, by kernel: a one-off per process, in the step's time
+        result["compiled_in_timed_steps"] = dict(sum((Counter(c) for c in compiled), Counter()))
     peak = _peak_flops(device)
     if peak:
         result["mfu"] = 4 * n_linear * tps / peak
