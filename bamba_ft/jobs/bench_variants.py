@@ -101,8 +101,8 @@ def make_steps(b: BenchConfig, vocab: int, seed: int, seen: set[int] | None = No
 
     With `seen` (the packed lengths a run has used so far; updated), a lognormal step whose packed length is in
     it is drawn again, so that repeated runs in one process keep meeting shapes they have not run before.
-    With two or more warm-up steps, the first two cover both of Triton's length specialisations
-    (`cover_length_specialisation`).
+    The first warm-up steps (up to four) cover Triton's specialisations of the packed length and of the scan's
+    chunk count (`cover_specialisation`).
     """
     n_steps, k = b.warmup_steps + b.steps, b.seqs_per_step
     lengths = sample_lengths(b, n_steps * k, seed)
@@ -113,23 +113,57 @@ def make_steps(b: BenchConfig, vocab: int, seed: int, seen: set[int] | None = No
         for attempt in range(MAX_REDRAWS + 1):
             if attempt:
                 per_step[i] = sample_lengths(b, k, seed + 7919 * attempt + i)
-            if i < 2 <= b.warmup_steps:
-                cover_length_specialisation(per_step[i], multiple=i == 0, max_len=b.max_len)
-            if seen is None or sum(per_step[i]) not in seen:
+            covers = i < min(b.warmup_steps, len(COVER_TOKENS))
+            if covers:
+                cover_specialisation(per_step[i], i, b.max_len)
+            fixed = covers and isinstance(COVER_TOKENS[i], int)  # the same length in every repeat, on purpose
+            if seen is None or sum(per_step[i]) not in seen or fixed:
                 break
         if seen is not None:
             seen.add(sum(per_step[i]))
     return random_tokens(per_step, vocab, seed + 1)
 
 
+# The packed lengths of the first warm-up steps: drawn, then made a multiple of 16 or not; then two fixed ones
+# whose chunk count is a multiple of 16 at every power-of-two chunk size up to 256, one of them not a multiple of
+# 16 itself and one that is.
+COVER_TOKENS: tuple[str | int, ...] = ("multiple of 16", "not a multiple of 16", 4081, 4096)
+
+
+def cover_specialisation(step: list[int], i: int, max_len: int) -> None:
+    """Shape warm-up step `i` so that the first warm-up steps meet every specialisation Triton compiles for the
+    packed length T and the chunk count ceil(T / chunk_size) (`COVER_TOKENS`).
+
+    Triton specialises a kernel's integer arguments on their divisibility by 16, and mamba-ssm's kernels take
+    both T and the chunk count: a 3,962-token step (16 chunks of 256) recompiled the state-passing kernels in a
+    timed step on an H200 (1.95 s against 0.37 s for the next batch of similar size). A step too short to
+    reach 4,096 tokens (`max_len` x sequences) is left as drawn, as are its timed steps' chunk counts.
+    """
+    target = COVER_TOKENS[i]
+    if isinstance(target, str):
+        cover_length_specialisation(step, multiple=target == COVER_TOKENS[0], max_len=max_len)
+    elif len(step) * max_len >= target:
+        resize_step(step, target, max_len)
+
+
+def resize_step(step: list[int], tokens: int, max_len: int) -> None:
+    """Scale the sequence lengths of `step` to `tokens` in all (each in 1..`max_len`), keeping their proportions
+    to within a token."""
+    total = sum(step)
+    step[:] = [min(max_len, max(1, n * tokens // total)) for n in step]
+    i = 0
+    while (rest := tokens - sum(step)) != 0:  # rounding: one token at a time, where there is room
+        if (rest > 0 and step[i] < max_len) or (rest < 0 and step[i] > 1):
+            step[i] += 1 if rest > 0 else -1
+        i = (i + 1) % len(step)
+
+
 def cover_length_specialisation(step: list[int], multiple: bool, max_len: int) -> None:
     """Make the packed length of `step` a multiple of 16 (`multiple`) or not, changing its last sequence by fewer
     than 16 tokens (longer, or shorter where it would pass `max_len`).
 
-    Triton specialises a kernel's integer arguments on their divisibility by 16, so mamba-ssm's kernels compile
-    once more the first time a packed length is a multiple of 16 (seconds for the whole set: a 4,704-token step
-    once took 9.4 s on an H200, the steps around it 0.37-0.76 s). The benchmark's first two warm-up steps cover both
-    cases, so that no timed step pays for a compile.
+    mamba-ssm's kernels compile once more the first time a packed length is a multiple of 16 (seconds for the
+    whole set: a 4,704-token step once took 9.4 s on an H200, the steps around it 0.37-0.76 s).
     """
     rest = sum(step) % 16
     if multiple and rest:
