@@ -9,8 +9,6 @@ Variants (bench.variants):
 - bamba_ft_graphs: the same with the mixer's conv+scan replayed as CUDA graphs (`model.cuda_graphs=true`);
 - bamba_ft_keep_states: the same with the SSD scan keeping its chunk states for backward in every layer
   (`model.scan_states=keep`; it shares bamba_ft's model, switched per measurement);
-- bamba_ft_triton_conv: the same with the mixer's conv in Triton (bamba_ft/ops/conv_triton.py) instead of
-  causal-conv1d: a candidate kernel, on bamba_ft's model (CUDA with Triton only);
 - bamba_ft_padded: the same on hf_padded's padded batches (same work as hf_padded, to compare the paths);
 - bamba_ft_nf4 / bamba_ft_int8: the same on a torchao-quantized base (QLoRA);
 - bamba_ft_fp8: the same with the frozen base's matmuls in float8 (`quant.method=fp8`; needs compute capability 8.9+).
@@ -43,7 +41,7 @@ from bamba_ft.jobs.runtime import autocast_for, to_device
 from bamba_ft.model.build import build_model
 from bamba_ft.model.lora import apply_peft
 from bamba_ft.model.memory import activation_memory, apply_checkpointing
-from bamba_ft.model.mixer import on_mixers, prepare_graphs, scan_states
+from bamba_ft.model.mixer import prepare_graphs, scan_states
 from bamba_ft.model.objective import mean_loss
 from bamba_ft.model.quant import base_weight_bytes
 from bamba_ft.ops.loss import causal_lm
@@ -62,7 +60,6 @@ class Variant:
     memory: str = "none"  # a bench.memory_modes entry: checkpointing form [+offload]
     graphs: bool = False  # bamba_ft's conv+scan replayed as CUDA graphs
     scan_states: str | None = None  # model.scan_states for this variant (None: the run's)
-    triton_conv: bool = False  # the conv+scan's conv in bamba_ft.ops.conv_triton instead of causal-conv1d
     cudnn_attention: bool = True  # False: torch's SDPA may not pick cuDNN (which plans each new shape)
 
 
@@ -73,7 +70,6 @@ VARIANTS = {
     "bamba_ft": Variant("bamba_ft", stock=False, packed=True),
     "bamba_ft_graphs": Variant("bamba_ft_graphs", stock=False, packed=True, graphs=True),
     "bamba_ft_keep_states": Variant("bamba_ft_keep_states", stock=False, packed=True, scan_states="keep"),
-    "bamba_ft_triton_conv": Variant("bamba_ft_triton_conv", stock=False, packed=True, triton_conv=True),
     "bamba_ft_padded": Variant("bamba_ft_padded", stock=False, packed=False),
     "bamba_ft_nf4": Variant("bamba_ft_nf4", stock=False, packed=True, quant="nf4"),
     "bamba_ft_int8": Variant("bamba_ft_int8", stock=False, packed=True, quant="int8"),
@@ -426,26 +422,10 @@ def measure_into(row: dict, v: Variant, model: nn.Module, steps: list, b: BenchC
     """`measure` under `v`'s attention backends, its results (or error) added to `row`; a failed step's
     gradients are dropped so that the model serves the next measurement."""
     with _attention_backends(v), scan_states(model, v.scan_states):
-        guarded(row, _measure_with_conv, v, model, steps, b, device, out_dir, resident_bytes)
+        guarded(row, measure, v, model, steps, b, device, out_dir, resident_bytes)
     if "error" in row:
         model.zero_grad(set_to_none=True)
     return row
-
-
-def _measure_with_conv(v: Variant, model: nn.Module, *args) -> dict:  # noqa: ANN002
-    with _conv_ops(model, v.triton_conv):
-        return measure(v, model, *args)
-
-
-def _conv_ops(model: nn.Module, triton_conv: bool) -> contextlib.AbstractContextManager:
-    """With `triton_conv`, the model's segment-aware mixers run bamba_ft's Triton conv in the block."""
-    if not triton_conv:
-        return contextlib.nullcontext()
-    if next(model.parameters()).device.type != "cuda":
-        raise RuntimeError("bamba_ft_triton_conv replaces the CUDA kernels' conv; the model is not on a CUDA device")
-    from bamba_ft.ops.conv_triton import TritonConvOps  # imports Triton: only where this variant runs
-
-    return on_mixers(model, conv_scan_ops=TritonConvOps)
 
 
 def _attention_backends(v: Variant) -> contextlib.AbstractContextManager:

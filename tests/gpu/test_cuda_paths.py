@@ -85,34 +85,6 @@ def test_fused_conv_scan_equals_unfused_kernels(dtype: torch.dtype, states: str)
         assert rel(a, b) < 1e-4, name
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_triton_conv_matches_causal_conv1d(dtype: torch.dtype, tol: float) -> None:
-    """bamba_ft's Triton conv (bench variant bamba_ft_triton_conv) against causal-conv1d's channel-last kernels,
-    forward and backward, on packed rows whose conv input is a slice of in_proj's output."""
-    kernels_required()
-    from bamba_ft.ops.conv_triton import TritonConvOps
-    from bamba_ft.ops.kernels import KernelOps, channel_last
-
-    torch.manual_seed(0)
-    c, t = 512 + 2 * 64, sum(LENGTHS)
-    zx = torch.randn(1, t, c + 520, device="cuda", dtype=dtype)
-    x = channel_last(zx[..., 512 : 512 + c])
-    weight = (torch.randn(c, 4, device="cuda", dtype=dtype) * 0.5).requires_grad_()  # a conv that trains
-    bias = torch.randn(c, device="cuda", dtype=dtype).requires_grad_()
-    seq = torch.repeat_interleave(torch.arange(len(LENGTHS)), torch.tensor(LENGTHS))[None].cuda().to(torch.int32)
-    dout = torch.randn(1, t, c, device="cuda", dtype=dtype).transpose(1, 2)
-    got = {}
-    with torch.no_grad():
-        for ops in (KernelOps, TritonConvOps):
-            y = ops.conv_fwd(x, weight, bias, seq)
-            dx = torch.empty(1, t, c, device="cuda", dtype=dtype).transpose(1, 2)
-            got[ops] = (y, *ops.conv_bwd(x, weight, bias, dout, seq, dx))
-        frozen = TritonConvOps.conv_bwd(x, weight.detach(), bias.detach(), dout, seq, None)
-    for name, a, b in zip(["y", "dx", "dweight", "dbias"], got[TritonConvOps], got[KernelOps]):
-        assert rel(a, b) < tol, name
-    assert frozen[1:] == (None, None) and torch.equal(frozen[0], got[TritonConvOps][1])
-
-
 def test_fused_mlp_and_norm_match_transformers_bf16() -> None:
     """Compiled SwiGLU and torch's fused RMSNorm against transformers' forward: bf16 rounding only."""
     kernels_required()

@@ -172,7 +172,7 @@ def test_kept_scan_states_reach_the_backward_and_change_nothing(policy: str, che
 
 
 def test_a_mixer_may_carry_its_own_kernel_calls() -> None:
-    """`mixer.conv_scan_ops` (how the bench's bamba_ft_triton_conv swaps the conv) is used when no ops are given."""
+    """`mixer.conv_scan_ops` (how tests put torch stand-ins in for the kernels) is used when no ops are given."""
     model = make_model(torch.float64, mamba_n_heads=8, mamba_d_head=16, mamba_chunk_size=8)
     mixer = model.model.layers[0].mamba
     zxbcdt = torch.randn(1, 20, mixer.in_proj.out_features, dtype=torch.float64)
