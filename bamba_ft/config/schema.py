@@ -354,9 +354,10 @@ class BenchConfig:
     """Sequences per optimizer step (token budget = their real tokens)."""
     warmup_steps: int = 10
     """Steps run before timing (their batches differ from the timed ones, as later batches of a run do). The
-    first four are shaped so that Triton compiles its specialisations of the packed length and of the scan's
-    chunk count (multiples of 16 or not) before timing: one multiple of 16 and one not, then 4,081 and 4,096
-    tokens; with fewer warm-up steps a timed step may still compile (the row's compiles_each says so)."""
+    first four are shaped so that Triton compiles its specialisations of the packed length and of lengths
+    derived from it (multiples of 16 or not: the scan's chunk count, the norm backward's rows per program) before
+    timing: one multiple of 16 and one not, then 4,095 and 4,096 tokens; with fewer warm-up steps a timed step
+    may still compile (the row's compiles_each says so)."""
     rehearse: Any = False
     """Also run each timed batch once before timing it: every timed step then repeats a shape already seen, as
     in training on fixed-length rows. Off: every timed step brings a packed length of its own, as in training

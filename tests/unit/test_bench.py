@@ -446,24 +446,25 @@ def test_warmup_covers_both_length_specialisations_and_timed_lengths_stay_new(se
 
 
 def test_warmup_covers_the_scans_chunk_count_specialisations_in_every_repeat() -> None:
-    """Warm-up steps 2 and 3 are 4,081 and 4,096 tokens: chunk counts that are multiples of 16 at every chunk size
-    from 16 to 256, with the length itself not a multiple of 16 and a multiple; the same in every repeat."""
+    """Warm-up steps 2 and 3 are 4,095 and 4,096 tokens: chunk counts that are multiples of 16 at every chunk size
+    from 16 to 256, and so are the norm backward's rows per program on 132 SMs, with the length itself not a
+    multiple of 16 and a multiple; the same in every repeat."""
     b = BenchConfig(warmup_steps=4, steps=3, seqs_per_step=8, median_len=500, max_len=1024)
     seen: set[int] = set()
     for seed in (0, 1000):  # two repeats of one run
         steps = [[len(s) for s in step] for step in bench_variants.make_steps(b, 64, seed, seen)]
         totals = [sum(step) for step in steps]
-        assert totals[0] % 16 == 0 and totals[1] % 16 != 0 and totals[2:4] == [4081, 4096]
+        assert totals[0] % 16 == 0 and totals[1] % 16 != 0 and totals[2:4] == [4095, 4096]
         assert all(1 <= n <= b.max_len for step in steps for n in step)
-        for chunk in (16, 32, 64, 128, 256):
-            assert all(math.ceil(t / chunk) % 16 == 0 for t in totals[2:4]), chunk
-    assert len(set(totals[4:])) == 3 and not set(totals[4:]) & {4081, 4096}
+        for per in (16, 32, 64, 128, 256, 132):  # chunk sizes, then the SMs of an H100 or H200
+            assert all(math.ceil(t / per) % 16 == 0 for t in totals[2:4]), per
+    assert len(set(totals[4:])) == 3 and not set(totals[4:]) & {4095, 4096}
 
 
 def test_resize_step_keeps_proportions_and_max_len() -> None:
     step = [100, 300, 600]
-    bench_variants.resize_step(step, 4081, max_len=4096)
-    assert sum(step) == 4081 and all(abs(n - m * 4.081) <= 1 for n, m in zip(step, [100, 300, 600]))
+    bench_variants.resize_step(step, 4095, max_len=4096)
+    assert sum(step) == 4095 and all(abs(n - m * 4.095) <= 1 for n, m in zip(step, [100, 300, 600]))
     step = [10, 10, 1000]  # the long one is clamped; the rest takes up what it cannot
     bench_variants.resize_step(step, 3000, max_len=2000)
     assert sum(step) == 3000 and max(step) == 2000 and min(step) >= 1
