@@ -135,8 +135,8 @@ def cover_specialisation(step: list[int], i: int, max_len: int) -> None:
     with a length derived from it. On an H200, timed steps recompiled there: a 3,962-token step (16 chunks of
     256) the state-passing kernels (1.95 s against 0.37 s for the next batch of similar size), a 4,139-token
     step the norm's backward (32 rows per program on 132 SMs; 0.69 s, a 4,970-token step 0.39 s). A step too
-    short to reach 4,096 tokens (`max_len` x sequences) is left as drawn: its run's steps never reach those
-    counts either.
+    short to reach 4,096 tokens (`max_len` x sequences) is left as drawn, and a timed step may then still
+    compile (`compiles_each` in the row says so).
     """
     target = COVER_TOKENS[i]
     if isinstance(target, str):
