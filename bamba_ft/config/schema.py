@@ -357,7 +357,7 @@ class BenchConfig:
     first four are shaped so that Triton compiles its specialisations of the packed length and of lengths
     derived from it (multiples of 16 or not: the scan's chunk count, the norm backward's rows per program) before
     timing: one multiple of 16 and one not, then 4,095 and 4,096 tokens; with fewer warm-up steps a timed step
-    may still compile (the row's compiles_each says so)."""
+    may still compile (the row's compiled_each says so)."""
     rehearse: Any = False
     """Also run each timed batch once before timing it: every timed step then repeats a shape already seen, as
     in training on fixed-length rows. Off: every timed step brings a packed length of its own, as in training

@@ -268,6 +268,21 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def _compiled_lines(runs: list[dict]) -> list[str]:
+    """The timed steps that compiled kernels (a one-off per process, inside that step's time), one line each."""
+    found = []
+    for r in runs:
+        for i, (kernels, ms) in enumerate(zip(r.get("compiled_each", []), r.get("step_ms_each", []))):
+            if kernels:
+                names = ", ".join(f"{k}" + (f" x{n}" if n > 1 else "") for k, n in kernels.items())
+                found.append(f"- {r['variant']}, run {r['repeat']}, timed step {i} ({r['tokens_each'][i]:,} tokens, "
+                             f"{ms:,.0f} ms): {names}")
+    if not found:
+        return []
+    return ["", "Timed steps that compiled kernels (once per process; in the step's time; warm-up meant to cover "
+            "them, see bench.warmup_steps):", *found]
+
+
 def markdown(results: dict) -> str:
     v = results["versions"]
     lines = [f"{results['device']} | torch {v.get('torch')} | transformers {v.get('transformers')} | mamba-ssm "
@@ -286,7 +301,7 @@ def markdown(results: dict) -> str:
     if line:
         lines += ["", line]
     if results["runs"]:
-        lines += [""] + _summary_lines(summarize(results["runs"]), repeats)
+        lines += [""] + _summary_lines(summarize(results["runs"]), repeats) + _compiled_lines(results["runs"])
     if results.get("token_budgets"):
         lines += _budget_lines(results["token_budgets"], budget_bests(results["token_budgets"]))
     return "\n".join(lines + _extra_lines(results))

@@ -26,7 +26,6 @@ import math
 import re
 import statistics
 import time
-from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -136,7 +135,7 @@ def cover_specialisation(step: list[int], i: int, max_len: int) -> None:
     256) the state-passing kernels (1.95 s against 0.37 s for the next batch of similar size), a 4,139-token
     step the norm's backward (32 rows per program on 132 SMs; 0.69 s, a 4,970-token step 0.39 s). A step too
     short to reach 4,096 tokens (`max_len` x sequences) is left as drawn, and a timed step may then still
-    compile (`compiles_each` in the row says so).
+    compile (`compiled_each` in the row says so).
     """
     target = COVER_TOKENS[i]
     if isinstance(target, str):
@@ -359,9 +358,7 @@ def measure(v: Variant, model: nn.Module, steps: list, b: BenchConfig, device: t
     result.update(step_ms=1000 * step, tokens_per_sec=tps, tokens_per_step=statistics.mean(tokens),
                   final_loss=float(loss.detach()), linear_params=n_linear,
                   step_ms_each=[round(1000 * t, 2) for t in times], tokens_each=tokens,
-                  compiles_each=[sum(c.values()) for c in compiled])
-    if any(compiled):  # what the timed steps compiled, by kernel: a one-off per process, in the step's time
-        result["compiled_in_timed_steps"] = dict(sum((Counter(c) for c in compiled), Counter()))
+                  compiled_each=compiled)  # per timed step {kernel: compilations}: once per process, in its time
     peak = _peak_flops(device)
     if peak:
         result["mfu"] = 4 * n_linear * tps / peak

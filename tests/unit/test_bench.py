@@ -195,6 +195,18 @@ def test_headline_line_for_the_default_regime_reads_as_the_published_form() -> N
     assert bench_report.headline(only_rehearsed).startswith("Headline: bamba_ft 1.90x")  # 2.0, 1.6, 1.9
 
 
+def test_the_report_names_the_timed_steps_that_compiled_kernels() -> None:
+    runs = _runs(THREE_RUNS)
+    for r in runs:
+        r |= {"step_ms_each": [400.0, 1950.0], "tokens_each": [4549, 3962], "compiled_each": [{}, {}]}
+    results = _results(3, runs, [False])
+    assert "compiled kernels" not in bench_report.markdown(results)
+    runs[4]["compiled_each"][1] = {"_state_passing_fwd_kernel": 1, "_chunk_scan_bwd_dstates_kernel": 2}
+    lines = [x for x in bench_report.markdown(results).splitlines() if x.startswith("- ")]
+    assert lines == [f"- {runs[4]['variant']}, run 1, timed step 1 (3,962 tokens, 1,950 ms): _state_passing_fwd_kernel, "
+                     "_chunk_scan_bwd_dstates_kernel x2"]
+
+
 def test_headline_reads_memory_mode_none_and_names_any_other_mode() -> None:
     slower = {rep: {**row, "bamba_ft": row["bamba_ft"] / 2} for rep, row in THREE_RUNS.items()}
     runs = [r | {"memory_mode": "all"} for r in _runs(slower)] + _runs(THREE_RUNS)
