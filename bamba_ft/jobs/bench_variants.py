@@ -96,8 +96,8 @@ def make_steps(b: BenchConfig, vocab: int, seed: int, seen: set[int] | None = No
 
     With `seen` (the packed lengths a run has used so far; updated), a lognormal step whose packed length is in
     it is drawn again, so that repeated runs in one process keep meeting shapes they have not run before.
-    The first warm-up steps (up to four) cover Triton's specialisations of the packed length and of the scan's
-    chunk count (`cover_specialisation`).
+    The first warm-up steps (up to four) cover Triton's specialisations of the packed length and of lengths
+    derived from it (`cover_specialisation`).
     """
     n_steps, k = b.warmup_steps + b.steps, b.seqs_per_step
     lengths = sample_lengths(b, n_steps * k, seed)
