@@ -54,6 +54,7 @@ def summarize(runs: list[dict]) -> list[dict]:
         row = {"variant": name, "memory_mode": mode, "rehearse": rehearse, "runs": len(mine),
                "tokens_per_sec": spread(r["tokens_per_sec"] for r in ok),
                "vs_best_hf_padfree": spread(per_repeat_ratios(runs, name, mode, rehearse)),
+               "per_step": {ref: spread(per_step_ratios(runs, name, mode, rehearse, ref)) for ref in REFERENCES},
                "step_ms": spread(r["step_ms"] for r in ok),
                "mfu": spread(r["mfu"] for r in ok if "mfu" in r),
                "peak_gib": max((r["peak_gib"] for r in ok if "peak_gib" in r), default=None),
@@ -115,6 +116,35 @@ def longest_trained(rows: list[dict]) -> dict[str, int | None]:
         if "error" not in r:
             out[key] = max(out[key] or 0, r["seq_len"])
     return out
+
+
+def _best_hf(rows: list[dict]) -> dict | None:
+    return max((r for r in rows if r["variant"].startswith(HF_PADFREE)), key=lambda r: r["tokens_per_sec"],
+               default=None)
+
+
+def _bamba_ft(rows: list[dict]) -> dict | None:
+    return next((r for r in rows if r["variant"] == "bamba_ft"), None)
+
+
+REFERENCES = {"best hf_padfree*": _best_hf, "bamba_ft": _bamba_ft}
+
+
+def per_step_ratios(runs: list[dict], variant: str, mode: str, rehearse: bool, reference: str) -> list[float]:
+    """Paired on the same batches: for every timed step, the `reference` variant's step time (`REFERENCES`: the
+    best hf_padfree* variant of that repeat, or bamba_ft) over `variant`'s, that is `variant`'s speed-up on that
+    batch. Steps in which either compiled a kernel are left out, as are repeats without per-step times."""
+    ratios = []
+    group = [r for r in _ok(runs) if r["memory_mode"] == mode and r.get("rehearse", False) == rehearse]
+    for rep in sorted({r.get("repeat", 0) for r in group}):
+        here = [r for r in group if r.get("repeat", 0) == rep]
+        ref, mine = REFERENCES[reference](here), next((r for r in here if r["variant"] == variant), None)
+        if ref is None or mine is None or ref is mine or "step_ms_each" not in ref or "step_ms_each" not in mine:
+            continue
+        quiet = [not a and not b for a, b in zip(ref.get("compiled_each", [{}] * len(ref["step_ms_each"])),
+                                                mine.get("compiled_each", [{}] * len(mine["step_ms_each"])))]
+        ratios += [a / b for a, b, ok in zip(ref["step_ms_each"], mine["step_ms_each"], quiet) if ok]
+    return ratios
 
 
 def _range(s: dict | None, fmt: str) -> tuple[str, str]:
@@ -268,6 +298,24 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def _paired_lines(rows: list[dict]) -> list[str]:
+    """Each variant's speed-up over a reference on the same batches, step by step (`per_step_ratios`)."""
+    lines = []
+    for r in rows:
+        paired = [(r.get("per_step") or {}).get(ref) for ref in REFERENCES]
+        if any(paired):
+            cells = [f"{p['median']:.3f}x | {p['min']:.3f}–{p['max']:.3f} | {p['n']}" if p else "- | - | -"
+                     for p in paired]
+            regime = "rehearsed" if r["rehearse"] else "new shapes"
+            lines.append(f"| {r['variant']} | {r['memory_mode']} | {regime} | " + " | ".join(cells) + " |")
+    if not lines:
+        return []
+    head = ["variant", "memory", "timed steps"] + [x for ref in REFERENCES
+                                                   for x in (f"vs {ref} (median)", "min–max", "steps")]
+    return ["", "The same batches, step by step: the reference's step time over the variant's (steps that compiled "
+            "left out):", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head), *lines]
+
+
 def _compiled_lines(runs: list[dict]) -> list[str]:
     """The timed steps that compiled kernels (a one-off per process, inside that step's time), one line each."""
     found = []
@@ -301,7 +349,8 @@ def markdown(results: dict) -> str:
     if line:
         lines += ["", line]
     if results["runs"]:
-        lines += [""] + _summary_lines(summarize(results["runs"]), repeats) + _compiled_lines(results["runs"])
+        rows = summarize(results["runs"])
+        lines += [""] + _summary_lines(rows, repeats) + _paired_lines(rows) + _compiled_lines(results["runs"])
     if results.get("token_budgets"):
         lines += _budget_lines(results["token_budgets"], budget_bests(results["token_budgets"]))
     return "\n".join(lines + _extra_lines(results))

@@ -195,6 +195,29 @@ def test_headline_line_for_the_default_regime_reads_as_the_published_form() -> N
     assert bench_report.headline(only_rehearsed).startswith("Headline: bamba_ft 1.90x")  # 2.0, 1.6, 1.9
 
 
+def test_per_step_ratios_pair_each_batch_with_the_reference_and_skip_compiling_steps() -> None:
+    runs = _runs(THREE_RUNS)  # best hf_padfree*: no_cudnn in repeat 0, hf_padfree in repeats 1 and 2
+    steps = {"hf_padfree": [500.0, 600.0], "hf_padfree_no_cudnn": [400.0, 480.0], "bamba_ft": [320.0, 300.0]}
+    for r in runs:
+        r |= {"step_ms_each": [ms * (1 + r["repeat"]) for ms in steps[r["variant"]]], "tokens_each": [4000, 5000],
+              "compiled_each": [{}, {}]}
+    by = {(r["repeat"], r["variant"]): r for r in runs}
+    by[(2, "bamba_ft")]["compiled_each"][1] = {"_state_passing_fwd_kernel": 1}  # left out
+    ratios = bench_report.per_step_ratios(runs, "bamba_ft", "none", False, "best hf_padfree*")
+    assert ratios == pytest.approx([400 / 320, 480 / 300, 500 / 320, 600 / 300, 500 / 320], abs=1e-12)
+    back = bench_report.per_step_ratios(runs, "hf_padfree", "none", False, "bamba_ft")
+    assert back == pytest.approx([320 / 500, 300 / 600] * 2 + [320 / 500], abs=1e-12)
+    assert bench_report.per_step_ratios(runs, "bamba_ft", "none", False, "bamba_ft") == []  # itself
+    row = next(r for r in bench_report.summarize(runs) if r["variant"] == "bamba_ft")
+    assert row["per_step"]["best hf_padfree*"]["median"] == pytest.approx(500 / 320) and \
+        row["per_step"]["best hf_padfree*"]["n"] == 5
+    md = bench_report.markdown(_results(3, runs, [False]))
+    assert "| bamba_ft | none | new shapes | 1.562x | 1.250–2.000 | 5 | - | - | - |" in md
+    for r in runs:  # rows without per-step times (older runs): no such table
+        del r["step_ms_each"]
+    assert "step by step" not in bench_report.markdown(_results(3, runs, [False]))
+
+
 def test_the_report_names_the_timed_steps_that_compiled_kernels() -> None:
     runs = _runs(THREE_RUNS)
     for r in runs:
