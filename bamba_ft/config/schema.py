@@ -356,8 +356,9 @@ class BenchConfig:
     """Steps run before timing (their batches differ from the timed ones, as later batches of a run do). The
     first four are shaped so that Triton compiles its specialisations of the packed length and of lengths
     derived from it (multiples of 16 or not: the scan's chunk count, the norm backward's rows per program) before
-    timing: one multiple of 16 and one not, then 4,095 and 4,096 tokens; with fewer warm-up steps a timed step
-    may still compile (the row's compiled_each says so)."""
+    timing: one multiple of 16 and one not, then the shortest lengths at which those derived lengths are
+    multiples of 16, for the model's chunk size and the device's SMs (4,093 and 4,096 tokens for chunks of 256
+    on 132 SMs); with fewer warm-up steps a timed step may still compile (the row's compiled_each says so)."""
     rehearse: Any = False
     """Also run each timed batch once before timing it: every timed step then repeats a shape already seen, as
     in training on fixed-length rows. Off: every timed step brings a packed length of its own, as in training

@@ -24,6 +24,7 @@ from bamba_ft.errors import ConfigError, suggest
 from bamba_ft.jobs import bench_ranks as ranks
 from bamba_ft.jobs import bench_sweeps as sweeps
 from bamba_ft.jobs.bench_variants import (
+    DEFAULT_DIVISORS,
     VARIANTS,
     Variant,
     build_variant,
@@ -66,6 +67,7 @@ def run_interleaved(b: BenchConfig, model_cfg: ModelConfig, peft_cfg: PeftConfig
     Each (memory mode, repeat, regime) gets fresh batches, shared by its variants, with packed lengths the run has not used before.
     """
     order = schedule(b)
+    divisors = specialisation_divisors(model_cfg, device)
     last_use = {_model_key(VARIANTS[name]): i for i, (_, _, _, name) in enumerate(order)}
     models: dict[tuple, dict] = {}
     steps: dict[tuple, list] = {}
@@ -74,7 +76,7 @@ def run_interleaved(b: BenchConfig, model_cfg: ModelConfig, peft_cfg: PeftConfig
     for i, (mode, rep, rehearse, name) in enumerate(order):
         v = replace(VARIANTS[name], memory=mode)
         if (mode, rep, rehearse) not in steps:  # the first batches keep the seed of a single run
-            steps[(mode, rep, rehearse)] = make_steps(b, vocab, seed + 1000 * len(steps), seen)
+            steps[(mode, rep, rehearse)] = make_steps(b, vocab, seed + 1000 * len(steps), seen, divisors)
         key = _model_key(v)
         if key not in models:
             models[key] = guarded({}, build_variant, v, model_cfg, peft_cfg, device, seed)
@@ -90,6 +92,15 @@ def run_interleaved(b: BenchConfig, model_cfg: ModelConfig, peft_cfg: PeftConfig
             del models[key]
         release(device, collect=last_use[key] == i or "error" in row)
         yield row
+
+
+def specialisation_divisors(model_cfg: ModelConfig, device: torch.device) -> tuple[int, ...]:
+    """What mamba-ssm's kernels divide a packed length by (`bench_variants.cover_lengths`): the model's scan
+    chunk size and the device's SMs (defaults where either is unknown)."""
+    shape = SHAPES.get(model_cfg.shape or "", {})
+    chunk = shape.get("mamba_chunk_size", shape.get("chunk_size", DEFAULT_DIVISORS[0]))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+    return chunk, sms or DEFAULT_DIVISORS[1]
 
 
 def _check_variants(b: BenchConfig) -> None:

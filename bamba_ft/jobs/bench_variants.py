@@ -91,27 +91,35 @@ def sample_lengths(b: BenchConfig, n: int, seed: int) -> list[int]:
     return [int(min(b.max_len, max(8, round(b.median_len * math.exp(0.8 * float(v)))))) for v in z]
 
 
-def make_steps(b: BenchConfig, vocab: int, seed: int, seen: set[int] | None = None) -> list[list[list[int]]]:
+# What the lengths derived from a packed length T divide it by, where nothing says otherwise: the scan's chunk
+# size of Bamba-9B and most Mamba-2 hybrids (256), and the SMs of an H100 or H200 (132), by which mamba-ssm's norm
+# backward spreads its rows (`cover_lengths`).
+DEFAULT_DIVISORS = (256, 132)
+
+
+def make_steps(b: BenchConfig, vocab: int, seed: int, seen: set[int] | None = None,
+               divisors: tuple[int, ...] = DEFAULT_DIVISORS) -> list[list[list[int]]]:
     """Warm-up plus timed steps, each `seqs_per_step` sequences of random token ids (same for every variant).
 
     With `seen` (the packed lengths a run has used so far; updated), a lognormal step whose packed length is in
     it is drawn again, so that repeated runs in one process keep meeting shapes they have not run before.
     The first warm-up steps (up to four) cover Triton's specialisations of the packed length and of lengths
-    derived from it (`cover_specialisation`).
+    derived from it, ceil(T / d) for each of `divisors` (`cover_specialisation`).
     """
     n_steps, k = b.warmup_steps + b.steps, b.seqs_per_step
     lengths = sample_lengths(b, n_steps * k, seed)
     per_step = [lengths[i * k : (i + 1) * k] for i in range(n_steps)]
     if b.workload == "fixed":
         return random_tokens(per_step, vocab, seed + 1)
+    targets = cover_targets(divisors, k * b.max_len)
     for i in range(n_steps):
         for attempt in range(MAX_REDRAWS + 1):
             if attempt:
                 per_step[i] = sample_lengths(b, k, seed + 7919 * attempt + i)
-            covers = i < min(b.warmup_steps, len(COVER_TOKENS))
-            if covers:
-                cover_specialisation(per_step[i], i, b.max_len)
-            fixed = covers and isinstance(COVER_TOKENS[i], int)  # the same length in every repeat, on purpose
+            target = targets[i] if i < min(b.warmup_steps, len(targets)) else None
+            if target is not None:
+                cover_specialisation(per_step[i], target, b.max_len)
+            fixed = isinstance(target, int)  # the same length in every repeat, on purpose
             if seen is None or sum(per_step[i]) not in seen or fixed:
                 break
         if seen is not None:
@@ -119,28 +127,43 @@ def make_steps(b: BenchConfig, vocab: int, seed: int, seen: set[int] | None = No
     return random_tokens(per_step, vocab, seed + 1)
 
 
-# The packed lengths of the first warm-up steps: drawn, then made a multiple of 16 or not; then two fixed ones,
-# one not a multiple of 16 and one that is, at which two lengths derived from them are multiples of 16: the
-# scan's chunk count at every power-of-two chunk size up to 256, and the rows per program of mamba-ssm's norm
-# backward, ceil(T / SMs), on a GPU of 132 SMs (H100, H200).
-COVER_TOKENS: tuple[str | int, ...] = ("multiple of 16", "not a multiple of 16", 4095, 4096)
+MULTIPLE, NOT_MULTIPLE = "multiple of 16", "not a multiple of 16"
 
 
-def cover_specialisation(step: list[int], i: int, max_len: int) -> None:
-    """Shape warm-up step `i` so that the first warm-up steps meet every specialisation Triton compiles for the
-    packed length T and the lengths derived from it (`COVER_TOKENS`).
+def cover_lengths(divisors: tuple[int, ...], limit: int) -> tuple[int | None, int | None]:
+    """The shortest packed lengths T up to `limit` at which ceil(T / d) is a multiple of 16 for every d in
+    `divisors`: one with T not a multiple of 16, one with T a multiple (None where there is none)."""
+    found: list[int | None] = [None, None]
+    for t in range(16, limit + 1):
+        if found[t % 16 == 0] is None and all(-(-t // d) % 16 == 0 for d in divisors):
+            found[t % 16 == 0] = t
+            if None not in found:
+                break
+    return found[0], found[1]
+
+
+def cover_targets(divisors: tuple[int, ...], limit: int) -> list[str | int | None]:
+    """What the first warm-up steps are made into: a packed length that is a multiple of 16, one that is not,
+    then the two `cover_lengths` (None: left as drawn)."""
+    return [MULTIPLE, NOT_MULTIPLE, *cover_lengths(divisors, limit)]
+
+
+def cover_specialisation(step: list[int], target: str | int, max_len: int) -> None:
+    """Shape a warm-up step to `target` (`cover_targets`), so that the first warm-up steps meet every
+    specialisation Triton compiles for the packed length T and the lengths derived from it.
 
     Triton specialises a kernel's integer arguments on their divisibility by 16, and mamba-ssm's kernels take T
-    with a length derived from it. On an H200, timed steps recompiled there: a 3,962-token step (16 chunks of
-    256) the state-passing kernels (1.95 s against 0.37 s for the next batch of similar size), a 4,139-token
-    step the norm's backward (32 rows per program on 132 SMs; 0.69 s, a 4,970-token step 0.39 s). A step too
-    short to reach 4,096 tokens (`max_len` x sequences) is left as drawn, and a timed step may then still
-    compile (`compiled_each` in the row says so).
+    with lengths derived from it: the chunk count ceil(T / chunk_size), and in the norm's backward the rows per
+    program ceil(T / SMs) (for normalised groups of 2,048 channels or more; smaller groups spread over more
+    programs). On an H200, timed steps recompiled there: a 3,962-token step (16 chunks of 256) the
+    state-passing kernels (1.95 s against 0.37 s for the next batch of similar size), a 4,139-token step the
+    norm's backward (32 rows per program on 132 SMs; 0.69 s, a 4,970-token step 0.39 s). Where no such length
+    fits in a step (`max_len` x sequences) the step is left as drawn, and a timed step may then still compile
+    (`compiled_each` in the row says so).
     """
-    target = COVER_TOKENS[i]
     if isinstance(target, str):
-        cover_length_specialisation(step, multiple=target == COVER_TOKENS[0], max_len=max_len)
-    elif len(step) * max_len >= target:
+        cover_length_specialisation(step, multiple=target == MULTIPLE, max_len=max_len)
+    else:
         resize_step(step, target, max_len)
 
 

@@ -480,35 +480,55 @@ def test_warmup_covers_both_length_specialisations_and_timed_lengths_stay_new(se
         assert 0 <= abs(len(made[-1]) - len(drawn[-1])) < 16 and 1 <= len(made[-1]) <= b.max_len
 
 
-def test_warmup_covers_the_scans_chunk_count_specialisations_in_every_repeat() -> None:
-    """Warm-up steps 2 and 3 are 4,095 and 4,096 tokens: chunk counts that are multiples of 16 at every chunk size
-    from 16 to 256, and so are the norm backward's rows per program on 132 SMs, with the length itself not a
-    multiple of 16 and a multiple; the same in every repeat."""
+def test_warmup_covers_the_derived_length_specialisations_in_every_repeat() -> None:
+    """Warm-up steps 2 and 3 have the shortest packed lengths whose chunk count (chunks of 256) and norm rows per
+    program (132 SMs) are multiples of 16, one not a multiple of 16 itself and one that is; every repeat."""
     b = BenchConfig(warmup_steps=4, steps=3, seqs_per_step=8, median_len=500, max_len=1024)
     seen: set[int] = set()
     for seed in (0, 1000):  # two repeats of one run
         steps = [[len(s) for s in step] for step in bench_variants.make_steps(b, 64, seed, seen)]
         totals = [sum(step) for step in steps]
-        assert totals[0] % 16 == 0 and totals[1] % 16 != 0 and totals[2:4] == [4095, 4096]
+        assert totals[0] % 16 == 0 and totals[1] % 16 != 0 and totals[2:4] == [4093, 4096]
         assert all(1 <= n <= b.max_len for step in steps for n in step)
-        for per in (16, 32, 64, 128, 256, 132):  # chunk sizes, then the SMs of an H100 or H200
+        for per in (16, 32, 64, 128, 256, 132):  # every power-of-two chunk size up to 256, then the SMs
             assert all(math.ceil(t / per) % 16 == 0 for t in totals[2:4]), per
-    assert len(set(totals[4:])) == 3 and not set(totals[4:]) & {4095, 4096}
+    assert len(set(totals[4:])) == 3 and not set(totals[4:]) & {4093, 4096}
+
+
+@pytest.mark.parametrize("divisors", [(256, 132), (256, 108), (64, 78), (128, 170)])
+def test_cover_lengths_are_the_shortest_with_every_derived_length_a_multiple_of_16(divisors: tuple) -> None:
+    odd, even = bench_variants.cover_lengths(divisors, 1 << 17)
+    def ok(t: int) -> bool:
+        return all(math.ceil(t / d) % 16 == 0 for d in divisors)
+    assert odd % 16 != 0 and even % 16 == 0 and ok(odd) and ok(even)
+    assert not any(ok(t) and t % 16 for t in range(1, odd)) and not any(ok(t) for t in range(16, even, 16))
+    assert bench_variants.cover_lengths(divisors, odd - 1)[0] is None  # out of reach: left as drawn
+
+
+def test_the_bench_derives_its_divisors_from_the_model_and_the_device() -> None:
+    from bamba_ft.config.schema import ModelConfig
+    cpu = torch.device("cpu")
+    assert bench.specialisation_divisors(ModelConfig(shape="tiny"), cpu) == (32, 132)
+    assert bench.specialisation_divisors(ModelConfig(shape="bamba-9b"), cpu) == (256, 132)
+    assert bench.specialisation_divisors(ModelConfig(shape="tiny-random-nemotron_h"), cpu)[0] == 16
 
 
 def test_resize_step_keeps_proportions_and_max_len() -> None:
     step = [100, 300, 600]
-    bench_variants.resize_step(step, 4095, max_len=4096)
-    assert sum(step) == 4095 and all(abs(n - m * 4.095) <= 1 for n, m in zip(step, [100, 300, 600]))
+    bench_variants.resize_step(step, 4093, max_len=4096)
+    assert sum(step) == 4093 and all(abs(n - m * 4.093) <= 1 for n, m in zip(step, [100, 300, 600]))
     step = [10, 10, 1000]  # the long one is clamped; the rest takes up what it cannot
     bench_variants.resize_step(step, 3000, max_len=2000)
     assert sum(step) == 3000 and max(step) == 2000 and min(step) >= 1
 
 
-def test_a_step_too_short_for_the_chunk_count_cover_is_left_as_drawn() -> None:
-    step = [60, 63]
-    bench_variants.cover_specialisation(step, 2, max_len=64)
-    assert step == [60, 63]
+def test_a_run_too_short_for_the_derived_length_cover_leaves_those_steps_as_drawn() -> None:
+    b = BenchConfig(warmup_steps=4, steps=1, seqs_per_step=2, median_len=50, max_len=64)
+    drawn = bench_variants.make_steps(replace(b, warmup_steps=0, steps=5), 64, 0)
+    made = bench_variants.make_steps(b, 64, 0)
+    assert bench_variants.cover_targets((256, 132), 2 * 64)[2:] == [None, None]
+    assert [len(s) for s in made[2]] == [len(s) for s in drawn[2]]
+    assert [len(s) for s in made[3]] == [len(s) for s in drawn[3]]
 
 
 def test_cover_length_specialisation_respects_max_len() -> None:
