@@ -405,7 +405,8 @@ class BenchConfig:
     """Also time one Mamba-2 mixer alone (forward + backward) on a padded batch: transformers' forward vs bamba_ft's."""
     layer_parts: bool = False
     """Also time each part of a decoder layer of the bamba_ft variant's model alone (forward + backward on the
-    inputs it gets from a timed step's batch): host ms to issue it, device ms to run it, wall ms
+    inputs it gets from a timed step's batch): host ms to issue it, device ms to run it, wall ms; where the fused
+    CUDA conv+scan runs, also its kernels' device times with the scan's states recomputed and kept
     (bamba_ft.jobs.bench_parts)."""
     output: str = "bench.json"
     """JSON results file (a markdown table is printed and written beside it)."""

@@ -10,6 +10,10 @@ timed, median):
 On the CPU there is no separate device: host and device are one, and only wall ms is reported. The whole
 model's row is wall time only: its thousands of kernels fill the GPU's launch queue, so the host cannot issue
 them all ahead of a busy GPU.
+
+Where the fused CUDA conv+scan runs, it is timed twice, with the scan's chunk states recomputed in backward and
+kept from the forward (`model.scan_states`), and each run's kernels are listed with their device time per
+forward and backward (torch's profiler over `b.steps` calls).
 """
 
 from __future__ import annotations
@@ -21,11 +25,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from bamba_ft.config.schema import BenchConfig, ModelConfig, PeftConfig
+from bamba_ft.config.schema import BenchConfig, ModelConfig, PeftConfig, ScanStates
 from bamba_ft.jobs.bench_sweeps import median_ms
 from bamba_ft.jobs.bench_variants import VARIANTS, build_variant, make_steps, release, sync_device, to_batch
 from bamba_ft.jobs.runtime import autocast_for, to_device
 from bamba_ft.model.families import family_of
+from bamba_ft.model.mixer import scan_states
 from bamba_ft.model.objective import mean_loss
 from bamba_ft.ops.loss import causal_lm
 from bamba_ft.ops.mamba2 import conv_scan, fused_conv_scan_runs, resolve_backend
@@ -35,7 +40,8 @@ CYCLES_PER_MS = 2_000_000  # GPU clock cycles per ms (about; only needs to hold 
 
 def layer_parts(model_cfg: ModelConfig, peft_cfg: PeftConfig, b: BenchConfig, device: torch.device, seed: int,
                 vocab: int) -> dict:
-    """{"tokens": packed tokens, "parts": [{"part", "host_ms", "device_ms", "wall_ms"}, ...]}."""
+    """{"tokens": packed tokens, "parts": [{"part", "host_ms", "device_ms", "wall_ms"}, ...]}, plus "scan_kernels"
+    ({policy: [[kernel, device ms, launches] per forward and backward, ...]}) where the fused conv+scan runs."""
     model = build_variant(VARIANTS["bamba_ft"], model_cfg, peft_cfg, device, seed)["model"]
     batch = to_device(to_batch(make_steps(b, vocab, seed)[-1], True, False), device)
     lm = causal_lm(model)
@@ -46,13 +52,35 @@ def layer_parts(model_cfg: ModelConfig, peft_cfg: PeftConfig, b: BenchConfig, de
         if name in inputs:
             rows.append({"part": name, **_time(_forward_backward(module, *inputs[name], lm, device), b, device)})
     mixer = parts.get("mixer")
+    kernels = {}
     if mixer is not None and fused_conv_scan_runs(mixer, resolve_backend(mixer.backend, device)):
-        rows.append({"part": "conv+scan", **_time(_conv_scan(mixer, inputs["mixer"], batch, lm, device), b, device)})
+        run = _conv_scan(mixer, inputs["mixer"], batch, lm, device)
+        for policy, part in ((ScanStates.RECOMPUTE, "conv+scan"), (ScanStates.KEEP, "conv+scan, states kept")):
+            with scan_states(lm, policy):
+                rows.append({"part": part, **_time(run, b, device)})
+                kernels[policy.value] = kernel_times(run, b.steps, device)
     rows.append({"part": "whole model, loss included",
                  **_time(_model_step(model, lm, batch, device), b, device, split=False)})
     del model, lm
     release(device)
-    return {"tokens": int(batch["input_ids"].numel()), "parts": rows}
+    result = {"tokens": int(batch["input_ids"].numel()), "parts": rows}
+    return result | ({"scan_kernels": kernels} if kernels else {})
+
+
+def kernel_times(fn: Callable[[], None], calls: int, device: torch.device) -> list[list]:
+    """[kernel name, device ms per call, launches per call] of each CUDA kernel `fn` runs, over `calls` profiled
+    calls, longest first."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    sync_device(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        sync_device(device)
+    rows = [[e.key, e.self_device_time_total / 1e3 / calls, e.count / calls] for e in prof.key_averages()
+            if e.device_type == DeviceType.CUDA]
+    return sorted(rows, key=lambda r: -r[1])
 
 
 def _parts(lm: nn.Module) -> dict[str, nn.Module]:
@@ -181,4 +209,24 @@ def layer_parts_lines(result: dict) -> list[str]:
              "", "| part | host ms | device ms | wall ms |", "|---|---|---|---|"]
     lines += [f"| {r['part']} | {ms(r['host_ms'])} | {ms(r['device_ms'])} | {ms(r['wall_ms'])} |"
               for r in result["parts"]]
+    return lines + scan_kernel_lines(result.get("scan_kernels") or {})
+
+
+def scan_kernel_lines(kernels: dict[str, list[list]], width: int = 70) -> list[str]:
+    """The conv+scan's kernels side by side for each scan_states policy: device ms (launches) per forward and
+    backward, in the first policy's order, then a total."""
+    if not kernels:
+        return []
+    policies = list(kernels)
+    names = list(dict.fromkeys(name for policy in policies for name, *_ in kernels[policy]))
+    by = {p: {name: (ms, n) for name, ms, n in kernels[p]} for p in policies}
+
+    def cell(policy: str, name: str) -> str:
+        ms, n = by[policy].get(name, (None, None))
+        return "" if ms is None else f"{ms:.3f} ({n:g})"
+
+    lines = ["", "conv+scan kernels, device ms (launches) per forward and backward, by model.scan_states", "",
+             "| kernel | " + " | ".join(policies) + " |", "|---|" + "---|" * len(policies)]
+    lines += [f"| {name[:width]} | " + " | ".join(cell(p, name) for p in policies) + " |" for name in names]
+    lines.append("| total | " + " | ".join(f"{sum(ms for _, ms, _ in kernels[p]):.3f}" for p in policies) + " |")
     return lines

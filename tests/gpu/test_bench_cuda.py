@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bamba_ft.config.schema import BenchConfig, Mixer, PeftConfig
-from bamba_ft.jobs import bench_variants
+from bamba_ft.config.schema import BenchConfig, Mixer, ModelConfig, PeftConfig
+from bamba_ft.jobs import bench_parts, bench_variants
 from bamba_ft.model.lora import apply_peft
 from bamba_ft.model.mixer import install_mixer
 from bamba_ft.ops.kernels import available_backend
@@ -43,3 +43,18 @@ def test_warmup_leaves_no_compilation_to_timed_steps_at_the_lengths_that_special
     result = bench_variants.measure(bench_variants.VARIANTS["bamba_ft"], model, steps, b, device)
     assert result["tokens_each"] == hard
     assert result["compiled_each"] == [{}] * len(hard), result["compiled_each"]
+
+
+def test_layer_parts_lists_the_conv_scan_kernels_with_states_recomputed_and_kept() -> None:
+    """bench.layer_parts times the fused conv+scan under both scan_states policies and lists its kernels: the
+    chunk-state kernel runs twice per forward and backward when recomputing (forward, then backward's recompute)
+    and once when the states are kept."""
+    if available_backend("cuda") == Mixer.TORCH:
+        pytest.skip("mamba-ssm is not installed: no fused conv+scan")
+    b = BenchConfig(warmup_steps=1, steps=2, seqs_per_step=4, median_len=100, max_len=300)
+    result = bench_parts.layer_parts(ModelConfig(init="random", shape="tiny"), PeftConfig(), b,
+                                     torch.device("cuda"), 0, vocab=128)
+    parts = {r["part"]: r for r in result["parts"]}
+    assert parts["conv+scan"]["device_ms"] > 0 and parts["conv+scan, states kept"]["device_ms"] > 0
+    launches = {policy: {name: n for name, _, n in rows} for policy, rows in result["scan_kernels"].items()}
+    assert launches["recompute"]["_chunk_state_fwd_kernel"] == 2 and launches["keep"]["_chunk_state_fwd_kernel"] == 1

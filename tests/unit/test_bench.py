@@ -446,12 +446,31 @@ def test_layer_parts_times_each_part_of_a_layer_on_the_inputs_of_a_real_forward(
     assert names[:5] == ["Mamba decoder layer", "mixer", "mixer in_proj", "mixer norm", "mixer out_proj"]
     assert {"input_layernorm", "pre_ff_layernorm", "feed_forward", "attention decoder layer"} <= set(names)
     assert names[-1] == "whole model, loss included" and "conv+scan" not in names  # no CUDA kernels on the CPU
+    assert "scan_kernels" not in result
     assert len(timings) == len(names)
     assert 3 <= result["tokens"] <= 3 * 40
     text = bench_report.markdown({"device": "cpu", "versions": {}, "bench": {"variants": []}, "runs": [],
                                   "layer_parts": result})
     assert f"on a packed batch of {result['tokens']:,} tokens" in text
     assert all(f"| {n} |" in text for n in names)
+
+
+def test_scan_kernels_are_listed_side_by_side_per_policy_with_totals() -> None:
+    from bamba_ft.jobs import bench_parts
+
+    kernels = {"recompute": [["_chunk_scan_chunk_state_bwd_dx_kernel", 0.313, 1.0], ["_chunk_state_fwd_kernel", 0.19, 2.0]],
+               "keep": [["_chunk_scan_chunk_state_bwd_dx_kernel", 0.312, 1.0], ["_chunk_state_fwd_kernel", 0.095, 1.0],
+                        ["_state_passing_fwd_kernel", 0.04, 1.0]]}
+    lines = bench_parts.scan_kernel_lines(kernels)
+    assert lines[3] == "| kernel | recompute | keep |"
+    assert lines[5:] == ["| _chunk_scan_chunk_state_bwd_dx_kernel | 0.313 (1) | 0.312 (1) |",
+                         "| _chunk_state_fwd_kernel | 0.190 (2) | 0.095 (1) |",
+                         "| _state_passing_fwd_kernel |  | 0.040 (1) |",
+                         "| total | 0.503 | 0.447 |"]
+    assert bench_parts.scan_kernel_lines({}) == []
+    text = bench_report.markdown({"device": "cpu", "versions": {}, "bench": {"variants": []}, "runs": [],
+                                  "layer_parts": {"tokens": 10, "parts": [], "scan_kernels": kernels}})
+    assert "| total | 0.503 | 0.447 |" in text
 
 
 def test_a_part_gets_its_inputs_as_new_leaves_so_backward_stops_there() -> None:
