@@ -23,16 +23,8 @@ from bamba_ft.config.schema import BenchConfig, ModelConfig, PeftConfig, RunConf
 from bamba_ft.errors import ConfigError, suggest
 from bamba_ft.jobs import bench_ranks as ranks
 from bamba_ft.jobs import bench_sweeps as sweeps
-from bamba_ft.jobs.bench_variants import (
-    DEFAULT_DIVISORS,
-    VARIANTS,
-    Variant,
-    build_variant,
-    guarded,
-    make_steps,
-    measure_into,
-    release,
-)
+from bamba_ft.jobs.bench_batches import DEFAULT_DIVISORS, make_steps
+from bamba_ft.jobs.bench_variants import VARIANTS, Variant, build_variant, guarded, measure_into, release
 from bamba_ft.jobs.report import atomic_write_json, atomic_write_text
 from bamba_ft.jobs.runtime import choose_device
 from bamba_ft.model.shapes import SHAPES

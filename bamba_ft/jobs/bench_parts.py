@@ -26,8 +26,9 @@ import torch
 from torch import nn
 
 from bamba_ft.config.schema import BenchConfig, ModelConfig, PeftConfig, ScanStates
+from bamba_ft.jobs.bench_batches import make_steps, to_batch
 from bamba_ft.jobs.bench_sweeps import median_ms
-from bamba_ft.jobs.bench_variants import VARIANTS, build_variant, make_steps, release, sync_device, to_batch
+from bamba_ft.jobs.bench_variants import VARIANTS, build_variant, release, sync_device
 from bamba_ft.jobs.runtime import autocast_for, to_device
 from bamba_ft.model.families import family_of
 from bamba_ft.model.mixer import scan_states

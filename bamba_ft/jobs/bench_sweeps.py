@@ -12,16 +12,14 @@ import torch
 from bamba_ft.config.schema import BenchConfig, ModelConfig, PeftConfig
 from bamba_ft.data.packing import pack_batches
 from bamba_ft.errors import ConfigError
+from bamba_ft.jobs.bench_batches import make_steps, random_tokens, sample_lengths
 from bamba_ft.jobs.bench_variants import (
     OOM,
     VARIANTS,
     build_variant,
     guarded,
-    make_steps,
     measure_into,
-    random_tokens,
     release,
-    sample_lengths,
     sync_device,
 )
 

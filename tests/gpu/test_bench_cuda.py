@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bamba_ft.config.schema import BenchConfig, Mixer, ModelConfig, PeftConfig
-from bamba_ft.jobs import bench_parts, bench_variants
+from bamba_ft.jobs import bench_batches, bench_parts, bench_variants
 from bamba_ft.model.lora import apply_peft
 from bamba_ft.model.mixer import install_mixer
 from bamba_ft.ops.kernels import available_backend
@@ -35,11 +35,11 @@ def test_warmup_leaves_no_compilation_to_timed_steps_at_the_lengths_that_special
     rows = 32 * sms - (1 if (32 * sms - 1) % 16 else 2)  # 32 rows per program, not a multiple of 16
     hard = [16 * CHUNK - 134, 16 * CHUNK - 128, rows, 32 * sms, 5000]  # chunk counts 16, 16; rows 32, 32
     b = BenchConfig(warmup_steps=4, steps=len(hard), seqs_per_step=8, median_len=500, max_len=4096)
-    steps = bench_variants.make_steps(b, SHAPE["vocab_size"], 0, divisors=(CHUNK, sms))
+    steps = bench_batches.make_steps(b, SHAPE["vocab_size"], 0, divisors=(CHUNK, sms))
     lengths = [[len(s) for s in step] for step in steps[b.warmup_steps :]]
     for step, tokens in zip(lengths, hard):
-        bench_variants.resize_step(step, tokens, b.max_len)
-    steps[b.warmup_steps :] = bench_variants.random_tokens(lengths, SHAPE["vocab_size"], 1)
+        bench_batches.resize_step(step, tokens, b.max_len)
+    steps[b.warmup_steps :] = bench_batches.random_tokens(lengths, SHAPE["vocab_size"], 1)
     result = bench_variants.measure(bench_variants.VARIANTS["bamba_ft"], model, steps, b, device)
     assert result["tokens_each"] == hard
     assert result["compiled_each"] == [{}] * len(hard), result["compiled_each"]

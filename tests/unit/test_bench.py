@@ -13,7 +13,7 @@ import torch
 
 from bamba_ft.config.schema import BenchConfig, ModelConfig, PeftConfig, RunConfig, validate
 from bamba_ft.errors import ConfigError
-from bamba_ft.jobs import bench, bench_report, bench_sweeps, bench_variants
+from bamba_ft.jobs import bench, bench_batches, bench_report, bench_sweeps, bench_variants
 from bamba_ft.jobs.bench_sweeps import budget_steps
 
 
@@ -21,7 +21,7 @@ from bamba_ft.jobs.bench_sweeps import budget_steps
 def test_rehearsal_runs_each_timed_batch_once_before_timing_it(monkeypatch: pytest.MonkeyPatch, rehearse: bool,
                                                                expected: list[int]) -> None:
     b = BenchConfig(warmup_steps=1, steps=2, seqs_per_step=2, median_len=20, max_len=32, rehearse=rehearse)
-    steps = bench_variants.make_steps(b, 128, seed=0)
+    steps = bench_batches.make_steps(b, 128, seed=0)
     seen: list[int] = []
     loss = bench_variants.mean_loss
 
@@ -42,7 +42,7 @@ def test_rehearsal_runs_each_timed_batch_once_before_timing_it(monkeypatch: pyte
     ("bamba_ft_graphs", "ModelError: model.cuda_graphs=true replays the fused CUDA conv+scan")])
 def test_cuda_kernel_variants_report_why_they_cannot_run_on_cpu(name: str, error: str) -> None:
     b = BenchConfig(warmup_steps=0, steps=1, seqs_per_step=1, median_len=8, max_len=8)
-    steps = bench_variants.make_steps(b, 128, 0)
+    steps = bench_batches.make_steps(b, 128, 0)
     result = bench_variants.run_variant(bench_variants.VARIANTS[name], ModelConfig(init="random", shape="tiny"),
                                         PeftConfig(), steps, b, torch.device("cpu"), seed=0)
     assert result["error"].startswith(error)
@@ -50,7 +50,7 @@ def test_cuda_kernel_variants_report_why_they_cannot_run_on_cpu(name: str, error
 
 def test_fp8_variant_trains_every_adapter_on_cpu() -> None:
     b = BenchConfig(warmup_steps=0, steps=1, seqs_per_step=2, median_len=16, max_len=32)
-    steps = bench_variants.make_steps(b, 128, 0)
+    steps = bench_batches.make_steps(b, 128, 0)
     result = bench_variants.run_variant(bench_variants.VARIANTS["bamba_ft_fp8"], ModelConfig(init="random", shape="tiny"),
                                         PeftConfig(), steps, b, torch.device("cpu"), seed=0)
     assert "error" not in result, result
@@ -143,7 +143,7 @@ def test_memory_modes_run_outermost_and_share_each_built_model(monkeypatch: pyte
 
 def test_measure_switches_the_models_checkpointed_layers_to_the_variants_mode() -> None:
     b = BenchConfig(warmup_steps=0, steps=1, seqs_per_step=1, median_len=16, max_len=16)
-    cpu, steps = torch.device("cpu"), bench_variants.make_steps(b, 128, 0)
+    cpu, steps = torch.device("cpu"), bench_batches.make_steps(b, 128, 0)
     model = bench_variants.build_variant(bench_variants.VARIANTS["bamba_ft"], ModelConfig(init="random", shape="tiny"),
                                          PeftConfig(), cpu, seed=0)["model"]
     layers = bench_variants.causal_lm(model).model.layers
@@ -487,10 +487,10 @@ def test_a_part_gets_its_inputs_as_new_leaves_so_backward_stops_there() -> None:
 @pytest.mark.parametrize("seed", range(6))
 def test_warmup_covers_both_length_specialisations_and_timed_lengths_stay_new(seed: int) -> None:
     b = BenchConfig(warmup_steps=3, steps=6, seqs_per_step=4, median_len=50, max_len=64)
-    plain = bench_variants.make_steps(BenchConfig(warmup_steps=0, steps=9, seqs_per_step=4, median_len=50,
+    plain = bench_batches.make_steps(BenchConfig(warmup_steps=0, steps=9, seqs_per_step=4, median_len=50,
                                                   max_len=64), 128, seed)
     seen: set[int] = set()
-    steps = bench_variants.make_steps(b, 128, seed, seen)
+    steps = bench_batches.make_steps(b, 128, seed, seen)
     lengths = [sum(map(len, s)) for s in steps]
     assert lengths[0] % 16 == 0 and lengths[1] % 16 != 0
     assert len(set(lengths)) == len(lengths) and set(lengths) <= seen
@@ -505,7 +505,7 @@ def test_warmup_covers_the_derived_length_specialisations_in_every_repeat() -> N
     b = BenchConfig(warmup_steps=4, steps=3, seqs_per_step=8, median_len=500, max_len=1024)
     seen: set[int] = set()
     for seed in (0, 1000):  # two repeats of one run
-        steps = [[len(s) for s in step] for step in bench_variants.make_steps(b, 64, seed, seen)]
+        steps = [[len(s) for s in step] for step in bench_batches.make_steps(b, 64, seed, seen)]
         totals = [sum(step) for step in steps]
         assert totals[0] % 16 == 0 and totals[1] % 16 != 0 and totals[2:4] == [4093, 4096]
         assert all(1 <= n <= b.max_len for step in steps for n in step)
@@ -516,12 +516,12 @@ def test_warmup_covers_the_derived_length_specialisations_in_every_repeat() -> N
 
 @pytest.mark.parametrize("divisors", [(256, 132), (256, 108), (64, 78), (128, 170)])
 def test_cover_lengths_are_the_shortest_with_every_derived_length_a_multiple_of_16(divisors: tuple) -> None:
-    odd, even = bench_variants.cover_lengths(divisors, 1 << 17)
+    odd, even = bench_batches.cover_lengths(divisors, 1 << 17)
     def ok(t: int) -> bool:
         return all(math.ceil(t / d) % 16 == 0 for d in divisors)
     assert odd % 16 != 0 and even % 16 == 0 and ok(odd) and ok(even)
     assert not any(ok(t) and t % 16 for t in range(1, odd)) and not any(ok(t) for t in range(16, even, 16))
-    assert bench_variants.cover_lengths(divisors, odd - 1)[0] is None  # out of reach: left as drawn
+    assert bench_batches.cover_lengths(divisors, odd - 1)[0] is None  # out of reach: left as drawn
 
 
 def test_the_bench_derives_its_divisors_from_the_model_and_the_device() -> None:
@@ -534,28 +534,28 @@ def test_the_bench_derives_its_divisors_from_the_model_and_the_device() -> None:
 
 def test_resize_step_keeps_proportions_and_max_len() -> None:
     step = [100, 300, 600]
-    bench_variants.resize_step(step, 4093, max_len=4096)
+    bench_batches.resize_step(step, 4093, max_len=4096)
     assert sum(step) == 4093 and all(abs(n - m * 4.093) <= 1 for n, m in zip(step, [100, 300, 600]))
     step = [10, 10, 1000]  # the long one is clamped; the rest takes up what it cannot
-    bench_variants.resize_step(step, 3000, max_len=2000)
+    bench_batches.resize_step(step, 3000, max_len=2000)
     assert sum(step) == 3000 and max(step) == 2000 and min(step) >= 1
 
 
 def test_a_run_too_short_for_the_derived_length_cover_leaves_those_steps_as_drawn() -> None:
     b = BenchConfig(warmup_steps=4, steps=1, seqs_per_step=2, median_len=50, max_len=64)
-    drawn = bench_variants.make_steps(replace(b, warmup_steps=0, steps=5), 64, 0)
-    made = bench_variants.make_steps(b, 64, 0)
-    assert bench_variants.cover_targets((256, 132), 2 * 64)[2:] == [None, None]
+    drawn = bench_batches.make_steps(replace(b, warmup_steps=0, steps=5), 64, 0)
+    made = bench_batches.make_steps(b, 64, 0)
+    assert bench_batches.cover_targets((256, 132), 2 * 64)[2:] == [None, None]
     assert [len(s) for s in made[2]] == [len(s) for s in drawn[2]]
     assert [len(s) for s in made[3]] == [len(s) for s in drawn[3]]
 
 
 def test_cover_length_specialisation_respects_max_len() -> None:
     step = [60, 63]  # 123: the next multiple of 16 would need 68 > max_len 64, so the last sequence shrinks
-    bench_variants.cover_length_specialisation(step, multiple=True, max_len=64)
+    bench_batches.cover_length_specialisation(step, multiple=True, max_len=64)
     assert step == [60, 52] and sum(step) % 16 == 0
     step = [64, 64]  # a multiple already; made not one without passing max_len
-    bench_variants.cover_length_specialisation(step, multiple=False, max_len=64)
+    bench_batches.cover_length_specialisation(step, multiple=False, max_len=64)
     assert step == [64, 63]
 
 
