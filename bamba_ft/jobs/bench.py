@@ -27,6 +27,7 @@ from bamba_ft.jobs.bench_batches import DEFAULT_DIVISORS, make_steps
 from bamba_ft.jobs.bench_variants import VARIANTS, Variant, build_variant, guarded, measure_into, release
 from bamba_ft.jobs.report import atomic_write_json, atomic_write_text
 from bamba_ft.jobs.runtime import choose_device
+from bamba_ft.model.families import family_for
 from bamba_ft.model.shapes import SHAPES
 
 log = logging.getLogger(__name__)
@@ -87,10 +88,11 @@ def run_interleaved(b: BenchConfig, model_cfg: ModelConfig, peft_cfg: PeftConfig
 
 
 def specialisation_divisors(model_cfg: ModelConfig, device: torch.device) -> tuple[int, ...]:
-    """What mamba-ssm's kernels divide a packed length by (`bench_variants.cover_lengths`): the model's scan
+    """What mamba-ssm's kernels divide a packed length by (`bench_batches.cover_lengths`): the model's scan
     chunk size and the device's SMs (defaults where either is unknown)."""
     shape = SHAPES.get(model_cfg.shape or "", {})
-    chunk = shape.get("mamba_chunk_size", shape.get("chunk_size", DEFAULT_DIVISORS[0]))
+    key = family_for(shape.get("model_type", "bamba")).config_keys["chunk_size"] if shape else None
+    chunk = shape.get(key, DEFAULT_DIVISORS[0])
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
     return chunk, sms or DEFAULT_DIVISORS[1]
 
