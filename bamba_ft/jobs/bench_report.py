@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 HF_PADFREE = "hf_padfree"  # every variant whose name starts with this is a transformers padding-free path
@@ -30,17 +30,26 @@ def _ok(runs: list[dict]) -> list[dict]:
     return [r for r in runs if "tokens_per_sec" in r]
 
 
+def _best_hf(rows: list[dict]) -> dict | None:
+    return max((r for r in rows if r["variant"].startswith(HF_PADFREE)), key=lambda r: r["tokens_per_sec"],
+               default=None)
+
+
+def _by_repeat(runs: list[dict], mode: str, rehearse: bool) -> Iterator[list[dict]]:
+    """The measured rows under memory mode `mode` and regime `rehearse`, one list per repeat, in repeat order."""
+    group = [r for r in _ok(runs) if r["memory_mode"] == mode and r.get("rehearse", False) == rehearse]
+    for rep in sorted({r.get("repeat", 0) for r in group}):
+        yield [r for r in group if r.get("repeat", 0) == rep]
+
+
 def per_repeat_ratios(runs: list[dict], variant: str, mode: str, rehearse: bool) -> list[float]:
     """`variant`'s tokens/s over the best hf_padfree* variant's under memory mode `mode`, one ratio per repeat in
     which both ran."""
     ratios = []
-    group = [r for r in _ok(runs) if r["memory_mode"] == mode and r.get("rehearse", False) == rehearse]
-    for rep in sorted({r.get("repeat", 0) for r in group}):
-        here = [r for r in group if r.get("repeat", 0) == rep]
-        ref = max((r["tokens_per_sec"] for r in here if r["variant"].startswith(HF_PADFREE)), default=None)
-        mine = next((r["tokens_per_sec"] for r in here if r["variant"] == variant), None)
-        if ref and mine is not None:
-            ratios.append(mine / ref)
+    for here in _by_repeat(runs, mode, rehearse):
+        ref, mine = _best_hf(here), next((r for r in here if r["variant"] == variant), None)
+        if ref and ref["tokens_per_sec"] and mine is not None:
+            ratios.append(mine["tokens_per_sec"] / ref["tokens_per_sec"])
     return ratios
 
 
@@ -118,11 +127,6 @@ def longest_trained(rows: list[dict]) -> dict[str, int | None]:
     return out
 
 
-def _best_hf(rows: list[dict]) -> dict | None:
-    return max((r for r in rows if r["variant"].startswith(HF_PADFREE)), key=lambda r: r["tokens_per_sec"],
-               default=None)
-
-
 def _bamba_ft(rows: list[dict]) -> dict | None:
     return next((r for r in rows if r["variant"] == "bamba_ft"), None)
 
@@ -135,9 +139,7 @@ def per_step_ratios(runs: list[dict], variant: str, mode: str, rehearse: bool, r
     best hf_padfree* variant of that repeat, or bamba_ft) over `variant`'s, that is `variant`'s speed-up on that
     batch. Steps in which either compiled a kernel are left out, as are repeats without per-step times."""
     ratios = []
-    group = [r for r in _ok(runs) if r["memory_mode"] == mode and r.get("rehearse", False) == rehearse]
-    for rep in sorted({r.get("repeat", 0) for r in group}):
-        here = [r for r in group if r.get("repeat", 0) == rep]
+    for here in _by_repeat(runs, mode, rehearse):
         ref, mine = REFERENCES[reference](here), next((r for r in here if r["variant"] == variant), None)
         if ref is None or mine is None or ref is mine or "step_ms_each" not in ref or "step_ms_each" not in mine:
             continue
