@@ -28,7 +28,7 @@ from torch import nn
 from bamba_ft.config.schema import BenchConfig, ModelConfig, PeftConfig, ScanStates
 from bamba_ft.jobs.bench_batches import make_steps, to_batch
 from bamba_ft.jobs.bench_sweeps import median_ms
-from bamba_ft.jobs.bench_variants import VARIANTS, build_variant, release, sync_device
+from bamba_ft.jobs.bench_variants import VARIANTS, build_variant, cuda_kernels, release, sync_device
 from bamba_ft.jobs.runtime import autocast_for, to_device
 from bamba_ft.model.families import family_of
 from bamba_ft.model.mixer import scan_states
@@ -71,7 +71,6 @@ def layer_parts(model_cfg: ModelConfig, peft_cfg: PeftConfig, b: BenchConfig, de
 def kernel_times(fn: Callable[[], None], calls: int, device: torch.device) -> list[list]:
     """[kernel name, device ms per call, launches per call] of each CUDA kernel `fn` runs, over `calls` profiled
     calls, longest first."""
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     sync_device(device)
@@ -79,9 +78,7 @@ def kernel_times(fn: Callable[[], None], calls: int, device: torch.device) -> li
         for _ in range(calls):
             fn()
         sync_device(device)
-    rows = [[e.key, e.self_device_time_total / 1e3 / calls, e.count / calls] for e in prof.key_averages()
-            if e.device_type == DeviceType.CUDA]
-    return sorted(rows, key=lambda r: -r[1])
+    return sorted((list(row) for row in cuda_kernels(prof.key_averages(), calls)), key=lambda r: -r[1])
 
 
 def _parts(lm: nn.Module) -> dict[str, nn.Module]:

@@ -128,11 +128,19 @@ def _families_table(families: dict[str, float]) -> str:
     return "\n".join(["| kernels | ms per step | share |", "|---|---|---|", *rows]) + "\n\n"
 
 
+def cuda_kernels(averages, calls: int) -> list[tuple[str, float, float]]:  # noqa: ANN001
+    """(kernel name, device ms per call, launches per call) of each CUDA kernel in a profiler's `key_averages()`
+    over `calls` calls of the profiled work (operator rows, which repeat their kernels' time, left out)."""
+    from torch.autograd import DeviceType
+
+    return [(e.key, e.self_device_time_total / 1e3 / calls, e.count / calls) for e in averages
+            if e.device_type == DeviceType.CUDA]
+
+
 def _profile(model: nn.Module, loss_fn, batch: dict, opt: torch.optim.Optimizer, device: torch.device,  # noqa: ANN001
              path: Path, offload: bool) -> tuple[str, dict[str, float]]:
     """Two profiled training steps; the kernels' device time per family (`kernel_families`) and the per-kernel
     table (sorted by device time) go to `path`. Returns the path and the families' ms per step."""
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -148,8 +156,7 @@ def _profile(model: nn.Module, loss_fn, batch: dict, opt: torch.optim.Optimizer,
         sync_device(device)
         wall = (time.perf_counter() - t0) / 2
     averages = prof.key_averages()
-    # kernel rows only: operator rows repeat the time of the kernels they launched
-    per_kernel = [(e.key, e.self_device_time_total / 2e3) for e in averages if e.device_type == DeviceType.CUDA]
+    per_kernel = [(name, ms) for name, ms, _ in cuda_kernels(averages, calls=2)]
     kernels = sum(ms for _, ms in per_kernel)  # ms per step
     families = kernel_families(per_kernel)
     cpu = sum(e.self_cpu_time_total for e in averages) / 2e3
