@@ -172,8 +172,8 @@ class ConvScanGraphs:
         p = fam.params
 
         def body() -> Outputs:
-            out = conv_scan_forward_kernels(self.ops, v["xbc"], v["dt"], p["weight"], p["bias"], p["A"], p["D"],
-                                            p["dt_bias"], v["seq"], fam.shape, fam.chunk_size, fam.dt_limit)
+            out, _ = conv_scan_forward_kernels(self.ops, v["xbc"], v["dt"], p["weight"], p["bias"], p["A"], p["D"],
+                                               p["dt_bias"], v["seq"], fam.shape, fam.chunk_size, fam.dt_limit)
             return (v["y"].copy_(out),)
 
         return body

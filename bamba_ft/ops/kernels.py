@@ -250,12 +250,13 @@ def split_xbc(xbc: torch.Tensor, shape: tuple[int, int, int, int]) -> tuple[torc
 
 def conv_scan_forward_kernels(ops, xbc, dt, weight, bias, A, D, dt_bias, seq_idx, shape, chunk_size, dt_limit,  # noqa: ANN001, ANN201
                               keep=False):
-    """The conv+scan forward as kernel calls: scan(silu(conv(xbc))), (b, t, heads, head_dim). With `keep` (ops
-    that `can_keep`), returns (out, kept): what the scan's backward would recompute (`KernelOps.scan_fwd_keep`)."""
+    """The conv+scan forward as kernel calls: (scan(silu(conv(xbc))) as (b, t, heads, head_dim), kept). kept is
+    empty, or with `keep` (ops that `can_keep`) what the scan's backward would recompute
+    (`KernelOps.scan_fwd_keep`)."""
     x, B, C = split_xbc(ops.conv_fwd(channel_last(xbc), weight, bias, seq_idx).transpose(1, 2), shape)
     if keep:
         return ops.scan_fwd_keep(x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, dt_limit)
-    return ops.scan_fwd(x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, dt_limit)
+    return ops.scan_fwd(x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, dt_limit), ()
 
 
 def conv_scan_backward_kernels(ops, dout, xbc, dt, weight, bias, A, D, dt_bias, seq_idx, shape, chunk_size, dt_limit,  # noqa: ANN001, ANN202
@@ -297,8 +298,7 @@ class DirectConvScan:
         self.keep = keep and getattr(ops, "can_keep", lambda: False)()
 
     def forward(self, *args):  # noqa: ANN002, ANN201
-        got = conv_scan_forward_kernels(self.ops, *args, keep=self.keep)
-        return got if self.keep else (got, ())
+        return conv_scan_forward_kernels(self.ops, *args, keep=self.keep)
 
     def backward(self, *args, kept=()):  # noqa: ANN002, ANN001, ANN201
         return conv_scan_backward_kernels(self.ops, *args, kept=kept)
