@@ -271,21 +271,20 @@ def test_auto_keeps_scan_states_only_in_checkpointed_layers_and_changes_no_numbe
     Mamba layers that are checkpointed keep the scan's states, made again by the recompute in backward, and the
     others recompute them; the loss and every LoRA gradient equal the recomputing path's (float64, 1e-10)."""
     from bamba_ft.config.schema import Mixer
+    from bamba_ft.model.mixer import on_mixers
     from bamba_ft.ops import mamba2
     from tests.unit.test_conv_scan import KeepingTorchOps, TorchOps
 
     monkeypatch.setitem(mamba2._CONV_SCANS, Mixer.TORCH, mamba2.conv_scan)
     model = lora_model()
-    mixers = [m for m in model.modules() if isinstance(m, mamba2.SegmentAwareMixer)]
     batch = packed_batch([5, 17, 9])
     apply_checkpointing(model, mode)
     results, calls = {}, {}
     for ops in (TorchOps, KeepingTorchOps):
-        for m in mixers:
-            m.conv_scan_ops = ops
         TorchOps.calls.clear()
         KeepingTorchOps.kept.clear()
-        results[ops] = loss_and_grads(model, batch, offload=False)
+        with on_mixers(model, conv_scan_ops=ops):
+            results[ops] = loss_and_grads(model, batch, offload=False)
         calls[ops] = dict(TorchOps.calls)
     checkpointed_mamba = len(set(EXPECTED[mode]) & {0, 2, 3})
     assert calls[KeepingTorchOps].get("scan_bwd_kept", 0) == checkpointed_mamba
