@@ -333,6 +333,21 @@ def _compiled_lines(runs: list[dict]) -> list[str]:
             "them, see bench.warmup_steps):", *found]
 
 
+def _allocator_lines(runs: list[dict]) -> list[str]:
+    """The timed steps in which the CUDA caching allocator emptied its cache to retry an allocation (a device
+    sync and new cudaMallocs inside the step), one line each."""
+    found = []
+    for r in runs:
+        for i, (moved, ms) in enumerate(zip(r.get("allocator_each", []), r.get("step_ms_each", []))):
+            if moved.get("retries"):
+                found.append(f"- {r['variant']}, run {r['repeat']}, timed step {i} ({r['tokens_each'][i]:,} tokens, "
+                             f"{ms:,.0f} ms): {moved['retries']} retried, {moved.get('mallocs', 0)} cudaMalloc, "
+                             f"{moved.get('frees', 0)} cudaFree")
+    if not found:
+        return []
+    return ["", "Timed steps in which the caching allocator emptied its cache to retry an allocation:", *found]
+
+
 def markdown(results: dict) -> str:
     v = results["versions"]
     lines = [f"{results['device']} | torch {v.get('torch')} | transformers {v.get('transformers')} | mamba-ssm "
@@ -352,7 +367,8 @@ def markdown(results: dict) -> str:
         lines += ["", line]
     if results["runs"]:
         rows = summarize(results["runs"])
-        lines += [""] + _summary_lines(rows, repeats) + _paired_lines(rows) + _compiled_lines(results["runs"])
+        lines += ([""] + _summary_lines(rows, repeats) + _paired_lines(rows) + _compiled_lines(results["runs"])
+                  + _allocator_lines(results["runs"]))
     if results.get("token_budgets"):
         lines += _budget_lines(results["token_budgets"], budget_bests(results["token_budgets"]))
     return "\n".join(lines + _extra_lines(results))

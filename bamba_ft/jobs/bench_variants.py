@@ -34,6 +34,7 @@ from torch import nn
 
 from bamba_ft.config.schema import BenchConfig, Mixer, ModelConfig, PeftConfig, QuantConfig
 from bamba_ft.jobs import bench_ranks as ranks
+from bamba_ft.jobs.allocs import AllocatorWatch
 from bamba_ft.jobs.bench_batches import to_batch
 from bamba_ft.jobs.compiles import CompileWatch
 from bamba_ft.jobs.runtime import autocast_for, to_device
@@ -221,7 +222,8 @@ def measure(v: Variant, model: nn.Module, steps: list, b: BenchConfig, device: t
                                                    next(causal_lm(model).parameters()).dtype)
         sync_device(device)
         result["graph_capture_s"] = time.perf_counter() - t0
-    times, tokens, compiled = [], [], []
+    times, tokens, compiled, allocator = [], [], [], []
+    allocs = AllocatorWatch(device)
     untimed = b.warmup_steps + (b.steps if b.rehearse else 0)
     if b.rehearse:  # the timed batches once more, untimed, before they are timed
         steps = steps[: b.warmup_steps] + steps[b.warmup_steps :] * 2
@@ -230,6 +232,7 @@ def measure(v: Variant, model: nn.Module, steps: list, b: BenchConfig, device: t
             batch = to_device(to_batch(seqs, v.packed, v.stock), device)
             sync_device(device)
             watch.take()
+            allocs.take()
             t0 = time.perf_counter()
             with autocast_for(causal_lm(model), device), activation_memory(model, offload):
                 loss = step_fn(batch)
@@ -243,6 +246,7 @@ def measure(v: Variant, model: nn.Module, steps: list, b: BenchConfig, device: t
                 times.append(time.perf_counter() - t0)
                 tokens.append(sum(len(s) for s in seqs))
                 compiled.append(watch.take())
+                allocator.append(allocs.take())
             if not math.isfinite(float(loss.detach())):
                 raise RuntimeError(f"non-finite loss at step {i}")
     if b.profile:
@@ -256,6 +260,8 @@ def measure(v: Variant, model: nn.Module, steps: list, b: BenchConfig, device: t
                   final_loss=float(loss.detach()), linear_params=n_linear,
                   step_ms_each=[round(1000 * t, 2) for t in times], tokens_each=tokens,
                   compiled_each=compiled)  # per timed step {kernel: compilations}: once per process, in its time
+    if device.type == "cuda":  # per timed step, the caching allocator's cudaMallocs, cudaFrees and retries
+        result["allocator_each"] = allocator
     peak = _peak_flops(device)
     if peak:
         result["mfu"] = 4 * n_linear * tps / peak

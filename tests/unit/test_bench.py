@@ -230,6 +230,18 @@ def test_the_report_names_the_timed_steps_that_compiled_kernels() -> None:
                      "_chunk_scan_bwd_dstates_kernel x2"]
 
 
+def test_the_report_names_the_timed_steps_whose_allocations_were_retried() -> None:
+    runs = _runs(THREE_RUNS)
+    for r in runs:
+        r |= {"step_ms_each": [400.0, 900.0], "tokens_each": [4549, 6712], "allocator_each": [{"mallocs": 2}, {}]}
+    results = _results(3, runs, [False])
+    assert "retry an allocation" not in bench_report.markdown(results)  # new segments alone are not listed
+    runs[2]["allocator_each"][1] = {"mallocs": 40, "frees": 31, "retries": 1}
+    lines = [x for x in bench_report.markdown(results).splitlines() if x.startswith("- ")]
+    assert lines == [f"- {runs[2]['variant']}, run {runs[2]['repeat']}, timed step 1 (6,712 tokens, 900 ms): 1 retried, "
+                     "40 cudaMalloc, 31 cudaFree"]
+
+
 def test_headline_reads_memory_mode_none_and_names_any_other_mode() -> None:
     slower = {rep: {**row, "bamba_ft": row["bamba_ft"] / 2} for rep, row in THREE_RUNS.items()}
     runs = [r | {"memory_mode": "all"} for r in _runs(slower)] + _runs(THREE_RUNS)

@@ -1,4 +1,5 @@
-"""CompileWatch: what a stretch of work compiled (the benchmark's per-step record of JIT compilations)."""
+"""CompileWatch and AllocatorWatch: what a stretch of work compiled, and what the CUDA caching allocator did in it
+(the benchmark's per-step records)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import types
 
 import torch
 
+from bamba_ft.jobs.allocs import AllocatorWatch
 from bamba_ft.jobs.compiles import CompileWatch
 
 
@@ -41,3 +43,14 @@ def test_counts_triton_compilations_by_kernel_and_restores_the_hook(monkeypatch)
         assert watch.take() == {"scan": 2, "conv": 1}
         assert watch.take() == {}
     assert knobs.runtime.jit_cache_hook is previous and seen == ["scan", "scan", "conv"]
+
+
+def test_allocator_watch_reports_the_counters_that_moved_since_the_last_take() -> None:
+    stats = {"num_device_alloc": 5, "num_device_free": 1, "num_alloc_retries": 0, "allocated_bytes.all.current": 9}
+    watch = AllocatorWatch(torch.device("cuda"), stats=lambda device: stats)
+    assert watch.take() == {}
+    stats |= {"num_device_alloc": 9, "num_alloc_retries": 1}
+    assert watch.take() == {"mallocs": 4, "retries": 1}
+    stats["num_device_free"] = 3
+    assert watch.take() == {"frees": 2}
+    assert AllocatorWatch(torch.device("cpu")).take() == {}  # no CUDA allocator, nothing to report
