@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import platform
 import statistics
 import time
 from collections.abc import Iterator
@@ -87,6 +89,19 @@ def run_interleaved(b: BenchConfig, model_cfg: ModelConfig, peft_cfg: PeftConfig
         yield row
 
 
+def host_cpu(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The host's CPU model and core count: the host enqueues every kernel, and machines of one GPU kind have
+    differed in how fast they do it."""
+    cores = os.cpu_count() or 0
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        text = ""
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
+                 platform.processor() or platform.machine())
+    return f"{model}, {cores} cores"
+
+
 def specialisation_divisors(model_cfg: ModelConfig, device: torch.device) -> tuple[int, ...]:
     """What mamba-ssm's kernels divide a packed length by (`bench_batches.cover_lengths`): the model's scan
     chunk size and the device's SMs (defaults where either is unknown)."""
@@ -136,7 +151,7 @@ def _run(cfg: RunConfig, b: BenchConfig, device: torch.device) -> dict:
         mcfg = replace(mcfg, shape="bamba-9b" if device.type == "cuda" else "tiny")
     vocab, seed = SHAPES[mcfg.shape]["vocab_size"], cfg.trainer.seed
     results: dict = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "host": host_cpu(),
         "shape": mcfg.shape, "versions": library_versions(), "bench": asdict(b), "peft": asdict(cfg.peft),
         "rehearse": rehearse_settings(b), "date": time.strftime("%Y-%m-%d"), "runs": [],
         "world_size": ranks.world_size(),

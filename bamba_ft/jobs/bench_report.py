@@ -65,6 +65,8 @@ def summarize(runs: list[dict]) -> list[dict]:
                "vs_best_hf_padfree": spread(per_repeat_ratios(runs, name, mode, rehearse)),
                "per_step": {ref: spread(per_step_ratios(runs, name, mode, rehearse, ref)) for ref in REFERENCES},
                "step_ms": spread(r["step_ms"] for r in ok),
+               "issued_share": spread(i / t for r in ok for i, t in zip(r.get("issued_ms_each", []),
+                                                                       r.get("step_ms_each", [])) if t > 0),
                "mfu": spread(r["mfu"] for r in ok if "mfu" in r),
                "peak_gib": max((r["peak_gib"] for r in ok if "peak_gib" in r), default=None),
                "errors": sorted({r["error"] for r in mine if "error" in r})}
@@ -318,6 +320,23 @@ def _paired_lines(rows: list[dict]) -> list[str]:
             "left out):", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head), *lines]
 
 
+def _issued_lines(rows: list[dict]) -> list[str]:
+    """How far into each timed step the host had enqueued all of it (`issued_ms_each`): a step whose host finished
+    just before its end was bound by the host (launching kernels), one finished well before by the device."""
+    lines = []
+    for r in rows:
+        share = r.get("issued_share")
+        if share:
+            regime = "rehearsed" if r["rehearse"] else "new shapes"
+            lines.append(f"| {r['variant']} | {r['memory_mode']} | {regime} | {share['median']:.0%} | "
+                         f"{share['min']:.0%}–{share['max']:.0%} | {share['n']} |")
+    if not lines:
+        return []
+    return ["", "When the host had enqueued each timed step, as a share of the step's wall time (near 100%: the "
+            "device waited on the host):", "", "| variant | memory | timed steps | median | min–max | steps |",
+            "|---|---|---|---|---|---|", *lines]
+
+
 def _compiled_lines(runs: list[dict]) -> list[str]:
     """The timed steps that compiled kernels (a one-off per process, inside that step's time), one line each."""
     found = []
@@ -351,7 +370,8 @@ def _allocator_lines(runs: list[dict]) -> list[str]:
 def markdown(results: dict) -> str:
     v = results["versions"]
     lines = [f"{results['device']} | torch {v.get('torch')} | transformers {v.get('transformers')} | mamba-ssm "
-             f"{v.get('mamba-ssm', '-')} | causal-conv1d {v.get('causal-conv1d', '-')}"]
+             f"{v.get('mamba-ssm', '-')} | causal-conv1d {v.get('causal-conv1d', '-')}"
+             + (f" | host {results['host']}" if results.get("host") else "")]
     b = results["bench"]
     repeats = b.get("repeats", 1)
     if b.get("variants") != []:  # a data-only benchmark ('bench.variants=[]') times no steps
@@ -367,7 +387,8 @@ def markdown(results: dict) -> str:
         lines += ["", line]
     if results["runs"]:
         rows = summarize(results["runs"])
-        lines += ([""] + _summary_lines(rows, repeats) + _paired_lines(rows) + _compiled_lines(results["runs"])
+        lines += ([""] + _summary_lines(rows, repeats) + _paired_lines(rows) + _issued_lines(rows)
+                  + _compiled_lines(results["runs"])
                   + _allocator_lines(results["runs"]))
     if results.get("token_budgets"):
         lines += _budget_lines(results["token_budgets"], budget_bests(results["token_budgets"]))

@@ -222,7 +222,7 @@ def measure(v: Variant, model: nn.Module, steps: list, b: BenchConfig, device: t
                                                    next(causal_lm(model).parameters()).dtype)
         sync_device(device)
         result["graph_capture_s"] = time.perf_counter() - t0
-    times, tokens, compiled, allocator = [], [], [], []
+    times, issued, tokens, compiled, allocator = [], [], [], [], []
     allocs = AllocatorWatch(device)
     untimed = b.warmup_steps + (b.steps if b.rehearse else 0)
     if b.rehearse:  # the timed batches once more, untimed, before they are timed
@@ -241,9 +241,11 @@ def measure(v: Variant, model: nn.Module, steps: list, b: BenchConfig, device: t
                 result["adapters_with_grad"], result["adapters"] = _adapter_coverage(model)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            t_issued = time.perf_counter()  # the host has enqueued the whole step
             sync_device(device)
             if i >= untimed:
                 times.append(time.perf_counter() - t0)
+                issued.append(t_issued - t0)
                 tokens.append(sum(len(s) for s in seqs))
                 compiled.append(watch.take())
                 allocator.append(allocs.take())
@@ -260,7 +262,10 @@ def measure(v: Variant, model: nn.Module, steps: list, b: BenchConfig, device: t
                   final_loss=float(loss.detach()), linear_params=n_linear,
                   step_ms_each=[round(1000 * t, 2) for t in times], tokens_each=tokens,
                   compiled_each=compiled)  # per timed step {kernel: compilations}: once per process, in its time
-    if device.type == "cuda":  # per timed step, the caching allocator's cudaMallocs, cudaFrees and retries
+    if device.type == "cuda":  # on a CPU the host runs each step itself: there is no enqueueing to record
+        # per timed step, when the host had enqueued it (near its wall time: the device waited for the host), and
+        # the caching allocator's cudaMallocs, cudaFrees and retries
+        result["issued_ms_each"] = [round(1000 * t, 2) for t in issued]
         result["allocator_each"] = allocator
     peak = _peak_flops(device)
     if peak:

@@ -4,9 +4,11 @@ is never asserted."""
 from __future__ import annotations
 
 import math
+import os
 import re
 import statistics
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -240,6 +242,26 @@ def test_the_report_names_the_timed_steps_whose_allocations_were_retried() -> No
     lines = [x for x in bench_report.markdown(results).splitlines() if x.startswith("- ")]
     assert lines == [f"- {runs[2]['variant']}, run {runs[2]['repeat']}, timed step 1 (6,712 tokens, 900 ms): 1 retried, "
                      "40 cudaMalloc, 31 cudaFree"]
+
+
+def test_the_report_gives_how_far_into_each_step_the_host_had_enqueued_it() -> None:
+    runs = _runs(THREE_RUNS)
+    for r in runs:
+        host_bound = r["variant"] == "bamba_ft"
+        r |= {"step_ms_each": [400.0, 200.0], "issued_ms_each": [396.0, 198.0] if host_bound else [200.0, 150.0]}
+    rows = {r["variant"]: r for r in bench_report.summarize(runs)}
+    assert rows["bamba_ft"]["issued_share"] == {"median": 0.99, "min": 0.99, "max": 0.99, "n": 6}
+    other = next(v for v in rows if v != "bamba_ft")
+    assert rows[other]["issued_share"] == {"median": 0.625, "min": 0.5, "max": 0.75, "n": 6}
+    md = bench_report.markdown(_results(3, runs, [False]))
+    assert "| bamba_ft | none | new shapes | 99% | 99%–99% | 6 |" in md
+
+
+def test_host_cpu_names_the_model_and_cores(tmp_path: Path) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\nprocessor\t: 1\n")
+    assert bench.host_cpu(str(info)) == f"Intel(R) Xeon(R) Platinum 8480+, {os.cpu_count()} cores"
+    assert bench.host_cpu(str(tmp_path / "missing")).endswith(f", {os.cpu_count()} cores")
 
 
 def test_headline_reads_memory_mode_none_and_names_any_other_mode() -> None:
