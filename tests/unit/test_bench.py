@@ -253,8 +253,15 @@ def test_the_report_gives_how_far_into_each_step_the_host_had_enqueued_it() -> N
     assert rows["bamba_ft"]["issued_share"] == {"median": 0.99, "min": 0.99, "max": 0.99, "n": 6}
     other = next(v for v in rows if v != "bamba_ft")
     assert rows[other]["issued_share"] == {"median": 0.625, "min": 0.5, "max": 0.75, "n": 6}
+    assert (rows["bamba_ft"]["host_bound_steps"], rows[other]["host_bound_steps"]) == (6, 0)
     md = bench_report.markdown(_results(3, runs, [False]))
-    assert "| bamba_ft | none | new shapes | 99% | 99%–99% | 6 |" in md
+    assert "| bamba_ft | none | new shapes | 99% | 99%–99% | 6 of 6 |" in md
+    assert "Most timed steps of bamba_ft (new shapes) waited on the host" in md
+    for r in runs:  # half the steps waiting is not most
+        if r["variant"] == "bamba_ft":
+            r["issued_ms_each"] = [396.0, 100.0]
+    md = bench_report.markdown(_results(3, runs, [False]))
+    assert "| bamba_ft | none | new shapes | 74% | 50%–99% | 3 of 6 |" in md and "waited on the host:" not in md
 
 
 def test_host_cpu_names_the_model_and_cores(tmp_path: Path) -> None:
