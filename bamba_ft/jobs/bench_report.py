@@ -54,7 +54,7 @@ def per_repeat_ratios(runs: list[dict], variant: str, mode: str, rehearse: bool)
 
 
 # A step whose host finished enqueueing it this late waited on the host. On an H200 with Bamba-9B, steps bound by
-# the device were enqueued at 82-91% of their wall time (the last ~70 ms of kernels still queued), steps that
+# the device were enqueued at 82-91% of their wall time (the last 40-90 ms of kernels still queued), steps that
 # waited on the host at 98-100%.
 HOST_BOUND_SHARE = 0.97
 
