@@ -70,13 +70,14 @@ def summarize(runs: list[dict]) -> list[dict]:
     for mode, rehearse, name in keys:
         mine = [r for r in runs if (r["memory_mode"], r.get("rehearse", False), r["variant"]) == (mode, rehearse, name)]
         ok = _ok(mine)
+        shares = _issued_shares(ok)
         row = {"variant": name, "memory_mode": mode, "rehearse": rehearse, "runs": len(mine),
                "tokens_per_sec": spread(r["tokens_per_sec"] for r in ok),
                "vs_best_hf_padfree": spread(per_repeat_ratios(runs, name, mode, rehearse)),
                "per_step": {ref: spread(per_step_ratios(runs, name, mode, rehearse, ref)) for ref in REFERENCES},
                "step_ms": spread(r["step_ms"] for r in ok),
-               "issued_share": spread(_issued_shares(ok)),
-               "host_bound_steps": sum(1 for x in _issued_shares(ok) if x >= HOST_BOUND_SHARE),
+               "issued_share": spread(shares),
+               "host_bound_steps": sum(1 for x in shares if x >= HOST_BOUND_SHARE),
                "mfu": spread(r["mfu"] for r in ok if "mfu" in r),
                "peak_gib": max((r["peak_gib"] for r in ok if "peak_gib" in r), default=None),
                "errors": sorted({r["error"] for r in mine if "error" in r})}
