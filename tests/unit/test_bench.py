@@ -41,7 +41,8 @@ def test_rehearsal_runs_each_timed_batch_once_before_timing_it(monkeypatch: pyte
 
 
 @pytest.mark.parametrize("name,error", [
-    ("bamba_ft_graphs", "ModelError: model.cuda_graphs=true replays the fused CUDA conv+scan")])
+    ("bamba_ft_graphs", "ModelError: model.cuda_graphs=true replays the fused CUDA conv+scan"),
+    ("bamba_ft_fp8_graphs", "ModelError: model.cuda_graphs=true replays the fused CUDA conv+scan")])
 def test_cuda_kernel_variants_report_why_they_cannot_run_on_cpu(name: str, error: str) -> None:
     b = BenchConfig(warmup_steps=0, steps=1, seqs_per_step=1, median_len=8, max_len=8)
     steps = bench_batches.make_steps(b, 128, 0)
