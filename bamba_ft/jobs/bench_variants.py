@@ -12,8 +12,8 @@ Variants (bench.variants):
 - bamba_ft_padded: the same on hf_padded's padded batches (same work as hf_padded, to compare the paths);
 - bamba_ft_nf4 / bamba_ft_int8: the same on a torchao-quantized base (QLoRA);
 - bamba_ft_fp8: the same with the frozen base's matmuls in float8 (`quant.method=fp8`; needs compute capability 8.9+);
-- bamba_ft_fp8_graphs: bamba_ft_fp8 with the conv+scan replayed as CUDA graphs, whose launches the host then skips
-  (the float8 step waits on the host on most machines measured).
+- bamba_ft_fp8_graphs: bamba_ft_fp8 with the conv+scan replayed as CUDA graphs: one graph launch per layer and
+  direction instead of its Triton kernels' launches (the float8 step waits on the host on most machines measured).
 Each variant runs under a `bench.memory_modes` entry (a model.gradient_checkpointing form, optionally
 `+offload`); a built model serves every mode, which switches its layers' checkpointing and the offload hooks.
 Model FLOPs per token: 4 x (weights of all Linear layers): forward 2N plus input gradients 2N; LoRA's own
