@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 HF_PADFREE = "hf_padfree"  # every variant whose name starts with this is a transformers padding-free path
@@ -353,34 +353,37 @@ def _issued_lines(rows: list[dict]) -> list[str]:
             "|---|---|---|---|---|---|", *lines, *([""] + note if note else [])]
 
 
-def _compiled_lines(runs: list[dict]) -> list[str]:
-    """The timed steps that compiled kernels (a one-off per process, inside that step's time), one line each."""
+def _step_lines(runs: list[dict], key: str, describe: Callable[[dict], str | None], heading: str) -> list[str]:
+    """One line per timed step whose per-step record under `key` (e.g. `compiled_each`) `describe` puts into
+    words (None: not listed), under `heading`; nothing when no step is listed."""
     found = []
     for r in runs:
-        for i, (kernels, ms) in enumerate(zip(r.get("compiled_each", []), r.get("step_ms_each", []))):
-            if kernels:
-                names = ", ".join(f"{k}" + (f" x{n}" if n > 1 else "") for k, n in kernels.items())
+        for i, (record, ms) in enumerate(zip(r.get(key, []), r.get("step_ms_each", []))):
+            if (said := describe(record)) is not None:
                 found.append(f"- {r['variant']}, run {r['repeat']}, timed step {i} ({r['tokens_each'][i]:,} tokens, "
-                             f"{ms:,.0f} ms): {names}")
-    if not found:
-        return []
-    return ["", "Timed steps that compiled kernels (once per process; in the step's time; warm-up meant to cover "
-            "them, see bench.warmup_steps):", *found]
+                             f"{ms:,.0f} ms): {said}")
+    return ["", heading, *found] if found else []
+
+
+def _compiled_lines(runs: list[dict]) -> list[str]:
+    """The timed steps that compiled kernels (a one-off per process, inside that step's time), one line each."""
+    def names(kernels: dict) -> str | None:
+        return ", ".join(f"{k}" + (f" x{n}" if n > 1 else "") for k, n in kernels.items()) or None
+
+    return _step_lines(runs, "compiled_each", names, "Timed steps that compiled kernels (once per process; in the "
+                       "step's time; warm-up meant to cover them, see bench.warmup_steps):")
 
 
 def _allocator_lines(runs: list[dict]) -> list[str]:
     """The timed steps in which the CUDA caching allocator emptied its cache to retry an allocation (a device
     sync and new cudaMallocs inside the step), one line each."""
-    found = []
-    for r in runs:
-        for i, (moved, ms) in enumerate(zip(r.get("allocator_each", []), r.get("step_ms_each", []))):
-            if moved.get("retries"):
-                found.append(f"- {r['variant']}, run {r['repeat']}, timed step {i} ({r['tokens_each'][i]:,} tokens, "
-                             f"{ms:,.0f} ms): {moved['retries']} retried, {moved.get('mallocs', 0)} cudaMalloc, "
-                             f"{moved.get('frees', 0)} cudaFree")
-    if not found:
-        return []
-    return ["", "Timed steps in which the caching allocator emptied its cache to retry an allocation:", *found]
+    def retried(moved: dict) -> str | None:
+        if not moved.get("retries"):
+            return None
+        return f"{moved['retries']} retried, {moved.get('mallocs', 0)} cudaMalloc, {moved.get('frees', 0)} cudaFree"
+
+    return _step_lines(runs, "allocator_each", retried,
+                       "Timed steps in which the caching allocator emptied its cache to retry an allocation:")
 
 
 def markdown(results: dict) -> str:
