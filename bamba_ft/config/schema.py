@@ -74,14 +74,20 @@ class ModelConfig:
     recomputes them there as mamba-ssm's backward does (recompute). Keeping saves about 6% of the conv+scan's
     kernel time and holds about 19 KB per token and Mamba-2 layer at the Bamba-9B shape until backward. auto keeps
     them in checkpointed layers only (model.gradient_checkpointing), where they live just while their layer's
-    backward runs. The CUDA graphs of model.cuda_graphs=true always recompute them."""
-    cuda_graphs: bool = False
-    """Experimental: replay the Mamba-2 mixer's conv+scan kernels as CUDA graphs (`kernels` mixer with causal-conv1d
-    only), every length bucket up to data.max_tokens_per_batch captured before the first step. Less CPU per step,
-    more device copies; no net speed-up measured (BENCHMARKS.md)."""
+    backward runs. The conv+scan's CUDA graphs (model.cuda_graphs) always recompute them."""
+    cuda_graphs: str = "auto"
+    """Replay the Mamba-2 mixer's conv+scan kernels as CUDA graphs (`kernels` mixer with causal-conv1d), so that a
+    layer's conv+scan costs the CPU one graph launch each way instead of about 20 Triton launches: auto | true |
+    false. Every 256-token length bucket up to data.max_tokens_per_batch is captured before the first step. auto
+    turns them on where they were measured to pay: training a float8 base (quant=fp8), whose step otherwise waits
+    on the CPU, on packed rows of at most 16,384 tokens (data.max_tokens_per_batch) in one process on a CUDA
+    device, without gradient checkpointing or activation offload (on an H200 the float8 step's median went from
+    12,847 to 15,822 tokens/s); elsewhere off. The bf16 step waits on its kernels, and there the graphs' copies
+    cost about 3% (BENCHMARKS.md)."""
 
     def __post_init__(self) -> None:
         self.gradient_checkpointing = canonical_checkpointing(self.gradient_checkpointing)
+        self.cuda_graphs = canonical_switch(self.cuda_graphs)
 
 
 @dataclass
@@ -458,6 +464,8 @@ TASK_JOBS: dict[str, str] = {
     "doctor": "bamba_ft.jobs.doctor",
 }
 
+SWITCH = ("auto", "true", "false")  # the values of an auto | true | false setting
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "task": tuple(TASK_JOBS),
     "model.init": ("pretrained", "random"),
@@ -465,6 +473,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2", "varlen"),
     "model.mixer": tuple(m.value for m in Mixer),
     "model.scan_states": tuple(s.value for s in ScanStates),
+    "model.cuda_graphs": SWITCH,
     "peft.method": ("lora", "none"),
     "quant.method": ("none", "nf4", "int8", "int4", "fp8"),
     "data.format": ("auto", "messages", "prompt_completion", "alpaca", "text"),
@@ -505,6 +514,12 @@ def chat_template_problem(value: str, key: str = "data.chat_template") -> str | 
 
 CHECKPOINT_FORMS = "none, all, mamba, attention, every-K (K >= 1; every-2: layers 0, 2, 4, ...)"
 _BOOLS = {"true": "all", "false": "none"}
+
+
+def canonical_switch(value: Any) -> Any:
+    """An auto | true | false setting: a bool, or the string OmegaConf makes of one, -> "true"/"false"; anything else
+    unchanged (validate names what is wrong)."""
+    return str(value).lower() if isinstance(value, bool) or str(value).lower() in ("true", "false") else value
 
 
 def canonical_checkpointing(value: Any) -> Any:

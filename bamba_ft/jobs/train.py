@@ -21,7 +21,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
-from bamba_ft.config.schema import RunConfig
+from bamba_ft.config.schema import RunConfig, TrainerConfig
 from bamba_ft.data.module import BambaDataModule
 from bamba_ft.data.templates import ensure_chat_template, generation_config_for
 from bamba_ft.errors import BambaFTError, ConfigError
@@ -44,7 +44,7 @@ from bamba_ft.model.build import build_model, load_tokenizer
 from bamba_ft.model.families import family_of
 from bamba_ft.model.lora import apply_peft, check_adapter_gradients
 from bamba_ft.model.memory import out_of_memory_error
-from bamba_ft.model.mixer import packing_safe, prepare_graphs, unsafe_attention
+from bamba_ft.model.mixer import graphs_installed, graphs_pay, packing_safe, prepare_graphs, unsafe_attention
 from bamba_ft.model.restore import save_run_config
 from bamba_ft.ops.loss import causal_lm
 from bamba_ft.rundir import RunDir
@@ -62,6 +62,17 @@ def _strategy(cfg: RunConfig) -> Any:
 
 def _sharded(cfg: RunConfig) -> bool:
     return cfg.trainer.strategy == "fsdp"
+
+
+def _processes(t: TrainerConfig) -> int:
+    """How many processes train (trainer.devices on each of trainer.num_nodes)."""
+    if isinstance(t.devices, (list, tuple)):
+        per_node = len(t.devices)
+    elif str(t.devices) in ("auto", "-1"):
+        per_node = max(torch.cuda.device_count(), 1)
+    else:
+        per_node = int(t.devices)
+    return per_node * t.num_nodes
 
 
 def _loggers(cfg: RunConfig, run_dir: Path) -> list[Logger]:
@@ -121,7 +132,13 @@ def _prepare(cfg: RunConfig, device: torch.device) -> tuple[nn.Module, Any, Bamb
     ensure_chat_template(tokenizer, cfg.data.chat_template)
     sharded = _sharded(cfg)
     dtype = storage_dtype(cfg.model.dtype, resolve_precision(cfg.trainer.precision, device), device) if sharded else None
-    model = apply_peft(build_model(cfg.model, cfg.quant, device, empty=sharded, dtype=dtype), cfg.peft)
+    graphs_off = graphs_pay(device, cfg.data.packing, cfg.data.max_tokens_per_batch,
+                            cfg.model.gradient_checkpointing, cfg.model.activation_offload, _processes(cfg.trainer),
+                            cfg.quant.method)
+    if cfg.model.cuda_graphs == "auto" and graphs_off:
+        log.info("model.cuda_graphs=auto: the conv+scan runs without CUDA graphs (%s)", graphs_off)
+    model = apply_peft(build_model(cfg.model, cfg.quant, device, empty=sharded, dtype=dtype,
+                                   graphs_auto=graphs_off is None), cfg.peft)
     if cfg.data.packing and (attn := unsafe_attention(model)) is not None:
         raise ConfigError(
             f"data.packing=true: model.attn_implementation={attn} lets packed sequences attend to each other in "
@@ -136,7 +153,7 @@ def _prepare(cfg: RunConfig, device: torch.device) -> tuple[nn.Module, Any, Bamb
         )
     dm = BambaDataModule(cfg.data, tokenizer, seed=cfg.trainer.seed)
     dm.prepare()
-    if cfg.model.cuda_graphs and cfg.data.packing:
+    if cfg.data.packing and graphs_installed(model):
         _capture_graphs(cfg, model, device)
     if not sharded:
         offload = cfg.model.activation_offload

@@ -15,7 +15,7 @@ from bamba_ft.config.schema import ModelConfig, QuantConfig
 from bamba_ft.errors import ConfigError, ModelError
 from bamba_ft.model.families import family_for
 from bamba_ft.model.memory import apply_checkpointing
-from bamba_ft.model.mixer import install_mixer
+from bamba_ft.model.mixer import graphs_installed, install_mixer
 from bamba_ft.model.quant import check_quant_device, quantize_layer, report_base_memory
 from bamba_ft.model.shapes import SHAPES
 from bamba_ft.ops.attention import VARLEN, choose_attention, register_varlen_attention
@@ -154,12 +154,14 @@ def empty_model(causal_lm_class: type, config: PretrainedConfig) -> PreTrainedMo
 
 
 def build_model(cfg: ModelConfig, quant: QuantConfig, device: torch.device, empty: bool = False,
-                dtype: torch.dtype | None = None) -> nn.Module:
+                dtype: torch.dtype | None = None, graphs_auto: bool = False) -> nn.Module:
     """The model on `device`, in `cfg.dtype`, with bamba_ft's mixer installed and `use_cache=False`.
 
     Quantized bases are built one decoder layer at a time, so the device never holds the full 16-bit model.
     `empty`: parameters on the meta device (for sharding first and loading after; bamba_ft/model/shard.py), for
-    computing on `device`. `dtype` overrides the dtype `cfg.dtype` resolves to.
+    computing on `device`. `dtype` overrides the dtype `cfg.dtype` resolves to. `graphs_auto`: the caller trains
+    where the conv+scan's CUDA graphs pay (`graphs_pay`), so model.cuda_graphs=auto turns them on where the fused
+    conv+scan runs; otherwise auto means off.
     """
     check_quant_device(quant, device)
     config = load_config(cfg)
@@ -201,7 +203,8 @@ def build_model(cfg: ModelConfig, quant: QuantConfig, device: torch.device, empt
     model.config.use_cache = False
     if model.generation_config is not None:
         model.generation_config.use_cache = True  # generation still uses the cache; training never does
-    backend = install_mixer(model, cfg.mixer, cuda_graphs=cfg.cuda_graphs, device=device,
+    graphs = "false" if cfg.cuda_graphs == "auto" and not graphs_auto else cfg.cuda_graphs
+    backend = install_mixer(model, cfg.mixer, cuda_graphs=graphs, device=device,
                             scan_states=cfg.scan_states)
     chosen = apply_checkpointing(model, cfg.gradient_checkpointing)
     params = sum(p.numel() for p in model.parameters())
@@ -214,6 +217,8 @@ def build_model(cfg: ModelConfig, quant: QuantConfig, device: torch.device, empt
         str(dtype).removeprefix("torch."), attn, backend, len(chosen), config.num_hidden_layers,
         ", activations offloaded to host memory" if cfg.activation_offload else "",
     )
+    if graphs_installed(model):
+        log.info("model: the Mamba-2 conv+scan runs as CUDA graphs (model.cuda_graphs=%s)", cfg.cuda_graphs)
     if quant.method != "none":
         report_base_memory(model, quant)
     return model

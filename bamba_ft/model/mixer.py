@@ -22,7 +22,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from bamba_ft.config.schema import Mixer, ScanStates
+from bamba_ft.config.schema import SWITCH, Mixer, ScanStates, canonical_switch
 from bamba_ft.errors import ModelError, pick
 from bamba_ft.model.families import Family, family_of
 from bamba_ft.ops.graphs import ConvScanGraphs
@@ -48,12 +48,13 @@ def _mixers(model: nn.Module, family: Family) -> list[nn.Module]:
 _PER_CALL = {Mixer.AUTO: Mixer.AUTO, Mixer.KERNELS: Mixer.AUTO, Mixer.TORCH: Mixer.TORCH}
 
 
-def install_mixer(model: nn.Module, mixer: str = Mixer.AUTO, cuda_graphs: bool = False,
+def install_mixer(model: nn.Module, mixer: str = Mixer.AUTO, cuda_graphs: bool | str = False,
                   device: torch.device | None = None, scan_states: str = ScanStates.AUTO) -> Mixer:
     """Put bamba_ft's mixer on every Mamba-2 mixer of `model` (`model.mixer`); returns the backend that will run
     on `device` (default: the model's; kernels, torch or hf).
 
-    cuda_graphs: the mixers' conv+scan kernels are replayed as CUDA graphs (one `ConvScanGraphs` shared by all).
+    cuda_graphs: the mixers' conv+scan kernels are replayed as CUDA graphs (one `ConvScanGraphs` shared by all):
+    true (refused where the fused conv+scan does not run), auto (where it runs) or false.
     scan_states: whether the kernels' scan keeps its chunk states for backward (`model.scan_states`).
     """
     choice = pick({m.value: m for m in Mixer}, mixer, "model.mixer")
@@ -78,8 +79,10 @@ def install_mixer(model: nn.Module, mixer: str = Mixer.AUTO, cuda_graphs: bool =
     for base in (m for m in model.modules() if isinstance(m, family.base_model_class)):
         base.register_forward_pre_hook(_complete_packing_kwargs, with_kwargs=True)
     backend = resolve_backend(_PER_CALL[choice], device)
-    if cuda_graphs:
-        if not mixers or not all(fused_conv_scan_runs(m, backend) for m in mixers):
+    graphs_mode = pick({v: v for v in SWITCH}, canonical_switch(cuda_graphs), "model.cuda_graphs")
+    fused = bool(mixers) and all(fused_conv_scan_runs(m, backend) for m in mixers)
+    if graphs_mode == "true" or (graphs_mode == "auto" and fused):
+        if not fused:
             raise ModelError(
                 f"model.cuda_graphs=true replays the fused CUDA conv+scan, which this run does not use (mixer "
                 f"backend {backend} on {device.type}).\n"
@@ -89,6 +92,36 @@ def install_mixer(model: nn.Module, mixer: str = Mixer.AUTO, cuda_graphs: bool =
         for m in mixers:
             m.conv_scan_graphs = graphs
     return backend
+
+
+# model.cuda_graphs=auto: the longest packed row (data.max_tokens_per_batch) whose graphs are captured. The graphs'
+# buffers hold about 67 KB per token at the Bamba-9B shape, and every 256-token bucket up to it is captured.
+GRAPHS_AUTO_MAX_TOKENS = 16384
+
+
+def graphs_pay(device: torch.device, packing: bool, longest: int, checkpointing: str, offload: bool,
+               processes: int, quant: str) -> str | None:
+    """Why model.cuda_graphs=auto leaves the conv+scan graphs off for such a training run, or None where they pay:
+    a float8 base (quant.method=fp8), whose kernels are fast enough that without the graphs its CPU holds the GPU
+    back, on packed rows of at most GRAPHS_AUTO_MAX_TOKENS on one CUDA device, without checkpointing or offload.
+    The bf16 step waits on its kernels instead, and the graphs' copies made it about 3% slower (BENCHMARKS.md);
+    checkpointing and offload add device work, and checkpointed layers keep their scan states, which the graphs
+    recompute. Distributed runs have not been measured with them."""
+    reasons = [
+        (quant != "fp8", f"quant.method={quant}: the step waits on the GPU, not on launching its kernels"),
+        (device.type != "cuda", f"not a CUDA device ({device.type})"),
+        (not packing, "data.packing=false"),
+        (longest > GRAPHS_AUTO_MAX_TOKENS, f"data.max_tokens_per_batch={longest} > {GRAPHS_AUTO_MAX_TOKENS}"),
+        (checkpointing != "none", f"model.gradient_checkpointing={checkpointing}"),
+        (offload, "model.activation_offload=true"),
+        (processes > 1, f"{processes} processes"),
+    ]
+    return next((why for off, why in reasons if off), None)
+
+
+def graphs_installed(model: nn.Module) -> bool:
+    """Whether `model`'s mixers replay their conv+scan as CUDA graphs (model.cuda_graphs)."""
+    return any(m.__dict__.get("conv_scan_graphs") is not None for m in model.modules())
 
 
 def prepare_graphs(model: nn.Module, longest: int, dtype: torch.dtype, rows: int = 1) -> int:

@@ -107,3 +107,17 @@ def test_graphed_lora_training_matches_direct(checkpointing: bool) -> None:
     assert g0.keys() == g1.keys() and any("out_proj" in n for n in g0)
     for n in g0:
         assert rel(g1[n], g0[n]) < 3e-2, n
+
+
+def test_auto_installs_the_graphs_only_where_training_says_they_pay() -> None:
+    """model.cuda_graphs=auto (the default): graphs on a CUDA model with the fused conv+scan when the caller trains
+    where they pay (graphs_auto), none otherwise (evaluation, export, the doctor)."""
+    kernels_required()
+    from bamba_ft.config.schema import ModelConfig, QuantConfig
+    from bamba_ft.model.build import build_model
+    from bamba_ft.model.mixer import graphs_installed
+
+    cfg = ModelConfig(init="random", shape="tiny", dtype="bfloat16")
+    assert cfg.cuda_graphs == "auto"
+    assert graphs_installed(build_model(cfg, QuantConfig(), torch.device("cuda"), graphs_auto=True))
+    assert not graphs_installed(build_model(cfg, QuantConfig(), torch.device("cuda")))

@@ -155,3 +155,11 @@ def test_sources_are_checked_as_a_whole() -> None:
                   "data.sources=[{source: a.jsonl, weight: 0.7}, {source: '', format: chat}]"])
     cfg = composed(["data.sources=[{source: a.jsonl, weight: 0.7, columns: {q: prompt}}, {source: b.jsonl, weight: 0.3}]"])
     assert cfg.data.sources[0].columns == {"q": "prompt"} and cfg.data.sources[1].weight == 0.3
+
+
+@pytest.mark.parametrize("value,expected", [("true", "true"), ("false", "false"), ("auto", "auto"), ("True", "true")])
+def test_cuda_graphs_takes_auto_or_a_boolean(value: str, expected: str) -> None:
+    assert composed([]).model.cuda_graphs == "auto"
+    assert composed([f"model.cuda_graphs={value}"]).model.cuda_graphs == expected
+    with pytest.raises(ConfigError, match=r"model.cuda_graphs='sometimes' is not an option.*Valid: auto, true, false"):
+        composed(["model.cuda_graphs=sometimes"])

@@ -189,3 +189,41 @@ def test_on_mixers_sets_attributes_in_the_block_and_restores_them() -> None:
         assert all(m.keeps_scan_states() for m in mixers)
     with scan_states(model, None):
         assert not any(m.keeps_scan_states() for m in mixers)
+
+
+def test_cuda_graphs_auto_pays_only_for_a_float8_base_on_packed_short_rows_on_one_gpu() -> None:
+    from bamba_ft.model.mixer import GRAPHS_AUTO_MAX_TOKENS, graphs_pay
+
+    gpu = torch.device("cuda")  # a device object only: nothing runs on it
+    good = dict(device=gpu, packing=True, longest=8192, checkpointing="none", offload=False, processes=1, quant="fp8")
+    assert graphs_pay(**good) is None
+    assert graphs_pay(**good | {"longest": GRAPHS_AUTO_MAX_TOKENS}) is None
+    for change, reason in [({"quant": "none"}, "quant.method=none: the step waits on the GPU"),
+                           ({"quant": "nf4"}, "quant.method=nf4"),
+                           ({"device": torch.device("cpu")}, "not a CUDA device (cpu)"),
+                           ({"packing": False}, "data.packing=false"),
+                           ({"longest": GRAPHS_AUTO_MAX_TOKENS + 1}, f"data.max_tokens_per_batch={GRAPHS_AUTO_MAX_TOKENS + 1}"),
+                           ({"checkpointing": "mamba"}, "model.gradient_checkpointing=mamba"),
+                           ({"offload": True}, "model.activation_offload=true"),
+                           ({"processes": 2}, "2 processes")]:
+        assert graphs_pay(**good | change).startswith(reason), change
+
+
+def test_cuda_graphs_auto_installs_none_where_the_fused_conv_scan_does_not_run() -> None:
+    """On the CPU (torch backend) auto means off, without the error true gives; false installs none either."""
+    from bamba_ft.model.mixer import graphs_installed, install_mixer
+
+    for setting in ("auto", "false", False):
+        model = make_model(torch.float32)
+        install_mixer(model, "auto", cuda_graphs=setting, device=torch.device("cpu"))
+        assert not graphs_installed(model), setting
+    with pytest.raises(ConfigError, match="model.cuda_graphs='sometimes' is not an option"):
+        install_mixer(make_model(torch.float32), "auto", cuda_graphs="sometimes")
+
+
+@pytest.mark.parametrize("devices,nodes,expected", [(1, 1, 1), (4, 1, 4), ([2], 1, 1), ([0, 1], 2, 4), ("2", 1, 2)])
+def test_training_counts_its_processes_for_the_graphs_decision(devices: object, nodes: int, expected: int) -> None:
+    from bamba_ft.config.schema import TrainerConfig
+    from bamba_ft.jobs.train import _processes
+
+    assert _processes(TrainerConfig(devices=devices, num_nodes=nodes)) == expected
