@@ -50,8 +50,8 @@ def rotated(names: list[str], by: int) -> list[str]:
 
 def _model_key(v: Variant) -> tuple:
     """What building a variant's model depends on: variants that differ only in batches, attention backend or
-    memory mode (which `measure` switches on the built model) share one."""
-    return v.stock, v.quant, v.graphs
+    memory mode, scan states or graphs switched off (which `measure` switches on the built model) share one."""
+    return v.stock, v.quant, v.graphs == "true"
 
 
 def run_interleaved(b: BenchConfig, model_cfg: ModelConfig, peft_cfg: PeftConfig, device: torch.device, seed: int,

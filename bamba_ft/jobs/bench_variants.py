@@ -5,15 +5,17 @@ Variants (bench.variants):
 - hf_padfree: transformers' own padding-free path (DataCollatorWithFlattening keys; its kernels when installed);
 - hf_padfree_no_cudnn: the same with torch's cuDNN attention backend excluded (sdpa_kernel), which builds an
   execution plan for every new sequence shape;
-- bamba_ft: bamba_ft's mixer, fused MLP, norms and LoRA, packed attention and chunked loss;
-- bamba_ft_graphs: the same with the mixer's conv+scan replayed as CUDA graphs (`model.cuda_graphs=true`);
-- bamba_ft_keep_states: the same with the SSD scan keeping its chunk states for backward in every layer
-  (`model.scan_states=keep`; it shares bamba_ft's model, switched per measurement);
+- bamba_ft: bamba_ft's mixer, fused MLP, norms and LoRA, packed attention and chunked loss, with the mixer's
+  conv+scan replayed as CUDA graphs where training's `model.cuda_graphs=auto` would (`graphs_pay`: a float8 base
+  on one GPU, without checkpointing or offload): what `recipe=sft` runs;
+- bamba_ft_graphs / bamba_ft_no_graphs: the same with the graphs always / never (`model.cuda_graphs=true/false`;
+  no_graphs shares bamba_ft's model, the graphs switched off per measurement);
+- bamba_ft_keep_states: the same without graphs, the SSD scan keeping its chunk states for backward in every
+  layer (`model.scan_states=keep`; it shares bamba_ft's model, switched per measurement);
 - bamba_ft_padded: the same on hf_padded's padded batches (same work as hf_padded, to compare the paths);
 - bamba_ft_nf4 / bamba_ft_int8: the same on a torchao-quantized base (QLoRA);
 - bamba_ft_fp8: the same with the frozen base's matmuls in float8 (`quant.method=fp8`; needs compute capability 8.9+);
-- bamba_ft_fp8_graphs: bamba_ft_fp8 with the conv+scan replayed as CUDA graphs: one graph launch per layer and
-  direction instead of its Triton kernels' launches (the float8 step waits on the host on most machines measured).
+- bamba_ft_fp8_graphs / bamba_ft_fp8_no_graphs: bamba_ft_fp8 with the conv+scan's CUDA graphs always / never.
 Each variant runs under a `bench.memory_modes` entry (a model.gradient_checkpointing form, optionally
 `+offload`); a built model serves every mode, which switches its layers' checkpointing and the offload hooks.
 Model FLOPs per token: 4 x (weights of all Linear layers): forward 2N plus input gradients 2N; LoRA's own
@@ -43,7 +45,7 @@ from bamba_ft.jobs.runtime import autocast_for, to_device
 from bamba_ft.model.build import build_model
 from bamba_ft.model.lora import apply_peft
 from bamba_ft.model.memory import activation_memory, apply_checkpointing
-from bamba_ft.model.mixer import prepare_graphs, scan_states
+from bamba_ft.model.mixer import graphs_installed, graphs_pay, on_mixers, prepare_graphs, scan_states
 from bamba_ft.model.objective import mean_loss
 from bamba_ft.model.quant import base_weight_bytes
 from bamba_ft.ops.loss import causal_lm
@@ -59,7 +61,7 @@ class Variant:
     packed: bool
     quant: str = "none"
     memory: str = "none"  # a bench.memory_modes entry: checkpointing form [+offload]
-    graphs: bool = False  # bamba_ft's conv+scan replayed as CUDA graphs
+    graphs: str = "auto"  # bamba_ft's conv+scan replayed as CUDA graphs: auto (as training's auto) | true | false
     scan_states: str | None = None  # model.scan_states for this variant (None: the run's)
     cudnn_attention: bool = True  # False: torch's SDPA may not pick cuDNN (which plans each new shape)
 
@@ -69,13 +71,17 @@ VARIANTS = {
     "hf_padfree": Variant("hf_padfree", stock=True, packed=True),
     "hf_padfree_no_cudnn": Variant("hf_padfree_no_cudnn", stock=True, packed=True, cudnn_attention=False),
     "bamba_ft": Variant("bamba_ft", stock=False, packed=True),
-    "bamba_ft_graphs": Variant("bamba_ft_graphs", stock=False, packed=True, graphs=True),
-    "bamba_ft_keep_states": Variant("bamba_ft_keep_states", stock=False, packed=True, scan_states="keep"),
+    "bamba_ft_graphs": Variant("bamba_ft_graphs", stock=False, packed=True, graphs="true"),
+    "bamba_ft_no_graphs": Variant("bamba_ft_no_graphs", stock=False, packed=True, graphs="false"),
+    "bamba_ft_keep_states": Variant("bamba_ft_keep_states", stock=False, packed=True, scan_states="keep",
+                                    graphs="false"),
     "bamba_ft_padded": Variant("bamba_ft_padded", stock=False, packed=False),
     "bamba_ft_nf4": Variant("bamba_ft_nf4", stock=False, packed=True, quant="nf4"),
     "bamba_ft_int8": Variant("bamba_ft_int8", stock=False, packed=True, quant="int8"),
     "bamba_ft_fp8": Variant("bamba_ft_fp8", stock=False, packed=True, quant="fp8"),
-    "bamba_ft_fp8_graphs": Variant("bamba_ft_fp8_graphs", stock=False, packed=True, quant="fp8", graphs=True),
+    "bamba_ft_fp8_graphs": Variant("bamba_ft_fp8_graphs", stock=False, packed=True, quant="fp8", graphs="true"),
+    "bamba_ft_fp8_no_graphs": Variant("bamba_ft_fp8_no_graphs", stock=False, packed=True, quant="fp8",
+                                      graphs="false"),
 }
 
 
@@ -186,9 +192,9 @@ def build_variant(v: Variant, model_cfg: ModelConfig, peft_cfg: PeftConfig, devi
     form, offload = split_mode(v.memory)
     mcfg = replace(model_cfg, mixer=Mixer.HF.value if v.stock else Mixer.AUTO.value,
                    attn_implementation="sdpa" if v.stock else "auto", gradient_checkpointing=form,
-                   activation_offload=offload, cuda_graphs=v.graphs)
+                   activation_offload=offload, cuda_graphs="false" if v.stock else v.graphs.replace("false", "auto"))
     torch.manual_seed(seed)
-    model = build_model(mcfg, QuantConfig(method=v.quant), device)
+    model = build_model(mcfg, QuantConfig(method=v.quant), device, graphs_auto=True)  # measure switches them
     model = apply_peft(model, peft_cfg, fused=not v.stock)
     model.train()
     loaded = {"model": model, "base_weight_gib": base_weight_bytes(model) / 2**30}
@@ -219,7 +225,8 @@ def measure(v: Variant, model: nn.Module, steps: list, b: BenchConfig, device: t
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
     loss_fn = _stock_loss if v.stock else mean_loss
     step_fn = ranks.step_module(model, loss_fn, device, find_unused=v.stock)  # DDP under torchrun
-    if v.graphs:  # every bucket the steps reach, captured before any step (as training does at its start)
+    result["cuda_graphs"] = graphs_installed(model)
+    if result["cuda_graphs"]:  # every bucket the steps reach, captured before any step (as training does at its start)
         t0 = time.perf_counter()
         result["graphs_captured"] = prepare_graphs(model, max(sum(len(s) for s in seqs) for seqs in steps),
                                                    next(causal_lm(model).parameters()).dtype)
@@ -332,11 +339,22 @@ def measure_into(row: dict, v: Variant, model: nn.Module, steps: list, b: BenchC
                  out_dir: Path = Path("."), resident_bytes: int | None = None) -> dict:
     """`measure` under `v`'s attention backends, its results (or error) added to `row`; a failed step's
     gradients are dropped so that the model serves the next measurement."""
-    with _attention_backends(v), scan_states(model, v.scan_states):
+    graphs = contextlib.nullcontext() if _graphs_run(v, model, steps, device) else on_mixers(model, conv_scan_graphs=None)
+    with _attention_backends(v), scan_states(model, v.scan_states), graphs:
         guarded(row, measure, v, model, steps, b, device, out_dir, resident_bytes)
     if "error" in row:
         model.zero_grad(set_to_none=True)
     return row
+
+
+def _graphs_run(v: Variant, model: nn.Module, steps: list, device: torch.device) -> bool:
+    """Whether `v` measures `model` with its conv+scan CUDA graphs (where it was built with them): always for
+    graphs=true, never for false, and for auto where training's model.cuda_graphs=auto would (`graphs_pay`)."""
+    if v.graphs == "false" or not graphs_installed(model):
+        return False
+    form, offload = split_mode(v.memory)
+    longest = max(sum(len(s) for s in seqs) for seqs in steps)
+    return v.graphs == "true" or graphs_pay(device, v.packed, longest, form, offload, ranks.world_size(), v.quant) is None
 
 
 def _attention_backends(v: Variant) -> contextlib.AbstractContextManager:

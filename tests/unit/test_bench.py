@@ -635,3 +635,39 @@ def test_profiled_kernels_are_grouped_by_what_they_do() -> None:
     assert list(families) == sorted(families, key=lambda f: -families[f])
     assert sum(families.values()) == sum(ms for _, ms in kernels)
 
+
+
+def test_the_bench_replays_the_conv_scan_graphs_where_training_auto_would() -> None:
+    """The auto variants measure with the graphs where training's auto would on a CUDA device (graphs_pay: a float8
+    base, default memory mode, short rows); *_graphs always, *_no_graphs and keep_states never; a measurement
+    without them leaves them installed for the next."""
+    from bamba_ft.model.mixer import GRAPHS_AUTO_MAX_TOKENS
+    from bamba_ft.ops.graphs import ConvScanGraphs
+    from bamba_ft.ops.mamba2 import SegmentAwareMixer
+    from tests.unit.test_conv_scan import TorchOps
+
+    b = BenchConfig(warmup_steps=0, steps=1, seqs_per_step=1, median_len=16, max_len=16)
+    cpu, gpu, steps = torch.device("cpu"), torch.device("cuda"), bench_batches.make_steps(b, 128, 0)
+    variants = bench_variants.VARIANTS
+    model = bench_variants.build_variant(variants["bamba_ft"], ModelConfig(init="random", shape="tiny"), PeftConfig(),
+                                         cpu, seed=0)["model"]
+
+    def runs(name: str, mode: str = "none", on: torch.device = gpu, batches: list = steps) -> bool:
+        return bench_variants._graphs_run(replace(variants[name], memory=mode), model, batches, on)
+
+    assert not runs("bamba_ft_fp8") and not runs("bamba_ft_graphs")  # built on the CPU: no graphs to run
+    graphs = ConvScanGraphs(TorchOps, bucket=8, capture=False)
+    mixers = [m for m in model.modules() if isinstance(m, SegmentAwareMixer)]
+    for m in mixers:
+        m.conv_scan_graphs = graphs
+    assert runs("bamba_ft_fp8") and runs("bamba_ft_graphs") and runs("bamba_ft_graphs", "all")
+    assert not runs("bamba_ft") and not runs("bamba_ft_nf4")  # a bf16 or NF4 base: its step waits on the GPU
+    assert not runs("bamba_ft_fp8", "all") and not runs("bamba_ft_fp8", "none+offload") and not runs("bamba_ft_fp8", on=cpu)
+    assert not runs("bamba_ft_fp8", batches=[[list(range(GRAPHS_AUTO_MAX_TOKENS + 1))]])
+    assert not runs("bamba_ft_no_graphs") and not runs("bamba_ft_keep_states") and not runs("bamba_ft_fp8_no_graphs")
+
+    row = bench_variants.measure_into({}, variants["bamba_ft_graphs"], model, steps, b, cpu)
+    assert "error" not in row and row["cuda_graphs"] is True and row["graphs_captured"] > 0
+    row = bench_variants.measure_into({}, variants["bamba_ft_no_graphs"], model, steps, b, cpu)
+    assert "error" not in row and row["cuda_graphs"] is False and "graphs_captured" not in row
+    assert all(m.__dict__["conv_scan_graphs"] is graphs for m in mixers)
