@@ -353,6 +353,13 @@ def _issued_lines(rows: list[dict]) -> list[str]:
             "|---|---|---|---|---|---|", *lines, *([""] + note if note else [])]
 
 
+def _graphs_lines(runs: list[dict]) -> list[str]:
+    """Which variants (and memory modes) replayed the conv+scan as CUDA graphs (`model.cuda_graphs`)."""
+    graphed = list(dict.fromkeys(f"{r['variant']} ({r['memory_mode']})" for r in _ok(runs) if r.get("cuda_graphs")))
+    return (["", f"The Mamba-2 conv+scan ran as CUDA graphs (model.cuda_graphs) in: {', '.join(graphed)}; in the "
+             "other bamba_ft rows it launched its kernels one by one."] if graphed else [])
+
+
 def _step_lines(runs: list[dict], key: str, describe: Callable[[dict], str | None], heading: str) -> list[str]:
     """One line per timed step whose per-step record under `key` (e.g. `compiled_each`) `describe` puts into
     words (None: not listed), under `heading`; nothing when no step is listed."""
@@ -406,7 +413,8 @@ def markdown(results: dict) -> str:
         lines += ["", line]
     if results["runs"]:
         rows = summarize(results["runs"])
-        lines += ([""] + _summary_lines(rows, repeats) + _paired_lines(rows) + _issued_lines(rows)
+        lines += ([""] + _summary_lines(rows, repeats) + _graphs_lines(results["runs"]) + _paired_lines(rows)
+                  + _issued_lines(rows)
                   + _compiled_lines(results["runs"])
                   + _allocator_lines(results["runs"]))
     if results.get("token_budgets"):

@@ -265,6 +265,15 @@ def test_the_report_gives_how_far_into_each_step_the_host_had_enqueued_it() -> N
     assert "| bamba_ft | none | new shapes | 74% | 50%–99% | 3 of 6 |" in md and "waited on the host:" not in md
 
 
+def test_the_report_names_the_variants_that_replayed_the_graphs() -> None:
+    runs = _runs(THREE_RUNS)
+    assert "CUDA graphs" not in bench_report.markdown(_results(3, runs, [False]))
+    for r in runs:
+        r["cuda_graphs"] = r["variant"] == "bamba_ft"
+    md = bench_report.markdown(_results(3, runs, [False]))
+    assert "conv+scan ran as CUDA graphs (model.cuda_graphs) in: bamba_ft (none);" in md
+
+
 def test_host_cpu_names_the_model_and_cores(tmp_path: Path) -> None:
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\nprocessor\t: 1\n")
