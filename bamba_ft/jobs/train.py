@@ -135,7 +135,7 @@ def _prepare(cfg: RunConfig, device: torch.device) -> tuple[nn.Module, Any, Bamb
     graphs_off = graphs_pay(device, cfg.data.packing, cfg.data.max_tokens_per_batch,
                             cfg.model.gradient_checkpointing, cfg.model.activation_offload, _processes(cfg.trainer),
                             cfg.quant.method)
-    if cfg.model.cuda_graphs == "auto" and graphs_off:
+    if cfg.model.cuda_graphs == "auto" and graphs_off and device.type == "cuda":
         log.info("model.cuda_graphs=auto: the conv+scan runs without CUDA graphs (%s)", graphs_off)
     model = apply_peft(build_model(cfg.model, cfg.quant, device, empty=sharded, dtype=dtype,
                                    graphs_auto=graphs_off is None), cfg.peft)

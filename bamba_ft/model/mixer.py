@@ -108,8 +108,8 @@ def graphs_pay(device: torch.device, packing: bool, longest: int, checkpointing:
     checkpointing and offload add device work, and checkpointed layers keep their scan states, which the graphs
     recompute. Distributed runs have not been measured with them."""
     reasons = [
-        (quant != "fp8", f"quant.method={quant}: the step waits on the GPU, not on launching its kernels"),
         (device.type != "cuda", f"not a CUDA device ({device.type})"),
+        (quant != "fp8", f"quant.method={quant}: the step waits on the GPU, not on launching its kernels"),
         (not packing, "data.packing=false"),
         (longest > GRAPHS_AUTO_MAX_TOKENS, f"data.max_tokens_per_batch={longest} > {GRAPHS_AUTO_MAX_TOKENS}"),
         (checkpointing != "none", f"model.gradient_checkpointing={checkpointing}"),

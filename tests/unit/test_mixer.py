@@ -200,7 +200,7 @@ def test_cuda_graphs_auto_pays_only_for_a_float8_base_on_packed_short_rows_on_on
     assert graphs_pay(**good | {"longest": GRAPHS_AUTO_MAX_TOKENS}) is None
     for change, reason in [({"quant": "none"}, "quant.method=none: the step waits on the GPU"),
                            ({"quant": "nf4"}, "quant.method=nf4"),
-                           ({"device": torch.device("cpu")}, "not a CUDA device (cpu)"),
+                           ({"device": torch.device("cpu"), "quant": "none"}, "not a CUDA device (cpu)"),
                            ({"packing": False}, "data.packing=false"),
                            ({"longest": GRAPHS_AUTO_MAX_TOKENS + 1}, f"data.max_tokens_per_batch={GRAPHS_AUTO_MAX_TOKENS + 1}"),
                            ({"checkpointing": "mamba"}, "model.gradient_checkpointing=mamba"),
