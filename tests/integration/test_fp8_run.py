@@ -79,3 +79,36 @@ def test_fp8_run_resumes_to_the_uninterrupted_adapter(fp8_run: tuple[Path, dict]
     assert full.keys() == resumed.keys()
     for name in full:
         torch.testing.assert_close(resumed[name], full[name], rtol=0, atol=1e-6)
+
+
+def test_auto_graphs_are_captured_for_every_bucket_before_training(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """Training's side of model.cuda_graphs=auto: where graphs_pay finds no reason against them (here made to, as
+    on a GPU with a float8 base), the model is built with the graphs and every bucket up to
+    data.max_tokens_per_batch is captured before the first step. The graphs run torch stand-ins for the kernels
+    without capture (a CPU has neither), so this checks the plumbing, not the replay."""
+    from bamba_ft.model import mixer
+    from bamba_ft.ops.graphs import ConvScanGraphs
+    from tests.unit.test_conv_scan import TorchOps
+
+    seen: list[tuple] = []
+    made: list[ConvScanGraphs] = []
+
+    def pays(*args: object) -> None:
+        seen.append(args)
+
+    def graphs() -> ConvScanGraphs:
+        made.append(ConvScanGraphs(TorchOps, bucket=128, capture=False))
+        return made[-1]
+
+    monkeypatch.setattr(train, "graphs_pay", pays)
+    monkeypatch.setattr(mixer, "fused_conv_scan_runs", lambda m, backend: True)
+    monkeypatch.setattr(mixer, "ConvScanGraphs", graphs)
+    cfg = small_run(tmp_path / "run", steps=2)
+    cfg.quant.method = "fp8"
+    with caplog.at_level("INFO", logger="bamba_ft"):
+        train.run(cfg)
+    assert seen == [(torch.device("cpu"), True, 512, "none", False, 1, "fp8")]
+    assert len(made) == 1 and made[0].captures == 2 * 4  # buckets 512, 384, 256, 128: forward and backward
+    assert "CUDA graphs: 8 captured for rows up to 512 tokens" in caplog.text
+    assert "conv+scan runs as CUDA graphs (model.cuda_graphs=auto)" in caplog.text
