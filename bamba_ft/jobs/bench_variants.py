@@ -6,8 +6,8 @@ Variants (bench.variants):
 - hf_padfree_no_cudnn: the same with torch's cuDNN attention backend excluded (sdpa_kernel), which builds an
   execution plan for every new sequence shape;
 - bamba_ft: bamba_ft's mixer, fused MLP, norms and LoRA, packed attention and chunked loss, with the mixer's
-  conv+scan replayed as CUDA graphs where training's `model.cuda_graphs=auto` would (`graphs_pay`: a float8 base
-  on one GPU, without checkpointing or offload): what `recipe=sft` runs;
+  conv+scan replayed as CUDA graphs where training's `model.cuda_graphs=auto` would (see `why_no_graphs`: a float8
+  base on one GPU, without checkpointing or offload): what `recipe=sft` runs;
 - bamba_ft_graphs / bamba_ft_no_graphs: the same with the graphs always / never (`model.cuda_graphs=true/false`;
   no_graphs shares bamba_ft's model, the graphs switched off per measurement);
 - bamba_ft_keep_states: the same without graphs, the SSD scan keeping its chunk states for backward in every
@@ -45,7 +45,7 @@ from bamba_ft.jobs.runtime import autocast_for, to_device
 from bamba_ft.model.build import build_model
 from bamba_ft.model.lora import apply_peft
 from bamba_ft.model.memory import activation_memory, apply_checkpointing
-from bamba_ft.model.mixer import graphs_installed, graphs_pay, on_mixers, prepare_graphs, scan_states
+from bamba_ft.model.mixer import graphs_installed, on_mixers, prepare_graphs, scan_states, why_no_graphs
 from bamba_ft.model.objective import mean_loss
 from bamba_ft.model.quant import base_weight_bytes
 from bamba_ft.ops.loss import causal_lm
@@ -190,9 +190,11 @@ def build_variant(v: Variant, model_cfg: ModelConfig, peft_cfg: PeftConfig, devi
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)  # models of other variants kept for later repeats
     form, offload = split_mode(v.memory)
+    # graphs=false builds as auto: such a variant shares the auto variant's model, measure switches them off
+    graphs = "false" if v.stock else "true" if v.graphs == "true" else "auto"
     mcfg = replace(model_cfg, mixer=Mixer.HF.value if v.stock else Mixer.AUTO.value,
                    attn_implementation="sdpa" if v.stock else "auto", gradient_checkpointing=form,
-                   activation_offload=offload, cuda_graphs="false" if v.stock else v.graphs.replace("false", "auto"))
+                   activation_offload=offload, cuda_graphs=graphs)
     torch.manual_seed(seed)
     model = build_model(mcfg, QuantConfig(method=v.quant), device, graphs_auto=True)  # measure switches them
     model = apply_peft(model, peft_cfg, fused=not v.stock)
@@ -349,12 +351,13 @@ def measure_into(row: dict, v: Variant, model: nn.Module, steps: list, b: BenchC
 
 def _graphs_run(v: Variant, model: nn.Module, steps: list, device: torch.device) -> bool:
     """Whether `v` measures `model` with its conv+scan CUDA graphs (where it was built with them): always for
-    graphs=true, never for false, and for auto where training's model.cuda_graphs=auto would (`graphs_pay`)."""
+    graphs=true, never for false, and for auto where training's model.cuda_graphs=auto would (`why_no_graphs`)."""
     if v.graphs == "false" or not graphs_installed(model):
         return False
     form, offload = split_mode(v.memory)
     longest = max(sum(len(s) for s in seqs) for seqs in steps)
-    return v.graphs == "true" or graphs_pay(device, v.packed, longest, form, offload, ranks.world_size(), v.quant) is None
+    no_graphs = why_no_graphs(device, v.packed, longest, form, offload, ranks.world_size(), v.quant)
+    return v.graphs == "true" or no_graphs is None
 
 
 def _attention_backends(v: Variant) -> contextlib.AbstractContextManager:

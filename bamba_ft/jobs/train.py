@@ -44,7 +44,13 @@ from bamba_ft.model.build import build_model, load_tokenizer
 from bamba_ft.model.families import family_of
 from bamba_ft.model.lora import apply_peft, check_adapter_gradients
 from bamba_ft.model.memory import out_of_memory_error
-from bamba_ft.model.mixer import graphs_installed, graphs_pay, packing_safe, prepare_graphs, unsafe_attention
+from bamba_ft.model.mixer import (
+    graphs_installed,
+    packing_safe,
+    prepare_graphs,
+    unsafe_attention,
+    why_no_graphs,
+)
 from bamba_ft.model.restore import save_run_config
 from bamba_ft.ops.loss import causal_lm
 from bamba_ft.rundir import RunDir
@@ -132,13 +138,13 @@ def _prepare(cfg: RunConfig, device: torch.device) -> tuple[nn.Module, Any, Bamb
     ensure_chat_template(tokenizer, cfg.data.chat_template)
     sharded = _sharded(cfg)
     dtype = storage_dtype(cfg.model.dtype, resolve_precision(cfg.trainer.precision, device), device) if sharded else None
-    graphs_off = graphs_pay(device, cfg.data.packing, cfg.data.max_tokens_per_batch,
-                            cfg.model.gradient_checkpointing, cfg.model.activation_offload, _processes(cfg.trainer),
-                            cfg.quant.method)
-    if cfg.model.cuda_graphs == "auto" and graphs_off and device.type == "cuda":
-        log.info("model.cuda_graphs=auto: the conv+scan runs without CUDA graphs (%s)", graphs_off)
+    no_graphs = why_no_graphs(device, cfg.data.packing, cfg.data.max_tokens_per_batch,
+                              cfg.model.gradient_checkpointing, cfg.model.activation_offload, _processes(cfg.trainer),
+                              cfg.quant.method)
+    if cfg.model.cuda_graphs == "auto" and no_graphs and device.type == "cuda":
+        log.info("model.cuda_graphs=auto: the conv+scan runs without CUDA graphs (%s)", no_graphs)
     model = apply_peft(build_model(cfg.model, cfg.quant, device, empty=sharded, dtype=dtype,
-                                   graphs_auto=graphs_off is None), cfg.peft)
+                                   graphs_auto=no_graphs is None), cfg.peft)
     if cfg.data.packing and (attn := unsafe_attention(model)) is not None:
         raise ConfigError(
             f"data.packing=true: model.attn_implementation={attn} lets packed sequences attend to each other in "

@@ -160,8 +160,8 @@ def build_model(cfg: ModelConfig, quant: QuantConfig, device: torch.device, empt
     Quantized bases are built one decoder layer at a time, so the device never holds the full 16-bit model.
     `empty`: parameters on the meta device (for sharding first and loading after; bamba_ft/model/shard.py), for
     computing on `device`. `dtype` overrides the dtype `cfg.dtype` resolves to. `graphs_auto`: the caller trains
-    where the conv+scan's CUDA graphs pay (`graphs_pay`), so model.cuda_graphs=auto turns them on where the fused
-    conv+scan runs; otherwise auto means off.
+    where the conv+scan's CUDA graphs pay (`why_no_graphs` found no reason against them), so model.cuda_graphs=auto
+    turns them on where the fused conv+scan runs; otherwise auto means off.
     """
     check_quant_device(quant, device)
     config = load_config(cfg)

@@ -99,7 +99,7 @@ def install_mixer(model: nn.Module, mixer: str = Mixer.AUTO, cuda_graphs: bool |
 GRAPHS_AUTO_MAX_TOKENS = 16384
 
 
-def graphs_pay(device: torch.device, packing: bool, longest: int, checkpointing: str, offload: bool,
+def why_no_graphs(device: torch.device, packing: bool, longest: int, checkpointing: str, offload: bool,
                processes: int, quant: str) -> str | None:
     """Why model.cuda_graphs=auto leaves the conv+scan graphs off for such a training run, or None where they pay:
     a float8 base (quant.method=fp8), whose kernels are fast enough that without the graphs its CPU holds the GPU

@@ -83,7 +83,7 @@ def test_fp8_run_resumes_to_the_uninterrupted_adapter(fp8_run: tuple[Path, dict]
 
 def test_auto_graphs_are_captured_for_every_bucket_before_training(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                                    caplog: pytest.LogCaptureFixture) -> None:
-    """Training's side of model.cuda_graphs=auto: where graphs_pay finds no reason against them (here made to, as
+    """Training's side of model.cuda_graphs=auto: where why_no_graphs finds no reason against them (here made to, as
     on a GPU with a float8 base), the model is built with the graphs and every bucket up to
     data.max_tokens_per_batch is captured before the first step. The graphs run torch stand-ins for the kernels
     without capture (a CPU has neither), so this checks the plumbing, not the replay."""
@@ -101,7 +101,7 @@ def test_auto_graphs_are_captured_for_every_bucket_before_training(monkeypatch: 
         made.append(ConvScanGraphs(TorchOps, bucket=128, capture=False))
         return made[-1]
 
-    monkeypatch.setattr(train, "graphs_pay", pays)
+    monkeypatch.setattr(train, "why_no_graphs", pays)
     monkeypatch.setattr(mixer, "fused_conv_scan_runs", lambda m, backend: True)
     monkeypatch.setattr(mixer, "ConvScanGraphs", graphs)
     cfg = small_run(tmp_path / "run", steps=2)

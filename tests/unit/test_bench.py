@@ -647,8 +647,8 @@ def test_profiled_kernels_are_grouped_by_what_they_do() -> None:
 
 
 def test_the_bench_replays_the_conv_scan_graphs_where_training_auto_would() -> None:
-    """The auto variants measure with the graphs where training's auto would on a CUDA device (graphs_pay: a float8
-    base, default memory mode, short rows); *_graphs always, *_no_graphs and keep_states never; a measurement
+    """The auto variants measure with the graphs where training's auto would on a CUDA device (why_no_graphs: a
+    float8 base, default memory mode, short rows); *_graphs always, *_no_graphs and keep_states never; a measurement
     without them leaves them installed for the next."""
     from bamba_ft.model.mixer import GRAPHS_AUTO_MAX_TOKENS
     from bamba_ft.ops.graphs import ConvScanGraphs

@@ -192,12 +192,12 @@ def test_on_mixers_sets_attributes_in_the_block_and_restores_them() -> None:
 
 
 def test_cuda_graphs_auto_pays_only_for_a_float8_base_on_packed_short_rows_on_one_gpu() -> None:
-    from bamba_ft.model.mixer import GRAPHS_AUTO_MAX_TOKENS, graphs_pay
+    from bamba_ft.model.mixer import GRAPHS_AUTO_MAX_TOKENS, why_no_graphs
 
     gpu = torch.device("cuda")  # a device object only: nothing runs on it
     good = dict(device=gpu, packing=True, longest=8192, checkpointing="none", offload=False, processes=1, quant="fp8")
-    assert graphs_pay(**good) is None
-    assert graphs_pay(**good | {"longest": GRAPHS_AUTO_MAX_TOKENS}) is None
+    assert why_no_graphs(**good) is None
+    assert why_no_graphs(**good | {"longest": GRAPHS_AUTO_MAX_TOKENS}) is None
     for change, reason in [({"quant": "none"}, "quant.method=none: the step waits on the GPU"),
                            ({"quant": "nf4"}, "quant.method=nf4"),
                            ({"device": torch.device("cpu"), "quant": "none"}, "not a CUDA device (cpu)"),
@@ -206,7 +206,7 @@ def test_cuda_graphs_auto_pays_only_for_a_float8_base_on_packed_short_rows_on_on
                            ({"checkpointing": "mamba"}, "model.gradient_checkpointing=mamba"),
                            ({"offload": True}, "model.activation_offload=true"),
                            ({"processes": 2}, "2 processes")]:
-        assert graphs_pay(**good | change).startswith(reason), change
+        assert why_no_graphs(**good | change).startswith(reason), change
 
 
 def test_cuda_graphs_auto_installs_none_where_the_fused_conv_scan_does_not_run() -> None:
