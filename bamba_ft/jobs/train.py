@@ -171,7 +171,8 @@ def _capture_graphs(cfg: RunConfig, model: nn.Module, device: torch.device) -> N
     """Every length bucket a packed batch can reach (data.max_tokens_per_batch), captured before the first step."""
     dtype = autocast_dtype(resolve_precision(cfg.trainer.precision, device)) or next(causal_lm(model).parameters()).dtype
     start = time.perf_counter()
-    captured = prepare_graphs(model, cfg.data.max_tokens_per_batch, dtype)
+    with _explain_oom(cfg, lambda: "capturing the conv+scan's CUDA graphs before the first step", lambda: None, model):
+        captured = prepare_graphs(model, cfg.data.max_tokens_per_batch, dtype)
     log.info("CUDA graphs: %d captured for rows up to %d tokens in %.1f s", captured, cfg.data.max_tokens_per_batch,
              time.perf_counter() - start)
 
@@ -182,7 +183,8 @@ def _probe(cfg: RunConfig, model: nn.Module, dm: BambaDataModule, device: torch.
     one the model's dtype implies)."""
     probe = to_device(dm.first_batch(), device)
     where = "the gradient probe (the first forward and backward, on the first training batch)"
-    with _explain_oom(cfg, lambda: where, lambda: batch_tokens(probe)), autocast or autocast_for(causal_lm(model), device):
+    with (_explain_oom(cfg, lambda: where, lambda: batch_tokens(probe), model),
+          autocast or autocast_for(causal_lm(model), device)):
         norms = check_adapter_gradients(model, probe, loss_fn)
     log.info("gradient check: all %d trainable tensors receive gradient", len(norms))
 
@@ -214,12 +216,14 @@ def _shard_and_load(cfg: RunConfig, dm: BambaDataModule, device: torch.device, l
 
 
 @contextlib.contextmanager
-def _explain_oom(cfg: RunConfig, where: Callable[[], str], batch: Callable[[], tuple[int, int] | None]) -> Iterator[None]:
-    """A device out-of-memory error becomes a BambaFTError (exit status 2) naming the batch, the mode and the fixes."""
+def _explain_oom(cfg: RunConfig, where: Callable[[], str], batch: Callable[[], tuple[int, int] | None],
+                 model: nn.Module | None = None) -> Iterator[None]:
+    """A device out-of-memory error becomes a BambaFTError (exit status 2) naming the batch, the mode and the fixes
+    (turning `model`'s conv+scan graphs off among them, where it has them)."""
     try:
         yield
     except torch.OutOfMemoryError as e:
-        raise out_of_memory_error(cfg, where(), batch(), e) from e
+        raise out_of_memory_error(cfg, where(), batch(), e, model is not None and graphs_installed(model)) from e
 
 
 def _step_name(trainer: L.Trainer) -> str:
@@ -309,7 +313,7 @@ def run(cfg: RunConfig) -> dict:
     configure = functools.partial(_shard_and_load, cfg, dm, device) if _sharded(cfg) else None
     lit = BambaLitModule(model, cfg.optim, cfg.model.activation_offload, configure=configure)
     t_fit = time.perf_counter()
-    with stopper.installed(), _explain_oom(cfg, lambda: _step_name(trainer), lambda: lit.last_batch):
+    with stopper.installed(), _explain_oom(cfg, lambda: _step_name(trainer), lambda: lit.last_batch, model):
         try:
             trainer.fit(lit, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
         except SIGTERMException:

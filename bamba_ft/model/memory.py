@@ -125,8 +125,9 @@ def describe(mode: str, offload: bool) -> str:
 
 
 def out_of_memory_error(cfg: RunConfig, where: str, batch: tuple[int, int] | None,
-                        error: BaseException) -> DeviceMemoryError:
-    """What ran out of memory, under which settings, and the overrides that lower activation memory."""
+                        error: BaseException, graphs: bool = False) -> DeviceMemoryError:
+    """What ran out of memory, under which settings, and the overrides that lower activation memory (and, where the
+    model replays its conv+scan as CUDA graphs, `graphs`, turning them off)."""
     m, d = cfg.model, cfg.data
     first = (str(error).strip().splitlines() or [type(error).__name__])[0]
     size = f"{batch[0]:,} tokens, longest sequence {batch[1]:,}" if batch else "size unknown"
@@ -146,6 +147,9 @@ def out_of_memory_error(cfg: RunConfig, where: str, batch: tuple[int, int] | Non
     else:
         fixes.append((f"data.batch_size={max(1, d.batch_size // 2)}", "fewer rows per batch (or a lower data.max_seq_len)"))
         limits = f"padded: data.batch_size={d.batch_size}, data.max_seq_len={d.max_seq_len}"
+    if graphs:
+        fixes.append(("model.cuda_graphs=false", "no CUDA graphs of the conv+scan: frees their buffers (about 67 KB "
+                      "per token of the longest row at the Bamba-9B shape) and their memory pool"))
     width = max(len(k) for k, _ in fixes)
     return DeviceMemoryError(
         f"out of memory in {where} ({first[:200]}).\n"

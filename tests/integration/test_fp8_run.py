@@ -81,12 +81,9 @@ def test_fp8_run_resumes_to_the_uninterrupted_adapter(fp8_run: tuple[Path, dict]
         torch.testing.assert_close(resumed[name], full[name], rtol=0, atol=1e-6)
 
 
-def test_auto_graphs_are_captured_for_every_bucket_before_training(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                                                   caplog: pytest.LogCaptureFixture) -> None:
-    """Training's side of model.cuda_graphs=auto: where why_no_graphs finds no reason against them (here made to, as
-    on a GPU with a float8 base), the model is built with the graphs and every bucket up to
-    data.max_tokens_per_batch is captured before the first step. The graphs run torch stand-ins for the kernels
-    without capture (a CPU has neither), so this checks the plumbing, not the replay."""
+def _graphs_as_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> tuple[list, list]:
+    """Make training's auto turn the graphs on here: why_no_graphs and the fused-kernel check say yes, and the graphs
+    run torch stand-ins for the kernels without capture (a CPU has neither). (why_no_graphs' arguments, the graphs.)"""
     from bamba_ft.model import mixer
     from bamba_ft.ops.graphs import ConvScanGraphs
     from tests.unit.test_conv_scan import TorchOps
@@ -104,6 +101,15 @@ def test_auto_graphs_are_captured_for_every_bucket_before_training(monkeypatch: 
     monkeypatch.setattr(train, "why_no_graphs", pays)
     monkeypatch.setattr(mixer, "fused_conv_scan_runs", lambda m, backend: True)
     monkeypatch.setattr(mixer, "ConvScanGraphs", graphs)
+    return seen, made
+
+
+def test_auto_graphs_are_captured_for_every_bucket_before_training(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """Training's side of model.cuda_graphs=auto: where why_no_graphs finds no reason against them, the model is
+    built with the graphs and every bucket up to data.max_tokens_per_batch is captured before the first step. This
+    checks the plumbing; the replay runs on a GPU only."""
+    seen, made = _graphs_as_on_a_gpu(monkeypatch)
     cfg = small_run(tmp_path / "run", steps=2)
     cfg.quant.method = "fp8"
     with caplog.at_level("INFO", logger="bamba_ft"):
@@ -112,3 +118,20 @@ def test_auto_graphs_are_captured_for_every_bucket_before_training(monkeypatch: 
     assert len(made) == 1 and made[0].captures == 2 * 4  # buckets 512, 384, 256, 128: forward and backward
     assert "CUDA graphs: 8 captured for rows up to 512 tokens" in caplog.text
     assert "conv+scan runs as CUDA graphs (model.cuda_graphs=auto)" in caplog.text
+
+
+def test_running_out_of_memory_while_capturing_the_graphs_names_the_fix(monkeypatch: pytest.MonkeyPatch,
+                                                                        tmp_path: Path) -> None:
+    from bamba_ft.errors import DeviceMemoryError
+
+    _graphs_as_on_a_gpu(monkeypatch)
+
+    def full(*args: object) -> int:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.07 GiB")
+
+    monkeypatch.setattr(train, "prepare_graphs", full)
+    cfg = small_run(tmp_path / "run", steps=2)
+    cfg.quant.method = "fp8"
+    with pytest.raises(DeviceMemoryError, match=r"(?s)out of memory in capturing the conv\+scan's CUDA graphs before "
+                                                r"the first step .*model.cuda_graphs=false +no CUDA graphs"):
+        train.run(cfg)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -243,6 +244,9 @@ def test_out_of_memory_message_names_batch_mode_and_fixes() -> None:
     done = RunConfig(model=ModelConfig(gradient_checkpointing="all", activation_offload=True))
     text = str(memory.out_of_memory_error(done, "x", None, RuntimeError("oom")))
     assert "model.gradient_checkpointing=all " not in text and "model.activation_offload=true " not in text
+    assert "model.cuda_graphs=false" not in text
+    with_graphs = str(memory.out_of_memory_error(done, "x", None, RuntimeError("oom"), graphs=True))
+    assert re.search(r"model.cuda_graphs=false +no CUDA graphs of the conv\+scan", with_graphs)
 
 
 @pytest.mark.parametrize(("shape", "expected"), [
