@@ -79,10 +79,10 @@ class ModelConfig:
     """Replay the Mamba-2 mixer's conv+scan kernels as CUDA graphs (`kernels` mixer with causal-conv1d), so that a
     layer's conv+scan costs the CPU one graph launch each way instead of about 20 Triton launches: auto | true |
     false. Every 256-token length bucket up to data.max_tokens_per_batch is captured before the first step. auto
-    turns them on where they were measured to pay: training a float8 base (quant=fp8), whose step otherwise waits
-    on the CPU, on packed rows of at most 16,384 tokens (data.max_tokens_per_batch) in one process on a CUDA
-    device, without gradient checkpointing or activation offload (on an H200 the float8 step's median went from
-    12,847 to 15,822 tokens/s); elsewhere off. The bf16 step waits on its kernels, and there the graphs' copies
+    turns them on for training a float8 base (quant=fp8), whose step otherwise waits on the CPU (on an H200 its
+    median went from 12,847 to 15,822 tokens/s at rows of 3,100-6,700 tokens), on packed rows of at most 16,384
+    tokens (data.max_tokens_per_batch; a limit chosen, not measured) in one process on a CUDA device, without
+    gradient checkpointing or activation offload; elsewhere off. The bf16 step waits on its kernels, and there the graphs' copies
     cost about 3% (BENCHMARKS.md)."""
 
     def __post_init__(self) -> None:
