@@ -162,6 +162,11 @@ def per_step_ratios(runs: list[dict], variant: str, mode: str, rehearse: bool, r
     return ratios
 
 
+def _regime(row: dict) -> str:
+    """How a summary row's timed steps met their batches: rehearsed (each run once before) or new shapes."""
+    return "rehearsed" if row["rehearse"] else "new shapes"
+
+
 def _range(s: dict | None, fmt: str) -> tuple[str, str]:
     if s is None:
         return "-", "-"
@@ -173,7 +178,7 @@ def _summary_lines(rows: list[dict], repeats: int) -> list[str]:
               "(median)", "ratio min–max", "step ms", "peak GiB", "MFU", "adapters w/ grad"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        regime = "rehearsed" if r["rehearse"] else "new shapes"
+        regime = _regime(r)
         if r["tokens_per_sec"] is None:
             lines.append(f"| {r['variant']} | {r['memory_mode']} | {regime} | "
                          f"{'; '.join(r['errors'])} |" + " |" * (len(header) - 4))
@@ -321,7 +326,7 @@ def _paired_lines(rows: list[dict]) -> list[str]:
         if any(paired):
             cells = [f"{p['median']:.3f}x | {p['min']:.3f}–{p['max']:.3f} | {p['n']}" if p else "- | - | -"
                      for p in paired]
-            regime = "rehearsed" if r["rehearse"] else "new shapes"
+            regime = _regime(r)
             lines.append(f"| {r['variant']} | {r['memory_mode']} | {regime} | " + " | ".join(cells) + " |")
     if not lines:
         return []
@@ -338,7 +343,7 @@ def _issued_lines(rows: list[dict]) -> list[str]:
     for r in rows:
         share = r.get("issued_share")
         if share:
-            regime = "rehearsed" if r["rehearse"] else "new shapes"
+            regime = _regime(r)
             lines.append(f"| {r['variant']} | {r['memory_mode']} | {regime} | {share['median']:.0%} | "
                          f"{share['min']:.0%}–{share['max']:.0%} | {r['host_bound_steps']} of {share['n']} |")
             if 2 * r["host_bound_steps"] > share["n"]:

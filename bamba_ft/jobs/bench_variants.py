@@ -230,8 +230,7 @@ def measure(v: Variant, model: nn.Module, steps: list, b: BenchConfig, device: t
     result["cuda_graphs"] = graphs_installed(model)
     if result["cuda_graphs"]:  # every bucket the steps reach, captured before any step (as training does at its start)
         t0 = time.perf_counter()
-        result["graphs_captured"] = prepare_graphs(model, max(sum(len(s) for s in seqs) for seqs in steps),
-                                                   next(causal_lm(model).parameters()).dtype)
+        result["graphs_captured"] = prepare_graphs(model, _longest_row(steps), next(causal_lm(model).parameters()).dtype)
         sync_device(device)
         result["graph_capture_s"] = time.perf_counter() - t0
     times, issued, tokens, compiled, allocator = [], [], [], [], []
@@ -355,9 +354,13 @@ def _graphs_run(v: Variant, model: nn.Module, steps: list, device: torch.device)
     if v.graphs == "false" or not graphs_installed(model):
         return False
     form, offload = split_mode(v.memory)
-    longest = max(sum(len(s) for s in seqs) for seqs in steps)
-    no_graphs = why_no_graphs(device, v.packed, longest, form, offload, ranks.world_size(), v.quant)
+    no_graphs = why_no_graphs(device, v.packed, _longest_row(steps), form, offload, ranks.world_size(), v.quant)
     return v.graphs == "true" or no_graphs is None
+
+
+def _longest_row(steps: list) -> int:
+    """The most tokens any of `steps` packs into its row."""
+    return max(sum(len(s) for s in seqs) for seqs in steps)
 
 
 def _attention_backends(v: Variant) -> contextlib.AbstractContextManager:
