@@ -14,7 +14,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from bamba_ft.config.schema import RunConfig, validate
-from bamba_ft.errors import ConfigError, Problems, suggest
+from bamba_ft.errors import ConfigError, Problems, not_an_option, suggest
 
 GROUPS = ("model", "peft", "quant", "data", "optim", "trainer", "logger", "recipe", "smoke", "sweep")
 
@@ -39,6 +39,8 @@ def check_key(dotted: str) -> str | None:
             node = _hints(node)[part]
         elif typing.get_origin(node) is list and part.isdigit():
             node = typing.get_args(node)[0]
+        elif typing.get_origin(node) is dict:  # a mapping of the user's own keys (data.roles.bot=assistant)
+            node = typing.get_args(node)[1]
         else:
             return f"'{'.'.join(path)}' holds a value, not keys; '{part}' cannot be set inside it."
         path.append(part)
@@ -78,6 +80,28 @@ def _values(override: Any) -> list[Any]:
     return [interval.start, interval.end]
 
 
+def group_options(group: str) -> list[str]:
+    """The options of a config group: recipes/*.yaml for `recipe`, conf/<group>/*.yaml for the others."""
+    from bamba_ft.config.store import config_dirs, recipe_names
+
+    if group == "recipe":
+        return recipe_names()
+    return sorted(p.stem for p in (config_dirs()[0] / group).glob("*.yaml"))
+
+
+def _group_problems(parser: Any, token: str, group: str) -> list[str]:
+    """`recipe=sftt`, `model=bamba-10b`: the option named (each value of a sweep) must exist."""
+    from hydra.errors import HydraException
+
+    try:
+        values = _values(parser.parse_override(token))
+    except HydraException:
+        return []  # Hydra reports what it cannot parse
+    options = group_options(group)
+    return [f"{token}: {not_an_option(group, value, options)}" for value in values
+            if value is not None and str(value) not in options]
+
+
 def check_overrides(argv: list[str]) -> None:
     """Validate `key=value` command-line overrides against the schema, names and types (before Hydra composes)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -90,8 +114,12 @@ def check_overrides(argv: list[str]) -> None:
         if token.startswith("-") or "=" not in token:
             continue
         key = token.split("=", 1)[0].lstrip("~+")
-        if key.split(".")[0] == "hydra" or key.split("/")[0] == "hydra" or key in GROUPS:
-            continue  # Hydra and its plugins (sweepers, launchers) check their own keys and group choices
+        if key in GROUPS and not token.startswith("~"):
+            for problem in _group_problems(parser, token, key):
+                problems.add(problem)
+            continue
+        if key.split(".")[0] == "hydra" or key.split("/")[0] == "hydra":
+            continue  # Hydra and its plugins (sweepers, launchers) check their own keys
         message = check_key(key)
         if message:
             problems.add(f"{token}: {message}")
@@ -140,8 +168,10 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
                 unchanged = OmegaConf.select(cfg, key) == OmegaConf.select(defaults, key)
                 if unchanged and key not in overridden:
                     missing.add(key)
+    if OmegaConf.select(cfg, "data.sources"):  # data=file with data.sources: the sources replace data.source
+        missing.discard("data.source")
     if missing:
-        examples = {"data.source": "data.source=path/to/train.jsonl"}
+        examples = {"data.source": "data.source=path/to/train.jsonl (or data.sources=[...] to mix several)"}
         raise ConfigError([
             f"{key}: no value given, and this config needs one.\n"
             f"Fix: add {examples.get(key, key + '=...')} to the command line."
@@ -157,4 +187,22 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
         raise ConfigError(f"{key or 'config'}: {message}") from None
     assert isinstance(typed, RunConfig)
     validate(typed)
+    if HydraConfig.initialized():
+        _check_data_option(typed, str(HydraConfig.get().runtime.choices.get("data")))
     return typed
+
+
+def _check_data_option(cfg: RunConfig, option: str) -> None:
+    """Refuse training on the user's data under a built-in data option (`data=builtin`, the default): its
+    lengths and schedule are tuned for the tiny built-in task and would silently apply to that data
+    (examples truncated at 128 tokens, 400 steps at lr 3e-3)."""
+    d = cfg.data
+    if cfg.task != "train" or not option.startswith("builtin") or (d.source == "builtin" and not d.sources):
+        return
+    given = f"data.source={d.source}" if d.source != "builtin" else "'data.sources=[...]'"
+    raise ConfigError(
+        f"{given} with data={option}: that data option tunes lengths and schedule for the built-in task "
+        f"(data.max_seq_len={d.max_seq_len}, data.max_tokens_per_batch={d.max_tokens_per_batch}, "
+        f"optim.lr={cfg.optim.lr:g}, trainer.max_steps={cfg.trainer.max_steps}), and they would apply to your data.\n"
+        f"Fix: add data=file to the command line (python -m bamba_ft data=file {given})."
+    )

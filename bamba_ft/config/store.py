@@ -24,6 +24,10 @@ def recipe_names() -> list[str]:
     return sorted(p.stem for p in config_dirs()[1].glob("*.yaml"))
 
 
+# Mappings whose keys are the user's (renames): a command-line `key={a: b}` must add keys to them.
+OPEN_MAPPINGS = ("data.roles",)
+
+
 def register_configs() -> None:
     """Store `schema` and every recipes/<name>.yaml as option <name> of group `recipe`.
 
@@ -31,6 +35,9 @@ def register_configs() -> None:
     registered here instead, as global packages (a recipe may set any key and override any group).
     """
     cs = ConfigStore.instance()
-    cs.store(name="schema", node=RunConfig)
+    schema = OmegaConf.structured(RunConfig)
+    for key in OPEN_MAPPINGS:  # Hydra locks the composed config; these take new keys: data.roles={bot: assistant}
+        OmegaConf.set_struct(OmegaConf.select(schema, key), False)
+    cs.store(name="schema", node=schema)
     for path in sorted(config_dirs()[1].glob("*.yaml")):
         cs.store(group="recipe", name=path.stem, node=OmegaConf.load(path), package="_global_")

@@ -94,7 +94,12 @@ def test_a_bad_override_exits_2_with_one_message_and_no_traceback(tmp_path: Path
 
 @pytest.mark.parametrize("args,message", [
     (["peft.target_modules=[in_prj]", *FAST], "'in_prj' matches no module of BambaForCausalLM. Did you mean 'in_proj'?"),
-    (["data.source=/nonexistent/train.jsonl", *FAST], "data.source=/nonexistent/train.jsonl: no such file or directory"),
+    (["data=file", "data.source=/nonexistent/train.jsonl", *FAST],
+     "data.source=/nonexistent/train.jsonl: no such file or directory"),
+    (["data=file", "data.sources=[{source: /nonexistent/a.jsonl}]", *FAST], "/nonexistent/a.jsonl: no such file"),
+    # the built-in task's lengths and schedule must not silently apply to the user's data
+    (["data.source=train.jsonl", *FAST], "data.source=train.jsonl with data=builtin: that data option tunes"),
+    (["data.sources=[{source: a.jsonl}]", *FAST], "Fix: add data=file to the command line"),
     (["model.name_or_path=/nonexistent/model", *FAST], "model.name_or_path=/nonexistent/model: no such directory"),
     (["model.name_or_path=some-org/some-model", *FAST], "not a local directory, and the Hugging Face Hub did not provide it"),
     (["recipe=eval", "eval.checkpoint=/nonexistent/run"], "checkpoint /nonexistent/run: no such file or directory"),

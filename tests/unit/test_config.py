@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,25 @@ def test_unknown_recipe_lists_the_options() -> None:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         with pytest.raises(MissingConfigException, match=r"(?s)sfft.*sft"):
             compose("train", overrides=["recipe=sfft"])
+
+
+@pytest.mark.parametrize("token,problem,option", [
+    ("recipe=sftt", "recipe='sftt' is not an option. Did you mean 'sft'?", "qlora"),
+    ("model=bamba-10b", "model='bamba-10b' is not an option. Did you mean 'bamba-9b'?", "tiny"),
+    ("model=tiny,bamba-10b", "model='bamba-10b' is not an option", "tiny"),  # each value of a sweep
+])
+def test_an_unknown_group_option_names_the_options(token: str, problem: str, option: str) -> None:
+    with pytest.raises(ConfigError, match=r"(?s)" + re.escape(problem) + r".*Valid: .*" + option):
+        check_overrides([token])
+    check_overrides(["recipe=eval", "model=tiny,bamba-9b", "sweep=lora_hpo", "~smoke", "data=file"])
+
+
+@pytest.mark.parametrize("token", ["data.roles={bot: assistant, human: user}", "data.roles.bot=assistant"])
+def test_data_roles_take_the_users_own_names(token: str) -> None:
+    """The form the README and the unknown-role error give: a mapping that the command line fills."""
+    check_overrides([token])
+    cfg = composed(["data=file", "data.source=train.jsonl", token])
+    assert cfg.data.roles["bot"] == "assistant"
 
 
 @pytest.mark.parametrize("token", ["peft.rr=8", "+peft.rr=8", "++peft.rr=8"])
