@@ -1,4 +1,4 @@
-"""Which checkpoint a resume uses: intact ones only, newest first, and a config that may not silently differ.
+"""Which checkpoint a resume uses: intact ones only, the furthest into training, and a config that may not silently differ.
 
 Intact means `model.restore.checkpoint_problem` finds nothing wrong. A resume compares the run's
 config with the one saved in the checkpoint: keys that change what is trained (model, adapter, quantization,
@@ -43,21 +43,31 @@ IGNORED = ("task", "debug", "output_dir", "trainer.resume", "trainer.fast_dev_ru
 
 
 def newest_intact(run_dir: Path, key: str) -> Path:
-    """The newest checkpoint of `run_dir` that is intact; says which were skipped and why."""
-    found = RunDir(run_dir).resumable_checkpoints()
+    """The intact checkpoint of `run_dir` furthest into training: the highest global_step, the newest file among
+    equals. File times do not decide: a copy, an rsync or a restore from backup changes them, the step stays.
+    Says which checkpoints were skipped and why."""
+    found = RunDir(run_dir).resumable_checkpoints()  # newest file first: the order among equal steps
     if not found:
         raise ConfigError(f"{key}: {run_dir}/checkpoints has no checkpoint (last.ckpt, interrupted.ckpt, best-*).")
+    steps: dict[Path, int] = {}
     skipped = []
     for path in found:
         problem = checkpoint_problem(path)
         if problem is None:
-            if skipped:
-                log.warning("%s: skipping %s; using %s, the newest intact checkpoint of the run.",
-                            key, "; ".join(skipped), path.name)
-            return path
-        skipped.append(f"{path.name} ({problem})")
-    raise ConfigError(f"{key}: no intact checkpoint in {run_dir}/checkpoints: {'; '.join(skipped)}.\n"
-                      "Fix: start a new run, or resume from another run's directory.")
+            try:
+                steps[path] = int(checkpoint_state(path).get("global_step", -1))
+            except Exception as e:  # an archive whose state does not unpickle
+                problem = f"unreadable state ({type(e).__name__})"
+        if problem is not None:
+            skipped.append(f"{path.name} ({problem})")
+    if not steps:
+        raise ConfigError(f"{key}: no intact checkpoint in {run_dir}/checkpoints: {'; '.join(skipped)}.\n"
+                          "Fix: start a new run, or resume from another run's directory.")
+    best = max(steps, key=steps.get)  # the first of the highest: the newest file at that step
+    if skipped:
+        log.warning("%s: skipping %s; using %s (step %d), the intact checkpoint furthest into training.",
+                    key, "; ".join(skipped), best.name, steps[best])
+    return best
 
 
 def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
@@ -77,7 +87,7 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
         problem = checkpoint_problem(path)
         if problem:
             raise ConfigError(f"{key}: {path} is {problem}.\n"
-                              f"Fix: trainer.resume={path.parent.parent} resumes from the newest intact checkpoint of its run.")
+                              f"Fix: trainer.resume={path.parent.parent} resumes from the intact checkpoint of its run furthest into training.")
         return path
     if path.is_dir():
         remove_stale_temporaries(path)

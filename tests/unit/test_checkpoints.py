@@ -75,6 +75,17 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path: Path, caplo
         assert named in str(error.value)
 
 
+def test_resume_takes_the_furthest_step_not_the_newest_file(tmp_path: Path) -> None:
+    """A copy or a restore from backup reorders file times: the best checkpoint of step 200 touched after the
+    last one of step 250 must not lose the 50 steps. Among equal steps the newest file wins."""
+    run = tmp_path / "run"
+    _ckpt(run / "checkpoints" / "last.ckpt", 250, age=30)
+    _ckpt(run / "checkpoints" / "best-step000200.ckpt", 200, age=10)
+    assert resolve_resume(str(run), tmp_path / "new").name == "last.ckpt"
+    _ckpt(run / "checkpoints" / "interrupted.ckpt", 250, age=5)
+    assert newest_intact(run, "k").name == "interrupted.ckpt"
+
+
 def test_a_named_broken_checkpoint_file_is_refused_with_its_name(tmp_path: Path) -> None:
     broken = tmp_path / "run" / "checkpoints" / "last.ckpt"
     broken.parent.mkdir(parents=True)
