@@ -52,6 +52,12 @@ class RunDir:
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 
+    def trained_outputs(self) -> list[str]:
+        """What a training run left here (its metrics, weights, checkpoints), relative to the run directory."""
+        found = [p for p in (self.metrics, self.adapter, self.full_model) if p.exists()]
+        found += sorted(self.checkpoints.glob("*.ckpt")) if self.checkpoints.is_dir() else []
+        return [str(p.relative_to(self.root)) for p in found]
+
     @property
     def last_ckpt(self) -> Path:
         return self.checkpoints / LAST

@@ -95,6 +95,20 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     raise ConfigError(f"{key}: no such checkpoint file or run directory.")
 
 
+def refuse_earlier_run(run_dir: Path, ckpt_path: Path | None) -> None:
+    """A training run into a directory that holds another run's results would replace its adapter and metrics and
+    mix its checkpoints with the new ones: only a resume of that run may write there."""
+    if ckpt_path is not None and run_dir.resolve() in ckpt_path.resolve().parents:
+        return
+    found = RunDir(run_dir).trained_outputs()
+    if found:
+        shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        raise ConfigError(f"{run_dir} already holds a training run ({shown}); a new run there would replace its "
+                          "results and mix its checkpoints with the new ones.\n"
+                          f"Fix: continue that run with trainer.resume={run_dir}, train into another directory "
+                          "(hydra.run.dir=...), or delete it first.")
+
+
 def remove_stale_temporaries(run_dir: Path) -> list[Path]:
     """Delete what a killed writer left in a run that no process owns: `.name.partial` checkpoints and directories,
     `.name.tmp` files. Runs that another live process holds are left alone."""

@@ -31,6 +31,7 @@ from bamba_ft.jobs.callbacks import AtomicCheckpointIO, ConfigInCheckpoint, Grac
 from bamba_ft.jobs.checkpoints import (
     check_resume_config,
     read_checkpoint,
+    refuse_earlier_run,
     remove_stale_temporaries,
     resolve_resume,
     saved_step,
@@ -288,6 +289,8 @@ def run(cfg: RunConfig) -> dict:
     lock.acquire(run_dir)  # the CLI took it before Hydra wrote here; this covers runs started from Python
     remove_stale_temporaries(run_dir)
     ckpt_path = resolve_resume(cfg.trainer.resume, run_dir)
+    if lock.launching_process():  # ranks > 0 start after rank 0 has written here
+        refuse_earlier_run(run_dir, ckpt_path)
     # Read once: its config is checked now; its step spares loading it again at the end when it is also this run's
     # last.ckpt (a resume into the same directory, as sweep.resume does) and the fit did not rewrite it.
     resumed = read_checkpoint(ckpt_path) if ckpt_path else None

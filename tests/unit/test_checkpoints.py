@@ -21,6 +21,7 @@ from bamba_ft.jobs.checkpoints import (
     config_changes,
     newest_intact,
     read_checkpoint,
+    refuse_earlier_run,
     remove_stale_temporaries,
     resolve_resume,
     saved_step,
@@ -84,6 +85,22 @@ def test_resume_takes_the_furthest_step_not_the_newest_file(tmp_path: Path) -> N
     assert resolve_resume(str(run), tmp_path / "new").name == "last.ckpt"
     _ckpt(run / "checkpoints" / "interrupted.ckpt", 250, age=5)
     assert newest_intact(run, "k").name == "interrupted.ckpt"
+
+
+def test_training_into_a_directory_with_another_runs_results_is_refused(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".hydra").mkdir()  # what Hydra writes before every job
+    refuse_earlier_run(run, None)
+    _ckpt(run / "checkpoints" / "last.ckpt", 4)
+    (run / "metrics.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"(?s)holds a training run \(metrics.json, checkpoints/last.ckpt\).*"
+                                          r"Fix: continue that run with trainer.resume="):
+        refuse_earlier_run(run, None)
+    refuse_earlier_run(run, run / "checkpoints" / "last.ckpt")  # its own resume may write there
+    other = _ckpt(tmp_path / "other" / "checkpoints" / "last.ckpt", 2)
+    with pytest.raises(ConfigError, match="holds a training run"):
+        refuse_earlier_run(run, other)
 
 
 def test_a_named_broken_checkpoint_file_is_refused_with_its_name(tmp_path: Path) -> None:
