@@ -89,6 +89,41 @@ def _json_lines(path: Path, text: str, key: str) -> list[int]:
     return lines
 
 
+def _first_bad_json_line(path: Path, key: str) -> DataError | None:
+    """The error for the first line of a JSONL file that is not a JSON object, read line by line (a streamed file
+    may be larger than memory); None when every line parses."""
+    with path.open(encoding="utf-8", errors="replace", newline="\n") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                why = f"{e.msg} (column {e.colno})"
+            else:
+                if isinstance(row, dict):
+                    continue
+                why = f"each line must be a JSON object, got {type(row).__name__}"
+            return DataError(f"{key}: malformed JSON at {path}:{n}: {why}.\nFix that line (each line one JSON object).")
+    return None
+
+
+def stream_read_error(e: Exception, wheres: list[str]) -> DataError:
+    """A reader error met while streaming sources (`wheres`: 'data.source=x.jsonl', ...). datasets' message names
+    neither file nor line, so each local JSONL source is now read line by line for the first line that does not
+    parse; otherwise the reader's message, with the sources named."""
+    for where in wheres:
+        key, _, source = where.partition("=")
+        path = Path(source).expanduser()
+        if path.is_file() and path.suffix.lower() == ".jsonl":
+            found = _first_bad_json_line(path, key)
+            if found is not None:
+                return found
+    return DataError(f"{', '.join(wheres)}: reading the stream failed: {type(e).__name__}: {_first_line(e)}\n"
+                     "Fix: repair the row it names; data.streaming=false reads a file whole first and names the line "
+                     "or row that does not parse.")
+
+
 def _load_file(path: Path, source: str, key: str) -> datasets.Dataset:
     where = f"{key}={source}"
     builder = _BUILDERS.get(path.suffix.lower())

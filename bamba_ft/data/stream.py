@@ -13,6 +13,7 @@ import functools
 import itertools
 import logging
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -32,10 +33,11 @@ from bamba_ft.data.load import (
     mix_sources,
     number_rows,
     rename_columns,
+    stream_read_error,
 )
 from bamba_ft.data.packing import collate_packed, collate_padded, pack_batches, padded_batches
 from bamba_ft.data.tokenize import encode_row, split_long
-from bamba_ft.errors import DataError
+from bamba_ft.errors import BambaFTError, DataError
 
 log = logging.getLogger(__name__)
 SOURCE = "__source__"  # which of data.sources a mixed row came from
@@ -87,10 +89,11 @@ def open_stream(c: DataConfig, seed: int) -> tuple[datasets.IterableDataset, lis
         rows = rename_columns(load_stream(s.source, s.split, f"{key}.source", s.config), s.columns, f"{key}.columns")
         if s.max_examples is not None:
             rows = rows.take(s.max_examples)
-        if hold:
-            vals.append((datasets.Dataset.from_list(list(rows.take(head))), where, s.format))
-            rows = rows.skip(head)
-        sources.append(_source(rows, s.format, where, held=head if hold else 0))
+        with reading([where]):
+            if hold:
+                vals.append((datasets.Dataset.from_list(list(rows.take(head))), where, s.format))
+                rows = rows.skip(head)
+            sources.append(_source(rows, s.format, where, held=head if hold else 0))
         streams.append(rows.map(functools.partial(_tag, source=i)))
     if c.val_source:
         vals = [(load_rows(c.val_source, c.val_split or c.split, "data.val_source"), f"data.val_source={c.val_source}",
@@ -100,6 +103,18 @@ def open_stream(c: DataConfig, seed: int) -> tuple[datasets.IterableDataset, lis
     mixed = streams[0] if len(streams) == 1 else mix_sources(streams, [s.weight for s in specs], seed,
                                                                 c.stopping_strategy)
     return mixed, sources, vals
+
+
+@contextmanager
+def reading(wheres: list[str]) -> Iterator[None]:
+    """Reader errors of streamed sources (a malformed line met mid-stream) as one DataError naming the source and,
+    for a JSONL file, the line."""
+    try:
+        yield
+    except BambaFTError:
+        raise
+    except Exception as e:  # pyarrow, pandas and datasets raise many types here
+        raise stream_read_error(e, wheres) from e
 
 
 def _tag(row: dict, source: int) -> dict:
@@ -196,10 +211,11 @@ class StreamBatches(torch.utils.data.IterableDataset):
             rows.set_epoch(epoch)
         # iter(batch_size=) rather than iter(rows): in a DataLoader worker, datasets' __iter__ shards the rows by
         # worker and reseeds every shuffle with the worker id, so a row count would mean other rows there.
-        for batch in rows.iter(batch_size=256):
-            names = list(batch)
-            for values in zip(*batch.values()):
-                yield dict(zip(names, values))
+        with reading([src.where for src in self.sources]):
+            for batch in rows.iter(batch_size=256):
+                names = list(batch)
+                for values in zip(*batch.values()):
+                    yield dict(zip(names, values))
 
     def _encoded(self, pos: StreamPosition) -> Iterator[dict]:
         encode = functools.partial(_encode_stream_row, sources=self.sources, tokenizer=self.tokenizer, c=self.cfg,

@@ -212,6 +212,18 @@ def test_stream_mixes_sources_by_weight(builtin_tokenizer, files: dict[str, str]
     assert any("assistant" in t for t in texts) and any("Q:" in t for t in texts)
 
 
+@pytest.mark.parametrize("bad_line", [3, 45])  # in the held-out head, and met mid-stream while training
+def test_a_malformed_line_met_by_the_stream_is_named(builtin_tokenizer, tmp_path: Path, files: dict[str, str],  # noqa: ANN001
+                                                     bad_line: int) -> None:
+    lines = Path(files["sft"]).read_text().splitlines()
+    lines[bad_line - 1] = lines[bad_line - 1][:30]  # cut short, as by an interrupted write
+    path = tmp_path / "cut.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    cfg = data_cfg(str(path), streaming=True, val_fraction=0.05, max_val_examples=10)
+    with pytest.raises(DataError, match=rf"(?s)data.source: malformed JSON at .*cut.jsonl:{bad_line}: .*Fix that line"):
+        one_epoch(iter(stream_of(builtin_tokenizer, cfg)))
+
+
 def test_streaming_config_errors() -> None:
     cfg = RunConfig()
     cfg.data.streaming, cfg.trainer.max_steps, cfg.trainer.max_epochs = True, -1, 2
