@@ -342,7 +342,8 @@ def run(cfg: RunConfig) -> dict:
             f"resume with the same command plus: trainer.resume={run_dir}"
         )
         return {"stopped_at": stopper.stopped_at, "signal": stopper.requested or "SIGTERM"}
-    return _finish(cfg, model, tokenizer, dm, trainer, before, run_dir, device, fit_seconds, t_start)
+    start = resumed.step if resumed is not None else None
+    return _finish(cfg, model, tokenizer, dm, trainer, before, run_dir, device, fit_seconds, t_start, start)
 
 
 def _gathered_model(cfg: RunConfig, lit: BambaLitModule, device: torch.device) -> nn.Module | None:
@@ -364,8 +365,10 @@ def _gathered_model(cfg: RunConfig, lit: BambaLitModule, device: torch.device) -
 
 
 def _finish(cfg: RunConfig, model: nn.Module, tokenizer: Any, dm: BambaDataModule, trainer: L.Trainer,
-            before: dict, run_dir: Path, device: torch.device, fit_seconds: float, t_start: float) -> dict:
-    """Save the adapter, evaluate again, write metrics.json and print the closing summary."""
+            before: dict, run_dir: Path, device: torch.device, fit_seconds: float, t_start: float,
+            resumed_at: int | None = None) -> dict:
+    """Save the adapter, evaluate again, write metrics.json and print the closing summary. `resumed_at`: the step
+    of the checkpoint this run resumed from."""
     if cfg.trainer.fast_dev_run:
         print("fast_dev_run finished: one training and one validation batch ran; nothing was saved.")
         return {}
@@ -379,6 +382,7 @@ def _finish(cfg: RunConfig, model: nn.Module, tokenizer: Any, dm: BambaDataModul
         "after": after,
         "train": {
             "steps": steps,
+            "resumed_at_step": resumed_at,
             "fit_seconds": round(fit_seconds, 2),
             "final_train_loss": logged.get("train/loss"),
             "last_val_loss": logged.get("val/loss"),  # from the training loop (reduced over ranks)
@@ -404,6 +408,18 @@ def _fmt(m: dict, key: str, pct: bool = False) -> str:
     return f"{100 * m[key]:.1f}%" if pct else f"{m[key]:.4f}"
 
 
+def _trained(tr: dict) -> str:
+    """'trained 400 steps', or for a resumed run the steps this run trained (a resume of a run that had already
+    reached trainer.max_steps trains none, and says so)."""
+    steps, start = tr["steps"], tr.get("resumed_at_step")
+    if start is None:
+        return f"trained {steps} steps"
+    if steps <= start:
+        return (f"nothing left to train: the resumed run was already at step {start} (raise trainer.max_steps to "
+                "train on); evaluated and saved again")
+    return f"trained steps {start + 1}-{steps} ({steps - start} in this run, resumed at step {start})"
+
+
 def _print_summary(metrics: dict, run_dir: Path, saved: Path, has_curves: bool, wall: float) -> None:
     rd = RunDir(run_dir)
     b, a, tr = metrics["before"], metrics["after"], metrics["train"]
@@ -416,7 +432,7 @@ def _print_summary(metrics: dict, run_dir: Path, saved: Path, has_curves: bool, 
     eff = metrics.get("packing_efficiency")
     lines = [
         "",
-        f"bamba_ft: trained {tr['steps']} steps in {tr['fit_seconds']:.1f} s{tps}"
+        f"bamba_ft: {_trained(tr)} in {tr['fit_seconds']:.1f} s{tps}"
         + (f", packing efficiency {100 * eff:.1f}%" if eff else "") + f" (total {wall:.1f} s)",
         table(rows, ["metric", "before", "after"]),
         "outputs:",

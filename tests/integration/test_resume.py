@@ -55,16 +55,22 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.T
 # epoch 0, epoch 1, epoch 2 (4 batches per epoch)
 @pytest.mark.parametrize("step", [pytest.param(3, marks=pytest.mark.slow), 6, pytest.param(9, marks=pytest.mark.slow)])
 def test_resume_matches_uninterrupted(step: int, uninterrupted: dict[str, torch.Tensor], tmp_path: Path,
-                                      monkeypatch: pytest.MonkeyPatch) -> None:
+                                      monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     stop_at(monkeypatch, step)
     assert train.run(small_run(tmp_path / "first")) == {"stopped_at": step, "signal": "SIGINT"}
     assert (tmp_path / "first/checkpoints/interrupted.ckpt").exists()
     assert not (tmp_path / "first/adapter").exists()
     monkeypatch.undo()
 
-    train.run(small_run(tmp_path / "second", resume=str(tmp_path / "first")))
+    capsys.readouterr()
+    metrics = train.run(small_run(tmp_path / "second", resume=str(tmp_path / "first")))
+    assert metrics["train"]["resumed_at_step"] == step
+    assert f"trained steps {step + 1}-10 ({10 - step} in this run, resumed at step {step})" in capsys.readouterr().out
     full, resumed = uninterrupted, adapter(tmp_path / "second")
     assert full.keys() == resumed.keys()
     for name in full:
         torch.testing.assert_close(resumed[name], full[name], rtol=0, atol=1e-6)
     assert any(float(v.abs().max()) > 0 for k, v in full.items() if "lora_B" in k)  # the adapter did train
+    if step == 6:  # resuming a run that has reached trainer.max_steps trains nothing, and says so
+        train.run(small_run(tmp_path / "second", resume=str(tmp_path / "second")))
+        assert "nothing left to train: the resumed run was already at step 10" in capsys.readouterr().out
