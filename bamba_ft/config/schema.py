@@ -563,6 +563,7 @@ def validate(cfg: RunConfig) -> None:
     positive = {
         "bench.seq_scaling_steps": cfg.bench.seq_scaling_steps,
         "peft.r": cfg.peft.r,
+        "peft.lora_alpha": cfg.peft.lora_alpha,
         "data.max_seq_len": cfg.data.max_seq_len,
         "data.max_tokens_per_batch": cfg.data.max_tokens_per_batch,
         "data.batch_size": cfg.data.batch_size,

@@ -114,9 +114,11 @@ def test_bad_values_gathered_into_one_error() -> None:
     cfg = RunConfig()
     cfg.quant.method = "nf5"
     cfg.peft.r = 0
+    cfg.peft.lora_alpha = -4.0
     cfg.data.max_tokens_per_batch = 100
-    with pytest.raises(ConfigError, match=r"(?s)3 problems.*quant.method='nf5' is not an option\. Did you mean 'nf4'\? "
-                                          r"Valid: none, nf4, int8, int4, fp8.*peft.r=0 must be positive.*smaller than one sequence"):
+    with pytest.raises(ConfigError, match=r"(?s)4 problems.*quant.method='nf5' is not an option\. Did you mean 'nf4'\? "
+                                          r"Valid: none, nf4, int8, int4, fp8.*peft.r=0 must be positive.*"
+                                          r"peft.lora_alpha=-4.0 must be positive.*smaller than one sequence"):
         validate(cfg)
 
 
