@@ -148,7 +148,8 @@ class BambaDataModule(L.LightningDataModule):
                         stats.empty_assistant, name, at(cols["empty_assistant"]))
         if stats.coerced:
             log.warning("data warning: %d %s rows hold a number where text belongs; it was read as its decimal text, "
-                        "so '007' became '7' (first: %s). Fix: store those fields as strings.",
+                        "so '007' became '7' (first: %s). Fix: store those fields as strings: quoted in JSON, a string "
+                        "column in Parquet (a CSV column whose values all look like numbers is read as numbers).",
                         stats.coerced, name, at(cols["coerced"]))
         if stats.kept == 0:
             all_no_targets = stats.dropped_no_targets == stats.rows
