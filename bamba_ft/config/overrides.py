@@ -144,6 +144,50 @@ def check_overrides(argv: list[str]) -> None:
     problems.raise_if_any("the command-line overrides")
 
 
+def override_keys() -> set[str]:
+    """The keys this Hydra run's command line names (`key=v`, `+key=v`, `~key`, `group=option`); empty outside a
+    Hydra run. Jobs that start from a saved config need them: only what the user typed may replace it."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return set()
+    return {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+
+
+def option_config(group: str, option: str | None) -> DictConfig | None:
+    """What conf/<group>/<option>.yaml sets, placed at the top level (as `@package _global_` files are); None for
+    no choice or a group outside conf/ (recipe, hydra/...). Hydra's composed config cannot say which option set
+    a key; the file can."""
+    from bamba_ft.config.store import config_dirs
+
+    path = config_dirs()[0] / group / f"{option}.yaml"
+    if "/" in group or option is None or not path.is_file():
+        return None
+    text = path.read_text()
+    node = OmegaConf.create(text)
+    return node if "@package _global_" in text else OmegaConf.create({group: node})
+
+
+def command_line_keys(section: str) -> set[str]:
+    """Dotted keys under `section` (e.g. "data") that the command line sets: `section.key=...` overrides, and
+    the top-level keys of `section` that a group option named there (data=file, smoke=fast) sets.
+
+    Why: a job that starts from a saved run's config (recipe=eval on a run) applies exactly these on top of it;
+    the composed config alone cannot tell a typed value from a default.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    given = override_keys()
+    keys = {k for k in given if k.startswith(f"{section}.")}
+    choices = HydraConfig.get().runtime.choices if given else {}
+    for group in given & set(choices):
+        node = option_config(group, choices[group])
+        part = OmegaConf.select(node, section) if node is not None else None
+        if isinstance(part, DictConfig):
+            keys |= {f"{section}.{k}" for k in part}
+    return keys
+
+
 def to_run_config(cfg: DictConfig) -> RunConfig:
     """Merge the composed config onto the schema again (catching `+key` additions) and validate it."""
     # A `???` in a chosen group option must fail here. Hydra merges the option onto the schema, and a
@@ -152,19 +196,12 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
 
     missing = set(OmegaConf.missing_keys(cfg))
     if HydraConfig.initialized():
-        from bamba_ft.config.store import config_dirs
-
         hydra_cfg = HydraConfig.get()
-        overridden = {o.split("=", 1)[0].lstrip("+~") for o in hydra_cfg.overrides.task}
+        overridden = override_keys()
         defaults = OmegaConf.structured(RunConfig)
         for group, option in hydra_cfg.runtime.choices.items():
-            path = config_dirs()[0] / str(group) / f"{option}.yaml"
-            if "/" in str(group) or option is None or not path.is_file():
-                continue
-            text = path.read_text()
-            prefix = "" if "@package _global_" in text else f"{group}."
-            for key in OmegaConf.missing_keys(OmegaConf.create(text)):
-                key = prefix + key
+            node = option_config(str(group), option)
+            for key in OmegaConf.missing_keys(node) if node is not None else ():
                 unchanged = OmegaConf.select(cfg, key) == OmegaConf.select(defaults, key)
                 if unchanged and key not in overridden:
                     missing.add(key)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -9,13 +10,16 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from bamba_ft.config.schema import EvalConfig, RunConfig
+from bamba_ft.config.overrides import command_line_keys, override_keys
+from bamba_ft.config.schema import DataConfig, EvalConfig, RunConfig, validate
 from bamba_ft.data.module import BambaDataModule
 from bamba_ft.data.templates import ensure_chat_template, stop_token_ids
 from bamba_ft.data.tokenize import prompt_and_reference
+from bamba_ft.errors import ConfigError
 from bamba_ft.faults import fault_point
 from bamba_ft.jobs.report import plot_curves, publish_file
 from bamba_ft.jobs.runtime import autocast_for, choose_device, to_device
@@ -133,11 +137,13 @@ def run(cfg: RunConfig) -> dict:
     """recipe=eval: evaluate a base model, adapter, checkpoint or merged model; write metrics and predictions."""
     device = choose_device(cfg.trainer.accelerator)
     src = locate(cfg.eval.checkpoint, cfg)
+    given = command_line_keys("data")
+    data_cfg = eval_data_config(src.run, cfg, given)  # before the model loads: a refused key fails at once
     model, tokenizer = load_source(src, device)
-    # A run is evaluated on its own validation data unless another source is given.
-    data_cfg = src.run.data if src.run is not None and cfg.data.source == "builtin" and not cfg.data.sources else cfg.data
     ensure_chat_template(tokenizer, data_cfg.chat_template)
-    seed = src.run.trainer.seed if src.run is not None else cfg.trainer.seed
+    # The run's seed chose its held-out rows; trainer.seed on the command line picks others.
+    seed = src.run.trainer.seed if src.run is not None and "trainer.seed" not in override_keys() else cfg.trainer.seed
+    log.info("eval data: %s", describe_data(data_cfg, given if src.run is not None else None))
     dm = BambaDataModule(data_cfg, tokenizer, seed=seed)
     dm.prepare()
     log.info("evaluating %s", src.description)
@@ -154,6 +160,68 @@ def run(cfg: RunConfig) -> dict:
         lines.append(f"  training curves: {out / 'curves.png'}")
     print("\n".join(lines))
     return result
+
+
+# Where a run's data comes from. A new data.source or data.sources on the command line takes all of these from the
+# command line (their defaults where not given), so the run's own validation file or split is not scored in its place.
+SOURCE_KEYS = ("source", "config", "sources", "split", "format", "val_source", "val_split")
+# Keys the generated builtin data does not read: its validation set is generated (data.builtin_val_examples).
+NOT_BUILTIN = ("val_source", "val_split", "val_fraction", "split", "config")
+
+
+def eval_data_config(run: RunConfig | None, cfg: RunConfig, given: set[str]) -> DataConfig:
+    """The data to evaluate on: a run's own data config, so that a run is scored on the data it held out, with
+    each data key the command line sets (`given`, dotted) on top; without a run, the command line's.
+
+    A key that the result would not read is a ConfigError naming it and the fix, never a silent drop.
+    """
+    if run is None:
+        _check_eval_data(cfg.data, cfg, sorted(given), "the command line's data config")
+        return cfg.data
+    keys = {k.removeprefix("data.") for k in given}
+    if {"source", "sources"} & {k.split(".")[0] for k in keys}:
+        keys |= set(SOURCE_KEYS)
+    merged, ours = OmegaConf.structured(run.data), OmegaConf.structured(cfg.data)
+    for key in sorted(keys):
+        OmegaConf.update(merged, key, OmegaConf.select(ours, key), merge=False)
+    data: DataConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    where = "the run's data config with " + (", ".join(sorted(given)) or "no data keys") + " from the command line"
+    _check_eval_data(data, cfg, sorted(given), where)
+    return data
+
+
+def _check_eval_data(data: DataConfig, cfg: RunConfig, given: list[str], where: str) -> None:
+    """Refuse command-line data keys that `data` would not read, and a merged config that fails the checks a
+    training run's data passes (the run's values and the user's can clash, e.g. lengths)."""
+    if data.source == "builtin" and not data.sources:
+        ignored = [k for k in given if k.removeprefix("data.").split(".")[0] in NOT_BUILTIN]
+        if ignored:
+            raise ConfigError([
+                f"{key}: the data is the builtin task (data.source=builtin), whose validation set is generated, "
+                f"so {key} would be ignored.\nFix: also name the data it belongs to, e.g. "
+                f"data=file data.source=path/to/train.jsonl {key}=...; or, for the builtin task, set "
+                "data.builtin_val_examples=N or data.max_val_examples=N." for key in ignored], where)
+    try:
+        validate(dataclasses.replace(cfg, data=data))
+    except ConfigError as e:
+        raise ConfigError(e.problems, where) from None
+
+
+def describe_data(data: DataConfig, given: set[str] | None) -> str:
+    """Which data an evaluation reads, and whose config it is, for the log: overrides must be seen to apply."""
+    if data.sources:
+        what = "data.sources=[" + ", ".join(s.source for s in data.sources) + "]"
+    else:
+        what = f"data.source={data.source}"
+    for key in ("val_source", "val_split"):
+        if getattr(data, key):
+            what += f", data.{key}={getattr(data, key)}"
+    what += f", data.max_val_examples={data.max_val_examples}"
+    if given is None:
+        return f"{what} (the command line's data config)"
+    if not given:
+        return f"{what} (the run's data config)"
+    return f"{what} (the run's data config; from the command line: {', '.join(sorted(given))})"
 
 
 def write_results(out: Path, result: dict, rows: list[dict], run_dir: Path | None) -> bool:

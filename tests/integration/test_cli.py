@@ -6,7 +6,9 @@ Tests of what a recipe does (not of the process around it) run its composed conf
 from __future__ import annotations
 
 import json
+import logging
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -53,6 +55,46 @@ def test_eval_recipe_matches_training_exact_match(sft_run: Path, tmp_path: Path,
     assert abs(ours["val_loss"] - trained["val_loss"]) < 1e-5
     assert (tmp_path / "predictions.jsonl").exists() and (tmp_path / "curves.png").exists()
     assert "exact match" in capsys.readouterr().out
+
+
+EVAL = ["recipe=eval", "trainer=cpu", "eval.num_generate=8", "eval.max_new_tokens=6"]
+
+
+def test_eval_applies_the_command_lines_data_keys_to_the_runs_data(sft_run: Path, tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """The run's own validation set (24 builtin examples), cut to 3 by data.max_val_examples, and the log says so.
+    Eval used to drop every data key unless data.source was given."""
+    caplog.set_level(logging.INFO)
+    ours = run_in_process([*EVAL, f"eval.checkpoint={sft_run}", "data.max_val_examples=3"], tmp_path)["metrics"]
+    assert ours["num_generated"] == 3
+    assert "eval data: data.source=builtin, data.max_val_examples=3 (the run's data config; from the command line: " \
+           "data.max_val_examples)" in caplog.text
+
+
+def test_eval_of_a_file_run_reads_the_given_validation_file(sft_run: Path, tmp_path: Path) -> None:
+    """A run trained on data=file: scored on its held-out rows (5% of 60), or on data.val_source's 5 rows."""
+    from omegaconf import OmegaConf
+
+    from bamba_ft.data.builtin import generate_sft
+
+    train, val, run = tmp_path / "train.jsonl", tmp_path / "val.jsonl", tmp_path / "run"
+    for path, rows in ((train, generate_sft(60, seed=1)), (val, generate_sft(5, seed=2, validation=True))):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shutil.copytree(sft_run, run)  # sft_run's adapter, as if trained on train.jsonl
+    config = OmegaConf.load(run / "run_config.yaml")
+    config.data.source = str(train)
+    OmegaConf.save(config, run / "run_config.yaml")
+    own = run_in_process([*EVAL, f"eval.checkpoint={run}"], tmp_path / "own")["metrics"]
+    given = run_in_process([*EVAL, f"eval.checkpoint={run}", f"data.val_source={val}"], tmp_path / "val")["metrics"]
+    assert (own["num_generated"], given["num_generated"]) == (3, 5)
+    assert own["val_loss"] != given["val_loss"]
+
+
+def test_eval_refuses_a_data_key_the_runs_data_does_not_read(sft_run: Path, tmp_path: Path) -> None:
+    """The builtin task generates its validation set: a validation file is refused with the fix, not dropped."""
+    with pytest.raises(BambaFTError, match=r"(?s)data.val_source: the data is the builtin task.*would be ignored.*"
+                                           r"Fix: also name the data it belongs to"):
+        run_in_process([*EVAL, f"eval.checkpoint={sft_run}", "data.val_source=val.jsonl"], tmp_path)
 
 
 def test_bench_smoke_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -1,0 +1,79 @@
+"""`recipe=eval` on a run: the run's own data config, with every data key of the command line on top of it.
+
+The integration tests (tests/integration/test_cli.py) evaluate a real run; these check the merge itself."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+
+from bamba_ft.config.overrides import command_line_keys
+from bamba_ft.config.schema import DataConfig, RunConfig, SourceConfig
+from bamba_ft.config.store import config_dirs, register_configs
+from bamba_ft.errors import ConfigError
+from bamba_ft.jobs.evaluate import eval_data_config
+
+# A run trained on the user's files, with its own validation file, lengths and role names.
+RUN = RunConfig(data=DataConfig(source="train.jsonl", val_source="val.jsonl", format="messages", max_seq_len=300,
+                                max_tokens_per_batch=600, roles={"human": "user"}))
+
+
+@pytest.fixture
+def hydra_overrides() -> Iterator[object]:
+    """Sets Hydra's config for a command line, as Hydra's run_job does, so command_line_keys can read it."""
+    register_configs()
+
+    def use(overrides: list[str]) -> None:
+        with initialize_config_dir(config_dir=str(config_dirs()[0]), version_base="1.3"):
+            cfg = compose("train", overrides=["output_dir=/tmp/x", *overrides], return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+
+    yield use
+    HydraConfig.instance().cfg = None  # a later compose must not see these choices
+
+
+def test_command_line_keys_are_typed_keys_and_those_of_options_named_there(hydra_overrides) -> None:  # noqa: ANN001
+    hydra_overrides(["recipe=eval", "data=file", "data.source=x.jsonl", "++data.format=messages", "smoke=fast",
+                     "trainer.seed=3"])
+    assert command_line_keys("data") == {"data.source", "data.format", "data.max_tokens_per_batch",
+                                         "data.builtin_train_examples", "data.builtin_val_examples"}
+    hydra_overrides(["recipe=eval"])  # the default data option and the recipe set no data key
+    assert command_line_keys("data") == set()
+
+
+def test_no_data_keys_evaluate_on_the_runs_own_data() -> None:
+    assert eval_data_config(RUN, RunConfig(), set()) == RUN.data
+
+
+def test_each_given_key_replaces_the_runs_value_and_nothing_else() -> None:
+    cfg = RunConfig(data=DataConfig(val_source="other.jsonl", max_val_examples=3, roles={"bot": "assistant"}))
+    data = eval_data_config(RUN, cfg, {"data.val_source", "data.max_val_examples", "data.roles.bot"})
+    assert (data.source, data.val_source, data.max_val_examples) == ("train.jsonl", "other.jsonl", 3)
+    assert (data.max_seq_len, data.format, data.roles) == (300, "messages", {"human": "user", "bot": "assistant"})
+
+
+def test_a_new_source_brings_its_own_validation_not_the_runs() -> None:
+    """The run's val_source belongs to its data: kept, it would be evaluated instead of the new source."""
+    data = eval_data_config(RUN, RunConfig(data=DataConfig(source="new.jsonl")), {"data.source"})
+    assert (data.source, data.val_source, data.format) == ("new.jsonl", None, "auto")
+    assert data.max_seq_len == 300  # the run's tokenization stays
+    mixed = RunConfig(data=DataConfig(sources=[SourceConfig(source="a.jsonl"), SourceConfig(source="b.jsonl")]))
+    data = eval_data_config(mixed, RunConfig(data=DataConfig(source="new.jsonl")), {"data.source"})
+    assert (data.source, data.sources) == ("new.jsonl", [])  # data.sources would replace data.source
+
+
+def test_a_key_the_builtin_task_does_not_read_is_refused_with_the_fix() -> None:
+    cfg = RunConfig(data=DataConfig(val_source="other.jsonl"))
+    with pytest.raises(ConfigError, match=r"(?s)data.val_source: the data is the builtin task.*would be ignored"
+                                          r".*Fix: .*data=file data.source="):
+        eval_data_config(RunConfig(), cfg, {"data.val_source"})
+
+
+def test_a_clash_of_the_runs_values_and_the_given_ones_names_both() -> None:
+    cfg = RunConfig(data=DataConfig(max_tokens_per_batch=100))
+    with pytest.raises(ConfigError, match=r"(?s)the run's data config with data.max_tokens_per_batch from the "
+                                          r"command line.*max_tokens_per_batch=100 .*data.max_seq_len=300"):
+        eval_data_config(RUN, cfg, {"data.max_tokens_per_batch"})
