@@ -7,6 +7,7 @@ error after the train/validation shuffle still names the line a user can open in
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ import datasets
 from huggingface_hub import constants, get_session
 
 from bamba_ft.errors import DataError
+
+log = logging.getLogger("bamba_ft")
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 LINE, ROW = "__line__", "__row__"  # file line (JSON, JSONL) | row number (CSV, Parquet, directories, Hub)
@@ -142,10 +145,25 @@ def _load_file(path: Path, source: str, key: str) -> datasets.Dataset:
     try:
         ds = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as e:  # pyarrow/json errors surface as many exception types
-        raise DataError(f"{where}: could not read the file: {type(e).__name__}: {e}") from e
+        cause = e.__cause__ or e  # datasets wraps the reader's error in "An error occurred while generating ..."
+        raise DataError(f"{where}: could not read the file: {type(cause).__name__}: {_first_line(cause)}") from e
     if lines is not None and len(lines) == len(ds):
         return ds.add_column(LINE, lines)
-    return number_rows(ds)
+    ds = number_rows(ds)
+    if builder == "csv":
+        _warn_line_breaks_in_fields(ds, where)
+    return ds
+
+
+def _warn_line_breaks_in_fields(ds: datasets.Dataset, where: str) -> None:
+    """A CSV quote left open swallows the following lines into one field, and the reader says nothing: name the
+    rows whose text holds a line break (meant ones are fine, hence a warning)."""
+    text = [c for c, f in ds.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
+    rows = [r[ROW] for r in ds.select_columns([*text, ROW]) if any("\n" in (r[c] or "") for c in text)]
+    if rows:
+        log.warning("data warning: %s: %d row(s) hold a line break inside a quoted field (first: row %d). A quote "
+                    "left open there takes the next lines into that field. Fix: close the quote; ignore this if the "
+                    "line breaks are meant.", where, len(rows), rows[0])
 
 
 def _saved(path: Path) -> bool:

@@ -90,6 +90,22 @@ def test_other_file_types(builtin_tokenizer, tmp_path: Path, suffix: str) -> Non
     assert dm.stats["train"].kept == 8 and dm.fmt == "prompt_completion"
 
 
+def test_an_open_quote_in_a_csv_is_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """pandas reads up to the next quote as one field and says nothing; at the end of the file it fails with a
+    message that datasets wraps in 'An error occurred while generating the dataset'."""
+    from bamba_ft.data.load import load_rows
+
+    closed_later = tmp_path / "later.csv"
+    closed_later.write_text('prompt,completion\nadd 1 1,2\n"add 1 2,3\nadd 0 0,0"\nadd 2 2,4\n')
+    with caplog.at_level("WARNING", logger="bamba_ft"):
+        assert len(load_rows(str(closed_later), "train", "data.source")) == 3
+    assert "1 row(s) hold a line break inside a quoted field (first: row 2)" in caplog.text
+    never_closed = tmp_path / "open.csv"
+    never_closed.write_text('prompt,completion\nadd 1 1,2\n"add 1 2,3\nadd 0 0,0\n')
+    with pytest.raises(DataError, match=r"open.csv: could not read the file: ParserError: .*EOF inside string"):
+        load_rows(str(never_closed), "train", "data.source")
+
+
 def test_malformed_json_line_is_named(builtin_tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
     path = tmp_path / "bad.jsonl"
     lines = (ASSETS / "text.jsonl").read_text().splitlines()
