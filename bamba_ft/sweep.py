@@ -19,7 +19,13 @@ from omegaconf import DictConfig, OmegaConf
 from bamba_ft.errors import ConfigError
 from bamba_ft.jobs.lock import refuse
 from bamba_ft.jobs.report import atomic_write_json, atomic_write_text, table
-from bamba_ft.jobs.sweep_job import RESULT_NAME, job_identity, read_result
+from bamba_ft.jobs.sweep_job import (
+    RESULT_NAME,
+    drop_saved_hydra_files,
+    job_identity,
+    read_result,
+    save_hydra_files,
+)
 
 COLUMNS = ["job", "status", "objective", "overrides", "val_loss", "exact_match", "train_loss", "steps", "run_dir", "error"]
 
@@ -33,7 +39,8 @@ def _job_dirs(sweep_dir: Path) -> list[Path]:
 def collect_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     """One row per job (a job that ran again under sweep.resume appears once, with its latest outcome)."""
     rows: dict[tuple[str, ...], dict[str, Any]] = {}
-    for d in _job_dirs(sweep_dir):
+    ranks: dict[tuple[str, ...], tuple] = {}
+    for position, d in enumerate(_job_dirs(sweep_dir)):
         r = read_result(d)
         if r is None:
             overrides_file = d / ".hydra" / "overrides.yaml"
@@ -47,8 +54,17 @@ def collect_rows(sweep_dir: Path) -> list[dict[str, Any]]:
                "val_loss": m.get("val_loss"), "exact_match": m.get("exact_match"), "train_loss": m.get("train_loss"),
                "steps": m.get("steps"), "run_dir": r.get("run_dir", str(d)), "error": r.get("error") or "",
                "params": _params(r.get("overrides", []))}
-        rows[job_identity(r.get("overrides", []))] = row
+        identity, rank = job_identity(r.get("overrides", [])), _rank(r, d, position)
+        if identity not in rows or rank > ranks[identity]:
+            rows[identity], ranks[identity] = row, rank
     return sorted(rows.values(), key=lambda row: (isinstance(row["job"], str), row["job"]))
+
+
+def _rank(record: dict[str, Any], job_dir: Path, position: int) -> tuple:
+    """Which of one job's records makes its row: an ok one, then the newest, then the one in the directory that
+    holds its results (a job reused by a resumed sweep can leave a record pointing there), then the later one."""
+    return (record.get("status") == "ok", record.get("finished") or 0,
+            Path(record.get("run_dir", job_dir)).absolute() == job_dir.absolute(), position)
 
 
 def _params(overrides: list[str]) -> dict[str, str]:
@@ -123,6 +139,8 @@ def plot_sweep(rows: list[dict[str, Any]], out: Path, objective: str, direction:
     for ax, name in zip(axes[0], panels):
         if name == "trial":
             xs: list[Any] = [r["job"] for r in finite]
+            if not all(isinstance(x, int) for x in xs):  # a resumed job that ran beside its numbered directory
+                xs = list(range(len(finite)))
             ys = [r["objective"] for r in finite]
             ax.plot(xs, ys, "o", color="tab:blue", label="trial")
             pick = max if direction == "maximize" else min
@@ -164,11 +182,15 @@ class SweepSummary(Callback):
             refuse(ConfigError(
                 f"hydra.sweeper.direction={sweeper.get('direction')} but sweep.direction={direction}: Optuna would "
                 f"optimise the other way.\nFix: set both, e.g. hydra.sweeper.direction={direction}."))
+        sweep_dir = Path(str(OmegaConf.select(config, "hydra.sweep.dir")))
+        if OmegaConf.select(config, "sweep.resume") and sweep_dir.is_dir():
+            save_hydra_files(sweep_dir)  # before Hydra rewrites them in the jobs' numbered directories
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():
             return
+        drop_saved_hydra_files(sweep_dir)
         rows = collect_rows(sweep_dir)
         if not rows:
             return

@@ -3,6 +3,11 @@
 Every job writes `sweep_job.json` beside its outputs (status ok | failed | diverged | stopped, the objective, the
 error), so the end-of-sweep table and a resumed sweep read results from disk, whichever launcher ran the job.
 A job that raises returns a penalised objective instead, so the sweeper (basic, Optuna) goes on with the others.
+
+A resumed sweep (sweep.resume=true) finds earlier results by their overrides, whatever the job numbers. Hydra
+numbers a resumed sweep's jobs afresh, so when its values come in another order (or new ones come first) a job's
+numbered directory can hold another job's results: those are kept as they are, the job's own Hydra files go with
+it, and a job that has to run runs in a new directory beside it (`<num>.1`).
 """
 
 from __future__ import annotations
@@ -11,21 +16,27 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from bamba_ft.errors import BambaFTError, ConfigError
+from bamba_ft.jobs import lock
 from bamba_ft.jobs.report import atomic_write_json
+from bamba_ft.rundir import RunDir
 
 log = logging.getLogger("bamba_ft")
 
 RESULT_NAME = "sweep_job.json"
+# <sweep dir>/.before_resume/<job dir>/: each job directory's .hydra/ files as a resumed sweep found them
+BEFORE_RESUME = ".before_resume"
 # Overrides that change how a sweep runs, not what a job computes: a resumed sweep matches jobs without them.
 _NOT_IDENTITY = ("sweep.resume",)
 
@@ -81,22 +92,101 @@ def run_sweep_job(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> float:
 
     hc = HydraConfig.get()
     job_dir = Path(hc.runtime.output_dir)
-    overrides = list(hc.overrides.task)
-    key = str(OmegaConf.select(cfg, "sweep.objective"))
-    direction = str(OmegaConf.select(cfg, "sweep.direction"))
-    record: dict[str, Any] = {"job": hc.job.num, "overrides": overrides, "objective_key": key,
-                              "direction": direction, "run_dir": str(job_dir), "error": None, "pid": os.getpid(),
-                              "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
-    if OmegaConf.select(cfg, "sweep.resume"):
-        prev = _previous(Path(hc.sweep.dir), job_identity(overrides))
+    if not OmegaConf.select(cfg, "sweep.resume"):
+        return _run_job(cfg, run, job_dir)
+    sweep_dir = Path(hc.sweep.dir)
+    identity = job_identity(list(hc.overrides.task))
+    prev = _previous(sweep_dir, identity)
+    occupant = _occupant(sweep_dir, job_dir)
+    if occupant in (None, identity):
         if prev and prev.get("status") == "ok":
-            log.info("sweep.resume: job %s (%s) finished before in %s; reusing its result",
-                     hc.job.num, " ".join(overrides), prev["run_dir"])
+            _log_reuse(hc, prev)
             atomic_write_json(job_dir / RESULT_NAME, {**prev, "job": hc.job.num, "reused": True})
+            if Path(prev["run_dir"]) != job_dir:
+                _mark_reused(Path(prev["run_dir"]), identity)
             return float(prev["objective"])
         if prev and prev.get("status") == "stopped" and Path(prev["run_dir"]) == job_dir:
             log.info("sweep.resume: job %s continues from its checkpoint in %s", hc.job.num, job_dir)
             OmegaConf.update(cfg, "trainer.resume", str(job_dir))
+        elif RunDir(job_dir).trained_outputs():
+            _continue_or_start_over(cfg, job_dir, hc.job.num, killed=prev is None)
+        return _run_job(cfg, run, job_dir)
+    return _beside_another_job(cfg, run, job_dir, prev, occupant)
+
+
+def _continue_or_start_over(cfg: DictConfig, job_dir: Path, num: int, killed: bool) -> None:
+    """A resumed job whose own directory holds what its earlier run left (a training run refuses such a directory
+    unless it resumes from it). Killed before it could record an outcome: it continues from its newest intact
+    checkpoint, so the steps it trained are kept (a kill while saving its adapter leaves nothing to train). After
+    a failure or divergence: it starts over, and what that run left is removed, as the earlier run was this job."""
+    from bamba_ft.jobs.checkpoints import newest_intact
+
+    if killed:
+        try:
+            ckpt = newest_intact(job_dir, "sweep.resume")
+        except ConfigError:
+            ckpt = None
+        if ckpt is not None:
+            log.info("sweep.resume: job %s continues from the checkpoint its killed run left: %s", num, ckpt)
+            OmegaConf.update(cfg, "trainer.resume", str(job_dir))
+            return
+    found = RunDir(job_dir).trained_outputs()
+    log.info("sweep.resume: job %s starts over in %s; removing what its earlier run left: %s", num, job_dir,
+             ", ".join(found))
+    for name in found:
+        path = job_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _beside_another_job(cfg: DictConfig, run: Callable[[DictConfig], dict], job_dir: Path, prev: dict | None,
+                        occupant: tuple[str, ...]) -> float:
+    """A resumed job whose numbered directory holds another job's files (the sweep's values come in another order).
+
+    Hydra has just written this job's .hydra/ files there: they move to where this job's results are, and that job's
+    own come back. A finished result is reused from its directory; a stopped job continues in its own; any other job
+    runs in a new directory, so the results already in `job_dir` stay as they are."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    sweep_dir = Path(hc.sweep.dir)
+    reuse = prev is not None and prev.get("status") == "ok"
+    stopped = prev is not None and prev.get("status") == "stopped" and Path(prev["run_dir"]).is_dir()
+    run_dir = Path(prev["run_dir"]) if reuse or stopped else _new_job_dir(job_dir)
+    if not reuse:
+        _put_hydra_files(job_dir / ".hydra", run_dir)  # this job's, as Hydra wrote them
+    _put_hydra_files(sweep_dir / BEFORE_RESUME / job_dir.name, job_dir)  # the other job's, as they were
+    with _log_into(job_dir, run_dir):
+        if reuse:
+            _log_reuse(hc, prev)
+            _mark_reused(run_dir, job_identity(list(hc.overrides.task)))
+            return float(prev["objective"])
+        log.warning("sweep.resume: job %s (%s) runs in %s, not in %s: that directory holds the job %s, which stays "
+                    "as it is", hc.job.num, " ".join(hc.overrides.task), run_dir, job_dir, " ".join(occupant))
+        OmegaConf.update(cfg, "output_dir", str(run_dir))
+        if stopped:
+            log.info("sweep.resume: job %s continues from its checkpoint in %s", hc.job.num, run_dir)
+            OmegaConf.update(cfg, "trainer.resume", str(run_dir))
+        try:
+            return _run_job(cfg, run, run_dir)
+        finally:
+            lock.release(run_dir)  # a training run takes its directory's lock; Hydra's RunLock frees only job_dir's
+
+
+def _log_reuse(hc: Any, prev: dict) -> None:
+    log.info("sweep.resume: job %s (%s) finished before in %s; reusing its result",
+             hc.job.num, " ".join(hc.overrides.task), prev["run_dir"])
+
+
+def _run_job(cfg: DictConfig, run: Callable[[DictConfig], dict], run_dir: Path) -> float:
+    """Run the job with its outputs in `run_dir`; record its outcome there; return its objective."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    key = str(OmegaConf.select(cfg, "sweep.objective"))
+    direction = str(OmegaConf.select(cfg, "sweep.direction"))
+    record: dict[str, Any] = {"job": hc.job.num, "overrides": list(hc.overrides.task), "objective_key": key,
+                              "direction": direction, "run_dir": str(run_dir), "error": None, "pid": os.getpid(),
+                              "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
     t0 = time.time()
     try:
         result = run(cfg)
@@ -106,9 +196,9 @@ def run_sweep_job(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> float:
         brief = f"{type(e).__name__}: {detail}".strip()
         log.error("job %s failed: %s", hc.job.num, brief.splitlines()[0])
         if not isinstance(e, BambaFTError):
-            (job_dir / "error.txt").write_text(traceback.format_exc())
+            (run_dir / "error.txt").write_text(traceback.format_exc())
         record.update(status="failed", objective=penalty(direction), error=brief)
-        _finish(job_dir, record, t0)
+        _finish(run_dir, record, t0)
         if OmegaConf.select(cfg, "debug"):
             raise
         return record["objective"]
@@ -119,20 +209,103 @@ def run_sweep_job(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> float:
 
         signal = result.get("signal", "SIGTERM")
         record.update(status="stopped", objective=None, error=f"stopped by {signal} at step {result['stopped_at']}")
-        _finish(job_dir, record, t0)
+        _finish(run_dir, record, t0)
         print(f"sweep stopped; to continue it: the same command plus sweep.resume=true hydra.sweep.dir={hc.sweep.dir}")
         sys.exit(STOPPED_EXIT.get(signal, 143))
     try:
         value = objective_value(result, key)
     except ConfigError as e:
         record.update(status="failed", objective=penalty(direction), error=str(e))
-        _finish(job_dir, record, t0)
+        _finish(run_dir, record, t0)
         return record["objective"]
     ok = math.isfinite(value)
     record.update(status="ok" if ok else "diverged", objective=value if ok else penalty(direction),
                   error=None if ok else f"{key} is {value}", metrics=_key_metrics(result))
-    _finish(job_dir, record, t0)
+    _finish(run_dir, record, t0)
     return record["objective"]
+
+
+def save_hydra_files(sweep_dir: Path) -> None:
+    """Copy each job directory's .hydra/ files aside as a resumed sweep starts, before any of its jobs runs.
+
+    Hydra writes a job's .hydra/ files into its numbered directory before bamba_ft's code runs. When a resume lists
+    its values in another order, that directory can hold another job: its files come back from this copy, and a job
+    killed before it wrote its record is still known by them (`_occupant`)."""
+    saved = sweep_dir / BEFORE_RESUME
+    shutil.rmtree(saved, ignore_errors=True)
+    for d in sweep_dir.iterdir():
+        if d.is_dir() and not d.name.startswith(".") and (d / ".hydra").is_dir():
+            shutil.copytree(d / ".hydra", saved / d.name)
+
+
+def drop_saved_hydra_files(sweep_dir: Path) -> None:
+    shutil.rmtree(sweep_dir / BEFORE_RESUME, ignore_errors=True)
+
+
+def _occupant(sweep_dir: Path, job_dir: Path) -> tuple[str, ...] | None:
+    """The identity of the job whose files `job_dir` held as this resume started; None where it held none.
+
+    Its record names it; a job killed before writing one is named by its .hydra/overrides.yaml as saved before the
+    sweep started (Hydra has since rewritten the directory's own for the job starting there now)."""
+    record = read_result(job_dir)
+    if record is not None:
+        return job_identity(record.get("overrides", []))
+    saved = sweep_dir / BEFORE_RESUME / job_dir.name / "overrides.yaml"
+    if saved.is_file():
+        return job_identity([str(o) for o in OmegaConf.load(saved)])
+    return None
+
+
+def _put_hydra_files(files: Path, job_dir: Path) -> None:
+    """Copy the Hydra files in `files` into `job_dir`/.hydra; none (hydra.output_subdir=null): nothing to do."""
+    if files.is_dir():
+        shutil.copytree(files, job_dir / ".hydra", dirs_exist_ok=True)
+
+
+def _new_job_dir(job_dir: Path) -> Path:
+    """A new directory beside `job_dir`: `<num>.1` (`.2`, ... where taken). Not a number, so Hydra never gives it
+    to a later job of the sweep; made with mkdir, so two jobs running in parallel never get the same one."""
+    k = 1
+    while True:
+        new = job_dir.with_name(f"{job_dir.name}.{k}")
+        try:
+            new.mkdir()
+            return new
+        except FileExistsError:
+            k += 1
+
+
+def _mark_reused(run_dir: Path, identity: tuple[str, ...]) -> None:
+    """Mark the record in `run_dir` as reused by this sweep: its row in the table says so."""
+    record = read_result(run_dir)
+    if record is not None and job_identity(record.get("overrides", [])) == identity and not record.get("reused"):
+        atomic_write_json(run_dir / RESULT_NAME, {**record, "reused": True})
+
+
+@contextmanager
+def _log_into(job_dir: Path, run_dir: Path) -> Iterator[None]:
+    """Write this job's log file in `run_dir`: Hydra opened it in `job_dir`, whose log is another job's. (A `run_dir`
+    that is gone, a record's from a sweep directory since moved, gets none: the console still shows the log.)"""
+    root = logging.getLogger()
+    moved = [h for h in root.handlers if isinstance(h, logging.FileHandler) and Path(h.baseFilename).parent == job_dir]
+    added = []
+    for old in moved:
+        root.removeHandler(old)
+        if not run_dir.is_dir():
+            continue
+        new = logging.FileHandler(run_dir / Path(old.baseFilename).name, encoding=old.encoding)
+        new.setFormatter(old.formatter)
+        new.setLevel(old.level)
+        root.addHandler(new)
+        added.append(new)
+    try:
+        yield
+    finally:
+        for new in added:
+            root.removeHandler(new)
+            new.close()
+        for old in moved:
+            root.addHandler(old)
 
 
 def _key_metrics(metrics: dict) -> dict[str, float | None]:

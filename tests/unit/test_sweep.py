@@ -1,4 +1,5 @@
-"""Sweeps without training: override checks, objectives, the end-of-sweep table and files, GPU slots."""
+"""Sweeps without training: override checks, objectives, the end-of-sweep table and files, GPU slots, and resumed
+sweeps through Hydra with a stand-in for training."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import csv
 import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -117,3 +120,136 @@ def test_gpu_slots_are_claimed_once_each(tmp_path: Path) -> None:
     assert third[2] == "0,1"
     os.close(second[1])
     os.close(third[1])
+
+
+# A sweep through Hydra with the project's config and callbacks, training replaced by a stand-in: a job's "model"
+# is its learning rate, written into its output directory, and its val/loss falls as the rate rises.
+_STAND_IN = """
+from pathlib import Path
+import bamba_ft.__main__ as cli
+
+def train(cfg):
+    lr = float(cfg.optim.lr)
+    (Path(cfg.output_dir) / "model.txt").write_text(str(lr))
+    return {"after": {"val_loss": 1.0 - 100 * lr}, "train": {"steps": 2}}
+
+cli.run_config = train
+cli.main()
+"""
+
+
+def _sweep(sweep: Path, *args: str) -> str:
+    """`python -m bamba_ft -m ARGS hydra.sweep.dir=SWEEP` with the stand-in for training; its output."""
+    proc = subprocess.run([sys.executable, "-c", _STAND_IN, "-m", *args, f"hydra.sweep.dir={sweep}"],
+                          cwd=sweep.parent, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def _job_files(sweep: Path) -> dict[str, tuple[str, ...]]:
+    """Per job directory: its model, its Hydra files, and its record without the `reused` mark."""
+    return {d.name: ((d / "model.txt").read_text(), *((d / ".hydra" / f).read_text() for f in ("overrides.yaml",
+                     "config.yaml", "hydra.yaml")),
+                     json.dumps({k: v for k, v in json.loads((d / RESULT_NAME).read_text()).items() if k != "reused"}))
+            for d in sweep.iterdir() if (d / "model.txt").exists()}
+
+
+def _logs(sweep: Path) -> dict[str, str]:
+    return {d.name: (d / "__main__.log").read_text() for d in sweep.iterdir() if (d / "model.txt").exists()}
+
+
+def _rows(sweep: Path) -> list[tuple[str, str, str, str, str]]:
+    return [(r["job"], r["status"], r["overrides"].split()[0], r["run_dir"], r["best"])
+            for r in csv.DictReader((sweep / "sweep.csv").open())]
+
+
+def test_a_resume_listing_the_values_in_another_order_reuses_both_and_keeps_them(tmp_path: Path) -> None:
+    """The reported bug: resumed with its values swapped, a sweep wrote job 0's reused record over dir 0's, then
+    ran lr=1e-4 again into dir 1, over lr=3e-3's model, which the summary still called the best."""
+    sweep = tmp_path / "sweep"
+    _sweep(sweep, "optim.lr=1e-4,3e-3")
+    before, logs = _job_files(sweep), _logs(sweep)
+    out = _sweep(sweep, "optim.lr=3e-3,1e-4", "sweep.resume=true")
+
+    assert _job_files(sweep) == before and sorted(before) == ["0", "1"]  # nothing ran, nothing was overwritten
+    # a reused job's log (and only its own) says so
+    assert all(log.startswith(logs[d]) and f"finished before in {sweep / d}" in log for d, log in _logs(sweep).items())
+    assert out.count("reusing its result") == 2
+    assert _rows(sweep) == [("0", "ok (reused)", "optim.lr=0.0001", str(sweep / "0"), "False"),
+                            ("1", "ok (reused)", "optim.lr=0.003", str(sweep / "1"), "True")]
+    best = json.loads((sweep / "sweep.json").read_text())["best"]
+    assert best["run_dir"] == str(sweep / "1") and (sweep / "1" / "model.txt").read_text() == "0.003"
+    assert "best: job 1, val/loss=0.7: optim.lr=0.003" in out
+
+
+def test_a_job_whose_numbered_directory_holds_another_job_runs_beside_it(tmp_path: Path) -> None:
+    """A value added at the front of a grid: job 0 (the new value) finds dir 0 holding lr=1e-4's results and runs
+    in dir 0.1; job 2 (lr=3e-3, reused from dir 1) gets a new dir 2 that only points at dir 1. Resumed once more,
+    every job is found where it ran."""
+    sweep = tmp_path / "sweep"
+    _sweep(sweep, "optim.lr=1e-4,3e-3")
+    before, logs = _job_files(sweep), _logs(sweep)
+    out = _sweep(sweep, "optim.lr=1e-3,1e-4,3e-3", "sweep.resume=true")
+
+    after = _job_files(sweep)
+    assert {k: after[k] for k in before} == before and sorted(after) == ["0", "0.1", "1"]
+    log0 = _logs(sweep)["0"]  # job 1 (lr=1e-4) reused dir 0; job 0 (lr=1e-3) logged beside it
+    assert log0.startswith(logs["0"]) and "optim.lr=0.001" not in log0 and "optim.lr=0.001" in _logs(sweep)["0.1"]
+    assert (f"job 0 (optim.lr=0.001 sweep.resume=True) runs in {sweep / '0.1'}, not in {sweep / '0'}: that "
+            "directory holds the job optim.lr=0.0001, which stays as it is") in out
+    moved = sweep / "0.1"
+    assert (moved / "model.txt").read_text() == "0.001" and "optim.lr=0.001" in (moved / ".hydra/overrides.yaml").read_text()
+    assert json.loads((moved / RESULT_NAME).read_text())["run_dir"] == str(moved)
+    assert json.loads((sweep / "2" / RESULT_NAME).read_text())["run_dir"] == str(sweep / "1")  # nothing ran in 2
+    expected = [("0", "ok (reused)", "optim.lr=0.0001", str(sweep / "0"), "False"),
+                ("1", "ok (reused)", "optim.lr=0.003", str(sweep / "1"), "True"),
+                ("0.1", "ok", "optim.lr=0.001", str(moved), "False")]
+    assert _rows(sweep) == expected
+
+    again = _sweep(sweep, "optim.lr=1e-3,1e-4,3e-3", "sweep.resume=true")
+    assert again.count("reusing its result") == 3 and not (sweep / "0.2").exists()
+    assert _rows(sweep) == [(*row[:1], "ok (reused)", *row[2:]) for row in expected]
+
+
+def test_a_killed_job_keeps_its_directory_when_a_resume_reorders_the_sweep(tmp_path: Path) -> None:
+    """A job killed before writing its record is known by its .hydra/overrides.yaml, which Hydra rewrites for the
+    job given its number next time: the resume saves them first, keeps the next job out and puts them back."""
+    sweep = tmp_path / "sweep"
+    _sweep(sweep, "optim.lr=1e-4,3e-3")
+    (sweep / "1" / RESULT_NAME).unlink()  # lr=3e-3 was killed
+    hydra_files = (sweep / "1" / ".hydra" / "overrides.yaml").read_text()
+    _sweep(sweep, "optim.lr=3e-3,1e-4", "sweep.resume=true")
+
+    assert (sweep / "1" / ".hydra" / "overrides.yaml").read_text() == hydra_files == "- optim.lr=0.003\n"
+    assert not (sweep / "1" / RESULT_NAME).exists() and not (sweep / ".before_resume").exists()
+    assert (sweep / "0.1" / "model.txt").read_text() == "0.003"  # ran beside dir 0, which holds lr=1e-4
+    assert _rows(sweep) == [("0", "ok (reused)", "optim.lr=0.0001", str(sweep / "0"), "False"),
+                            ("0.1", "ok", "optim.lr=0.003", str(sweep / "0.1"), "True")]
+
+
+def test_a_resumed_job_continues_a_killed_run_and_starts_a_failed_one_over(tmp_path: Path) -> None:
+    """A job's own directory holding what its earlier run left (which a new training run there refuses): killed
+    before recording, the job continues from that run's checkpoint; after a failure it starts over, and the
+    failed run's outputs go."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from bamba_ft.jobs.sweep_job import _continue_or_start_over
+
+    job = tmp_path / "2"
+    (job / "checkpoints").mkdir(parents=True)
+    torch.save({"global_step": 12}, job / "checkpoints" / "last.ckpt")
+    cfg = OmegaConf.create({"trainer": {"resume": None}})
+    _continue_or_start_over(cfg, job, 2, killed=True)
+    assert cfg.trainer.resume == str(job) and (job / "checkpoints" / "last.ckpt").exists()
+
+    (job / "metrics.json").write_text("{}")
+    cfg = OmegaConf.create({"trainer": {"resume": None}})
+    _continue_or_start_over(cfg, job, 2, killed=False)
+    assert cfg.trainer.resume is None and not (job / "metrics.json").exists()
+    assert not list((job / "checkpoints").iterdir())
+
+    (job / "checkpoints" / "last.ckpt").write_bytes(b"")  # killed, but its checkpoint is broken: start over
+    _continue_or_start_over(cfg, job, 2, killed=True)
+    assert cfg.trainer.resume is None and not list((job / "checkpoints").iterdir())
