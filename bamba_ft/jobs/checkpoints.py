@@ -106,7 +106,7 @@ def refuse_earlier_run(run_dir: Path, ckpt_path: Path | None) -> None:
         raise ConfigError(f"{run_dir} already holds a training run ({shown}); a new run there would replace its "
                           "results and mix its checkpoints with the new ones.\n"
                           f"Fix: continue that run with trainer.resume={run_dir}, train into another directory "
-                          "(hydra.run.dir=...), or delete it first.")
+                          "(hydra.run.dir=...), or delete it first.", "the run directory")
 
 
 def remove_stale_temporaries(run_dir: Path) -> list[Path]:
