@@ -52,9 +52,9 @@ from bamba_ft.model.mixer import (
     unsafe_attention,
     why_no_graphs,
 )
-from bamba_ft.model.restore import save_run_config
+from bamba_ft.model.restore import checkpoint_state, save_run_config
 from bamba_ft.ops.loss import causal_lm
-from bamba_ft.rundir import RunDir
+from bamba_ft.rundir import INTERRUPTED, RunDir
 
 log = logging.getLogger("bamba_ft")
 
@@ -332,6 +332,8 @@ def run(cfg: RunConfig) -> dict:
         # the final state, whatever N was, unless the periodic save just wrote it (a second copy would briefly
         # double the space); every rank calls this (it is collective under DDP/FSDP)
         trainer.save_checkpoint(last, weights_only=False)
+    if stopper.stopped_at is None and not cfg.trainer.fast_dev_run and trainer.is_global_zero:
+        _tidy_checkpoints(trainer, run_dir)
     if _sharded(cfg) and stopper.stopped_at is None and not cfg.trainer.fast_dev_run:
         model = _gathered_model(cfg, lit, device)  # collective; the full model on rank 0 only
     if not trainer.is_global_zero:
@@ -344,6 +346,40 @@ def run(cfg: RunConfig) -> dict:
         return {"stopped_at": stopper.stopped_at, "signal": stopper.requested or "SIGTERM"}
     start = resumed.step if resumed is not None else None
     return _finish(cfg, model, tokenizer, dm, trainer, before, run_dir, device, fit_seconds, t_start, start)
+
+
+def _tidy_checkpoints(trainer: L.Trainer, run_dir: Path) -> None:
+    """A finished run's checkpoints/ holds last.ckpt and its save_top_k best-* by validation loss. A resumed run
+    also found the stopped run's interrupted.ckpt (older than last.ckpt) and, when the stop came between two
+    validations, a best-* from the validation Lightning runs as it stops, written after interrupted.ckpt and so
+    unknown to the resumed checkpoint callback: it is ranked by the score it recorded for itself."""
+    ckpts = RunDir(run_dir).checkpoints
+    stale = [ckpts / INTERRUPTED] if (ckpts / INTERRUPTED).exists() else []
+    best = next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) == "val/loss"), None)
+    if best is not None and best.save_top_k > 0:
+        scores = {Path(p).name: float(v) for p, v in best.best_k_models.items()}
+        for path in ckpts.glob("best*.ckpt"):
+            if path.name not in scores and (score := _own_score(path)) is not None:
+                scores[path.name] = score
+        ranked = sorted(scores, key=scores.__getitem__, reverse=best.mode == "max")
+        stale += [ckpts / name for name in ranked[best.save_top_k:] if (ckpts / name).exists()]
+    for path in stale:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if stale:
+        log.info("removed checkpoints the finished run supersedes: %s", ", ".join(p.name for p in stale))
+
+
+def _own_score(path: Path) -> float | None:
+    """The monitored score a best-* checkpoint recorded for itself (its callback's best_k_models entry), if any."""
+    try:
+        callbacks = checkpoint_state(path).get("callbacks", {})
+    except Exception:  # unreadable: left alone
+        return None
+    for state in callbacks.values():
+        for saved, score in (state.get("best_k_models") or {}).items() if isinstance(state, dict) else ():
+            if Path(saved).name == path.name:
+                return float(score)
+    return None
 
 
 def _gathered_model(cfg: RunConfig, lit: BambaLitModule, device: torch.device) -> nn.Module | None:

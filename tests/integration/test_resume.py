@@ -74,3 +74,24 @@ def test_resume_matches_uninterrupted(step: int, uninterrupted: dict[str, torch.
     if step == 6:  # resuming a run that has reached trainer.max_steps trains nothing, and says so
         train.run(small_run(tmp_path / "second", resume=str(tmp_path / "second")))
         assert "nothing left to train: the resumed run was already at step 10" in capsys.readouterr().out
+
+
+def test_a_run_resumed_in_its_own_directory_ends_with_last_and_the_best(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop between two validations: Lightning validates as it stops and writes a best-* after interrupted.ckpt,
+    so the resumed run's checkpoint callback never heard of it. The finished run keeps last.ckpt and the better of
+    the best-* files (save_top_k=1), and drops interrupted.ckpt, which last.ckpt supersedes."""
+    from bamba_ft.jobs.train import _own_score
+
+    run = tmp_path / "run"
+    stop_at(monkeypatch, 7)
+    train.run(small_run(run))
+    monkeypatch.undo()
+    ckpts = run / "checkpoints"
+    stopped = {p.name: _own_score(p) for p in ckpts.glob("best*.ckpt")}
+    assert "interrupted.ckpt" in {p.name for p in ckpts.iterdir()} and all(v is not None for v in stopped.values())
+    train.run(small_run(run, resume=str(run)))
+    left = sorted(p.name for p in ckpts.iterdir())
+    bests = [n for n in left if n.startswith("best")]
+    assert len(bests) == 1 and left == sorted([*bests, "last.ckpt"]), left
+    assert _own_score(ckpts / bests[0]) <= min(stopped.values())  # the better one stays, whichever run wrote it
