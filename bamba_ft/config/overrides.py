@@ -97,9 +97,10 @@ def _group_problems(parser: Any, token: str, group: str) -> list[str]:
         values = _values(parser.parse_override(token))
     except HydraException:
         return []  # Hydra reports what it cannot parse
+    if any(value is None for value in values):  # Hydra fails on it with a traceback
+        return [f"{token}: a config group takes an option name, not null.\nFix: ~{group} leaves the group out."]
     options = group_options(group)
-    return [f"{token}: {not_an_option(group, value, options)}" for value in values
-            if value is not None and str(value) not in options]
+    return [f"{token}: {not_an_option(group, value, options)}" for value in values if str(value) not in options]
 
 
 def check_overrides(argv: list[str]) -> None:

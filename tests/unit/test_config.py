@@ -68,6 +68,8 @@ def test_an_unknown_group_option_names_the_options(token: str, problem: str, opt
     with pytest.raises(ConfigError, match=r"(?s)" + re.escape(problem) + r".*Valid: .*" + option):
         check_overrides([token])
     check_overrides(["recipe=eval", "model=tiny,bamba-9b", "sweep=lora_hpo", "~smoke", "data=file"])
+    with pytest.raises(ConfigError, match=r"smoke=null: a config group takes an option name.*\n.*Fix: ~smoke"):
+        check_overrides(["smoke=null"])
 
 
 @pytest.mark.parametrize("token", ["data.roles={bot: assistant, human: user}", "data.roles.bot=assistant"])
