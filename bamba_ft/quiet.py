@@ -36,5 +36,10 @@ def silence_import_noise() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     # val/loss is summed over ranks explicitly before logging (lit_module.on_validation_epoch_end)
     warnings.filterwarnings("ignore", message=r".*sync_dist=True.*when logging on epoch level.*")
+    # datasets' file readers log a read error before raising it; bamba_ft's DataError names the file, the line
+    # where it can, and the reader's message, so the log lines would only say it twice more.
+    for reader in ("parquet.parquet", "json.json", "csv.csv"):
+        logging.getLogger(f"datasets.packaged_modules.{reader}").addFilter(
+            _DropMessages("Failed to read", "Failed to load JSON"))
     # Lightning advertises a hosted logging service at every Trainer start; it is not a fact about the run.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropMessages("litlogger"))
