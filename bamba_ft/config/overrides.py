@@ -7,6 +7,7 @@ and its messages do not list the valid keys. Both paths here name the key, the v
 from __future__ import annotations
 
 import typing
+from collections.abc import Iterator
 from dataclasses import fields, is_dataclass
 from typing import Any
 
@@ -189,6 +190,19 @@ def command_line_keys(section: str) -> set[str]:
     return keys
 
 
+def _unset_keys(node: DictConfig) -> list[str]:
+    """The dotted keys an option file leaves `???`, read without resolving interpolations: a file alone cannot
+    resolve `${sweep.direction}` (OmegaConf.missing_keys tries, and fails on conf/sweep/lora_hpo.yaml)."""
+    def walk(value: Any, prefix: str) -> Iterator[str]:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                yield from walk(v, f"{prefix}{k}.")
+        elif value == "???":
+            yield prefix.rstrip(".")
+
+    return list(walk(OmegaConf.to_container(node, resolve=False), ""))
+
+
 def to_run_config(cfg: DictConfig) -> RunConfig:
     """Merge the composed config onto the schema again (catching `+key` additions) and validate it."""
     # A `???` in a chosen group option must fail here. Hydra merges the option onto the schema, and a
@@ -202,7 +216,7 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
         defaults = OmegaConf.structured(RunConfig)
         for group, option in hydra_cfg.runtime.choices.items():
             node = option_config(str(group), option)
-            for key in OmegaConf.missing_keys(node) if node is not None else ():
+            for key in _unset_keys(node) if node is not None else ():
                 unchanged = OmegaConf.select(cfg, key) == OmegaConf.select(defaults, key)
                 if unchanged and key not in overridden:
                     missing.add(key)
