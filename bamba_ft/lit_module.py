@@ -147,6 +147,12 @@ class BambaLitModule(L.LightningModule):
             decays = all(p.dim() >= 2 for p in group["params"])  # matrices decay; biases and norms do not
             group.update(betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay if decays else 0.0)
 
+    def on_fit_start(self) -> None:
+        """Train mode for the fit. A model loaded by from_pretrained is in eval mode, and Lightning keeps the mode it
+        finds (its validation restores it too): a full fine-tune (no peft wrapper to switch it) trained with
+        dropout off and without the gradient checkpointing transformers' layers apply only in training."""
+        self.model.train()
+
     def on_train_start(self) -> None:
         """On resume Lightning restores the optimizer's hyperparameters and the schedule's peak learning rate from
         the checkpoint, which would silently undo a changed `optim.*`; this run's config applies from here on

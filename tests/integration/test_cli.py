@@ -181,3 +181,21 @@ def test_the_shipped_lora_search_runs_its_jobs(tmp_path: Path) -> None:
     so every trial of the shipped search ended in an InterpolationKeyError."""
     metrics = run_in_process(["sweep=lora_hpo", *FAST], tmp_path)
     assert metrics["train"]["steps"] == 2
+
+
+@pytest.mark.parametrize("recipe", ["full", "sft"])
+def test_training_steps_run_in_train_mode(recipe: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """from_pretrained returns an eval-mode model; a full fine-tune has no peft wrapper to switch it, and
+    transformers' layers checkpoint (and dropout applies) only in training."""
+    from bamba_ft.lit_module import BambaLitModule
+
+    modes: list[bool] = []
+    step = BambaLitModule.training_step
+
+    def recording(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        modes.append(all(m.training for m in self.model.modules()))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(BambaLitModule, "training_step", recording)
+    run_in_process([f"recipe={recipe}", *FAST, "model.gradient_checkpointing=all"], tmp_path)
+    assert modes == [True, True]
