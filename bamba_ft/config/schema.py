@@ -595,6 +595,7 @@ def validate(cfg: RunConfig) -> None:
             f"trainer.max_steps={cfg.trainer.max_steps}: give a positive number of steps, "
             "or trainer.max_steps=-1 with trainer.max_epochs=N."
         )
+    _check_generation(cfg.eval, problems)
     if not 0.0 <= cfg.peft.lora_dropout < 1.0:
         problems.add(f"peft.lora_dropout={cfg.peft.lora_dropout} must be in [0, 1).")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
@@ -702,6 +703,25 @@ def _check_streaming(cfg: RunConfig, problems: Problems) -> None:
         problems.add(f"data.num_proc={d.num_proc} with data.streaming=true: a stream is tokenized as it is read, "
                      "not by datasets.map worker processes.\nFix: set data.num_proc=1 (data.num_workers=1 moves "
                      "tokenization off the training process).")
+
+
+def _check_generation(e: EvalConfig, problems: Problems) -> None:
+    """The generation settings, checked before anything runs: a bad one used to fail only at the final
+    evaluation, after the whole training (eval.batch_size=0), or pass silently (eval.top_p=1.5)."""
+    for key, value in (("eval.batch_size", e.batch_size), ("eval.max_new_tokens", e.max_new_tokens)):
+        if value <= 0:
+            problems.add(f"{key}={value} must be positive.")
+    if e.num_generate < 0:
+        problems.add(f"eval.num_generate={e.num_generate} must be 0 or more (0: no generation metrics; "
+                     "eval.generate=false does the same).")
+    if e.do_sample:
+        if e.temperature <= 0:
+            problems.add(f"eval.temperature={e.temperature} must be positive when sampling (eval.do_sample=true); "
+                         "for greedy decoding set eval.do_sample=false.")
+        if not 0.0 < e.top_p <= 1.0:
+            problems.add(f"eval.top_p={e.top_p} must be in (0, 1].")
+        if e.top_k < 0:
+            problems.add(f"eval.top_k={e.top_k} must be 0 (off) or more.")
 
 
 def _check_sources(data: DataConfig, problems: Problems) -> None:

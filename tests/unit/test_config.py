@@ -124,6 +124,19 @@ def test_bad_values_gathered_into_one_error() -> None:
         validate(cfg)
 
 
+def test_generation_settings_are_checked_before_anything_runs() -> None:
+    cfg = RunConfig()
+    cfg.eval.batch_size, cfg.eval.max_new_tokens, cfg.eval.num_generate = 0, 0, -1
+    cfg.eval.do_sample, cfg.eval.temperature, cfg.eval.top_p, cfg.eval.top_k = True, 0.0, 1.5, -3
+    with pytest.raises(ConfigError, match=r"(?s)6 problems.*eval.batch_size=0 must be positive.*"
+                                          r"eval.max_new_tokens=0.*eval.num_generate=-1.*eval.temperature=0.0 must be "
+                                          r"positive when sampling.*eval.top_p=1.5.*eval.top_k=-3"):
+        validate(cfg)
+    cfg.eval.do_sample = False  # greedy decoding reads none of the sampling settings
+    cfg.eval.batch_size, cfg.eval.max_new_tokens, cfg.eval.num_generate = 8, 16, 0
+    validate(cfg)
+
+
 def test_full_finetune_with_quantized_base_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"quant.method=nf4 freezes quantized base weights"):
         composed(["recipe=qlora", "peft=none"])
