@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass, fields
 from typing import Any
@@ -74,6 +75,18 @@ def _first(flags: list[bool]) -> int:
     return next(i for i, f in enumerate(flags) if f)
 
 
+def hold_out(rows: datasets.Dataset, fraction: float, seed: int, where: str) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(training rows, validation rows): `fraction` of the rows held out (rounded up, as datasets does), at least
+    one row left to train on, else a DataError with the counts and the fix."""
+    held = math.ceil(fraction * len(rows))
+    if held >= len(rows):
+        raise DataError(f"{where}: data.val_fraction={fraction} holds out {held} of its {len(rows)} rows, which leaves "
+                        "none to train on.\nFix: lower data.val_fraction, or give a validation file "
+                        "(data.val_source=...).")
+    parts = rows.train_test_split(test_size=held, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]
+
+
 class BambaDataModule(L.LightningDataModule):
     """Builds both splits once (`prepare`), then serves batches; its position survives checkpoint/resume."""
 
@@ -110,8 +123,7 @@ class BambaDataModule(L.LightningDataModule):
             return train, load_rows(c.source, c.val_split, "data.val_split", c.config)
         if c.val_fraction <= 0 or len(train) < 2:
             return train, None
-        parts = train.train_test_split(test_size=c.val_fraction, seed=self.seed, shuffle=True)
-        return parts["train"], parts["test"]
+        return hold_out(train, c.val_fraction, self.seed, f"data.source={c.source}")
 
     def _stats(self, rows: datasets.Dataset, enc: datasets.Dataset, name: str, where: str) -> tuple[list[int], SplitStats]:
         """Which examples to keep, and the split's counts; warns once per kind of doubtful row."""
@@ -235,9 +247,8 @@ class BambaDataModule(L.LightningDataModule):
             if s.max_examples is not None:
                 rows = rows.select(range(min(len(rows), s.max_examples)))
             if not c.val_source and c.val_fraction > 0 and len(rows) >= 2:
-                held = rows.train_test_split(test_size=c.val_fraction, seed=self.seed, shuffle=True)
-                rows = held["train"]
-                vals.append((held["test"], where, s.format))
+                rows, val = hold_out(rows, c.val_fraction, self.seed, where)
+                vals.append((val, where, s.format))
             enc, self.stats[f"train[{i}]"] = self._tokenize(rows, f"train[{i}]", where, s.format)
             parts.append(enc.add_column("__source__", [i] * len(enc)))
         mixed = mix_sources(parts, [s.weight for s in c.sources], self.seed, c.stopping_strategy)

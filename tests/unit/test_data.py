@@ -90,6 +90,17 @@ def test_other_file_types(builtin_tokenizer, tmp_path: Path, suffix: str) -> Non
     assert dm.stats["train"].kept == 8 and dm.fmt == "prompt_completion"
 
 
+def test_a_validation_fraction_that_leaves_nothing_to_train_is_named(builtin_tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
+    path = tmp_path / "few.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"add {i} 1", "completion": str(i + 1)}) + "\n" for i in range(60)))
+    dm = BambaDataModule(DataConfig(source=str(path), val_fraction=0.99), builtin_tokenizer)
+    with pytest.raises(DataError, match=r"(?s)data.val_fraction=0.99 holds out 60 of its 60 rows.*Fix: lower"):
+        dm.prepare()
+    dm = BambaDataModule(DataConfig(source=str(path), val_fraction=0.05), builtin_tokenizer)
+    dm.prepare()  # ceil(0.05 * 60) = 3 held out, as datasets rounds
+    assert (dm.stats["train"].rows, dm.stats["val"].rows) == (57, 3)
+
+
 def test_an_open_quote_in_a_csv_is_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """pandas reads up to the next quote as one field and says nothing; at the end of the file it fails with a
     message that datasets wraps in 'An error occurred while generating the dataset'."""
