@@ -6,6 +6,7 @@ Rules that span fields live in `validate`, which gathers every problem and raise
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -596,6 +597,7 @@ def validate(cfg: RunConfig) -> None:
             "or trainer.max_steps=-1 with trainer.max_epochs=N."
         )
     _check_generation(cfg.eval, problems)
+    _check_lm_eval(cfg, problems)
     if not 0.0 <= cfg.peft.lora_dropout < 1.0:
         problems.add(f"peft.lora_dropout={cfg.peft.lora_dropout} must be in [0, 1).")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
@@ -722,6 +724,21 @@ def _check_generation(e: EvalConfig, problems: Problems) -> None:
             problems.add(f"eval.top_p={e.top_p} must be in (0, 1].")
         if e.top_k < 0:
             problems.add(f"eval.top_k={e.top_k} must be 0 (off) or more.")
+
+
+def _check_lm_eval(cfg: RunConfig, problems: Problems) -> None:
+    """eval.lm_eval_tasks asks for tasks that only recipe=eval runs, with the lm-eval package: refused where they
+    would not run (a training run ignored them; without the package the evaluation skipped them)."""
+    tasks = cfg.eval.lm_eval_tasks
+    if not tasks:
+        return
+    if cfg.task != "eval":
+        problems.add(f"eval.lm_eval_tasks={list(tasks)} runs in recipe=eval only; this is task={cfg.task}.\n"
+                     "Fix: drop it here and run python -m bamba_ft recipe=eval eval.checkpoint=RUN "
+                     f"'eval.lm_eval_tasks={list(tasks)}' on the finished run.")
+    elif importlib.util.find_spec("lm_eval") is None:
+        problems.add(f"eval.lm_eval_tasks={list(tasks)} needs the lm-eval package, which is not installed.\n"
+                     "Fix: pip install lm-eval, or drop eval.lm_eval_tasks.")
 
 
 def _check_sources(data: DataConfig, problems: Problems) -> None:

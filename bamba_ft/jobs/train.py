@@ -474,9 +474,11 @@ def _print_summary(metrics: dict, run_dir: Path, saved: Path, has_curves: bool, 
         "outputs:",
         f"  {saved.name + '/':<13}{saved}",
         f"  checkpoints/ {rd.checkpoints}",
-        f"  logs/        {rd.logs} (csv, tensorboard)",
-        f"  metrics      {rd.metrics}",
     ]
+    written = [name for name in ("csv", "tensorboard") if (rd.logs / name).exists()]  # none with logger=none
+    if written:
+        lines.append(f"  logs/        {rd.logs} ({', '.join(written)})")
+    lines.append(f"  metrics      {rd.metrics}")
     if has_curves:
         lines.append(f"  curves       {rd.curves}")
     lines += [

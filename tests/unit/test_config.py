@@ -137,6 +137,19 @@ def test_generation_settings_are_checked_before_anything_runs() -> None:
     validate(cfg)
 
 
+def test_lm_eval_tasks_are_refused_where_they_would_not_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    cfg = RunConfig()
+    cfg.eval.lm_eval_tasks = ["hellaswag"]
+    with pytest.raises(ConfigError, match=r"runs in recipe=eval only; this is task=train"):
+        validate(cfg)
+    cfg.task = "eval"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else object())
+    with pytest.raises(ConfigError, match=r"needs the lm-eval package.*\n.*pip install lm-eval"):
+        validate(cfg)
+
+
 def test_full_finetune_with_quantized_base_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"quant.method=nf4 freezes quantized base weights"):
         composed(["recipe=qlora", "peft=none"])
