@@ -320,7 +320,8 @@ class EvalConfig:
     lm_eval_tasks: list[str] = field(default_factory=list)
     """EleutherAI lm-evaluation-harness tasks to run (needs the `lm-eval` package and local task data)."""
     output_dir: str | None = None
-    """Where eval writes metrics.json, predictions.jsonl and plots (default: the run directory)."""
+    """Where eval writes metrics.json, predictions.jsonl and plots (default: the eval command's own run directory,
+    outputs/<date>/<time>, not the evaluated run's)."""
 
 
 @dataclass
