@@ -58,13 +58,29 @@ def resolve_chat_template(value: str, key: str = "data.chat_template") -> str:
 def ensure_chat_template(tokenizer: PreTrainedTokenizerBase, override: str | None) -> None:
     """Use `override` (see `resolve_chat_template`), else the tokenizer's own, else the `bamba_ft` preset."""
     if override:
-        tokenizer.chat_template = resolve_chat_template(override)
+        template = resolve_chat_template(override)
+        _check_syntax(template, override)  # before the tokenizer takes it
+        tokenizer.chat_template = template
     elif not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = PRESETS[FALLBACK]
     if tokenizer.pad_token_id is None:
         # Padded batches need a pad id; it never reaches the loss (labels are -100 there).
         tokenizer.pad_token = tokenizer.eos_token
     stop_token_ids(tokenizer, warn=True)
+
+
+def _check_syntax(template: str, override: str) -> None:
+    """A Jinja syntax error in data.chat_template, named with its line; otherwise it would surface at the first
+    row rendered, reported against that row of the data."""
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:  # transformers renders with this environment and the loop-control extension
+        ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+    except TemplateSyntaxError as e:
+        shown = override if len(override) <= 80 and "\n" not in override else "(inline Jinja)"
+        raise ConfigError(f"data.chat_template={shown}: template line {e.lineno}: {e.message}.\n"
+                          "Fix: correct the template's Jinja syntax.") from None
 
 
 def _end_of_turn(tokenizer: PreTrainedTokenizerBase) -> str | None:

@@ -101,6 +101,15 @@ def test_a_validation_fraction_that_leaves_nothing_to_train_is_named(builtin_tok
     assert (dm.stats["train"].rows, dm.stats["val"].rows) == (57, 3)
 
 
+def test_a_chat_template_syntax_error_names_the_template(builtin_tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
+    from bamba_ft.data.templates import ensure_chat_template
+
+    path = tmp_path / "chat.jinja"
+    path.write_text('{% for m in messages %}\n{{ m["content"] }\n{% endfor %}')
+    with pytest.raises(ConfigError, match=rf"data.chat_template={path}: template line 2: unexpected '}}'"):
+        ensure_chat_template(builtin_tokenizer, str(path))
+
+
 def test_an_open_quote_in_a_csv_is_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """pandas reads up to the next quote as one field and says nothing; at the end of the file it fails with a
     message that datasets wraps in 'An error occurred while generating the dataset'."""
