@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,9 +77,15 @@ def _json_lines(path: Path, text: str, key: str) -> list[int]:
             if not isinstance(row, dict):
                 raise DataError(f"{key}: {path}:{n}: each element must be a JSON object, got {type(row).__name__}.")
         return lines
-    lines = []
     # split("\n") as the JSON reader does: splitlines() would also split at U+2028 inside strings.
-    for n, line in enumerate(text.split("\n"), start=1):
+    return list(_jsonl_row_lines(text.split("\n"), path, key))
+
+
+def _jsonl_row_lines(lines: Iterable[str], path: Path, key: str) -> Iterator[int]:
+    """The line number of each row of a JSONL file's `lines`; a DataError naming the first line that is not a JSON
+    object."""
+    fix = "Fix that line (each line one JSON object)."
+    for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue  # datasets skips blank lines, so row i is the i-th non-blank line
         try:
@@ -88,26 +95,18 @@ def _json_lines(path: Path, text: str, key: str) -> list[int]:
         if not isinstance(row, dict):
             raise DataError(f"{key}: malformed JSON at {path}:{n}: each line must be a JSON object, "
                             f"got {type(row).__name__}.\n{fix}")
-        lines.append(n)
-    return lines
+        yield n
 
 
 def _first_bad_json_line(path: Path, key: str) -> DataError | None:
     """The error for the first line of a JSONL file that is not a JSON object, read line by line (a streamed file
     may be larger than memory); None when every line parses."""
     with path.open(encoding="utf-8", errors="replace", newline="\n") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                why = f"{e.msg} (column {e.colno})"
-            else:
-                if isinstance(row, dict):
-                    continue
-                why = f"each line must be a JSON object, got {type(row).__name__}"
-            return DataError(f"{key}: malformed JSON at {path}:{n}: {why}.\nFix that line (each line one JSON object).")
+        try:
+            for _ in _jsonl_row_lines(f, path, key):
+                pass
+        except DataError as e:
+            return e
     return None
 
 
