@@ -128,7 +128,7 @@ def _continue_or_start_over(cfg: DictConfig, job_dir: Path, num: int, killed: bo
             ckpt = None
         if ckpt is not None:
             log.info("sweep.resume: job %s continues from the checkpoint its killed run left: %s", num, ckpt)
-            OmegaConf.update(cfg, "trainer.resume", str(job_dir))
+            OmegaConf.update(cfg, "trainer.resume", str(ckpt))  # the one found: training need not search again
             return
     found = RunDir(job_dir).trained_outputs()
     log.info("sweep.resume: job %s starts over in %s; removing what its earlier run left: %s", num, job_dir,

@@ -242,7 +242,7 @@ def test_a_resumed_job_continues_a_killed_run_and_starts_a_failed_one_over(tmp_p
     torch.save({"global_step": 12}, job / "checkpoints" / "last.ckpt")
     cfg = OmegaConf.create({"trainer": {"resume": None}})
     _continue_or_start_over(cfg, job, 2, killed=True)
-    assert cfg.trainer.resume == str(job) and (job / "checkpoints" / "last.ckpt").exists()
+    assert cfg.trainer.resume == str(job / "checkpoints" / "last.ckpt") and (job / "checkpoints" / "last.ckpt").exists()
 
     (job / "metrics.json").write_text("{}")
     cfg = OmegaConf.create({"trainer": {"resume": None}})
