@@ -10,6 +10,7 @@ import csv
 import io
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -198,3 +199,18 @@ class SweepSummary(Callback):
         print(write_outputs(sweep_dir, rows, str(config.sweep.objective), str(config.sweep.direction), search))
         if search and (sweep_dir / "optimization_results.yaml").exists():
             print(f"Optuna's best parameters and value: {sweep_dir / 'optimization_results.yaml'}")
+        if (problem := sweep_problem(rows)) is not None:
+            print(f"bamba_ft: {problem}\nTo run them again: the same command plus sweep.resume=true "
+                  f"hydra.sweep.dir={sweep_dir} (finished jobs are reused).", file=sys.stderr)
+            sys.exit(1)
+
+
+def sweep_problem(rows: list[dict[str, Any]]) -> str | None:
+    """Why the sweep exits 1, or None: a job failed (an error or a killed process, not a diverged loss, which is
+    a result of its settings), or no job finished with a usable objective. The outputs are written either way."""
+    failed = [str(r["job"]) for r in rows if r["status"].startswith("failed")]
+    if failed:
+        return f"{len(failed)} of {len(rows)} jobs failed (job {', '.join(failed)}): their errors are in sweep.csv."
+    if not any(r["status"].startswith("ok") for r in rows):
+        return f"no job of {len(rows)} finished with a finite objective (every one diverged)."
+    return None

@@ -67,8 +67,9 @@ def test_submitit_local_runs_every_job_and_ends_with_the_table(tmp_path: Path) -
 def test_joblib_pins_each_worker_to_its_own_gpu(tmp_path: Path) -> None:
     """Two parallel jobs on two (declared) GPUs; the jobs fail at validation, so no training is needed."""
     sweep = tmp_path / "sweep"
-    cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "peft.r=-1,-2", "trainer=cpu",
-         f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env={"CUDA_VISIBLE_DEVICES": "4,7"})
+    proc = cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "peft.r=-1,-2", "trainer=cpu",
+                f"hydra.sweep.dir={sweep}"], cwd=tmp_path, check=False, env={"CUDA_VISIBLE_DEVICES": "4,7"})
+    assert proc.returncode == 1 and "2 of 2 jobs failed (job 0, 1)" in proc.stderr, proc.stderr[-2000:]
     results = list(_results(sweep).values())
     assert len(results) == 2 and all(r["status"] == "failed" for r in results)
     assert {r["cuda_visible_devices"] for r in results} <= {"4", "7"}
@@ -122,7 +123,8 @@ def test_a_sweep_stopped_by_ctrl_c_then_killed_resumes_reporting_its_failed_job(
     assert "peft.r=-1 must be positive" in first[1]["error"] and first[1]["objective"] == float("inf")
     assert not (sweep / "sweep.csv").exists()
 
-    done = cli([*args, "sweep.resume=true"], cwd=tmp_path, timeout=600)
+    done = cli([*args, "sweep.resume=true"], cwd=tmp_path, check=False, timeout=600)
+    assert done.returncode == 1 and "1 of 3 jobs failed (job 1)" in done.stderr, done.stderr[-2000:]
     second = _results(sweep)
     assert second[0]["reused"] is True and second[0]["pid"] == first[0]["pid"]  # job 0 did not run again
     assert second[2]["status"] == "ok" and second[2]["pid"] != first[0]["pid"]  # job 2 ran in the new process

@@ -130,21 +130,43 @@ import bamba_ft.__main__ as cli
 
 def train(cfg):
     lr = float(cfg.optim.lr)
+    if lr >= 1:
+        raise RuntimeError("stand-in crash")
     (Path(cfg.output_dir) / "model.txt").write_text(str(lr))
-    return {"after": {"val_loss": 1.0 - 100 * lr}, "train": {"steps": 2}}
+    return {"after": {"val_loss": float("nan") if lr == 0.5 else 1.0 - 100 * lr}, "train": {"steps": 2}}
 
 cli.run_config = train
 cli.main()
 """
 
 
-def _sweep(sweep: Path, *args: str) -> str:
-    """`python -m bamba_ft -m ARGS hydra.sweep.dir=SWEEP` with the stand-in for training; its output."""
+def _sweep(sweep: Path, *args: str, status: int = 0) -> str:
+    """`python -m bamba_ft -m ARGS hydra.sweep.dir=SWEEP` with the stand-in for training (lr >= 1 crashes, lr 0.5
+    diverges); its output, after checking its exit status."""
     proc = subprocess.run([sys.executable, "-c", _STAND_IN, "-m", *args, f"hydra.sweep.dir={sweep}"],
                           cwd=sweep.parent, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == status, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("lrs,status,message", [
+    ("1e-4,2,3e-3", 1, "1 of 3 jobs failed (job 1): their errors are in sweep.csv"),
+    ("0.5", 1, "no job of 1 finished with a finite objective (every one diverged)"),
+    ("1e-4,0.5", 0, None),
+])
+def test_a_sweep_with_a_failed_job_or_no_result_exits_1_after_its_table(tmp_path: Path, lrs: str, status: int,
+                                                                        message: str | None) -> None:
+    """A crashed job is a failure of the sweep; a diverged one is a result of its settings, unless every job
+    diverged. The table and its files come first either way."""
+    sweep = tmp_path / "sweep"
+    out = _sweep(sweep, f"optim.lr={lrs}", status=status)
+    assert len(list(csv.DictReader((sweep / "sweep.csv").open()))) == len(lrs.split(","))
+    if message is None:
+        assert "sweep.resume=true" not in out
+    else:
+        assert message in out and f"the same command plus sweep.resume=true hydra.sweep.dir={sweep}" in out
+        assert "written:" in out
 
 
 def _job_files(sweep: Path) -> dict[str, tuple[str, ...]]:
