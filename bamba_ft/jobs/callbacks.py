@@ -59,11 +59,22 @@ class ConfigInCheckpoint(L.Callback):
         resume_on_ranks(checkpoint, trainer.world_size, trainer.accumulate_grad_batches)  # before the loops restore
 
 
+def _no_collective_in_a_handler(signum: int, frame: Any) -> None:
+    log.info("SIGTERM received by this rank")
+
+
 class GracefulStop(L.Callback):
     """First Ctrl-C or SIGTERM: finish the current optimizer step, save `interrupted.ckpt`, stop.
 
     A second Ctrl-C stops at once without a checkpoint. Stopping between steps means the checkpoint never
     holds a half-applied update or a half-accumulated gradient.
+
+    With several ranks every rank must stop at the same step, since saving is collective; yet a signal reaches
+    the ranks at different moments (or only rank 0: `docker stop`, Kubernetes) and possibly more than once. So
+    the handler only records it, and after each optimizer step the ranks agree by one all-reduce whether any of
+    them was asked to stop. Lightning's own SIGTERM handler runs a broadcast inside the signal handler and
+    forwards the signal to the other ranks, whose handlers broadcast again: their collectives no longer pair
+    up and the ranks hang. It is replaced by a no-op under several ranks.
     """
 
     def __init__(self, ckpt_dir: Path) -> None:
@@ -90,13 +101,36 @@ class GracefulStop(L.Callback):
             for s, h in previous.items():
                 signal.signal(s, h)
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # before the fit registers Lightning's handlers, which call this handler too (it is installed by then)
+        connector = getattr(trainer, "_signal_connector", None)
+        if trainer.world_size > 1 and hasattr(connector, "_sigterm_notifier_fn"):
+            connector._sigterm_notifier_fn = _no_collective_in_a_handler
+
+    def _agreed(self, trainer: L.Trainer) -> bool:
+        """Whether any rank was asked to stop (collective: every rank calls it at the same optimizer step)."""
+        import torch
+        import torch.distributed as dist
+
+        codes = ("SIGINT", "SIGTERM")
+        asked = torch.tensor([codes.index(self.requested) + 1 if self.requested else 0], device=trainer.strategy.root_device)
+        dist.all_reduce(asked, op=dist.ReduceOp.MAX)
+        if int(asked.item()) and self.requested is None:
+            self.requested = codes[int(asked.item()) - 1]  # a rank the signal did not reach
+        return self.requested is not None
+
     def _stop_here(self, trainer: L.Trainer, sigterm_only: bool = False) -> None:
         """Save `interrupted.ckpt` and stop, if a stop was asked for and the state is at an optimizer step."""
-        asked = trainer.received_sigterm or (self.requested is not None and not sigterm_only)
-        if not asked or self.stopped_at is not None or trainer.sanity_checking:
+        if self.stopped_at is not None or trainer.sanity_checking:
             return
         if trainer.fit_loop.epoch_loop.batch_progress.current.processed % trainer.accumulate_grad_batches:
             return  # half-accumulated gradient: wait for the step
+        if trainer.world_size > 1:
+            # ranks agree after an optimizer step only; Lightning's check of SIGTERM elsewhere no longer fires
+            if sigterm_only or not self._agreed(trainer):
+                return
+        elif not (trainer.received_sigterm or (self.requested is not None and not sigterm_only)):
+            return
         self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
         trainer.save_checkpoint(self.ckpt_path, weights_only=False)
         self.stopped_at = trainer.global_step

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +21,7 @@ from bamba_ft.errors import ConfigError
 from bamba_ft.jobs import runtime
 from bamba_ft.model.build import resolve_path
 from bamba_ft.model.restore import is_sharded, load_source, locate, read_sharded
-from tests.integration.conftest import cli, run_in_process
+from tests.integration.conftest import ROOT, cli, run_in_process
 
 
 @pytest.fixture
@@ -181,3 +186,44 @@ def test_fewer_batches_than_ranks_is_an_error_not_zero_steps(builtin_tokenizer) 
         dm.train_dataloader()
     dm.cfg.max_tokens_per_batch = 256
     assert len(dm.train_dataloader()) >= 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("to_group", [True, False], ids=["every-rank", "rank-1-only"])
+def test_sigterm_stops_two_ranks_at_one_step_with_a_checkpoint(tmp_path: Path, to_group: bool) -> None:
+    """SIGTERM to every process (scancel, a terminal's process group) or to one rank only: the ranks agree on one
+    step, save it and exit 143. Before, each rank's Lightning handler ran a broadcast inside the signal handler,
+    which paired with another rank's unrelated collective: the ranks hung (or failed in gloo)."""
+    run = tmp_path / "run"
+    args = [*RUN, "trainer.max_steps=400", "trainer.checkpoint_every_n_steps=2", "trainer.devices=2",
+            "trainer.strategy=ddp", f"hydra.run.dir={run}"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT))
+    out = tmp_path / "out.txt"
+    with out.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "bamba_ft", *args], cwd=tmp_path, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.time() + 180
+            while not (run / "checkpoints" / "last.ckpt").exists() and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.1)
+            if to_group:
+                os.killpg(proc.pid, signal.SIGTERM)
+            else:  # rank 1 is the launching process's child running the same command
+                rank1 = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "bamba_ft"], capture_output=True,
+                                       text=True).stdout.split()
+                assert len(rank1) == 1, rank1
+                os.kill(int(rank1[0]), signal.SIGTERM)
+            status = proc.wait(timeout=120)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert status == 143, out.read_text()[-3000:]
+    stopped = torch.load(run / "checkpoints" / "interrupted.ckpt", map_location="cpu", weights_only=False)
+    assert 2 <= stopped["global_step"] < 400
+    assert f"stopped at step {stopped['global_step']}" in out.read_text()
+    if not to_group:
+        return
+    # the printed command continues it on both ranks
+    resumed = cli([*args[:-1], f"trainer.max_steps={stopped['global_step'] + 2}", f"trainer.resume={run}",
+                   f"hydra.run.dir={tmp_path / 'resumed'}"], cwd=tmp_path, timeout=600)
+    assert json.loads((tmp_path / "resumed" / "metrics.json").read_text())["train"]["steps"] == stopped["global_step"] + 2, resumed.stdout[-2000:]
