@@ -43,6 +43,10 @@ def choose_device(accelerator: str, devices: Any = "auto") -> torch.device:
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """`auto`: bf16 mixed precision on GPUs that have it, full float32 elsewhere."""
+    if precision == "16-mixed" and device.type != "cuda":
+        # Lightning would switch to bf16-mixed with a warning, while the run reports float16
+        raise ConfigError(f"trainer.precision=16-mixed: float16 mixed precision runs on CUDA only, not on {device.type}."
+                          "\nFix: trainer.precision=bf16-mixed, or 32-true (full float32).")
     if precision != "auto":
         return precision
     if device.type == "cuda" and torch.cuda.is_bf16_supported():

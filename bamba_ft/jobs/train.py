@@ -299,6 +299,7 @@ def run(cfg: RunConfig) -> dict:
         log.info("resuming from %s%s", ckpt_path, "".join(f"\n  changed, applied from the resumed step on: {c}" for c in changed))
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     device = choose_device(cfg.trainer.accelerator, cfg.trainer.devices)
+    resolve_precision(cfg.trainer.precision, device)  # one the device cannot run is refused before the model loads
     strategy = _strategy(cfg)
     model, tokenizer, dm = _prepare(cfg, device)
     save_run_config(cfg, run_dir)

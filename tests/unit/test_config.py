@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf.errors import ConfigKeyError
@@ -213,3 +214,16 @@ def test_cuda_graphs_takes_auto_or_a_boolean(value: str, expected: str) -> None:
     assert composed([f"model.cuda_graphs={value}"]).model.cuda_graphs == expected
     with pytest.raises(ConfigError, match=r"model.cuda_graphs='sometimes' is not an option.*Valid: auto, true, false"):
         composed(["model.cuda_graphs=sometimes"])
+
+
+def test_float16_mixed_precision_off_cuda_is_refused_not_switched_to_bf16(tmp_path: Path) -> None:
+    from bamba_ft.jobs.runtime import resolve_precision
+    from tests.integration.conftest import run_in_process
+
+    with pytest.raises(ConfigError, match=r"16-mixed: float16 mixed precision runs on CUDA only, not on cpu.*\n.*bf16-mixed"):
+        resolve_precision("16-mixed", torch.device("cpu"))
+    assert resolve_precision("16-mixed", torch.device("cuda", 0)) == "16-mixed"
+    assert resolve_precision("auto", torch.device("cpu")) == "32-true"
+    with pytest.raises(ConfigError, match="16-mixed"):  # before the model loads: nothing is written
+        run_in_process(["trainer=cpu", "trainer.precision=16-mixed", "logger=none"], tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "adapter").exists()
