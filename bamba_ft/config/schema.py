@@ -628,6 +628,18 @@ def validate(cfg: RunConfig) -> None:
     _check_sharded(cfg, problems)
     if cfg.export.push_to_hub and not cfg.export.repo_id:
         problems.add("export.push_to_hub=true needs export.repo_id=org/name.")
+    elif cfg.export.push_to_hub:
+        from huggingface_hub.errors import HFValidationError
+        from huggingface_hub.utils import validate_repo_id
+
+        try:
+            validate_repo_id(cfg.export.repo_id)
+        except HFValidationError as e:
+            problems.add(f"export.repo_id={cfg.export.repo_id} is not a Hub repository id: {str(e).split('.')[0]}. "
+                         "Fix: export.repo_id=org/name.")
+    if cfg.export.max_rel_diff is not None and not cfg.export.max_rel_diff > 0:
+        problems.add(f"export.max_rel_diff={cfg.export.max_rel_diff} must be positive (a fraction of the largest "
+                     "logit; default 1e-5 float32, 0.1 bfloat16, 0.05 float16).")
     if cfg.sweep.gpus_per_job < 0:
         problems.add(f"sweep.gpus_per_job={cfg.sweep.gpus_per_job} must be 0 (no pinning) or more.")
     if cfg.peft.use_dora and cfg.quant.method != "none":

@@ -39,6 +39,7 @@ from bamba_ft.model.mixer import stock_forward
 from bamba_ft.model.quant import dequantize_model, is_quantized
 from bamba_ft.model.restore import load_source, locate
 from bamba_ft.ops.loss import causal_lm
+from bamba_ft.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,31 @@ def _default_tolerance(dtype: str) -> float:
     reloaded model computes in 16 bits (measured 1.8e-2 on builtin:tiny in bfloat16), and a deeper model adds
     rounding per layer; the bound still catches a wrong merge or a broken save, which are off by order 1."""
     return 1e-5 if dtype == "float32" else 0.1 if dtype == "bfloat16" else 5e-2
+
+
+def default_target(checkpoint: Path, adapter_only: bool) -> Path:
+    """`<run>/export` (or export_adapter): beside the checkpoints for a .ckpt, inside a run or adapter directory."""
+    name = "export_adapter" if adapter_only else "export"
+    if checkpoint.suffix == ".ckpt":
+        return RunDir.of_checkpoint(checkpoint).root / name
+    return checkpoint / name
+
+
+def check_target(target: Path, source: Path, overwrite: bool) -> None:
+    """Before any work: `export.overwrite` replaces an earlier export only, never a run, the source or a file."""
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise ConfigError(f"export.output_dir={target} is a file. Fix: name a directory (new, or an earlier export).")
+    if not overwrite:
+        raise ConfigError(f"export.output_dir={target} exists. Fix: choose another directory or export.overwrite=true.")
+    if target == source or target in source.parents:
+        raise ConfigError(f"export.output_dir={target} holds the export's source {source}: replacing it would delete "
+                          "what is being exported.\nFix: export into another directory.")
+    if not (target / "export_report.json").exists():
+        raise ConfigError(f"export.output_dir={target} is not an earlier export (it has no export_report.json); "
+                          "export.overwrite=true replaces exports only, so it would delete what is there.\nFix: "
+                          "choose another directory, or move that one away yourself.")
 
 
 def _place(tmp: Path, target: Path, overwrite: bool) -> None:
@@ -262,9 +288,15 @@ def _sigterm_as_exit() -> Iterator[None]:
 
 def push_to_hub(directory: Path, repo_id: str, private: bool, message: str) -> str:
     """Upload `directory` to the Hub (token from HF_TOKEN or the saved login); returns the commit URL."""
+    import shlex
+
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
+    # the export is complete and verified: only the upload is left to retry, with the Hub's own command
+    retry = (f"The local export at {directory} is complete; to upload it alone: hf upload {shlex.quote(repo_id)} "
+             f"{shlex.quote(str(directory))} . {'--private' if private else '--no-private'} "
+             f"--commit-message {shlex.quote(message)}")
     api = HfApi()
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
@@ -272,11 +304,10 @@ def push_to_hub(directory: Path, repo_id: str, private: bool, message: str) -> s
     except HfHubHTTPError as e:
         status = getattr(e.response, "status_code", None)
         hint = "log in with `hf auth login` or set HF_TOKEN with write access" if status in (401, 403) else "check the repository id and your network"
-        raise BambaFTError(f"push to {repo_id} failed ({status}: {str(e).splitlines()[0]}). Fix: {hint}. "
-                           f"The local export at {directory} is complete.") from e
+        raise BambaFTError(f"push to {repo_id} failed ({status}: {str(e).splitlines()[0]}). Fix: {hint}.\n{retry}") from e
     except Exception as e:  # connection errors, offline mode
         raise BambaFTError(f"push to {repo_id} failed ({type(e).__name__}: {e}). The Hub is unreachable or offline "
-                           f"mode is on (HF_HUB_OFFLINE). The local export at {directory} is complete.") from e
+                           f"mode is on (HF_HUB_OFFLINE).\n{retry}") from e
     return str(getattr(info, "commit_url", info))
 
 
@@ -285,11 +316,10 @@ def run(cfg: RunConfig) -> dict:
     if not ex.checkpoint:
         raise ConfigError("export.checkpoint is not set. Fix: export.checkpoint=<training run directory or adapter>.")
     src = locate(ex.checkpoint, cfg)
-    target = Path(ex.output_dir) if ex.output_dir else Path(ex.checkpoint) / ("export_adapter" if ex.adapter_only else "export")
+    target = (Path(ex.output_dir) if ex.output_dir else default_target(Path(ex.checkpoint), ex.adapter_only))
     target = target.expanduser().resolve()  # the verification process runs elsewhere
     clean_stale_exports(target)  # first: it may restore a target that a killed overwrite had moved aside
-    if target.exists() and not ex.overwrite:
-        raise ConfigError(f"export.output_dir={target} exists. Fix: choose another directory or export.overwrite=true.")
+    check_target(target, Path(ex.checkpoint).expanduser().resolve(), ex.overwrite)
     device = torch.device("cpu")
     # Merge in float32 (quantized bases are dequantized first), then cast once to the export dtype.
     src.model.dtype = "float32"

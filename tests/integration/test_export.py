@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,22 @@ def test_export_files_model_card_and_overwrite_rule(sft_run: Path, tmp_path: Pat
     assert (out / "model.safetensors").read_bytes() != b"stale" and (out / "export_report.json").exists()
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".export")]  # no temp or backup dirs left
 
+    # overwrite replaces an earlier export only: never the run being exported, another directory or a file
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    (tmp_path / "afile").write_text("mine")
+    for output, message in ((tmp_path / "run", "holds the export's source"), (other, "is not an earlier export"),
+                            (tmp_path / "afile", "is a file")):
+        with pytest.raises(ConfigError, match=message):
+            run_in_process(["recipe=export", "export.checkpoint=run", f"export.output_dir={output}",
+                            "export.overwrite=true"], tmp_path / "d")
+    assert (tmp_path / "run" / "metrics.json").exists() and (other / "keep.txt").read_text() == "mine"
+    assert (tmp_path / "afile").read_text() == "mine"
+    # a .ckpt exports beside its run's checkpoints by default, into <run>/export (here: the earlier export)
+    with pytest.raises(ConfigError, match=f"export.output_dir={out} exists"):
+        run_in_process(["recipe=export", "export.checkpoint=run/checkpoints/last.ckpt"], tmp_path / "e")
+
 
 def test_adapter_only_export_loads_with_peft(sft_run: Path, tmp_path: Path) -> None:
     from peft import PeftModel
@@ -134,6 +151,20 @@ def test_push_failure_keeps_local_export(sft_run: Path, tmp_path: Path, monkeypa
                         "export.push_to_hub=true", "export.repo_id=me/tiny-sft", "export.verify=false"], tmp_path / "log")
     assert message in str(error.value) and "Traceback" not in str(error.value)
     assert "local export at" in str(error.value) and (out / "model.safetensors").exists()
+    if offline:  # the printed command uploads the export once the Hub is reachable, without exporting again
+        import shlex
+        import subprocess
+        import sys
+
+        retry = shlex.split(str(error.value).split("to upload it alone: ")[1])
+        assert retry[0] == "hf"
+        with FakeHub(token="hf_test") as hub:
+            env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_test", "HF_HUB_OFFLINE": "0"}
+            proc = subprocess.run([str(Path(sys.executable).with_name("hf")), *retry[1:]], env=env,
+                                  capture_output=True, text=True, timeout=120)
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            repo = hub.repos["me/tiny-sft"]
+        assert repo["private"] is True and repo["files"] == {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
 
 
 def test_run_written_by_another_version_still_loads(sft_run: Path, tmp_path: Path) -> None:

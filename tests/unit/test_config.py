@@ -227,3 +227,13 @@ def test_float16_mixed_precision_off_cuda_is_refused_not_switched_to_bf16(tmp_pa
     with pytest.raises(ConfigError, match="16-mixed"):  # before the model loads: nothing is written
         run_in_process(["trainer=cpu", "trainer.precision=16-mixed", "logger=none"], tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "adapter").exists()
+
+
+def test_export_settings_that_would_fail_after_the_merge_are_refused_first() -> None:
+    cfg = RunConfig()
+    cfg.export.push_to_hub, cfg.export.repo_id, cfg.export.max_rel_diff = True, "not/a/valid//id", -1.0
+    with pytest.raises(ConfigError, match=r"(?s)export.repo_id=not/a/valid//id is not a Hub repository id.*"
+                                          r"export.max_rel_diff=-1.0 must be positive"):
+        validate(cfg)
+    cfg.export.repo_id, cfg.export.max_rel_diff = "me/bamba-sft", 0.2
+    validate(cfg)
