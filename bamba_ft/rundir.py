@@ -58,6 +58,11 @@ class RunDir:
         found += sorted(self.checkpoints.glob("*.ckpt")) if self.checkpoints.is_dir() else []
         return [str(p.relative_to(self.root)) for p in found]
 
+    def training_run(self) -> list[str]:
+        """`trained_outputs` when this directory holds a training run (its run config beside them), else []: an
+        evaluation's own directory has a metrics.json too."""
+        return self.trained_outputs() if self.run_config.exists() else []
+
     @property
     def last_ckpt(self) -> Path:
         return self.checkpoints / LAST

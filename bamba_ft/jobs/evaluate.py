@@ -88,7 +88,7 @@ def exact_match_eval(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, dm: BambaDataModule, cfg: EvalConfig, device: torch.device
 ) -> tuple[dict[str, float], list[dict]]:
     """Exact match of generated answers against the reference assistant turns of validation examples."""
-    if not cfg.generate:
+    if not cfg.generate or cfg.num_generate == 0:  # 0: no generation metrics
         return {}, []
     pairs: list[tuple[str, str]] = []
     for example in dm.val_rows:
@@ -137,6 +137,14 @@ def run(cfg: RunConfig) -> dict:
     """recipe=eval: evaluate a base model, adapter, checkpoint or merged model; write metrics and predictions."""
     device = choose_device(cfg.trainer.accelerator)
     src = locate(cfg.eval.checkpoint, cfg)
+    out = Path(cfg.eval.output_dir or cfg.output_dir)
+    if cfg.eval.output_dir:  # checked before the evaluation, not after it (Hydra's own directory is checked as it starts)
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"eval.output_dir={out} is a file. Fix: name a directory.")
+        if found := RunDir(out).training_run():
+            raise ConfigError(f"eval.output_dir={out} holds a training run ({', '.join(found[:3])}); the evaluation's "
+                              "metrics.json and predictions.jsonl would replace the run's.\nFix: choose another "
+                              "directory, or leave eval.output_dir unset (the evaluation's own run directory).")
     given = command_line_keys("data")
     data_cfg = eval_data_config(src.run, cfg, given)  # before the model loads: a refused key fails at once
     model, tokenizer = load_source(src, device)
@@ -149,7 +157,6 @@ def run(cfg: RunConfig) -> dict:
     log.info("evaluating %s", src.description)
     metrics, rows = evaluate_model(model, tokenizer, dm, cfg.eval, device)
     metrics["lm_eval"] = run_lm_eval(model, tokenizer, cfg.eval, device)
-    out = Path(cfg.eval.output_dir or cfg.output_dir)
     result = {"source": src.description, "metrics": metrics}
     run_dir = Path(cfg.eval.checkpoint) if cfg.eval.checkpoint and Path(cfg.eval.checkpoint).is_dir() else None
     curves = write_results(out, result, rows, run_dir)
@@ -234,7 +241,10 @@ def write_results(out: Path, result: dict, rows: list[dict], run_dir: Path | Non
     fault_point("eval.before_write")
     written = RunDir(out)
     written.metrics.unlink(missing_ok=True)
-    publish_file(written.predictions, "".join(json.dumps(r) + "\n" for r in rows))
+    if rows:
+        publish_file(written.predictions, "".join(json.dumps(r) + "\n" for r in rows))
+    else:  # no generation: an earlier evaluation's predictions would look like this one's
+        written.predictions.unlink(missing_ok=True)
     curves = run_dir is not None and plot_curves(run_dir, written.curves)
     fault_point("eval.before_metrics")
     publish_file(written.metrics, json.dumps(result, indent=2, default=str) + "\n")

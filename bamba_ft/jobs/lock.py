@@ -74,6 +74,23 @@ def held_elsewhere(run_dir: Path) -> bool:
         os.close(fd)  # closing drops a lock taken just now
 
 
+def refuse_to_write_over_a_run(run_dir: Path, task: str, resuming: bool) -> None:
+    """A training run's directory takes only a resume of it (checked when the run starts, as it knows which
+    checkpoint it resumes) or tasks that write elsewhere; anything else would replace its results."""
+    from bamba_ft.jobs.checkpoints import refuse_earlier_run
+    from bamba_ft.rundir import RunDir
+
+    if task == "train":
+        if not resuming:
+            refuse_earlier_run(run_dir, None)
+        return
+    if found := RunDir(run_dir).training_run():
+        raise ConfigError(f"{run_dir} holds a training run ({', '.join(found[:3])}); task={task} would write its "
+                          "own outputs and .hydra/ files over the run's.\nFix: leave hydra.run.dir at its default "
+                          "(eval.checkpoint / export.checkpoint read the run where it is), or choose another directory.",
+                          "hydra.run.dir")
+
+
 def refuse(error: ConfigError) -> None:
     """Print a user error and exit 2 from a Hydra callback (Hydra turns a callback's exception into a warning)."""
     print(f"bamba_ft: {type(error).__name__}: {error}", file=sys.stderr)
@@ -84,8 +101,12 @@ class RunLock(Callback):
     """Takes the lock before Hydra writes anything into the run directory (its .hydra/ files, the log)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir")))
         try:
-            acquire(Path(str(OmegaConf.select(config, "hydra.run.dir"))))
+            acquire(run_dir)
+            if launching_process():  # before Hydra writes its .hydra/ files there
+                refuse_to_write_over_a_run(run_dir, str(OmegaConf.select(config, "task")),
+                                           OmegaConf.select(config, "trainer.resume") is not None)
         except ConfigError as e:
             refuse(e)
 

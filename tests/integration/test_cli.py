@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bamba_ft.config.store import recipe_names
-from bamba_ft.errors import BambaFTError
+from bamba_ft.errors import BambaFTError, ConfigError
 from tests.integration.conftest import cli, run_in_process
 
 FAST = ["model=tiny", "trainer=cpu", "smoke=fast", "logger=none"]
@@ -96,6 +96,30 @@ def test_eval_refuses_a_data_key_the_runs_data_does_not_read(sft_run: Path, tmp_
     with pytest.raises(BambaFTError, match=r"(?s)data.val_source: the data is the builtin task.*would be ignored.*"
                                            r"Fix: also name the data it belongs to"):
         run_in_process([*EVAL, f"eval.checkpoint={sft_run}", "data.val_source=val.jsonl"], tmp_path)
+
+
+def test_eval_never_writes_over_a_training_run_and_num_generate_0_generates_nothing(sft_run: Path,
+                                                                                   tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(sft_run, run)
+    before = (run / "metrics.json").read_text()
+    (tmp_path / "afile").write_text("mine")
+    for output, message in ((run, "holds a training run"), (tmp_path / "afile", "is a file")):
+        with pytest.raises(ConfigError, match=f"eval.output_dir={output} {message}"):
+            run_in_process([*EVAL, f"eval.checkpoint={run}", f"eval.output_dir={output}"], tmp_path / "x")
+    assert (run / "metrics.json").read_text() == before and (tmp_path / "afile").read_text() == "mine"
+    # Hydra's own directory is checked as it starts, before it writes its .hydra/ files there
+    hydra_files = (run / ".hydra" / "config.yaml").read_bytes() if (run / ".hydra").is_dir() else None
+    proc = cli([*EVAL, f"eval.checkpoint={run}", f"hydra.run.dir={run}"], cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "holds a training run" in proc.stderr and "task=eval" in proc.stderr, proc.stderr
+    assert (run / "metrics.json").read_text() == before
+    assert ((run / ".hydra" / "config.yaml").read_bytes() if (run / ".hydra").is_dir() else None) == hydra_files
+    # eval.num_generate=0: no generation metrics (every validation row was generated before)
+    (tmp_path / "out" / "predictions.jsonl").parent.mkdir()
+    (tmp_path / "out" / "predictions.jsonl").write_text("an earlier evaluation's\n")
+    metrics = run_in_process([*EVAL, f"eval.checkpoint={run}", "eval.num_generate=0"], tmp_path / "out")["metrics"]
+    assert "exact_match" not in metrics and "num_generated" not in metrics and "val_loss" in metrics
+    assert not (tmp_path / "out" / "predictions.jsonl").exists()
 
 
 def test_bench_smoke_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
