@@ -176,10 +176,13 @@ def locate(checkpoint: str | None, cfg: RunConfig) -> Source:
         if rd.full_model.is_dir():
             model = dataclasses.replace(run.model, name_or_path=str(rd.full_model), init="pretrained", tokenizer=None)
             return Source(model, QuantConfig(), run=run, description=f"run {path} (full weights)")
-        last = rd.last_ckpt
-        if last.exists():
-            return Source(run.model, run.quant, run=run, ckpt=last, description=f"run {path} (last.ckpt)")
-        raise ModelError(f"checkpoint {checkpoint}: the run has no adapter/, model/ or checkpoints/last.ckpt yet.")
+        if rd.resumable_checkpoints():  # a stopped run: its checkpoint furthest into training, as a resume takes
+            from bamba_ft.jobs.checkpoints import newest_intact
+
+            ckpt = newest_intact(path, f"checkpoint {checkpoint}")
+            return Source(run.model, run.quant, run=run, ckpt=ckpt, description=f"run {path} ({ckpt.name})")
+        raise ModelError(f"checkpoint {checkpoint}: the run has no adapter/, model/ or checkpoint (last.ckpt, "
+                         "interrupted.ckpt, best-*) yet.")
     if (path / "adapter_config.json").exists():
         base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
         model = dataclasses.replace(cfg.model, name_or_path=base or cfg.model.name_or_path, init="pretrained")

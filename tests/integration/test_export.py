@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bamba_ft.config.schema import RunConfig
-from bamba_ft.errors import BambaFTError, ConfigError
+from bamba_ft.errors import BambaFTError, ConfigError, ModelError
 from bamba_ft.model.mixer import stock_forward
 from bamba_ft.model.restore import load_source, locate
 from tests.integration.conftest import run_in_process
@@ -192,3 +192,23 @@ def test_qlora_run_exports_merged_with_quantization_error_reported(tmp_path: Pat
     assert report["quantized_vs_merged_max_abs_logit_diff"] < 1e-4
     assert "quantized base + adapter vs merged" in capsys.readouterr().out
     assert report["verify"]["max_rel_logit_diff"] <= 1e-5
+
+
+def test_a_stopped_run_is_evaluated_and_exported_from_its_furthest_checkpoint(sft_run: Path, tmp_path: Path) -> None:
+    """No adapter/ yet: the checkpoint a resume would take (the highest step), not last.ckpt by name."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(sft_run, run)
+    shutil.rmtree(run / "adapter")
+    for p in (run / "checkpoints").glob("*.ckpt"):
+        p.unlink() if p.name != "last.ckpt" else None
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    state["global_step"] += 5
+    torch.save(state, run / "checkpoints" / "interrupted.ckpt")
+    assert locate(str(run), RunConfig()).ckpt == run / "checkpoints" / "interrupted.ckpt"
+    (run / "checkpoints" / "last.ckpt").unlink()
+    assert locate(str(run), RunConfig()).ckpt == run / "checkpoints" / "interrupted.ckpt"
+    (run / "checkpoints" / "interrupted.ckpt").unlink()
+    with pytest.raises(ModelError, match=r"has no adapter/, model/ or checkpoint \(last.ckpt, interrupted.ckpt"):
+        locate(str(run), RunConfig())
