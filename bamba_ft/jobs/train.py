@@ -38,7 +38,7 @@ from bamba_ft.jobs.checkpoints import (
 )
 from bamba_ft.jobs.evaluate import evaluate_model, format_metrics
 from bamba_ft.jobs.fsdp import storage_dtype
-from bamba_ft.jobs.report import plot_curves, publish_file, table
+from bamba_ft.jobs.report import atomic_write_json, plot_curves, publish_file, table
 from bamba_ft.jobs.runtime import autocast_dtype, autocast_for, choose_device, resolve_precision, to_device
 from bamba_ft.lit_module import BambaLitModule, batch_tokens, training_mean_loss
 from bamba_ft.model.build import build_model, load_tokenizer
@@ -52,7 +52,7 @@ from bamba_ft.model.mixer import (
     unsafe_attention,
     why_no_graphs,
 )
-from bamba_ft.model.restore import checkpoint_state, save_run_config
+from bamba_ft.model.restore import RANDOM_BASE, checkpoint_state, random_base_record, save_run_config
 from bamba_ft.ops.loss import causal_lm
 from bamba_ft.rundir import INTERRUPTED, RunDir
 
@@ -108,6 +108,8 @@ def save_trained(model: nn.Module, tokenizer: Any, cfg: RunConfig, run_dir: Path
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         generation_config_for(causal_lm(model), tokenizer).save_pretrained(tmp)  # generation stops at end of turn
+        if (run_dir / RANDOM_BASE).exists():  # the adapter alone names its random base
+            shutil.copyfile(run_dir / RANDOM_BASE, tmp / RANDOM_BASE)
         adapter_config = tmp / "adapter_config.json"
         if adapter_config.exists():  # name the base as the user did (a Hub id or builtin:), not a resolved local path
             data = json.loads(adapter_config.read_text())
@@ -145,7 +147,7 @@ def _prepare(cfg: RunConfig, device: torch.device) -> tuple[nn.Module, Any, Bamb
     if cfg.model.cuda_graphs == "auto" and no_graphs and device.type == "cuda":
         log.info("model.cuda_graphs=auto: the conv+scan runs without CUDA graphs (%s)", no_graphs)
     model = apply_peft(build_model(cfg.model, cfg.quant, device, empty=sharded, dtype=dtype,
-                                   graphs_auto=no_graphs is None), cfg.peft)
+                                   graphs_auto=no_graphs is None, seed=cfg.trainer.seed), cfg.peft)
     if cfg.data.packing and (attn := unsafe_attention(model)) is not None:
         raise ConfigError(
             f"data.packing=true: model.attn_implementation={attn} lets packed sequences attend to each other in "
@@ -303,6 +305,8 @@ def run(cfg: RunConfig) -> dict:
     strategy = _strategy(cfg)
     model, tokenizer, dm = _prepare(cfg, device)
     save_run_config(cfg, run_dir)
+    if (record := random_base_record(cfg, causal_lm(model), device)) is not None and lock.launching_process():
+        atomic_write_json(run_dir / RANDOM_BASE, record)  # what eval and export rebuild the base from
 
     before: dict = {}
     if cfg.eval.before_training and lock.launching_process() and not cfg.trainer.fast_dev_run and not cfg.trainer.resume:

@@ -115,12 +115,33 @@ def init_rest(model: PreTrainedModel, device: torch.device) -> None:
         model.tie_weights()
 
 
-def _materialize_random(model: PreTrainedModel, device: torch.device, quant: QuantConfig) -> None:
-    """Fill a meta-device model with fresh weights one decoder layer at a time (quantizing each as it lands)."""
+def _moments(params: Iterator[nn.Parameter]) -> torch.Tensor:
+    """float64 sum and sum of squares of `params`: a fingerprint that tells one random draw from another."""
+    total = torch.zeros(2, dtype=torch.float64)
+    for p in params:
+        x = p.detach().double()
+        total += torch.stack([x.sum(), (x * x).sum()]).cpu()
+    return total
+
+
+def _materialize_random(model: PreTrainedModel, device: torch.device, quant: QuantConfig) -> list[float]:
+    """Fill a meta-device model with fresh weights one decoder layer at a time (quantizing each as it lands).
+    Returns the fingerprint of the weights drawn (before any quantization)."""
+    total = torch.zeros(2, dtype=torch.float64)
     for layer in model.model.layers:
         init_layer(model, layer, device)
+        total += _moments(layer.parameters())
         quantize_layer(layer, quant)
     init_rest(model, device)
+    in_layers = {id(p) for p in model.model.layers.parameters()}
+    total += _moments(p for p in model.parameters() if id(p) not in in_layers)
+    return total.tolist()
+
+
+def same_draw(recorded: list[float], drawn: list[float]) -> bool:
+    """Whether two random bases' fingerprints are one draw (to float64 summation noise; another draw differs in
+    the sum by about the root of the sum of squares)."""
+    return abs(recorded[1] - drawn[1]) <= 1e-9 * recorded[1] and abs(recorded[0] - drawn[0]) <= 1e-7 * recorded[1]
 
 
 @contextlib.contextmanager
@@ -154,14 +175,15 @@ def empty_model(causal_lm_class: type, config: PretrainedConfig) -> PreTrainedMo
 
 
 def build_model(cfg: ModelConfig, quant: QuantConfig, device: torch.device, empty: bool = False,
-                dtype: torch.dtype | None = None, graphs_auto: bool = False) -> nn.Module:
+                dtype: torch.dtype | None = None, graphs_auto: bool = False, seed: int | None = None) -> nn.Module:
     """The model on `device`, in `cfg.dtype`, with bamba_ft's mixer installed and `use_cache=False`.
 
     Quantized bases are built one decoder layer at a time, so the device never holds the full 16-bit model.
     `empty`: parameters on the meta device (for sharding first and loading after; bamba_ft/model/shard.py), for
     computing on `device`. `dtype` overrides the dtype `cfg.dtype` resolves to. `graphs_auto`: the caller trains
     where the conv+scan's CUDA graphs pay (`why_no_graphs` found no reason against them), so model.cuda_graphs=auto
-    turns them on where the fused conv+scan runs; otherwise auto means off.
+    turns them on where the fused conv+scan runs; otherwise auto means off. `seed`: an `init=random` base is drawn
+    from it, leaving the random state as it was; its fingerprint is the model's `random_base_fingerprint`.
     """
     check_quant_device(quant, device)
     config = load_config(cfg)
@@ -182,7 +204,11 @@ def build_model(cfg: ModelConfig, quant: QuantConfig, device: torch.device, empt
         elif cfg.init == "random":
             with torch.device("meta"):
                 model = causal_lm_class(config)
-            _materialize_random(model, device, quant)
+            drawn = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+            with drawn if seed is not None else contextlib.nullcontext():
+                if seed is not None:
+                    torch.manual_seed(seed)
+                model.random_base_fingerprint = _materialize_random(model, device, quant)
         else:
             # Quantized: load on the CPU, then move and quantize layer by layer.
             load_device = "cpu" if quant.method != "none" else device

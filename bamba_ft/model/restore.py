@@ -18,12 +18,32 @@ from transformers import PreTrainedTokenizerBase
 
 from bamba_ft.config.schema import ModelConfig, QuantConfig, RunConfig
 from bamba_ft.errors import ModelError
-from bamba_ft.model.build import build_model, load_tokenizer
+from bamba_ft.model.build import build_model, load_tokenizer, same_draw
 from bamba_ft.model.lora import allow_mixer_out_proj, apply_peft, fuse_lora_forward
 from bamba_ft.rundir import RUN_CONFIG, RunDir
 
 log = logging.getLogger(__name__)
 
+
+
+# A base drawn at random (model.init=random) is in no file: eval and export draw it again from the run's seed and
+# check the draw against the fingerprint recorded here (in the run directory, and in its adapter directory).
+RANDOM_BASE = "random_base.json"
+
+
+def random_base_record(cfg: RunConfig, model: nn.Module, device: torch.device) -> dict | None:
+    """What rebuilds this run's random base, or None when its base is loaded from a file (or drawn sharded)."""
+    fingerprint = getattr(model, "random_base_fingerprint", None)
+    if cfg.model.init != "random" or fingerprint is None:
+        return None
+    return {"model": dataclasses.asdict(cfg.model), "quant": dataclasses.asdict(cfg.quant), "seed": cfg.trainer.seed,
+            "device": device.type, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "fingerprint": fingerprint}
+
+
+def _read_random_base(directory: Path) -> dict | None:
+    path = directory / RANDOM_BASE
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def save_run_config(cfg: RunConfig, run_dir: Path) -> None:
@@ -153,6 +173,8 @@ class Source:
     adapter_dir: Path | None = None
     ckpt: Path | None = None
     description: str = ""
+    random_base: dict | None = None
+    """For an `init=random` base: the run's record of its draw (RANDOM_BASE), None when it made none."""
 
 
 def locate(checkpoint: str | None, cfg: RunConfig) -> Source:
@@ -167,12 +189,15 @@ def locate(checkpoint: str | None, cfg: RunConfig) -> Source:
         if not (run_dir / RUN_CONFIG).exists():
             raise ModelError(f"checkpoint {checkpoint}: cannot find its run's {RUN_CONFIG} in {run_dir}.")
         run = load_run_config(run_dir)
-        return Source(run.model, run.quant, run=run, ckpt=path, description=f"training checkpoint {path}")
+        return Source(run.model, run.quant, run=run, ckpt=path, description=f"training checkpoint {path}",
+                      random_base=_read_random_base(run_dir))
     rd = RunDir(path)
     if rd.run_config.exists():
         run = load_run_config(path)
+        drawn = _read_random_base(path)
         if rd.adapter.is_dir():
-            return Source(run.model, run.quant, run=run, adapter_dir=rd.adapter, description=f"run {path}")
+            return Source(run.model, run.quant, run=run, adapter_dir=rd.adapter, description=f"run {path}",
+                          random_base=drawn)
         if rd.full_model.is_dir():
             model = dataclasses.replace(run.model, name_or_path=str(rd.full_model), init="pretrained", tokenizer=None)
             return Source(model, QuantConfig(), run=run, description=f"run {path} (full weights)")
@@ -180,9 +205,15 @@ def locate(checkpoint: str | None, cfg: RunConfig) -> Source:
             from bamba_ft.jobs.checkpoints import newest_intact
 
             ckpt = newest_intact(path, f"checkpoint {checkpoint}")
-            return Source(run.model, run.quant, run=run, ckpt=ckpt, description=f"run {path} ({ckpt.name})")
+            return Source(run.model, run.quant, run=run, ckpt=ckpt, description=f"run {path} ({ckpt.name})",
+                          random_base=drawn)
         raise ModelError(f"checkpoint {checkpoint}: the run has no adapter/, model/ or checkpoint (last.ckpt, "
                          "interrupted.ckpt, best-*) yet.")
+    if (drawn := _read_random_base(path)) is not None and (path / "adapter_config.json").exists():
+        model = ModelConfig(**{k: v for k, v in drawn["model"].items() if k in ModelConfig.__dataclass_fields__})
+        quant = QuantConfig(**{k: v for k, v in drawn["quant"].items() if k in QuantConfig.__dataclass_fields__})
+        return Source(model, quant, adapter_dir=path, random_base=drawn,
+                      description=f"adapter {path} on its random {model.shape or model.name_or_path} base")
     if (path / "adapter_config.json").exists():
         base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
         model = dataclasses.replace(cfg.model, name_or_path=base or cfg.model.name_or_path, init="pretrained")
@@ -196,12 +227,34 @@ def locate(checkpoint: str | None, cfg: RunConfig) -> Source:
     )
 
 
+def _build_base(src: Source, device: torch.device) -> nn.Module:
+    """The source's base; a random one drawn again from its run's seed, and refused unless it is the same draw."""
+    if src.model.init != "random" or (src.adapter_dir is None and src.ckpt is None):
+        return build_model(src.model, src.quant, device)  # a base model to evaluate as it is configured
+    drawn = src.random_base
+    if drawn is None:
+        raise ModelError(f"{src.description}: trained on a base drawn at random (model.init=random) whose draw was not "
+                         f"recorded ({RANDOM_BASE}: runs before it was kept, or trained under FSDP), so no other "
+                         "process can rebuild that base; adapters on another draw would be scored or merged wrongly."
+                         "\nFix: train on a saved base (model.name_or_path=<directory>), or recipe=full, whose "
+                         "weights are saved whole.")
+    model = build_model(src.model, src.quant, device, seed=int(drawn["seed"]))
+    again = model.random_base_fingerprint
+    if not same_draw(drawn["fingerprint"], again):
+        raise ModelError(f"{src.description}: its random base was drawn on {drawn['device']} in {drawn['dtype']}; "
+                         f"drawn again here on {device.type} in {str(next(model.parameters()).dtype).removeprefix('torch.')}"
+                         f" from the same seed it differs (sum of squares {again[1]:.6g}, recorded {drawn['fingerprint'][1]:.6g}), "
+                         "so the adapters would be scored or merged on other weights.\nFix: evaluate or export on the "
+                         "kind of device it trained on, in its dtype (model.dtype), or train on a saved base.")
+    return model
+
+
 def load_source(src: Source, device: torch.device, trainable: bool = False) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """Build the base (quantized as configured), attach the adapter or .ckpt state; eval mode unless `trainable`."""
     # A run saves its tokenizer (chat template included) beside the adapter.
     has_tokenizer = src.adapter_dir is not None and (src.adapter_dir / "tokenizer_config.json").exists()
     tokenizer = load_tokenizer(dataclasses.replace(src.model, tokenizer=str(src.adapter_dir)) if has_tokenizer else src.model)
-    model: nn.Module = build_model(src.model, src.quant, device)
+    model: nn.Module = _build_base(src, device)
     if src.adapter_dir is not None:
         with allow_mixer_out_proj(model):
             model = PeftModel.from_pretrained(model, str(src.adapter_dir), is_trainable=trainable)

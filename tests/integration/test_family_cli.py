@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from bamba_ft.errors import ModelError
 from tests.integration.conftest import run_in_process
 
 CAUSAL_LM = {"granitemoehybrid": "GraniteMoeHybridForCausalLM", "falcon_h1": "FalconH1ForCausalLM",
@@ -31,3 +32,22 @@ def test_family_sft_then_export_reloads_in_transformers(model_type: str, tmp_pat
     report = json.loads((out / "export_report.json").read_text())
     assert report["verify"]["reloaded_class"] == CAUSAL_LM[model_type]
     assert report["verify"]["max_rel_logit_diff"] <= 1e-5
+    # The export is the trained model: its random base was drawn again from the run's seed (it used to be a new
+    # draw each time, so every evaluation and export of such a run scored other weights).
+    trained = json.loads((run / "metrics.json").read_text())["after"]["val_loss"]
+    for i, source in enumerate((out, run, run / "adapter")):
+        scored = run_in_process(["recipe=eval", f"eval.checkpoint={source}", "trainer=cpu", "smoke=fast",
+                                 "eval.generate=false"], tmp_path / f"eval{i}")["metrics"]["val_loss"]
+        assert abs(scored - trained) <= 1e-5 * abs(trained), (source, scored, trained)
+    if model_type != "nemotron_h":
+        return
+    # another draw is refused, as is a run whose draw was not recorded
+    record = json.loads((run / "random_base.json").read_text())
+    record["fingerprint"][1] *= 1.001
+    (run / "random_base.json").write_text(json.dumps(record))
+    with pytest.raises(ModelError, match=r"drawn again here on cpu.*differs"):
+        run_in_process(["recipe=eval", f"eval.checkpoint={run}", "trainer=cpu", "smoke=fast"], tmp_path / "e1")
+    (run / "random_base.json").unlink()
+    with pytest.raises(ModelError, match=r"whose draw was not recorded"):
+        run_in_process(["recipe=export", f"export.checkpoint={run}", f"export.output_dir={tmp_path / 'e2'}"],
+                       tmp_path / "e2log")
