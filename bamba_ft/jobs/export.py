@@ -37,7 +37,7 @@ from bamba_ft.model.build import DTYPES
 from bamba_ft.model.families import family_of
 from bamba_ft.model.mixer import stock_forward
 from bamba_ft.model.quant import dequantize_model, is_quantized
-from bamba_ft.model.restore import load_source, locate
+from bamba_ft.model.restore import RANDOM_BASE, load_source, locate
 from bamba_ft.ops.loss import causal_lm
 from bamba_ft.rundir import RunDir
 
@@ -364,9 +364,16 @@ def _write(model: nn.Module, tokenizer, cfg: RunConfig, src, tmp: Path, target: 
     if ex.adapter_only:
         if src.adapter_dir is None and src.ckpt is None:
             raise ConfigError("export.adapter_only=true needs a LoRA run, adapter or checkpoint to export.")
+        from peft import get_peft_model_state_dict
+
+        # the adapter keeps the dtype it trained in: export.dtype is the merged weights'
+        saved = get_peft_model_state_dict(model)
+        report["dtype"] = ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in saved.values()}))
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         generation_config_for(causal_lm(model), tokenizer).save_pretrained(tmp)
+        if src.random_base is not None:  # the adapter alone names its random base
+            atomic_write_json(tmp / RANDOM_BASE, src.random_base)
         fault_point("export.after_save")
         write_model_card(tmp, cfg, src, report, adapter_only=True)
         return report

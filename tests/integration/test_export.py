@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bamba_ft.config.schema import RunConfig
@@ -111,6 +112,8 @@ def test_adapter_only_export_loads_with_peft(sft_run: Path, tmp_path: Path) -> N
     run_in_process(["recipe=export", f"export.checkpoint={sft_run}", f"export.output_dir={out}",
                     "export.adapter_only=true"], tmp_path / "log")
     assert (out / "adapter_model.safetensors").exists() and (out / "README.md").exists()
+    saved = {str(t.dtype).removeprefix("torch.") for t in load_file(out / "adapter_model.safetensors").values()}
+    assert json.loads((out / "export_report.json").read_text())["dtype"] == ", ".join(sorted(saved))
     base, _ = load_source(locate(None, RunConfig()), torch.device("cpu"))
     model = PeftModel.from_pretrained(base, str(out)).eval()
     ref, _ = adapter_model(sft_run)
