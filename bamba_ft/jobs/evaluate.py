@@ -137,6 +137,7 @@ def run(cfg: RunConfig) -> dict:
     """recipe=eval: evaluate a base model, adapter, checkpoint or merged model; write metrics and predictions."""
     device = choose_device(cfg.trainer.accelerator)
     src = locate(cfg.eval.checkpoint, cfg)
+    src.refuse_ignored(override_keys())
     out = Path(cfg.eval.output_dir or cfg.output_dir)
     if cfg.eval.output_dir:  # checked before the evaluation, not after it (Hydra's own directory is checked as it starts)
         if out.exists() and not out.is_dir():

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bamba_ft.config.overrides import override_keys
 from bamba_ft.config.schema import RunConfig
 from bamba_ft.data.templates import generation_config_for
 from bamba_ft.errors import BambaFTError, ConfigError
@@ -316,6 +317,7 @@ def run(cfg: RunConfig) -> dict:
     if not ex.checkpoint:
         raise ConfigError("export.checkpoint is not set. Fix: export.checkpoint=<training run directory or adapter>.")
     src = locate(ex.checkpoint, cfg)
+    src.refuse_ignored(override_keys())
     target = (Path(ex.output_dir) if ex.output_dir else default_target(Path(ex.checkpoint), ex.adapter_only))
     target = target.expanduser().resolve()  # the verification process runs elsewhere
     clean_stale_exports(target)  # first: it may restore a target that a killed overwrite had moved aside

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from bamba_ft.config.schema import ModelConfig, QuantConfig, RunConfig
-from bamba_ft.errors import ModelError
+from bamba_ft.errors import ConfigError, ModelError
 from bamba_ft.model.build import build_model, load_tokenizer, same_draw
 from bamba_ft.model.lora import allow_mixer_out_proj, apply_peft, fuse_lora_forward
 from bamba_ft.rundir import RUN_CONFIG, RunDir
@@ -175,6 +175,16 @@ class Source:
     description: str = ""
     random_base: dict | None = None
     """For an `init=random` base: the run's record of its draw (RANDOM_BASE), None when it made none."""
+    own: tuple[str, ...] = ("peft",)
+    """Config sections (or keys) the source brings itself: the command line's values for them are not used."""
+
+    def refuse_ignored(self, given: set[str]) -> None:
+        """Command-line keys (`given`, dotted; a group choice by its name) that this source would silently ignore."""
+        hit = sorted(k for k in given if any(k == o or k.startswith(o + ".") for o in self.own))
+        if hit:
+            raise ConfigError(f"{', '.join(hit)}: {self.description} brings its own {', '.join(self.own)}, so these "
+                              "would be ignored.\nFix: drop them; to evaluate or export another model or adapter, "
+                              "name it in eval.checkpoint / export.checkpoint (unset: the configured base model).")
 
 
 def locate(checkpoint: str | None, cfg: RunConfig) -> Source:
@@ -190,37 +200,41 @@ def locate(checkpoint: str | None, cfg: RunConfig) -> Source:
             raise ModelError(f"checkpoint {checkpoint}: cannot find its run's {RUN_CONFIG} in {run_dir}.")
         run = load_run_config(run_dir)
         return Source(run.model, run.quant, run=run, ckpt=path, description=f"training checkpoint {path}",
-                      random_base=_read_random_base(run_dir))
+                      random_base=_read_random_base(run_dir), own=("model", "quant", "peft"))
     rd = RunDir(path)
     if rd.run_config.exists():
         run = load_run_config(path)
         drawn = _read_random_base(path)
         if rd.adapter.is_dir():
             return Source(run.model, run.quant, run=run, adapter_dir=rd.adapter, description=f"run {path}",
-                          random_base=drawn)
+                          random_base=drawn, own=("model", "quant", "peft"))
         if rd.full_model.is_dir():
             model = dataclasses.replace(run.model, name_or_path=str(rd.full_model), init="pretrained", tokenizer=None)
-            return Source(model, QuantConfig(), run=run, description=f"run {path} (full weights)")
+            return Source(model, QuantConfig(), run=run, description=f"run {path} (full weights)", own=("model", "quant", "peft"))
         if rd.resumable_checkpoints():  # a stopped run: its checkpoint furthest into training, as a resume takes
             from bamba_ft.jobs.checkpoints import newest_intact
 
             ckpt = newest_intact(path, f"checkpoint {checkpoint}")
             return Source(run.model, run.quant, run=run, ckpt=ckpt, description=f"run {path} ({ckpt.name})",
-                          random_base=drawn)
+                          random_base=drawn, own=("model", "quant", "peft"))
         raise ModelError(f"checkpoint {checkpoint}: the run has no adapter/, model/ or checkpoint (last.ckpt, "
                          "interrupted.ckpt, best-*) yet.")
     if (drawn := _read_random_base(path)) is not None and (path / "adapter_config.json").exists():
         model = ModelConfig(**{k: v for k, v in drawn["model"].items() if k in ModelConfig.__dataclass_fields__})
         quant = QuantConfig(**{k: v for k, v in drawn["quant"].items() if k in QuantConfig.__dataclass_fields__})
-        return Source(model, quant, adapter_dir=path, random_base=drawn,
+        return Source(model, quant, adapter_dir=path, random_base=drawn, own=("model", "quant", "peft"),
                       description=f"adapter {path} on its random {model.shape or model.name_or_path} base")
     if (path / "adapter_config.json").exists():
+        from bamba_ft.config.overrides import override_keys
+
         base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if override_keys() & {"model", "model.name_or_path"}:  # the base named on the command line (a local copy)
+            base = cfg.model.name_or_path
         model = dataclasses.replace(cfg.model, name_or_path=base or cfg.model.name_or_path, init="pretrained")
         return Source(model, cfg.quant, adapter_dir=path, description=f"adapter {path} on {model.name_or_path}")
     if (path / "config.json").exists():
         model = dataclasses.replace(cfg.model, name_or_path=str(path), init="pretrained", tokenizer=None)
-        return Source(model, QuantConfig(), description=f"model {path}")
+        return Source(model, QuantConfig(), description=f"model {path}", own=("quant", "peft", "model.name_or_path"))
     raise ModelError(
         f"checkpoint {checkpoint}: not a run directory ({RUN_CONFIG}), a peft adapter (adapter_config.json), "
         "a model directory (config.json) or a .ckpt file."

@@ -122,6 +122,17 @@ def test_eval_never_writes_over_a_training_run_and_num_generate_0_generates_noth
     assert not (tmp_path / "out" / "predictions.jsonl").exists()
 
 
+def test_eval_and_export_refuse_keys_their_source_would_ignore(sft_run: Path, tmp_path: Path) -> None:
+    """A run brings its model, quantization and adapters; they were silently used over the command line's."""
+    with pytest.raises(ConfigError, match=r"model, peft.r: run .* brings its own model, quant, peft, so these would "
+                                          r"be ignored"):
+        run_in_process([*EVAL, f"eval.checkpoint={sft_run}", "model=tiny-random-falcon_h1", "peft.r=4"], tmp_path / "a")
+    with pytest.raises(ConfigError, match=r"quant: run .* brings its own"):
+        run_in_process(["recipe=export", f"export.checkpoint={sft_run}", "quant=nf4",
+                        f"export.output_dir={tmp_path / 'x'}"], tmp_path / "b")
+    assert not (tmp_path / "x").exists()
+
+
 def test_bench_smoke_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run_in_process(["recipe=bench", "trainer=cpu", "bench.warmup_steps=1", "bench.steps=1", "bench.seqs_per_step=2",
                     "bench.median_len=40", "bench.max_len=64", "bench.data_pipeline_examples=3000",
