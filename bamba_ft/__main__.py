@@ -24,6 +24,7 @@ log = logging.getLogger("bamba_ft")
 
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+DIVERGED_EXIT = 3  # training ended with a non-finite loss or weights (the summary says which)
 
 
 def run_config(cfg: DictConfig) -> dict:
@@ -60,6 +61,8 @@ def run_task(cfg: DictConfig) -> float | None:
         from bamba_ft.jobs.callbacks import STOPPED_EXIT
 
         sys.exit(STOPPED_EXIT.get(result.get("signal", ""), 143))
+    if isinstance(result, dict) and result.get("diverged"):
+        sys.exit(DIVERGED_EXIT)  # a script chaining an export on this run must not take it for a success
     return None
 
 

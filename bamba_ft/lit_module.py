@@ -69,6 +69,7 @@ class BambaLitModule(L.LightningModule):
         self._val_sum = self._val_count = None
         self._tokens = 0
         self._t0: float | None = None
+        self.fit_tokens = 0  # real tokens this rank trained on in this fit (the throughput window resets)
 
     def forward(self, batch: dict, train: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed loss, target tokens). Every loss goes through here: under FSDP this module is the sharding root,
@@ -94,7 +95,9 @@ class BambaLitModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self.last_batch = batch_tokens(batch)
         loss = self.mean_loss(batch)
-        self._tokens += self.real_tokens(batch)
+        real = self.real_tokens(batch)
+        self._tokens += real
+        self.fit_tokens += real
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss
 
@@ -106,6 +109,11 @@ class BambaLitModule(L.LightningModule):
         if self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0 and now > self._t0:
             self.log("train/tokens_per_sec", self._tokens / (now - self._t0), prog_bar=True)
             self._t0, self._tokens = now, 0
+
+    def on_train_end(self) -> None:
+        # every rank's, summed here: the summary is written by rank 0 alone (collective: all ranks end the fit)
+        total = torch.tensor(float(self.fit_tokens), device=self.device, dtype=torch.float64)
+        self.fit_tokens = int(self.trainer.strategy.reduce(total, reduce_op="sum"))
 
     def on_validation_epoch_start(self) -> None:
         self._val_sum = torch.zeros((), device=self.device, dtype=torch.float64)

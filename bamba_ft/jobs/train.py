@@ -6,6 +6,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -427,20 +428,47 @@ def _finish(cfg: RunConfig, model: nn.Module, tokenizer: Any, dm: BambaDataModul
             "fit_seconds": round(fit_seconds, 2),
             "final_train_loss": logged.get("train/loss"),
             "last_val_loss": logged.get("val/loss"),  # from the training loop (reduced over ranks)
-            "tokens_per_sec": logged.get("train/tokens_per_sec"),
+            # real tokens over the whole fit (validation and checkpoints included) and its wall time; the rate
+            # of the last training window between two logged steps, without them, beside it
+            "tokens": trainer.lightning_module.fit_tokens,
+            "tokens_per_sec": trainer.lightning_module.fit_tokens / fit_seconds if fit_seconds > 0 else None,
+            "window_tokens_per_sec": logged.get("train/tokens_per_sec"),
         },
         "data": {name: vars(st) for name, st in dm.stats.items()}
         | ({"train_stream": dm.stream_report()} if dm.stream else {}),
         "packing_efficiency": dm.packing_efficiency(),
         "outputs": {"run": str(run_dir), saved.name: str(saved)},
     }
+    if (diverged := _diverged(model, metrics)) is not None:
+        metrics["diverged"] = diverged
     rd = RunDir(run_dir)
-    publish_file(rd.metrics, json.dumps(metrics, indent=2, default=str) + "\n")
+    publish_file(rd.metrics, json.dumps(_finite_or_null(metrics), indent=2, default=str) + "\n")
     if rows:
         publish_file(rd.predictions, "".join(json.dumps(r) + "\n" for r in rows))
     has_curves = plot_curves(run_dir, rd.curves)
     _print_summary(metrics, run_dir, saved, has_curves, time.perf_counter() - t_start)
     return metrics
+
+
+def _diverged(model: nn.Module, metrics: dict) -> str | None:
+    """What shows that training diverged (a non-finite loss or trained weight), or None."""
+    a, tr = metrics["after"], metrics["train"]
+    for name, value in (("val loss", a.get("val_loss")), ("train loss", tr.get("final_train_loss"))):
+        if value is not None and not math.isfinite(value):
+            return f"{name} is {value}"
+    bad = [n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+    return f"{len(bad)} trained tensors hold non-finite values (first: {bad[0]})" if bad else None
+
+
+def _finite_or_null(value: Any) -> Any:
+    """metrics.json as strict JSON: NaN and infinities (which json.dumps writes bare) become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_null(v) for v in value]
+    return value
 
 
 def _fmt(m: dict, key: str, pct: bool = False) -> str:
@@ -486,9 +514,13 @@ def _print_summary(metrics: dict, run_dir: Path, saved: Path, has_curves: bool, 
     lines.append(f"  metrics      {rd.metrics}")
     if has_curves:
         lines.append(f"  curves       {rd.curves}")
-    lines += [
-        "next:",
-        f"  python -m bamba_ft recipe=eval eval.checkpoint={run_dir}",
-        f"  python -m bamba_ft recipe=export export.checkpoint={run_dir}",
-    ]
+    if "diverged" in metrics:  # the run exits 3 (bamba_ft/__main__.py): nothing here is worth evaluating
+        lines.append(f"diverged: {metrics['diverged']}; the saved weights are not usable.\nFix: lower optim.lr (or raise "
+                     "optim.warmup_steps) and train again; the checkpoints hold the diverged state.")
+    else:
+        lines += [
+            "next:",
+            f"  python -m bamba_ft recipe=eval eval.checkpoint={run_dir}",
+            f"  python -m bamba_ft recipe=export export.checkpoint={run_dir}",
+        ]
     print("\n".join(lines))

@@ -133,6 +133,24 @@ def test_eval_and_export_refuse_keys_their_source_would_ignore(sft_run: Path, tm
     assert not (tmp_path / "x").exists()
 
 
+def test_a_diverged_run_exits_3_with_strict_json_and_no_next_steps(tmp_path: Path) -> None:
+    proc = cli(["smoke=fast", "trainer=cpu", "logger=none", "optim.lr=1e6", "eval.before_training=false",
+                f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, check=False)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "diverged: " in proc.stdout and "Fix: lower optim.lr" in proc.stdout and "next:" not in proc.stdout
+    def bare(name: str) -> None:
+        raise AssertionError(f"metrics.json holds a bare {name}")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text(), parse_constant=bare)
+    assert metrics["diverged"] and metrics["after"]["val_loss"] is None
+
+
+def test_the_summary_rate_is_the_whole_fits(tmp_path: Path) -> None:
+    """Tokens over the fit's wall time (it was the last logging window's rate, 8x the average in a short run)."""
+    metrics = run_in_process(["smoke=fast", "trainer=cpu", "logger=none", "eval.before_training=false"], tmp_path)
+    tr = metrics["train"]
+    assert tr["tokens"] > 0 and tr["tokens_per_sec"] == pytest.approx(tr["tokens"] / tr["fit_seconds"], rel=0.01)
+
+
 def test_bench_smoke_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run_in_process(["recipe=bench", "trainer=cpu", "bench.warmup_steps=1", "bench.steps=1", "bench.seqs_per_step=2",
                     "bench.median_len=40", "bench.max_len=64", "bench.data_pipeline_examples=3000",
