@@ -14,7 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from bamba_ft.config.schema import RunConfig, validate
+from bamba_ft.config.schema import DataConfig, RunConfig, validate
 from bamba_ft.errors import ConfigError, Problems, not_an_option, suggest
 
 GROUPS = ("model", "peft", "quant", "data", "optim", "trainer", "logger", "recipe", "smoke", "sweep")
@@ -249,7 +249,20 @@ def _check_data_option(cfg: RunConfig, option: str) -> None:
     lengths and schedule are tuned for the tiny built-in task and would silently apply to that data
     (examples truncated at 128 tokens, 400 steps at lr 3e-3)."""
     d = cfg.data
-    if cfg.task != "train" or not option.startswith("builtin") or (d.source == "builtin" and not d.sources):
+    if cfg.task != "train":
+        return
+    if d.source == "builtin" and not d.sources:
+        # keys only a data file reads: the built-in task generates its splits
+        default = DataConfig()
+        unread = [f"data.{k}={getattr(d, k)}" for k in ("val_source", "val_split", "val_fraction", "split", "config")
+                  if getattr(d, k) != getattr(default, k)]
+        if unread:
+            raise ConfigError([f"{key}: the data is the built-in task, which generates its training and validation "
+                               "sets, so this would be ignored.\nFix: also name your data (data=file "
+                               f"data.source=path/to/train.jsonl {key}), or drop it (the built-in validation size: "
+                               "data.builtin_val_examples=N)." for key in unread])
+        return
+    if not option.startswith("builtin"):
         return
     given = f"data.source={d.source}" if d.source != "builtin" else "'data.sources=[...]'"
     raise ConfigError(

@@ -196,6 +196,9 @@ def test_a_bad_override_exits_2_with_one_message_and_no_traceback(tmp_path: Path
     # the built-in task's lengths and schedule must not silently apply to the user's data
     (["data.source=train.jsonl", *FAST], "data.source=train.jsonl with data=builtin: that data option tunes"),
     (["data.sources=[{source: a.jsonl}]", *FAST], "Fix: add data=file to the command line"),
+    # a validation file next to the built-in task was ignored: it validated on the generated set
+    (["data.val_source=val.jsonl", *FAST], "data.val_source=val.jsonl: the data is the built-in task, which "
+                                           "generates its training and validation sets, so this would be ignored"),
     (["model.name_or_path=/nonexistent/model", *FAST], "model.name_or_path=/nonexistent/model: no such directory"),
     (["model.name_or_path=some-org/some-model", *FAST], "not a local directory, and the Hugging Face Hub did not provide it"),
     (["recipe=eval", "eval.checkpoint=/nonexistent/run"], "checkpoint /nonexistent/run: no such file or directory"),
