@@ -202,15 +202,27 @@ def _load_dir(path: Path, source: str, split: str, key: str, config: str | None)
                 raise DataError(f"{where}: no split '{split}'; it has {', '.join(loaded)}.")
             loaded = loaded[split]
         return number_rows(loaded)
+    kinds = sorted({p.suffix for p in path.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES
+                    and not any(part.startswith(".") for part in p.relative_to(path).parts)})
+    if len(kinds) > 1:  # datasets reads the most common format of a directory and skips the others unannounced
+        raise DataError(f"{where}: the directory holds {' and '.join(kinds)} files; a directory is read as one "
+                        "format, so the others would be left out without a word.\nFix: keep one format in it, or "
+                        f"list the files in data.sources (data.sources=[{{source: a{kinds[0]}}}, {{source: b{kinds[1]}}}]).")
     try:
         return number_rows(load_repo(str(path), config, split, key))
     except DataError:
         raise
     except Exception as e:
+        named = (f"\ndatasets names a directory's splits by its file names (train*, validation*/val*/dev*, test*), "
+                 f"so its files here make no '{split}' split.") if "Unknown split" in str(e) else ""
         raise DataError(
-            f"{where}: could not read the directory as a dataset ({type(e).__name__}: {_first_line(e)}).\n"
-            f"Fix: point {key} at one data file, or keep only .jsonl/.json/.parquet/.csv files in the directory."
+            f"{where}: could not read the directory as a dataset ({type(e).__name__}: {_first_line(e)}).{named}\n"
+            f"Fix: point {key} at one data file (and data.val_source at another), or keep only "
+            ".jsonl/.json/.parquet/.csv files of the training data in the directory."
         ) from e
+
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".arrow")
 
 
 def _first_line(e: Exception) -> str:

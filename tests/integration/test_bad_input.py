@@ -68,3 +68,21 @@ def test_bad_input_gives_one_message(name: str, tmp_path: Path) -> None:
     assert "Traceback" not in message and "bamba_ft:" not in message, message  # not a wrapped or nested report
     for text in CASES[name][3]:
         assert text in message, f"{text!r} not in:\n{message}"
+
+
+@pytest.mark.parametrize("files,message", [
+    # datasets read only the .jsonl files of this directory and trained on them alone
+    ({"chat.jsonl": _jsonl(CHAT, CHAT), "more.csv": b"prompt,completion\np,c\n"},
+     "the directory holds .csv and .jsonl files; a directory is read as one format"),
+    # file names are split names to datasets: val.jsonl made a validation split and no train split
+    ({"chat.jsonl": _jsonl(CHAT, CHAT), "val.jsonl": _jsonl(CHAT)},
+     "names a directory's splits by its file names"),
+])
+def test_a_directory_that_would_be_read_in_part_is_refused(files: dict[str, bytes], message: str,
+                                                           tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    data.mkdir()
+    for name, content in files.items():
+        (data / name).write_bytes(content)
+    with pytest.raises(BambaFTError, match=message):
+        run_in_process(["data=file", f"data.source={data}", *TINY], tmp_path / "run")
