@@ -113,8 +113,12 @@ def write_outputs(sweep_dir: Path, rows: list[dict[str, Any]], objective: str, d
         for r in rows]
     header = ["best", "job", "status", objective, "overrides", "val loss", "exact match", "train loss", "steps",
               "run dir", "error"]
-    failed = sum(not r["status"].startswith("ok") for r in rows)
-    lines = [f"\nsweep {sweep_dir}: {len(rows)} jobs, {failed} failed; objective {objective} ({direction})",
+    counts: dict[str, int] = {}
+    for r in rows:
+        status = r["status"].split()[0]  # "ok (reused)" counts as ok
+        counts[status] = counts.get(status, 0) + 1
+    tally = ", ".join(f"{n} {status}" for status, n in sorted(counts.items(), key=lambda kv: kv[0] != "ok"))
+    lines = [f"\nsweep {sweep_dir}: {len(rows)} jobs ({tally}); objective {objective} ({direction})",
              f"every job: {' '.join(sorted(common)) or '-'}", table(shown, header)]
     if best is not None:
         lines.append(f"best: job {best['job']}, {objective}={best['objective']:.6g}: {best['overrides']}")
@@ -200,8 +204,10 @@ class SweepSummary(Callback):
         if search and (sweep_dir / "optimization_results.yaml").exists():
             print(f"Optuna's best parameters and value: {sweep_dir / 'optimization_results.yaml'}")
         if (problem := sweep_problem(rows)) is not None:
-            print(f"bamba_ft: {problem}\nTo run them again: the same command plus sweep.resume=true "
-                  f"hydra.sweep.dir={sweep_dir} (finished jobs are reused).", file=sys.stderr)
+            again = (f"\nTo run them again: the same command plus sweep.resume=true hydra.sweep.dir={sweep_dir} "
+                     "(finished jobs are reused)." if "failed" in problem else
+                     "\nFix: lower optim.lr (or sweep lower values); a resume would run the same settings again.")
+            print(f"bamba_ft: {problem}{again}", file=sys.stderr)
             sys.exit(1)
 
 

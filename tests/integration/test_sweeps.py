@@ -58,7 +58,7 @@ def test_submitit_local_runs_every_job_and_ends_with_the_table(tmp_path: Path) -
     assert all((sweep / str(j) / "metrics.json").exists() for j in results)
     assert (sweep / ".submitit").is_dir()  # the jobs did go through submitit
     # The table closes the output, one row per job, naming what differs between them.
-    head = f"sweep {sweep}: 2 jobs, 0 failed"
+    head = f"sweep {sweep}: 2 jobs (2 ok)"
     assert head in proc.stdout, proc.stdout[-2000:]
     table = proc.stdout.split(head)[-1]
     assert "optim.lr=0.0001" in table and "optim.lr=0.0003" in table and "exact match" in table
