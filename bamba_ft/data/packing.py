@@ -141,6 +141,7 @@ class BatchPlan(Sampler[list[int]]):
         self.skip = 0
         self._resume_at: tuple[int, int] | None = None
         self._cached: tuple[int, list[list[int]]] | None = None
+        self.left_out = 0  # batches of this epoch no rank takes: the remainder over world_size (training, no padding)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -171,7 +172,8 @@ class BatchPlan(Sampler[list[int]]):
             batches = padded_batches(len(self.lengths), self.batch_size, seed, self.shuffle)
         if self.world_size == 1:
             return batches
-        if not self.pad:
+        if not self.pad:  # every rank must take as many steps: the remainder waits for another epoch's shuffle
+            self.left_out = len(batches) % self.world_size
             return batches[self.rank :: self.world_size][: len(batches) // self.world_size]
         mine = batches[self.rank :: self.world_size]
         rounds = -(-len(batches) // self.world_size)

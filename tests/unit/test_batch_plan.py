@@ -68,3 +68,14 @@ def test_epochs_keep_about_two_thirds_of_batch_mates_on_lognormal_lengths() -> N
         mates.append({i: frozenset(b) - {i} for b in plan.plan() for i in b})
     kept = sum(len(mates[0][i] & mates[1][i]) for i in mates[0]) / sum(len(m) for m in mates[0].values())
     assert 0.55 <= kept <= 0.75  # "about two thirds"
+
+
+def test_ranks_take_equal_shares_and_the_plan_counts_the_remainder() -> None:
+    """9 batches over 2 ranks: 4 each, 1 left out (the data module warns with this count)."""
+    plans = [BatchPlan([10] * 72, packing=False, max_tokens=1024, batch_size=8, seed=3, rank=r, world_size=2)
+             for r in (0, 1)]
+    assert [len(p) for p in plans] == [4, 4] and [p.left_out for p in plans] == [1, 1]
+    taken = {i for p in plans for b in p.plan() for i in b}
+    assert len(taken) == 64 and taken < set(range(72))
+    even = BatchPlan([10] * 64, packing=False, max_tokens=1024, batch_size=8, seed=3, rank=0, world_size=2)
+    assert len(even) == 4 and even.left_out == 0
