@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
 from collections import Counter
@@ -11,6 +12,7 @@ from typing import Any
 
 import datasets
 import lightning as L
+import numpy as np
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
@@ -297,6 +299,14 @@ class BambaDataModule(L.LightningDataModule):
             else functools.partial(collate_padded, pad_id=self.tokenizer.pad_token_id)
         )
         return DataLoader(examples, batch_sampler=plan, collate_fn=collate, num_workers=self.cfg.num_workers)
+
+    def train_fingerprint(self) -> str | None:
+        """The training set as a resume depends on it: its example count and a hash of every example's token
+        length (what the batch plan is built from); None for a stream, whose position is its own record."""
+        if self.stream is not None or self.train_set is None:
+            return None
+        lengths = np.asarray(self.train_set["length"], dtype=np.int64)
+        return f"{len(lengths)} examples, lengths sha256 {hashlib.sha256(lengths.tobytes()).hexdigest()[:16]}"
 
     def make_plan(self, dataset: datasets.Dataset, shuffle: bool, sharded: bool = True) -> BatchPlan:
         """The batch plan of `dataset`; `sharded` gives this rank's share when a Trainer runs distributed."""

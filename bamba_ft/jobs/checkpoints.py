@@ -26,6 +26,7 @@ log = logging.getLogger("bamba_ft")
 
 CONFIG_KEY = "bamba_ft_config"  # the run's RunConfig, as a dict, inside every checkpoint
 WORLD_KEY = "bamba_ft_world_size"  # the number of ranks that wrote it
+DATA_KEY = "bamba_ft_train_data"  # the training set's fingerprint (BambaDataModule.train_fingerprint)
 
 # Keys whose change on resume applies from the resumed step on (recorded in the new run's run_config.yaml).
 APPLIED = ("optim.", "trainer.max_steps", "trainer.max_epochs", "trainer.val_check_interval",
@@ -166,6 +167,8 @@ class SavedCheckpoint:
     version: tuple[int, int, int, int]
     """(device, inode, size, mtime ns) of the file read: every checkpoint write ends in a rename, so a rewrite
     changes it."""
+    data: str | None = None
+    """The fingerprint of the training set it trained on (None: streamed, or written before it was stored)."""
 
 
 def _version(ckpt: Path) -> tuple[int, int, int, int]:
@@ -178,7 +181,17 @@ def read_checkpoint(ckpt: Path) -> SavedCheckpoint:
     version = _version(ckpt)
     state = checkpoint_state(ckpt)
     step = state.get("global_step")
-    return SavedCheckpoint(ckpt, None if step is None else int(step), state.get(CONFIG_KEY), version)
+    return SavedCheckpoint(ckpt, None if step is None else int(step), state.get(CONFIG_KEY), version,
+                           state.get(DATA_KEY))
+
+
+def check_resume_data(resumed: SavedCheckpoint, now: str | None) -> None:
+    """The rows a resume continues over must be the rows the checkpoint's position in the data counts."""
+    if resumed.data is not None and now is not None and resumed.data != now:
+        raise ConfigError(f"trainer.resume={resumed.path}: the training data changed since this checkpoint was "
+                          f"written ({resumed.data} then, {now} now): the resumed position in the epoch would count "
+                          "other rows, and the run would be neither the old data's nor the new's.\nFix: resume "
+                          "with the data it trained on, or start a new run (without trainer.resume) on the new data.")
 
 
 def saved_step(ckpt: Path, known: SavedCheckpoint | None = None) -> int | None:

@@ -31,6 +31,7 @@ from bamba_ft.jobs import lock
 from bamba_ft.jobs.callbacks import AtomicCheckpointIO, ConfigInCheckpoint, GracefulStop
 from bamba_ft.jobs.checkpoints import (
     check_resume_config,
+    check_resume_data,
     read_checkpoint,
     refuse_earlier_run,
     remove_stale_temporaries,
@@ -236,7 +237,7 @@ def _step_name(trainer: L.Trainer) -> str:
 
 def _callbacks(cfg: RunConfig, dm: BambaDataModule, ckpt_dir: Path, stopper: GracefulStop,
                with_loggers: bool) -> list[L.Callback]:
-    callbacks: list[L.Callback] = [stopper, ConfigInCheckpoint(cfg)]
+    callbacks: list[L.Callback] = [stopper, ConfigInCheckpoint(cfg, dm.train_fingerprint())]
     if with_loggers:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if cfg.trainer.enable_progress_bar:
@@ -305,6 +306,8 @@ def run(cfg: RunConfig) -> dict:
     resolve_precision(cfg.trainer.precision, device)  # one the device cannot run is refused before the model loads
     strategy = _strategy(cfg)
     model, tokenizer, dm = _prepare(cfg, device)
+    if resumed is not None:
+        check_resume_data(resumed, dm.train_fingerprint())
     save_run_config(cfg, run_dir)
     if (record := random_base_record(cfg, causal_lm(model), device)) is not None and lock.launching_process():
         atomic_write_json(run_dir / RANDOM_BASE, record)  # what eval and export rebuild the base from

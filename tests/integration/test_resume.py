@@ -95,3 +95,28 @@ def test_a_run_resumed_in_its_own_directory_ends_with_last_and_the_best(tmp_path
     bests = [n for n in left if n.startswith("best")]
     assert len(bests) == 1 and left == sorted([*bests, "last.ckpt"]), left
     assert _own_score(ckpts / bests[0]) <= min(stopped.values())  # the better one stays, whichever run wrote it
+
+
+def test_a_resume_on_changed_training_data_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same file name with other rows: the checkpoint's position in the epoch would count other rows."""
+    import json
+
+    from bamba_ft.data.builtin import generate_sft
+    from bamba_ft.errors import ConfigError
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in generate_sft(60, seed=1)))
+
+    def on_file(cfg: RunConfig) -> RunConfig:
+        cfg.data.source, cfg.data.format, cfg.data.val_fraction = str(data), "messages", 0.2
+        return cfg
+
+    stop_at(monkeypatch, 2)
+    assert train.run(on_file(small_run(tmp_path / "first")))["stopped_at"] == 2
+    monkeypatch.undo()
+    data.write_text("".join(json.dumps(r) + "\n" for r in generate_sft(60, seed=2)))
+    with pytest.raises(ConfigError, match=r"the training data changed since this checkpoint was written \(48 "
+                                          r"examples, lengths sha256 \w+ then, 48 examples, lengths sha256 \w+ now\)"):
+        train.run(on_file(small_run(tmp_path / "second", resume=str(tmp_path / "first"))))
+    data.write_text("".join(json.dumps(r) + "\n" for r in generate_sft(60, seed=1)))  # back: it resumes
+    assert train.run(on_file(small_run(tmp_path / "third", resume=str(tmp_path / "first"), steps=4)))["train"]["steps"] == 4
