@@ -599,6 +599,8 @@ def validate(cfg: RunConfig) -> None:
         )
     _check_generation(cfg.eval, problems)
     _check_lm_eval(cfg, problems)
+    if cfg.logger.wandb and cfg.task == "train" and importlib.util.find_spec("wandb") is None:
+        problems.add("logger.wandb=true needs the wandb package. Fix: pip install 'bamba_ft[wandb]', or logger=default.")
     if not 0.0 <= cfg.peft.lora_dropout < 1.0:
         problems.add(f"peft.lora_dropout={cfg.peft.lora_dropout} must be in [0, 1).")
     if not 0.0 <= cfg.data.val_fraction < 1.0:

@@ -94,9 +94,19 @@ def _loggers(cfg: RunConfig, run_dir: Path) -> list[Logger]:
         try:
             from lightning.pytorch.loggers import WandbLogger
 
-            loggers.append(WandbLogger(project=cfg.logger.wandb_project, save_dir=str(RunDir(run_dir).logs)))
+            wandb = WandbLogger(project=cfg.logger.wandb_project, save_dir=str(RunDir(run_dir).logs))
         except (ImportError, ModuleNotFoundError) as e:
             raise ConfigError(f"logger.wandb=true needs the wandb package ({e}). Fix: pip install 'bamba_ft[wandb]'.") from e
+        if lock.launching_process():  # start its run now, before the model loads, not inside the fit
+            try:
+                wandb.experiment  # noqa: B018 - the property logs in and creates the run
+            except Exception as e:
+                raise ConfigError(
+                    f"logger.wandb=true: Weights & Biases could not start a run ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else ''}).\nFix: `wandb login` or set WANDB_API_KEY; without "
+                    "network, WANDB_MODE=offline (upload later with `wandb sync`); or logger=default.",
+                    "the logger") from None
+        loggers.append(wandb)
     return loggers
 
 
@@ -257,9 +267,8 @@ def _callbacks(cfg: RunConfig, dm: BambaDataModule, ckpt_dir: Path, stopper: Gra
 
 
 def _trainer(cfg: RunConfig, dm: BambaDataModule, run_dir: Path, device: torch.device, strategy: Any,
-             stopper: GracefulStop) -> L.Trainer:
+             loggers: list[Logger], stopper: GracefulStop) -> L.Trainer:
     t = cfg.trainer
-    loggers = _loggers(cfg, run_dir) if not t.fast_dev_run else []
     return L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=t.devices,
@@ -305,6 +314,7 @@ def run(cfg: RunConfig) -> dict:
     device = choose_device(cfg.trainer.accelerator, cfg.trainer.devices)
     resolve_precision(cfg.trainer.precision, device)  # one the device cannot run is refused before the model loads
     strategy = _strategy(cfg)
+    loggers = _loggers(cfg, run_dir) if not cfg.trainer.fast_dev_run else []  # a logger that cannot start, first
     model, tokenizer, dm = _prepare(cfg, device)
     if resumed is not None:
         check_resume_data(resumed, dm.train_fingerprint())
@@ -321,7 +331,7 @@ def run(cfg: RunConfig) -> dict:
             log.info("before training: %s", format_metrics(before))
 
     stopper = GracefulStop(RunDir(run_dir).checkpoints)
-    trainer = _trainer(cfg, dm, run_dir, device, strategy, stopper)
+    trainer = _trainer(cfg, dm, run_dir, device, strategy, loggers, stopper)
     configure = functools.partial(_shard_and_load, cfg, dm, device) if _sharded(cfg) else None
     lit = BambaLitModule(model, cfg.optim, cfg.model.activation_offload, configure=configure)
     t_fit = time.perf_counter()

@@ -35,8 +35,13 @@ def test_default_is_sft_on_the_builtin_task() -> None:
 
 
 @pytest.mark.parametrize("option", [f"{g}={p.stem}" for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))])
-def test_every_group_option_composes(option: str) -> None:
+def test_every_group_option_composes(option: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
     extra = ["data.source=train.jsonl"] if option == "data=file" else []
+    if option == "logger=wandb":  # an optional package: its absence is refused (test_wandb_that_cannot_start...)
+        real = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "wandb" else real(name, *a))
     composed([option, *extra])
 
 
@@ -237,3 +242,36 @@ def test_export_settings_that_would_fail_after_the_merge_are_refused_first() -> 
         validate(cfg)
     cfg.export.repo_id, cfg.export.max_rel_diff = "me/bamba-sft", 0.2
     validate(cfg)
+
+
+def test_wandb_that_cannot_start_is_one_message_before_the_model_loads(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    import lightning.pytorch.loggers as pl_loggers
+
+    from tests.integration.conftest import run_in_process
+
+    cfg = RunConfig()
+    cfg.logger.wandb = True
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
+    with pytest.raises(ConfigError, match=r"logger.wandb=true needs the wandb package.*logger=default"):
+        validate(cfg)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "wandb" else real_find_spec(name, *a))
+
+    class NoKey:  # what wandb raises without a key in a non-interactive shell (or after its network timeout)
+        def __init__(self, **kwargs: object) -> None:
+            pass
+
+        @property
+        def experiment(self) -> None:
+            raise RuntimeError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr(pl_loggers, "WandbLogger", NoKey)
+    loaded = []
+    monkeypatch.setattr("bamba_ft.jobs.train._prepare", lambda *a: loaded.append(1))
+    with pytest.raises(ConfigError, match=r"could not start a run \(RuntimeError: No API key configured.*\n.*"
+                                          r"WANDB_MODE=offline"):
+        run_in_process(["trainer=cpu", "logger=wandb"], tmp_path / "run")
+    assert not loaded  # refused before the model and data load
