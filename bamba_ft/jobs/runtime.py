@@ -26,7 +26,8 @@ def choose_device(accelerator: str, devices: Any = "auto") -> torch.device:
     """
     if accelerator in ("gpu", "cuda"):
         if not torch.cuda.is_available():
-            raise ConfigError("trainer.accelerator=gpu but no CUDA device is visible. Fix: trainer=cpu.")
+            raise ConfigError("trainer.accelerator=gpu but no CUDA device is visible. Fix: trainer=cpu (for several "
+                              "CPU processes over gloo: trainer=cpu trainer.strategy=ddp trainer.devices=N).")
     elif accelerator == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     rank, count = local_rank(), torch.cuda.device_count()
