@@ -17,6 +17,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from bamba_ft.config.schema import RunConfig
 from bamba_ft.faults import fault_point
 from bamba_ft.jobs.checkpoints import (
+    BEFORE_KEY,
     CONFIG_KEY,
     DATA_KEY,
     WORLD_KEY,
@@ -55,15 +56,18 @@ class ConfigInCheckpoint(L.Callback):
     """Stores the run's config and number of ranks in every checkpoint, so a resume can tell what it would change
     and continue on another number of ranks."""
 
-    def __init__(self, cfg: RunConfig, data_fingerprint: str | None = None) -> None:
+    def __init__(self, cfg: RunConfig, data_fingerprint: str | None = None, before: dict | None = None) -> None:
         self.config = config_for_checkpoint(cfg)
         self.data = data_fingerprint
+        self.before = before or {}  # the metrics before training, for the summary of a resumed run
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint[CONFIG_KEY] = self.config
         checkpoint[WORLD_KEY] = trainer.world_size
         if self.data is not None:
             checkpoint[DATA_KEY] = self.data
+        if self.before:
+            checkpoint[BEFORE_KEY] = self.before
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         resume_on_ranks(checkpoint, trainer.world_size, trainer.accumulate_grad_batches)  # before the loops restore

@@ -27,6 +27,7 @@ log = logging.getLogger("bamba_ft")
 CONFIG_KEY = "bamba_ft_config"  # the run's RunConfig, as a dict, inside every checkpoint
 WORLD_KEY = "bamba_ft_world_size"  # the number of ranks that wrote it
 DATA_KEY = "bamba_ft_train_data"  # the training set's fingerprint (BambaDataModule.train_fingerprint)
+BEFORE_KEY = "bamba_ft_before"  # the metrics of the model before training, which a resume does not measure again
 
 # Keys whose change on resume applies from the resumed step on (recorded in the new run's run_config.yaml).
 APPLIED = ("optim.", "trainer.max_steps", "trainer.max_epochs", "trainer.val_check_interval",
@@ -169,6 +170,8 @@ class SavedCheckpoint:
     changes it."""
     data: str | None = None
     """The fingerprint of the training set it trained on (None: streamed, or written before it was stored)."""
+    before: dict[str, Any] | None = None
+    """The metrics before training of the run that wrote it (None where not measured or not stored)."""
 
 
 def _version(ckpt: Path) -> tuple[int, int, int, int]:
@@ -182,7 +185,7 @@ def read_checkpoint(ckpt: Path) -> SavedCheckpoint:
     state = checkpoint_state(ckpt)
     step = state.get("global_step")
     return SavedCheckpoint(ckpt, None if step is None else int(step), state.get(CONFIG_KEY), version,
-                           state.get(DATA_KEY))
+                           state.get(DATA_KEY), state.get(BEFORE_KEY))
 
 
 def check_resume_data(resumed: SavedCheckpoint, now: str | None) -> None:

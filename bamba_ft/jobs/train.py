@@ -246,8 +246,8 @@ def _step_name(trainer: L.Trainer) -> str:
 
 
 def _callbacks(cfg: RunConfig, dm: BambaDataModule, ckpt_dir: Path, stopper: GracefulStop,
-               with_loggers: bool) -> list[L.Callback]:
-    callbacks: list[L.Callback] = [stopper, ConfigInCheckpoint(cfg, dm.train_fingerprint())]
+               with_loggers: bool, before: dict) -> list[L.Callback]:
+    callbacks: list[L.Callback] = [stopper, ConfigInCheckpoint(cfg, dm.train_fingerprint(), before)]
     if with_loggers:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if cfg.trainer.enable_progress_bar:
@@ -267,7 +267,7 @@ def _callbacks(cfg: RunConfig, dm: BambaDataModule, ckpt_dir: Path, stopper: Gra
 
 
 def _trainer(cfg: RunConfig, dm: BambaDataModule, run_dir: Path, device: torch.device, strategy: Any,
-             loggers: list[Logger], stopper: GracefulStop) -> L.Trainer:
+             loggers: list[Logger], stopper: GracefulStop, before: dict) -> L.Trainer:
     t = cfg.trainer
     return L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
@@ -291,7 +291,7 @@ def _trainer(cfg: RunConfig, dm: BambaDataModule, run_dir: Path, device: torch.d
         use_distributed_sampler=False,  # BambaDataModule shards its batch plan by rank itself
         default_root_dir=run_dir,
         logger=loggers or False,
-        callbacks=_callbacks(cfg, dm, RunDir(run_dir).checkpoints, stopper, bool(loggers)),
+        callbacks=_callbacks(cfg, dm, RunDir(run_dir).checkpoints, stopper, bool(loggers), before),
         plugins=[AtomicCheckpointIO()],
     )
 
@@ -329,9 +329,11 @@ def run(cfg: RunConfig) -> dict:
         else:
             before, _ = evaluate_model(model, tokenizer, dm, cfg.eval, device)
             log.info("before training: %s", format_metrics(before))
+    elif resumed is not None:  # the stopped run's, carried in its checkpoints
+        before = resumed.before or {}
 
     stopper = GracefulStop(RunDir(run_dir).checkpoints)
-    trainer = _trainer(cfg, dm, run_dir, device, strategy, loggers, stopper)
+    trainer = _trainer(cfg, dm, run_dir, device, strategy, loggers, stopper, before)
     configure = functools.partial(_shard_and_load, cfg, dm, device) if _sharded(cfg) else None
     lit = BambaLitModule(model, cfg.optim, cfg.model.activation_offload, configure=configure)
     t_fit = time.perf_counter()

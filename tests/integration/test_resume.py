@@ -120,3 +120,20 @@ def test_a_resume_on_changed_training_data_is_refused(tmp_path: Path, monkeypatc
         train.run(on_file(small_run(tmp_path / "second", resume=str(tmp_path / "first"))))
     data.write_text("".join(json.dumps(r) + "\n" for r in generate_sft(60, seed=1)))  # back: it resumes
     assert train.run(on_file(small_run(tmp_path / "third", resume=str(tmp_path / "first"), steps=4)))["train"]["steps"] == 4
+
+
+def test_a_resumed_run_reports_the_before_metrics_of_the_run_it_continues(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    def measured(cfg: RunConfig) -> RunConfig:
+        cfg.eval.before_training = True
+        return cfg
+
+    whole = train.run(measured(small_run(tmp_path / "whole", steps=4)))
+    stop_at(monkeypatch, 2)
+    assert train.run(measured(small_run(tmp_path / "first", steps=4)))["stopped_at"] == 2
+    monkeypatch.undo()
+    resumed = train.run(measured(small_run(tmp_path / "second", resume=str(tmp_path / "first"), steps=4)))
+    def measures(before: dict) -> dict:
+        return {k: v for k, v in before.items() if k != "eval_seconds"}
+
+    assert whole["before"]["val_loss"] > 0 and measures(resumed["before"]) == measures(whole["before"])  # it was {}
