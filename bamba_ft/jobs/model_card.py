@@ -25,17 +25,31 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def write_model_card(directory: Path, cfg: RunConfig, src: Any, report: dict, adapter_only: bool) -> None:
+FAMILY_NAMES = {"bamba": "Bamba", "granitemoehybrid": "Granite 4.0-H", "falcon_h1": "Falcon-H1", "nemotron_h": "Nemotron-H"}
+
+
+def write_model_card(directory: Path, cfg: RunConfig, src: Any, report: dict, adapter_only: bool,
+                     model_type: str = "bamba") -> None:
     run = src.run
     base = run.model.name_or_path if run is not None else src.model.name_or_path
+    random = src.model.init == "random" or (run is not None and run.model.init == "random")
+    if random:
+        shape = (run.model if run is not None else src.model).shape
+        base_text = f"a {shape or model_type} model drawn at random (model.init=random; only bamba_ft draws it again)"
+    elif base.startswith("builtin:"):
+        base_text = f"`{base}`, the small base shipped with bamba_ft"
+    else:
+        base_text = f"`{base}`"
+    hub_base = None if random or base.startswith("builtin:") else base  # a base others can download
     metrics_file = RunDir(run.output_dir).metrics if run is not None else None
     metrics = json.loads(metrics_file.read_text()) if metrics_file is not None and metrics_file.exists() else {}
-    tags = ["bamba", "mamba2", "bamba_ft"] + (["lora", "peft"] if adapter_only or (run and run.peft.method == "lora") else [])
-    front = {"library_name": "peft" if adapter_only else "transformers", "base_model": base, "tags": tags}
+    tags = [model_type, "mamba2", "bamba_ft"] + (["lora", "peft"] if adapter_only or (run and run.peft.method == "lora") else [])
+    front = {"library_name": "peft" if adapter_only else "transformers", **({"base_model": hub_base} if hub_base else {}),
+             "tags": tags}
     lines = ["---", OmegaConf.to_yaml(OmegaConf.create(front)).strip(), "---", ""]
-    title = "LoRA adapter" if adapter_only else "Bamba model"
+    title = "LoRA adapter" if adapter_only else f"{FAMILY_NAMES.get(model_type, model_type)} model"
     lines += [f"# {title} fine-tuned with bamba_ft", ""]
-    lines += [f"- Base model: `{base}`", f"- Exported from: {src.description}"]
+    lines += [f"- Base model: {base_text}", f"- Exported from: {src.description}"]
     if not adapter_only:
         lines.append(f"- Weights: merged, `{report.get('dtype')}`")
     if run is not None:
@@ -61,7 +75,10 @@ def write_model_card(directory: Path, cfg: RunConfig, src: Any, report: dict, ad
                   f"{v['tolerance']:g}); greedy generation identical: "
                   f"{v['greedy_generation_identical']}."]
     lines += ["", "## Usage", "", "```python"]
-    if adapter_only:
+    if adapter_only and hub_base is None:  # its base is in no model repository: bamba_ft loads it
+        lines[-1:] = ["```bash", "python -m bamba_ft recipe=eval eval.checkpoint=<this directory>",
+                      "python -m bamba_ft recipe=export export.checkpoint=<this directory>   # merged, for transformers"]
+    elif adapter_only:
         lines += ["from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer",
                   f"base = AutoModelForCausalLM.from_pretrained(\"{base}\")", "model = PeftModel.from_pretrained(base, \"<this directory>\")"]
     else:

@@ -29,6 +29,9 @@ def test_family_sft_then_export_reloads_in_transformers(model_type: str, tmp_pat
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == model_type
     assert config["architectures"] == [CAUSAL_LM[model_type]]
+    card = (out / "README.md").read_text()
+    assert f"- {model_type}\n" in card and "Bamba" not in card.split("## Training config")[0]  # its own family
+    assert "drawn at random" in card and "base_model" not in card.split("---")[1]
     report = json.loads((out / "export_report.json").read_text())
     assert report["verify"]["reloaded_class"] == CAUSAL_LM[model_type]
     assert report["verify"]["max_rel_logit_diff"] <= 1e-5
