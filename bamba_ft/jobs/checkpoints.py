@@ -20,7 +20,7 @@ from bamba_ft.config.schema import RunConfig, canonical_checkpointing
 from bamba_ft.errors import ConfigError
 from bamba_ft.jobs.lock import held_elsewhere
 from bamba_ft.model.restore import checkpoint_problem, checkpoint_state, is_sharded, state_file
-from bamba_ft.rundir import RunDir
+from bamba_ft.rundir import RUN_CONFIG, RunDir
 
 log = logging.getLogger("bamba_ft")
 
@@ -88,8 +88,11 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     if path.is_file() or is_sharded(path):
         problem = checkpoint_problem(path)
         if problem:
-            raise ConfigError(f"{key}: {path} is {problem}.\n"
-                              f"Fix: trainer.resume={path.parent.parent} resumes from the intact checkpoint of its run furthest into training.")
+            run = path.parent.parent
+            fix = (f"trainer.resume={run} resumes from the intact checkpoint of its run furthest into training"
+                   if path.parent.name == "checkpoints" and (run / RUN_CONFIG).exists() else
+                   "name a checkpoint (<run>/checkpoints/NAME.ckpt) or a run directory")
+            raise ConfigError(f"{key}: {path} is {problem}.\nFix: {fix}.")
         return path
     if path.is_dir():
         remove_stale_temporaries(path)

@@ -107,8 +107,14 @@ def test_a_named_broken_checkpoint_file_is_refused_with_its_name(tmp_path: Path)
     broken = tmp_path / "run" / "checkpoints" / "last.ckpt"
     broken.parent.mkdir(parents=True)
     broken.write_bytes(b"")
+    (tmp_path / "run" / "run_config.yaml").write_text("{}")
     with pytest.raises(ConfigError, match=r"(?s)last\.ckpt is empty.*Fix: trainer\.resume=.*run resumes"):
         resolve_resume(str(broken), tmp_path / "new")
+    # a file of no run (a data file given by mistake): no run directory to suggest, least of all its grandparent
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "chat.jsonl").write_text("{}\n")
+    with pytest.raises(ConfigError, match=r"(?s)chat\.jsonl is truncated or not a checkpoint.*Fix: name a checkpoint"):
+        resolve_resume(str(tmp_path / "data" / "chat.jsonl"), tmp_path / "new")
 
 
 def test_config_changes_apply_optim_and_refuse_shape_keys() -> None:
