@@ -360,13 +360,19 @@ def run(cfg: RunConfig) -> dict:
     if not trainer.is_global_zero:
         return {}
     if stopper.stopped_at is not None:
-        print(
-            f"\nstopped at step {stopper.stopped_at}; checkpoint: {stopper.ckpt_path}\n"
-            f"resume with the same command plus: trainer.resume={run_dir}"
-        )
+        print(f"\nstopped at step {stopper.stopped_at}; checkpoint: {stopper.ckpt_path}"
+              + ("" if _in_sweep() else f"\nresume with the same command plus: trainer.resume={run_dir}"))
         return {"stopped_at": stopper.stopped_at, "signal": stopper.requested or "SIGTERM"}
     start = resumed.step if resumed is not None else None
     return _finish(cfg, model, tokenizer, dm, trainer, before, run_dir, device, fit_seconds, t_start, start)
+
+
+def _in_sweep() -> bool:
+    """A job of `-m`: the sweep, not the job, is resumed (sweep.resume=true), and it says how."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _tidy_checkpoints(trainer: L.Trainer, run_dir: Path) -> None:

@@ -111,6 +111,7 @@ def test_a_sweep_stopped_by_ctrl_c_then_killed_resumes_reporting_its_failed_job(
     stopped = _results(sweep)
     assert list(stopped) == [0] and stopped[0]["status"] == "stopped"  # job 1 never started
     assert "the same command plus sweep.resume=true" in out.read_text()
+    assert "trainer.resume=" not in out.read_text()  # a job's own resume hint would be wrong in a sweep
 
     # Job 0's adapter is the first this process saves, job 2's the second (job 1 fails at validation).
     killed = cli([*args, "sweep.resume=true"], cwd=tmp_path, check=False, env={"BAMBA_FT_FAULT": "adapter.before_rename@2"})
