@@ -212,9 +212,10 @@ class BambaDataModule(L.LightningDataModule):
             kept = kept.remove_columns(["window"])
         return kept, stats
 
-    def prepare(self) -> None:
-        """Load and tokenize both splits (idempotent)."""
-        if self.train_set is not None or self.stream is not None:
+    def prepare(self, train: bool = True) -> None:
+        """Load and tokenize both splits (idempotent); `train=False`: the validation split only (an evaluation,
+        which still reads the training rows where its validation rows are held out of them)."""
+        if self.train_set is not None or self.stream is not None or (not train and self.val_set is not None):
             return
         if self.cfg.streaming:
             self.stream, self.stream_sources, vals = open_stream(self.cfg, self.seed)
@@ -224,11 +225,12 @@ class BambaDataModule(L.LightningDataModule):
                 log.info("data %s", self.stats["val"].line("val"))
             return
         if self.cfg.sources:
-            self._prepare_sources()
+            self._prepare_sources(train)
             return
         where = "data.source=builtin" if self.cfg.source == "builtin" else f"data.source={self.cfg.source}"
         train_rows, val_rows = self._raw_splits()
-        self.train_set, self.stats["train"] = self._tokenize(train_rows, "train", where)
+        if train:
+            self.train_set, self.stats["train"] = self._tokenize(train_rows, "train", where)
         if val_rows is not None and len(val_rows):
             val_rows = val_rows.select(range(min(len(val_rows), self.cfg.max_val_examples)))
             val_where = f"data.val_source={self.cfg.val_source}" if self.cfg.val_source else where
@@ -238,7 +240,7 @@ class BambaDataModule(L.LightningDataModule):
         for name, st in self.stats.items():
             log.info("data %s", st.line(name))
 
-    def _prepare_sources(self) -> None:
+    def _prepare_sources(self, train: bool = True) -> None:
         """data.sources: each source read, renamed, split and tokenized in its own format, then mixed."""
         c = self.cfg
         parts, vals = [], []
@@ -251,8 +253,15 @@ class BambaDataModule(L.LightningDataModule):
             if not c.val_source and c.val_fraction > 0 and len(rows) >= 2:
                 rows, val = hold_out(rows, c.val_fraction, self.seed, where)
                 vals.append((val, where, s.format))
+            if not train:
+                continue
             enc, self.stats[f"train[{i}]"] = self._tokenize(rows, f"train[{i}]", where, s.format)
             parts.append(enc.add_column("__source__", [i] * len(enc)))
+        if not train:
+            self._validation_parts(self._val_source_parts() or vals)
+            for name, st in self.stats.items():
+                log.info("data %s", st.line(name))
+            return
         mixed = mix_sources(parts, [s.weight for s in c.sources], self.seed, c.stopping_strategy)
         counts = Counter(mixed["__source__"])
         for i in range(len(parts)):
@@ -264,12 +273,16 @@ class BambaDataModule(L.LightningDataModule):
         self.stats["train"].kept = len(mixed)
         self.stats["train"].tokens = sum(self.train_set["length"])
         self.stats["train"].target_tokens = sum(self.train_set["n_targets"])
-        if c.val_source:
-            vals = [(load_rows(c.val_source, c.val_split or c.split, "data.val_source"),
-                     f"data.val_source={c.val_source}", None)]
-        self._validation_parts(vals)
+        self._validation_parts(self._val_source_parts() or vals)
         for name, st in self.stats.items():
             log.info("data %s", st.line(name))
+
+    def _val_source_parts(self) -> list[tuple[datasets.Dataset, str, str | None]]:
+        """data.val_source as the one validation part, when given (it replaces the held-out rows)."""
+        c = self.cfg
+        if not c.val_source:
+            return []
+        return [(load_rows(c.val_source, c.val_split or c.split, "data.val_source"), f"data.val_source={c.val_source}", None)]
 
     def _validation_parts(self, parts: list[tuple[datasets.Dataset, str, str | None]]) -> None:
         """Validation examples from several sources, each in its own format, up to data.max_val_examples in all."""

@@ -154,7 +154,7 @@ def run(cfg: RunConfig) -> dict:
     seed = src.run.trainer.seed if src.run is not None and "trainer.seed" not in override_keys() else cfg.trainer.seed
     log.info("eval data: %s", describe_data(data_cfg, given if src.run is not None else None))
     dm = BambaDataModule(data_cfg, tokenizer, seed=seed)
-    dm.prepare()
+    dm.prepare(train=False)  # the training split is not tokenized: only its held-out rows are read
     log.info("evaluating %s", src.description)
     metrics, rows = evaluate_model(model, tokenizer, dm, cfg.eval, device)
     metrics["lm_eval"] = run_lm_eval(model, tokenizer, cfg.eval, device)

@@ -77,3 +77,25 @@ def test_a_clash_of_the_runs_values_and_the_given_ones_names_both() -> None:
     with pytest.raises(ConfigError, match=r"(?s)the run's data config with data.max_tokens_per_batch from the "
                                           r"command line.*max_tokens_per_batch=100 .*data.max_seq_len=300"):
         eval_data_config(RUN, cfg, {"data.max_tokens_per_batch"})
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["source", "sources"])
+def test_an_evaluation_reads_the_same_held_out_rows_without_tokenizing_the_training_split(
+        mixed: bool, tmp_path, builtin_tokenizer) -> None:  # noqa: ANN001
+    import json
+
+    from bamba_ft.data.builtin import generate_sft
+    from bamba_ft.data.module import BambaDataModule
+
+    files = []
+    for seed in (1, 2):
+        files.append(tmp_path / f"d{seed}.jsonl")
+        files[-1].write_text("".join(json.dumps(r) + "\n" for r in generate_sft(40, seed=seed)))
+    cfg = (DataConfig(source="builtin", sources=[SourceConfig(source=str(f)) for f in files], val_fraction=0.1)
+           if mixed else DataConfig(source=str(files[0]), val_fraction=0.1))
+    trained, evaluated = BambaDataModule(cfg, builtin_tokenizer, seed=7), BambaDataModule(cfg, builtin_tokenizer, seed=7)
+    trained.prepare()
+    evaluated.prepare(train=False)
+    assert evaluated.train_set is None and trained.train_set is not None
+    assert evaluated.val_rows == trained.val_rows and len(evaluated.val_rows) == (8 if mixed else 4)
+    assert evaluated.val_set["input_ids"] == trained.val_set["input_ids"]
