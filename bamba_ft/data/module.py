@@ -110,6 +110,7 @@ class BambaDataModule(L.LightningDataModule):
         self.stream_tokens = self.stream_batches = 0  # real tokens and batches trained (for packing efficiency)
         self.source_rows: list[int] = []  # per source: stream rows read into trained windows, and passes started
         self.source_passes: list[int] = []
+        self.stream_rows: Counter[str] = Counter()  # rows read into trained windows, by what the length policy did
 
     # ----- building the splits
     def _raw_splits(self) -> tuple[datasets.Dataset, datasets.Dataset | None]:
@@ -399,6 +400,7 @@ class BambaDataModule(L.LightningDataModule):
             read = meta.pop("sources")
             self.source_rows = [a + r for a, (r, _) in zip(self.source_rows or [0] * len(read), read)]
             self.source_passes = [a + n for a, (_, n) in zip(self.source_passes or [0] * len(read), read)]
+            self.stream_rows.update(meta.pop("verdicts", {}))
             self.stream_position = StreamPosition(**meta)
             if self.stream_position.steps_done == 0 and self.cfg.packing:  # a window (or the stream) ended
                 log.info("stream: epoch %d, %d rows read; packing efficiency %.1f%% over %d batches so far%s",
@@ -415,7 +417,7 @@ class BambaDataModule(L.LightningDataModule):
     def stream_report(self) -> dict[str, Any]:
         """The stream's position and counts, for metrics.json: batches, and rows and passes per source."""
         return {**vars(self.stream_position), "batches": self.stream_batches, "source_rows": self.source_rows,
-                "source_passes": self.source_passes}
+                "source_passes": self.source_passes, "rows": dict(sorted(self.stream_rows.items()))}
 
     def _world_size(self) -> int:
         return self.trainer.world_size if self.trainer is not None else 1
@@ -433,7 +435,8 @@ class BambaDataModule(L.LightningDataModule):
         if self.cfg.streaming:
             return {"stream": {**vars(self.stream_position), "tokens": self.stream_tokens,
                                "batches": self.stream_batches, "shuffle_buffer": self.cfg.shuffle_buffer,
-                               "source_rows": self.source_rows, "source_passes": self.source_passes}}
+                               "source_rows": self.source_rows, "source_passes": self.source_passes,
+                               "rows": dict(self.stream_rows)}}
         trainer = self.trainer
         if trainer is None:
             return {}
@@ -455,6 +458,7 @@ class BambaDataModule(L.LightningDataModule):
             self.stream_tokens, self.stream_batches = int(s.pop("tokens")), int(s.pop("batches"))
             self.source_rows = [int(n) for n in s.pop("source_rows", [])]  # counted since checkpoints had them
             self.source_passes = [int(n) for n in s.pop("source_passes", [])]
+            self.stream_rows = Counter({k: int(v) for k, v in s.pop("rows", {}).items()})
             self.stream_position = StreamPosition(**{k: int(v) for k, v in s.items()})
         elif state:
             # batches_done counts one rank's batches: on another number of ranks, the same batches of the plan

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -153,6 +154,8 @@ def _encode_stream_row(row: dict, *, sources: list[StreamSource], tokenizer: Any
     if verdict == "kept" and c.overlong == "split" and enc["overlong"]:
         windows = split_long({"input_ids": ids, "labels": labels}, max_seq_len=c.max_seq_len, overlap=c.overlong_stride)
         ids, labels = windows["input_ids"], windows["labels"]
+    if verdict == "kept" and enc["overlong"]:
+        verdict = "split" if c.overlong == "split" else "truncated"
     return {"_ids": ids, "_labels": labels, "_verdict": verdict, "_empty": enc["empty_assistant"],
             "_coerced": enc["coerced"] > 0}
 
@@ -227,6 +230,7 @@ class StreamBatches(torch.utils.data.IterableDataset):
         buffer: list[dict] = []
         start, skip_steps = (pos.rows_read, pos.row_items), pos.steps_done
         read = [[0, 0] for _ in self.sources]  # per source: rows that started in this window, passes started
+        verdicts: Counter[str] = Counter()  # those rows by what the length policy did with them
         for k, enc in enumerate(self._encoded(pos)):
             row = pos.rows_read + k
             self._warn(enc)
@@ -234,23 +238,26 @@ class StreamBatches(torch.utils.data.IterableDataset):
                 src = enc.get(SOURCE) or 0
                 read[src][0] += 1
                 read[src][1] += enc.get(ROW) == self.sources[src].first_row
+                verdicts[enc["_verdict"]] += 1
             n_items = len(enc["_ids"])
             for j in range(pos.row_items if k == 0 else 0, n_items):
                 buffer.append({"input_ids": enc["_ids"][j], "labels": enc["_labels"][j]})
                 self.peak_buffer = max(self.peak_buffer, len(buffer))
                 if len(buffer) == self.cfg.stream_buffer:
                     after = StreamPosition(pos.epoch, *((row, j + 1) if j + 1 < n_items else (row + 1, 0)))
-                    yield from self._window(buffer, pos.epoch, start, skip_steps, after, read)
+                    yield from self._window(buffer, pos.epoch, start, skip_steps, after, read, verdicts)
                     buffer, start, skip_steps = [], (after.rows_read, after.row_items), 0
-                    read = [[0, 0] for _ in self.sources]
+                    read, verdicts = [[0, 0] for _ in self.sources], Counter()
         if buffer:
-            yield from self._window(buffer, pos.epoch, start, skip_steps, StreamPosition(pos.epoch + 1), read)
+            yield from self._window(buffer, pos.epoch, start, skip_steps, StreamPosition(pos.epoch + 1), read,
+                                    verdicts)
 
     def _window(self, examples: list[dict], epoch: int, start: tuple[int, int], skip_steps: int,
-                after: StreamPosition, read: list[list[int]]) -> Iterator[dict]:
+                after: StreamPosition, read: list[list[int]], verdicts: Counter[str]) -> Iterator[dict]:
         """This rank's batches of one window; the same window packs the same way on every rank and on resume.
 
-        The window's rows per source (`read`) travel with its last batch, which moves the position past them.
+        The window's rows per source (`read`) and by length verdict travel with its last batch, which moves the
+        position past them.
         """
         c = self.cfg
         lengths = [len(e["input_ids"]) for e in examples]
@@ -266,7 +273,8 @@ class StreamBatches(torch.utils.data.IterableDataset):
             batch = collate([examples[i] for i in mine[s]])
             done = after if s + 1 == len(mine) else StreamPosition(epoch, *start, s + 1)
             batch[STREAM_KEY] = {**asdict(done), "tokens": sum(lengths[i] for i in mine[s]),
-                                 "sources": read if s + 1 == len(mine) else [[0, 0]] * len(read)}
+                                 "sources": read if s + 1 == len(mine) else [[0, 0]] * len(read),
+                                 "verdicts": dict(verdicts) if s + 1 == len(mine) else {}}
             yield batch
 
     def _warn(self, enc: dict) -> None:
@@ -278,6 +286,16 @@ class StreamBatches(torch.utils.data.IterableDataset):
                 self._warned.add(flag)
                 log.warning("data warning: a training row has %s (%s); later ones are not reported.",
                             what, self._at(enc))
+        length_policy = {
+            "truncated": "training rows longer than data.max_seq_len=%d are cut to it (data.overlong=truncate)",
+            "dropped_overlong": "training rows longer than data.max_seq_len=%d are dropped (data.overlong=drop)",
+            "dropped_no_targets": "training rows with no token to learn (no assistant or completion text) are "
+                                  "dropped (data.max_seq_len=%d)",
+        }
+        if enc["_verdict"] in length_policy and enc["_verdict"] not in self._warned:
+            self._warned.add(enc["_verdict"])
+            log.warning("data warning: %s (first: %s); metrics.json counts them under data.train_stream.rows.",
+                        length_policy[enc["_verdict"]] % self.cfg.max_seq_len, self._at(enc))
         if enc["_verdict"] == "dropped_prompt_too_long" and "prompt" not in self._warned:
             self._warned.add("prompt")
             log.warning("data warning: examples are dropped: the prompt alone is longer than data.max_seq_len=%d, "

@@ -62,3 +62,24 @@ def test_streaming_ddp_on_two_ranks_equals_one_rank_accumulating_two(tmp_path: P
     assert any(float(v.abs().max()) > 0 for k, v in ddp.items() if "lora_B" in k)  # the adapter did train
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert metrics["train"]["steps"] == 4 and metrics["data"]["train_stream"]["batches"] == 4
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_stream_counts_and_warns_about_the_rows_its_length_policy_cut(source: Path, tmp_path: Path, workers: int,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """In memory, truncated and dropped examples are counted in the data line and metrics.json; a stream
+    counted none of them."""
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    rows_file = tmp_path / "long.jsonl"  # every other answer is longer than data.max_seq_len
+    rows_file.write_text("".join(json.dumps({"prompt": f"say {i}", "completion": "x" * (80 if i % 2 else 8)}) + "\n"
+                                 for i in range(60)))
+    cfg = stream_run(tmp_path / "run", rows_file, steps=8, workers=workers)
+    cfg.data.max_seq_len = 40
+    cfg.data.max_tokens_per_batch, cfg.data.stream_buffer = 120, 6  # windows of 6 rows: several end in 8 steps
+    stream = json.loads((tmp_path / "run/metrics.json").read_text())["data"]["train_stream"] if train.run(cfg) else {}
+    rows = stream["rows"]  # counted as a window's last batch is trained
+    assert rows.get("truncated", 0) > 0 and sum(rows.values()) == sum(stream["source_rows"]) > 0, stream
+    if workers == 0:  # a worker process logs where caplog does not listen
+        assert "data warning: training rows longer than data.max_seq_len=40 are cut to it" in caplog.text
