@@ -73,10 +73,6 @@ class SplitStats:
         )
 
 
-def _first(flags: list[bool]) -> int:
-    return next(i for i, f in enumerate(flags) if f)
-
-
 def hold_out(rows: datasets.Dataset, fraction: float, seed: int, where: str) -> tuple[datasets.Dataset, datasets.Dataset]:
     """(training rows, validation rows): `fraction` of the rows held out (rounded up, as datasets does), at least
     one row left to train on, else a DataError with the counts and the fix."""
@@ -150,13 +146,21 @@ class BambaDataModule(L.LightningDataModule):
             empty_assistant=sum(cols["empty_assistant"]), coerced=sum(1 for n in cols["coerced"] if n),
         )
 
+        position = next((rows[p] for p in POSITIONS if p in rows.column_names), None)
+
         def at(flags: list[bool]) -> str:
-            return locate(where, rows[_first(flags)])
+            # the earliest in the file: the held-out split has shuffled the rows
+            flagged = [i for i, f in enumerate(flags) if f]
+            return locate(where, rows[min(flagged, key=position.__getitem__) if position else flagged[0]])
 
         if stats.dropped_prompt_too_long:
             log.warning("data warning: %d %s examples dropped: the prompt alone is longer than data.max_seq_len=%d, "
                         "so no answer token is left (first: %s). Fix: raise data.max_seq_len.",
                         stats.dropped_prompt_too_long, name, c.max_seq_len, at(prompt_long))
+        if 0 < stats.dropped_no_targets < stats.rows:
+            log.warning("data warning: %d %s rows dropped: they hold no token to learn (no assistant or completion "
+                        "text, or data.train_on leaves none) (first: %s). Fix: check those rows (data.roles names "
+                        "the roles), or remove them.", stats.dropped_no_targets, name, at(no_targets))
         if stats.empty_assistant:
             log.warning("data warning: %d %s rows have an empty assistant message, which teaches an empty answer "
                         "(first: %s). Fix: remove those rows or fill in the answers.",

@@ -86,3 +86,18 @@ def test_a_directory_that_would_be_read_in_part_is_refused(files: dict[str, byte
         (data / name).write_bytes(content)
     with pytest.raises(BambaFTError, match=message):
         run_in_process(["data=file", f"data.source={data}", *TINY], tmp_path / "run")
+
+
+def test_rows_without_an_answer_are_warned_about_from_the_first_line(tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """Dropped without a warning before; and the 'first' row named was the first in the held-out split's
+    shuffled order (line 25 or 40), not in the file."""
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    data = tmp_path / "d.jsonl"
+    no_answer = {"messages": [{"role": "user", "content": "hi"}]}
+    data.write_bytes(_jsonl(no_answer, *[CHAT] * 20, *[no_answer] * 19, *[CHAT] * 20))
+    run_in_process(["data=file", f"data.source={data}", *TINY], tmp_path / "run")
+    warned = [r.getMessage() for r in caplog.records if "hold no token to learn" in r.getMessage()]
+    assert warned and f"{data}, line 1)" in warned[0] and "rows dropped" in warned[0], warned
