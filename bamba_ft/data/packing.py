@@ -142,6 +142,7 @@ class BatchPlan(Sampler[list[int]]):
         self._resume_at: tuple[int, int] | None = None
         self._cached: tuple[int, list[list[int]]] | None = None
         self.left_out = 0  # batches of this epoch no rank takes: the remainder over world_size (training, no padding)
+        self._every_rank: list[list[int]] = []  # the epoch's batches that some rank trains
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -170,10 +171,12 @@ class BatchPlan(Sampler[list[int]]):
             batches = pack_batches(self.lengths, self.max_tokens, seed if self.shuffle else self.seed)
         else:
             batches = padded_batches(len(self.lengths), self.batch_size, seed, self.shuffle)
+        self._every_rank = batches
         if self.world_size == 1:
             return batches
         if not self.pad:  # every rank must take as many steps: the remainder waits for another epoch's shuffle
             self.left_out = len(batches) % self.world_size
+            self._every_rank = batches[: len(batches) - self.left_out]  # rank r takes every world_size-th from r
             return batches[self.rank :: self.world_size][: len(batches) // self.world_size]
         mine = batches[self.rank :: self.world_size]
         rounds = -(-len(batches) // self.world_size)
@@ -192,8 +195,9 @@ class BatchPlan(Sampler[list[int]]):
         return len(self.plan())
 
     def efficiency(self) -> float:
-        """Real tokens / token budget over this epoch's packed batches."""
-        batches = self.plan()
+        """Real tokens / token budget over this epoch's packed batches, those of every rank."""
+        self.plan()
+        batches = self._every_rank
         used = sum(self.lengths[i] for b in batches for i in b if i >= 0)
         return used / max(1, len(batches) * self.max_tokens)
 

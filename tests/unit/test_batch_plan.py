@@ -79,3 +79,14 @@ def test_ranks_take_equal_shares_and_the_plan_counts_the_remainder() -> None:
     assert len(taken) == 64 and taken < set(range(72))
     even = BatchPlan([10] * 64, packing=False, max_tokens=1024, batch_size=8, seed=3, rank=0, world_size=2)
     assert len(even) == 4 and even.left_out == 0
+
+
+def test_packing_efficiency_is_over_every_ranks_batches() -> None:
+    lengths = [10 * (1 + i % 7) for i in range(200)]
+    one = BatchPlan(lengths, packing=True, max_tokens=128, batch_size=8, seed=3)
+    ranks = [BatchPlan(lengths, packing=True, max_tokens=128, batch_size=8, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    assert ranks[0].efficiency() == ranks[1].efficiency()  # one figure for the run, not one rank's
+    taken = [b for p in ranks for b in p.plan()]
+    assert ranks[0].efficiency() == sum(lengths[i] for b in taken for i in b) / (len(taken) * 128)
+    if not ranks[0].left_out:
+        assert ranks[0].efficiency() == one.efficiency()
