@@ -163,6 +163,9 @@ def load_run_config(run_dir: Path) -> RunConfig:
         raise ModelError(f"{run_dir / RUN_CONFIG} does not describe a bamba_ft run ({e}).") from e
 
 
+RUN_OWNS = ("model", "quant", "peft")  # what a run (or a random base's record) brings: the command line's is not used
+
+
 @dataclass
 class Source:
     """What to load: a base model, optionally an adapter directory or trainable state from a .ckpt."""
@@ -200,29 +203,29 @@ def locate(checkpoint: str | None, cfg: RunConfig) -> Source:
             raise ModelError(f"checkpoint {checkpoint}: cannot find its run's {RUN_CONFIG} in {run_dir}.")
         run = load_run_config(run_dir)
         return Source(run.model, run.quant, run=run, ckpt=path, description=f"training checkpoint {path}",
-                      random_base=_read_random_base(run_dir), own=("model", "quant", "peft"))
+                      random_base=_read_random_base(run_dir), own=RUN_OWNS)
     rd = RunDir(path)
     if rd.run_config.exists():
         run = load_run_config(path)
         drawn = _read_random_base(path)
         if rd.adapter.is_dir():
             return Source(run.model, run.quant, run=run, adapter_dir=rd.adapter, description=f"run {path}",
-                          random_base=drawn, own=("model", "quant", "peft"))
+                          random_base=drawn, own=RUN_OWNS)
         if rd.full_model.is_dir():
             model = dataclasses.replace(run.model, name_or_path=str(rd.full_model), init="pretrained", tokenizer=None)
-            return Source(model, QuantConfig(), run=run, description=f"run {path} (full weights)", own=("model", "quant", "peft"))
+            return Source(model, QuantConfig(), run=run, description=f"run {path} (full weights)", own=RUN_OWNS)
         if rd.resumable_checkpoints():  # a stopped run: its checkpoint furthest into training, as a resume takes
             from bamba_ft.jobs.checkpoints import newest_intact
 
             ckpt = newest_intact(path, f"checkpoint {checkpoint}")
             return Source(run.model, run.quant, run=run, ckpt=ckpt, description=f"run {path} ({ckpt.name})",
-                          random_base=drawn, own=("model", "quant", "peft"))
+                          random_base=drawn, own=RUN_OWNS)
         raise ModelError(f"checkpoint {checkpoint}: the run has no adapter/, model/ or checkpoint (last.ckpt, "
                          "interrupted.ckpt, best-*) yet.")
     if (drawn := _read_random_base(path)) is not None and (path / "adapter_config.json").exists():
         model = ModelConfig(**{k: v for k, v in drawn["model"].items() if k in ModelConfig.__dataclass_fields__})
         quant = QuantConfig(**{k: v for k, v in drawn["quant"].items() if k in QuantConfig.__dataclass_fields__})
-        return Source(model, quant, adapter_dir=path, random_base=drawn, own=("model", "quant", "peft"),
+        return Source(model, quant, adapter_dir=path, random_base=drawn, own=RUN_OWNS,
                       description=f"adapter {path} on its random {model.shape or model.name_or_path} base")
     if (path / "adapter_config.json").exists():
         from bamba_ft.config.overrides import override_keys
