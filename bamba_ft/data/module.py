@@ -319,12 +319,18 @@ class BambaDataModule(L.LightningDataModule):
         return DataLoader(examples, batch_sampler=plan, collate_fn=collate, num_workers=self.cfg.num_workers)
 
     def train_fingerprint(self) -> str | None:
-        """The training set as a resume depends on it: its example count and a hash of every example's token
-        length (what the batch plan is built from); None for a stream, whose position is its own record."""
+        """The training set as a resume depends on it: its example count and a hash of every example's tokens
+        and labels, in order (read as Arrow buffers: under a second for 20M tokens on a laptop CPU); None for a stream,
+        whose position is its own record."""
         if self.stream is not None or self.train_set is None:
             return None
-        lengths = np.asarray(self.train_set["length"], dtype=np.int64)
-        return f"{len(lengths)} examples, lengths sha256 {hashlib.sha256(lengths.tobytes()).hexdigest()[:16]}"
+        digest = hashlib.sha256()
+        for table in self.train_set.with_format("arrow").iter(batch_size=16384):
+            for name in ("input_ids", "labels"):
+                column = table.column(name).combine_chunks()
+                digest.update(np.asarray(column.value_lengths(), dtype=np.int64).tobytes())
+                digest.update(np.asarray(column.flatten(), dtype=np.int64).tobytes())
+        return f"{len(self.train_set)} examples, tokens sha256 {digest.hexdigest()[:16]}"
 
     def make_plan(self, dataset: datasets.Dataset, shuffle: bool, sharded: bool = True) -> BatchPlan:
         """The batch plan of `dataset`; `sharded` gives this rank's share when a Trainer runs distributed."""
