@@ -38,7 +38,7 @@ def random_base_record(cfg: RunConfig, model: nn.Module, device: torch.device) -
         return None
     return {"model": dataclasses.asdict(cfg.model), "quant": dataclasses.asdict(cfg.quant), "seed": cfg.trainer.seed,
             "device": device.type, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-            "fingerprint": fingerprint}
+            "torch": torch.__version__, "fingerprint": fingerprint}
 
 
 def _read_random_base(directory: Path) -> dict | None:
@@ -258,11 +258,15 @@ def _build_base(src: Source, device: torch.device) -> nn.Module:
     model = build_model(src.model, src.quant, device, seed=int(drawn["seed"]))
     again = model.random_base_fingerprint
     if not same_draw(drawn["fingerprint"], again):
-        raise ModelError(f"{src.description}: its random base was drawn on {drawn['device']} in {drawn['dtype']}; "
-                         f"drawn again here on {device.type} in {str(next(model.parameters()).dtype).removeprefix('torch.')}"
-                         f" from the same seed it differs (sum of squares {again[1]:.6g}, recorded {drawn['fingerprint'][1]:.6g}), "
-                         "so the adapters would be scored or merged on other weights.\nFix: evaluate or export on the "
-                         "kind of device it trained on, in its dtype (model.dtype), or train on a saved base.")
+        here = (device.type, str(next(model.parameters()).dtype).removeprefix("torch."), torch.__version__)
+        then = (drawn["device"], drawn["dtype"], drawn.get("torch", "?"))
+        cause = (f"it was drawn on {then[0]} in {then[1]} with torch {then[2]}, here on {here[0]} in {here[1]} with "
+                 f"torch {here[2]}" if here != then else "the device, dtype and torch version are the ones it was drawn "
+                 f"with, so {RANDOM_BASE} or the code that draws it changed")
+        raise ModelError(f"{src.description}: its random base, drawn again from seed {drawn['seed']}, is another draw "
+                         f"(sum and sum of squares {again[0]:.9g}, {again[1]:.9g}; recorded {drawn['fingerprint'][0]:.9g}, "
+                         f"{drawn['fingerprint'][1]:.9g}): {cause}. The adapters would be scored or merged on other "
+                         "weights.\nFix: evaluate or export where and as it trained (model.dtype), or train on a saved base.")
     return model
 
 

@@ -48,7 +48,8 @@ def test_family_sft_then_export_reloads_in_transformers(model_type: str, tmp_pat
     record = json.loads((run / "random_base.json").read_text())
     record["fingerprint"][1] *= 1.001
     (run / "random_base.json").write_text(json.dumps(record))
-    with pytest.raises(ModelError, match=r"drawn again here on cpu.*differs"):
+    with pytest.raises(ModelError, match=r"drawn again from seed \d+, is another draw .*: the device, dtype and "
+                                         r"torch version are the ones it was drawn with"):
         run_in_process(["recipe=eval", f"eval.checkpoint={run}", "trainer=cpu", "smoke=fast"], tmp_path / "e1")
     (run / "random_base.json").unlink()
     with pytest.raises(ModelError, match=r"whose draw was not recorded"):
