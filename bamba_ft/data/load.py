@@ -202,12 +202,14 @@ def _load_dir(path: Path, source: str, split: str, key: str, config: str | None)
                 raise DataError(f"{where}: no split '{split}'; it has {', '.join(loaded)}.")
             loaded = loaded[split]
         return number_rows(loaded)
-    kinds = sorted({p.suffix for p in path.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES
-                    and not any(part.startswith(".") for part in p.relative_to(path).parts)})
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    kinds = sorted({p.suffix for p in files})
     if len(kinds) > 1:  # datasets reads the most common format of a directory and skips the others unannounced
+        listed = ", ".join(f"{{source: {p}}}" for p in files[:4])
         raise DataError(f"{where}: the directory holds {' and '.join(kinds)} files; a directory is read as one "
                         "format, so the others would be left out without a word.\nFix: keep one format in it, or "
-                        f"list the files in data.sources (data.sources=[{{source: a{kinds[0]}}}, {{source: b{kinds[1]}}}]).")
+                        f"list the files in data.sources: 'data.sources=[{listed}{', ...' if len(files) > 4 else ''}]'.")
     try:
         return number_rows(load_repo(str(path), config, split, key))
     except DataError:

@@ -107,6 +107,7 @@ class BambaDataModule(L.LightningDataModule):
         self.source_rows: list[int] = []  # per source: stream rows read into trained windows, and passes started
         self.source_passes: list[int] = []
         self.stream_rows: Counter[str] = Counter()  # rows read into trained windows, by what the length policy did
+        self._stream_warned: set[str] = set()  # data warnings given once per run, whichever stream reads the row
 
     # ----- building the splits
     def _raw_splits(self) -> tuple[datasets.Dataset, datasets.Dataset | None]:
@@ -361,7 +362,8 @@ class BambaDataModule(L.LightningDataModule):
         trainer = self.trainer if sharded else None
         return StreamBatches(self.stream, self.stream_sources, self.tokenizer, self.cfg, self.seed,
                              rank=trainer.global_rank if trainer else 0,
-                             world_size=trainer.world_size if trainer else 1, start=start)
+                             world_size=trainer.world_size if trainer else 1, start=start,
+                             warned=self._stream_warned)
 
     def train_dataloader(self) -> DataLoader:
         if self.stream is not None:
@@ -413,8 +415,8 @@ class BambaDataModule(L.LightningDataModule):
             self.stream_rows.update(meta.pop("verdicts", {}))
             self.stream_position = StreamPosition(**meta)
             if self.stream_position.steps_done == 0 and self.cfg.packing:  # a window (or the stream) ended
-                log.info("stream: epoch %d, %d rows read; packing efficiency %.1f%% over %d batches so far%s",
-                         meta["epoch"], meta["rows_read"], 100 * self.packing_efficiency(), self.stream_batches,
+                log.info("stream: epoch %d, %d rows read in all; packing efficiency %.1f%% over %d batches so far%s",
+                         meta["epoch"], sum(self.source_rows), 100 * self.packing_efficiency(), self.stream_batches,
                          self._sources_line())
         return batch
 

@@ -182,11 +182,12 @@ class StreamBatches(torch.utils.data.IterableDataset):
 
     def __init__(self, rows: datasets.IterableDataset, sources: list[StreamSource], tokenizer: Any,  # noqa: ANN401
                  cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1,
-                 start: StreamPosition | None = None) -> None:
+                 start: StreamPosition | None = None, warned: set[str] | None = None) -> None:
         self.rows, self.sources, self.tokenizer, self.cfg, self.seed = rows, sources, tokenizer, cfg, seed
         self.rank, self.world_size, self.start = rank, world_size, start or StreamPosition()
         self.peak_buffer = 0
-        self._warned: set[str] = set()
+        # the kinds of rows already warned about: shared by the streams of one run (the probe's, the fit's)
+        self._warned: set[str] = warned if warned is not None else set()
 
     def __iter__(self) -> Iterator[dict]:
         pos = self.start

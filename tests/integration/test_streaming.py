@@ -82,4 +82,5 @@ def test_a_stream_counts_and_warns_about_the_rows_its_length_policy_cut(source: 
     rows = stream["rows"]  # counted as a window's last batch is trained
     assert rows.get("truncated", 0) > 0 and sum(rows.values()) == sum(stream["source_rows"]) > 0, stream
     if workers == 0:  # a worker process logs where caplog does not listen
-        assert "data warning: training rows longer than data.max_seq_len=40 are cut to it" in caplog.text
+        # once per run: the gradient probe's stream and the fit's share what was said
+        assert caplog.text.count("data warning: training rows longer than data.max_seq_len=40 are cut to it") == 1
