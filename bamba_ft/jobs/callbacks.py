@@ -101,8 +101,8 @@ class GracefulStop(L.Callback):
         if self.requested is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
-        log.warning("\n%s received: stopping after this optimizer step (Ctrl-C again to abort without saving)",
-                    self.requested)
+        log.warning("\n%s received: stopping after this optimizer step%s", self.requested,
+                    " (Ctrl-C again to abort without saving)" if signum == signal.SIGINT else "")
 
     @contextmanager
     def installed(self) -> Iterator[None]:

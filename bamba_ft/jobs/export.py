@@ -342,9 +342,6 @@ def run(cfg: RunConfig) -> dict:
             if isinstance(e, (SystemExit, KeyboardInterrupt)):
                 print(f"bamba_ft: export interrupted ({type(e).__name__}); removed the unfinished {tmp}", file=sys.stderr)
             raise
-    if ex.push_to_hub:
-        report["hub_commit"] = push_to_hub(target, ex.repo_id, ex.private, ex.commit_message)
-        publish_file(target / "export_report.json", json.dumps(report, indent=2, default=str) + "\n")
     lines = [f"exported {src.description}", f"  to {target}"]
     if "verify" in report:
         v = report["verify"]
@@ -353,9 +350,11 @@ def run(cfg: RunConfig) -> dict:
                      f"greedy generation identical: {v['greedy_generation_identical']}")
     if "quantized_vs_merged_max_abs_logit_diff" in report:
         lines.append(f"  quantized base + adapter vs merged: max |logit diff| {report['quantized_vs_merged_max_abs_logit_diff']:.2e}")
-    if "hub_commit" in report:
-        lines.append(f"  pushed: {report['hub_commit']}")
-    print("\n".join(lines))
+    print("\n".join(lines))  # before the push: a failed push leaves a verified export, and this says so
+    if ex.push_to_hub:
+        report["hub_commit"] = push_to_hub(target, ex.repo_id, ex.private, ex.commit_message)
+        publish_file(target / "export_report.json", json.dumps(report, indent=2, default=str) + "\n")
+        print(f"  pushed: {report['hub_commit']}")
     return report
 
 
