@@ -300,8 +300,6 @@ def run(cfg: RunConfig) -> dict:
     t_start = time.perf_counter()
     run_dir = Path(cfg.output_dir)
     lock.acquire(run_dir)  # the CLI took it before Hydra wrote here; this covers runs started from Python
-    if not lock.launching_process():  # ranks > 0 would repeat rank 0's model, data and progress lines
-        log.setLevel(logging.WARNING)
     remove_stale_temporaries(run_dir)
     ckpt_path = resolve_resume(cfg.trainer.resume, run_dir)
     if lock.launching_process():  # ranks > 0 start after rank 0 has written here
