@@ -133,6 +133,7 @@ def test_eval_and_export_refuse_keys_their_source_would_ignore(sft_run: Path, tm
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_a_diverged_run_exits_3_with_strict_json_and_no_next_steps(tmp_path: Path) -> None:
     proc = cli(["smoke=fast", "trainer=cpu", "logger=none", "optim.lr=1e6", "eval.before_training=false",
                 f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, check=False)
