@@ -44,10 +44,10 @@ RANKS = ("trainer.devices", "trainer.num_nodes", "trainer.accumulate_grad_batche
 IGNORED = ("task", "debug", "output_dir", "trainer.resume", "trainer.fast_dev_run", "export.", "bench.", "sweep.")
 
 
-def newest_intact(run_dir: Path, key: str) -> Path:
+def newest_intact(run_dir: Path, key: str, prefer: tuple[str, ...] = ()) -> Path:
     """The intact checkpoint of `run_dir` furthest into training: the highest global_step, the newest file among
-    equals. File times do not decide: a copy, an rsync or a restore from backup changes them, the step stays.
-    Says which checkpoints were skipped and why."""
+    equals (or the first of `prefer`, by name, among them). File times do not decide between steps: a copy, an
+    rsync or a restore from backup changes them, the step stays. Says which checkpoints were skipped and why."""
     found = RunDir(run_dir).resumable_checkpoints()  # newest file first: the order among equal steps
     if not found:
         raise ConfigError(f"{key}: {run_dir}/checkpoints has no checkpoint (last.ckpt, interrupted.ckpt, best-*).")
@@ -66,6 +66,8 @@ def newest_intact(run_dir: Path, key: str) -> Path:
         raise ConfigError(f"{key}: no intact checkpoint in {run_dir}/checkpoints: {'; '.join(skipped)}.\n"
                           "Fix: start a new run, or resume from another run's directory.")
     best = max(steps, key=steps.get)  # the first of the highest: the newest file at that step
+    named = [p for name in prefer for p in steps if p.name == name and steps[p] == steps[best]]
+    best = named[0] if named else best
     if skipped:
         log.warning("%s: skipping %s; using %s (step %d), the intact checkpoint furthest into training.",
                     key, "; ".join(skipped), best.name, steps[best])

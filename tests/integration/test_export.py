@@ -212,6 +212,11 @@ def test_a_stopped_run_is_evaluated_and_exported_from_its_furthest_checkpoint(sf
     state["global_step"] += 5
     torch.save(state, run / "checkpoints" / "interrupted.ckpt")
     assert locate(str(run), RunConfig()).ckpt == run / "checkpoints" / "interrupted.ckpt"
+    # the validation Lightning runs as it stops writes a best-* at the same step, after it: the same weights,
+    # named by the stop's file
+    torch.save(state, run / "checkpoints" / f"best-step{state['global_step']:06d}.ckpt")
+    assert locate(str(run), RunConfig()).ckpt == run / "checkpoints" / "interrupted.ckpt"
+    (run / "checkpoints" / f"best-step{state['global_step']:06d}.ckpt").unlink()
     (run / "checkpoints" / "last.ckpt").unlink()
     assert locate(str(run), RunConfig()).ckpt == run / "checkpoints" / "interrupted.ckpt"
     (run / "checkpoints" / "interrupted.ckpt").unlink()
