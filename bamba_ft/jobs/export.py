@@ -376,7 +376,7 @@ def _write(model: nn.Module, tokenizer, cfg: RunConfig, src, tmp: Path, target: 
         if src.random_base is not None:  # the adapter alone names its random base
             atomic_write_json(tmp / RANDOM_BASE, src.random_base)
         fault_point("export.after_save")
-        write_model_card(tmp, cfg, src, report, adapter_only=True, model_type=family_of(model).model_type)
+        write_model_card(tmp, cfg, src, report, adapter_only=True, family=family_of(model))
         return report
     ref_logits, ref_gen = _reference(model, ids)
     quantized = any(is_quantized(p) for p in model.parameters())
@@ -401,7 +401,7 @@ def _write(model: nn.Module, tokenizer, cfg: RunConfig, src, tmp: Path, target: 
         tol = ex.max_rel_diff if ex.max_rel_diff is not None else _default_tolerance(ex.dtype)
         report["verify"] = verify_export(tmp, ids, ref_logits, ref_gen, ex.dtype, tol)
     fault_point("export.after_verify")
-    write_model_card(tmp, cfg, src, report, adapter_only=False, model_type=family_of(model).model_type)
+    write_model_card(tmp, cfg, src, report, adapter_only=False, family=family_of(model))
     return report
 
 

@@ -10,6 +10,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from bamba_ft.config.schema import RunConfig
+from bamba_ft.model.families import Family
 from bamba_ft.rundir import RunDir
 
 _LIBRARIES = ("bamba_ft", "torch", "transformers", "peft", "torchao", "lightning", "datasets", "mamba-ssm", "causal-conv1d")
@@ -25,11 +26,9 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-FAMILY_NAMES = {"bamba": "Bamba", "granitemoehybrid": "Granite 4.0-H", "falcon_h1": "Falcon-H1", "nemotron_h": "Nemotron-H"}
-
-
 def write_model_card(directory: Path, cfg: RunConfig, src: Any, report: dict, adapter_only: bool,
-                     model_type: str = "bamba") -> None:
+                     family: Family) -> None:
+    model_type = family.model_type
     run = src.run
     base = run.model.name_or_path if run is not None else src.model.name_or_path
     random = src.model.init == "random" or (run is not None and run.model.init == "random")
@@ -47,7 +46,7 @@ def write_model_card(directory: Path, cfg: RunConfig, src: Any, report: dict, ad
     front = {"library_name": "peft" if adapter_only else "transformers", **({"base_model": hub_base} if hub_base else {}),
              "tags": tags}
     lines = ["---", OmegaConf.to_yaml(OmegaConf.create(front)).strip(), "---", ""]
-    title = "LoRA adapter" if adapter_only else f"{FAMILY_NAMES.get(model_type, model_type)} model"
+    title = "LoRA adapter" if adapter_only else f"{family.name} model"
     lines += [f"# {title} fine-tuned with bamba_ft", ""]
     lines += [f"- Base model: {base_text}", f"- Exported from: {src.description}"]
     if not adapter_only:

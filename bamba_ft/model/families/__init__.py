@@ -22,6 +22,8 @@ from bamba_ft.errors import ConfigError
 @dataclass(frozen=True)
 class Family:
     model_type: str
+    name: str
+    """What the family is called in text (model cards): Bamba, Granite 4.0-H, ..."""
     config_class: type
     causal_lm_class: type
     base_model_class: type

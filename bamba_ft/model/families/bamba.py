@@ -11,6 +11,7 @@ from bamba_ft.ops.mamba2 import FusedGatedRMSNorm, SegmentAwareBambaMixer
 
 FAMILY = Family(
     model_type="bamba",
+    name="Bamba",
     config_class=BambaConfig,
     causal_lm_class=BambaForCausalLM,
     base_model_class=mb.BambaModel,

@@ -35,6 +35,7 @@ class SegmentAwareFalconH1Mixer(SegmentAwareMixer, mf.FalconH1Mixer):
 
 FAMILY = Family(
     model_type="falcon_h1",
+    name="Falcon-H1",
     config_class=FalconH1Config,
     causal_lm_class=FalconH1ForCausalLM,
     base_model_class=mf.FalconH1Model,

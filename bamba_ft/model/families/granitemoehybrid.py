@@ -19,6 +19,7 @@ from bamba_ft.ops.mamba2 import GatedRMSNormKernel, SegmentAwareMixer
 
 FAMILY = Family(
     model_type="granitemoehybrid",
+    name="Granite 4.0-H",
     config_class=GraniteMoeHybridConfig,
     causal_lm_class=GraniteMoeHybridForCausalLM,
     base_model_class=mg.GraniteMoeHybridModel,

@@ -16,6 +16,7 @@ from bamba_ft.ops.mamba2 import GatedRMSNormKernel, SegmentAwareMixer
 
 FAMILY = Family(
     model_type="nemotron_h",
+    name="Nemotron-H",
     config_class=NemotronHConfig,
     causal_lm_class=NemotronHForCausalLM,
     base_model_class=mn.NemotronHModel,
