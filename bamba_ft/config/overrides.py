@@ -14,7 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from bamba_ft.config.schema import DataConfig, RunConfig, validate
+from bamba_ft.config.schema import NOT_BUILTIN, DataConfig, RunConfig, validate
 from bamba_ft.errors import ConfigError, Problems, not_an_option, suggest
 
 GROUPS = ("model", "peft", "quant", "data", "optim", "trainer", "logger", "recipe", "smoke", "sweep")
@@ -252,10 +252,8 @@ def _check_data_option(cfg: RunConfig, option: str) -> None:
     if cfg.task != "train":
         return
     if d.source == "builtin" and not d.sources:
-        # keys only a data file reads: the built-in task generates its splits
         default = DataConfig()
-        unread = [f"data.{k}={getattr(d, k)}" for k in ("val_source", "val_split", "val_fraction", "split", "config")
-                  if getattr(d, k) != getattr(default, k)]
+        unread = [f"data.{k}={getattr(d, k)}" for k in NOT_BUILTIN if getattr(d, k) != getattr(default, k)]
         if unread:
             raise ConfigError([f"{key}: the data is the built-in task, which generates its training and validation "
                                "sets, so this would be ignored.\nFix: also name your data (data=file "

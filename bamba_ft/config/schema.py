@@ -148,6 +148,11 @@ class SourceConfig:
     """Renames applied before the format is read, {their_column: our_column}, e.g. {question: prompt}."""
 
 
+# data.* keys only a data file reads: the built-in task generates its splits (data.builtin_val_examples), so
+# training and eval refuse them with it.
+NOT_BUILTIN = ("val_source", "val_split", "val_fraction", "split", "config")
+
+
 @dataclass
 class DataConfig:
     source: str = "builtin"

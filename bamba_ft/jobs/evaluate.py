@@ -15,7 +15,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from bamba_ft.config.overrides import command_line_keys, override_keys
-from bamba_ft.config.schema import DataConfig, EvalConfig, RunConfig, validate
+from bamba_ft.config.schema import NOT_BUILTIN, DataConfig, EvalConfig, RunConfig, validate
 from bamba_ft.data.module import BambaDataModule
 from bamba_ft.data.templates import ensure_chat_template, stop_token_ids
 from bamba_ft.data.tokenize import prompt_and_reference
@@ -173,8 +173,6 @@ def run(cfg: RunConfig) -> dict:
 # Where a run's data comes from. A new data.source or data.sources on the command line takes all of these from the
 # command line (their defaults where not given), so the run's own validation file or split is not scored in its place.
 SOURCE_KEYS = ("source", "config", "sources", "split", "format", "val_source", "val_split")
-# Keys the generated builtin data does not read: its validation set is generated (data.builtin_val_examples).
-NOT_BUILTIN = ("val_source", "val_split", "val_fraction", "split", "config")
 
 
 def eval_data_config(run: RunConfig | None, cfg: RunConfig, given: set[str]) -> DataConfig:
