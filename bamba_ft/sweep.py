@@ -11,6 +11,7 @@ import io
 import math
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -113,10 +114,7 @@ def write_outputs(sweep_dir: Path, rows: list[dict[str, Any]], objective: str, d
         for r in rows]
     header = ["best", "job", "status", objective, "overrides", "val loss", "exact match", "train loss", "steps",
               "run dir", "error"]
-    counts: dict[str, int] = {}
-    for r in rows:
-        status = r["status"].split()[0]  # "ok (reused)" counts as ok
-        counts[status] = counts.get(status, 0) + 1
+    counts = Counter(r["status"].split()[0] for r in rows)  # "ok (reused)" counts as ok
     tally = ", ".join(f"{n} {status}" for status, n in sorted(counts.items(), key=lambda kv: kv[0] != "ok"))
     lines = [f"\nsweep {sweep_dir}: {len(rows)} jobs ({tally}); objective {objective} ({direction})",
              f"every job: {' '.join(sorted(common)) or '-'}", table(shown, header)]
@@ -203,20 +201,21 @@ class SweepSummary(Callback):
         print(write_outputs(sweep_dir, rows, str(config.sweep.objective), str(config.sweep.direction), search))
         if search and (sweep_dir / "optimization_results.yaml").exists():
             print(f"Optuna's best parameters and value: {sweep_dir / 'optimization_results.yaml'}")
-        if (problem := sweep_problem(rows)) is not None:
-            again = (f"\nTo run them again: the same command plus sweep.resume=true hydra.sweep.dir={sweep_dir} "
-                     "(finished jobs are reused)." if "failed" in problem else
-                     "\nFix: lower optim.lr (or sweep lower values); a resume would run the same settings again.")
-            print(f"bamba_ft: {problem}{again}", file=sys.stderr)
+        if (problem := sweep_problem(rows, sweep_dir)) is not None:
+            print(f"bamba_ft: {problem}", file=sys.stderr)
             sys.exit(1)
 
 
-def sweep_problem(rows: list[dict[str, Any]]) -> str | None:
-    """Why the sweep exits 1, or None: a job failed (an error or a killed process, not a diverged loss, which is
-    a result of its settings), or no job finished with a usable objective. The outputs are written either way."""
+def sweep_problem(rows: list[dict[str, Any]], sweep_dir: Path) -> str | None:
+    """Why the sweep exits 1, with the fix, or None: a job failed (an error or a killed process, not a diverged
+    loss, which is a result of its settings), or no job finished with a usable objective. The outputs are written
+    either way."""
     failed = [str(r["job"]) for r in rows if r["status"].startswith("failed")]
     if failed:
-        return f"{len(failed)} of {len(rows)} jobs failed (job {', '.join(failed)}): their errors are in sweep.csv."
+        return (f"{len(failed)} of {len(rows)} jobs failed (job {', '.join(failed)}): their errors are in sweep.csv."
+                f"\nTo run them again: the same command plus sweep.resume=true hydra.sweep.dir={sweep_dir} "
+                "(finished jobs are reused).")
     if not any(r["status"].startswith("ok") for r in rows):
-        return f"no job of {len(rows)} finished with a finite objective (every one diverged)."
+        return (f"no job of {len(rows)} finished with a finite objective (every one diverged).\nFix: lower optim.lr "
+                "(or sweep lower values); a resume would run the same settings again.")
     return None
