@@ -15,7 +15,7 @@ quiet.silence_import_noise()
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from bamba_ft.config.overrides import check_overrides, to_run_config  # noqa: E402
+from bamba_ft.config.overrides import check_overrides, in_sweep, to_run_config  # noqa: E402
 from bamba_ft.config.schema import TASK_JOBS  # noqa: E402
 from bamba_ft.config.store import config_dirs, register_configs  # noqa: E402
 from bamba_ft.errors import BambaFTError  # noqa: E402
@@ -35,10 +35,7 @@ def run_config(cfg: DictConfig) -> dict:
 
 def run_task(cfg: DictConfig) -> float | None:
     """Hydra's task function. In a sweep (`-m`) it returns the job's objective (sweep.objective) to the sweeper."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if HydraConfig.get().mode == RunMode.MULTIRUN:
+    if in_sweep():
         from bamba_ft.jobs.sweep_job import run_sweep_job
 
         return run_sweep_job(cfg, run_config)

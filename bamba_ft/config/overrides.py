@@ -156,6 +156,14 @@ def override_keys() -> set[str]:
     return {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
 
 
+def in_sweep() -> bool:
+    """Whether this is a job of a Hydra sweep (`-m`); False outside a Hydra run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def option_config(group: str, option: str | None) -> DictConfig | None:
     """What conf/<group>/<option>.yaml sets, placed at the top level (as `@package _global_` files are); None for
     no choice or a group outside conf/ (recipe, hydra/...). Hydra's composed config cannot say which option set

@@ -22,6 +22,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
+from bamba_ft.config.overrides import in_sweep
 from bamba_ft.config.schema import RunConfig, TrainerConfig
 from bamba_ft.data.module import BambaDataModule
 from bamba_ft.data.templates import ensure_chat_template, generation_config_for
@@ -361,18 +362,11 @@ def run(cfg: RunConfig) -> dict:
         return {}
     if stopper.stopped_at is not None:
         print(f"\nstopped at step {stopper.stopped_at}; checkpoint: {stopper.ckpt_path}"
-              + ("" if _in_sweep() else f"\nresume with the same command plus: trainer.resume={run_dir}"))
+              # in a sweep, the sweep is resumed (sweep.resume=true), and it says how
+              + ("" if in_sweep() else f"\nresume with the same command plus: trainer.resume={run_dir}"))
         return {"stopped_at": stopper.stopped_at, "signal": stopper.requested or "SIGTERM"}
     start = resumed.step if resumed is not None else None
     return _finish(cfg, model, tokenizer, dm, trainer, before, run_dir, device, fit_seconds, t_start, start)
-
-
-def _in_sweep() -> bool:
-    """A job of `-m`: the sweep, not the job, is resumed (sweep.resume=true), and it says how."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _tidy_checkpoints(trainer: L.Trainer, run_dir: Path) -> None:
