@@ -247,8 +247,8 @@ def _step_name(trainer: L.Trainer) -> str:
 
 
 def _callbacks(cfg: RunConfig, dm: BambaDataModule, ckpt_dir: Path, stopper: GracefulStop,
-               with_loggers: bool, before: dict) -> list[L.Callback]:
-    callbacks: list[L.Callback] = [stopper, ConfigInCheckpoint(cfg, dm.train_fingerprint(), before)]
+               with_loggers: bool, saved_with: ConfigInCheckpoint) -> list[L.Callback]:
+    callbacks: list[L.Callback] = [stopper, saved_with]
     if with_loggers:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if cfg.trainer.enable_progress_bar:
@@ -268,7 +268,7 @@ def _callbacks(cfg: RunConfig, dm: BambaDataModule, ckpt_dir: Path, stopper: Gra
 
 
 def _trainer(cfg: RunConfig, dm: BambaDataModule, run_dir: Path, device: torch.device, strategy: Any,
-             loggers: list[Logger], stopper: GracefulStop, before: dict) -> L.Trainer:
+             loggers: list[Logger], stopper: GracefulStop, saved_with: ConfigInCheckpoint) -> L.Trainer:
     t = cfg.trainer
     return L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
@@ -292,7 +292,7 @@ def _trainer(cfg: RunConfig, dm: BambaDataModule, run_dir: Path, device: torch.d
         use_distributed_sampler=False,  # BambaDataModule shards its batch plan by rank itself
         default_root_dir=run_dir,
         logger=loggers or False,
-        callbacks=_callbacks(cfg, dm, RunDir(run_dir).checkpoints, stopper, bool(loggers), before),
+        callbacks=_callbacks(cfg, dm, RunDir(run_dir).checkpoints, stopper, bool(loggers), saved_with),
         plugins=[AtomicCheckpointIO()],
     )
 
@@ -317,8 +317,9 @@ def run(cfg: RunConfig) -> dict:
     strategy = _strategy(cfg)
     loggers = _loggers(cfg, run_dir) if not cfg.trainer.fast_dev_run else []  # a logger that cannot start, first
     model, tokenizer, dm = _prepare(cfg, device)
+    data_fingerprint = dm.train_fingerprint()  # once: the resume checks it, every checkpoint stores it
     if resumed is not None:
-        check_resume_data(resumed, dm.train_fingerprint())
+        check_resume_data(resumed, data_fingerprint)
     save_run_config(cfg, run_dir)
     if (record := random_base_record(cfg, causal_lm(model), device)) is not None and lock.launching_process():
         atomic_write_json(run_dir / RANDOM_BASE, record)  # what eval and export rebuild the base from
@@ -334,7 +335,8 @@ def run(cfg: RunConfig) -> dict:
         before = resumed.before or {}
 
     stopper = GracefulStop(RunDir(run_dir).checkpoints)
-    trainer = _trainer(cfg, dm, run_dir, device, strategy, loggers, stopper, before)
+    saved_with = ConfigInCheckpoint(cfg, data_fingerprint, before)
+    trainer = _trainer(cfg, dm, run_dir, device, strategy, loggers, stopper, saved_with)
     configure = functools.partial(_shard_and_load, cfg, dm, device) if _sharded(cfg) else None
     lit = BambaLitModule(model, cfg.optim, cfg.model.activation_offload, configure=configure)
     t_fit = time.perf_counter()
