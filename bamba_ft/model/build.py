@@ -115,26 +115,33 @@ def init_rest(model: PreTrainedModel, device: torch.device) -> None:
         model.tie_weights()
 
 
-def _moments(params: Iterator[nn.Parameter]) -> torch.Tensor:
-    """float64 sum and sum of squares of `params`: a fingerprint that tells one random draw from another."""
-    total = torch.zeros(2, dtype=torch.float64)
+_MOMENT_CHUNK = 1 << 24  # elements cast to float64 at a time: 128 MiB, not a copy of the largest weight (4 GiB)
+
+
+def _moments(params: Iterator[nn.Parameter], total: torch.Tensor) -> None:
+    """Add the float64 sum and sum of squares of `params` to `total` (on their device): a fingerprint that tells
+    one random draw from another."""
     for p in params:
-        x = p.detach().double()
-        total += torch.stack([x.sum(), (x * x).sum()]).cpu()
-    return total
+        for x in p.detach().reshape(-1).split(_MOMENT_CHUNK):
+            x = x.double()
+            total += torch.stack([x.sum(), x.dot(x)])
 
 
-def _materialize_random(model: PreTrainedModel, device: torch.device, quant: QuantConfig) -> list[float]:
+def _materialize_random(model: PreTrainedModel, device: torch.device, quant: QuantConfig,
+                        fingerprint: bool = False) -> list[float] | None:
     """Fill a meta-device model with fresh weights one decoder layer at a time (quantizing each as it lands).
-    Returns the fingerprint of the weights drawn (before any quantization)."""
-    total = torch.zeros(2, dtype=torch.float64)
+    `fingerprint`: return that of the weights drawn (before any quantization)."""
+    total = torch.zeros(2, dtype=torch.float64, device=device)
     for layer in model.model.layers:
         init_layer(model, layer, device)
-        total += _moments(layer.parameters())
+        if fingerprint:
+            _moments(layer.parameters(), total)
         quantize_layer(layer, quant)
     init_rest(model, device)
+    if not fingerprint:
+        return None
     in_layers = {id(p) for p in model.model.layers.parameters()}
-    total += _moments(p for p in model.parameters() if id(p) not in in_layers)
+    _moments((p for p in model.parameters() if id(p) not in in_layers), total)
     return total.tolist()
 
 
@@ -183,7 +190,8 @@ def build_model(cfg: ModelConfig, quant: QuantConfig, device: torch.device, empt
     computing on `device`. `dtype` overrides the dtype `cfg.dtype` resolves to. `graphs_auto`: the caller trains
     where the conv+scan's CUDA graphs pay (`why_no_graphs` found no reason against them), so model.cuda_graphs=auto
     turns them on where the fused conv+scan runs; otherwise auto means off. `seed`: an `init=random` base is drawn
-    from it, leaving the random state as it was; its fingerprint is the model's `random_base_fingerprint`.
+    from it, leaving the random state as it was; its fingerprint is the model's `random_base_fingerprint` (None
+    for an unseeded draw).
     """
     check_quant_device(quant, device)
     config = load_config(cfg)
@@ -208,7 +216,8 @@ def build_model(cfg: ModelConfig, quant: QuantConfig, device: torch.device, empt
             with drawn if seed is not None else contextlib.nullcontext():
                 if seed is not None:
                     torch.manual_seed(seed)
-                model.random_base_fingerprint = _materialize_random(model, device, quant)
+                # a seeded draw is one a record can name, so it gets a fingerprint (benchmarks draw unseeded)
+                model.random_base_fingerprint = _materialize_random(model, device, quant, fingerprint=seed is not None)
         else:
             # Quantized: load on the CPU, then move and quantize layer by layer.
             load_device = "cpu" if quant.method != "none" else device
