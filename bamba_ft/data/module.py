@@ -247,7 +247,7 @@ class BambaDataModule(L.LightningDataModule):
             log.info("data %s", st.line(name))
 
     def _prepare_sources(self, train: bool = True) -> None:
-        """data.sources: each source read, renamed, split and tokenized in its own format, then mixed."""
+        """data.sources: each source read, renamed, split and tokenized in its own format, then mixed (`train`)."""
         c = self.cfg
         parts, vals = [], []
         for i, s in enumerate(c.sources):
@@ -259,15 +259,21 @@ class BambaDataModule(L.LightningDataModule):
             if not c.val_source and c.val_fraction > 0 and len(rows) >= 2:
                 rows, val = hold_out(rows, c.val_fraction, self.seed, where)
                 vals.append((val, where, s.format))
-            if not train:
-                continue
-            enc, self.stats[f"train[{i}]"] = self._tokenize(rows, f"train[{i}]", where, s.format)
-            parts.append(enc.add_column("__source__", [i] * len(enc)))
-        if not train:
-            self._validation_parts(self._val_source_parts() or vals)
-            for name, st in self.stats.items():
-                log.info("data %s", st.line(name))
-            return
+            if train:
+                enc, self.stats[f"train[{i}]"] = self._tokenize(rows, f"train[{i}]", where, s.format)
+                parts.append(enc.add_column("__source__", [i] * len(enc)))
+        if train:
+            self._mix(parts)
+        if c.val_source:
+            vals = [(load_rows(c.val_source, c.val_split or c.split, "data.val_source"),
+                     f"data.val_source={c.val_source}", None)]
+        self._validation_parts(vals)
+        for name, st in self.stats.items():
+            log.info("data %s", st.line(name))
+
+    def _mix(self, parts: list[datasets.Dataset]) -> None:
+        """The training set: the sources' tokenized examples mixed by their weights, with the counts per source."""
+        c = self.cfg
         mixed = mix_sources(parts, [s.weight for s in c.sources], self.seed, c.stopping_strategy)
         counts = Counter(mixed["__source__"])
         for i in range(len(parts)):
@@ -279,16 +285,6 @@ class BambaDataModule(L.LightningDataModule):
         self.stats["train"].kept = len(mixed)
         self.stats["train"].tokens = sum(self.train_set["length"])
         self.stats["train"].target_tokens = sum(self.train_set["n_targets"])
-        self._validation_parts(self._val_source_parts() or vals)
-        for name, st in self.stats.items():
-            log.info("data %s", st.line(name))
-
-    def _val_source_parts(self) -> list[tuple[datasets.Dataset, str, str | None]]:
-        """data.val_source as the one validation part, when given (it replaces the held-out rows)."""
-        c = self.cfg
-        if not c.val_source:
-            return []
-        return [(load_rows(c.val_source, c.val_split or c.split, "data.val_source"), f"data.val_source={c.val_source}", None)]
 
     def _validation_parts(self, parts: list[tuple[datasets.Dataset, str, str | None]]) -> None:
         """Validation examples from several sources, each in its own format, up to data.max_val_examples in all."""
