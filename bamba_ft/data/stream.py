@@ -173,6 +173,21 @@ def balance(batches: list[list[int]], world_size: int) -> list[list[int]]:
     return batches
 
 
+# What a training row's length verdict (`_encode_stream_row`) is warned with, the first time it is seen in a run
+# (formatted with data.max_seq_len and the row's place).
+_COUNTED = "; metrics.json counts them under data.train_stream.rows."
+_VERDICT_WARNINGS = {
+    "truncated": "data warning: training rows longer than data.max_seq_len=%d are cut to it (data.overlong=truncate) "
+                 "(first: %s)" + _COUNTED,
+    "dropped_overlong": "data warning: training rows longer than data.max_seq_len=%d are dropped (data.overlong=drop) "
+                        "(first: %s)" + _COUNTED,
+    "dropped_no_targets": "data warning: training rows with no token to learn (no assistant or completion text) are "
+                          "dropped (data.max_seq_len=%d) (first: %s)" + _COUNTED,
+    "dropped_prompt_too_long": "data warning: examples are dropped: the prompt alone is longer than "
+                               "data.max_seq_len=%d, so no answer token is left (first: %s). Fix: raise data.max_seq_len.",
+}
+
+
 class StreamBatches(torch.utils.data.IterableDataset):
     """This rank's collated batches of an endless stream (it restarts when the rows run out), from `start` on.
 
@@ -287,21 +302,10 @@ class StreamBatches(torch.utils.data.IterableDataset):
                 self._warned.add(flag)
                 log.warning("data warning: a training row has %s (%s); later ones are not reported.",
                             what, self._at(enc))
-        length_policy = {
-            "truncated": "training rows longer than data.max_seq_len=%d are cut to it (data.overlong=truncate)",
-            "dropped_overlong": "training rows longer than data.max_seq_len=%d are dropped (data.overlong=drop)",
-            "dropped_no_targets": "training rows with no token to learn (no assistant or completion text) are "
-                                  "dropped (data.max_seq_len=%d)",
-        }
-        if enc["_verdict"] in length_policy and enc["_verdict"] not in self._warned:
-            self._warned.add(enc["_verdict"])
-            log.warning("data warning: %s (first: %s); metrics.json counts them under data.train_stream.rows.",
-                        length_policy[enc["_verdict"]] % self.cfg.max_seq_len, self._at(enc))
-        if enc["_verdict"] == "dropped_prompt_too_long" and "prompt" not in self._warned:
-            self._warned.add("prompt")
-            log.warning("data warning: examples are dropped: the prompt alone is longer than data.max_seq_len=%d, "
-                        "so no answer token is left (first: %s). Fix: raise data.max_seq_len.",
-                        self.cfg.max_seq_len, self._at(enc))
+        verdict = enc["_verdict"]
+        if verdict in _VERDICT_WARNINGS and verdict not in self._warned:
+            self._warned.add(verdict)
+            log.warning(_VERDICT_WARNINGS[verdict], self.cfg.max_seq_len, self._at(enc))
 
     def _at(self, enc: dict) -> str:
         return locate(self.sources[enc.get(SOURCE) or 0].where, enc)
