@@ -20,7 +20,7 @@ from bamba_ft.config.schema import RunConfig, canonical_checkpointing
 from bamba_ft.errors import ConfigError
 from bamba_ft.jobs.lock import held_elsewhere
 from bamba_ft.model.restore import checkpoint_problem, checkpoint_state, is_sharded, state_file
-from bamba_ft.rundir import RUN_CONFIG, RunDir
+from bamba_ft.rundir import INTERRUPTED, LAST, RUN_CONFIG, RunDir
 
 log = logging.getLogger("bamba_ft")
 
@@ -44,10 +44,13 @@ RANKS = ("trainer.devices", "trainer.num_nodes", "trainer.accumulate_grad_batche
 IGNORED = ("task", "debug", "output_dir", "trainer.resume", "trainer.fast_dev_run", "export.", "bench.", "sweep.")
 
 
-def newest_intact(run_dir: Path, key: str, prefer: tuple[str, ...] = ()) -> Path:
-    """The intact checkpoint of `run_dir` furthest into training: the highest global_step, the newest file among
-    equals (or the first of `prefer`, by name, among them). File times do not decide between steps: a copy, an
-    rsync or a restore from backup changes them, the step stays. Says which checkpoints were skipped and why."""
+def newest_intact(run_dir: Path, key: str, prefer: tuple[str, ...] = (INTERRUPTED, LAST)) -> Path:
+    """The intact checkpoint of `run_dir` furthest into training: the highest global_step; among equals the first
+    of `prefer` by name, else the newest file. At one step the weights are the same, but a `best-*` is written
+    from inside validation, so its loop state is older than the stop's or the periodic save's: a resume from it
+    would repeat that validation and, at the end of an epoch, its bookkeeping. File times do not decide between
+    steps: a copy, an rsync or a restore from backup changes them, the step stays. Says which checkpoints were
+    skipped and why."""
     found = RunDir(run_dir).resumable_checkpoints()  # newest file first: the order among equal steps
     if not found:
         raise ConfigError(f"{key}: {run_dir}/checkpoints has no checkpoint (last.ckpt, interrupted.ckpt, best-*).")

@@ -20,7 +20,7 @@ from bamba_ft.config.schema import ModelConfig, QuantConfig, RunConfig
 from bamba_ft.errors import ConfigError, ModelError
 from bamba_ft.model.build import build_model, load_tokenizer, same_draw
 from bamba_ft.model.lora import allow_mixer_out_proj, apply_peft, fuse_lora_forward
-from bamba_ft.rundir import INTERRUPTED, LAST, RUN_CONFIG, RunDir
+from bamba_ft.rundir import RUN_CONFIG, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -217,9 +217,7 @@ def locate(checkpoint: str | None, cfg: RunConfig) -> Source:
         if rd.resumable_checkpoints():  # a stopped run: its checkpoint furthest into training, as a resume takes
             from bamba_ft.jobs.checkpoints import newest_intact
 
-            # at one step the weights are the same: name the stop's or the periodic save, not the best-* that
-            # the validation run as training stops writes after it
-            ckpt = newest_intact(path, f"checkpoint {checkpoint}", prefer=(INTERRUPTED, LAST))
+            ckpt = newest_intact(path, f"checkpoint {checkpoint}")
             return Source(run.model, run.quant, run=run, ckpt=ckpt, description=f"run {path} ({ckpt.name})",
                           random_base=drawn, own=RUN_OWNS)
         raise ModelError(f"checkpoint {checkpoint}: the run has no adapter/, model/ or checkpoint (last.ckpt, "

@@ -87,6 +87,20 @@ def test_resume_takes_the_furthest_step_not_the_newest_file(tmp_path: Path) -> N
     assert newest_intact(run, "k").name == "interrupted.ckpt"
 
 
+def test_resume_prefers_the_stops_save_to_a_newer_best_at_the_same_step(tmp_path: Path) -> None:
+    """A best-* written by the validation at the step where training stopped has the same weights, but an older
+    loop state: a resume takes interrupted.ckpt, then last.ckpt, whatever the files' times."""
+    run = tmp_path / "run"
+    _ckpt(run / "checkpoints" / "last.ckpt", 250, age=30)
+    _ckpt(run / "checkpoints" / "interrupted.ckpt", 250, age=20)
+    _ckpt(run / "checkpoints" / "best-step000250.ckpt", 250, age=10)
+    assert resolve_resume(str(run), tmp_path / "new").name == "interrupted.ckpt"
+    (run / "checkpoints" / "interrupted.ckpt").unlink()
+    assert resolve_resume(str(run), tmp_path / "new").name == "last.ckpt"
+    (run / "checkpoints" / "last.ckpt").unlink()
+    assert resolve_resume(str(run), tmp_path / "new").name == "best-step000250.ckpt"
+
+
 def test_training_into_a_directory_with_another_runs_results_is_refused(tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()
