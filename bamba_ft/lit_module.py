@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import nn
 
 from bamba_ft.config.schema import OptimConfig
@@ -27,6 +28,17 @@ def lr_lambda(step: int, warmup: int, total: int, schedule: str, floor: float) -
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
     return floor + (1.0 - floor) * shape
+
+
+FUSED_DEVICES = ("cuda",)  # where AdamW runs fused (torch has a fused CPU AdamW too; it does not pay for LoRA)
+
+
+def fused_adamw(params: list[torch.Tensor], scaled: bool) -> bool:
+    """AdamW fused on plain tensors of `FUSED_DEVICES`. Sharded (DTensor) parameters take the foreach path, and so
+    does a run with a gradient scaler (16-mixed): a fused step unscales the gradients itself, after Lightning would
+    clip them, so clipping would see scaled gradients."""
+    return bool(params) and not scaled and all(p.device.type in FUSED_DEVICES and type(p.data) is torch.Tensor
+                                               for p in params)
 
 
 def batch_tokens(batch: dict) -> tuple[int, int]:
@@ -138,8 +150,7 @@ class BambaLitModule(L.LightningModule):
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]  # weight decay per group: _apply_hyperparameters
         groups = [{"params": decay}, {"params": no_decay}]
-        # fused AdamW on plain CUDA tensors; sharded (DTensor) parameters take the foreach path
-        fused = all(p.is_cuda and type(p.data) is torch.Tensor for p in params) and bool(params)
+        fused = fused_adamw(params, self._grad_scaler() is not None)
         opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.optim.lr, fused=fused or None)
         self._apply_hyperparameters(opt)
         total = int(self.trainer.estimated_stepping_batches)
@@ -148,6 +159,22 @@ class BambaLitModule(L.LightningModule):
             opt, lambda s: lr_lambda(s, o.warmup_steps, total, o.scheduler, o.min_lr_ratio)
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _grad_scaler(self) -> Any:
+        """The precision plugin's gradient scaler (16-mixed), or None (bf16-mixed, 32-true, bf16-true)."""
+        return getattr(self.trainer.precision_plugin, "scaler", None)
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Lightning's mixed-precision plugin refuses to clip for a fused optimizer, as a fused step unscales a
+        gradient scaler's gradients itself. bf16-mixed has no scaler, so the gradients are already true and are
+        clipped as under full precision; with a scaler the optimizer is never fused (`fused_adamw`)."""
+        if gradient_clip_val and getattr(optimizer, "_step_supports_amp_scaling", False) and self._grad_scaler() is None:
+            L.pytorch.plugins.Precision.clip_gradients(
+                self.trainer.precision_plugin, optimizer, gradient_clip_val,
+                gradient_clip_algorithm or GradClipAlgorithmType.NORM)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def _apply_hyperparameters(self, opt: torch.optim.Optimizer) -> None:
         o = self.optim
