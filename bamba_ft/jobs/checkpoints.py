@@ -196,6 +196,21 @@ def read_checkpoint(ckpt: Path) -> SavedCheckpoint:
                            state.get(DATA_KEY), state.get(BEFORE_KEY))
 
 
+def refuse_finished(resumed: SavedCheckpoint, max_steps: int | None, key: str) -> None:
+    """A resume of a run that finished would train no step and write its results again: the adapter unchanged, and
+    train figures (time, tokens, tokens/s) of a fit that did nothing in place of the real ones. A run stopped at its
+    last step before it wrote its results (no metrics.json yet) may resume: that writes them."""
+    if resumed.step is None or not max_steps or max_steps < 0 or resumed.step < max_steps:
+        return
+    run = RunDir.of_checkpoint(resumed.path) if resumed.path.parent.name == "checkpoints" else None
+    if run is None or not run.metrics.exists():
+        return
+    raise ConfigError(f"{key}: that run finished: its checkpoint {resumed.path.name} is at step {resumed.step} and "
+                      f"trainer.max_steps={max_steps}, so nothing is left to train, and its results are written "
+                      f"({run.metrics}).\nFix: raise trainer.max_steps (e.g. trainer.max_steps={2 * resumed.step}) "
+                      f"to train on from step {resumed.step}, or evaluate it: recipe=eval eval.checkpoint={run.root}.")
+
+
 def check_resume_data(resumed: SavedCheckpoint, now: str | None) -> None:
     """The rows a resume continues over must be the rows the checkpoint's position in the data counts."""
     if resumed.data is not None and now is not None and resumed.data != now:

@@ -35,6 +35,7 @@ from bamba_ft.jobs.checkpoints import (
     check_resume_data,
     read_checkpoint,
     refuse_earlier_run,
+    refuse_finished,
     remove_stale_temporaries,
     resolve_resume,
     saved_step,
@@ -309,6 +310,7 @@ def run(cfg: RunConfig) -> dict:
     # last.ckpt (a resume into the same directory, as sweep.resume does) and the fit did not rewrite it.
     resumed = read_checkpoint(ckpt_path) if ckpt_path else None
     if resumed is not None:
+        refuse_finished(resumed, cfg.trainer.max_steps, f"trainer.resume={cfg.trainer.resume}")
         changed = check_resume_config(resumed, cfg)
         log.info("resuming from %s%s", ckpt_path, "".join(f"\n  changed, applied from the resumed step on: {c}" for c in changed))
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)

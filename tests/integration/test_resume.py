@@ -71,9 +71,11 @@ def test_resume_matches_uninterrupted(step: int, uninterrupted: dict[str, torch.
     for name in full:
         torch.testing.assert_close(resumed[name], full[name], rtol=0, atol=1e-6)
     assert any(float(v.abs().max()) > 0 for k, v in full.items() if "lora_B" in k)  # the adapter did train
-    if step == 6:  # resuming a run that has reached trainer.max_steps trains nothing, and says so
-        train.run(small_run(tmp_path / "second", resume=str(tmp_path / "second")))
-        assert "nothing left to train: the resumed run was already at step 10" in capsys.readouterr().out
+    if step == 6:  # a run that reached trainer.max_steps and wrote its results is not resumed again
+        from bamba_ft.errors import ConfigError
+
+        with pytest.raises(ConfigError, match="that run finished"):
+            train.run(small_run(tmp_path / "second", resume=str(tmp_path / "second")))
 
 
 def test_a_run_resumed_in_its_own_directory_ends_with_last_and_the_best(tmp_path: Path,
@@ -138,3 +140,23 @@ def test_a_resumed_run_reports_the_before_metrics_of_the_run_it_continues(tmp_pa
         return {k: v for k, v in before.items() if k != "eval_seconds"}
 
     assert whole["before"]["val_loss"] > 0 and measures(resumed["before"]) == measures(whole["before"])  # it was {}
+
+
+def test_resuming_a_finished_run_is_refused_with_the_way_on(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A finished run has nothing left to train: a resume would rewrite its train figures with those of an empty fit.
+    Raising trainer.max_steps continues it."""
+    from bamba_ft.errors import ConfigError
+
+    train.run(small_run(tmp_path / "first", steps=2))
+    first = (tmp_path / "first" / "metrics.json").read_text()
+    with pytest.raises(ConfigError, match=r"(?s)that run finished.*step 2.*trainer.max_steps=2.*"
+                                          r"Fix: raise trainer.max_steps.*recipe=eval eval.checkpoint="):
+        train.run(small_run(tmp_path / "first", resume=str(tmp_path / "first"), steps=2))
+    assert (tmp_path / "first" / "metrics.json").read_text() == first
+    (tmp_path / "first" / "metrics.json").unlink()  # as when a run is killed after its last step, before its results
+    capsys.readouterr()
+    train.run(small_run(tmp_path / "first", resume=str(tmp_path / "first"), steps=2))
+    assert "nothing left to train: the resumed run was already at step 2" in capsys.readouterr().out
+    assert (tmp_path / "first" / "metrics.json").exists()
+    metrics = train.run(small_run(tmp_path / "first", resume=str(tmp_path / "first"), steps=3))
+    assert metrics["train"]["steps"] == 3 and metrics["train"]["resumed_at_step"] == 2
