@@ -182,8 +182,9 @@ def eval_data_config(run: RunConfig | None, cfg: RunConfig, given: set[str]) -> 
     A key that the result would not read is a ConfigError naming it and the fix, never a silent drop.
     """
     if run is None:
-        _check_eval_data(cfg.data, cfg, sorted(given), "the command line's data config")
-        return cfg.data
+        data = _score_all_of_a_new_source(cfg.data, None, given)
+        _check_eval_data(data, cfg, sorted(given), "the command line's data config")
+        return data
     keys = {k.removeprefix("data.") for k in given}
     if {"source", "sources"} & {k.split(".")[0] for k in keys}:
         keys |= set(SOURCE_KEYS)
@@ -191,9 +192,29 @@ def eval_data_config(run: RunConfig | None, cfg: RunConfig, given: set[str]) -> 
     for key in sorted(keys):
         OmegaConf.update(merged, key, OmegaConf.select(ours, key), merge=False)
     data: DataConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    data = _score_all_of_a_new_source(data, run.data, given)
     where = "the run's data config with " + (", ".join(sorted(given)) or "no data keys") + " from the command line"
     _check_eval_data(data, cfg, sorted(given), where)
     return data
+
+
+HOLD_OUT_KEYS = ("val_source", "val_split", "val_fraction")
+
+
+def _score_all_of_a_new_source(data: DataConfig, trained: DataConfig | None, given: set[str]) -> DataConfig:
+    """A file given as data.source that the model did not train on is scored whole: none of it was trained on, so
+    holding out data.val_fraction of it (what a training run does) would score 5% of the user's test set. The
+    run's own training file keeps its hold-out, as does a source named with any of HOLD_OUT_KEYS."""
+    keys = {k.removeprefix("data.").split(".")[0] for k in given}
+    if "source" not in keys or set(HOLD_OUT_KEYS) & keys or data.sources or data.source == "builtin" or data.config:
+        return data
+    if trained is not None and not trained.sources and (trained.source, trained.split, trained.config) == (
+            data.source, data.split, data.config):
+        return data
+    log.info("data.source=%s: not what the model trained on, so all of it is scored (data.val_source=%s%s); "
+             "data.val_fraction=F scores a held-out fraction instead", data.source, data.source,
+             f", data.val_split={data.split}" if data.split else "")
+    return dataclasses.replace(data, val_source=data.source, val_split=data.split)
 
 
 def _check_eval_data(data: DataConfig, cfg: RunConfig, given: list[str], where: str) -> None:

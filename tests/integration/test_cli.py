@@ -73,7 +73,8 @@ def test_eval_applies_the_command_lines_data_keys_to_the_runs_data(sft_run: Path
 
 
 def test_eval_of_a_file_run_reads_the_given_validation_file(sft_run: Path, tmp_path: Path) -> None:
-    """A run trained on data=file: scored on its held-out rows (5% of 60), or on data.val_source's 5 rows."""
+    """A run trained on data=file: scored on its held-out rows (5% of 60), or on data.val_source's 5 rows, or on all
+    of a new data.source."""
     from omegaconf import OmegaConf
 
     from bamba_ft.data.builtin import generate_sft
@@ -89,6 +90,11 @@ def test_eval_of_a_file_run_reads_the_given_validation_file(sft_run: Path, tmp_p
     given = run_in_process([*EVAL, f"eval.checkpoint={run}", f"data.val_source={val}"], tmp_path / "val")["metrics"]
     assert (own["num_generated"], given["num_generated"]) == (3, 5)
     assert own["val_loss"] != given["val_loss"]
+    # a file the run did not train on is scored whole (all 5 rows), the training file by its hold-out
+    new = run_in_process([*EVAL, f"eval.checkpoint={run}", f"data.source={val}"], tmp_path / "new")["metrics"]
+    again = run_in_process([*EVAL, f"eval.checkpoint={run}", f"data.source={train}"], tmp_path / "again")["metrics"]
+    assert (new["num_generated"], new["val_loss"]) == (5, pytest.approx(given["val_loss"], abs=1e-6))
+    assert (again["num_generated"], again["val_loss"]) == (3, pytest.approx(own["val_loss"], abs=1e-6))
 
 
 def test_eval_refuses_a_data_key_the_runs_data_does_not_read(sft_run: Path, tmp_path: Path) -> None:

@@ -56,13 +56,27 @@ def test_each_given_key_replaces_the_runs_value_and_nothing_else() -> None:
 
 
 def test_a_new_source_brings_its_own_validation_not_the_runs() -> None:
-    """The run's val_source belongs to its data: kept, it would be evaluated instead of the new source."""
+    """The run's val_source belongs to its data: kept, it would be evaluated instead of the new source. A file the
+    model never trained on is scored whole, not its 5% hold-out; named with a hold-out key, as that says."""
     data = eval_data_config(RUN, RunConfig(data=DataConfig(source="new.jsonl")), {"data.source"})
-    assert (data.source, data.val_source, data.format) == ("new.jsonl", None, "auto")
+    assert (data.source, data.val_source, data.format) == ("new.jsonl", "new.jsonl", "auto")
+    held = RunConfig(data=DataConfig(source="new.jsonl", val_fraction=0.2))
+    data = eval_data_config(RUN, held, {"data.source", "data.val_fraction"})
+    assert (data.val_source, data.val_fraction) == (None, 0.2)
+    split = RunConfig(data=DataConfig(source="new.jsonl", split="test"))
+    assert eval_data_config(None, split, {"data.source", "data.split"}).val_split == "test"  # no run: a base model
     assert data.max_seq_len == 300  # the run's tokenization stays
     mixed = RunConfig(data=DataConfig(sources=[SourceConfig(source="a.jsonl"), SourceConfig(source="b.jsonl")]))
     data = eval_data_config(mixed, RunConfig(data=DataConfig(source="new.jsonl")), {"data.source"})
     assert (data.source, data.sources) == ("new.jsonl", [])  # data.sources would replace data.source
+
+
+def test_the_runs_own_training_file_named_again_keeps_its_hold_out() -> None:
+    """Scoring the whole training file would score rows the model trained on."""
+    own = RunConfig(data=DataConfig(source="train.jsonl"))
+    run = RunConfig(data=DataConfig(source="train.jsonl"))
+    data = eval_data_config(run, own, {"data.source"})
+    assert (data.val_source, data.val_fraction) == (None, 0.05)
 
 
 def test_a_key_the_builtin_task_does_not_read_is_refused_with_the_fix() -> None:
