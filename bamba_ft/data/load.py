@@ -6,6 +6,7 @@ error after the train/validation shuffle still names the line a user can open in
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -175,13 +176,29 @@ def _config_key(key: str) -> str:
     return f"{key.rpartition('.')[0]}.config" if key.endswith(".source") else "data.config"
 
 
+def local_cache_dir(path: Path) -> str:
+    """A datasets cache directory of its own for the directory `path` as its files are now (names, sizes, times).
+
+    datasets keys its cache of a directory whose README.md declares configurations on the directory's name and
+    the configuration, not on the files: rows added to a file, or another directory of the same name, were read
+    from the first load's cache without a word. Keyed on the files, an unchanged directory still loads from cache.
+    """
+    h = hashlib.sha256(str(path.resolve()).encode())
+    for p in sorted(q for q in path.rglob("*") if q.is_file()):
+        st = p.stat()
+        h.update(f"\0{p.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    return str(Path(datasets.config.HF_DATASETS_CACHE) / "bamba_ft_local" / h.hexdigest()[:16])
+
+
 def load_repo(source: str, config: str | None, split: str, key: str,
               streaming: bool = False) -> datasets.Dataset | datasets.IterableDataset:
     """`datasets.load_dataset(source, config, split=, streaming=)`: how a Hub id is read, and a local dataset
     repository too (a directory of data files, its configurations declared in its README.md as on the Hub), so
     both take one code path. A missing or unknown configuration is named with the config key that picks one."""
+    path = Path(source).expanduser()
+    cache = local_cache_dir(path) if path.is_dir() and not streaming else None
     try:
-        return datasets.load_dataset(source, config, split=split, streaming=streaming)
+        return datasets.load_dataset(source, config, split=split, streaming=streaming, cache_dir=cache)
     except ValueError as e:
         if "config" not in str(e).lower():
             raise

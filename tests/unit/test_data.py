@@ -540,3 +540,23 @@ def test_to_messages_reads_alpaca_and_refuses_an_unknown_format_naming_the_valid
                                           r"Valid: messages, prompt_completion, alpaca, text"):
         to_messages(row, "alpacca", "test")
     assert CHOICES["data.format"] == ("auto", *FORMATS)  # every configurable format has a reader, and only those
+
+
+def test_a_dataset_directory_with_configurations_is_read_as_its_files_are_now(tmp_path: Path) -> None:
+    """datasets caches such a directory under its name and configuration: rows added later, or another directory
+    of the same name, were read from the first load's cache."""
+    from bamba_ft.data.load import load_rows
+
+    def repo(root: Path, rows: int) -> Path:
+        (root / "repo" / "qa").mkdir(parents=True, exist_ok=True)
+        (root / "repo" / "README.md").write_text(
+            "---\nconfigs:\n- config_name: qa\n  data_files:\n  - split: train\n    path: qa/*.jsonl\n---\n")
+        (root / "repo" / "qa" / "train.jsonl").write_text(
+            "".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(rows)))
+        return root / "repo"
+
+    first = repo(tmp_path / "a", 10)
+    assert len(load_rows(str(first), "train", "data.source", "qa")) == 10
+    repo(tmp_path / "a", 25)
+    assert len(load_rows(str(first), "train", "data.source", "qa")) == 25
+    assert len(load_rows(str(repo(tmp_path / "b", 7)), "train", "data.source", "qa")) == 7  # same name, elsewhere
