@@ -204,6 +204,11 @@ def locate(checkpoint: str | None, cfg: RunConfig) -> Source:
         run = load_run_config(run_dir)
         return Source(run.model, run.quant, run=run, ckpt=path, description=f"training checkpoint {path}",
                       random_base=_read_random_base(run_dir), own=RUN_OWNS)
+    if (path / "adapter_config.json").exists() and (path.parent / RUN_CONFIG).exists() and \
+            RunDir(path.parent).adapter.resolve() == path.resolve():
+        # a run's own adapter/: its base is the run's (quantized, or a random draw), not the command line's
+        log.info("checkpoint %s: the adapter of run %s, evaluated on that run's base", checkpoint, path.parent)
+        path = path.parent
     rd = RunDir(path)
     if rd.run_config.exists():
         run = load_run_config(path)

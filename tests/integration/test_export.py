@@ -222,3 +222,21 @@ def test_a_stopped_run_is_evaluated_and_exported_from_its_furthest_checkpoint(sf
     (run / "checkpoints" / "interrupted.ckpt").unlink()
     with pytest.raises(ModelError, match=r"has no adapter/, model/ or checkpoint \(last.ckpt, interrupted.ckpt"):
         locate(str(run), RunConfig())
+
+
+def test_a_runs_adapter_directory_is_located_on_the_runs_base(sft_run: Path, tmp_path: Path) -> None:
+    """eval/export of <run>/adapter: the base the run trained (here its quantization), not the command line's; the
+    same adapter copied out of the run is a plain peft adapter on the configured base."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    run = tmp_path / "run"
+    shutil.copytree(sft_run, run)
+    config = OmegaConf.load(run / "run_config.yaml")
+    config.quant.method = "nf4"  # as a QLoRA run records it
+    OmegaConf.save(config, run / "run_config.yaml")
+    src = locate(str(run / "adapter"), RunConfig())
+    assert (src.quant.method, src.adapter_dir, src.run is not None) == ("nf4", run / "adapter", True)
+    shutil.copytree(run / "adapter", tmp_path / "copied")
+    assert locate(str(tmp_path / "copied"), RunConfig()).quant.method == "none"
