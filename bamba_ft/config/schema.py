@@ -276,7 +276,8 @@ class TrainerConfig:
     seed: int = 42
     """Seed for weights, data order and dropout."""
     resume: str | None = None
-    """Continue a run: a checkpoint file, a run directory, or `latest` (newest run under outputs/)."""
+    """Continue a run: a checkpoint file, a run directory, or `latest` (the newest stopped run under outputs/, the
+    default hydra.run.dir; a finished run is not resumed)."""
     fast_dev_run: bool = False
     """Run one training and one validation batch, writing nothing (smoke test)."""
     enable_progress_bar: bool = True

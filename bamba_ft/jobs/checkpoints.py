@@ -83,11 +83,16 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
         return None
     key = f"trainer.resume={resume}"
     if resume == "latest":
+        # a stopped run: a finished one (its metrics.json written) has nothing left to train
         runs = {p.parent.parent for p in Path("outputs").glob("*/*/checkpoints/*.ckpt")}
-        runs = sorted((r for r in runs if r.resolve() != run_dir.resolve()), key=lambda r: r.stat().st_mtime)
+        runs = sorted((r for r in runs if r.resolve() != run_dir.resolve() and not RunDir(r).metrics.exists()),
+                      key=lambda r: r.stat().st_mtime)
         if not runs:
-            raise ConfigError("trainer.resume=latest: no earlier run under outputs/ has a checkpoint.")
+            raise ConfigError("trainer.resume=latest: no stopped run under outputs/ (the default hydra.run.dir) has a "
+                              "checkpoint; finished runs are not resumed.\nFix: name the run or checkpoint, "
+                              "trainer.resume=<run dir or .ckpt> (needed for runs written with hydra.run.dir=...).")
         path = runs[-1]
+        log.info("trainer.resume=latest: %s, the newest stopped run under outputs/", path)
     else:
         path = Path(resume).expanduser()
     if path.is_file() or is_sharded(path):
@@ -110,7 +115,12 @@ def refuse_earlier_run(run_dir: Path, ckpt_path: Path | None) -> None:
     mix its checkpoints with the new ones: only a resume of that run may write there."""
     if ckpt_path is not None and run_dir.resolve() in ckpt_path.resolve().parents:
         return
-    found = RunDir(run_dir).trained_outputs()
+    rd = RunDir(run_dir)
+    found = rd.trained_outputs()
+    if found and not rd.run_config.exists() and not rd.resumable_checkpoints():  # recipe=eval writes metrics.json too
+        raise ConfigError(f"{run_dir} already holds results ({', '.join(found)}) and is no training run to resume: "
+                          "a new run there would replace them.\nFix: train into another directory "
+                          "(hydra.run.dir=...), or delete it first.", "the run directory")
     if found:
         shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
         raise ConfigError(f"{run_dir} already holds a training run ({shown}); a new run there would replace its "

@@ -112,6 +112,13 @@ def test_training_into_a_directory_with_another_runs_results_is_refused(tmp_path
                                           r"Fix: continue that run with trainer.resume="):
         refuse_earlier_run(run, None)
     refuse_earlier_run(run, run / "checkpoints" / "last.ckpt")  # its own resume may write there
+    evaluation = tmp_path / "eval"
+    evaluation.mkdir()
+    (evaluation / "metrics.json").write_text("{}")  # what recipe=eval leaves: nothing a resume could continue
+    with pytest.raises(ConfigError, match=r"(?s)holds results \(metrics.json\) and is no training run to resume.*"
+                                          r"Fix: train into another directory") as refused:
+        refuse_earlier_run(evaluation, None)
+    assert "trainer.resume" not in str(refused.value)
     other = _ckpt(tmp_path / "other" / "checkpoints" / "last.ckpt", 2)
     with pytest.raises(ConfigError, match="holds a training run"):
         refuse_earlier_run(run, other)
@@ -213,3 +220,17 @@ def test_lock_refuses_a_second_process_and_frees_on_death(tmp_path: Path) -> Non
     assert remove_stale_temporaries(run) == [stale] and not stale.exists()
     lock.acquire(run)
     lock.release(run)
+
+
+def test_resume_latest_takes_the_newest_stopped_run_under_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    stopped = tmp_path / "outputs" / "2026-12-01" / "10-00-00"
+    finished = tmp_path / "outputs" / "2026-12-01" / "11-00-00"
+    _ckpt(stopped / "checkpoints" / "interrupted.ckpt", 3)
+    _ckpt(finished / "checkpoints" / "last.ckpt", 10)
+    (finished / "metrics.json").write_text("{}")
+    os.utime(stopped, (time.time() - 60, time.time() - 60))  # the finished run is the newer one
+    assert resolve_resume("latest", tmp_path / "new") == Path("outputs/2026-12-01/10-00-00/checkpoints/interrupted.ckpt")
+    (stopped / "metrics.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"(?s)no stopped run under outputs/.*Fix: name the run or checkpoint"):
+        resolve_resume("latest", tmp_path / "new")
