@@ -63,6 +63,10 @@ def _type_problem(schema: DictConfig, key: str, value: Any) -> str | None:
     try:
         OmegaConf.update(schema, key, value, merge=True)
     except OmegaConfBaseException:
+        for i, item in enumerate(value if isinstance(value, (list, ListConfig)) else []):  # data.sources=[{...}]
+            for name in item if isinstance(item, (dict, DictConfig)) else []:
+                if (problem := check_key(f"{key}.{i}.{name}")) is not None:
+                    return f"item {i} of the list: {problem}"
         default = OmegaConf.select(OmegaConf.structured(RunConfig), key, default=None)
         expected = _KINDS.get(type(default).__name__, "a value of the type this key declares")
         hint = f" (its default: {key}={_show(default)})" if default is not None else ""

@@ -86,6 +86,13 @@ def test_data_roles_take_the_users_own_names(token: str) -> None:
     assert cfg.data.roles["bot"] == "assistant"
 
 
+def test_a_typo_inside_a_list_of_sources_names_the_item_and_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"(?s)item 1 of the list: 'wieght' is not a key of data.sources.1\. "
+                                          r"Did you mean 'weight'\?.*Valid keys of data.sources.1: source"):
+        check_overrides(["data.sources=[{source: a.jsonl}, {source: b.jsonl, wieght: 0.7}]"])
+    check_overrides(["data.sources=[{source: a.jsonl}, {source: b.jsonl, weight: 0.7}]"])
+
+
 @pytest.mark.parametrize("token", ["peft.rr=8", "+peft.rr=8", "++peft.rr=8"])
 def test_typo_override_names_key_and_valid_ones(token: str) -> None:
     with pytest.raises(ConfigError, match=r"(?s)'rr' is not a key of peft\. Did you mean 'r'\?.*Valid keys of peft: method, r, lora_alpha"):
