@@ -69,7 +69,7 @@ def _type_problem(schema: DictConfig, key: str, value: Any) -> str | None:
                     return f"item {i} of the list: {problem}"
         default = OmegaConf.select(OmegaConf.structured(RunConfig), key, default=None)
         expected = _KINDS.get(type(default).__name__, "a value of the type this key declares")
-        hint = f" (its default: {key}={_show(default)})" if default is not None else ""
+        hint = f" (for example {key}={_show(default)})" if default is not None else ""  # a preset may set another
         return f"{_show(value)} is not {expected}{hint}."
     return None
 
@@ -274,10 +274,15 @@ def _check_data_option(cfg: RunConfig, option: str) -> None:
         return
     if not option.startswith("builtin"):
         return
+    from bamba_ft.config.store import config_dirs
+
     given = f"data.source={d.source}" if d.source != "builtin" else "'data.sources=[...]'"
+    preset = OmegaConf.load(config_dirs()[0] / "data" / f"{option}.yaml")  # the option's own values, not the run's
+    tuned = ", ".join(f"{k}={OmegaConf.select(preset, k)}" for k in (
+        "data.max_seq_len", "data.max_tokens_per_batch", "optim.lr", "trainer.max_steps")
+        if OmegaConf.select(preset, k) is not None)
     raise ConfigError(
         f"{given} with data={option}: that data option tunes lengths and schedule for the built-in task "
-        f"(data.max_seq_len={d.max_seq_len}, data.max_tokens_per_batch={d.max_tokens_per_batch}, "
-        f"optim.lr={cfg.optim.lr:g}, trainer.max_steps={cfg.trainer.max_steps}), and they would apply to your data.\n"
+        f"({tuned}), and they would apply to your data.\n"
         f"Fix: add data=file to the command line (python -m bamba_ft data=file {given})."
     )

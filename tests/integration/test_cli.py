@@ -201,7 +201,9 @@ def test_a_bad_override_exits_2_with_one_message_and_no_traceback(tmp_path: Path
      "data.source=/nonexistent/train.jsonl: no such file or directory"),
     (["data=file", "data.sources=[{source: /nonexistent/a.jsonl}]", *FAST], "/nonexistent/a.jsonl: no such file"),
     # the built-in task's lengths and schedule must not silently apply to the user's data
-    (["data.source=train.jsonl", *FAST], "data.source=train.jsonl with data=builtin: that data option tunes"),
+    (["data.source=train.jsonl", *FAST], "data.source=train.jsonl with data=builtin: that data option tunes "
+     "lengths and schedule for the built-in task (data.max_seq_len=128, data.max_tokens_per_batch=2048, "
+     "optim.lr=0.003, trainer.max_steps=400)"),  # the option's values, not the command line's
     (["data.sources=[{source: a.jsonl}]", *FAST], "Fix: add data=file to the command line"),
     # a validation file next to the built-in task was ignored: it validated on the generated set
     (["data.val_source=val.jsonl", *FAST], "data.val_source=val.jsonl: the data is the built-in task, which "
