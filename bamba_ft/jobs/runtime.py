@@ -18,7 +18,7 @@ def local_rank() -> int:
     return 0
 
 
-def choose_device(accelerator: str, devices: Any = "auto") -> torch.device:
+def choose_device(accelerator: str, devices: Any = "auto", strategy: str = "auto") -> torch.device:
     """The device this process computes on, chosen as Lightning will choose it.
 
     Each rank of a multi-GPU run takes the GPU of its local rank (or the local-rank-th entry of a `devices` list),
@@ -26,8 +26,9 @@ def choose_device(accelerator: str, devices: Any = "auto") -> torch.device:
     """
     if accelerator in ("gpu", "cuda"):
         if not torch.cuda.is_available():
+            several = "fsdp" if strategy == "fsdp" else "ddp"  # the strategy asked for, on CPU processes
             raise ConfigError("trainer.accelerator=gpu but no CUDA device is visible. Fix: trainer=cpu (for several "
-                              "CPU processes over gloo: trainer=cpu trainer.strategy=ddp trainer.devices=N).")
+                              f"CPU processes over gloo: trainer=cpu trainer.strategy={several} trainer.devices=N).")
     elif accelerator == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     rank, count = local_rank(), torch.cuda.device_count()

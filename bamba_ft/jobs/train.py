@@ -314,7 +314,7 @@ def run(cfg: RunConfig) -> dict:
         changed = check_resume_config(resumed, cfg)
         log.info("resuming from %s%s", ckpt_path, "".join(f"\n  changed, applied from the resumed step on: {c}" for c in changed))
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
-    device = choose_device(cfg.trainer.accelerator, cfg.trainer.devices)
+    device = choose_device(cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.strategy)
     resolve_precision(cfg.trainer.precision, device)  # one the device cannot run is refused before the model loads
     strategy = _strategy(cfg)
     loggers = _loggers(cfg, run_dir) if not cfg.trainer.fast_dev_run else []  # a logger that cannot start, first

@@ -282,3 +282,12 @@ def test_wandb_that_cannot_start_is_one_message_before_the_model_loads(tmp_path:
                                           r"WANDB_MODE=offline"):
         run_in_process(["trainer=cpu", "logger=wandb"], tmp_path / "run")
     assert not loaded  # refused before the model and data load
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a GPU run on a machine without one")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_gpu_run_without_a_gpu_is_refused_with_its_strategy_on_cpu_processes(strategy: str) -> None:
+    from bamba_ft.jobs.runtime import choose_device
+
+    with pytest.raises(ConfigError, match=f"Fix: trainer=cpu .*trainer=cpu trainer.strategy={strategy} trainer.devices=N"):
+        choose_device("gpu", "auto", strategy)
