@@ -30,7 +30,9 @@ DIVERGED_EXIT = 3  # training ended with a non-finite loss or weights (the summa
 def run_config(cfg: DictConfig) -> dict:
     """Validate the composed config and run its task; return what the task returns (a train run: its metrics)."""
     typed = to_run_config(cfg)  # validated: typed.task is a key of TASK_JOBS
-    return importlib.import_module(TASK_JOBS[typed.task]).run(typed)
+    job = importlib.import_module(TASK_JOBS[typed.task])
+    quiet.lightning_through_root()  # imported by now, after Hydra configured logging
+    return job.run(typed)
 
 
 def run_task(cfg: DictConfig) -> float | None:

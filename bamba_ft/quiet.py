@@ -43,3 +43,16 @@ def silence_import_noise() -> None:
             _DropMessages("Failed to read", "Failed to load JSON"))
     # Lightning advertises a hosted logging service at every Trainer start; it is not a fact about the run.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropMessages("litlogger"))
+
+
+def lightning_through_root() -> None:
+    """Lightning's loggers print through console handlers they add at import ("INFO: ..."), and the same records
+    reach the root's handlers (Hydra's console and the run's log file): each line came twice on the console. Where
+    the root has handlers, Lightning's own are dropped and its records go to the root's."""
+    if not logging.getLogger().handlers:
+        return
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
+            logger.removeHandler(handler)
+        logger.propagate = True

@@ -1,0 +1,26 @@
+"""Console output: each line once."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import lightning.pytorch  # noqa: F401  (adds Lightning's console handlers, as the training job's import does)
+import pytest
+
+from bamba_ft import quiet
+
+
+def test_lightning_lines_print_once_through_the_roots_handlers(monkeypatch: pytest.MonkeyPatch) -> None:
+    root, ours = logging.getLogger(), io.StringIO()
+    handler = logging.StreamHandler(ours)
+    loggers = [logging.getLogger(n) for n in ("lightning", "lightning.pytorch", "lightning.fabric")]
+    for logger in loggers:  # restored after the test
+        monkeypatch.setattr(logger, "handlers", list(logger.handlers))
+        monkeypatch.setattr(logger, "propagate", logger.propagate)
+    monkeypatch.setattr(root, "handlers", [handler])
+    theirs = io.StringIO()
+    logging.getLogger("lightning").handlers.append(logging.StreamHandler(theirs))  # as its import adds one
+    quiet.lightning_through_root()
+    logging.getLogger("lightning.pytorch").info("GPU available: False, used: False")
+    assert ours.getvalue() == "GPU available: False, used: False\n" and theirs.getvalue() == ""
