@@ -38,7 +38,9 @@ def environment() -> list[str]:
         lines.append("no CUDA device: mixer backend torch (exact, CPU speed)")
     lines.append(f"causal-conv1d: {'installed' if importlib.util.find_spec('causal_conv1d') else 'not installed'}")
     lines.append(f"flash-attn: {'installed' if flash_attn_installed() else 'not installed'}; "
-                 f"torch varlen attention: {'available' if varlen_available() else 'unavailable'}")
+                 "attention over packed rows (varlen): " + (
+                     "torch's flash-attention varlen kernel" if varlen_available() else
+                     "each sequence attended on its own, in torch (torch's varlen kernel needs CUDA)"))
     return lines
 
 
