@@ -2,6 +2,8 @@
 
 Results are read from each job's `sweep_job.json` (bamba_ft/jobs/sweep_job.py), so the table is the same
 whichever launcher ran the jobs; a job directory without one belongs to a job killed before it could write it.
+As a sweep starts (before Hydra's launcher writes anything) it refuses a directory holding an earlier sweep's
+results unless sweep.resume=true: a new sweep there would rewrite them as failed.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from bamba_ft.jobs.sweep_job import (
     drop_saved_hydra_files,
     job_identity,
     read_result,
+    refuse_earlier_sweep,
     save_hydra_files,
 )
 
@@ -186,7 +189,13 @@ class SweepSummary(Callback):
                 f"hydra.sweeper.direction={sweeper.get('direction')} but sweep.direction={direction}: Optuna would "
                 f"optimise the other way.\nFix: set both, e.g. hydra.sweeper.direction={direction}."))
         sweep_dir = Path(str(OmegaConf.select(config, "hydra.sweep.dir")))
-        if OmegaConf.select(config, "sweep.resume") and sweep_dir.is_dir():
+        if not OmegaConf.select(config, "sweep.resume"):
+            # Hydra calls this before it makes the sweeper, whose launcher writes multirun.yaml and the jobs' files
+            try:
+                refuse_earlier_sweep(sweep_dir)
+            except ConfigError as e:
+                refuse(e)
+        elif sweep_dir.is_dir():
             save_hydra_files(sweep_dir)  # before Hydra rewrites them in the jobs' numbered directories
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

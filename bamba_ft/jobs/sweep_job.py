@@ -238,6 +238,38 @@ def save_hydra_files(sweep_dir: Path) -> None:
             shutil.copytree(d / ".hydra", saved / d.name)
 
 
+def earlier_sweep(sweep_dir: Path) -> list[str]:
+    """What an earlier sweep left in `sweep_dir`, relative to it: its table, and per job directory its record, else
+    its training outputs, else its .hydra/ files (a job killed early); [] where no sweep ran (a missing or empty
+    directory, or only Hydra's multirun.yaml, which holds no result)."""
+    if not sweep_dir.is_dir():
+        return []
+    found = [name for name in ("sweep.json", "sweep.csv") if (sweep_dir / name).is_file()]
+    jobs = sorted((d for d in sweep_dir.iterdir() if d.is_dir() and not d.name.startswith(".")),
+                  key=lambda d: (len(d.name), d.name))
+    for d in jobs:
+        marks = ([RESULT_NAME] if (d / RESULT_NAME).is_file() else RunDir(d).trained_outputs()[:1]
+                 or ([".hydra/"] if (d / ".hydra").is_dir() else []))
+        found += [f"{d.name}/{mark}" for mark in marks]
+    return found
+
+
+def refuse_earlier_sweep(sweep_dir: Path) -> None:
+    """A sweep without sweep.resume into a directory that holds an earlier sweep's results would run each job into
+    a directory holding a training run (every job fails) and then rewrite sweep.csv, sweep.json and each job's
+    record as failed, so a later resume would train every job again. Checked as the sweep starts, before Hydra's
+    launcher writes anything there (multirun.yaml, the jobs' .hydra/ files), whichever sweeper and launcher run it."""
+    found = earlier_sweep(sweep_dir)
+    if found:
+        shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        raise ConfigError(
+            f"hydra.sweep.dir={sweep_dir} holds an earlier sweep's results ({shown}); a new sweep there would run "
+            "its jobs over them and rewrite sweep.csv, sweep.json and each job's record as failed.\n"
+            "Fix: the same command plus sweep.resume=true continues that sweep (finished jobs are reused, the rest "
+            "run), or give this sweep another directory (hydra.sweep.dir=..., or leave it at its default), or "
+            f"delete {sweep_dir} first.", "hydra.sweep.dir")
+
+
 def drop_saved_hydra_files(sweep_dir: Path) -> None:
     shutil.rmtree(sweep_dir / BEFORE_RESUME, ignore_errors=True)
 

@@ -90,6 +90,34 @@ def test_sweep_settings_that_cannot_work_stop_before_any_job(args: list[str], en
     assert not list((tmp_path / "sweep").glob("*/.hydra"))  # no job started
 
 
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_new_sweep_into_a_finished_sweeps_directory_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    """The reported bug: the same sweep run again without sweep.resume=true ran every job into a directory holding
+    its training run (each failed), then rewrote sweep.csv, sweep.json and each sweep_job.json as failed, so a later
+    resume trained every job again. It is refused as the sweep starts, whichever sweeper and launcher would run it,
+    before Hydra writes anything there; a resume then reuses every job."""
+    sweep = tmp_path / "sweep"
+    args = ["-m", "optim.lr=1e-4,3e-4", "trainer.max_steps=2", *FAST, f"hydra.sweep.dir={sweep}"]
+    cli(args, cwd=tmp_path)
+    before, results = _tree(sweep), _results(sweep)
+    for plugin in ([], ["hydra/launcher=submitit_local"], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=1"],
+                   ["hydra/sweeper=optuna"]):
+        proc = cli([*args, *plugin], cwd=tmp_path, check=False)
+        assert proc.returncode == 2, (plugin, proc.stdout[-2000:] + proc.stderr[-2000:])
+        assert (f"hydra.sweep.dir={sweep} holds an earlier sweep's results (sweep.json, sweep.csv, 0/sweep_job.json, "
+                "1/sweep_job.json)") in proc.stderr, proc.stderr[-2000:]
+        assert "Fix: the same command plus sweep.resume=true" in proc.stderr and f"delete {sweep} first" in proc.stderr
+        assert "already holds a training run" not in proc.stdout + proc.stderr  # no job started
+        assert _tree(sweep) == before  # byte for byte: not even Hydra's multirun.yaml or a job's .hydra/ files
+
+    done = cli([*args, "sweep.resume=true"], cwd=tmp_path)
+    assert f"sweep {sweep}: 2 jobs (2 ok)" in done.stdout, done.stdout[-2000:]
+    assert all(r["reused"] and r["pid"] == results[j]["pid"] for j, r in _results(sweep).items())  # nothing trained
+
+
 @pytest.mark.slow
 def test_a_sweep_stopped_by_ctrl_c_then_killed_resumes_reporting_its_failed_job(tmp_path: Path) -> None:
     """One sweep, interrupted both ways, each time continued by the same command plus sweep.resume=true: Ctrl-C

@@ -16,7 +16,7 @@ import pytest
 from bamba_ft.config.overrides import check_overrides
 from bamba_ft.errors import ConfigError
 from bamba_ft.jobs.gpu_slots import claim_slot
-from bamba_ft.jobs.sweep_job import RESULT_NAME, job_identity, objective_value, penalty
+from bamba_ft.jobs.sweep_job import RESULT_NAME, earlier_sweep, job_identity, objective_value, penalty
 from bamba_ft.sweep import collect_rows, write_outputs
 
 
@@ -78,6 +78,22 @@ def _job(sweep: Path, num: int, status: str | None, objective: float | None, lr:
                   "error": None if status == "ok" else "ConfigError: peft.r=-1 must be positive.",
                   "metrics": {"val_loss": objective, "steps": 5} if status == "ok" else None, **extra}
         (d / RESULT_NAME).write_text(json.dumps(record))
+
+
+def test_an_earlier_sweep_is_known_by_its_table_records_runs_and_hydra_files(tmp_path: Path) -> None:
+    """What a sweep without sweep.resume refuses to run into (tests/integration/test_sweeps.py runs it); a
+    directory with nothing of a sweep's is no earlier sweep."""
+    assert earlier_sweep(tmp_path / "missing") == [] and earlier_sweep(tmp_path) == []
+    (tmp_path / "multirun.yaml").write_text("hydra: {}\n")  # Hydra's, written as a sweep starts: no result
+    (tmp_path / ".submitit").mkdir()
+    (tmp_path / "notes").mkdir()
+    assert earlier_sweep(tmp_path) == []
+    _job(tmp_path, 1, "ok", 2.0, "1e-4")
+    _job(tmp_path, 0, None, None, "3e-4")  # killed as it started: only Hydra's files
+    (tmp_path / "2" / "checkpoints").mkdir(parents=True)  # killed, with hydra.output_subdir=null
+    (tmp_path / "2" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (tmp_path / "sweep.csv").write_text("best,job\n")
+    assert earlier_sweep(tmp_path) == ["sweep.csv", "0/.hydra/", f"1/{RESULT_NAME}", "2/checkpoints/last.ckpt"]
 
 
 @pytest.mark.parametrize("direction,best_job", [("minimize", 1), ("maximize", 0)])
