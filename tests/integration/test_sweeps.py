@@ -94,6 +94,7 @@ def _tree(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_a_new_sweep_into_a_finished_sweeps_directory_is_refused_before_anything_is_written(tmp_path: Path) -> None:
     """The reported bug: the same sweep run again without sweep.resume=true ran every job into a directory holding
     its training run (each failed), then rewrote sweep.csv, sweep.json and each sweep_job.json as failed, so a later
