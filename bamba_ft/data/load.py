@@ -196,9 +196,9 @@ def load_repo(source: str, config: str | None, split: str, key: str,
     repository too (a directory of data files, its configurations declared in its README.md as on the Hub), so
     both take one code path. A missing or unknown configuration is named with the config key that picks one."""
     path = Path(source).expanduser()
-    cache = local_cache_dir(path) if path.is_dir() and not streaming else None
+    cache = {"cache_dir": local_cache_dir(path)} if path.is_dir() and not streaming else {}
     try:
-        return datasets.load_dataset(source, config, split=split, streaming=streaming, cache_dir=cache)
+        return datasets.load_dataset(source, config, split=split, streaming=streaming, **cache)
     except ValueError as e:
         if "config" not in str(e).lower():
             raise

@@ -84,7 +84,9 @@ def test_hub_id_and_repo_directory_take_one_call(repo: str, monkeypatch: pytest.
         read = load_stream if streaming else load_rows
         calls.clear()
         hub, local = read("org/multi", "train", "data.source", "qa"), read(repo, "train", "data.source", "qa")
+        cache = calls[1][2].pop("cache_dir", None)  # a directory in memory: a cache keyed on its files (load.py)
         assert calls == [(src, "qa", {"split": "train", "streaming": streaming}) for src in ("org/multi", repo)]
+        assert (cache is None) == streaming and (streaming or "bamba_ft_local" in cache)
         assert list(hub) == list(local)
 
 
