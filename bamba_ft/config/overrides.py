@@ -250,9 +250,18 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
         message = (check_key(key) if key else None) or str(e).splitlines()[0]
         raise ConfigError(f"{key or 'config'}: {message}") from None
     assert isinstance(typed, RunConfig)
-    validate(typed)
+    problems: list[str] = []  # one error for both checks: data.source=x.jsonl under data=builtin may be missing too
+    try:
+        validate(typed)
+    except ConfigError as e:
+        problems += e.problems
     if HydraConfig.initialized():
-        _check_data_option(typed, str(HydraConfig.get().runtime.choices.get("data")))
+        try:
+            _check_data_option(typed, str(HydraConfig.get().runtime.choices.get("data")))
+        except ConfigError as e:
+            problems += e.problems
+    if problems:
+        raise ConfigError(problems)
     return typed
 
 

@@ -520,6 +520,69 @@ def chat_template_problem(value: str, key: str = "data.chat_template") -> str | 
             f"{suggest(value, CHAT_TEMPLATE_PRESETS)} Presets: {presets}.")
 
 
+# Suffixes of data files: those datasets reads in a data directory (a file is read only as .jsonl/.json/.parquet/
+# .csv). A value ending in one names a file, whatever else it looks like.
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".arrow")
+
+
+def looks_local(value: str) -> bool:
+    """Whether `value` (a data source, checkpoint or tokenizer) can only mean a path on this machine, not a Hub id.
+
+    It does when it starts with . / or ~, ends in a data file's suffix (train.txt), or its first component exists
+    here (out/model with ./out present). Such a value that does not exist is a typo or a file not there: sent on to
+    the Hub as an id it failed only after the model had loaded (data), or after about 30 s of retried requests,
+    with advice to `hf download` it (a checkpoint). `org/name` without a local ./org stays a Hub id, and
+    `builtin`/`builtin:NAME` name what bamba_ft ships.
+    """
+    if value == "builtin" or value.startswith("builtin:"):
+        return False
+    if value.startswith((".", "/", "~")) or Path(value).suffix.lower() in DATA_SUFFIXES:
+        return True
+    parts = Path(value).parts
+    return len(parts) > 1 and Path(parts[0]).exists()
+
+
+# What a local path of each kind of key must be, as the fix names it.
+_LOCAL_FORMS = {
+    "data": ("file or directory", "a .jsonl/.json/.parquet/.csv file or a dataset directory"),
+    "model": ("directory", "a checkpoint directory (config.json and weights, as save_pretrained writes)"),
+    "tokenizer": ("directory", "a tokenizer directory (tokenizer.json or tokenizer_config.json)"),
+}
+
+
+def missing_path_problem(key: str, value: str, kind: str = "data") -> str | None:
+    """None unless `value` looks local (`looks_local`) and does not exist; else the problem naming `key`, the path
+    as read (a relative one from the current directory) and the fix. `kind`: data | model | tokenizer."""
+    path = Path(value).expanduser()
+    if not looks_local(value) or path.exists():
+        return None
+    noun, form = _LOCAL_FORMS[kind]
+    shown = f" ({path.absolute()})" if str(path.absolute()) != value else ""
+    why = ""
+    if not value.startswith((".", "/", "~")) and path.suffix.lower() not in DATA_SUFFIXES:
+        first = path.parts[0]
+        why = (f"\n./{first} exists here, so this is read as a local path, not as a Hub id; for the Hub repository "
+               f"{value}, run from a directory without ./{first}.")
+    return f"{key}={value}: no such {noun}{shown}.\nFix: point {key} at {form}, or at a Hub id (org/name).{why}"
+
+
+def _check_paths(cfg: RunConfig, problems: Problems) -> None:
+    """Local paths that do not exist, refused before anything loads: a missing data file failed only after the
+    model and its adapters were built (minutes for a 9B model), and a missing checkpoint directory first went to
+    the Hub as an id. Keys whose value is not read (data.val_source beside the built-in task) are left to the
+    checks that refuse them."""
+    d, m = cfg.data, cfg.model
+    keys: list[tuple[str, str | None, str]] = [("model.name_or_path", m.name_or_path, "model"),
+                                               ("model.tokenizer", m.tokenizer, "tokenizer")]
+    if d.source != "builtin" or d.sources:
+        keys += [("data.source", d.source if not d.sources else None, "data"),
+                 ("data.val_source", d.val_source, "data")]
+    keys += [(f"data.sources[{i}].source", s.source, "data") for i, s in enumerate(d.sources)]
+    for key, value, kind in keys:
+        if value and (problem := missing_path_problem(key, value, kind)):
+            problems.add(problem)
+
+
 CHECKPOINT_FORMS = "none, all, mamba, attention, every-K (K >= 1; every-2: layers 0, 2, 4, ...)"
 _BOOLS = {"true": "all", "false": "none"}
 
@@ -595,6 +658,7 @@ def validate(cfg: RunConfig) -> None:
                      f"Fix: set data.overlong_stride to a smaller value (e.g. {cfg.data.max_seq_len // 8}), "
                      "or raise data.max_seq_len.")
     _check_sources(cfg.data, problems)
+    _check_paths(cfg, problems)
     _check_streaming(cfg, problems)
     if cfg.data.chat_template and (problem := chat_template_problem(cfg.data.chat_template)):
         problems.add(problem)

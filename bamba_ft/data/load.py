@@ -17,6 +17,7 @@ from typing import Any
 import datasets
 from huggingface_hub import constants, get_session
 
+from bamba_ft.config.schema import DATA_SUFFIXES, looks_local, missing_path_problem
 from bamba_ft.errors import DataError
 
 log = logging.getLogger("bamba_ft")
@@ -241,9 +242,6 @@ def _load_dir(path: Path, source: str, split: str, key: str, config: str | None)
         ) from e
 
 
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".arrow")
-
-
 def _first_line(e: Exception) -> str:
     return str(e).splitlines()[0] if str(e) else ""
 
@@ -324,8 +322,8 @@ def load_rows(source: str, split: str, key: str, config: str | None = None) -> d
         return _load_file(path, source, key)
     if path.is_dir():
         return _load_dir(path, source, split, key, config)
-    if source.startswith((".", "/", "~")) or source.endswith(tuple(_BUILDERS)):
-        raise DataError(f"{key}={source}: no such file or directory.")
+    if looks_local(source):  # validate refuses it first; this is for callers that build their DataConfig
+        raise DataError(missing_path_problem(key, source) or f"{key}={source}: not a readable file or directory.")
     return _load_hub(source, split, key, config)
 
 
@@ -353,8 +351,8 @@ def load_stream(source: str, split: str, key: str, config: str | None = None) ->
         return _load_dir(path, source, split, key, config).to_iterable_dataset()  # numbered by _load_dir
     if path.is_dir():  # a dataset repository on disk: read as a Hub id is
         return _number_stream(load_repo(str(path), config, split, key, streaming=True))
-    if source.startswith((".", "/", "~")) or source.endswith(tuple(_BUILDERS)):
-        raise DataError(f"{where}: no such file or directory.")
+    if looks_local(source):
+        raise DataError(missing_path_problem(key, source) or f"{where}: not a readable file or directory.")
     offline = constants.HF_HUB_OFFLINE or datasets.config.HF_HUB_OFFLINE
     unreachable = None if offline else _hub_unreachable()
     if offline or unreachable:  # a stream reads the Hub as it goes; no cached copy can stand in for it

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from bamba_ft.config.schema import ModelConfig, QuantConfig
+from bamba_ft.config.schema import ModelConfig, QuantConfig, looks_local, missing_path_problem
 from bamba_ft.errors import ConfigError, ModelError
 from bamba_ft.model.families import family_for
 from bamba_ft.model.memory import apply_checkpointing
@@ -42,12 +42,25 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def _missing(what: str, path: str) -> str | None:
+    """The problem of a `what` (model.name_or_path, model.tokenizer) path that looks local and does not exist."""
+    return missing_path_problem(what, path, "tokenizer" if what == "model.tokenizer" else "model")
+
+
+def check_local(what: str, path: str) -> None:
+    """Refuse a path that looks local (schema.looks_local) and does not exist, before transformers takes it for a
+    Hub id and spends about 30 s on retried requests. validate catches it in the config; this catches the paths
+    read from elsewhere (an adapter's base_model_name_or_path, a run's saved config)."""
+    if problem := _missing(what, path):
+        raise ModelError(problem)
+
+
 def _hub_error(what: str, path: str, e: Exception) -> ModelError:
     local = Path(path).expanduser()
     if local.is_dir():
         return ModelError(f"{what}={path}: the directory exists but is not a usable checkpoint ({e}).")
-    if path.startswith((".", "/", "~")):
-        return ModelError(f"{what}={path}: no such directory.")
+    if looks_local(path):
+        return ModelError(_missing(what, path) or f"{what}={path}: not a directory ({e}).")
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return ModelError(
         f"{what}={path}: not a local directory, and the Hugging Face Hub did not provide it ({first}).\n"
@@ -68,6 +81,7 @@ def load_config(cfg: ModelConfig) -> PretrainedConfig:
     path = resolve_path(cfg.name_or_path)
     if cfg.init == "random" and cfg.shape is not None:
         return shape_config(cfg.shape)
+    check_local("model.name_or_path", path)
     try:
         config = AutoConfig.from_pretrained(path, revision=cfg.revision)
     except Exception as e:  # OSError, ValueError, HF hub errors: all mean "cannot load this"
@@ -86,10 +100,12 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     if not cfg.tokenizer:
         load_config(cfg)  # the tokenizer comes from the checkpoint: refuse an unsupported one before anything else
     path = resolve_path(cfg.tokenizer or cfg.name_or_path)
+    what = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
+    check_local(what, path)
     try:
         return AutoTokenizer.from_pretrained(path, revision=cfg.revision if not cfg.tokenizer else None)
     except Exception as e:
-        raise _hub_error("model.tokenizer" if cfg.tokenizer else "model.name_or_path", path, e) from e
+        raise _hub_error(what, path, e) from e
 
 
 def init_layer(model: PreTrainedModel, layer: nn.Module, device: torch.device) -> None:

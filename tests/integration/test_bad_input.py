@@ -101,3 +101,25 @@ def test_rows_without_an_answer_are_warned_about_from_the_first_line(tmp_path: P
     run_in_process(["data=file", f"data.source={data}", *TINY], tmp_path / "run")
     warned = [r.getMessage() for r in caplog.records if "hold no token to learn" in r.getMessage()]
     assert warned and f"{data}, line 1)" in warned[0] and "rows dropped" in warned[0], warned
+
+
+@pytest.mark.parametrize("override,problem", [
+    ("data.source=missing.jsonl", "data.source=missing.jsonl: no such file or directory"),
+    ("model.name_or_path=out/nomodel", "model.name_or_path=out/nomodel: no such directory"),
+])
+def test_a_missing_local_path_is_refused_before_the_model_loads(override: str, problem: str, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """The data file was found missing only after the model and its adapters were built (minutes for a 9B model);
+    out/nomodel, with ./out present, went to the Hub as an id (about 30 s of retried requests)."""
+    import logging
+
+    from bamba_ft.errors import ConfigError
+
+    caplog.set_level(logging.INFO)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "train.jsonl").write_bytes(_jsonl(CHAT, CHAT))
+    with pytest.raises(ConfigError, match=problem):
+        run_in_process(["data=file", "data.source=train.jsonl", *TINY, override], tmp_path / "run")
+    assert not [r for r in caplog.records if r.getMessage().startswith(("model:", "LoRA"))], caplog.text

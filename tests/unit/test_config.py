@@ -21,6 +21,15 @@ CONF, RECIPES = config_dirs()
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
 
 
+@pytest.fixture
+def data_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A current directory holding the data files these tests name: validate refuses a file that does not exist."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("train.jsonl", "x.jsonl", "a.jsonl", "b.jsonl"):
+        (tmp_path / name).touch()
+    return tmp_path
+
+
 def composed(overrides: list[str]) -> RunConfig:
     register_configs()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -35,7 +44,7 @@ def test_default_is_sft_on_the_builtin_task() -> None:
 
 
 @pytest.mark.parametrize("option", [f"{g}={p.stem}" for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))])
-def test_every_group_option_composes(option: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_group_option_composes(option: str, monkeypatch: pytest.MonkeyPatch, data_files: Path) -> None:
     import importlib.util
 
     extra = ["data.source=train.jsonl"] if option == "data=file" else []
@@ -79,7 +88,7 @@ def test_an_unknown_group_option_names_the_options(token: str, problem: str, opt
 
 
 @pytest.mark.parametrize("token", ["data.roles={bot: assistant, human: user}", "data.roles.bot=assistant"])
-def test_data_roles_take_the_users_own_names(token: str) -> None:
+def test_data_roles_take_the_users_own_names(token: str, data_files: Path) -> None:
     """The form the README and the unknown-role error give: a mapping that the command line fills."""
     check_overrides([token])
     cfg = composed(["data=file", "data.source=train.jsonl", token])
@@ -211,13 +220,81 @@ def test_chat_template_takes_inline_jinja_a_file_or_a_preset(tmp_path: Path) -> 
         composed([f"data.chat_template={tmp_path / 'missing.jinja'}"])
 
 
-def test_sources_are_checked_as_a_whole() -> None:
+def test_sources_are_checked_as_a_whole(data_files: Path) -> None:
     with pytest.raises(ConfigError, match=r"(?s)data.source=x.jsonl and data.sources are both set.*weights \[0.7, None\]"
                                           r".*data.sources\[1\].source is empty.*data.sources\[1\].format='chat'"):
         composed(["data=file", "data.source=x.jsonl",
                   "data.sources=[{source: a.jsonl, weight: 0.7}, {source: '', format: chat}]"])
     cfg = composed(["data.sources=[{source: a.jsonl, weight: 0.7, columns: {q: prompt}}, {source: b.jsonl, weight: 0.3}]"])
     assert cfg.data.sources[0].columns == {"q": "prompt"} and cfg.data.sources[1].weight == 0.3
+
+
+@pytest.mark.parametrize("override,problem", [
+    # a missing data file failed only after the model and its adapters were built (minutes for a 9B model)
+    ("data.source=missing.jsonl", "data.source=missing.jsonl: no such file or directory"),
+    # a missing file of another data suffix went to the Hub as a dataset id
+    ("data.source=train.txt", "data.source=train.txt: no such file or directory"),
+    ("data.val_source=./held/val.jsonl", "data.val_source=./held/val.jsonl: no such file or directory"),
+    ("data.sources=[{source: a.jsonl}, {source: out/gone}]", "data.sources[1].source=out/gone: no such file"),
+    # ./out exists, so out/nomodel is a path: it went to the Hub as an id (about 30 s of retried requests)
+    ("model.name_or_path=out/nomodel", "model.name_or_path=out/nomodel: no such directory"),
+    ("model.tokenizer='~/no_such_bamba_ft_tokenizer'", "model.tokenizer=~/no_such_bamba_ft_tokenizer: no such directory ("),
+])
+def test_a_local_path_that_does_not_exist_is_refused_with_its_key_and_fix(override: str, problem: str,
+                                                                        data_files: Path) -> None:
+    (data_files / "out").mkdir()
+    data = [] if override.startswith("model.") else ["data=file", "data.source=train.jsonl"]
+    if override.startswith("data.sources"):
+        data = ["data=file"]
+    with pytest.raises(ConfigError, match=r"(?s)1 problem in .*" + re.escape(problem) + r".*\n.*Fix: point"):
+        composed([*data, override])
+
+
+def test_the_local_path_rule_leaves_hub_ids_builtins_and_existing_paths_alone(data_files: Path) -> None:
+    from bamba_ft.config.schema import looks_local
+
+    (data_files / "out" / "model").mkdir(parents=True)
+    for value in ("org/name", "ibm-granite/granite-4.0-h-tiny", "imdb", "builtin", "builtin:tiny"):
+        assert not looks_local(value), value  # a Hub id (no ./org here) or what bamba_ft ships
+    for value in ("./x", "../x", "/x", "~/x", "x.jsonl", "X.PARQUET", "out/model", "out/missing"):
+        assert looks_local(value), value
+    cfg = composed(["data=file", "data.source=org/data", "data.val_source=out/model", "model.name_or_path=out/model",
+                    f"model.tokenizer={data_files / 'out'}"])
+    assert (cfg.data.source, cfg.model.name_or_path) == ("org/data", "out/model")
+    composed(["data=file", "data.sources=[{source: a.jsonl}, {source: org/data}]", "data.streaming=true"])
+    # the refusal names the local directory that made the value a path, and how to reach the Hub id instead
+    with pytest.raises(ConfigError, match=r"(?s)out/missing: no such directory.*\./out exists here.*run from a "
+                                          r"directory without \./out"):
+        composed(["model.name_or_path=out/missing"])
+
+
+def test_a_missing_local_path_read_from_elsewhere_is_refused_without_asking_the_hub(
+        data_files: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A path that skipped validate (an adapter's base_model_name_or_path, a run's saved data config) is refused
+    where it is read, before transformers or datasets take it for a Hub id."""
+    import transformers
+
+    from bamba_ft.config.schema import ModelConfig
+    from bamba_ft.data import load
+    from bamba_ft.errors import DataError, ModelError
+    from bamba_ft.model.build import load_config, load_tokenizer
+
+    def no_hub(*args: object, **kwargs: object) -> None:
+        raise AssertionError("asked the Hub")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", no_hub)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_hub)
+    monkeypatch.setattr(load, "_hub_unreachable", no_hub)
+    (data_files / "out").mkdir()
+    with pytest.raises(ModelError, match=r"model.name_or_path=out/nomodel: no such directory.*\n.*Fix: point"):
+        load_config(ModelConfig(name_or_path="out/nomodel"))
+    with pytest.raises(ModelError, match=r"model.tokenizer=\./tok: no such directory"):
+        load_tokenizer(ModelConfig(tokenizer="./tok"))
+    for source in ("train.txt", "out/data", "./d"):
+        with pytest.raises(DataError, match=rf"data.source={re.escape(source)}: no such file or directory"):
+            load.load_rows(source, "train", "data.source")
+        with pytest.raises(DataError, match=rf"data.source={re.escape(source)}: no such file or directory"):
+            load.load_stream(source, "train", "data.source")
 
 
 @pytest.mark.parametrize("value,expected", [("true", "true"), ("false", "false"), ("auto", "auto"), ("True", "true")])

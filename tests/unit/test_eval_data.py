@@ -5,6 +5,7 @@ The integration tests (tests/integration/test_cli.py) evaluate a real run; these
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -19,6 +20,15 @@ from bamba_ft.jobs.evaluate import eval_data_config
 # A run trained on the user's files, with its own validation file, lengths and role names.
 RUN = RunConfig(data=DataConfig(source="train.jsonl", val_source="val.jsonl", format="messages", max_seq_len=300,
                                 max_tokens_per_batch=600, roles={"human": "user"}))
+
+
+@pytest.fixture(autouse=True)
+def data_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The files these configs name, in the current directory: the merged config is validated, and validate
+    refuses a data file that does not exist."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("train.jsonl", "val.jsonl", "other.jsonl", "new.jsonl", "a.jsonl", "b.jsonl"):
+        (tmp_path / name).touch()
 
 
 @pytest.fixture
