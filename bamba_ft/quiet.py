@@ -34,6 +34,8 @@ def silence_import_noise() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*litlogger.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    # a resume into another directory: train.run says in its own words that best-* checkpoints start anew there
+    warnings.filterwarnings("ignore", message=r"The dirpath has changed from .* won't be reloaded.*")
     # peft's save looks up the base's config on the Hub to see whether its vocabulary changed; the built-in model
     # (builtin:tiny) is no Hub id, and bamba_ft trains no embeddings under LoRA
     warnings.filterwarnings("ignore", message=r".*Could not find a config file in builtin:.*")

@@ -313,6 +313,9 @@ def run(cfg: RunConfig) -> dict:
         refuse_finished(resumed, cfg.trainer.max_steps, f"trainer.resume={cfg.trainer.resume}")
         changed = check_resume_config(resumed, cfg)
         log.info("resuming from %s%s", ckpt_path, "".join(f"\n  changed, applied from the resumed step on: {c}" for c in changed))
+        if run_dir.resolve() not in ckpt_path.resolve().parents:
+            log.info("resuming into another directory: the best-* checkpoints kept here start anew (those of %s "
+                     "stay there)", ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     device = choose_device(cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.strategy)
     resolve_precision(cfg.trainer.precision, device)  # one the device cannot run is refused before the model loads

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,8 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.T
 # epoch 0, epoch 1, epoch 2 (4 batches per epoch)
 @pytest.mark.parametrize("step", [pytest.param(3, marks=pytest.mark.slow), 6, pytest.param(9, marks=pytest.mark.slow)])
 def test_resume_matches_uninterrupted(step: int, uninterrupted: dict[str, torch.Tensor], tmp_path: Path,
-                                      monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+                                      monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+                                      caplog: pytest.LogCaptureFixture) -> None:
     stop_at(monkeypatch, step)
     assert train.run(small_run(tmp_path / "first")) == {"stopped_at": step, "signal": "SIGINT"}
     assert (tmp_path / "first/checkpoints/interrupted.ckpt").exists()
@@ -63,8 +65,10 @@ def test_resume_matches_uninterrupted(step: int, uninterrupted: dict[str, torch.
     monkeypatch.undo()
 
     capsys.readouterr()
-    metrics = train.run(small_run(tmp_path / "second", resume=str(tmp_path / "first")))
+    with caplog.at_level(logging.INFO, logger="bamba_ft"):
+        metrics = train.run(small_run(tmp_path / "second", resume=str(tmp_path / "first")))
     assert metrics["train"]["resumed_at_step"] == step
+    assert f"best-* checkpoints kept here start anew (those of {tmp_path / 'first'} stay there)" in caplog.text
     assert f"trained steps {step + 1}-10 ({10 - step} in this run, resumed at step {step})" in capsys.readouterr().out
     full, resumed = uninterrupted, adapter(tmp_path / "second")
     assert full.keys() == resumed.keys()

@@ -24,3 +24,16 @@ def test_lightning_lines_print_once_through_the_roots_handlers(monkeypatch: pyte
     quiet.lightning_through_root()
     logging.getLogger("lightning.pytorch").info("GPU available: False, used: False")
     assert ours.getvalue() == "GPU available: False, used: False\n" and theirs.getvalue() == ""
+
+
+def test_lightnings_dirpath_warning_gives_way_to_the_resume_line() -> None:
+    """A resume into another directory: train.run logs that best-* checkpoints start anew there (test_resume)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet.silence_import_noise()
+        warnings.warn("The dirpath has changed from 'a' to 'b', therefore `best_model_score`, `kth_best_model_path`, "
+                      "`kth_value`, `last_model_path` and `best_k_models` won't be reloaded. Only `best_model_path` "
+                      "will be reloaded.", stacklevel=1)
+    assert seen == []
