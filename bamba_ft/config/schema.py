@@ -838,6 +838,11 @@ def _check_sources(data: DataConfig, problems: Problems) -> None:
         shorthand = f"data.source={data.source}" if data.source != "builtin" else f"data.config={data.config}"
         problems.add(f"{shorthand} and data.sources are both set. Fix: list every source in data.sources, each "
                      "with its own config (data.source and data.config are the one-source shorthand).")
+    if data.val_split and not data.val_source:
+        problems.add(f"data.val_split={data.val_split} with data.sources: the sources' validation rows are held out "
+                     "of each (data.val_fraction), so the split would be ignored.\nFix: name the validation data in "
+                     "data.val_source (with data.val_split for its split), or, for one dataset, use data.source and "
+                     "data.config with data.val_split.")
     if any(w is None for w in weights) and any(w is not None for w in weights):
         problems.add(f"data.sources: weights {weights} are set on some sources only. Fix: give every source a "
                      "weight (mixed by weight), or none (concatenated).")

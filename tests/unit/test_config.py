@@ -227,6 +227,11 @@ def test_sources_are_checked_as_a_whole(data_files: Path) -> None:
                   "data.sources=[{source: a.jsonl, weight: 0.7}, {source: '', format: chat}]"])
     cfg = composed(["data.sources=[{source: a.jsonl, weight: 0.7, columns: {q: prompt}}, {source: b.jsonl, weight: 0.3}]"])
     assert cfg.data.sources[0].columns == {"q": "prompt"} and cfg.data.sources[1].weight == 0.3
+    # a validation split named beside sources was ignored: each source's hold-out was scored instead
+    with pytest.raises(ConfigError, match=r"(?s)data.val_split=test with data.sources: .* would be ignored.*"
+                                          r"Fix: name the validation data in data.val_source"):
+        composed(["data=file", "data.sources=[{source: a.jsonl}]", "data.val_split=test"])
+    composed(["data=file", "data.sources=[{source: a.jsonl}]", "data.val_source=b.jsonl", "data.val_split=test"])
 
 
 @pytest.mark.parametrize("override,problem", [
