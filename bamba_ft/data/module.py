@@ -22,7 +22,7 @@ from bamba_ft.data.formats import check_fields, detect_format, role_map, to_mess
 from bamba_ft.data.load import POSITIONS, load_rows, locate, mix_sources, number_rows, rename_columns
 from bamba_ft.data.packing import BatchPlan, MaskedRows, collate_packed, collate_padded
 from bamba_ft.data.stream import STREAM_KEY, StreamBatches, StreamPosition, StreamSource, open_stream
-from bamba_ft.data.tokenize import encode_row, split_long
+from bamba_ft.data.tokenize import code_version, encode_row, split_long
 from bamba_ft.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,8 @@ class SplitStats:
     """Rows with an empty (or whitespace-only) assistant message: kept, they teach an empty answer."""
     coerced: int
     """Rows where a number stood in a text field and was read as its decimal text."""
+    unknown_targets: int = 0
+    """Rows with a loss token the tokenizer could not encode (its unknown token): the model learns to emit it."""
     in_mix: int | None = None
     """data.sources: this source's examples in the mixed training set."""
     passes: float | None = None
@@ -129,7 +131,8 @@ class BambaDataModule(L.LightningDataModule):
         """Which examples to keep, and the split's counts; warns once per kind of doubtful row."""
         c = self.cfg
         drop_overlong = c.overlong == "drop"
-        cols = enc.select_columns(["overlong", "n_targets", "full_targets", "empty_assistant", "coerced"]).to_dict()
+        cols = enc.select_columns(["overlong", "n_targets", "full_targets", "empty_assistant", "coerced",
+                                   "unknown_targets"]).to_dict()
         trunc, n_tg, full = cols["overlong"], cols["n_targets"], cols["full_targets"]
         no_targets = [f == 0 for f in full]
         overlong = [t and f > 0 and drop_overlong for t, f in zip(trunc, full)]
@@ -145,6 +148,7 @@ class BambaDataModule(L.LightningDataModule):
             dropped_prompt_too_long=sum(prompt_long),
             tokens=sum(kept_lengths), target_tokens=sum(n_tg[i] for i in keep),
             empty_assistant=sum(cols["empty_assistant"]), coerced=sum(1 for n in cols["coerced"] if n),
+            unknown_targets=sum(1 for n in cols["unknown_targets"] if n),
         )
 
         position = next((rows[p] for p in POSITIONS if p in rows.column_names), None)
@@ -171,6 +175,11 @@ class BambaDataModule(L.LightningDataModule):
                         "so '007' became '7' (first: %s). Fix: store those fields as strings: quoted in JSON, a string "
                         "column in Parquet (a CSV column whose values all look like numbers is read as numbers).",
                         stats.coerced, name, at(cols["coerced"]))
+        if stats.unknown_targets:
+            log.warning("data warning: %d %s rows have answer text the tokenizer cannot encode: it becomes its "
+                        "unknown token (%s), which the model then learns to emit (first: %s). Fix: use a tokenizer "
+                        "that covers these characters (model.tokenizer), or clean the text.",
+                        stats.unknown_targets, name, self.tokenizer.unk_token, at(cols["unknown_targets"]))
         if stats.kept == 0:
             all_no_targets = stats.dropped_no_targets == stats.rows
             raise DataError(self._why_empty(stats, name, where, at([a == all_no_targets for a in no_targets])))
@@ -199,7 +208,7 @@ class BambaDataModule(L.LightningDataModule):
         self.formats[name] = fmt
         encode = functools.partial(
             encode_row, tokenizer=self.tokenizer, fmt=fmt, train_on=c.train_on, max_seq_len=c.max_seq_len,
-            split=c.overlong == "split", where=where, renames=role_map(c.roles),
+            split=c.overlong == "split", where=where, renames=role_map(c.roles), code=code_version(),
         )
         enc = rows.map(
             encode,
@@ -208,7 +217,8 @@ class BambaDataModule(L.LightningDataModule):
             desc=f"tokenizing {name}",
         )
         keep, stats = self._stats(rows, enc, name, where)
-        kept = enc.select(keep).remove_columns(["overlong", "full_targets", "empty_assistant", "coerced"])
+        kept = enc.select(keep).remove_columns(["overlong", "full_targets", "empty_assistant", "coerced",
+                                                "unknown_targets"])
         if stats.split:
             kept = kept.map(functools.partial(split_long, max_seq_len=c.max_seq_len, overlap=c.overlong_stride),
                             batched=True, batch_size=16, remove_columns=kept.column_names, desc=f"splitting {name}")

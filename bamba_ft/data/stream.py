@@ -157,7 +157,7 @@ def _encode_stream_row(row: dict, *, sources: list[StreamSource], tokenizer: Any
     if verdict == "kept" and enc["overlong"]:
         verdict = "split" if c.overlong == "split" else "truncated"
     return {"_ids": ids, "_labels": labels, "_verdict": verdict, "_empty": enc["empty_assistant"],
-            "_coerced": enc["coerced"] > 0}
+            "_coerced": enc["coerced"] > 0, "_unknown": enc["unknown_targets"] > 0}
 
 
 def balance(batches: list[list[int]], world_size: int) -> list[list[int]]:
@@ -296,7 +296,8 @@ class StreamBatches(torch.utils.data.IterableDataset):
     def _warn(self, enc: dict) -> None:
         """The in-memory path's data warnings, once each (a stream has no end to count them at)."""
         kinds = {"_empty": "an empty assistant message, which teaches an empty answer",
-                 "_coerced": "a number where text belongs, read as its decimal text ('007' became '7')"}
+                 "_coerced": "a number where text belongs, read as its decimal text ('007' became '7')",
+                 "_unknown": "answer text the tokenizer cannot encode, learnt as its unknown token"}
         for flag, what in kinds.items():
             if enc[flag] and flag not in self._warned:
                 self._warned.add(flag)

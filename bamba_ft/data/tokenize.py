@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from jinja2.exceptions import TemplateError
 from transformers import PreTrainedTokenizerBase
@@ -162,9 +165,22 @@ def prompt_and_reference(tokenizer: PreTrainedTokenizerBase, example: list[dict]
     return prompt, example[last]["content"]
 
 
+@functools.cache
+def code_version() -> str:
+    """A fingerprint of the data package's code. datasets caches a map's result under its function's name and
+    arguments (dill pickles an importable function by reference, not by its code), so after an upgrade of bamba_ft
+    that changes how rows are read or tokenized, the rows the old code tokenized came back from the cache. Passed
+    to the mapped functions as an argument, it is part of that key."""
+    h = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def encode_row(row: dict, *, tokenizer, fmt: str, train_on: str, max_seq_len: int, split: bool, where: str,  # noqa: ANN001
-               renames: Mapping[str, str]) -> dict:
-    """One raw row tokenized (`tokenize_example`), with the counts the length policy and the data report use."""
+               renames: Mapping[str, str], code: str = "") -> dict:
+    """One raw row tokenized (`tokenize_example`), with the counts the length policy and the data report use.
+    `code` (`code_version`) only keys datasets' cache."""
     at = locate(where, row)
     coerced: list[str] = []
     example = to_messages(row, fmt, at, renames, coerced)
@@ -180,6 +196,9 @@ def encode_row(row: dict, *, tokenizer, fmt: str, train_on: str, max_seq_len: in
         "full_targets": tok.full_targets,
         "empty_assistant": empty,
         "coerced": len(coerced),
+        "unknown_targets": sum(1 for t, label in zip(tok.input_ids, tok.labels)
+                               if t == tokenizer.unk_token_id and label != IGNORE_INDEX) if tokenizer.unk_token_id
+                           is not None else 0,
     }
 
 

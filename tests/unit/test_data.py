@@ -291,6 +291,19 @@ def test_empty_answers_and_numbers_are_counted(builtin_tokenizer, tmp_path: Path
     assert "3 train rows hold a number" in caplog.text and f"{path}, line 9" in caplog.text
 
 
+def test_answers_the_tokenizer_cannot_encode_are_counted(builtin_tokenizer, tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    """Characters outside the vocabulary become its unknown token, on which the loss then trains the model; one in
+    the prompt only is no loss target."""
+    rows = [{"prompt": "a", "completion": "b"}] * 3 + [{"prompt": "é", "completion": "b"}] + [
+        {"prompt": "a", "completion": "héllo"}, {"prompt": "a", "completion": "日本"}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    dm = BambaDataModule(DataConfig(source=str(path), val_fraction=0.0), builtin_tokenizer)
+    dm.prepare()
+    assert dm.stats["train"].unknown_targets == 2
+    assert "2 train rows have answer text the tokenizer cannot encode" in caplog.text and f"{path}, line 5" in caplog.text
+
+
 def test_prompt_longer_than_max_seq_len_is_counted_apart(builtin_tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
     rows = [{"prompt": "x" * 40, "completion": "y"}] * 2 + [{"prompt": "x", "completion": "y"}] * 3
     path = tmp_path / "d.jsonl"
@@ -560,3 +573,32 @@ def test_a_dataset_directory_with_configurations_is_read_as_its_files_are_now(tm
     repo(tmp_path / "a", 25)
     assert len(load_rows(str(first), "train", "data.source", "qa")) == 25
     assert len(load_rows(str(repo(tmp_path / "b", 7)), "train", "data.source", "qa")) == 7  # same name, elsewhere
+
+
+def test_rows_are_not_read_from_the_cache_the_previous_codes_tokenization_wrote(builtin_tokenizer, tmp_path: Path,  # noqa: ANN001
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """datasets keys a map's cache on its function's name and arguments (dill pickles an importable function by
+    reference): after an upgrade that changes how rows are tokenized, the old code's rows came back. The data
+    code's fingerprint is an argument of the map, so the new code runs."""
+    from bamba_ft.data import module, tokenize
+
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"prompt": "a", "completion": "bcd"}) + "\n" for _ in range(8)))
+
+    def targets() -> int:
+        dm = BambaDataModule(DataConfig(source=str(path), val_fraction=0.0), builtin_tokenizer)
+        dm.prepare()
+        return dm.stats["train"].target_tokens
+
+    before = targets()
+    original = tokenize.encode_row
+
+    def upgraded(row: dict, **kw) -> dict:  # noqa: ANN003  the same function name, other code: one target fewer
+        out = original(row, **kw)
+        return {**out, "n_targets": out["n_targets"] - 1}
+
+    upgraded.__module__, upgraded.__name__, upgraded.__qualname__ = original.__module__, "encode_row", "encode_row"
+    monkeypatch.setattr(tokenize, "encode_row", upgraded)
+    monkeypatch.setattr(module, "encode_row", upgraded)
+    monkeypatch.setattr(module, "code_version", lambda: "the upgraded code")
+    assert targets() == before - 8
