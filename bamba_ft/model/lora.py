@@ -15,6 +15,7 @@ from torch import nn
 
 from bamba_ft.config.schema import PeftConfig
 from bamba_ft.errors import ConfigError, ModelError, suggest
+from bamba_ft.model.families import family_for
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,19 @@ def adapters_off_meta(model: nn.Module) -> Iterator[None]:
         nn.Module.to = to  # type: ignore[method-assign]
 
 
+MLP = "mlp"  # in peft.target_modules: the feed-forward's Linear layers of the model's family, by their names there
+
+
+def expand_targets(model: nn.Module, targets: list[str]) -> list[str]:
+    """`targets` with MLP replaced by the family's MLP layer names (Bamba gate/up/down_proj, Granite 4.0-H
+    input/output_linear, Nemotron-H up/down_proj), so one preset (peft=lora_all) fits every family."""
+    if MLP not in targets:
+        return list(targets)
+    model_type = getattr(getattr(model, "config", None), "model_type", "bamba")
+    mlp = list(family_for(model_type).mlp_targets)
+    return list(dict.fromkeys(t for name in targets for t in (mlp if name == MLP else [name])))
+
+
 def apply_peft(model: nn.Module, cfg: PeftConfig, fused: bool = True) -> nn.Module:
     """LoRA adapters on `cfg.target_modules` (base frozen), or the model unchanged for full fine-tuning.
 
@@ -90,8 +104,9 @@ def apply_peft(model: nn.Module, cfg: PeftConfig, fused: bool = True) -> nn.Modu
             if p.is_floating_point() and type(p.data) is torch.Tensor:
                 p.requires_grad_(True)
         return model
+    targets = expand_targets(model, cfg.target_modules)
     valid = linear_names(model)
-    bad = [t for t in cfg.target_modules if t not in valid]
+    bad = [t for t in targets if t not in valid]
     if bad:
         raise ConfigError(
             [
@@ -104,7 +119,7 @@ def apply_peft(model: nn.Module, cfg: PeftConfig, fused: bool = True) -> nn.Modu
         r=cfg.r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=list(cfg.target_modules),
+        target_modules=targets,
         use_rslora=cfg.use_rslora,
         use_dora=cfg.use_dora,
         modules_to_save=list(cfg.modules_to_save) or None,
@@ -120,7 +135,7 @@ def apply_peft(model: nn.Module, cfg: PeftConfig, fused: bool = True) -> nn.Modu
         fuse_lora_forward(peft_model)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
-    log.info("LoRA r=%d on %s: %.2fM trainable of %.1fM parameters", cfg.r, ",".join(cfg.target_modules), trainable / 1e6, total / 1e6)
+    log.info("LoRA r=%d on %s: %.2fM trainable of %.1fM parameters", cfg.r, ",".join(targets), trainable / 1e6, total / 1e6)
     return peft_model
 
 

@@ -236,3 +236,31 @@ def test_falcon_multipliers_matter() -> None:
 
 def test_granite_logit_scale_is_applied() -> None:
     assert family_for("granitemoehybrid").logit_scale(shape_config("tiny-random-granitemoehybrid")) == 0.25
+
+
+@pytest.mark.parametrize("model_type", ["bamba", "granitemoehybrid", "falcon_h1", "nemotron_h"])
+def test_lora_all_puts_adapters_on_each_familys_mlp(model_type: str) -> None:
+    """peft=lora_all named Bamba's gate/up/down_proj, which Granite 4.0-H and Nemotron-H do not have: refused there.
+    Its `mlp` now stands for the family's own MLP layers."""
+    from omegaconf import OmegaConf
+
+    from bamba_ft.config.schema import PeftConfig
+    from bamba_ft.config.store import config_dirs
+    from bamba_ft.model.lora import apply_peft
+
+    preset = OmegaConf.load(config_dirs()[0] / "peft" / "lora_all.yaml")
+    cfg = PeftConfig(method="lora", r=4, target_modules=list(preset.target_modules))
+    model = tiny(model_type) if model_type != "bamba" else tiny_bamba()
+    install_mixer(model, "torch")  # bamba_ft's mixer, which LoRA on out_proj needs
+    model = apply_peft(model, cfg, fused=False)
+    adapted = {n.split(".")[-4] for n, _ in model.named_parameters() if n.endswith("lora_A.default.weight")}
+    assert set(family_for(model_type).mlp_targets) <= adapted and {"in_proj", "out_proj"} <= adapted
+
+
+def tiny_bamba() -> torch.nn.Module:
+    from transformers import BambaConfig, BambaForCausalLM
+
+    config = BambaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         attn_layer_indices=[1], num_attention_heads=2, num_key_value_heads=1, mamba_n_heads=4,
+                         mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=16, use_cache=False)
+    return BambaForCausalLM(config).eval()
