@@ -361,6 +361,8 @@ def run(cfg: RunConfig) -> dict:
 def _write(model: nn.Module, tokenizer, cfg: RunConfig, src, tmp: Path, target: Path) -> dict:  # noqa: ANN001
     ex = cfg.export
     report: dict = {"source": src.description, "dtype": ex.dtype}
+    if src.run_dir is not None:  # recipe=eval on this directory scores that run's data (restore._exported_from)
+        report["run"] = str(Path(src.run_dir).resolve())
     ids = _probe_ids(tokenizer)
     if ex.adapter_only:
         if src.adapter_dir is None and src.ckpt is None:

@@ -180,6 +180,9 @@ class Source:
     """For an `init=random` base: the run's record of its draw (RANDOM_BASE), None when it made none."""
     own: tuple[str, ...] = ("peft",)
     """Config sections (or keys) the source brings itself: the command line's values for them are not used."""
+    run_dir: Path | None = None
+    """The training run it comes from (`run`'s directory), recorded in an export so that its model is evaluated on
+    that run's data."""
 
     def refuse_ignored(self, given: set[str]) -> None:
         """Command-line keys (`given`, dotted; a group choice by its name) that this source would silently ignore."""
@@ -193,7 +196,10 @@ class Source:
 def locate(checkpoint: str | None, cfg: RunConfig) -> Source:
     """Interpret `checkpoint` (eval.checkpoint / export.checkpoint); None means the configured base model."""
     if checkpoint is None:
-        return Source(cfg.model, cfg.quant, description=f"base model {cfg.model.name_or_path}")
+        m = cfg.model
+        what = (f"{m.shape or m.name_or_path} shape, drawn at random" if m.init == "random"
+                else m.name_or_path)
+        return Source(m, cfg.quant, description=f"base model {what}")
     path = Path(checkpoint).expanduser()
     if not path.exists():
         raise ModelError(f"checkpoint {checkpoint}: no such file or directory.")
@@ -202,7 +208,7 @@ def locate(checkpoint: str | None, cfg: RunConfig) -> Source:
         if not (run_dir / RUN_CONFIG).exists():
             raise ModelError(f"checkpoint {checkpoint}: cannot find its run's {RUN_CONFIG} in {run_dir}.")
         run = load_run_config(run_dir)
-        return Source(run.model, run.quant, run=run, ckpt=path, description=f"training checkpoint {path}",
+        return Source(run.model, run.quant, run=run, ckpt=path, description=f"training checkpoint {path}", run_dir=run_dir,
                       random_base=_read_random_base(run_dir), own=RUN_OWNS)
     if (path / "adapter_config.json").exists() and (path.parent / RUN_CONFIG).exists() and \
             RunDir(path.parent).adapter.resolve() == path.resolve():
@@ -214,16 +220,17 @@ def locate(checkpoint: str | None, cfg: RunConfig) -> Source:
         run = load_run_config(path)
         drawn = _read_random_base(path)
         if rd.adapter.is_dir():
-            return Source(run.model, run.quant, run=run, adapter_dir=rd.adapter, description=f"run {path}",
+            return Source(run.model, run.quant, run=run, adapter_dir=rd.adapter, description=f"run {path}", run_dir=path,
                           random_base=drawn, own=RUN_OWNS)
         if rd.full_model.is_dir():
             model = dataclasses.replace(run.model, name_or_path=str(rd.full_model), init="pretrained", tokenizer=None)
-            return Source(model, QuantConfig(), run=run, description=f"run {path} (full weights)", own=RUN_OWNS)
+            return Source(model, QuantConfig(), run=run, description=f"run {path} (full weights)", own=RUN_OWNS,
+                          run_dir=path)
         if rd.resumable_checkpoints():  # a stopped run: its checkpoint furthest into training, as a resume takes
             from bamba_ft.jobs.checkpoints import newest_intact
 
             ckpt = newest_intact(path, f"checkpoint {checkpoint}")
-            return Source(run.model, run.quant, run=run, ckpt=ckpt, description=f"run {path} ({ckpt.name})",
+            return Source(run.model, run.quant, run=run, ckpt=ckpt, description=f"run {path} ({ckpt.name})", run_dir=path,
                           random_base=drawn, own=RUN_OWNS)
         raise ModelError(f"checkpoint {checkpoint}: the run has no adapter/, model/ or checkpoint (last.ckpt, "
                          "interrupted.ckpt, best-*) yet.")
@@ -242,11 +249,27 @@ def locate(checkpoint: str | None, cfg: RunConfig) -> Source:
         return Source(model, cfg.quant, adapter_dir=path, description=f"adapter {path} on {model.name_or_path}")
     if (path / "config.json").exists():
         model = dataclasses.replace(cfg.model, name_or_path=str(path), init="pretrained", tokenizer=None)
-        return Source(model, QuantConfig(), description=f"model {path}", own=("quant", "peft", "model.name_or_path"))
+        trained = _exported_from(path)  # a merged export of a run: scored on that run's data and seed, as the run is
+        return Source(model, QuantConfig(), run=trained, own=("quant", "peft", "model.name_or_path"),
+                      description=f"model {path}" + (f" (exported from run {trained.output_dir})" if trained else ""))
     raise ModelError(
         f"checkpoint {checkpoint}: not a run directory ({RUN_CONFIG}), a peft adapter (adapter_config.json), "
         "a model directory (config.json) or a .ckpt file."
     )
+
+
+def _exported_from(path: Path) -> RunConfig | None:
+    """The run config of the training run an export directory records (export_report.json's `run`), while that
+    run is still there; None for any other model directory."""
+    report = path / "export_report.json"
+    try:
+        run = json.loads(report.read_text()).get("run") if report.exists() else None
+    except (OSError, ValueError):
+        return None
+    if not run or not (Path(run) / RUN_CONFIG).exists():
+        return None
+    config = load_run_config(Path(run))
+    return dataclasses.replace(config, output_dir=str(run))
 
 
 def _build_base(src: Source, device: torch.device) -> nn.Module:

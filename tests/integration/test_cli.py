@@ -97,6 +97,25 @@ def test_eval_of_a_file_run_reads_the_given_validation_file(sft_run: Path, tmp_p
     assert (again["num_generated"], again["val_loss"]) == (3, pytest.approx(own["val_loss"], abs=1e-6))
 
 
+def test_eval_of_a_runs_export_scores_the_runs_data(sft_run: Path, tmp_path: Path) -> None:
+    """A merged export records the run it came from: evaluated, it is scored on that run's held-out rows (here 5% of
+    a file's 60), not on the built-in task that the command line's defaults name."""
+    from omegaconf import OmegaConf
+
+    from bamba_ft.data.builtin import generate_sft
+
+    train, run = tmp_path / "train.jsonl", tmp_path / "run"
+    train.write_text("".join(json.dumps(r) + "\n" for r in generate_sft(60, seed=1)))
+    shutil.copytree(sft_run, run)
+    config = OmegaConf.load(run / "run_config.yaml")
+    config.data.source = str(train)
+    OmegaConf.save(config, run / "run_config.yaml")
+    run_in_process(["recipe=export", f"export.checkpoint={run}", "export.dtype=float32"], tmp_path / "log")
+    own = run_in_process([*EVAL, f"eval.checkpoint={run}"], tmp_path / "own")["metrics"]
+    exported = run_in_process([*EVAL, f"eval.checkpoint={run / 'export'}"], tmp_path / "exported")["metrics"]
+    assert (exported["num_generated"], exported["val_loss"]) == (3, pytest.approx(own["val_loss"], abs=1e-4))
+
+
 def test_eval_refuses_a_data_key_the_runs_data_does_not_read(sft_run: Path, tmp_path: Path) -> None:
     """The builtin task generates its validation set: a validation file is refused with the fix, not dropped."""
     with pytest.raises(BambaFTError, match=r"(?s)data.val_source: the data is the builtin task.*would be ignored.*"
