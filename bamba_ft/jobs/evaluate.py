@@ -19,7 +19,7 @@ from bamba_ft.config.schema import NOT_BUILTIN, DataConfig, EvalConfig, RunConfi
 from bamba_ft.data.module import BambaDataModule
 from bamba_ft.data.templates import ensure_chat_template, stop_token_ids
 from bamba_ft.data.tokenize import prompt_and_reference
-from bamba_ft.errors import ConfigError
+from bamba_ft.errors import ConfigError, ModelError
 from bamba_ft.faults import fault_point
 from bamba_ft.jobs.report import plot_curves, publish_file
 from bamba_ft.jobs.runtime import autocast_for, choose_device, to_device
@@ -167,6 +167,10 @@ def run(cfg: RunConfig) -> dict:
     if curves:
         lines.append(f"  training curves: {out / 'curves.png'}")
     print("\n".join(lines))
+    if failed := metrics["lm_eval"].get("failed"):  # asked for by name: a run without them is no success
+        raise ModelError(f"eval.lm_eval_tasks={list(cfg.eval.lm_eval_tasks)}: lm-eval could not run them ({failed}); "
+                         f"the other metrics are in {out / 'metrics.json'}.\nFix: check the task names "
+                         "(lm_eval --tasks list) and that their data is available (offline: in the datasets cache).")
     return result
 
 
@@ -285,6 +289,5 @@ def run_lm_eval(model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: EvalC
         lm = HFLM(pretrained=causal_lm(model), tokenizer=tokenizer, device=str(device), batch_size=cfg.batch_size)
         results = lm_eval.simple_evaluate(model=lm, tasks=list(cfg.lm_eval_tasks))
     except Exception as e:  # task data missing offline, unknown task names, ...
-        log.warning("lm-eval could not run %s: %s", cfg.lm_eval_tasks, e)
-        return {"skipped": f"{type(e).__name__}: {e}"}
+        return {"failed": f"{type(e).__name__}: {e}"}
     return results.get("results", {}) if results else {}

@@ -284,3 +284,27 @@ def test_training_steps_run_in_train_mode(recipe: str, tmp_path: Path, monkeypat
     monkeypatch.setattr(BambaLitModule, "training_step", recording)
     run_in_process([f"recipe={recipe}", *FAST, "model.gradient_checkpointing=all"], tmp_path)
     assert modes == [True, True]
+
+
+def test_eval_fails_when_the_lm_eval_tasks_it_was_asked_for_cannot_run(sft_run: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stand-in for lm-eval whose harness fails (as on an unknown task name): the other metrics are written, and
+    the command fails instead of exiting 0 with a warning."""
+    import importlib.machinery
+    import sys
+    import types
+
+    def fail(**kwargs) -> None:  # noqa: ANN003
+        raise KeyError("task(s) not found: hellaswagg")
+
+    mods = {name: types.ModuleType(name) for name in ("lm_eval", "lm_eval.models", "lm_eval.models.huggingface")}
+    for name, mod in mods.items():
+        mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        monkeypatch.setitem(sys.modules, name, mod)
+    mods["lm_eval"].simple_evaluate = fail
+    mods["lm_eval.models.huggingface"].HFLM = lambda **kwargs: object()
+    with pytest.raises(BambaFTError, match=r"(?s)eval.lm_eval_tasks=\['hellaswagg'\]: lm-eval could not run them "
+                                           r"\(KeyError: .*task\(s\) not found.*metrics.json.*Fix: check the task names"):
+        run_in_process([*EVAL, f"eval.checkpoint={sft_run}", "eval.lm_eval_tasks=[hellaswagg]"], tmp_path)
+    written = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
+    assert "failed" in written["lm_eval"] and written["val_loss"] > 0
