@@ -255,6 +255,20 @@ class BambaDataModule(L.LightningDataModule):
             self.val_rows = [to_messages(r, fmt, locate(val_where, r), renames) for r in val_rows]
         for name, st in self.stats.items():
             log.info("data %s", st.line(name))
+        if self.cfg.source != "builtin":
+            self._warn_val_in_train(where)
+
+    def _warn_val_in_train(self, where: str) -> None:
+        """Validation examples that are training examples too (a row repeated in the data, held out in one copy and
+        trained in another) make the validation loss partly a measure of memorisation: counted and warned about."""
+        if self.train_set is None or self.val_set is None:
+            return
+        trained = {hash(tuple(ids)) for ids in self.train_set["input_ids"]}
+        both = sum(1 for ids in self.val_set["input_ids"] if hash(tuple(ids)) in trained)
+        if both:
+            log.warning("data warning: %d of the %d validation examples are also training examples (the same tokens: "
+                        "rows repeated in %s), so the validation loss partly measures memorisation. Fix: remove the "
+                        "repeated rows, or validate on other data (data.val_source).", both, len(self.val_set), where)
 
     def _prepare_sources(self, train: bool = True) -> None:
         """data.sources: each source read, renamed, split and tokenized in its own format, then mixed (`train`)."""
@@ -280,6 +294,7 @@ class BambaDataModule(L.LightningDataModule):
         self._validation_parts(vals)
         for name, st in self.stats.items():
             log.info("data %s", st.line(name))
+        self._warn_val_in_train("data.sources")
 
     def _mix(self, parts: list[datasets.Dataset]) -> None:
         """The training set: the sources' tokenized examples mixed by their weights, with the counts per source."""

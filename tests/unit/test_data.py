@@ -602,3 +602,19 @@ def test_rows_are_not_read_from_the_cache_the_previous_codes_tokenization_wrote(
     monkeypatch.setattr(module, "encode_row", upgraded)
     monkeypatch.setattr(module, "code_version", lambda: "the upgraded code")
     assert targets() == before - 8
+
+
+def test_validation_examples_that_are_also_trained_are_counted(builtin_tokenizer, tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    """A row repeated in the file lands in both splits: the validation loss then partly measures memorisation."""
+    rows = [{"prompt": "same", "completion": "row"}] * 20 + [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(20)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dm = BambaDataModule(DataConfig(source=str(path), val_fraction=0.25), builtin_tokenizer)
+    dm.prepare()
+    repeated = sum(1 for r in dm.val_rows if r[-1]["content"] == "row")
+    assert repeated > 0 and f"data warning: {repeated} of the 10 validation examples are also training" in caplog.text
+    caplog.clear()
+    distinct = tmp_path / "e.jsonl"
+    distinct.write_text("".join(json.dumps(r) + "\n" for r in rows[20:]))
+    BambaDataModule(DataConfig(source=str(distinct), val_fraction=0.25), builtin_tokenizer).prepare()
+    assert "also training examples" not in caplog.text
