@@ -185,6 +185,7 @@ def encode_row(row: dict, *, tokenizer, fmt: str, train_on: str, max_seq_len: in
     coerced: list[str] = []
     example = to_messages(row, fmt, at, renames, coerced)
     tok = tokenize_example(tokenizer, example, train_on, None if split else max_seq_len, at)
+    unk = tokenizer.unk_token_id
     empty = not isinstance(example, str) and any(
         m["role"] == "assistant" and not m["content"].strip() and not m.get("tool_calls") for m in example)
     return {
@@ -196,9 +197,8 @@ def encode_row(row: dict, *, tokenizer, fmt: str, train_on: str, max_seq_len: in
         "full_targets": tok.full_targets,
         "empty_assistant": empty,
         "coerced": len(coerced),
-        "unknown_targets": sum(1 for t, label in zip(tok.input_ids, tok.labels)
-                               if t == tokenizer.unk_token_id and label != IGNORE_INDEX) if tokenizer.unk_token_id
-                           is not None else 0,
+        # the id read once: a tokenizer's unk_token_id converts its token on every access; None matches no id
+        "unknown_targets": sum(1 for t, label in zip(tok.input_ids, tok.labels) if label != IGNORE_INDEX and t == unk),
     }
 
 
