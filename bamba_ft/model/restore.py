@@ -249,27 +249,25 @@ def locate(checkpoint: str | None, cfg: RunConfig) -> Source:
         return Source(model, cfg.quant, adapter_dir=path, description=f"adapter {path} on {model.name_or_path}")
     if (path / "config.json").exists():
         model = dataclasses.replace(cfg.model, name_or_path=str(path), init="pretrained", tokenizer=None)
-        trained = _exported_from(path)  # a merged export of a run: scored on that run's data and seed, as the run is
-        return Source(model, QuantConfig(), run=trained, own=("quant", "peft", "model.name_or_path"),
-                      description=f"model {path}" + (f" (exported from run {trained.output_dir})" if trained else ""))
+        run_dir = _exported_from(path)  # a merged export of a run: scored on that run's data and seed, as the run is
+        return Source(model, QuantConfig(), run=load_run_config(run_dir) if run_dir else None, run_dir=run_dir,
+                      own=("quant", "peft", "model.name_or_path"),
+                      description=f"model {path}" + (f" (exported from run {run_dir})" if run_dir else ""))
     raise ModelError(
         f"checkpoint {checkpoint}: not a run directory ({RUN_CONFIG}), a peft adapter (adapter_config.json), "
         "a model directory (config.json) or a .ckpt file."
     )
 
 
-def _exported_from(path: Path) -> RunConfig | None:
-    """The run config of the training run an export directory records (export_report.json's `run`), while that
-    run is still there; None for any other model directory."""
+def _exported_from(path: Path) -> Path | None:
+    """The training run an export directory records (export_report.json's `run`), while that run is still there;
+    None for any other model directory."""
     report = path / "export_report.json"
     try:
         run = json.loads(report.read_text()).get("run") if report.exists() else None
     except (OSError, ValueError):
         return None
-    if not run or not (Path(run) / RUN_CONFIG).exists():
-        return None
-    config = load_run_config(Path(run))
-    return dataclasses.replace(config, output_dir=str(run))
+    return Path(run) if run and RunDir(run).run_config.exists() else None
 
 
 def _build_base(src: Source, device: torch.device) -> nn.Module:
