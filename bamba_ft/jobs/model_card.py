@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from bamba_ft.config.schema import RunConfig
 from bamba_ft.model.families import Family
+from bamba_ft.model.lora import expand_family_targets
 from bamba_ft.rundir import RunDir
 
 _LIBRARIES = ("bamba_ft", "torch", "transformers", "peft", "torchao", "lightning", "datasets", "mamba-ssm", "causal-conv1d")
@@ -24,6 +25,19 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             continue
     return out
+
+
+def _sources_text(d: Any) -> str:
+    """The run's training data as the card states it: each of `data.sources` (with its weight) or `data.source`."""
+    if not d.sources:
+        return f"`{d.source}`" + ("" if d.format == "auto" else f" (format {d.format})")
+    parts = []
+    for s in d.sources:
+        fmt = s.format if s.format not in (None, "auto") else d.format
+        extra = [f"weight {s.weight:g}"] if s.weight is not None else []
+        extra += [] if fmt == "auto" else [f"format {fmt}"]
+        parts.append(f"`{s.source}`" + (f" ({', '.join(extra)})" if extra else ""))
+    return ", ".join(parts)
 
 
 def write_model_card(directory: Path, cfg: RunConfig, src: Any, report: dict, adapter_only: bool,
@@ -55,9 +69,12 @@ def write_model_card(directory: Path, cfg: RunConfig, src: Any, report: dict, ad
         d = run.data
         lines += [
             f"- Method: {'LoRA' if run.peft.method == 'lora' else 'full fine-tuning'}"
-            + (f" (r={run.peft.r}, alpha={run.peft.lora_alpha}, targets {', '.join(run.peft.target_modules)})" if run.peft.method == "lora" else "")
+            + (f" (r={run.peft.r}, alpha={run.peft.lora_alpha}, targets "
+               f"{', '.join(expand_family_targets(model_type, list(run.peft.target_modules)))})"
+               if run.peft.method == "lora" else "")
             + (f" on a {run.quant.method}-quantized base" if run.quant.method != "none" else ""),
-            f"- Data: `{d.source}` (format {d.format}, max {d.max_seq_len} tokens, {'packed' if d.packing else 'padded'} batches, loss on {d.train_on} tokens)",
+            f"- Data: {_sources_text(d)} (max {d.max_seq_len} tokens, {'packed' if d.packing else 'padded'} batches, "
+            f"loss on {d.train_on} tokens)",
         ]
     if metrics:
         lines += ["", "## Metrics", "", "| metric | before | after |", "|---|---|---|"]

@@ -87,9 +87,13 @@ MLP = "mlp"  # in peft.target_modules: the feed-forward's Linear layers of the m
 def expand_targets(model: nn.Module, targets: list[str]) -> list[str]:
     """`targets` with MLP replaced by the family's MLP layer names (Bamba gate/up/down_proj, Granite 4.0-H
     input/output_linear, Nemotron-H up/down_proj), so one preset (peft=lora_all) fits every family."""
+    return expand_family_targets(getattr(getattr(model, "config", None), "model_type", "bamba"), targets)
+
+
+def expand_family_targets(model_type: str, targets: list[str]) -> list[str]:
+    """`expand_targets` for a family named by its `model_type` (a model card knows the family, not the model)."""
     if MLP not in targets:
         return list(targets)
-    model_type = getattr(getattr(model, "config", None), "model_type", "bamba")
     mlp = list(family_for(model_type).mlp_targets)
     return list(dict.fromkeys(t for name in targets for t in (mlp if name == MLP else [name])))
 

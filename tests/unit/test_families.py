@@ -264,3 +264,18 @@ def tiny_bamba() -> torch.nn.Module:
                          attn_layer_indices=[1], num_attention_heads=2, num_key_value_heads=1, mamba_n_heads=4,
                          mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=16, use_cache=False)
     return BambaForCausalLM(config).eval()
+
+
+def test_model_card_names_the_layers_lora_reached_and_every_source() -> None:
+    """The card listed `mlp` as a target and the one-source `data.source` of a run trained on data.sources."""
+    from bamba_ft.config.schema import DataConfig, SourceConfig
+    from bamba_ft.jobs.model_card import _sources_text
+    from bamba_ft.model.lora import expand_family_targets
+
+    assert expand_family_targets("granitemoehybrid", ["in_proj", "mlp", "out_proj"]) == [
+        "in_proj", "input_linear", "output_linear", "out_proj"]
+    assert expand_family_targets("bamba", ["in_proj"]) == ["in_proj"]
+    mix = DataConfig(sources=[SourceConfig(source="chat.jsonl", weight=0.7),
+                              SourceConfig(source="qa.parquet", weight=0.3, format="prompt_completion")])
+    assert _sources_text(mix) == "`chat.jsonl` (weight 0.7), `qa.parquet` (weight 0.3, format prompt_completion)"
+    assert _sources_text(DataConfig(source="train.jsonl", format="alpaca")) == "`train.jsonl` (format alpaca)"
