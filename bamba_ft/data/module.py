@@ -38,7 +38,7 @@ class SplitStats:
     split: int
     """Rows longer than data.max_seq_len split into windows (data.overlong=split)."""
     split_windows: int
-    """Examples those rows became (windows holding no loss token are left out)."""
+    """Examples those rows became (windows holding no loss token are left out: `split_windows_no_loss`)."""
     dropped_overlong: int
     dropped_no_targets: int
     dropped_prompt_too_long: int
@@ -49,6 +49,9 @@ class SplitStats:
     """Rows with an empty (or whitespace-only) assistant message: kept, they teach an empty answer."""
     coerced: int
     """Rows where a number stood in a text field and was read as its decimal text."""
+    split_windows_no_loss: int = 0
+    """Windows of split rows left out because they hold no loss token (a prompt longer than data.max_seq_len):
+    the kept windows see only data.overlong_stride tokens of what came before them."""
     unknown_targets: int = 0
     """Rows with a loss token the tokenizer could not encode (its unknown token): the model learns to emit it."""
     in_mix: int | None = None
@@ -68,7 +71,9 @@ class SplitStats:
             f"{name}: {self.kept}/{self.rows} examples, {self.tokens} tokens ({self.target_tokens} with loss)"
             + (f" ({self.in_mix} in the training mix: {self.passes:.2f} passes)" if self.in_mix is not None else "")
             + f"; truncated {self.truncated}, "
-            + (f"split {self.split} into {self.split_windows} windows, " if self.split else "")
+            + (f"split {self.split} into {self.split_windows} windows" + (
+                f" ({self.split_windows_no_loss} more without a loss token left out)" if self.split_windows_no_loss
+                else "") + ", " if self.split else "")
             + f"dropped {self.dropped_overlong} overlong, "
             f"{self.dropped_prompt_too_long} with a prompt longer than data.max_seq_len, "
             f"{self.dropped_no_targets} with no loss tokens"
@@ -224,8 +229,9 @@ class BambaDataModule(L.LightningDataModule):
                             batched=True, batch_size=16, remove_columns=kept.column_names, desc=f"splitting {name}")
             windows = kept["window"]
             stats.split_windows = sum(1 for w in windows if w >= 0)
+            stats.split_windows_no_loss = sum(kept["no_loss"])
             stats.tokens, stats.target_tokens = sum(kept["length"]), sum(kept["n_targets"])
-            kept = kept.remove_columns(["window"])
+            kept = kept.remove_columns(["window", "no_loss"])
         return kept, stats
 
     def prepare(self, train: bool = True) -> None:

@@ -203,16 +203,20 @@ def encode_row(row: dict, *, tokenizer, fmt: str, train_on: str, max_seq_len: in
 
 
 def split_long(batch: dict[str, list], *, max_seq_len: int, overlap: int) -> dict[str, list]:
-    """Examples longer than `max_seq_len` replaced by their windows (`split_windows`); windows without loss go."""
-    out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "n_targets": [], "window": []}
+    """Examples longer than `max_seq_len` replaced by their windows (`split_windows`); windows without loss go.
+    `no_loss` counts those, on the first window kept of their example (0 on the others)."""
+    out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "n_targets": [], "window": [], "no_loss": []}
     for ids, labels in zip(batch["input_ids"], batch["labels"]):
         windows = split_windows(ids, labels, max_seq_len, overlap) if len(ids) > max_seq_len else [(ids, labels)]
-        for i, (w_ids, w_labels) in enumerate(windows):
-            n = sum(1 for t in w_labels if t != IGNORE_INDEX)
+        counts = [sum(1 for t in w_labels if t != IGNORE_INDEX) for _, w_labels in windows]
+        no_loss = counts.count(0)
+        for i, ((w_ids, w_labels), n) in enumerate(zip(windows, counts)):
             if n:
                 out["input_ids"].append(w_ids)
                 out["labels"].append(w_labels)
                 out["length"].append(len(w_ids))
                 out["n_targets"].append(n)
                 out["window"].append(i if len(windows) > 1 else -1)
+                out["no_loss"].append(no_loss)
+                no_loss = 0
     return out

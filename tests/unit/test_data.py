@@ -355,6 +355,26 @@ def test_overlong_split_through_the_data_module(builtin_tokenizer, tmp_path: Pat
     assert f"split 1 into {n_windows} windows" in caplog.text
 
 
+def test_overlong_split_counts_the_windows_it_leaves_out(builtin_tokenizer, tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    """A prompt longer than data.max_seq_len splits into windows without a loss token, which are left out: the
+    count said only how many windows were kept."""
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"prompt": "p" * 200, "completion": "answer"}) + "\n")
+    cfg = DataConfig(source=str(path), format="prompt_completion", val_fraction=0.0, max_seq_len=64,
+                     overlong="split", overlong_stride=8, max_tokens_per_batch=64)
+    dm = BambaDataModule(cfg, builtin_tokenizer)
+    with caplog.at_level("INFO", logger="bamba_ft.data.module"):
+        dm.prepare()
+    st = dm.stats["train"]
+    full = tokenize_example(builtin_tokenizer, [{"role": "user", "content": "p" * 200},
+                                                {"role": "assistant", "content": "answer"}], "assistant", None)
+    windows = split_windows(full.input_ids, full.labels, 64, 8)
+    with_loss = sum(1 for _, labels in windows if any(t != IGNORE_INDEX for t in labels))
+    assert 0 < with_loss < len(windows)
+    assert (st.split, st.split_windows, st.split_windows_no_loss) == (1, with_loss, len(windows) - with_loss)
+    assert f"into {with_loss} windows ({len(windows) - with_loss} more without a loss token left out)" in caplog.text
+
+
 @pytest.mark.parametrize("n", [1 << 18, pytest.param(1 << 20, marks=pytest.mark.slow)])
 def test_million_token_row_tokenizes_and_packs_in_linear_time(builtin_tokenizer, n: int) -> None:  # noqa: ANN001
     """2^18 tokens in about 1.5 s, 2^20 in about 5 s on two cores (the tokenizer itself takes a third). A pass
