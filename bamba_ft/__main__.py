@@ -19,6 +19,7 @@ from bamba_ft.config.overrides import check_overrides, in_sweep, to_run_config  
 from bamba_ft.config.schema import TASK_JOBS  # noqa: E402
 from bamba_ft.config.store import config_dirs, register_configs  # noqa: E402
 from bamba_ft.errors import BambaFTError  # noqa: E402
+from bamba_ft.jobs import lock  # noqa: E402
 
 log = logging.getLogger("bamba_ft")
 
@@ -32,6 +33,8 @@ def run_config(cfg: DictConfig) -> dict:
     typed = to_run_config(cfg)  # validated: typed.task is a key of TASK_JOBS
     job = importlib.import_module(TASK_JOBS[typed.task])
     quiet.lightning_through_root()  # imported by now, after Hydra configured logging
+    if not lock.launching_process():
+        quiet.ranks_above_zero()
     return job.run(typed)
 
 

@@ -61,3 +61,37 @@ def lightning_through_root() -> None:
         for handler in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
             logger.removeHandler(handler)
         logger.propagate = True
+
+
+EVERY_RANK = {"every_rank": True}
+"""`log.info(..., extra=EVERY_RANK)`: a line that differs between ranks, printed by every rank (`ranks_above_zero`)."""
+
+
+class _ThisRankOnly(logging.Filter):
+    """Lets through errors and the lines marked EVERY_RANK, each labelled with the rank that wrote it."""
+
+    def __init__(self, label: str) -> None:
+        super().__init__()
+        self.label = label
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR and not getattr(record, "every_rank", False):
+            return False
+        if not getattr(record, "rank_labelled", False):  # one record reaches several handlers
+            record.msg, record.rank_labelled = f"[{self.label}] {record.msg}", True
+        return True
+
+
+def ranks_above_zero(environ: dict[str, str] | None = None) -> None:
+    """In a process a distributed launcher started for a rank above 0, the console and the run's log keep only
+    errors and the lines marked EVERY_RANK: every rank builds the same model and data and would print each of
+    rank 0's lines again, interleaved with them."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env:
+        label = f"rank {env['RANK']}"
+    else:
+        label = f"local rank {env.get('LOCAL_RANK', '0')}" + (
+            f" of node {env['NODE_RANK']}" if env.get("NODE_RANK", "0") != "0" else "")
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _ThisRankOnly) for f in handler.filters):
+            handler.addFilter(_ThisRankOnly(label))

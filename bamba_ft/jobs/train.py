@@ -22,6 +22,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
+from bamba_ft import quiet
 from bamba_ft.config.overrides import in_sweep
 from bamba_ft.config.schema import RunConfig, TrainerConfig
 from bamba_ft.data.module import BambaDataModule
@@ -225,7 +226,7 @@ def _shard_and_load(cfg: RunConfig, dm: BambaDataModule, device: torch.device, l
     shard.load_sharded(lit.model, reader if rank0 else None, initial)
     held, full = (sum(x) for x in zip(*((h, f) for _, h, f in shard.storage_bytes(lit.model))))
     log.info("FSDP: %d units over %d ranks; this rank holds %s of %s parameters (%s)", units,
-             dist.get_world_size(), f"{held:,}", f"{full:,}", str(dtype).removeprefix("torch."))
+             dist.get_world_size(), f"{held:,}", f"{full:,}", str(dtype).removeprefix("torch."), extra=quiet.EVERY_RANK)
     # as Lightning runs the steps: bf16 autocast under bf16-mixed, whatever dtype the shards are kept in
     mixed = autocast_dtype(precision) if device.type == "cuda" else None  # fsdp takes auto, 32-true or bf16-mixed
     autocast = torch.autocast("cuda", dtype=mixed) if mixed is not None else contextlib.nullcontext()

@@ -37,3 +37,23 @@ def test_lightnings_dirpath_warning_gives_way_to_the_resume_line() -> None:
                       "`kth_value`, `last_model_path` and `best_k_models` won't be reloaded. Only `best_model_path` "
                       "will be reloaded.", stacklevel=1)
     assert seen == []
+
+
+@pytest.mark.parametrize(("environ", "label"), [({"RANK": "3"}, "rank 3"),
+                                                ({"LOCAL_RANK": "1", "NODE_RANK": "0"}, "local rank 1"),
+                                                ({"LOCAL_RANK": "1", "NODE_RANK": "2"}, "local rank 1 of node 2")])
+def test_ranks_above_zero_print_errors_and_their_own_lines_only(monkeypatch: pytest.MonkeyPatch,
+                                                                environ: dict, label: str) -> None:
+    """Every rank printed rank 0's model, data and gradient-check lines again."""
+    console, logfile = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(logging.getLogger(), "handlers", [logging.StreamHandler(console), logging.StreamHandler(logfile)])
+    log = logging.getLogger("bamba_ft.test_ranks")
+    monkeypatch.setattr(log, "level", logging.INFO)
+    quiet.ranks_above_zero(environ)
+    quiet.ranks_above_zero(environ)  # idempotent: one filter per handler
+    log.info("gradient check: all 20 trainable tensors receive gradient")
+    log.warning("data warning: the same on every rank")
+    log.info("this rank holds 10 of 20 parameters", extra=quiet.EVERY_RANK)
+    log.error("out of memory")
+    expected = f"[{label}] this rank holds 10 of 20 parameters\n[{label}] out of memory\n"
+    assert console.getvalue() == expected and logfile.getvalue() == expected
