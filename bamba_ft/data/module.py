@@ -80,6 +80,18 @@ class SplitStats:
         )
 
 
+def _warn_repeated(examples: datasets.Dataset, where: str) -> set[int]:
+    """Warn when training examples repeat (the same tokens): each copy is trained every epoch, a weight nobody
+    chose. Returns the examples' token hashes."""
+    hashes = [hash(tuple(ids)) for ids in examples["input_ids"]]
+    distinct = set(hashes)
+    if len(distinct) < len(hashes):
+        log.warning("data warning: %d of the %d training examples repeat an earlier one (the same tokens) in %s, so "
+                    "each copy is trained every epoch. Fix: deduplicate the rows, or keep them if the repeats are meant "
+                    "to weight those examples.", len(hashes) - len(distinct), len(hashes), where)
+    return distinct
+
+
 def hold_out(rows: datasets.Dataset, fraction: float, seed: int, where: str) -> tuple[datasets.Dataset, datasets.Dataset]:
     """(training rows, validation rows): `fraction` of the rows held out (rounded up, as datasets does), at least
     one row left to train on, else a DataError with the counts and the fix."""
@@ -261,15 +273,15 @@ class BambaDataModule(L.LightningDataModule):
             self.val_rows = [to_messages(r, fmt, locate(val_where, r), renames) for r in val_rows]
         for name, st in self.stats.items():
             log.info("data %s", st.line(name))
-        if self.cfg.source != "builtin":
-            self._warn_val_in_train(where)
+        if self.cfg.source != "builtin" and self.train_set is not None:
+            trained = _warn_repeated(self.train_set, where)
+            if self.val_set is not None:
+                self._warn_val_in_train(trained, where)
 
-    def _warn_val_in_train(self, where: str) -> None:
-        """Validation examples that are training examples too (a row repeated in the data, held out in one copy and
-        trained in another) make the validation loss partly a measure of memorisation: counted and warned about."""
-        if self.train_set is None or self.val_set is None:
-            return
-        trained = {hash(tuple(ids)) for ids in self.train_set["input_ids"]}
+    def _warn_val_in_train(self, trained: set[int], where: str) -> None:
+        """Validation examples that are training examples too (`trained`: their token hashes; a row repeated in the
+        data, held out in one copy and trained in another) make the validation loss partly a measure of
+        memorisation: counted and warned about."""
         both = sum(1 for ids in self.val_set["input_ids"] if hash(tuple(ids)) in trained)
         if both:
             log.warning("data warning: %d of the %d validation examples are also training examples (the same tokens: "
@@ -291,6 +303,7 @@ class BambaDataModule(L.LightningDataModule):
                 vals.append((val, where, s.format))
             if train:
                 enc, self.stats[f"train[{i}]"] = self._tokenize(rows, f"train[{i}]", where, s.format)
+                _warn_repeated(enc, where)  # in each source: a weighted mix may repeat examples by design
                 parts.append(enc.add_column("__source__", [i] * len(enc)))
         if train:
             self._mix(parts)
@@ -300,7 +313,9 @@ class BambaDataModule(L.LightningDataModule):
         self._validation_parts(vals)
         for name, st in self.stats.items():
             log.info("data %s", st.line(name))
-        self._warn_val_in_train("data.sources")
+        if self.train_set is not None and self.val_set is not None:
+            trained = {hash(tuple(ids)) for ids in self.train_set["input_ids"]}
+            self._warn_val_in_train(trained, "data.sources")
 
     def _mix(self, parts: list[datasets.Dataset]) -> None:
         """The training set: the sources' tokenized examples mixed by their weights, with the counts per source."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import DataCollatorWithFlattening
 
-from bamba_ft.config.schema import CHOICES, DataConfig
+from bamba_ft.config.schema import CHOICES, DataConfig, SourceConfig
 from bamba_ft.data.formats import FORMATS, to_messages
 from bamba_ft.data.module import BambaDataModule
 from bamba_ft.data.packing import LOSS_INDEX, BatchPlan, collate_packed, pack_batches
@@ -637,4 +637,24 @@ def test_validation_examples_that_are_also_trained_are_counted(builtin_tokenizer
     distinct = tmp_path / "e.jsonl"
     distinct.write_text("".join(json.dumps(r) + "\n" for r in rows[20:]))
     BambaDataModule(DataConfig(source=str(distinct), val_fraction=0.25), builtin_tokenizer).prepare()
-    assert "also training examples" not in caplog.text
+    assert "also training examples" not in caplog.text and "repeat an earlier one" not in caplog.text
+
+
+def test_repeated_training_examples_are_counted_per_source(builtin_tokenizer, tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    """A row repeated in the data is trained once per copy every epoch, a weight nobody chose: warned about. A
+    weighted mix that repeats a small source (all_exhausted) does so by design: not warned about."""
+    rows = [{"prompt": "same", "completion": "row"}] * 5 + [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(15)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    BambaDataModule(DataConfig(source=str(path), val_fraction=0.0), builtin_tokenizer).prepare()
+    assert f"data warning: 4 of the 20 training examples repeat an earlier one (the same tokens) in data.source={path}" \
+        in caplog.text
+    caplog.clear()
+    small, large = tmp_path / "small.jsonl", tmp_path / "large.jsonl"
+    small.write_text("".join(json.dumps(r) + "\n" for r in rows[5:8]))
+    large.write_text("".join(json.dumps({"prompt": f"x{i}", "completion": f"y{i}"}) + "\n" for i in range(30)))
+    dm = BambaDataModule(DataConfig(sources=[SourceConfig(source=str(small), weight=0.5),
+                                             SourceConfig(source=str(large), weight=0.5)],
+                                    stopping_strategy="all_exhausted", val_fraction=0.0), builtin_tokenizer)
+    dm.prepare()
+    assert dm.stats["train[0]"].passes > 1 and "repeat an earlier one" not in caplog.text
