@@ -116,6 +116,7 @@ def check_overrides(argv: list[str]) -> None:
     problems = Problems()
     parser = OverridesParser.create()
     schema = OmegaConf.structured(RunConfig)
+    multirun = any(a in ("-m", "--multirun") or a == "hydra.mode=MULTIRUN" for a in argv)
     for token in argv:
         if token.startswith("-") or "=" not in token:
             continue
@@ -137,6 +138,12 @@ def check_overrides(argv: list[str]) -> None:
                          "commas, e.g. 'data.chat_template=\"...\"'.")
             continue
         if override.is_delete():
+            continue
+        if override.is_discrete_sweep() and not multirun:
+            text = _type_problem(OmegaConf.structured(RunConfig), key, "a text") is None
+            quote = f"quote a text that holds commas, '{key}=\"{token.split('=', 1)[1]}\"', or " if text else ""
+            problems.add(f"{token}: the commas make this a list of values to sweep over (Hydra's a,b), and this is no "
+                         f"sweep.\nFix: {quote}add -m to run one job per value.")
             continue
         for value in _values(override):
             problem = _type_problem(schema, key, value)

@@ -87,6 +87,17 @@ def test_an_unknown_group_option_names_the_options(token: str, problem: str, opt
         check_overrides(["smoke=null"])
 
 
+def test_commas_outside_a_sweep_say_how_to_quote_a_text() -> None:
+    """Hydra reads a,b as sweep values and, without -m, answered with its own three-way message."""
+    with pytest.raises(ConfigError, match=re.escape("""Fix: quote a text that holds commas, 'trainer.resume="runs/a, b"', """
+                                                    "or add -m")):
+        check_overrides(["trainer.resume=runs/a, b"])
+    with pytest.raises(ConfigError, match=r"optim.lr=1e-3,2e-3: the commas .*\n.*Fix: add -m to run one job per value"):
+        check_overrides(["optim.lr=1e-3,2e-3"])
+    check_overrides(["-m", "optim.lr=1e-3,2e-3"])
+    check_overrides(['trainer.resume="runs/a, b"'])
+
+
 @pytest.mark.parametrize("token", ["data.roles={bot: assistant, human: user}", "data.roles.bot=assistant"])
 def test_data_roles_take_the_users_own_names(token: str, data_files: Path) -> None:
     """The form the README and the unknown-role error give: a mapping that the command line fills."""
@@ -111,7 +122,7 @@ def test_typo_override_names_key_and_valid_ones(token: str) -> None:
 def test_typo_in_nested_and_top_level_keys() -> None:
     with pytest.raises(ConfigError, match=r"(?s)2 problems.*'lr_rate' is not a key of optim.*'trainr' is not a key of the top level"):
         check_overrides(["optim.lr_rate=1", "trainr.max_steps=3", "model=tiny", "hydra.run.dir=x", "-m"])
-    check_overrides(["optim.lr=1e-4,3e-4", "peft.target_modules=[in_proj]", "data.source=x.jsonl"])
+    check_overrides(["-m", "optim.lr=1e-4,3e-4", "peft.target_modules=[in_proj]", "data.source=x.jsonl"])
 
 
 def test_plus_key_is_caught_after_composition() -> None:

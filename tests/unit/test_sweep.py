@@ -28,7 +28,7 @@ from bamba_ft.sweep import collect_rows, write_outputs
     "sweep.objective=exact_match", "sweep.direction=maximize", "sweep.resume=true",
 ])
 def test_sweep_overrides_pass_the_typed_checks(token: str) -> None:
-    check_overrides([token])
+    check_overrides(["-m", token])
 
 
 @pytest.mark.parametrize("token,message", [
@@ -40,7 +40,7 @@ def test_sweep_overrides_pass_the_typed_checks(token: str) -> None:
 ])
 def test_bad_sweep_overrides_fail_naming_the_key(token: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        check_overrides([token])
+        check_overrides(["-m", token])
 
 
 METRICS = {"after": {"val_loss": 2.5, "exact_match": 0.25}, "train": {"tokens_per_sec": 900.0, "steps": 3},
