@@ -301,14 +301,9 @@ class LoggerConfig:
 
 
 @dataclass
-class EvalConfig:
-    checkpoint: str | None = None
-    """What to evaluate: a run directory, a peft adapter directory, a .ckpt file, or a merged model directory.
-    Unset: the model described by `model` (plus no adapter)."""
-    generate: bool = True
-    """Generation-based metrics (exact match) on held-out prompts."""
-    num_generate: int = 64
-    """Validation examples to generate answers for."""
+class Sampling:
+    """How answers are generated: eval's exact match (`eval.*`) and recipe=generate (`generate.*`)."""
+
     max_new_tokens: int = 32
     """Longest generated answer, in tokens."""
     do_sample: bool = False
@@ -321,6 +316,17 @@ class EvalConfig:
     """Top-k sampling (0: off)."""
     batch_size: int = 16
     """Prompts per generation batch (left-padded)."""
+
+
+@dataclass
+class EvalConfig(Sampling):
+    checkpoint: str | None = None
+    """What to evaluate: a run directory, a peft adapter directory, a .ckpt file, or a merged model directory.
+    Unset: the model described by `model` (plus no adapter)."""
+    generate: bool = True
+    """Generation-based metrics (exact match) on held-out prompts."""
+    num_generate: int = 64
+    """Validation examples to generate answers for."""
     before_training: bool = True
     """Train task: evaluate the starting model too, so the summary shows before -> after."""
     lm_eval_tasks: list[str] = field(default_factory=list)
@@ -328,6 +334,28 @@ class EvalConfig:
     output_dir: str | None = None
     """Where eval writes metrics.json, predictions.jsonl and plots (default: the eval command's own run directory,
     outputs/<date>/<time>, not the evaluated run's)."""
+
+
+@dataclass
+class GenerateConfig(Sampling):
+    checkpoint: str | None = None
+    """What to generate with (the forms of eval.checkpoint): a run directory, a peft adapter directory, a .ckpt file,
+    or a merged model directory. Unset: the model described by `model`."""
+    prompt: str | None = None
+    """One prompt: a user turn under the chat template (`chat`). Unset, and no `prompts_file`: prompts are read from
+    standard input, an interactive chat on a terminal, one prompt per line otherwise."""
+    prompts_file: str | None = None
+    """Prompts from a file: .jsonl rows with `prompt` (text) or `messages` (a conversation whose next assistant turn
+    is generated), or a .txt file, one prompt per line."""
+    system: str | None = None
+    """A system message before every prompt (not before `messages` rows, which bring their own)."""
+    chat: bool = True
+    """Apply the chat template (the run's: data.chat_template); false: continue each prompt's text as it is."""
+    max_new_tokens: int = 256
+    """Longest generated answer, in tokens."""
+    output_file: str | None = None
+    """Where the prompts and answers are written as JSON lines (default: generations.jsonl in the command's own run
+    directory, outputs/<date>/<time>)."""
 
 
 @dataclass
@@ -442,10 +470,11 @@ class SweepConfig:
 
 @dataclass
 class RunConfig:
-    """The root config of every run: training, evaluation, export, benchmark and doctor alike (`task` says which)."""
+    """The root config of every run: training, evaluation, generation, export, benchmark and doctor alike (`task` says
+    which)."""
 
     task: str = "train"
-    """train | eval | export | bench | doctor."""
+    """train | eval | generate | export | bench | doctor."""
     debug: bool = False
     """Show full Python tracebacks for user errors."""
     output_dir: str = "."
@@ -458,6 +487,7 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
@@ -467,6 +497,7 @@ class RunConfig:
 TASK_JOBS: dict[str, str] = {
     "train": "bamba_ft.jobs.train",
     "eval": "bamba_ft.jobs.evaluate",
+    "generate": "bamba_ft.jobs.generate",
     "export": "bamba_ft.jobs.export",
     "bench": "bamba_ft.jobs.bench",
     "doctor": "bamba_ft.jobs.doctor",
@@ -668,6 +699,10 @@ def validate(cfg: RunConfig) -> None:
             "or trainer.max_steps=-1 with trainer.max_epochs=N."
         )
     _check_generation(cfg.eval, problems)
+    if cfg.task == "generate":
+        _check_generation(cfg.generate, problems, "generate")
+        if cfg.generate.prompt is not None and cfg.generate.prompts_file is not None:
+            problems.add("generate.prompt and generate.prompts_file are both set.\nFix: give one of them.")
     _check_lm_eval(cfg, problems)
     if cfg.logger.wandb and cfg.task == "train" and importlib.util.find_spec("wandb") is None:
         problems.add("logger.wandb=true needs the wandb package. Fix: pip install 'bamba_ft[wandb]', or logger=default.")
@@ -792,23 +827,23 @@ def _check_streaming(cfg: RunConfig, problems: Problems) -> None:
                      "tokenization off the training process).")
 
 
-def _check_generation(e: EvalConfig, problems: Problems) -> None:
+def _check_generation(e: Sampling, problems: Problems, section: str = "eval") -> None:
     """The generation settings, checked before anything runs: a bad one used to fail only at the final
     evaluation, after the whole training (eval.batch_size=0), or pass silently (eval.top_p=1.5)."""
-    for key, value in (("eval.batch_size", e.batch_size), ("eval.max_new_tokens", e.max_new_tokens)):
+    for key, value in ((f"{section}.batch_size", e.batch_size), (f"{section}.max_new_tokens", e.max_new_tokens)):
         if value <= 0:
             problems.add(f"{key}={value} must be positive.")
-    if e.num_generate < 0:
+    if isinstance(e, EvalConfig) and e.num_generate < 0:
         problems.add(f"eval.num_generate={e.num_generate} must be 0 or more (0: no generation metrics; "
                      "eval.generate=false does the same).")
     if e.do_sample:
         if e.temperature <= 0:
-            problems.add(f"eval.temperature={e.temperature} must be positive when sampling (eval.do_sample=true); "
-                         "for greedy decoding set eval.do_sample=false.")
+            problems.add(f"{section}.temperature={e.temperature} must be positive when sampling "
+                         f"({section}.do_sample=true); for greedy decoding set {section}.do_sample=false.")
         if not 0.0 < e.top_p <= 1.0:
-            problems.add(f"eval.top_p={e.top_p} must be in (0, 1].")
+            problems.add(f"{section}.top_p={e.top_p} must be in (0, 1].")
         if e.top_k < 0:
-            problems.add(f"eval.top_k={e.top_k} must be 0 (off) or more.")
+            problems.add(f"{section}.top_k={e.top_k} must be 0 (off) or more.")
 
 
 def _check_lm_eval(cfg: RunConfig, problems: Problems) -> None:

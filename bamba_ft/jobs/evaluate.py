@@ -8,6 +8,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
@@ -15,7 +16,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from bamba_ft.config.overrides import command_line_keys, override_keys
-from bamba_ft.config.schema import NOT_BUILTIN, DataConfig, EvalConfig, RunConfig, validate
+from bamba_ft.config.schema import NOT_BUILTIN, DataConfig, EvalConfig, RunConfig, Sampling, validate
 from bamba_ft.data.module import BambaDataModule
 from bamba_ft.data.templates import ensure_chat_template, stop_token_ids
 from bamba_ft.data.tokenize import prompt_and_reference
@@ -52,9 +53,13 @@ def normalize(answer: str) -> str:
 
 @torch.no_grad()
 def generate(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str], cfg: EvalConfig, device: torch.device
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str], cfg: Sampling, device: torch.device,
+    add_special_tokens: bool = False, streamer: Any = None,
 ) -> list[str]:
-    """Batched generation with left padding; returns the decoded continuations."""
+    """Batched generation with left padding; returns the decoded continuations.
+
+    `add_special_tokens`: the tokenizer's own (BOS) added to prompts that are not rendered by a chat template.
+    `streamer` (transformers' TextStreamer, one prompt): each token printed as it is generated."""
     lm = causal_lm(model)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -66,7 +71,8 @@ def generate(
     )
     try:
         for s in range(0, len(prompts), cfg.batch_size):
-            enc = tokenizer(prompts[s : s + cfg.batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = tokenizer(prompts[s : s + cfg.batch_size], return_tensors="pt", padding=True,
+                            add_special_tokens=add_special_tokens)
             enc = {k: v.to(device) for k, v in enc.items()}
             with autocast_for(lm, device):
                 ids = lm.generate(
@@ -75,6 +81,7 @@ def generate(
                     pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=stop_token_ids(tokenizer),  # EOS and the template's end-of-turn token
                     use_cache=True,
+                    streamer=streamer,
                     **sampling,
                 )
             new = ids[:, enc["input_ids"].shape[1] :]

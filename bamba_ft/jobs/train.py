@@ -544,6 +544,7 @@ def _print_summary(metrics: dict, run_dir: Path, saved: Path, has_curves: bool, 
         lines += [
             "next:",
             f"  python -m bamba_ft recipe=eval eval.checkpoint={run_dir}",
+            f"  python -m bamba_ft recipe=generate generate.checkpoint={run_dir}",
             f"  python -m bamba_ft recipe=export export.checkpoint={run_dir}",
         ]
     print("\n".join(lines))

@@ -189,12 +189,14 @@ class Source:
         hit = sorted(k for k in given if any(k == o or k.startswith(o + ".") for o in self.own))
         if hit:
             raise ConfigError(f"{', '.join(hit)}: {self.description} brings its own {', '.join(self.own)}, so these "
-                              "would be ignored.\nFix: drop them; to evaluate or export another model or adapter, "
-                              "name it in eval.checkpoint / export.checkpoint (unset: the configured base model).")
+                              "would be ignored.\nFix: drop them; to use another model or adapter, name it in "
+                              "eval.checkpoint, generate.checkpoint or export.checkpoint (unset: the configured base "
+                              "model).")
 
 
 def locate(checkpoint: str | None, cfg: RunConfig) -> Source:
-    """Interpret `checkpoint` (eval.checkpoint / export.checkpoint); None means the configured base model."""
+    """Interpret `checkpoint` (eval.checkpoint, generate.checkpoint, export.checkpoint); None means the configured
+    base model."""
     if checkpoint is None:
         m = cfg.model
         what = (f"{m.shape or m.name_or_path} shape, drawn at random" if m.init == "random"
