@@ -277,7 +277,7 @@ def _check_data_option(cfg: RunConfig, option: str) -> None:
     lengths and schedule are tuned for the tiny built-in task and would silently apply to that data
     (examples truncated at 128 tokens, 400 steps at lr 3e-3)."""
     d = cfg.data
-    if cfg.task != "train":
+    if cfg.task not in ("train", "preview"):  # a preview shows the data as training would read it
         return
     if d.source == "builtin" and not d.sources:
         default = DataConfig()

@@ -359,6 +359,19 @@ class GenerateConfig(Sampling):
 
 
 @dataclass
+class PreviewConfig:
+    examples: int = 3
+    """Sequences of the first batch to show."""
+    split: str = "train"
+    """train (the first batch of the first epoch, in training's order) | validation."""
+    color: str = "auto"
+    """Mark the tokens with loss in green (auto: on a terminal) | true | false (between [[ and ]])."""
+
+    def __post_init__(self) -> None:
+        self.color = canonical_switch(self.color)
+
+
+@dataclass
 class ExportConfig:
     checkpoint: str | None = None
     """Training run directory, adapter directory or .ckpt to export."""
@@ -470,11 +483,11 @@ class SweepConfig:
 
 @dataclass
 class RunConfig:
-    """The root config of every run: training, evaluation, generation, export, benchmark and doctor alike (`task` says
-    which)."""
+    """The root config of every run: training, evaluation, generation, data preview, export, benchmark and doctor
+    alike (`task` says which)."""
 
     task: str = "train"
-    """train | eval | generate | export | bench | doctor."""
+    """train | eval | generate | preview | export | bench | doctor."""
     debug: bool = False
     """Show full Python tracebacks for user errors."""
     output_dir: str = "."
@@ -488,6 +501,7 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    preview: PreviewConfig = field(default_factory=PreviewConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
@@ -498,6 +512,7 @@ TASK_JOBS: dict[str, str] = {
     "train": "bamba_ft.jobs.train",
     "eval": "bamba_ft.jobs.evaluate",
     "generate": "bamba_ft.jobs.generate",
+    "preview": "bamba_ft.jobs.preview",
     "export": "bamba_ft.jobs.export",
     "bench": "bamba_ft.jobs.bench",
     "doctor": "bamba_ft.jobs.doctor",
@@ -513,6 +528,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.mixer": tuple(m.value for m in Mixer),
     "model.scan_states": tuple(s.value for s in ScanStates),
     "model.cuda_graphs": SWITCH,
+    "preview.split": ("train", "validation"),
+    "preview.color": SWITCH,
     "peft.method": ("lora", "none"),
     "quant.method": ("none", "nf4", "int8", "int4", "fp8"),
     "data.format": ("auto", "messages", "prompt_completion", "alpaca", "text"),
@@ -673,6 +690,7 @@ def validate(cfg: RunConfig) -> None:
         "optim.lr": cfg.optim.lr,
         "quant.block_size": cfg.quant.block_size,
         "quant.group_size": cfg.quant.group_size,
+        "preview.examples": cfg.preview.examples,
     }
     for key, value in positive.items():
         if value <= 0:

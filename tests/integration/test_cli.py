@@ -34,7 +34,7 @@ def test_sft_run_writes_everything(sft_run: Path) -> None:
     assert not list(sft_run.rglob("*.partial"))
 
 
-@pytest.mark.parametrize("recipe", [r for r in recipe_names() if r not in ("eval", "generate", "export", "bench", "doctor")])
+@pytest.mark.parametrize("recipe", [r for r in recipe_names() if r not in ("eval", "generate", "preview", "export", "bench", "doctor")])
 def test_training_recipes_run_two_steps(recipe: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     metrics = run_in_process([f"recipe={recipe}", *FAST], tmp_path)
     assert metrics["train"]["steps"] == 2
