@@ -273,6 +273,13 @@ class TrainerConfig:
     """Save a resumable checkpoint every this many optimizer steps (0: only at the end)."""
     save_top_k: int = 1
     """Best checkpoints (by val/loss) to keep besides last.ckpt."""
+    early_stopping_patience: int = 0
+    """Stop training after this many validations in a row whose val/loss is not below the best so far by more than
+    early_stopping_min_delta (0: off). The adapter holds the last step's weights; the lowest val/loss's are the
+    best-* checkpoint, which the summary names. A resume continues the count, except that a stop (Ctrl-C) at a
+    validation's own step resumes without that validation."""
+    early_stopping_min_delta: float = 0.0
+    """How much val/loss must fall below its best so far to count as an improvement (early_stopping_patience)."""
     seed: int = 42
     """Seed for weights, data order and dropout."""
     resume: str | None = None
@@ -692,6 +699,10 @@ def validate(cfg: RunConfig) -> None:
         "quant.group_size": cfg.quant.group_size,
         "preview.examples": cfg.preview.examples,
     }
+    for key, value in (("trainer.early_stopping_patience", cfg.trainer.early_stopping_patience),
+                       ("trainer.early_stopping_min_delta", cfg.trainer.early_stopping_min_delta)):
+        if value < 0:
+            problems.add(f"{key}={value} must be 0 or more.")
     for key, value in positive.items():
         if value <= 0:
             problems.add(f"{key}={value} must be positive.")

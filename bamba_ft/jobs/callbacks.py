@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning as L
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import EarlyStopping
 
 from bamba_ft.config.schema import RunConfig
 from bamba_ft.faults import fault_point
@@ -168,3 +169,13 @@ class GracefulStop(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._stop_here(trainer, sigterm_only=True)
+
+
+class PatientEarlyStopping(EarlyStopping):
+    """Lightning's EarlyStopping, whose patience on a resume is the command line's (trainer.early_stopping_patience
+    applies from the resumed step, as the other schedule keys do), not the one the checkpoint recorded."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        patience = self.patience
+        super().load_state_dict(state_dict)
+        self.patience = patience

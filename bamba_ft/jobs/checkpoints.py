@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from omegaconf import OmegaConf
 
 from bamba_ft.config.schema import RunConfig, canonical_checkpointing
@@ -34,6 +35,7 @@ APPLIED = ("optim.", "trainer.max_steps", "trainer.max_epochs", "trainer.val_che
            "trainer.log_every_n_steps", "trainer.checkpoint_every_n_steps", "trainer.save_top_k",
            "trainer.gradient_clip_val", "trainer.limit_val_batches", "trainer.enable_progress_bar",
            "trainer.precision", "trainer.accelerator", "trainer.deterministic", "trainer.num_sanity_val_steps",
+           "trainer.early_stopping_patience", "trainer.early_stopping_min_delta",
            "model.dtype", "model.attn_implementation", "model.mixer", "model.gradient_checkpointing",
            "model.activation_offload", "model.cuda_graphs", "model.scan_states", "data.num_proc", "data.num_workers",
            "data.max_val_examples", "eval.", "logger.")
@@ -41,7 +43,8 @@ APPLIED = ("optim.", "trainer.max_steps", "trainer.max_epochs", "trainer.val_che
 # ranks x accumulated batches (the batches of one optimizer step) stays the same (`resume_on_ranks` checks that).
 RANKS = ("trainer.devices", "trainer.num_nodes", "trainer.accumulate_grad_batches")
 # Keys that do not concern training at all.
-IGNORED = ("task", "debug", "output_dir", "trainer.resume", "trainer.fast_dev_run", "export.", "bench.", "sweep.")
+IGNORED = ("task", "debug", "output_dir", "trainer.resume", "trainer.fast_dev_run", "export.", "bench.", "sweep.",
+           "generate.", "preview.")
 
 
 def newest_intact(run_dir: Path, key: str, prefer: tuple[str, ...] = (INTERRUPTED, LAST)) -> Path:
@@ -190,6 +193,9 @@ class SavedCheckpoint:
     """The fingerprint of the training set it trained on (None: streamed, or written before it was stored)."""
     before: dict[str, Any] | None = None
     """The metrics before training of the run that wrote it (None where not measured or not stored)."""
+    early_stopped: bool = False
+    """Early stopping (trainer.early_stopping_patience) had ended the fit: as many validations without improvement
+    as its patience."""
 
 
 def _version(ckpt: Path) -> tuple[int, int, int, int]:
@@ -202,19 +208,27 @@ def read_checkpoint(ckpt: Path) -> SavedCheckpoint:
     version = _version(ckpt)
     state = checkpoint_state(ckpt)
     step = state.get("global_step")
+    stopped = any(name.startswith("PatientEarlyStopping") and isinstance(s, dict)
+                  and s.get("stopping_reason") == EarlyStoppingReason.PATIENCE_EXHAUSTED.value
+                  for name, s in (state.get("callbacks") or {}).items())
     return SavedCheckpoint(ckpt, None if step is None else int(step), state.get(CONFIG_KEY), version,
-                           state.get(DATA_KEY), state.get(BEFORE_KEY))
+                           state.get(DATA_KEY), state.get(BEFORE_KEY), stopped)
 
 
 def refuse_finished(resumed: SavedCheckpoint, max_steps: int | None, key: str) -> None:
     """A resume of a run that finished would train no step and write its results again: the adapter unchanged, and
     train figures (time, tokens, tokens/s) of a fit that did nothing in place of the real ones. A run stopped at its
     last step before it wrote its results (no metrics.json yet) may resume: that writes them."""
-    if resumed.step is None or not max_steps or max_steps < 0 or resumed.step < max_steps:
+    if resumed.step is None or not (resumed.early_stopped or (max_steps and max_steps > 0 and resumed.step >= max_steps)):
         return
     run = RunDir.of_checkpoint(resumed.path) if resumed.path.parent.name == "checkpoints" else None
     if run is None or not run.metrics.exists():
         return
+    if resumed.early_stopped:
+        raise ConfigError(f"{key}: that run finished: early stopping ended it at step {resumed.step} (its checkpoint "
+                          f"{resumed.path.name}), and its results are written ({run.metrics}); a resume restores the "
+                          "early stopping's count, so it would stop again at its next validation.\nFix: evaluate or "
+                          f"export it (recipe=eval eval.checkpoint={run.root}), or start a new run.")
     raise ConfigError(f"{key}: that run finished: its checkpoint {resumed.path.name} is at step {resumed.step} and "
                       f"trainer.max_steps={max_steps}, so nothing is left to train, and its results are written "
                       f"({run.metrics}).\nFix: raise trainer.max_steps (e.g. trainer.max_steps={2 * resumed.step}) "

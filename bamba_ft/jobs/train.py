@@ -17,7 +17,8 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
@@ -30,7 +31,7 @@ from bamba_ft.data.templates import ensure_chat_template, generation_config_for
 from bamba_ft.errors import BambaFTError, ConfigError
 from bamba_ft.faults import fault_point
 from bamba_ft.jobs import lock
-from bamba_ft.jobs.callbacks import AtomicCheckpointIO, ConfigInCheckpoint, GracefulStop
+from bamba_ft.jobs.callbacks import AtomicCheckpointIO, ConfigInCheckpoint, GracefulStop, PatientEarlyStopping
 from bamba_ft.jobs.checkpoints import (
     check_resume_config,
     check_resume_data,
@@ -266,7 +267,26 @@ def _callbacks(cfg: RunConfig, dm: BambaDataModule, ckpt_dir: Path, stopper: Gra
     if dm.val_set is not None and cfg.trainer.save_top_k > 0:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best-step{step:06d}", auto_insert_metric_name=False,
                                          monitor="val/loss", mode="min", save_top_k=cfg.trainer.save_top_k))
+    if cfg.trainer.early_stopping_patience > 0:
+        if dm.val_set is None:
+            raise ConfigError(f"trainer.early_stopping_patience={cfg.trainer.early_stopping_patience} stops on the "
+                              "validation loss, and this data has no validation split.\nFix: give validation data "
+                              "(data.val_fraction > 0 or data.val_source), or set trainer.early_stopping_patience=0.")
+        # its state (the best loss, validations without improvement) is in the checkpoints: a resume goes on counting
+        callbacks.append(PatientEarlyStopping(monitor="val/loss", mode="min", patience=cfg.trainer.early_stopping_patience,
+                                       min_delta=cfg.trainer.early_stopping_min_delta, check_on_train_epoch_end=False,
+                                       strict=True))
     return callbacks
+
+
+def early_stop(trainer: L.Trainer) -> dict | None:
+    """How early stopping ended the fit (the step, the best val/loss and the checkpoint holding it), or None."""
+    stopper = next((c for c in trainer.callbacks if isinstance(c, EarlyStopping)), None)
+    if stopper is None or stopper.stopping_reason != EarlyStoppingReason.PATIENCE_EXHAUSTED:
+        return None  # a non-finite val/loss also stops it: reported as a divergence
+    best = next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) == "val/loss"), None)
+    return {"step": trainer.global_step, "patience": stopper.patience, "best_val_loss": float(stopper.best_score),
+            "best_checkpoint": best.best_model_path if best is not None and best.best_model_path else None}
 
 
 def _trainer(cfg: RunConfig, dm: BambaDataModule, run_dir: Path, device: torch.device, strategy: Any,
@@ -462,6 +482,8 @@ def _finish(cfg: RunConfig, model: nn.Module, tokenizer: Any, dm: BambaDataModul
         "packing_efficiency": dm.packing_efficiency(),
         "outputs": {"run": str(run_dir), saved.name: str(saved)},
     }
+    if (stopped := early_stop(trainer)) is not None:
+        metrics["train"]["early_stopped"] = stopped
     if (diverged := _diverged(model, metrics)) is not None:
         metrics["diverged"] = diverged
     rd = RunDir(run_dir)
@@ -527,6 +549,13 @@ def _print_summary(metrics: dict, run_dir: Path, saved: Path, has_curves: bool, 
         f"bamba_ft: {_trained(tr)} in {tr['fit_seconds']:.1f} s{tps}"
         + (f", packing efficiency {100 * eff:.1f}%" if eff else "") + f" (total {wall:.1f} s)",
         table(rows, ["metric", "before", "after"]),
+    ]
+    if stopped := tr.get("early_stopped"):
+        lines.append(f"stopped early at step {stopped['step']}: {stopped['patience']} validations in a row without a val "
+                     f"loss below {stopped['best_val_loss']:.4f} by more than trainer.early_stopping_min_delta; the "
+                     "adapter holds the last step's weights"
+                     + (f", the lowest val loss's are in {stopped['best_checkpoint']}" if stopped["best_checkpoint"] else ""))
+    lines += [
         "outputs:",
         f"  {saved.name + '/':<13}{saved}",
         f"  checkpoints/ {rd.checkpoints}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from bamba_ft.config.schema import DataConfig, RunConfig
+from bamba_ft.errors import ConfigError
 from bamba_ft.jobs import train
 from bamba_ft.jobs.callbacks import GracefulStop
 
@@ -164,3 +166,36 @@ def test_resuming_a_finished_run_is_refused_with_the_way_on(tmp_path: Path, caps
     assert (tmp_path / "first" / "metrics.json").exists()
     metrics = train.run(small_run(tmp_path / "first", resume=str(tmp_path / "first"), steps=3))
     assert metrics["train"]["steps"] == 3 and metrics["train"]["resumed_at_step"] == 2
+
+
+def test_early_stopping_ends_the_fit_and_its_count_survives_a_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """min_delta 100: only the first validation (step 3) improves, so patience 2 stops the fit at the validation of
+    step 9. A run stopped at step 7 (after one validation without improvement) and resumed stops there too: the
+    count is in the checkpoint. A resume of the early-stopped run is refused, as for a finished run."""
+    def run(out: Path, resume: str | None = None) -> dict:
+        cfg = small_run(out, resume=resume, steps=30)
+        cfg.trainer.early_stopping_patience, cfg.trainer.early_stopping_min_delta = 2, 100.0
+        return train.run(cfg)
+
+    metrics = run(tmp_path / "a")
+    stopped = metrics["train"]["early_stopped"]
+    assert metrics["train"]["steps"] == stopped["step"] == 9 and stopped["patience"] == 2
+    # the lowest val/loss, which improved after step 3, only by less than min_delta
+    assert Path(stopped["best_checkpoint"]).name == "best-step000009.ckpt" and Path(stopped["best_checkpoint"]).exists()
+    assert "stopped early at step 9: 2 validations in a row" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="early stopping ended it at step 9"):
+        run(tmp_path / "a2", resume=str(tmp_path / "a"))
+
+    stop_at(monkeypatch, 7)
+    assert run(tmp_path / "b")["stopped_at"] == 7
+    monkeypatch.undo()
+    shutil.copytree(tmp_path / "b", tmp_path / "b_stopped")
+    resumed = run(tmp_path / "b", resume=str(tmp_path / "b"))
+    assert resumed["train"]["steps"] == resumed["train"]["early_stopped"]["step"] == 9
+    # the patience of the resuming command applies (here 3: one validation more, step 12), as other schedule keys do
+    cfg = small_run(tmp_path / "c", resume=str(tmp_path / "b_stopped"), steps=30)
+    cfg.trainer.early_stopping_patience, cfg.trainer.early_stopping_min_delta = 3, 100.0
+    assert train.run(cfg)["train"]["early_stopped"]["step"] == 12
+    assert torch.equal(adapter(tmp_path / "b")["base_model.model.model.layers.0.mamba.in_proj.lora_A.weight"],
+                       adapter(tmp_path / "a")["base_model.model.model.layers.0.mamba.in_proj.lora_A.weight"])
