@@ -694,6 +694,7 @@ def validate(cfg: RunConfig) -> None:
         "data.max_tokens_per_batch": cfg.data.max_tokens_per_batch,
         "data.batch_size": cfg.data.batch_size,
         "trainer.accumulate_grad_batches": cfg.trainer.accumulate_grad_batches,
+        "trainer.val_check_interval": cfg.trainer.val_check_interval,
         "optim.lr": cfg.optim.lr,
         "quant.block_size": cfg.quant.block_size,
         "quant.group_size": cfg.quant.group_size,
@@ -706,6 +707,10 @@ def validate(cfg: RunConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             problems.add(f"{key}={value} must be positive.")
+    for key, zero in (("trainer.log_every_n_steps", "no step logging"),
+                      ("trainer.checkpoint_every_n_steps", "a checkpoint only at the end")):
+        if _get(cfg, key) < 0:
+            problems.add(f"{key}={_get(cfg, key)} must be 0 or more (0: {zero}).")
     for key in ("data.max_seq_len", "data.max_tokens_per_batch"):
         if _get(cfg, key) > INT32_MAX:
             problems.add(f"{key}={_get(cfg, key)} is more than 2^31-1={INT32_MAX} tokens: packed rows number their "

@@ -157,6 +157,18 @@ def test_bad_values_gathered_into_one_error() -> None:
         validate(cfg)
 
 
+def test_trainer_intervals_are_checked_before_anything_runs() -> None:
+    """trainer.val_check_interval=0 used to reach Lightning and end the run in a ZeroDivisionError traceback."""
+    cfg = RunConfig()
+    cfg.trainer.val_check_interval, cfg.trainer.log_every_n_steps, cfg.trainer.checkpoint_every_n_steps = 0, -1, -1
+    with pytest.raises(ConfigError, match=r"(?s)3 problems.*trainer.val_check_interval=0 must be positive.*"
+                                          r"trainer.log_every_n_steps=-1 must be 0 or more.*"
+                                          r"trainer.checkpoint_every_n_steps=-1 must be 0 or more"):
+        validate(cfg)
+    cfg.trainer.val_check_interval, cfg.trainer.log_every_n_steps, cfg.trainer.checkpoint_every_n_steps = 1, 0, 0
+    validate(cfg)
+
+
 def test_generation_settings_are_checked_before_anything_runs() -> None:
     cfg = RunConfig()
     cfg.eval.batch_size, cfg.eval.max_new_tokens, cfg.eval.num_generate = 0, 0, -1
