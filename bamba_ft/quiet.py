@@ -39,6 +39,10 @@ def silence_import_noise() -> None:
     # peft's save looks up the base's config on the Hub to see whether its vocabulary changed; the built-in model
     # (builtin:tiny) is no Hub id, and bamba_ft trains no embeddings under LoRA
     warnings.filterwarnings("ignore", message=r".*Could not find a config file in builtin:.*")
+    # Lightning cannot see that the data module resumes mid-epoch itself (the epoch's batch plan is rebuilt from
+    # seed + epoch and the trained batches skipped; streams record their position), so it warns on every resume
+    # that the results may be unreliable; the resumed run trains what the uninterrupted run would (test_resume).
+    warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended.*")
     # val/loss is summed over ranks explicitly before logging (lit_module.on_validation_epoch_end)
     warnings.filterwarnings("ignore", message=r".*sync_dist=True.*when logging on epoch level.*")
     # datasets' file readers log a read error before raising it; bamba_ft's DataError names the file, the line

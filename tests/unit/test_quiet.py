@@ -57,3 +57,20 @@ def test_ranks_above_zero_print_errors_and_their_own_lines_only(monkeypatch: pyt
     log.error("out of memory")
     expected = f"[{label}] this rank holds 10 of 20 parameters\n[{label}] out of memory\n"
     assert console.getvalue() == expected and logfile.getvalue() == expected
+
+
+def test_lightnings_unresumable_dataloader_warning_is_dropped() -> None:
+    """A mid-epoch resume continues the epoch's batch plan exactly (test_resume); Lightning's warning that it cannot
+    resume the dataloader, printed on every such resume, said the results could be unreliable."""
+    import warnings
+
+    from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+    from lightning.pytorch.utilities.warnings import PossibleUserWarning
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet.silence_import_noise()
+        rank_zero_warn("You're resuming from a checkpoint that ended before the epoch ended and your dataloader is"
+                       " not resumable. This can cause unreliable results if further training is done.",
+                       category=PossibleUserWarning)
+    assert seen == []
