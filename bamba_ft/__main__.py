@@ -76,7 +76,16 @@ def main() -> None:
         print(f"bamba_ft: {type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(2)
     conf_dir = str(config_dirs()[0])
-    hydra.main(config_path=conf_dir, config_name="train", version_base="1.3")(run_task)()
+    try:
+        hydra.main(config_path=conf_dir, config_name="train", version_base="1.3")(run_task)()
+    except KeyboardInterrupt:
+        # Ctrl-C in training is a graceful stop (GracefulStop saves interrupted.ckpt and exits 130); one that comes
+        # before it is installed (loading the model, preparing data, the gradient probe) ends the command here.
+        if "debug=true" in sys.argv[1:] or os.environ.get("BAMBA_FT_DEBUG") == "1":
+            raise
+        print("\nbamba_ft: interrupted (Ctrl-C); stopped without saving anything new. A training run's checkpoints "
+              "written earlier, if any, are kept: resume with trainer.resume=<run dir>.", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -74,3 +74,30 @@ def test_lightnings_unresumable_dataloader_warning_is_dropped() -> None:
                        " not resumable. This can cause unreliable results if further training is done.",
                        category=PossibleUserWarning)
     assert seen == []
+
+
+def test_ctrl_c_before_training_exits_130_with_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C while the model loads or the data is prepared (before the graceful stop is installed) printed a
+    KeyboardInterrupt traceback of Hydra's and importlib's frames."""
+    import sys
+
+    import hydra
+
+    from bamba_ft import __main__ as cli
+
+    def interrupted(*args: object, **kwargs: object):  # noqa: ANN202
+        def task() -> None:
+            raise KeyboardInterrupt
+        return lambda fn: task
+
+    monkeypatch.setattr(hydra, "main", interrupted)
+    monkeypatch.setattr(sys, "argv", ["bamba_ft", "trainer.max_steps=10"])
+    with pytest.raises(SystemExit) as stop:
+        cli.main()
+    assert stop.value.code == 130
+    err = capsys.readouterr().err
+    assert "interrupted (Ctrl-C)" in err and "Traceback" not in err
+    monkeypatch.setattr(sys, "argv", ["bamba_ft", "trainer.max_steps=10", "debug=true"])
+    with pytest.raises(KeyboardInterrupt):
+        cli.main()
