@@ -73,7 +73,8 @@ def _rank(record: dict[str, Any], job_dir: Path, position: int) -> tuple:
 
 
 def _params(overrides: list[str]) -> dict[str, str]:
-    return {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[1] for o in overrides if "=" in o}
+    """The job's settings by key; `sweep.resume`, given to a resumed sweep's new jobs only, is none of them."""
+    return {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[1] for o in job_identity(overrides) if "=" in o}
 
 
 def best_row(rows: list[dict[str, Any]], direction: str) -> dict[str, Any] | None:
@@ -155,6 +156,9 @@ def plot_sweep(rows: list[dict[str, Any]], out: Path, objective: str, direction:
             ax.legend(fontsize=8)
         else:
             pts = [(r["params"].get(name), r["objective"]) for r in finite if name in r["params"]]
+            if not pts:  # set only in jobs that failed: nothing to draw against it
+                ax.set_visible(False)
+                continue
             try:
                 xs = [float(x) for x, _ in pts]
                 if min(xs) > 0 and max(xs) / min(xs) >= 4:

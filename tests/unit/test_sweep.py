@@ -119,6 +119,21 @@ def test_summary_lists_every_job_and_marks_the_best(tmp_path: Path, direction: s
     assert len(star) == 1 and f"optim.lr={'3e-4' if best_job == 1 else '1e-4'}" in star[0]
 
 
+def test_a_resumed_sweep_whose_rerun_job_failed_still_writes_its_table(tmp_path: Path) -> None:
+    """A job run by a resume carries sweep.resume=True, the reused one does not: sweep.resume was drawn as a swept
+    parameter with no finite point (the rerun job failed), and plotting it raised, so the sweep ended with no
+    table and exit status 0."""
+    _job(tmp_path, 0, "ok", 2.0, "1e-4", reused=True)
+    _job(tmp_path, 1, "failed", math.inf, "3e-4")
+    record = json.loads((tmp_path / "1" / RESULT_NAME).read_text())
+    record["overrides"].append("sweep.resume=True")
+    (tmp_path / "1" / RESULT_NAME).write_text(json.dumps(record))
+    rows = collect_rows(tmp_path)
+    assert all("sweep.resume" not in r["params"] for r in rows)
+    text = write_outputs(tmp_path, rows, "val/loss", "minimize", search=False)
+    assert "2 jobs (1 ok, 1 failed)" in text and "sweep.png" in text
+
+
 def test_a_job_run_again_is_one_row(tmp_path: Path) -> None:
     _job(tmp_path, 0, "failed", math.inf, "1e-4")
     _job(tmp_path, 1, "ok", 2.0, "1e-4")
