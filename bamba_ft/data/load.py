@@ -90,6 +90,7 @@ def _jsonl_row_lines(lines: Iterable[str], path: Path, key: str) -> Iterator[int
     for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue  # datasets skips blank lines, so row i is the i-th non-blank line
+        line = line.removesuffix("\n")  # a file read line by line keeps it: an error at the end would be column 1
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:

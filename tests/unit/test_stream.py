@@ -15,7 +15,7 @@ import torch
 
 from bamba_ft.config.schema import DataConfig, RunConfig, SourceConfig, validate
 from bamba_ft.data.builtin import generate_pretrain, generate_sft
-from bamba_ft.data.load import load_stream
+from bamba_ft.data.load import load_stream, stream_read_error
 from bamba_ft.data.module import BambaDataModule
 from bamba_ft.data.stream import STREAM_KEY, StreamBatches, StreamPosition, balance
 from bamba_ft.errors import ConfigError, DataError
@@ -222,6 +222,15 @@ def test_a_malformed_line_met_by_the_stream_is_named(builtin_tokenizer, tmp_path
     cfg = data_cfg(str(path), streaming=True, val_fraction=0.05, max_val_examples=10)
     with pytest.raises(DataError, match=rf"(?s)data.source: malformed JSON at .*cut.jsonl:{bad_line}: .*Fix that line"):
         one_epoch(iter(stream_of(builtin_tokenizer, cfg)))
+
+
+def test_a_line_cut_at_its_end_is_named_with_its_column_when_streamed(tmp_path: Path) -> None:
+    # the stream's check reads the file line by line; the column must be that of the line, as in memory
+    line = '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"'
+    path = tmp_path / "cut.jsonl"
+    path.write_text('{"text": "ok"}\n' + line + "\n" + '{"text": "ok"}\n')
+    error = stream_read_error(ValueError("reader"), [f"data.source={path}"])
+    assert f"cut.jsonl:2: Expecting ',' delimiter (column {len(line) + 1})" in str(error)
 
 
 def test_streaming_config_errors() -> None:
