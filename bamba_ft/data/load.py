@@ -40,7 +40,7 @@ def _read_utf8(path: Path, where: str) -> str:
     """The file's text; a byte that is not UTF-8 is named by line and byte offset (datasets names neither)."""
     data = path.read_bytes()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8").removeprefix("\ufeff")  # a byte order mark, as datasets' readers skip it
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         column = e.start - data.rfind(b"\n", 0, e.start)
@@ -104,7 +104,7 @@ def _jsonl_row_lines(lines: Iterable[str], path: Path, key: str) -> Iterator[int
 def _first_bad_json_line(path: Path, key: str) -> DataError | None:
     """The error for the first line of a JSONL file that is not a JSON object, read line by line (a streamed file
     may be larger than memory); None when every line parses."""
-    with path.open(encoding="utf-8", errors="replace", newline="\n") as f:
+    with path.open(encoding="utf-8-sig", errors="replace", newline="\n") as f:
         try:
             for _ in _jsonl_row_lines(f, path, key):
                 pass

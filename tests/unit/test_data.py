@@ -136,6 +136,20 @@ def test_malformed_json_line_is_named(builtin_tokenizer, tmp_path: Path) -> None
         dm.prepare()
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_byte_order_mark_is_read_as_datasets_reads_it(tmp_path: Path, suffix: str) -> None:
+    # editors on Windows save UTF-8 with a BOM; datasets reads such files, so they are not refused as malformed
+    from bamba_ft.data.load import LINE, load_rows
+
+    rows = [{"text": f"t{i}"} for i in range(3)]
+    body = "".join(json.dumps(r) + "\n" for r in rows) if suffix == ".jsonl" else json.dumps(rows, indent=0)
+    path = tmp_path / f"bom{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    ds = load_rows(str(path), "train", "data.source")
+    assert ds["text"] == ["t0", "t1", "t2"]
+    assert ds[LINE] == ([1, 2, 3] if suffix == ".jsonl" else [2, 5, 8])
+
+
 def test_missing_fields_name_expected_and_found(builtin_tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
     path = tmp_path / "qa.jsonl"
     path.write_text('{"question": "a", "answer": "b"}\n' * 4)
