@@ -234,7 +234,7 @@ def _check_row(row: dict[str, Any], fmt: str, at: str) -> None:
     if (fmt == "messages" and present) or len(present) == len(required):
         return
     found = ", ".join(sorted(k for k, v in row.items() if v is not None and not k.startswith("__"))) or "none"
-    wanted = "messages (or conversations)" if fmt == "messages" else ", ".join(required)
+    wanted = "messages (or conversations)" if fmt == "messages" else ", ".join(f for f in required if f not in present)
     raise DataError(
         f"{at}: this row has no {wanted}; its fields are {found}, but the data's format is {fmt}.\n"
         "Fix: give every row of a file the same format (split mixed files), or fill in the missing fields."

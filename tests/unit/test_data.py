@@ -288,8 +288,18 @@ def test_errors_name_the_file_line_after_the_split_shuffle(builtin_tokenizer, tm
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(lines) + "\n")
     dm = BambaDataModule(DataConfig(source=str(path), val_fraction=0.25), builtin_tokenizer)
-    with pytest.raises(DataError, match=rf"{path}, line 59: this row has no prompt, completion"):
+    with pytest.raises(DataError, match=rf"{path}, line 59: this row has no completion; its fields are prompt,"):
         dm.prepare()
+
+
+def test_a_row_missing_one_field_names_that_field(tmp_path: Path) -> None:
+    from bamba_ft.data.load import load_rows
+
+    path = tmp_path / "d.csv"
+    path.write_text("instruction,output\nq1,a1\nq2,\n")  # an empty CSV cell reads as no value
+    rows = load_rows(str(path), "train", "data.source")
+    with pytest.raises(DataError, match=r"d.csv, row 2: this row has no output; its fields are instruction, but"):
+        [to_messages(r, "alpaca", f"data.source={path}, row {r['__row__']}") for r in rows]
 
 
 def test_empty_answers_and_numbers_are_counted(builtin_tokenizer, tmp_path: Path, caplog) -> None:  # noqa: ANN001
