@@ -319,6 +319,11 @@ def mix_sources(parts: list[Any], weights: list[float | None], seed: int, stoppi
 def load_rows(source: str, split: str, key: str, config: str | None = None) -> datasets.Dataset:
     """The rows of `source` (config key `key` names it in errors), numbered by their place in it."""
     path = Path(source).expanduser()
+    if path.is_file() and key == "data.val_split":  # a file has one split: validation would be the training rows
+        raise DataError(f"data.val_split={split}: data.source={source} is one file, which has no splits, so its "
+                        "validation rows would be its training rows.\nFix: give the validation rows a file of their "
+                        "own (data.val_source=...), or leave data.val_split unset to hold out data.val_fraction of "
+                        "the file.")
     if path.is_file():
         return _load_file(path, source, key)
     if path.is_dir():

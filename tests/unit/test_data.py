@@ -150,6 +150,14 @@ def test_a_byte_order_mark_is_read_as_datasets_reads_it(tmp_path: Path, suffix: 
     assert ds[LINE] == ([1, 2, 3] if suffix == ".jsonl" else [2, 5, 8])
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_validation_split_of_a_single_file_is_refused(builtin_tokenizer, streaming: bool) -> None:  # noqa: ANN001
+    # a file has no splits: data.val_split would read the whole training file again as validation
+    cfg = DataConfig(source=str(ASSETS / "text.jsonl"), val_split="test", streaming=streaming)
+    with pytest.raises(DataError, match=r"(?s)data.val_split=test: data.source=.*text.jsonl is one file.*data.val_source"):
+        BambaDataModule(cfg, builtin_tokenizer).prepare()
+
+
 def test_missing_fields_name_expected_and_found(builtin_tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
     path = tmp_path / "qa.jsonl"
     path.write_text('{"question": "a", "answer": "b"}\n' * 4)
