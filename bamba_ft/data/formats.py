@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,11 +29,21 @@ _LIKELY = {"bot": "assistant", "model": "assistant", "ai": "assistant", "chatbot
            "human": "user", "prompter": "user", "question": "user", "answer": "assistant"}
 
 
+def _format_keys(where: str) -> tuple[str, str]:
+    """The config keys that set the format of the data `where` names, and that rename its fields: a source of
+    data.sources has its own (its format wins over data.format)."""
+    source = re.match(r"(data\.sources\[\d+\])\.", where)
+    if source:
+        return f"{source.group(1)}.format", f"map them with {source.group(1)}.columns ({{their: ours}})"
+    return "data.format", "rename them"
+
+
 def detect_format(columns: list[str], where: str) -> str:
     """The format whose required fields are all present, checked in a fixed order."""
     cols = set(columns)
     if "conversations" in cols:
         return "messages"
+    key, rename = _format_keys(where)
     for name, (required, _) in FORMATS.items():
         if set(required) <= cols:
             return name
@@ -40,7 +51,7 @@ def detect_format(columns: list[str], where: str) -> str:
     raise DataError(
         f"{where}: cannot tell the data format from its fields ({', '.join(sorted(cols)) or 'none'}).\n"
         f"Expected one of: {expected} (or conversations, ShareGPT style).\n"
-        f"Fix: rename the fields, or set data.format=... explicitly."
+        f"Fix: {rename} the fields, or set {key}=... explicitly."
     )
 
 
@@ -52,11 +63,12 @@ def check_fields(fmt: str, columns: list[str], where: str) -> None:
         return
     missing = [f for f in required if f not in cols]
     if missing:
+        key, rename = _format_keys(where)
         opt = f" (optional: {', '.join(optional)})" if optional else ""
         raise DataError(
             f"{where}: data.format={fmt} expects fields {', '.join(required)}{opt}; "
             f"found: {', '.join(sorted(cols)) or 'none'}. Missing: {', '.join(missing)}.\n"
-            f"Fix: set data.format to the format of this file (auto detects it), or rename the fields."
+            f"Fix: set {key} to the format of this file (auto detects it), or {rename} the fields."
         )
 
 

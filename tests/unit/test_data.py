@@ -597,6 +597,22 @@ def test_sources_concatenate_without_weights_and_check_columns(builtin_tokenizer
         BambaDataModule(bad, builtin_tokenizer).prepare()
 
 
+def test_format_errors_of_a_source_name_its_own_keys(builtin_tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
+    # a source's format (data.sources[i].format) wins over data.format, and its fields are renamed by its columns
+    from bamba_ft.config.schema import SourceConfig
+
+    a = _source_file(tmp_path / "a.jsonl", 10, "a")
+    b = _source_file(tmp_path / "b.jsonl", 10, "b", ("question", "answer"))
+    wrong = DataConfig(sources=[SourceConfig(source=a, format="alpaca")])
+    with pytest.raises(DataError, match=r"(?s)Fix: set data.sources\[0\].format to the format of this file .*"
+                                        r"or map them with data.sources\[0\].columns"):
+        BambaDataModule(wrong, builtin_tokenizer).prepare()
+    unknown = DataConfig(sources=[SourceConfig(source=a), SourceConfig(source=b)])
+    with pytest.raises(DataError, match=r"(?s)answer, question.*Fix: map them with data.sources\[1\].columns "
+                                        r".*or set data.sources\[1\].format=..."):
+        BambaDataModule(unknown, builtin_tokenizer).prepare()
+
+
 def test_to_messages_reads_alpaca_and_refuses_an_unknown_format_naming_the_valid_ones() -> None:
     row = {"instruction": "Reverse.", "input": "cat", "output": "tac"}
     assert to_messages(row, "alpaca", "test") == [{"role": "user", "content": "Reverse.\n\ncat"},
