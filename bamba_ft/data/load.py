@@ -68,12 +68,12 @@ def _array_lines(text: str) -> list[int]:
 
 def _json_lines(path: Path, text: str, key: str) -> list[int]:
     """The line of each row; 'file:line: reason' for the first line (JSONL) or position (JSON) that does not parse."""
-    fix = "Fix that line (each line one JSON object)."
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{key}: malformed JSON at {path}:{e.lineno}:{e.colno}: {e.msg}.\n{fix}") from None
+            raise DataError(f"{key}: malformed JSON at {path}:{e.lineno}:{e.colno}: {e.msg}.\nFix the JSON there "
+                            "(the file is one JSON array of objects).") from None
         lines = _array_lines(text)
         for n, row in zip(lines, rows):
             if not isinstance(row, dict):

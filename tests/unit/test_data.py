@@ -158,6 +158,14 @@ def test_a_validation_split_of_a_single_file_is_refused(builtin_tokenizer, strea
         BambaDataModule(cfg, builtin_tokenizer).prepare()
 
 
+def test_malformed_json_array_is_named_without_the_jsonl_advice(builtin_tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
+    path = tmp_path / "bad.json"
+    path.write_text('[\n {"text": "a"},\n {"text": "b"}\n {"text": "c"}\n]\n')  # a comma left out
+    with pytest.raises(DataError, match=rf"(?s)malformed JSON at {path}:4:2: Expecting ',' delimiter.\nFix the JSON "
+                                        r"there \(the file is one JSON array of objects\)"):
+        BambaDataModule(DataConfig(source=str(path)), builtin_tokenizer).prepare()
+
+
 def test_missing_fields_name_expected_and_found(builtin_tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
     path = tmp_path / "qa.jsonl"
     path.write_text('{"question": "a", "answer": "b"}\n' * 4)
