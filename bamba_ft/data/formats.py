@@ -95,11 +95,15 @@ def _text(value: Any, field: str, at: str, coerced: list[str] | None) -> str:
 
 class Conversation(list):
     """Chat messages in order, and the tool schemas the row offers the model (`tools`: passed to the chat
-    template as transformers' apply_chat_template(tools=...) does; None when the row has none)."""
+    template as transformers' apply_chat_template(tools=...) does; None when the row has none). `loss_from`:
+    the first message whose assistant turns carry loss (a prompt given as messages may hold assistant turns,
+    which are context, not completion)."""
 
-    def __init__(self, messages: list[dict[str, Any]] = (), tools: list[dict[str, Any]] | None = None) -> None:  # type: ignore[assignment]
+    def __init__(self, messages: list[dict[str, Any]] = (), tools: list[dict[str, Any]] | None = None,  # type: ignore[assignment]
+                 loss_from: int = 0) -> None:
         super().__init__(messages)
         self.tools = tools
+        self.loss_from = loss_from
 
 
 def tools_of(example: list[dict] | str) -> list[dict[str, Any]] | None:
@@ -272,7 +276,8 @@ def _from_prompt_completion(row: dict[str, Any], at: str, renames: Mapping[str, 
     answer = _as_messages(completion, at, renames, coerced) if isinstance(completion, list) else [
         {"role": "assistant", "content": _text(completion, "completion", at, coerced)}
     ]
-    return Conversation(_with_system(row, user + answer, at, coerced), row_tools(row, at))
+    messages = _with_system(row, user + answer, at, coerced)
+    return Conversation(messages, row_tools(row, at), loss_from=len(messages) - len(answer))
 
 
 def _from_alpaca(row: dict[str, Any], at: str, renames: Mapping[str, str],

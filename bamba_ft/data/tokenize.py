@@ -62,8 +62,9 @@ def _assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict], w
     if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
         _check_tools_rendered(tokenizer, messages, tools, full, where)
     spans = []
+    loss_from = getattr(messages, "loss_from", 0)  # assistant turns of a prompt_completion prompt: context only
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i < loss_from:
             continue
         before = _render(tokenizer, messages[:i], where, tools, add_generation_prompt=True) if i or tools else ""
         upto = _render(tokenizer, messages[: i + 1], where, tools)

@@ -47,6 +47,12 @@ def test_messages_label_mask_token_by_token(builtin_tokenizer) -> None:  # noqa:
 @pytest.mark.parametrize("fmt,row,parts", [
     ("prompt_completion", {"prompt": "1+2?", "completion": "3"},
      [("<|user|>1+2?<|end|><|assistant|>", False), ("3<|end|>", True)]),
+    # a prompt of messages is context, its assistant turns included: loss on the completion only
+    ("prompt_completion", {"prompt": [{"role": "user", "content": "1+2?"}, {"role": "assistant", "content": "3"},
+                                      {"role": "user", "content": "+1?"}],
+                           "completion": [{"role": "assistant", "content": "4"}], "system": "Add."},
+     [("<|system|>Add.<|end|><|user|>1+2?<|end|><|assistant|>3<|end|><|user|>+1?<|end|><|assistant|>", False),
+      ("4<|end|>", True)]),
     ("alpaca", {"instruction": "Reverse.", "input": "cat", "output": "tac"},
      [("<|user|>Reverse.\n\ncat<|end|><|assistant|>", False), ("tac<|end|>", True)]),
     ("alpaca", {"instruction": "Say hi.", "input": "", "output": "hi", "system": "Be kind."},
