@@ -265,7 +265,12 @@ class BambaDataModule(L.LightningDataModule):
         train_rows, val_rows = self._raw_splits()
         if train:
             self.train_set, self.stats["train"] = self._tokenize(train_rows, "train", where)
-        if val_rows is not None and len(val_rows):
+        if val_rows is not None and len(val_rows) and self.cfg.max_val_examples <= 0:
+            held = "" if self.cfg.val_source or self.cfg.val_split else (
+                f"; the {len(val_rows)} rows data.val_fraction held out are not trained on either (data.val_fraction=0 "
+                "trains on them)")
+            log.warning("data: data.max_val_examples=%d: no validation%s.", self.cfg.max_val_examples, held)
+        elif val_rows is not None and len(val_rows):
             val_rows = val_rows.select(range(min(len(val_rows), self.cfg.max_val_examples)))
             val_where = f"data.val_source={self.cfg.val_source}" if self.cfg.val_source else where
             self.val_set, self.stats["val"] = self._tokenize(val_rows, "validation", val_where)

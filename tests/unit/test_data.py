@@ -172,6 +172,16 @@ def test_malformed_json_array_is_named_without_the_jsonl_advice(builtin_tokenize
         BambaDataModule(DataConfig(source=str(path)), builtin_tokenizer).prepare()
 
 
+def test_no_validation_examples_means_no_validation(builtin_tokenizer, caplog) -> None:  # noqa: ANN001
+    # as in a stream (data.streaming), data.max_val_examples=0 turns validation off rather than failing on an
+    # empty validation split
+    dm = BambaDataModule(DataConfig(source=str(ASSETS / "text.jsonl"), val_fraction=0.25, max_val_examples=0),
+                         builtin_tokenizer)
+    dm.prepare()
+    assert dm.val_set is None and "val" not in dm.stats and dm.val_dataloader() == []
+    assert "data.max_val_examples=0: no validation; the" in caplog.text
+
+
 def test_missing_fields_name_expected_and_found(builtin_tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
     path = tmp_path / "qa.jsonl"
     path.write_text('{"question": "a", "answer": "b"}\n' * 4)
