@@ -68,6 +68,8 @@ def _assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict], w
             continue
         before = _render(tokenizer, messages[:i], where, tools, add_generation_prompt=True) if i or tools else ""
         upto = _render(tokenizer, messages[: i + 1], where, tools)
+        if not before:  # an opening assistant turn: the template's header before it is markup, not the answer
+            before = upto[: _after_opening_header(tokenizer, upto)]
         if not (upto.startswith(before) and full.startswith(upto)):
             raise DataError(
                 f"{where}: the chat template does not render conversations by appending turns, so assistant "
@@ -75,6 +77,21 @@ def _assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict], w
             )
         spans.append((len(before), len(upto)))
     return full, spans
+
+
+def _after_opening_header(tokenizer: PreTrainedTokenizerBase, rendered: str) -> int:
+    """Where the answer of a conversation's opening assistant turn (`rendered`) starts: after the template's
+    assistant header, the text its generation prompt adds (transformers renders no generation prompt for an empty
+    conversation, so it is read off a probe turn); 0 when the header cannot be told."""
+    probe = [{"role": "user", "content": "?"}]
+    try:
+        bare = tokenizer.apply_chat_template(probe, tokenize=False)
+        prompted = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+    except Exception:  # a template that refuses the probe: the whole turn carries loss, as before
+        return 0
+    header = prompted[len(bare):] if prompted.startswith(bare) else ""
+    at = rendered.find(header) if header else -1
+    return at + len(header) if at >= 0 else 0
 
 
 @dataclass

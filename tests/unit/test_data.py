@@ -486,6 +486,22 @@ def test_tool_calls_render_and_mask_token_by_token(preset: str, parts: list, fmt
     assert (tok.input_ids, tok.labels) == (ids, labels)
 
 
+def test_an_opening_assistant_turn_has_no_loss_on_the_template_header() -> None:
+    # the header before the first answer is markup, as the generation prompt before every later answer is
+    from bamba_ft.data.builtin import build_char_tokenizer
+    from bamba_ft.data.templates import ensure_chat_template
+
+    tokenizer = build_char_tokenizer()
+    ensure_chat_template(tokenizer, "chatml")
+    messages = [{"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4"}]
+    tok = tokenize_example(tokenizer, messages, "completion", 512)
+    ids, labels = expected_labels(tokenizer, [
+        ("<|im_start|>assistant\n", False), ("Hi!<|im_end|>\n", True),
+        ("<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n", False), ("4<|im_end|>\n", True)])
+    assert (tok.input_ids, tok.labels) == (ids, labels)
+
+
 def test_tool_rows_read_from_a_file_keep_only_their_own_keys(tmp_path: Path) -> None:
     from bamba_ft.data.builtin import build_char_tokenizer
     from bamba_ft.data.templates import ensure_chat_template
