@@ -134,16 +134,19 @@ def _load_file(path: Path, source: str, key: str) -> datasets.Dataset:
     builder = _BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise DataError(f"{where}: unsupported file type '{path.suffix}'. Use .jsonl, .json, .parquet or .csv.")
-    empty = f"\nFix: point {key} at a file with training rows."
+    empty = f"\nFix: point {key} at a file with {'validation' if key == 'data.val_source' else 'training'} rows."
     if path.stat().st_size == 0:
         raise DataError(f"{where}: the file is empty (0 bytes).{empty}")
-    lines = None
+    lines, text = None, None
     if builder in ("json", "csv"):
         text = _read_utf8(path, where)
         if not text.strip():
             raise DataError(f"{where}: the file is empty (only whitespace).{empty}")
         if builder == "json":
             lines = _json_lines(path, text, key)
+    if _no_rows(path, builder, text, lines):  # datasets' reader errors name no cause
+        raise DataError(f"{where}: the file has no rows ({'a header only' if builder == 'csv' else 'no records'})."
+                        f"{empty}")
     try:
         ds = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as e:  # pyarrow/json errors surface as many exception types
@@ -155,6 +158,20 @@ def _load_file(path: Path, source: str, key: str) -> datasets.Dataset:
     if builder == "csv":
         _warn_line_breaks_in_fields(ds, where)
     return ds
+
+
+def _no_rows(path: Path, builder: str, text: str | None, lines: list[int] | None) -> bool:
+    """Whether a readable file holds no rows: a JSON array `[]`, a CSV header alone, a Parquet file of 0 rows."""
+    if builder == "json":
+        return lines == []
+    if builder == "csv":
+        return len([line for line in (text or "").splitlines() if line.strip()]) <= 1
+    try:
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows == 0
+    except Exception:  # not Parquet after all: the reader names the problem
+        return False
 
 
 def _warn_line_breaks_in_fields(ds: datasets.Dataset, where: str) -> None:

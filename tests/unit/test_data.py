@@ -182,6 +182,24 @@ def test_no_validation_examples_means_no_validation(builtin_tokenizer, caplog) -
     assert "data.max_val_examples=0: no validation; the" in caplog.text
 
 
+@pytest.mark.parametrize("name", ["header.csv", "none.json", "none.parquet"])
+def test_a_file_without_rows_is_named_as_such(tmp_path: Path, name: str) -> None:
+    # datasets' readers fail on these with 'Instruction "train" corresponds to no data!' or an Arrow batch size
+    import pandas as pd
+
+    from bamba_ft.data.load import load_rows
+
+    path = tmp_path / name
+    if name.endswith(".csv"):
+        path.write_text("prompt,completion\n")
+    elif name.endswith(".json"):
+        path.write_text("[]\n")
+    else:
+        pd.DataFrame({"prompt": pd.Series([], dtype=str)}).to_parquet(path)
+    with pytest.raises(DataError, match=rf"(?s){name}: the file has no rows .*Fix: point data.source at a file with "):
+        load_rows(str(path), "train", "data.source")
+
+
 def test_missing_fields_name_expected_and_found(builtin_tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
     path = tmp_path / "qa.jsonl"
     path.write_text('{"question": "a", "answer": "b"}\n' * 4)
