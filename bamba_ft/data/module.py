@@ -104,6 +104,23 @@ def hold_out(rows: datasets.Dataset, fraction: float, seed: int, where: str) -> 
     return parts["train"], parts["test"]
 
 
+def even_quotas(sizes: list[int], room: int) -> list[int]:
+    """How many of each part's `sizes` rows to take, `room` in all, shared evenly: a part with fewer rows than its
+    share gives the rest to the others (so data.max_val_examples validates every source, not the first alone)."""
+    quotas, left = [0] * len(sizes), [i for i, n in enumerate(sizes) if n > 0]
+    while room > 0 and left:
+        share = max(1, room // len(left))
+        for i in list(left):
+            take = min(share, sizes[i] - quotas[i], room)
+            quotas[i] += take
+            room -= take
+            if quotas[i] == sizes[i]:
+                left.remove(i)
+            if not room:
+                break
+    return quotas
+
+
 class BambaDataModule(L.LightningDataModule):
     """Builds both splits once (`prepare`), then serves batches; its position survives checkpoint/resume."""
 
@@ -339,19 +356,19 @@ class BambaDataModule(L.LightningDataModule):
 
     def _validation_parts(self, parts: list[tuple[datasets.Dataset, str, str | None]]) -> None:
         """Validation examples from several sources, each in its own format, up to data.max_val_examples in all."""
-        sets, stats, room, renames = [], [], self.cfg.max_val_examples, role_map(self.cfg.roles)
-        for i, (rows, where, fmt) in enumerate(parts):
-            rows = rows.select(range(min(len(rows), room)))
+        sets, stats, renames = [], [], role_map(self.cfg.roles)
+        quotas = even_quotas([len(rows) for rows, _, _ in parts], self.cfg.max_val_examples)
+        for i, ((rows, where, fmt), quota) in enumerate(zip(parts, quotas)):
+            rows = rows.select(range(quota))
             if not len(rows):
-                break
-            room -= len(rows)
+                continue
             enc, st = self._tokenize(rows, f"validation[{i}]", where, fmt)
             sets.append(enc)
             stats.append(st)
             self.val_rows += [to_messages(r, self.formats[f"validation[{i}]"], locate(where, r), renames) for r in rows]
         if sets:
             self.val_set, self.stats["val"] = datasets.concatenate_datasets(sets), SplitStats.total(stats)
-            self.formats["validation"] = self.formats["validation[0]"]
+            self.formats["validation"] = next(f for k, f in self.formats.items() if k.startswith("validation["))
 
     # ----- Lightning hooks
     def setup(self, stage: str | None = None) -> None:

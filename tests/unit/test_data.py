@@ -655,6 +655,21 @@ def test_sources_concatenate_without_weights_and_check_columns(builtin_tokenizer
         BambaDataModule(bad, builtin_tokenizer).prepare()
 
 
+def test_max_val_examples_validates_every_source(builtin_tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
+    # the bound is shared out evenly (as a stream's held-out head is), not filled from the first source alone
+    from bamba_ft.config.schema import SourceConfig
+    from bamba_ft.data.module import even_quotas
+
+    assert even_quotas([15, 3], 10) == [7, 3] and even_quotas([15, 3], 4) == [2, 2] and even_quotas([2, 2], 10) == [2, 2]
+    a = _source_file(tmp_path / "a.jsonl", 300, "a")
+    b = _source_file(tmp_path / "b.jsonl", 60, "b")
+    dm = BambaDataModule(DataConfig(max_val_examples=10, sources=[SourceConfig(source=a), SourceConfig(source=b)]),
+                         builtin_tokenizer)
+    dm.prepare()
+    answers = [builtin_tokenizer.decode(ids[-2:-1]) for ids in dm.val_set["input_ids"]]  # the letter before <|end|>
+    assert (answers.count("a"), answers.count("b")) == (7, 3) and dm.stats["val"].kept == 10
+
+
 def test_format_errors_of_a_source_name_its_own_keys(builtin_tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
     # a source's format (data.sources[i].format) wins over data.format, and its fields are renamed by its columns
     from bamba_ft.config.schema import SourceConfig
