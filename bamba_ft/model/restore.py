@@ -244,8 +244,16 @@ def locate(checkpoint: str | None, cfg: RunConfig) -> Source:
     if (path / "adapter_config.json").exists():
         from bamba_ft.config.overrides import override_keys
 
+        named = override_keys() & {"model", "model.name_or_path"}  # the base named on the command line (a local copy)
+        if not named and (run_dir := _exported_from(path)) is not None:
+            # an adapter-only export of a run: that run's base (quantized as it trained), data and seed, as a merged
+            # export is scored on them
+            run = load_run_config(run_dir)
+            return Source(run.model, run.quant, run=run, adapter_dir=path, run_dir=run_dir, own=RUN_OWNS,
+                          random_base=_read_random_base(run_dir),
+                          description=f"adapter {path} (exported from run {run_dir})")
         base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        if override_keys() & {"model", "model.name_or_path"}:  # the base named on the command line (a local copy)
+        if named:
             base = cfg.model.name_or_path
         model = dataclasses.replace(cfg.model, name_or_path=base or cfg.model.name_or_path, init="pretrained")
         return Source(model, cfg.quant, adapter_dir=path, description=f"adapter {path} on {model.name_or_path}")

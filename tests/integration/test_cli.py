@@ -114,6 +114,11 @@ def test_eval_of_a_runs_export_scores_the_runs_data(sft_run: Path, tmp_path: Pat
     own = run_in_process([*EVAL, f"eval.checkpoint={run}"], tmp_path / "own")["metrics"]
     exported = run_in_process([*EVAL, f"eval.checkpoint={run / 'export'}"], tmp_path / "exported")["metrics"]
     assert (exported["num_generated"], exported["val_loss"]) == (3, pytest.approx(own["val_loss"], abs=1e-4))
+    # an adapter-only export too: it was scored on the command line's base and the built-in task
+    run_in_process(["recipe=export", f"export.checkpoint={run}", "export.adapter_only=true"], tmp_path / "log2")
+    adapter = run_in_process([*EVAL, f"eval.checkpoint={run / 'export_adapter'}"], tmp_path / "adapter")
+    assert "exported from run" in adapter["source"]
+    assert (adapter["metrics"]["num_generated"], adapter["metrics"]["val_loss"]) == (3, pytest.approx(own["val_loss"], abs=1e-6))
 
 
 def test_eval_refuses_a_data_key_the_runs_data_does_not_read(sft_run: Path, tmp_path: Path) -> None:
