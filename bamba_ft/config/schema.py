@@ -178,7 +178,8 @@ class DataConfig:
     val_split: str | None = None
     """Split of `val_source` (or of `source`) used for validation."""
     val_fraction: float = 0.05
-    """Fraction of `source` held out for validation when no validation source or split is given."""
+    """Fraction of `source` held out for validation when no validation source or split is given, at most
+    max_val_examples rows (the others train)."""
     max_val_examples: int = 1000
     """Upper bound on validation examples (keeps validation fast). With data.streaming and no val_source or
     val_split, the first this many rows of the stream (of each of data.sources, split evenly) are held out."""

@@ -92,10 +92,20 @@ def _warn_repeated(examples: datasets.Dataset, where: str) -> set[int]:
     return distinct
 
 
-def hold_out(rows: datasets.Dataset, fraction: float, seed: int, where: str) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """(training rows, validation rows): `fraction` of the rows held out (rounded up, as datasets does), at least
-    one row left to train on, else a DataError with the counts and the fix."""
-    held = math.ceil(fraction * len(rows))
+def held_out_count(n: int, fraction: float, cap: int) -> int:
+    """How many of `n` rows data.val_fraction holds out: `fraction` of them (rounded up, as datasets does), but no
+    more than data.max_val_examples (`cap`), since rows past it would be neither validated nor trained."""
+    return min(math.ceil(fraction * n), max(cap, 0)) if fraction > 0 and n >= 2 else 0
+
+
+def hold_out(rows: datasets.Dataset, fraction: float, seed: int, where: str,
+             cap: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """(training rows, validation rows): `held_out_count` rows held out (None when that is 0), at least one row
+    left to train on, else a DataError with the counts and the fix. The rows held out are the first of one seeded
+    permutation, so a lower `cap` holds out a prefix of what a higher one did."""
+    held = held_out_count(len(rows), fraction, cap)
+    if held == 0:
+        return rows, None
     if held >= len(rows):
         raise DataError(f"{where}: data.val_fraction={fraction} holds out {held} of its {len(rows)} rows, which leaves "
                         "none to train on.\nFix: lower data.val_fraction, or give a validation file "
@@ -157,9 +167,7 @@ class BambaDataModule(L.LightningDataModule):
             return train, load_rows(c.val_source, c.val_split or c.split, "data.val_source")
         if c.val_split:
             return train, load_rows(c.source, c.val_split, "data.val_split", c.config)
-        if c.val_fraction <= 0 or len(train) < 2:
-            return train, None
-        return hold_out(train, c.val_fraction, self.seed, f"data.source={c.source}")
+        return hold_out(train, c.val_fraction, self.seed, f"data.source={c.source}", c.max_val_examples)
 
     def _stats(self, rows: datasets.Dataset, enc: datasets.Dataset, name: str, where: str) -> tuple[list[int], SplitStats]:
         """Which examples to keep, and the split's counts; warns once per kind of doubtful row."""
@@ -282,11 +290,8 @@ class BambaDataModule(L.LightningDataModule):
         train_rows, val_rows = self._raw_splits()
         if train:
             self.train_set, self.stats["train"] = self._tokenize(train_rows, "train", where)
-        if val_rows is not None and len(val_rows) and self.cfg.max_val_examples <= 0:
-            held = "" if self.cfg.val_source or self.cfg.val_split else (
-                f"; the {len(val_rows)} rows data.val_fraction held out are not trained on either (data.val_fraction=0 "
-                "trains on them)")
-            log.warning("data: data.max_val_examples=%d: no validation%s.", self.cfg.max_val_examples, held)
+        if self.cfg.max_val_examples <= 0:  # no row was held out of training for it either
+            log.warning("data: data.max_val_examples=%d: no validation.", self.cfg.max_val_examples)
         elif val_rows is not None and len(val_rows):
             val_rows = val_rows.select(range(min(len(val_rows), self.cfg.max_val_examples)))
             val_where = f"data.val_source={self.cfg.val_source}" if self.cfg.val_source else where
@@ -313,15 +318,19 @@ class BambaDataModule(L.LightningDataModule):
     def _prepare_sources(self, train: bool = True) -> None:
         """data.sources: each source read, renamed, split and tokenized in its own format, then mixed (`train`)."""
         c = self.cfg
-        parts, vals = [], []
+        parts, vals, loaded = [], [], []
         for i, s in enumerate(c.sources):
             key = f"data.sources[{i}]"
-            where = f"{key}.source={s.source}"
             rows = rename_columns(load_rows(s.source, s.split, f"{key}.source", s.config), s.columns, f"{key}.columns")
             if s.max_examples is not None:
                 rows = rows.select(range(min(len(rows), s.max_examples)))
-            if not c.val_source and c.val_fraction > 0 and len(rows) >= 2:
-                rows, val = hold_out(rows, c.val_fraction, self.seed, where)
+            loaded.append(rows)
+        # data.max_val_examples shared over the sources (`even_quotas`): each holds out its share and trains the rest
+        wanted = [0 if c.val_source else held_out_count(len(rows), c.val_fraction, c.max_val_examples) for rows in loaded]
+        for i, (s, rows, quota) in enumerate(zip(c.sources, loaded, even_quotas(wanted, c.max_val_examples))):
+            where = f"data.sources[{i}].source={s.source}"
+            rows, val = hold_out(rows, c.val_fraction, self.seed, where, quota)
+            if val is not None:
                 vals.append((val, where, s.format))
             if train:
                 enc, self.stats[f"train[{i}]"] = self._tokenize(rows, f"train[{i}]", where, s.format)

@@ -179,7 +179,10 @@ def test_no_validation_examples_means_no_validation(builtin_tokenizer, caplog) -
                          builtin_tokenizer)
     dm.prepare()
     assert dm.val_set is None and "val" not in dm.stats and dm.val_dataloader() == []
-    assert "data.max_val_examples=0: no validation; the" in caplog.text
+    assert "data.max_val_examples=0: no validation." in caplog.text
+    from bamba_ft.data.load import load_rows
+
+    assert dm.stats["train"].rows == len(load_rows(str(ASSETS / "text.jsonl"), "train", "data.source"))  # all trained
 
 
 @pytest.mark.parametrize("name", ["header.csv", "none.json", "none.parquet"])
@@ -668,6 +671,22 @@ def test_max_val_examples_validates_every_source(builtin_tokenizer, tmp_path: Pa
     dm.prepare()
     answers = [builtin_tokenizer.decode(ids[-2:-1]) for ids in dm.val_set["input_ids"]]  # the letter before <|end|>
     assert (answers.count("a"), answers.count("b")) == (7, 3) and dm.stats["val"].kept == 10
+    # and only those are held out: every other row trains
+    assert (dm.stats["train[0]"].rows, dm.stats["train[1]"].rows) == (293, 57)
+
+
+def test_rows_held_out_past_max_val_examples_are_trained(builtin_tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
+    """5% of 300 rows is 15; with data.max_val_examples=5 the other 10 were held out of training and validated
+    neither. A smaller bound holds out a prefix of a larger one's rows, so a run's evaluation under the newer code
+    scores rows its training held out."""
+    path = _source_file(tmp_path / "a.jsonl", 300, "a")
+    dm = BambaDataModule(DataConfig(source=path, max_val_examples=5), builtin_tokenizer)
+    dm.prepare()
+    assert (dm.stats["train"].rows, dm.stats["val"].rows) == (295, 5)
+    wider = BambaDataModule(DataConfig(source=path, max_val_examples=15), builtin_tokenizer)
+    wider.prepare()
+    assert (wider.stats["train"].rows, wider.stats["val"].rows) == (285, 15)
+    assert wider.val_set["input_ids"][:5] == dm.val_set["input_ids"]
 
 
 def test_format_errors_of_a_source_name_its_own_keys(builtin_tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
