@@ -240,7 +240,9 @@ def check_resume_data(resumed: SavedCheckpoint, now: str | None) -> None:
     if resumed.data is not None and now is not None and resumed.data != now:
         raise ConfigError(f"trainer.resume={resumed.path}: the training data changed since this checkpoint was "
                           f"written ({resumed.data} then, {now} now): the resumed position in the epoch would count "
-                          "other rows, and the run would be neither the old data's nor the new's.\nFix: resume "
+                          "other rows, and the run would be neither the old data's nor the new's. (A file left "
+                          "unchanged differs too when an earlier bamba_ft held more of its rows out for validation: "
+                          "data.max_val_examples now bounds the hold-out.)\nFix: resume "
                           "with the data it trained on, or start a new run (without trainer.resume) on the new data.")
 
 
