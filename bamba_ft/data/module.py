@@ -154,6 +154,9 @@ class BambaDataModule(L.LightningDataModule):
         self.source_passes: list[int] = []
         self.stream_rows: Counter[str] = Counter()  # rows read into trained windows, by what the length policy did
         self._stream_warned: set[str] = set()  # data warnings given once per run, whichever stream reads the row
+        # per source whose validation rows data.val_fraction holds out: the rows it held them out of; the permutation
+        # that picks them depends on that count, so an evaluation checks it against the run's (metrics.json)
+        self.hold_out_rows: dict[str, int] = {}
 
     # ----- building the splits
     def _raw_splits(self) -> tuple[datasets.Dataset, datasets.Dataset | None]:
@@ -167,7 +170,10 @@ class BambaDataModule(L.LightningDataModule):
             return train, load_rows(c.val_source, c.val_split or c.split, "data.val_source")
         if c.val_split:
             return train, load_rows(c.source, c.val_split, "data.val_split", c.config)
-        return hold_out(train, c.val_fraction, self.seed, f"data.source={c.source}", c.max_val_examples)
+        train, val = hold_out(train, c.val_fraction, self.seed, f"data.source={c.source}", c.max_val_examples)
+        if val is not None:
+            self.hold_out_rows[f"data.source={c.source}"] = len(train) + len(val)
+        return train, val
 
     def _stats(self, rows: datasets.Dataset, enc: datasets.Dataset, name: str, where: str) -> tuple[list[int], SplitStats]:
         """Which examples to keep, and the split's counts; warns once per kind of doubtful row."""
@@ -332,6 +338,7 @@ class BambaDataModule(L.LightningDataModule):
             rows, val = hold_out(rows, c.val_fraction, self.seed, where, quota)
             if val is not None:
                 vals.append((val, where, s.format))
+                self.hold_out_rows[where] = len(rows) + len(val)
             if train:
                 enc, self.stats[f"train[{i}]"] = self._tokenize(rows, f"train[{i}]", where, s.format)
                 _warn_repeated(enc, where)  # in each source: a weighted mix may repeat examples by design

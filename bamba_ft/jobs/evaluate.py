@@ -162,6 +162,8 @@ def run(cfg: RunConfig) -> dict:
     log.info("eval data: %s", describe_data(data_cfg, given if src.run is not None else None))
     dm = BambaDataModule(data_cfg, tokenizer, seed=seed)
     dm.prepare(train=False)  # the training split is not tokenized: only its held-out rows are read
+    if src.run_dir is not None:
+        check_hold_out(src.run_dir, dm.hold_out_rows)
     log.info("evaluating %s", src.description)
     metrics, rows = evaluate_model(model, tokenizer, dm, cfg.eval, device)
     metrics["lm_eval"] = run_lm_eval(model, tokenizer, cfg.eval, device)
@@ -179,6 +181,23 @@ def run(cfg: RunConfig) -> dict:
                          f"the other metrics are in {out / 'metrics.json'}.\nFix: check the task names "
                          "(lm_eval --tasks list) and that their data is available (offline: in the datasets cache).")
     return result
+
+
+def check_hold_out(run_dir: Path, now: dict[str, int]) -> None:
+    """Refuse to score a run on rows held out of a source whose row count changed since it trained: the seeded
+    permutation that picks them is another, so they would be partly rows the run trained on."""
+    metrics = RunDir(run_dir).metrics
+    try:
+        then = json.loads(metrics.read_text()).get("data", {}).get("hold_out_rows", {}) if metrics.exists() else {}
+    except (OSError, ValueError):
+        return
+    changed = [f"{where}: {then[where]:,} rows when the run trained, {n:,} now" for where, n in now.items()
+               if where in then and then[where] != n]
+    if changed:
+        raise ConfigError(f"the run {run_dir} held its validation rows out of its training data, which has changed "
+                          f"since ({'; '.join(changed)}): the rows held out now would partly be rows it trained on, "
+                          "so its scores would flatter it.\nFix: evaluate on data it did not train on "
+                          "(data.val_source=FILE), or on the data as it was.")
 
 
 # Where a run's data comes from. A new data.source or data.sources on the command line takes all of these from the

@@ -478,7 +478,8 @@ def _finish(cfg: RunConfig, model: nn.Module, tokenizer: Any, dm: BambaDataModul
             "window_tokens_per_sec": logged.get("train/tokens_per_sec"),
         },
         "data": {name: vars(st) for name, st in dm.stats.items()}
-        | ({"train_stream": dm.stream_report()} if dm.stream else {}),
+        | ({"train_stream": dm.stream_report()} if dm.stream else {})
+        | ({"hold_out_rows": dm.hold_out_rows} if dm.hold_out_rows else {}),
         "packing_efficiency": dm.packing_efficiency(),
         "outputs": {"run": str(run_dir), saved.name: str(saved)},
     }

@@ -97,6 +97,30 @@ def test_eval_of_a_file_run_reads_the_given_validation_file(sft_run: Path, tmp_p
     assert (again["num_generated"], again["val_loss"]) == (3, pytest.approx(own["val_loss"], abs=1e-6))
 
 
+def test_eval_refuses_a_hold_out_drawn_from_a_changed_training_file(sft_run: Path, tmp_path: Path) -> None:
+    """The held-out rows are a seeded permutation's first rows: with rows added to the file, another permutation,
+    and rows the run trained on would have been scored as held out."""
+    from omegaconf import OmegaConf
+
+    from bamba_ft.data.builtin import generate_sft
+
+    train, run = tmp_path / "train.jsonl", tmp_path / "run"
+    rows = generate_sft(65, seed=1)
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows[:60]))
+    shutil.copytree(sft_run, run)  # sft_run's adapter, as if trained on train.jsonl, as metrics.json records
+    config = OmegaConf.load(run / "run_config.yaml")
+    config.data.source = str(train)
+    OmegaConf.save(config, run / "run_config.yaml")
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["data"]["hold_out_rows"] = {f"data.source={train}": 60}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    assert run_in_process([*EVAL, f"eval.checkpoint={run}"], tmp_path / "same")["metrics"]["num_generated"] == 3
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ConfigError, match=rf"(?s){train}: 60 rows when the run trained, 65 now.*"
+                                          r"Fix: evaluate on data it did not train on \(data.val_source=FILE\)"):
+        run_in_process([*EVAL, f"eval.checkpoint={run}"], tmp_path / "changed")
+
+
 def test_eval_of_a_runs_export_scores_the_runs_data(sft_run: Path, tmp_path: Path) -> None:
     """A merged export records the run it came from: evaluated, it is scored on that run's held-out rows (here 5% of
     a file's 60), not on the built-in task that the command line's defaults name."""

@@ -687,6 +687,7 @@ def test_rows_held_out_past_max_val_examples_are_trained(builtin_tokenizer, tmp_
     wider.prepare()
     assert (wider.stats["train"].rows, wider.stats["val"].rows) == (285, 15)
     assert wider.val_set["input_ids"][:5] == dm.val_set["input_ids"]
+    assert dm.hold_out_rows == {f"data.source={path}": 300}  # what an evaluation checks the file against
 
 
 def test_format_errors_of_a_source_name_its_own_keys(builtin_tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
