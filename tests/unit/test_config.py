@@ -10,6 +10,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError
 
 from bamba_ft.config.overrides import check_overrides, to_run_config
@@ -60,6 +61,13 @@ def test_every_recipe_composes(recipe: str) -> None:
     first_line = (RECIPES / f"{recipe}.yaml").read_text().splitlines()[0]
     assert first_line.startswith(f"# python -m bamba_ft recipe={recipe}")  # each recipe starts with its command
     assert callable(importlib.import_module(TASK_JOBS[cfg.task]).run)  # the task resolves to a job
+
+
+def test_help_names_every_recipe() -> None:
+    """`python -m bamba_ft --help` opens with the recipes, one line each."""
+    header = OmegaConf.load(CONF / "train.yaml").hydra.help.header
+    listed = [line.split()[0].removeprefix("recipe=") for line in header.splitlines() if line.startswith("recipe=")]
+    assert sorted(listed) == sorted(recipe_names())
 
 
 def test_recipe_qlora_sets_its_groups() -> None:
