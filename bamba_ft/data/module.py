@@ -7,6 +7,7 @@ import hashlib
 import logging
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -90,6 +91,16 @@ def _warn_repeated(examples: datasets.Dataset, where: str) -> set[int]:
                     "each copy is trained every epoch. Fix: deduplicate the rows, or keep them if the repeats are meant "
                     "to weight those examples.", len(hashes) - len(distinct), len(hashes), where)
     return distinct
+
+
+def _raise_earliest(rows: datasets.Dataset, encode: Callable[[dict], Any]) -> None:
+    """Rows are tokenized in their split's order, which the hold-out shuffled, so the row a DataError named was not
+    always the file's first bad one (every row bad: 'line 10'): raise the error of the earliest row in the file."""
+    position = next((p for p in POSITIONS if p in rows.column_names), None)
+    if position is None:
+        return
+    for i in np.argsort(np.asarray(rows[position]), kind="stable"):
+        encode(rows[int(i)])
 
 
 def held_out_count(n: int, fraction: float, cap: int) -> int:
@@ -258,12 +269,16 @@ class BambaDataModule(L.LightningDataModule):
             encode_row, tokenizer=self.tokenizer, fmt=fmt, train_on=c.train_on, max_seq_len=c.max_seq_len,
             split=c.overlong == "split", where=where, renames=role_map(c.roles), code=code_version(),
         )
-        enc = rows.map(
-            encode,
-            remove_columns=rows.column_names,
-            num_proc=c.num_proc if c.num_proc > 1 else None,
-            desc=f"tokenizing {name}",
-        )
+        try:
+            enc = rows.map(
+                encode,
+                remove_columns=rows.column_names,
+                num_proc=c.num_proc if c.num_proc > 1 else None,
+                desc=f"tokenizing {name}",
+            )
+        except DataError:
+            _raise_earliest(rows, encode)
+            raise
         keep, stats = self._stats(rows, enc, name, where)
         kept = enc.select(keep).remove_columns(["overlong", "full_targets", "empty_assistant", "coerced",
                                                 "unknown_targets"])

@@ -799,3 +799,13 @@ def test_repeated_training_examples_are_counted_per_source(builtin_tokenizer, tm
                                     stopping_strategy="all_exhausted", val_fraction=0.0), builtin_tokenizer)
     dm.prepare()
     assert dm.stats["train[0]"].passes > 1 and "repeat an earlier one" not in caplog.text
+
+
+def test_a_data_error_names_the_files_first_bad_row(builtin_tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
+    """The hold-out shuffles the rows before they are tokenized: with every row bad, the error named whichever came
+    first in the shuffle."""
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"messages": [{"role": "robot", "content": f"q{i}"},
+                                                     {"role": "assistant", "content": "a"}]}) + "\n" for i in range(40)))
+    with pytest.raises(DataError, match=rf"{path}, line 1\b"):
+        BambaDataModule(DataConfig(source=str(path)), builtin_tokenizer).prepare()
