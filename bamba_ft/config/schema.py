@@ -109,6 +109,10 @@ class PeftConfig:
     """Weight-decomposed LoRA (DoRA)."""
     modules_to_save: list[str] = field(default_factory=list)
     """Modules trained in full next to the adapters, e.g. [lm_head]."""
+    init_from: str | None = None
+    """Start from a trained adapter instead of fresh ones (a second fine-tuning stage, e.g. on new data): a run
+    directory, its adapter/, or an adapter-only export. Its r, lora_alpha, targets, use_rslora and use_dora must be
+    these; the optimizer and schedule start anew (to continue a stopped run, use trainer.resume)."""
 
 
 @dataclass

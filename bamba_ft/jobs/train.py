@@ -49,7 +49,7 @@ from bamba_ft.jobs.runtime import autocast_dtype, autocast_for, choose_device, r
 from bamba_ft.lit_module import BambaLitModule, batch_tokens, training_mean_loss
 from bamba_ft.model.build import build_model, load_tokenizer
 from bamba_ft.model.families import family_of
-from bamba_ft.model.lora import apply_peft, check_adapter_gradients
+from bamba_ft.model.lora import apply_peft, check_adapter_gradients, init_adapters_from
 from bamba_ft.model.memory import out_of_memory_error
 from bamba_ft.model.mixer import (
     graphs_installed,
@@ -164,6 +164,12 @@ def _prepare(cfg: RunConfig, device: torch.device) -> tuple[nn.Module, Any, Bamb
         log.info("model.cuda_graphs=auto: the conv+scan runs without CUDA graphs (%s)", no_graphs)
     model = apply_peft(build_model(cfg.model, cfg.quant, device, empty=sharded, dtype=dtype,
                                    graphs_auto=no_graphs is None, seed=cfg.trainer.seed), cfg.peft)
+    if cfg.peft.init_from and not cfg.trainer.resume:  # a resume's checkpoint holds the adapters it trained on to
+        if sharded:
+            raise ConfigError("peft.init_from with trainer.strategy=fsdp: the adapters are built sharded, without "
+                              "weights, so there is nothing to load the saved ones into yet.\nFix: "
+                              "trainer.strategy=ddp (LoRA's adapters are small enough to replicate).")
+        init_adapters_from(model, cfg.peft, cfg.model.name_or_path)
     if cfg.data.packing and (attn := unsafe_attention(model)) is not None:
         raise ConfigError(
             f"data.packing=true: model.attn_implementation={attn} lets packed sequences attend to each other in "

@@ -8,6 +8,7 @@ import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -304,3 +305,55 @@ def _module_of(param_name: str) -> str:
         if marker in param_name:
             return param_name.split(marker)[0].removeprefix("base_model.model.")
     return param_name
+
+
+def adapter_dir_of(path: str) -> Path:
+    """The adapter directory `path` names: itself, or a run directory's adapter/ (peft.init_from)."""
+    given = Path(path).expanduser()
+    for candidate in (given, given / "adapter"):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    raise ConfigError(f"peft.init_from={path}: no adapter there (adapter_config.json in it or in its adapter/).\n"
+                      "Fix: name a training run's directory, its adapter/, or an adapter-only export "
+                      "(recipe=export export.adapter_only=true).")
+
+
+def init_adapters_from(model: nn.Module, cfg: PeftConfig, base: str) -> Path:
+    """Load a trained adapter's weights into `model`'s fresh adapters (peft.init_from); its LoRA settings must be
+    `cfg`'s, and every adapter tensor of the model must come from it. `base`: the model's base, compared with the
+    adapter's (a warning: a local copy of the base is named otherwise)."""
+    import json
+
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    directory = adapter_dir_of(str(cfg.init_from))
+    saved = json.loads((directory / "adapter_config.json").read_text())
+    mine = {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "use_rslora": cfg.use_rslora, "use_dora": cfg.use_dora,
+            "target_modules": sorted(expand_targets(model, cfg.target_modules))}
+    theirs = {k: saved.get(k) for k in mine}
+    theirs["target_modules"] = sorted(theirs["target_modules"] or [])
+    differ = [f"peft.{k}: the adapter has {theirs[k]!r}, this run {mine[k]!r}" for k in mine
+              if theirs[k] != mine[k] and not (k == "lora_alpha" and float(theirs[k] or 0) == float(mine[k]))]
+    if differ:
+        raise ConfigError([f"peft.init_from={cfg.init_from}: {d}.\nFix: set it to the adapter's value." for d in differ])
+    if saved.get("base_model_name_or_path") not in (None, base):
+        log.warning("peft.init_from=%s: the adapter was trained on %s, and this run's base is %s (fine for a local "
+                    "copy of that base; anything else starts from weights that fit another model).",
+                    cfg.init_from, saved.get("base_model_name_or_path"), base)
+    weights = directory / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise ConfigError(f"peft.init_from={cfg.init_from}: {weights} is missing.\nFix: name a complete adapter.")
+    state = load_file(str(weights))
+    result = set_peft_model_state_dict(model, state)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    loaded = {k for k in state}
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    missing = [n for n in trainable if n.replace(".default", "") not in loaded]
+    if unexpected or missing:
+        what = f"{len(missing)} of this run's adapter tensors are not in it (first: {missing[0]})" if missing else (
+            f"{len(unexpected)} of its tensors fit no adapter of this model (first: {unexpected[0]})")
+        raise ConfigError(f"peft.init_from={cfg.init_from}: {what}.\nFix: start from an adapter of the same "
+                          "model and targets.")
+    log.info("adapters start from %s (%d tensors)", directory, len(state))
+    return directory

@@ -42,6 +42,22 @@ def test_training_recipes_run_two_steps(recipe: str, tmp_path: Path, capsys: pyt
     assert "bamba_ft: trained 2 steps" in out and "  logs/" not in out  # logger=none writes no logs/
 
 
+def test_a_run_starts_from_a_trained_adapter(sft_run: Path, tmp_path: Path) -> None:
+    """peft.init_from: the new run's model before training is the given run's after it (same data and seed)."""
+    same_data = ["recipe=sft", "trainer=cpu", "data.builtin_train_examples=200", "data.builtin_val_examples=24",
+                 "eval.num_generate=8", "eval.max_new_tokens=6", "trainer.max_steps=1", "logger=none"]
+    metrics = run_in_process([*same_data, f"peft.init_from={sft_run}"], tmp_path / "second")
+    trained = json.loads((sft_run / "metrics.json").read_text())["after"]
+    assert metrics["before"]["val_loss"] == pytest.approx(trained["val_loss"], abs=1e-6)
+    assert metrics["before"]["exact_match"] == trained["exact_match"]
+    fresh = json.loads((sft_run / "metrics.json").read_text())["before"]
+    assert abs(fresh["val_loss"] - trained["val_loss"]) > 0.1  # and the comparison can fail
+    with pytest.raises(ConfigError, match=r"peft.r: the adapter has 16, this run 8"):
+        run_in_process([*same_data, f"peft.init_from={sft_run / 'adapter'}", "peft.r=8"], tmp_path / "r8")
+    with pytest.raises(ConfigError, match=r"no adapter there"):
+        run_in_process([*same_data, f"peft.init_from={tmp_path}"], tmp_path / "none")
+
+
 def test_padded_batches_run(tmp_path: Path) -> None:
     metrics = run_in_process(["recipe=sft", *FAST, "data.packing=false"], tmp_path)
     assert metrics["train"]["steps"] == 2 and metrics["packing_efficiency"] is None  # padded: nothing packed
