@@ -50,7 +50,8 @@ def run_task(cfg: DictConfig) -> float | None:
     except BambaFTError as e:
         if debug:
             raise
-        print(f"\nbamba_ft: {type(e).__name__}: {e}\n(set debug=true for the full traceback)", file=sys.stderr)
+        who = "bamba_ft" if lock.launching_process() else f"bamba_ft [{quiet.rank_label()}]"  # each rank says it
+        print(f"\n{who}: {type(e).__name__}: {e}\n(set debug=true for the full traceback)", file=sys.stderr)
         sys.exit(2)
     except OSError as e:
         if debug or e.errno not in _DISK_FULL:

@@ -86,16 +86,20 @@ class _ThisRankOnly(logging.Filter):
         return True
 
 
+def rank_label(environ: dict[str, str] | None = None) -> str:
+    """'rank 3', or 'local rank 1 (of node 2)' where the launcher sets no global rank (Lightning's own launcher)."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env:
+        return f"rank {env['RANK']}"
+    return f"local rank {env.get('LOCAL_RANK', '0')}" + (
+        f" of node {env['NODE_RANK']}" if env.get("NODE_RANK", "0") != "0" else "")
+
+
 def ranks_above_zero(environ: dict[str, str] | None = None) -> None:
     """In a process a distributed launcher started for a rank above 0, the console and the run's log keep only
     errors and the lines marked EVERY_RANK: every rank builds the same model and data and would print each of
     rank 0's lines again, interleaved with them."""
-    env = os.environ if environ is None else environ
-    if "RANK" in env:
-        label = f"rank {env['RANK']}"
-    else:
-        label = f"local rank {env.get('LOCAL_RANK', '0')}" + (
-            f" of node {env['NODE_RANK']}" if env.get("NODE_RANK", "0") != "0" else "")
+    label = rank_label(environ)
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, _ThisRankOnly) for f in handler.filters):
             handler.addFilter(_ThisRankOnly(label))

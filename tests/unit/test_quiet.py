@@ -101,3 +101,26 @@ def test_ctrl_c_before_training_exits_130_with_one_line(monkeypatch: pytest.Monk
     monkeypatch.setattr(sys, "argv", ["bamba_ft", "trainer.max_steps=10", "debug=true"])
     with pytest.raises(KeyboardInterrupt):
         cli.main()
+
+
+def test_an_error_on_a_rank_above_zero_names_the_rank(monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    """Every rank meets the same data error and prints it: the copies from ranks above 0 say whose they are."""
+    from omegaconf import OmegaConf
+
+    import bamba_ft.__main__ as main
+    from bamba_ft.errors import DataError
+
+    def fail(cfg: object) -> None:
+        raise DataError("data.source=x.jsonl, line 3: bad row.")
+
+    monkeypatch.setattr(main, "run_config", fail)
+    for env, who in (({}, "bamba_ft"), ({"LOCAL_RANK": "1"}, "bamba_ft [local rank 1]")):
+        for var in ("RANK", "LOCAL_RANK", "NODE_RANK"):
+            monkeypatch.delenv(var, raising=False)
+        for var, value in env.items():
+            monkeypatch.setenv(var, value)
+        with pytest.raises(SystemExit) as stop:
+            main.run_task(OmegaConf.create({}))
+        assert stop.value.code == 2
+        assert f"\n{who}: DataError: data.source=x.jsonl, line 3: bad row." in capsys.readouterr().err
