@@ -52,11 +52,15 @@ class Prompt:
         return next((m["content"] for m in reversed(self.messages) if m["role"] == "user"), "")
 
 
+def system_turn(g: GenerateConfig) -> list[dict[str, Any]]:
+    """generate.system as the conversation's opening turn, or nothing."""
+    return [{"role": "system", "content": g.system}] if g.system else []
+
+
 def from_text(text: str, g: GenerateConfig, where: str) -> Prompt:
     if not g.chat:
         return Prompt(where, text=text)
-    system = [{"role": "system", "content": g.system}] if g.system else []
-    return Prompt(where, messages=[*system, {"role": "user", "content": text}])
+    return Prompt(where, messages=[*system_turn(g), {"role": "user", "content": text}])
 
 
 def from_row(row: Any, g: GenerateConfig, where: str) -> Prompt:
@@ -130,8 +134,7 @@ def chat(model: nn.Module, tokenizer: PreTrainedTokenizerBase, g: GenerateConfig
     from transformers import TextStreamer
 
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    start = from_text("", g, "chat").messages or []
-    history = start[:-1]  # the system message, if any
+    history = system_turn(g)
     turns: list[dict] = []
     print(f"type a message; {RESET} starts over, {EXIT} (or Ctrl-D) ends")
     while True:
@@ -145,7 +148,7 @@ def chat(model: nn.Module, tokenizer: PreTrainedTokenizerBase, g: GenerateConfig
         if line.strip() == EXIT:
             break
         if line.strip() == RESET:
-            history = start[:-1]
+            history = system_turn(g)
             print("(started over)")
             continue
         prompt = from_text(line, g, f"chat, turn {len(turns) + 1}")
