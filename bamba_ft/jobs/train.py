@@ -384,9 +384,12 @@ def run(cfg: RunConfig) -> dict:
                 return {"stopped_at": None, "signal": "SIGTERM"}
     fit_seconds = time.perf_counter() - t_fit
     last = RunDir(run_dir).last_ckpt
-    if stopper.stopped_at is None and not cfg.trainer.fast_dev_run and saved_step(last, resumed) != trainer.global_step:
-        # the final state, whatever N was, unless the periodic save just wrote it (a second copy would briefly
-        # double the space); every rank calls this (it is collective under DDP/FSDP)
+    # the final state, whatever N was, unless the periodic save just wrote it (a second copy would briefly double the
+    # space); every rank calls this (it is collective under DDP/FSDP). After an early stop it is written again: the
+    # periodic save of the stop step ran before that step's validation, so it does not know the fit ended, and a
+    # resume (which takes last.ckpt) would train on instead of being refused.
+    if stopper.stopped_at is None and not cfg.trainer.fast_dev_run and (
+            saved_step(last, resumed) != trainer.global_step or early_stop(trainer) is not None):
         trainer.save_checkpoint(last, weights_only=False)
     if stopper.stopped_at is None and not cfg.trainer.fast_dev_run and trainer.is_global_zero:
         _tidy_checkpoints(trainer, run_dir)

@@ -199,3 +199,18 @@ def test_early_stopping_ends_the_fit_and_its_count_survives_a_resume(tmp_path: P
     assert train.run(cfg)["train"]["early_stopped"]["step"] == 12
     assert torch.equal(adapter(tmp_path / "b")["base_model.model.model.layers.0.mamba.in_proj.lora_A.weight"],
                        adapter(tmp_path / "a")["base_model.model.model.layers.0.mamba.in_proj.lora_A.weight"])
+
+
+def test_early_stopped_run_is_refused_when_its_stop_step_had_a_periodic_checkpoint(tmp_path: Path) -> None:
+    """The defaults validate and save last.ckpt at the same steps (every 100): the periodic save of the stop step
+    runs before that step's validation, so last.ckpt must be written again once early stopping has ended the fit,
+    or a resume of the early-stopped run takes it and trains on."""
+    def run(out: Path, resume: str | None = None) -> dict:
+        cfg = small_run(out, resume=resume, steps=30)
+        cfg.trainer.checkpoint_every_n_steps = cfg.trainer.val_check_interval
+        cfg.trainer.early_stopping_patience, cfg.trainer.early_stopping_min_delta = 2, 100.0
+        return train.run(cfg)
+
+    assert run(tmp_path / "a")["train"]["early_stopped"]["step"] == 9
+    with pytest.raises(ConfigError, match="early stopping ended it at step 9"):
+        run(tmp_path / "a2", resume=str(tmp_path / "a"))
