@@ -357,7 +357,7 @@ class GenerateConfig(Sampling):
     """One prompt: a user turn under the chat template (`chat`). Unset, and no `prompts_file`: prompts are read from
     standard input, an interactive chat on a terminal, one prompt per line otherwise."""
     prompts_file: str | None = None
-    """Prompts from a file: .jsonl rows with `prompt` (text) or `messages` (a conversation whose next assistant turn
+    """Prompts from a file: .jsonl rows with `prompt` (text or messages) or `messages` (a conversation whose next assistant turn
     is generated), or a .txt file, one prompt per line."""
     system: str | None = None
     """A system message before every prompt (not before `messages` rows, which bring their own)."""

@@ -79,11 +79,22 @@ def from_row(row: Any, g: GenerateConfig, where: str) -> Prompt:
             raise DataError(f"{where}: the conversation has no turn before the answer to generate.\n"
                             "Fix: end `messages` with a user turn (a final assistant turn is read as the reference).")
         return Prompt(where, messages=messages, reference=reference)
+    if isinstance(row.get("prompt"), list):  # a conversational prompt_completion row: the prompt is messages
+        prompt = from_row({"messages": row["prompt"]}, g, where)
+        completion = row.get("completion")
+        if isinstance(completion, list):  # the answer as messages: its last assistant turn is the reference
+            completion = next((m.get("content") for m in reversed(completion)
+                               if isinstance(m, dict) and m.get("role") == "assistant"), None)
+        prompt.reference = completion if isinstance(completion, str) else prompt.reference
+        return prompt
     if isinstance(row.get("prompt"), str):
         prompt = from_text(row["prompt"], g, where)
         completion = row.get("completion")
         prompt.reference = completion if isinstance(completion, str) else None
         return prompt
+    if "prompt" in row:
+        raise DataError(f"{where}: `prompt` is {type(row['prompt']).__name__}, not text or a list of messages.\n"
+                        "Fix: give the prompt as a string, or as [{\"role\": \"user\", \"content\": ...}].")
     raise DataError(f"{where}: a row needs `prompt` (text) or `messages` (a conversation); it has "
                     f"{', '.join(map(str, row)) or 'no fields'}.\nFix: rename its prompt field to `prompt`.")
 

@@ -35,6 +35,20 @@ def test_prompts_file_rows_keep_their_conversation_and_reference(tmp_path: Path)
     assert prompts[0].where.endswith("line 1") and prompts[2].where.endswith("line 3")
 
 
+def test_prompts_file_takes_conversational_prompt_completion_rows(tmp_path: Path) -> None:
+    """A prompt_completion row whose prompt and completion are message lists, as the training data reads it."""
+    rows = [{"prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "sort cba"}],
+             "completion": [{"role": "assistant", "content": "abc"}]},
+            {"prompt": [{"role": "user", "content": "reverse cat"}], "completion": "tac"}]
+    path = _file(tmp_path, "p.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n")
+    prompts = read_prompts(GenerateConfig(prompts_file=path))
+    assert prompts[0].messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "sort cba"}]
+    assert [p.reference for p in prompts] == ["abc", "tac"]
+    assert prompts[1].shown() == "reverse cat"
+    with pytest.raises(DataError, match=r"line 1: `prompt` is int, not text or a list of messages"):
+        read_prompts(GenerateConfig(prompts_file=_file(tmp_path, "q.jsonl", '{"prompt": 3}\n')))
+
+
 def test_prompts_txt_and_plain_text_continuation(tmp_path: Path) -> None:
     path = _file(tmp_path, "p.txt", "Q: reverse cat\n\nQ: sort cba\n")
     prompts = read_prompts(GenerateConfig(prompts_file=path, chat=False))
