@@ -291,8 +291,12 @@ def early_stop(trainer: L.Trainer) -> dict | None:
     if stopper is None or stopper.stopping_reason != EarlyStoppingReason.PATIENCE_EXHAUSTED:
         return None  # a non-finite val/loss also stops it: reported as a divergence
     best = next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) == "val/loss"), None)
+    kept = best is not None and bool(best.best_model_path)
+    # best_val_loss: the loss the patience counted against (the last that improved by more than min_delta);
+    # lowest_val_loss: the lowest of all, which best_checkpoint holds
     return {"step": trainer.global_step, "patience": stopper.patience, "best_val_loss": float(stopper.best_score),
-            "best_checkpoint": best.best_model_path if best is not None and best.best_model_path else None}
+            "lowest_val_loss": float(best.best_model_score) if kept and best.best_model_score is not None else None,
+            "best_checkpoint": best.best_model_path if kept else None}
 
 
 def _trainer(cfg: RunConfig, dm: BambaDataModule, run_dir: Path, device: torch.device, strategy: Any,
@@ -564,7 +568,8 @@ def _print_summary(metrics: dict, run_dir: Path, saved: Path, has_curves: bool, 
         lines.append(f"stopped early at step {stopped['step']}: {stopped['patience']} validations in a row without a val "
                      f"loss below {stopped['best_val_loss']:.4f} by more than trainer.early_stopping_min_delta; the "
                      "adapter holds the last step's weights"
-                     + (f", the lowest val loss's are in {stopped['best_checkpoint']}" if stopped["best_checkpoint"] else ""))
+                     + (f", those of the lowest val loss ({stopped['lowest_val_loss']:.4f}) are in "
+                        f"{stopped['best_checkpoint']}" if stopped["best_checkpoint"] else ""))
     lines += [
         "outputs:",
         f"  {saved.name + '/':<13}{saved}",

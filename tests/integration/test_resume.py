@@ -183,6 +183,8 @@ def test_early_stopping_ends_the_fit_and_its_count_survives_a_resume(tmp_path: P
     assert metrics["train"]["steps"] == stopped["step"] == 9 and stopped["patience"] == 2
     # the lowest val/loss, which improved after step 3, only by less than min_delta
     assert Path(stopped["best_checkpoint"]).name == "best-step000009.ckpt" and Path(stopped["best_checkpoint"]).exists()
+    assert stopped["lowest_val_loss"] == pytest.approx(metrics["train"]["last_val_loss"])
+    assert stopped["lowest_val_loss"] < stopped["best_val_loss"]  # the loss at step 3, the last improvement over 100
     assert "stopped early at step 9: 2 validations in a row" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="early stopping ended it at step 9"):
         run(tmp_path / "a2", resume=str(tmp_path / "a"))
