@@ -87,10 +87,11 @@ def open_stream(c: DataConfig, seed: int) -> tuple[datasets.IterableDataset, lis
     for i, s in enumerate(specs):
         key = f"data.sources[{i}]" if c.sources else "data"
         where = f"{key}.source={s.source}"
-        rows = rename_columns(load_stream(s.source, s.split, f"{key}.source", s.config), s.columns, f"{key}.columns")
-        if s.max_examples is not None:
-            rows = rows.take(s.max_examples)
-        with reading([where]):
+        with reading([where]):  # datasets' readers parse a file's first block when the stream is opened
+            rows = rename_columns(load_stream(s.source, s.split, f"{key}.source", s.config), s.columns,
+                                  f"{key}.columns")
+            if s.max_examples is not None:
+                rows = rows.take(s.max_examples)
             if hold:
                 vals.append((datasets.Dataset.from_list(list(rows.take(head))), where, s.format))
                 rows = rows.skip(head)

@@ -224,6 +224,18 @@ def test_a_malformed_line_met_by_the_stream_is_named(builtin_tokenizer, tmp_path
         one_epoch(iter(stream_of(builtin_tokenizer, cfg)))
 
 
+def test_a_malformed_line_the_reader_meets_while_opening_the_stream_is_named(builtin_tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
+    # datasets' JSON reader parses the file's first block when the stream is opened (to infer its features); a line
+    # that is cut short where an earlier row held a string fails there, before any row is read
+    rows = [json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) for i in range(20)]
+    rows[11] = '{"prompt": "x", "completion": 5'
+    path = tmp_path / "cut.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    cfg = data_cfg(str(path), streaming=True, val_fraction=0.05, max_val_examples=4)
+    with pytest.raises(DataError, match=r"(?s)data.source: malformed JSON at .*cut.jsonl:12: .*Fix that line"):
+        BambaDataModule(cfg, builtin_tokenizer).prepare()
+
+
 def test_a_line_cut_at_its_end_is_named_with_its_column_when_streamed(tmp_path: Path) -> None:
     # the stream's check reads the file line by line; the column must be that of the line, as in memory
     line = '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"'
