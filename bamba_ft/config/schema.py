@@ -699,6 +699,7 @@ def validate(cfg: RunConfig) -> None:
         "data.max_tokens_per_batch": cfg.data.max_tokens_per_batch,
         "data.batch_size": cfg.data.batch_size,
         "trainer.accumulate_grad_batches": cfg.trainer.accumulate_grad_batches,
+        "trainer.num_nodes": cfg.trainer.num_nodes,
         "trainer.val_check_interval": cfg.trainer.val_check_interval,
         "optim.lr": cfg.optim.lr,
         "quant.block_size": cfg.quant.block_size,
@@ -772,6 +773,8 @@ def validate(cfg: RunConfig) -> None:
                      "device by their storage, which FSDP gathers only during the forward, so every gathered weight "
                      "would be copied to the host as well.\nFix: model.activation_offload=false (or strategy=ddp).")
     _check_sharded(cfg, problems)
+    if problem := devices_problem(cfg.trainer.devices, cfg.trainer.accelerator):
+        problems.add(problem)
     if cfg.export.push_to_hub and not cfg.export.repo_id:
         problems.add("export.push_to_hub=true needs export.repo_id=org/name.")
     elif cfg.export.push_to_hub:
@@ -791,6 +794,35 @@ def validate(cfg: RunConfig) -> None:
     if cfg.peft.use_dora and cfg.quant.method != "none":
         problems.add("peft.use_dora=true with a quantized base is not supported by peft. Fix: peft.use_dora=false.")
     problems.raise_if_any()
+
+
+def devices_problem(devices: Any, accelerator: str) -> str | None:
+    """Why Lightning would refuse trainer.devices (after the model has loaded), or None: a positive number of
+    devices, auto, -1 (every visible GPU) or a list of GPU indices; on CPU only a number of processes or auto."""
+    fix = "Fix: trainer.devices=N (N processes, N >= 1), or trainer.devices=auto"
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if isinstance(devices, str):
+        if devices == "auto":
+            return None
+        return f"trainer.devices={devices!r} is not a number of devices, auto or a list of GPU indices.\n{fix}."
+    if isinstance(devices, (list, tuple)):
+        if accelerator == "cpu":
+            return (f"trainer.devices={list(devices)}: a list picks GPUs by index; on CPU (trainer.accelerator=cpu) "
+                    f"trainer.devices is the number of processes.\n{fix}.")
+        if not devices or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices) \
+                or len(set(devices)) != len(devices):
+            return (f"trainer.devices={list(devices)} must list distinct GPU indices (0 or more), e.g. [0,1].\n"
+                    f"{fix}.")
+        return None
+    if isinstance(devices, bool) or not isinstance(devices, int):
+        return f"trainer.devices={devices!r} is not a number of devices, auto or a list of GPU indices.\n{fix}."
+    if devices == -1 and accelerator != "cpu":
+        return None  # every visible GPU, as in Lightning
+    if devices < 1:
+        on_cpu = " (-1, every visible GPU, is for GPUs)" if devices == -1 else ""
+        return f"trainer.devices={devices} must be at least 1{on_cpu}.\n{fix}."
+    return None
 
 
 def _check_sharded(cfg: RunConfig, problems: Problems) -> None:

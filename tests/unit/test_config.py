@@ -228,6 +228,26 @@ def test_lengths_beyond_int32_and_bad_stride_are_refused() -> None:
     assert (cfg.data.max_seq_len, cfg.data.overlong_stride) == (1 << 20, 0)
 
 
+@pytest.mark.parametrize(("override", "problem"), [
+    ("trainer.devices=0", r"trainer.devices=0 must be at least 1"),
+    ("trainer.devices=-1", r"trainer.devices=-1 must be at least 1 \(-1, every visible GPU, is for GPUs\)"),
+    ("trainer.devices=abc", r"trainer.devices='abc' is not a number of devices"),
+    ("trainer.devices=[0,1]", r"trainer.devices=\[0, 1\]: a list picks GPUs by index; on CPU"),
+    ("trainer.num_nodes=0", r"trainer.num_nodes=0 must be positive"),
+])
+def test_a_number_of_devices_lightning_would_refuse_is_refused_before_the_model_loads(override: str,
+                                                                                       problem: str) -> None:
+    # Lightning checks trainer.devices only when the Trainer is built, after the model has loaded and been
+    # evaluated, and then with a traceback
+    with pytest.raises(ConfigError, match=rf"(?s){problem}.*Fix: trainer.devices=N"
+                                          if "devices" in override else problem):
+        composed(["trainer=cpu", override])
+    for ok in ("trainer.devices=2", "trainer.devices=auto", "trainer.devices='2'"):
+        assert composed(["trainer=cpu", ok]).trainer.devices in (2, "2", "auto")
+    assert composed(["trainer=gpu", "trainer.devices=[0,1]"]).trainer.devices == [0, 1]
+    assert composed(["trainer=gpu", "trainer.devices=-1"]).trainer.devices == -1
+
+
 def test_every_chat_template_preset_the_config_accepts_has_its_jinja() -> None:
     from bamba_ft.config.schema import CHAT_TEMPLATE_PRESETS
     from bamba_ft.data.templates import PRESETS
