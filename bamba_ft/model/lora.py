@@ -99,6 +99,22 @@ def expand_family_targets(model_type: str, targets: list[str]) -> list[str]:
     return list(dict.fromkeys(t for name in targets for t in (mlp if name == MLP else [name])))
 
 
+@contextmanager
+def _no_requantize_warning() -> Iterator[None]:
+    """int8 bases: peft warns that it cannot re-quantize after merging; bamba_ft merges into dequantized weights."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*get_apply_tensor_subclass.*")
+        yield
+
+
+def load_adapter(model: nn.Module, adapter_dir: str, trainable: bool = False) -> nn.Module:
+    """A saved peft adapter attached to `model` (its base, quantized as it trained), as `apply_peft` attaches one."""
+    from peft import PeftModel
+
+    with _no_requantize_warning(), allow_mixer_out_proj(model):
+        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+
+
 def apply_peft(model: nn.Module, cfg: PeftConfig, fused: bool = True) -> nn.Module:
     """LoRA adapters on `cfg.target_modules` (base frozen), or the model unchanged for full fine-tuning.
 
@@ -131,11 +147,8 @@ def apply_peft(model: nn.Module, cfg: PeftConfig, fused: bool = True) -> nn.Modu
         bias="none",
         task_type="CAUSAL_LM",
     )
-    with warnings.catch_warnings():
-        # int8 bases: peft warns that it cannot re-quantize after merging; bamba_ft merges into dequantized weights.
-        warnings.filterwarnings("ignore", message=".*get_apply_tensor_subclass.*")
-        with allow_mixer_out_proj(model), adapters_off_meta(model):
-            peft_model = get_peft_model(model, lora)
+    with _no_requantize_warning(), allow_mixer_out_proj(model), adapters_off_meta(model):
+        peft_model = get_peft_model(model, lora)
     if fused:
         fuse_lora_forward(peft_model)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)

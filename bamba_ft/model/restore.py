@@ -12,14 +12,13 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from peft import PeftModel
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from bamba_ft.config.schema import ModelConfig, QuantConfig, RunConfig
 from bamba_ft.errors import ConfigError, ModelError
 from bamba_ft.model.build import build_model, load_tokenizer, same_draw
-from bamba_ft.model.lora import allow_mixer_out_proj, apply_peft, fuse_lora_forward
+from bamba_ft.model.lora import apply_peft, fuse_lora_forward, load_adapter
 from bamba_ft.rundir import RUN_CONFIG, RunDir
 
 log = logging.getLogger(__name__)
@@ -313,8 +312,7 @@ def load_source(src: Source, device: torch.device, trainable: bool = False) -> t
     tokenizer = load_tokenizer(dataclasses.replace(src.model, tokenizer=str(src.adapter_dir)) if has_tokenizer else src.model)
     model: nn.Module = _build_base(src, device)
     if src.adapter_dir is not None:
-        with allow_mixer_out_proj(model):
-            model = PeftModel.from_pretrained(model, str(src.adapter_dir), is_trainable=trainable)
+        model = load_adapter(model, str(src.adapter_dir), trainable)
         fuse_lora_forward(model)
     elif src.ckpt is not None:
         assert src.run is not None

@@ -98,3 +98,19 @@ def test_quantize_layer_refuses_an_unknown_method_naming_every_quant_method() ->
         quantize_layer(layer, QuantConfig(method="nf5"))
     assert quantize_layer(layer, QuantConfig(method="none")) == 0
     assert not any(is_quantized(p) for p in layer.parameters())
+
+
+def test_an_int8_runs_adapter_loads_without_peft_warning_that_it_cannot_merge(tmp_path: Path) -> None:
+    """peft warns that a TorchaoLoraLinear cannot merge(); bamba_ft merges into the dequantized base instead, so
+    eval, generate and export, which load a trained adapter, must not print that warning (training does not)."""
+    import warnings
+
+    from bamba_ft.model.lora import load_adapter
+
+    apply_peft(quantized_model("int8"), PeftConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS)).save_pretrained(
+        tmp_path / "adapter")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        loaded = load_adapter(quantized_model("int8"), str(tmp_path / "adapter"))
+    assert isinstance(loaded, PeftModel)
+    assert not [w for w in seen if "get_apply_tensor_subclass" in str(w.message)], [str(w.message) for w in seen]
