@@ -294,7 +294,11 @@ def config_changes(old: dict[str, Any], new: RunConfig) -> tuple[list[str], list
         # A stream's validation rows are its head, so their number moves where training starts in the stream.
         fixed_by_stream = key == "data.max_val_examples" and new.data.streaming
         ok = (_matches(key, APPLIED) and not fixed_by_stream) or (_matches(key, RANKS) and not new.data.streaming)
-        (applied if ok else refused).append(f"{key}: {was!r} -> {now!r}")
+        why = ""
+        if not ok and _matches(key, RANKS):  # refused only because the data is streamed
+            why = (" (data.streaming=true: a stream's position counts the batches of each window that each rank "
+                   "trained, so a streamed run resumes on the ranks and accumulation that wrote it)")
+        (applied if ok else refused).append(f"{key}: {was!r} -> {now!r}{why}")
     return applied, refused
 
 

@@ -268,3 +268,17 @@ def test_resume_refuses_a_changed_stream_head() -> None:
     assert refused == ["data.max_val_examples: 1000 -> 10"] and not applied
     new.data.streaming = old.data.streaming = False  # in memory the held-out rows do not move the training set
     assert config_changes(asdict(old), new) == (["data.max_val_examples: 1000 -> 10"], [])
+
+
+def test_a_streamed_run_resumed_on_other_ranks_is_refused_saying_why() -> None:
+    # in memory, N ranks resume on M accumulating N/M (README, "Several GPUs"); a stream's position does not
+    # rescale, so the refusal names the stream as its reason rather than reading as a plain changed setting
+    old = RunConfig()
+    old.data.streaming, old.trainer.devices = True, 2
+    new = RunConfig()
+    new.data.streaming, new.trainer.devices, new.trainer.accumulate_grad_batches = True, 1, 2
+    applied, refused = config_changes(asdict(old), new)
+    assert not applied and len(refused) == 2
+    assert all("data.streaming=true: a stream's position counts the batches" in r for r in refused), refused
+    old.data.streaming = new.data.streaming = False
+    assert config_changes(asdict(old), new)[1] == []
