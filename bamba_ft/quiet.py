@@ -50,6 +50,9 @@ def silence_import_noise() -> None:
     for reader in ("parquet.parquet", "json.json", "csv.csv"):
         logging.getLogger(f"datasets.packaged_modules.{reader}").addFilter(
             _DropMessages("Failed to read", "Failed to load JSON"))
+    # A rank above 0 that ends with an error: runtime.exit_as_a_failed_rank says so, and with the rank's status.
+    logging.getLogger("lightning.fabric.strategies.launchers.subprocess_script").addFilter(
+        _DropMessages("Forcefully terminating"))
     # Lightning advertises a hosted logging service at every Trainer start; it is not a fact about the run.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropMessages("litlogger"))
 

@@ -74,3 +74,35 @@ def autocast_for(model: torch.nn.Module, device: torch.device):  # noqa: ANN201
 
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def exit_status_of(returncode: int) -> int:
+    """The shell's exit status for a child process's `returncode` (negative: killed by that signal)."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def exit_as_a_failed_rank() -> None:
+    """When a rank that Lightning's launcher started ends with a non-zero status, the launcher's watcher kills the
+    other ranks and then the launching process with SIGKILL, so the command ended with 137 whatever the rank said:
+    a data error (2) or a Ctrl-C (130) that reached a rank first read as a crash. The watcher now ends the launching
+    process with the failed rank's status instead, after saying which rank it was (that rank printed why)."""
+    import sys
+
+    from lightning.fabric.strategies.launchers import subprocess_script
+
+    observer = getattr(subprocess_script, "_ChildProcessObserver", None)
+    if observer is None or getattr(observer, "_bamba_ft", False):
+        return
+
+    def terminate_all(self: Any) -> None:
+        failed = next((p for p in self._child_processes if p.returncode), None)
+        for p in self._child_processes:
+            if p.returncode is None:
+                p.send_signal(self._termination_signal)
+        status = exit_status_of(failed.returncode) if failed is not None else 1
+        print(f"\nbamba_ft: a rank above 0 (pid {failed.pid if failed else '?'}) ended with status {status}; this "
+              "run stops with it.", file=sys.stderr, flush=True)
+        os._exit(status)
+
+    observer._terminate_all = terminate_all
+    observer._bamba_ft = True

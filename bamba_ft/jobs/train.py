@@ -45,7 +45,14 @@ from bamba_ft.jobs.checkpoints import (
 from bamba_ft.jobs.evaluate import evaluate_model, format_metrics
 from bamba_ft.jobs.fsdp import storage_dtype
 from bamba_ft.jobs.report import atomic_write_json, plot_curves, publish_file, table
-from bamba_ft.jobs.runtime import autocast_dtype, autocast_for, choose_device, resolve_precision, to_device
+from bamba_ft.jobs.runtime import (
+    autocast_dtype,
+    autocast_for,
+    choose_device,
+    exit_as_a_failed_rank,
+    resolve_precision,
+    to_device,
+)
 from bamba_ft.lit_module import BambaLitModule, batch_tokens, training_mean_loss
 from bamba_ft.model.build import build_model, load_tokenizer
 from bamba_ft.model.families import family_of
@@ -302,6 +309,7 @@ def early_stop(trainer: L.Trainer) -> dict | None:
 def _trainer(cfg: RunConfig, dm: BambaDataModule, run_dir: Path, device: torch.device, strategy: Any,
              loggers: list[Logger], stopper: GracefulStop, saved_with: ConfigInCheckpoint) -> L.Trainer:
     t = cfg.trainer
+    exit_as_a_failed_rank()
     return L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=t.devices,
