@@ -43,6 +43,9 @@ def silence_import_noise() -> None:
     # seed + epoch and the trained batches skipped; streams record their position), so it warns on every resume
     # that the results may be unreliable; the resumed run trains what the uninterrupted run would (test_resume).
     warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended.*")
+    # Lightning compares an epoch's batches with trainer.log_every_n_steps, but logs by global step: a run of
+    # trainer.max_steps over epochs of fewer batches than that logs every N steps all the same.
+    warnings.filterwarnings("ignore", message=r".*is smaller than the logging interval.*")
     # val/loss is summed over ranks explicitly before logging (lit_module.on_validation_epoch_end)
     warnings.filterwarnings("ignore", message=r".*sync_dist=True.*when logging on epoch level.*")
     # datasets' file readers log a read error before raising it; bamba_ft's DataError names the file, the line

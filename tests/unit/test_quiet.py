@@ -59,6 +59,22 @@ def test_ranks_above_zero_print_errors_and_their_own_lines_only(monkeypatch: pyt
     assert console.getvalue() == expected and logfile.getvalue() == expected
 
 
+def test_lightnings_logging_interval_warning_is_dropped() -> None:
+    """Logs are written every trainer.log_every_n_steps global steps, whatever an epoch's length."""
+    import warnings
+
+    from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+    from lightning.pytorch.utilities.warnings import PossibleUserWarning
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet.silence_import_noise()
+        rank_zero_warn("The number of training batches (1) is smaller than the logging interval "
+                       "Trainer(log_every_n_steps=10). Set a lower value for log_every_n_steps if you want to see "
+                       "logs for the training epoch.", category=PossibleUserWarning)
+    assert seen == []
+
+
 def test_lightnings_unresumable_dataloader_warning_is_dropped() -> None:
     """A mid-epoch resume continues the epoch's batch plan exactly (test_resume); Lightning's warning that it cannot
     resume the dataloader, printed on every such resume, said the results could be unreliable."""
