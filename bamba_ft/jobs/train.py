@@ -287,9 +287,14 @@ def _callbacks(cfg: RunConfig, dm: BambaDataModule, ckpt_dir: Path, stopper: Gra
                               "(data.val_fraction > 0 or data.val_source), or set trainer.early_stopping_patience=0.")
         # its state (the best loss, validations without improvement) is in the checkpoints: a resume goes on counting
         callbacks.append(PatientEarlyStopping(monitor="val/loss", mode="min", patience=cfg.trainer.early_stopping_patience,
-                                       min_delta=cfg.trainer.early_stopping_min_delta, check_on_train_epoch_end=False,
-                                       strict=True))
+                                              min_delta=cfg.trainer.early_stopping_min_delta,
+                                              check_on_train_epoch_end=False, strict=True))
     return callbacks
+
+
+def _best_checkpoints(trainer: L.Trainer) -> ModelCheckpoint | None:
+    """The callback keeping the best-* checkpoints by val/loss (None without validation or trainer.save_top_k)."""
+    return next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) == "val/loss"), None)
 
 
 def early_stop(trainer: L.Trainer) -> dict | None:
@@ -297,7 +302,7 @@ def early_stop(trainer: L.Trainer) -> dict | None:
     stopper = next((c for c in trainer.callbacks if isinstance(c, EarlyStopping)), None)
     if stopper is None or stopper.stopping_reason != EarlyStoppingReason.PATIENCE_EXHAUSTED:
         return None  # a non-finite val/loss also stops it: reported as a divergence
-    best = next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) == "val/loss"), None)
+    best = _best_checkpoints(trainer)
     kept = best is not None and bool(best.best_model_path)
     # best_val_loss: the loss the patience counted against (the last that improved by more than min_delta);
     # lowest_val_loss: the lowest of all, which best_checkpoint holds
@@ -425,7 +430,7 @@ def _tidy_checkpoints(trainer: L.Trainer, run_dir: Path) -> None:
     unknown to the resumed checkpoint callback: it is ranked by the score it recorded for itself."""
     ckpts = RunDir(run_dir).checkpoints
     stale = [ckpts / INTERRUPTED] if (ckpts / INTERRUPTED).exists() else []
-    best = next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) == "val/loss"), None)
+    best = _best_checkpoints(trainer)
     if best is not None and best.save_top_k > 0:
         scores = {Path(p).name: float(v) for p, v in best.best_k_models.items()}
         for path in ckpts.glob("best*.ckpt"):
