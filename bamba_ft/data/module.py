@@ -96,11 +96,16 @@ def _warn_repeated(examples: datasets.Dataset, where: str) -> set[int]:
 def _raise_earliest(rows: datasets.Dataset, encode: Callable[[dict], Any]) -> None:
     """Rows are tokenized in their split's order, which the hold-out shuffled, so the row a DataError named was not
     always the file's first bad one (every row bad: 'line 10'): raise the error of the earliest row in the file."""
-    position = next((p for p in POSITIONS if p in rows.column_names), None)
+    position = _positions(rows)
     if position is None:
         return
-    for i in np.argsort(np.asarray(rows[position]), kind="stable"):
+    for i in np.argsort(np.asarray(position), kind="stable"):
         encode(rows[int(i)])
+
+
+def _positions(rows: datasets.Dataset) -> list[int] | None:
+    """Each row's place in its source file (load.LINE, or load.ROW for CSV and Parquet), None where not recorded."""
+    return next((rows[p] for p in POSITIONS if p in rows.column_names), None)
 
 
 def held_out_count(n: int, fraction: float, cap: int) -> int:
@@ -210,7 +215,7 @@ class BambaDataModule(L.LightningDataModule):
             unknown_targets=sum(1 for n in cols["unknown_targets"] if n),
         )
 
-        position = next((rows[p] for p in POSITIONS if p in rows.column_names), None)
+        position = _positions(rows)
 
         def at(flags: list[bool]) -> str:
             # the earliest in the file: the held-out split has shuffled the rows
