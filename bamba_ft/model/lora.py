@@ -17,6 +17,7 @@ from torch import nn
 from bamba_ft.config.schema import PeftConfig
 from bamba_ft.errors import ConfigError, ModelError, suggest
 from bamba_ft.model.families import family_for
+from bamba_ft.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +324,7 @@ def _module_of(param_name: str) -> str:
 def adapter_dir_of(path: str) -> Path:
     """The adapter directory `path` names: itself, or a run directory's adapter/ (peft.init_from)."""
     given = Path(path).expanduser()
-    for candidate in (given, given / "adapter"):
+    for candidate in (given, RunDir(given).adapter):
         if (candidate / "adapter_config.json").is_file():
             return candidate
     raise ConfigError(f"peft.init_from={path}: no adapter there (adapter_config.json in it or in its adapter/).\n"
@@ -360,7 +361,7 @@ def init_adapters_from(model: nn.Module, cfg: PeftConfig, base: str) -> Path:
     state = load_file(str(weights))
     result = set_peft_model_state_dict(model, state)
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
-    loaded = {k for k in state}
+    loaded = set(state)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     missing = [n for n in trainable if n.replace(".default", "") not in loaded]
     if unexpected or missing:
