@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,6 +99,11 @@ def from_row(row: Any, g: GenerateConfig, where: str) -> Prompt:
                     f"{', '.join(map(str, row)) or 'no fields'}.\nFix: rename its prompt field to `prompt`.")
 
 
+def line_prompts(lines: Iterable[str], g: GenerateConfig, where: str) -> list[Prompt]:
+    """A prompt per non-blank line (a .txt prompts file, standard input), each named by `where` and its line."""
+    return [from_text(line.rstrip("\n"), g, f"{where}, line {n}") for n, line in enumerate(lines, 1) if line.strip()]
+
+
 def read_prompts(g: GenerateConfig) -> list[Prompt] | None:
     """generate.prompt or the rows of generate.prompts_file, checked before the model loads; None: neither is set
     (prompts come from standard input)."""
@@ -119,23 +124,22 @@ def read_prompts(g: GenerateConfig) -> list[Prompt] | None:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
         raise DataError(f"{key}: not UTF-8 text (byte {e.start}).\nFix: save the file as UTF-8.") from None
-    prompts = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{key}, line {n}"
-        if path.suffix == ".txt":
-            prompts.append(from_text(line, g, where))
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: malformed JSON: {e.msg} (column {e.colno}).\nFix that line (each line one JSON "
-                            "object).") from None
-        prompts.append(from_row(row, g, where))
+    if path.suffix == ".txt":
+        prompts = line_prompts(lines, g, key)
+    else:
+        prompts = [_json_prompt(line, g, f"{key}, line {n}") for n, line in enumerate(lines, 1) if line.strip()]
     if not prompts:
         raise DataError(f"{key}: the file holds no prompt.")
     return prompts
+
+
+def _json_prompt(line: str, g: GenerateConfig, where: str) -> Prompt:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: malformed JSON: {e.msg} (column {e.colno}).\nFix that line (each line one JSON "
+                        "object).") from None
+    return from_row(row, g, where)
 
 
 def chat(model: nn.Module, tokenizer: PreTrainedTokenizerBase, g: GenerateConfig, device: torch.device,
@@ -196,7 +200,6 @@ def run(cfg: RunConfig) -> dict:
     if src.run is not None and "data.chat_template" not in override_keys():
         template = src.run.data.chat_template
     ensure_chat_template(tokenizer, template)
-    model.eval()
     torch.manual_seed(cfg.trainer.seed)  # sampling (generate.do_sample=true) repeats with the seed
     log.info("generating with %s", src.description)
     out = Path(g.output_file).expanduser() if g.output_file else Path(cfg.output_dir) / "generations.jsonl"
@@ -204,8 +207,7 @@ def run(cfg: RunConfig) -> dict:
         rows = chat(model, tokenizer, g, device)
     else:
         if prompts is None:
-            prompts = [from_text(line.rstrip("\n"), g, f"standard input, line {n}")
-                       for n, line in enumerate(sys.stdin, 1) if line.strip()]
+            prompts = line_prompts(sys.stdin, g, "standard input")
             if not prompts:
                 raise ConfigError("no prompt: standard input was empty.\nFix: give generate.prompt=\"...\" or "
                                   "generate.prompts_file=FILE, or run on a terminal to chat.")
