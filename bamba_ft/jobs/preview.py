@@ -7,7 +7,6 @@ import logging
 import sys
 from typing import Any
 
-import torch
 from transformers import PreTrainedTokenizerBase
 
 from bamba_ft.config.schema import RunConfig
@@ -69,7 +68,8 @@ def run(cfg: RunConfig) -> dict:
     color = sys.stdout.isatty() if p.color == "auto" else p.color == "true"
     stops = [tokenizer.decode([t]) for t in stop_token_ids(tokenizer)]
     real = sum(len(s) for s, _ in seqs)
-    with_loss = int(sum((torch.tensor(lab) != IGNORE_INDEX).sum() for _, lab in seqs))
+    losses = [sum(1 for t in labels if t != IGNORE_INDEX) for _, labels in seqs]
+    with_loss = sum(losses)
     layout = "packed into one row" if "cu_seq_lens_q" in batch else "padded rows"
     template = f"data.chat_template={cfg.data.chat_template}" if cfg.data.chat_template else "the tokenizer's own"
     where = "green text" if color else f"text inside {OPEN} {CLOSE}"
@@ -78,8 +78,7 @@ def run(cfg: RunConfig) -> dict:
         f"{template}; generation stops at {', '.join(map(repr, stops)) or 'nothing (no EOS token)'}",
         f"loss is on the {where}; special tokens are shown as the model reads them",
     ]
-    for k, (ids, labels) in enumerate(seqs[: p.examples], 1):
-        n = sum(1 for t in labels if t != IGNORE_INDEX)
+    for k, ((ids, labels), n) in enumerate(zip(seqs[: p.examples], losses), 1):
         lines += ["", f"--- sequence {k} of {len(seqs)}: {len(ids)} tokens, {n} with loss ---",
                   marked(tokenizer, ids, labels, color)]
     print("\n".join(lines))
