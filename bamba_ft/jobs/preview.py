@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerBase
 from bamba_ft.config.schema import RunConfig
 from bamba_ft.data.module import BambaDataModule
 from bamba_ft.data.stream import STREAM_KEY
-from bamba_ft.data.templates import ensure_chat_template, stop_token_ids
+from bamba_ft.data.templates import FALLBACK, ensure_chat_template, stop_token_ids
 from bamba_ft.data.tokenize import IGNORE_INDEX
 from bamba_ft.errors import DataError
 from bamba_ft.model.build import load_tokenizer
@@ -51,6 +51,7 @@ def marked(tokenizer: PreTrainedTokenizerBase, ids: list[int], labels: list[int]
 def run(cfg: RunConfig) -> dict:
     p = cfg.preview
     tokenizer = load_tokenizer(cfg.model)
+    own = bool(getattr(tokenizer, "chat_template", None))
     ensure_chat_template(tokenizer, cfg.data.chat_template)
     dm = BambaDataModule(cfg.data, tokenizer, seed=cfg.trainer.seed)
     dm.prepare(train=p.split == "train")  # logs each split's counts and the data's warnings, as training does
@@ -71,7 +72,8 @@ def run(cfg: RunConfig) -> dict:
     losses = [sum(1 for t in labels if t != IGNORE_INDEX) for _, labels in seqs]
     with_loss = sum(losses)
     layout = "packed into one row" if "cu_seq_lens_q" in batch else "padded rows"
-    template = f"data.chat_template={cfg.data.chat_template}" if cfg.data.chat_template else "the tokenizer's own"
+    template = (f"data.chat_template={cfg.data.chat_template}" if cfg.data.chat_template else "the tokenizer's own"
+                if own else f"the {FALLBACK} preset (the tokenizer has none)")
     where = "green text" if color else f"text inside {OPEN} {CLOSE}"
     lines = [
         f"{p.split} batch 1: {len(seqs)} sequences, {real:,} tokens, {with_loss:,} with loss ({layout}); chat template: "

@@ -47,3 +47,22 @@ def test_preview_shows_the_template_and_the_answer_with_loss(tmp_path: Path, cap
         n = int(line.split("add ")[1].split(" ")[0])
         assert line == f"<|user|>add {n} and 1<|end|><|assistant|>[[{n + 1}<|end|>]]"
     assert f"train batch 1: {result['sequences']} sequences" in out and "generation stops at '<|end|>'" in out
+
+
+def test_preview_names_the_preset_a_tokenizer_without_a_template_gets(tmp_path: Path, builtin_tokenizer,  # noqa: ANN001
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    """It said "chat template: the tokenizer's own" for a tokenizer that has none (the bamba_ft preset renders)."""
+    from bamba_ft.config.schema import ModelConfig
+
+    bare = tmp_path / "tok"
+    builtin_tokenizer.save_pretrained(bare)
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (bare / name).unlink(missing_ok=True)
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": "a"}) + "\n" for i in range(4)))
+    preview.run(RunConfig(task="preview", model=ModelConfig(tokenizer=str(bare)),
+                          data=DataConfig(source=str(path), val_fraction=0.0), preview=PreviewConfig(color="false")))
+    assert "chat template: the bamba_ft preset (the tokenizer has none)" in capsys.readouterr().out
