@@ -6,6 +6,7 @@ Rules that span fields live in `validate`, which gathers every problem and raise
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import StrEnum
@@ -150,11 +151,13 @@ class SourceConfig:
     """Read at most this many rows of the source (the first ones)."""
     columns: dict[str, str] = field(default_factory=dict)
     """Renames applied before the format is read, {their_column: our_column}, e.g. {question: prompt}."""
+    field: str | None = None
+    """A .json file holding one JSON object: the key of the list that holds its rows, as data.field."""
 
 
 # data.* keys only a data file reads: the built-in task generates its splits (data.builtin_val_examples), so
 # training and eval refuse them with it.
-NOT_BUILTIN = ("val_source", "val_split", "val_fraction", "split", "config")
+NOT_BUILTIN = ("val_source", "val_split", "val_fraction", "split", "config", "field", "val_field")
 
 
 @dataclass
@@ -165,7 +168,11 @@ class DataConfig:
     `sources`."""
     config: str | None = None
     """Configuration of `source` (datasets.load_dataset's `name`), for Hub ids and dataset repository directories."""
-    sources: list[SourceConfig] = field(default_factory=list)
+    field: str | None = None
+    """When `source` is a .json file holding one JSON object rather than rows ({"version": 1, "data": [...]}): the
+    key of the list that holds its rows (data), as datasets' json loader reads it (its `field`)."""
+    # dataclasses.field in this class: `field` is one of its keys
+    sources: list[SourceConfig] = dataclasses.field(default_factory=list)
     """Several sources mixed by weight (datasets.interleave_datasets, seeded by trainer.seed; `stopping_strategy`
     says when the mix ends) or concatenated; each holds out data.val_fraction for validation. Replaces `source`."""
     stopping_strategy: str = "first_exhausted"
@@ -181,6 +188,8 @@ class DataConfig:
     """Validation data (same forms as `source`); when unset, `val_fraction` of `source` is held out."""
     val_split: str | None = None
     """Split of `val_source` (or of `source`) used for validation."""
+    val_field: str | None = None
+    """`field` of `val_source`: the key of the list that holds its rows, when it is a .json file holding one object."""
     val_fraction: float = 0.05
     """Fraction of `source` held out for validation when no validation source or split is given, at most
     max_val_examples rows (the others train)."""
@@ -196,7 +205,7 @@ class DataConfig:
     trained once. At least 1 is used (0 reads as 1): a window's first token has nothing before it to predict it."""
     train_on: str = "completion"
     """Which tokens carry loss: completion (assistant/completion tokens) | all."""
-    roles: dict[str, str] = field(default_factory=dict)
+    roles: dict[str, str] = dataclasses.field(default_factory=dict)
     """Chat role renames applied before the template, e.g. {human: user, bot: assistant}; ShareGPT's are built in."""
     packing: bool = True
     """Padding-free packed batches (exact on bamba_ft's mixer); false gives padded batches."""
@@ -729,6 +738,7 @@ def validate(cfg: RunConfig) -> None:
                      f"Fix: set data.overlong_stride to a smaller value (e.g. {cfg.data.max_seq_len // 8}), "
                      "or raise data.max_seq_len.")
     _check_sources(cfg.data, problems)
+    _check_fields(cfg.data, problems)
     _check_paths(cfg, problems)
     _check_streaming(cfg, problems)
     if cfg.data.chat_template and (problem := chat_template_problem(cfg.data.chat_template)):
@@ -940,10 +950,12 @@ def _check_sources(data: DataConfig, problems: Problems) -> None:
                      "read once).\nFix: give every one of data.sources a weight, or drop the override.")
     if not data.sources:
         return
-    if data.source != "builtin" or data.config is not None:
-        shorthand = f"data.source={data.source}" if data.source != "builtin" else f"data.config={data.config}"
+    if data.source != "builtin" or data.config is not None or data.field is not None:
+        shorthand = (f"data.source={data.source}" if data.source != "builtin" else
+                     f"data.config={data.config}" if data.config is not None else f"data.field={data.field}")
         problems.add(f"{shorthand} and data.sources are both set. Fix: list every source in data.sources, each "
-                     "with its own config (data.source and data.config are the one-source shorthand).")
+                     "with its own config and field (data.source, data.config and data.field are the one-source "
+                     "shorthand).")
     if data.val_split and not data.val_source:
         problems.add(f"data.val_split={data.val_split} with data.sources: the sources' validation rows are held out "
                      "of each (data.val_fraction), so the split would be ignored.\nFix: name the validation data in "
@@ -963,6 +975,28 @@ def _check_sources(data: DataConfig, problems: Problems) -> None:
             problems.add(f"{key}.max_examples={s.max_examples} must be positive (or null: every row).")
         if s.format not in formats:
             problems.add(not_an_option(f"{key}.format", s.format, formats))
+
+
+def _check_fields(data: DataConfig, problems: Problems) -> None:
+    """A `field` (data.field, data.val_field, data.sources[i].field) names the key under which a .json file holding
+    one JSON object lists its rows: refused where its source is no .json file, which has no such key. Beside the
+    built-in task, NOT_BUILTIN refuses them."""
+    if data.source == "builtin" and not data.sources:
+        return
+    keys = [("data.field", data.field, "data.source", data.source),
+            ("data.val_field", data.val_field, "data.val_source", data.val_source)]
+    keys += [(f"data.sources[{i}].field", s.field, f"data.sources[{i}].source", s.source)
+             for i, s in enumerate(data.sources)]
+    for key, value, source_key, source in keys:
+        if value is None or (key == "data.field" and data.sources):  # _check_sources names data.field beside them
+            continue
+        if not source:  # an empty data.sources[i].source is named by _check_sources
+            if key == "data.val_field":
+                problems.add(f"{key}={value}: data.val_source is not set, so there is no file to read it in.\n"
+                             f"Fix: set data.val_source to a .json file, or drop {key}.")
+        elif Path(source).suffix.lower() != ".json":
+            problems.add(f"{key}={value}: {source_key}={source} is not a .json file; {key} names the key of the list "
+                         f"that holds the rows of a .json file holding one JSON object.\nFix: drop {key}.")
 
 
 def field_names(dc: Any) -> list[str]:

@@ -18,13 +18,16 @@ import datasets
 from huggingface_hub import constants, get_session
 
 from bamba_ft.config.schema import DATA_SUFFIXES, looks_local, missing_path_problem
-from bamba_ft.errors import DataError
+from bamba_ft.data.formats import FORMATS
+from bamba_ft.errors import DataError, suggest
 
 log = logging.getLogger("bamba_ft")
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 LINE, ROW = "__line__", "__row__"  # file line (JSON, JSONL) | row number (CSV, Parquet, directories, Hub)
 POSITIONS = (LINE, ROW)
+# The fields of a row of any format: a JSON object holding one of them is a row, not rows listed under a key.
+_ROW_FIELDS = {"conversations"} | {f for required, optional in FORMATS.values() for f in (*required, *optional)}
 
 
 def locate(where: str, row: dict[str, Any]) -> str:
@@ -51,10 +54,10 @@ def _read_utf8(path: Path, where: str) -> str:
         ) from None
 
 
-def _array_lines(text: str) -> list[int]:
-    """The line on which each element of a (valid) JSON array starts."""
+def _array_lines(text: str, start: int = 0) -> list[int]:
+    """The line on which each element of a (valid) JSON array starts: the first array from `start` on."""
     decoder, gap = json.JSONDecoder(), re.compile(r"[\s,]*")
-    pos = text.index("[") + 1
+    pos = text.index("[", start) + 1
     line, lines = 1 + text.count("\n", 0, pos), []
     while True:
         start = gap.match(text, pos).end()  # type: ignore[union-attr]  # the pattern matches the empty string
@@ -66,8 +69,121 @@ def _array_lines(text: str) -> list[int]:
         line += text.count("\n", start, pos)
 
 
-def _json_lines(path: Path, text: str, key: str) -> list[int]:
-    """The line of each row; 'file:line: reason' for the first line (JSONL) or position (JSON) that does not parse."""
+def _member_start(text: str, name: str) -> int:
+    """Where the value of key `name` starts in `text`, one (valid) JSON object: the last such key's, as json.loads
+    keeps the last of a repeated key."""
+    decoder, gap, colon = json.JSONDecoder(), re.compile(r"[\s,]*"), re.compile(r"\s*:\s*")
+    pos, found = text.index("{") + 1, -1
+    while True:
+        pos = gap.match(text, pos).end()  # type: ignore[union-attr]  # the pattern matches the empty string
+        if text[pos] == "}":
+            return found
+        member, pos = decoder.raw_decode(text, pos)
+        pos = colon.match(text, pos).end()  # type: ignore[union-attr]
+        if member == name:
+            found = pos
+        pos = decoder.raw_decode(text, pos)[1]
+
+
+def _field_key(key: str) -> str:
+    """The config key naming the field of the source that `key` names (data.field, data.val_field,
+    data.sources[i].field)."""
+    return "data.val_field" if key == "data.val_source" else f"{key.rpartition('.')[0]}.field"
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a JSON object", list: "a JSON array", str: "a string", bool: "true or false",
+            type(None): "null"}.get(type(value), "a number")
+
+
+def _lists_of_rows(value: dict[str, Any]) -> dict[str, int]:
+    """The keys of a JSON object whose value is a non-empty list of objects, with the list's length: where its rows
+    are, when the object is not itself a row (it has no field of a row format)."""
+    if _ROW_FIELDS & value.keys():
+        return {}
+    return {k: len(v) for k, v in value.items() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)}
+
+
+def _to_jsonl(path: Path, name: str) -> str:
+    """The command that writes the rows listed under key `name` of the JSON object in `path` as JSON Lines."""
+    member = f".{name}" if re.fullmatch(r"[A-Za-z_]\w*", name, re.ASCII) else f".[{json.dumps(name)}]"
+    return f"jq -c '{member}[]' {path.name} > {path.stem}.jsonl"
+
+
+def _single_object(path: Path) -> Any:
+    """The JSON object a file holds when it holds one, over many lines or alone on its only line; else None (JSON
+    Lines, read no further than their second line; an array; no JSON)."""
+    with path.open(encoding="utf-8-sig", errors="replace") as f:
+        first = next((line for line in f if line.strip()), "")
+        if not first.lstrip().startswith("{"):
+            return None
+        try:
+            value = json.loads(first)
+        except json.JSONDecodeError:
+            first += f.read()
+            try:
+                return json.loads(first)
+            except json.JSONDecodeError:
+                return None  # the reader names the line that does not parse
+        return None if any(line.strip() for line in f) else value
+
+
+def _refuse_rows_under_a_key(path: Path, where: str, key: str) -> None:
+    """A .json file holding one JSON object whose rows are listed under a key ({"version": 1, "data": [...]}) is
+    named with the key and the fix; read as it is, it is one row whose fields fit no format, or not JSON Lines."""
+    value = _single_object(path)
+    lists = _lists_of_rows(value) if isinstance(value, dict) else {}
+    if not lists:
+        return
+    keys = ", ".join(list(value)[:8]) + (", ..." if len(value) > 8 else "")
+    name = max(lists, key=lists.__getitem__)
+    if len(lists) == 1:
+        held, which = f"its list of {lists[name]} rows is under key \"{name}\"", "them"
+    else:
+        held = "its lists of rows are under keys " + " and ".join(f'"{k}" ({n} rows)' for k, n in lists.items())
+        which = f"those under \"{name}\" (or name another of these keys)"
+    raise DataError(f"{where}: the file holds one JSON object (keys: {keys}) rather than rows: {held}.\nFix: set "
+                    f"{_field_key(key)}={name} to read {which}, or convert the file to JSON Lines (one row a line): "
+                    f"{_to_jsonl(path, name)}")
+
+
+def _field_lines(path: Path, text: str, key: str, field: str) -> list[int]:
+    """The line of each row of a .json file holding one JSON object whose list under key `field` holds its rows;
+    a DataError naming the key (`_field_key`) and the fix where the file is not that."""
+    given = f"{_field_key(key)}={field}"
+    drop = f"Fix: drop {_field_key(key)}."
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":
+            raise DataError(f"{given}: {path} holds more than one JSON value (the second at line {e.lineno}), as "
+                            f"JSON Lines do, not one JSON object.\n{drop}") from None
+        raise DataError(f"{key}: malformed JSON at {path}:{e.lineno}:{e.colno}: {e.msg}.\nFix the JSON there (the "
+                        f"file is one JSON object, its rows the list under key \"{field}\").") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{given}: {path} holds {_kind(value)}, not one JSON object whose rows are under a key.\n{drop}"
+                        + (" A JSON array of rows is read as it is." if isinstance(value, list) else ""))
+    if field not in value:
+        lists = _lists_of_rows(value)
+        hint = f" ({_field_key(key)}={max(lists, key=lists.__getitem__)})" if lists else ""
+        raise DataError(f"{given}: {path} has no key \"{field}\"; its keys: {', '.join(value) or 'none'}."
+                        f"{suggest(field, value)}\nFix: set {_field_key(key)} to the key of the list that holds the "
+                        f"rows{hint}.")
+    if not isinstance(value[field], list):
+        raise DataError(f"{given}: the value under key \"{field}\" in {path} is {_kind(value[field])}, not a list of "
+                        f"rows.\nFix: set {_field_key(key)} to the key of the list that holds the rows.")
+    lines = _array_lines(text, _member_start(text, field))
+    for n, row in zip(lines, value[field]):
+        if not isinstance(row, dict):
+            raise DataError(f"{key}: {path}:{n}: each element must be a JSON object, got {type(row).__name__}.")
+    return lines
+
+
+def _json_lines(path: Path, text: str, key: str, field: str | None = None) -> list[int]:
+    """The line of each row; 'file:line: reason' for the first line (JSONL) or position (JSON) that does not parse.
+    `field`: the key under which a .json file holding one JSON object lists its rows."""
+    if field is not None:
+        return _field_lines(path, text, key, field)
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -129,7 +245,7 @@ def stream_read_error(e: Exception, wheres: list[str]) -> DataError:
                      "or row that does not parse.")
 
 
-def _load_file(path: Path, source: str, key: str) -> datasets.Dataset:
+def _load_file(path: Path, source: str, key: str, field: str | None = None) -> datasets.Dataset:
     where = f"{key}={source}"
     builder = _BUILDERS.get(path.suffix.lower())
     if builder is None:
@@ -143,12 +259,14 @@ def _load_file(path: Path, source: str, key: str) -> datasets.Dataset:
         if not text.strip():
             raise DataError(f"{where}: the file is empty (only whitespace).{empty}")
         if builder == "json":
-            lines = _json_lines(path, text, key)
+            if field is None and path.suffix.lower() == ".json":
+                _refuse_rows_under_a_key(path, where, key)
+            lines = _json_lines(path, text, key, field)
     if _no_rows(path, builder, text, lines):  # datasets' reader errors name no cause
         raise DataError(f"{where}: the file has no rows ({'a header only' if builder == 'csv' else 'no records'})."
                         f"{empty}")
     try:
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train", **_field_arg(field))
     except Exception as e:  # pyarrow/json errors surface as many exception types
         cause = e.__cause__ or e  # datasets wraps the reader's error in "An error occurred while generating ..."
         raise DataError(f"{where}: could not read the file: {type(cause).__name__}: {_first_line(cause)}") from e
@@ -158,6 +276,11 @@ def _load_file(path: Path, source: str, key: str) -> datasets.Dataset:
     if builder == "csv":
         _warn_line_breaks_in_fields(ds, where)
     return ds
+
+
+def _field_arg(field: str | None) -> dict[str, str]:
+    """datasets' json loader reads the rows of a file holding one JSON object from the list under `field`."""
+    return {} if field is None else {"field": field}
 
 
 def _no_rows(path: Path, builder: str, text: str | None, lines: list[int] | None) -> bool:
@@ -333,8 +456,10 @@ def mix_sources(parts: list[Any], weights: list[float | None], seed: int, stoppi
                                         stopping_strategy=stopping_strategy)
 
 
-def load_rows(source: str, split: str, key: str, config: str | None = None) -> datasets.Dataset:
-    """The rows of `source` (config key `key` names it in errors), numbered by their place in it."""
+def load_rows(source: str, split: str, key: str, config: str | None = None,
+              field: str | None = None) -> datasets.Dataset:
+    """The rows of `source` (config key `key` names it in errors), numbered by their place in it. `field`: the key
+    under which a .json file holding one JSON object lists its rows (data.field)."""
     path = Path(source).expanduser()
     if path.is_file() and key == "data.val_split":  # a file has one split: validation would be the training rows
         raise DataError(f"data.val_split={split}: data.source={source} is one file, which has no splits, so its "
@@ -342,7 +467,7 @@ def load_rows(source: str, split: str, key: str, config: str | None = None) -> d
                         "own (data.val_source=...), or leave data.val_split unset to hold out data.val_fraction of "
                         "the file.")
     if path.is_file():
-        return _load_file(path, source, key)
+        return _load_file(path, source, key, field)
     if path.is_dir():
         return _load_dir(path, source, split, key, config)
     if looks_local(source):  # validate refuses it first; this is for callers that build their DataConfig
@@ -355,11 +480,14 @@ def _number_stream(rows: datasets.IterableDataset) -> datasets.IterableDataset:
     return rows.map(lambda row, i: {ROW: i + 1}, with_indices=True)
 
 
-def load_stream(source: str, split: str, key: str, config: str | None = None) -> datasets.IterableDataset:
+def load_stream(source: str, split: str, key: str, config: str | None = None,
+                field: str | None = None) -> datasets.IterableDataset:
     """The rows of `source` read lazily (datasets' streaming mode), numbered by their place in it.
 
     A file is read by datasets' own reader, so a malformed line surfaces when the stream reaches it (with the
-    reader's message); the eager checks of `load_rows` would read the whole file first.
+    reader's message); the eager checks of `load_rows` would read the whole file first. A .json file holding one
+    JSON object is read whole, by datasets as by these checks: its rows under key `field` (data.field), or, without
+    it, an error naming the key that holds them.
     """
     path = Path(source).expanduser()
     where = f"{key}={source}"
@@ -369,7 +497,12 @@ def load_stream(source: str, split: str, key: str, config: str | None = None) ->
             raise DataError(f"{where}: unsupported file type '{path.suffix}'. Use .jsonl, .json, .parquet or .csv.")
         if path.stat().st_size == 0:
             raise DataError(f"{where}: the file is empty (0 bytes).\nFix: point {key} at a file with training rows.")
-        return _number_stream(datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True))
+        if field is not None:
+            _field_lines(path, _read_utf8(path, where), key, field)
+        elif path.suffix.lower() == ".json":
+            _refuse_rows_under_a_key(path, where, key)
+        return _number_stream(datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True,
+                                                    **_field_arg(field)))
     if path.is_dir() and _saved(path):
         return _load_dir(path, source, split, key, config).to_iterable_dataset()  # numbered by _load_dir
     if path.is_dir():  # a dataset repository on disk: read as a Hub id is

@@ -181,9 +181,9 @@ class BambaDataModule(L.LightningDataModule):
         if c.source == "builtin":
             train, val = builtin_splits(c.builtin_kind, c.builtin_train_examples, c.builtin_val_examples, self.seed)
             return number_rows(datasets.Dataset.from_list(train)), number_rows(datasets.Dataset.from_list(val))
-        train = load_rows(c.source, c.split, "data.source", c.config)
+        train = load_rows(c.source, c.split, "data.source", c.config, c.field)
         if c.val_source:
-            return train, load_rows(c.val_source, c.val_split or c.split, "data.val_source")
+            return train, load_rows(c.val_source, c.val_split or c.split, "data.val_source", field=c.val_field)
         if c.val_split:
             return train, load_rows(c.source, c.val_split, "data.val_split", c.config)
         train, val = hold_out(train, c.val_fraction, self.seed, f"data.source={c.source}", c.max_val_examples)
@@ -347,7 +347,8 @@ class BambaDataModule(L.LightningDataModule):
         parts, vals, loaded = [], [], []
         for i, s in enumerate(c.sources):
             key = f"data.sources[{i}]"
-            rows = rename_columns(load_rows(s.source, s.split, f"{key}.source", s.config), s.columns, f"{key}.columns")
+            rows = rename_columns(load_rows(s.source, s.split, f"{key}.source", s.config, s.field), s.columns,
+                                  f"{key}.columns")
             if s.max_examples is not None:
                 rows = rows.select(range(min(len(rows), s.max_examples)))
             loaded.append(rows)
@@ -366,7 +367,7 @@ class BambaDataModule(L.LightningDataModule):
         if train:
             self._mix(parts)
         if c.val_source:
-            vals = [(load_rows(c.val_source, c.val_split or c.split, "data.val_source"),
+            vals = [(load_rows(c.val_source, c.val_split or c.split, "data.val_source", field=c.val_field),
                      f"data.val_source={c.val_source}", None)]
         self._validation_parts(vals)
         for name, st in self.stats.items():

@@ -80,7 +80,7 @@ def open_stream(c: DataConfig, seed: int) -> tuple[datasets.IterableDataset, lis
         rows = number_rows(datasets.Dataset.from_list(train)).to_iterable_dataset()
         source = _source(rows, c.format, "data.source=builtin")
         return rows, [source], [(number_rows(datasets.Dataset.from_list(val)), source.where, None)]
-    specs = c.sources or [SourceConfig(source=c.source, split=c.split, config=c.config, format=c.format)]
+    specs = c.sources or [SourceConfig(source=c.source, split=c.split, config=c.config, field=c.field, format=c.format)]
     hold = not c.val_source and not c.val_split and c.val_fraction > 0 and c.max_val_examples > 0
     head = max(1, c.max_val_examples // len(specs))
     streams, sources, vals = [], [], []
@@ -88,7 +88,7 @@ def open_stream(c: DataConfig, seed: int) -> tuple[datasets.IterableDataset, lis
         key = f"data.sources[{i}]" if c.sources else "data"
         where = f"{key}.source={s.source}"
         with reading([where]):  # datasets' readers parse a file's first block when the stream is opened
-            rows = rename_columns(load_stream(s.source, s.split, f"{key}.source", s.config), s.columns,
+            rows = rename_columns(load_stream(s.source, s.split, f"{key}.source", s.config, s.field), s.columns,
                                   f"{key}.columns")
             if s.max_examples is not None:
                 rows = rows.take(s.max_examples)
@@ -98,8 +98,8 @@ def open_stream(c: DataConfig, seed: int) -> tuple[datasets.IterableDataset, lis
             sources.append(_source(rows, s.format, where, held=head if hold else 0))
         streams.append(rows.map(functools.partial(_tag, source=i)))
     if c.val_source:
-        vals = [(load_rows(c.val_source, c.val_split or c.split, "data.val_source"), f"data.val_source={c.val_source}",
-                 None)]
+        vals = [(load_rows(c.val_source, c.val_split or c.split, "data.val_source", field=c.val_field),
+                 f"data.val_source={c.val_source}", None)]
     elif c.val_split:
         vals = [(load_rows(c.source, c.val_split, "data.val_split", c.config), f"data.source={c.source}", None)]
     mixed = streams[0] if len(streams) == 1 else mix_sources(streams, [s.weight for s in specs], seed,

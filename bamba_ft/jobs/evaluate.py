@@ -202,7 +202,7 @@ def check_hold_out(run_dir: Path, now: dict[str, int]) -> None:
 
 # Where a run's data comes from. A new data.source or data.sources on the command line takes all of these from the
 # command line (their defaults where not given), so the run's own validation file or split is not scored in its place.
-SOURCE_KEYS = ("source", "config", "sources", "split", "format", "val_source", "val_split")
+SOURCE_KEYS = ("source", "config", "field", "sources", "split", "format", "val_source", "val_split", "val_field")
 
 
 def eval_data_config(run: RunConfig | None, cfg: RunConfig, given: set[str]) -> DataConfig:
@@ -238,13 +238,14 @@ def _score_all_of_a_new_source(data: DataConfig, trained: DataConfig | None, giv
     keys = {k.removeprefix("data.").split(".")[0] for k in given}
     if "source" not in keys or set(HOLD_OUT_KEYS) & keys or data.sources or data.source == "builtin" or data.config:
         return data
-    if trained is not None and not trained.sources and (trained.source, trained.split, trained.config) == (
-            data.source, data.split, data.config):
+    same = ("source", "split", "config", "field")
+    if trained is not None and not trained.sources and all(getattr(trained, k) == getattr(data, k) for k in same):
         return data
-    log.info("data.source=%s: not what the model trained on, so all of it is scored (data.val_source=%s%s); "
+    log.info("data.source=%s: not what the model trained on, so all of it is scored (data.val_source=%s%s%s); "
              "data.val_fraction=F scores a held-out fraction instead", data.source, data.source,
-             f", data.val_split={data.split}" if data.split else "")
-    return dataclasses.replace(data, val_source=data.source, val_split=data.split)
+             f", data.val_split={data.split}" if data.split else "",
+             f", data.val_field={data.field}" if data.field else "")
+    return dataclasses.replace(data, val_source=data.source, val_split=data.split, val_field=data.field)
 
 
 def _check_eval_data(data: DataConfig, cfg: RunConfig, given: list[str], where: str) -> None:
@@ -270,7 +271,7 @@ def describe_data(data: DataConfig, given: set[str] | None) -> str:
         what = "data.sources=[" + ", ".join(s.source for s in data.sources) + "]"
     else:
         what = f"data.source={data.source}"
-    for key in ("val_source", "val_split"):
+    for key in ("field", "val_source", "val_split", "val_field"):
         if getattr(data, key):
             what += f", data.{key}={getattr(data, key)}"
     what += f", data.max_val_examples={data.max_val_examples}"

@@ -156,6 +156,108 @@ def test_a_byte_order_mark_is_read_as_datasets_reads_it(tmp_path: Path, suffix: 
     assert ds[LINE] == ([1, 2, 3] if suffix == ".jsonl" else [2, 5, 8])
 
 
+def _rows_under_a_key(path: Path, rows: dict[str, list[dict]], indent: int | None) -> None:
+    """A .json file holding one JSON object, its rows listed under the keys of `rows` (as many exports write)."""
+    path.write_text(json.dumps({"version": 1, **rows}, indent=indent))
+
+
+@pytest.mark.parametrize("indent", [None, 2], ids=["one line", "pretty"])
+@pytest.mark.parametrize("streaming", [False, True], ids=["memory", "stream"])
+def test_a_json_object_whose_rows_are_under_a_key_is_named_with_the_key_and_the_fix(
+        builtin_tokenizer, tmp_path: Path, indent: int | None, streaming: bool) -> None:  # noqa: ANN001
+    """Read as it is, a one-line object was one row whose fields fit no format (a format-detection error), and a
+    pretty-printed one a malformed first line of JSON Lines."""
+    path = tmp_path / "export.json"
+    _rows_under_a_key(path, {"data": [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(3)]}, indent)
+    with pytest.raises(DataError, match=rf'(?s)^data.source={path}: the file holds one JSON object \(keys: version, '
+                                        r'data\) rather than rows: its list of 3 rows is under key "data".\nFix: set '
+                                        r"data.field=data to read them, or convert the file to JSON Lines \(one row a "
+                                        r"line\): jq -c '.data\[\]' export.json > export.jsonl$"):
+        BambaDataModule(DataConfig(source=str(path), streaming=streaming), builtin_tokenizer).prepare()
+    sources = [SourceConfig(source=str(ASSETS / "text.jsonl")), SourceConfig(source=str(path))]
+    with pytest.raises(DataError, match=r"(?s)data.sources\[1\].source=.*Fix: set data.sources\[1\].field=data "):
+        BambaDataModule(DataConfig(sources=sources, streaming=streaming, val_fraction=0.0), builtin_tokenizer).prepare()
+    with pytest.raises(DataError, match=r"(?s)data.val_source=.*Fix: set data.val_field=data "):
+        BambaDataModule(DataConfig(source=str(ASSETS / "text.jsonl"), val_source=str(path), streaming=streaming),
+                        builtin_tokenizer).prepare()
+    _rows_under_a_key(path, {"train": [{"text": "t"}] * 4, "test": [{"text": "v"}]}, indent)
+    with pytest.raises(DataError, match=r'(?s)its lists of rows are under keys "train" \(4 rows\) and "test" \(1 '
+                                        r'rows\).\nFix: set data.field=train to read those under "train"'):
+        BambaDataModule(DataConfig(source=str(path), streaming=streaming), builtin_tokenizer).prepare()
+
+
+def test_a_one_line_row_or_a_json_array_is_still_read_as_rows(tmp_path: Path) -> None:
+    """A lone object holding a row format's fields is one row (its list of messages is no list of rows)."""
+    from bamba_ft.data.load import load_rows
+
+    row = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps(row))
+    assert load_rows(str(path), "train", "data.source")["messages"] == [row["messages"]]
+
+
+@pytest.mark.parametrize("indent", [None, 2], ids=["one line", "pretty"])
+def test_data_field_reads_the_rows_under_its_key_with_their_lines(builtin_tokenizer, tmp_path: Path,
+                                                                  indent: int | None) -> None:  # noqa: ANN001
+    from bamba_ft.data.load import LINE, load_rows
+
+    rows = [{"prompt": f"add {i} 1", "completion": str(i + 1)} for i in range(5)]
+    path = tmp_path / "export.json"
+    _rows_under_a_key(path, {"data": rows, "test": [{"prompt": "add 9 9", "completion": "18"}]}, indent)
+    ds = load_rows(str(path), "train", "data.source", field="data")
+    assert ds["prompt"] == [r["prompt"] for r in rows]
+    text = path.read_text().splitlines()  # pretty: a row's opening brace is on the line before its prompt
+    prompts = [next(k for k, line in enumerate(text, start=1) if f'"add {i} 1"' in line) for i in range(5)]
+    assert ds[LINE] == ([1] * 5 if indent is None else [k - 1 for k in prompts])
+    cfg = DataConfig(source=str(path), field="data", val_source=str(path), val_field="test")
+    dm = BambaDataModule(cfg, builtin_tokenizer)
+    dm.prepare()
+    assert (dm.stats["train"].kept, dm.stats["val"].kept, dm.fmt) == (5, 1, "prompt_completion")
+    assert dm.val_rows[0][-1]["content"] == "18"
+    stream = BambaDataModule(DataConfig(source=str(path), field="data", streaming=True, val_fraction=0.0),
+                             builtin_tokenizer)
+    stream.prepare()
+    assert [r["prompt"] for r in stream.stream] == [r["prompt"] for r in rows]
+
+
+def test_a_data_field_that_does_not_name_the_rows_is_named_with_the_fix(tmp_path: Path) -> None:
+    from bamba_ft.data.load import load_rows
+
+    path = tmp_path / "export.json"
+    _rows_under_a_key(path, {"data": [{"text": "a"}, {"text": "b"}]}, 2)
+    with pytest.raises(DataError, match=r'(?s)data.field=dat: .*export.json has no key "dat"; its keys: version, data.'
+                                        r" Did you mean 'data'\?\nFix: set data.field to the key of the list that "
+                                        r"holds the rows \(data.field=data\)"):
+        load_rows(str(path), "train", "data.source", field="dat")
+    _rows_under_a_key(path, {"data": [{"text": "a"}, "b"]}, 2)
+    with pytest.raises(DataError, match=r'data.sources\[0\].field=version: the value under key "version" in .* is a '
+                                        r"number, not a list of rows"):
+        load_rows(str(path), "train", "data.sources[0].source", field="version")
+    with pytest.raises(DataError, match=rf"data.source: {path}:7: each element must be a JSON object, got str"):
+        load_rows(str(path), "train", "data.source", field="data")
+    lines = tmp_path / "lines.json"
+    lines.write_text('{"text": "a"}\n{"text": "b"}\n')
+    with pytest.raises(DataError, match=r"(?s)data.val_field=data: .*lines.json holds more than one JSON value \(the "
+                                        r"second at line 2\), as JSON Lines do.*Fix: drop data.val_field"):
+        load_rows(str(lines), "train", "data.val_source", field="data")
+
+
+def test_a_data_field_beside_a_file_that_is_not_json_is_refused(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    from bamba_ft.config.schema import RunConfig, validate
+
+    monkeypatch.chdir(tmp_path)
+    Path("train.jsonl").touch()
+    Path("d.json").touch()
+    with pytest.raises(ConfigError, match=r"(?s)data.field=data: data.source=train.jsonl is not a .json file.*Fix: "
+                                          r"drop data.field"):
+        validate(RunConfig(data=DataConfig(source="train.jsonl", field="data")))
+    with pytest.raises(ConfigError, match=r"data.val_field=test: data.val_source is not set"):
+        validate(RunConfig(data=DataConfig(source="d.json", val_field="test")))
+    with pytest.raises(ConfigError, match=r"data.field=data and data.sources are both set"):
+        validate(RunConfig(data=DataConfig(field="data", sources=[SourceConfig(source="d.json", field="data")])))
+    validate(RunConfig(data=DataConfig(source="d.json", field="data", val_source="d.json", val_field="test")))
+
+
 @pytest.mark.parametrize("streaming", [False, True])
 def test_a_validation_split_of_a_single_file_is_refused(builtin_tokenizer, streaming: bool) -> None:  # noqa: ANN001
     # a file has no splits: data.val_split would read the whole training file again as validation

@@ -81,6 +81,19 @@ def test_a_new_source_brings_its_own_validation_not_the_runs() -> None:
     assert (data.source, data.sources) == ("new.jsonl", [])  # data.sources would replace data.source
 
 
+def test_a_json_file_read_under_another_key_is_a_new_source_scored_under_that_key() -> None:
+    """data.field picks the rows of a .json file holding one object: the run's file under another key (its test
+    rows) is data the model did not train on, scored whole, its validation read under the same key."""
+    Path("export.json").touch()
+    run = RunConfig(data=DataConfig(source="export.json", field="train"))
+    data = eval_data_config(run, RunConfig(data=DataConfig(source="export.json", field="test")),
+                            {"data.source", "data.field"})
+    assert (data.val_source, data.val_field, data.field) == ("export.json", "test", "test")
+    same = eval_data_config(run, RunConfig(data=DataConfig(source="export.json", field="train")),
+                            {"data.source", "data.field"})
+    assert (same.val_source, same.val_field) == (None, None)  # its own training rows: the hold-out is scored
+
+
 def test_the_runs_own_training_file_named_again_keeps_its_hold_out() -> None:
     """Scoring the whole training file would score rows the model trained on."""
     own = RunConfig(data=DataConfig(source="train.jsonl"))
