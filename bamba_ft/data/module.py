@@ -23,7 +23,7 @@ from bamba_ft.data.formats import check_fields, detect_format, role_map, to_mess
 from bamba_ft.data.load import POSITIONS, load_rows, locate, mix_sources, number_rows, rename_columns
 from bamba_ft.data.packing import BatchPlan, MaskedRows, collate_packed, collate_padded
 from bamba_ft.data.stream import STREAM_KEY, StreamBatches, StreamPosition, StreamSource, open_stream
-from bamba_ft.data.tokenize import code_version, encode_row, split_long
+from bamba_ft.data.tokenize import REPEATED_WARNING, code_version, count_repeats, encode_row, split_long
 from bamba_ft.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -82,15 +82,13 @@ class SplitStats:
 
 
 def _warn_repeated(examples: datasets.Dataset, where: str) -> set[int]:
-    """Warn when training examples repeat (the same tokens): each copy is trained every epoch, a weight nobody
-    chose. Returns the examples' token hashes."""
-    hashes = [hash(tuple(ids)) for ids in examples["input_ids"]]
-    distinct = set(hashes)
-    if len(distinct) < len(hashes):
-        log.warning("data warning: %d of the %d training examples repeat an earlier one (the same tokens) in %s, so "
-                    "each copy is trained every epoch. Fix: deduplicate the rows, or keep them if the repeats are meant "
-                    "to weight those examples.", len(hashes) - len(distinct), len(hashes), where)
-    return distinct
+    """Warn when training examples repeat (`count_repeats`): each copy is trained every epoch. Returns the examples'
+    token hashes."""
+    ids = examples["input_ids"]
+    repeats, hashes = count_repeats(ids)
+    if repeats:
+        log.warning(REPEATED_WARNING, repeats, len(ids), "", where, "epoch")
+    return hashes
 
 
 def _raise_earliest(rows: datasets.Dataset, encode: Callable[[dict], Any]) -> None:

@@ -37,12 +37,13 @@ from bamba_ft.data.load import (
     stream_read_error,
 )
 from bamba_ft.data.packing import collate_packed, collate_padded, pack_batches, padded_batches
-from bamba_ft.data.tokenize import encode_row, split_long
+from bamba_ft.data.tokenize import REPEATED_WARNING, count_repeats, encode_row, split_long
 from bamba_ft.errors import BambaFTError, DataError
 
 log = logging.getLogger(__name__)
 SOURCE = "__source__"  # which of data.sources a mixed row came from
 STREAM_KEY = "stream"  # batch key holding the position after the batch; BambaDataModule pops it before the model
+PLACE = "place"  # a buffered example's (source, row): the collate functions read input_ids and labels only
 
 
 @dataclass(frozen=True)
@@ -249,16 +250,15 @@ class StreamBatches(torch.utils.data.IterableDataset):
         read = [[0, 0] for _ in self.sources]  # per source: rows that started in this window, passes started
         verdicts: Counter[str] = Counter()  # those rows by what the length policy did with them
         for k, enc in enumerate(self._encoded(pos)):
-            row = pos.rows_read + k
+            row, src = pos.rows_read + k, enc.get(SOURCE) or 0
             self._warn(enc)
             if k or not pos.row_items:  # else the row started in the window before, which counted it
-                src = enc.get(SOURCE) or 0
                 read[src][0] += 1
                 read[src][1] += enc.get(ROW) == self.sources[src].first_row
                 verdicts[enc["_verdict"]] += 1
             n_items = len(enc["_ids"])
             for j in range(pos.row_items if k == 0 else 0, n_items):
-                buffer.append({"input_ids": enc["_ids"][j], "labels": enc["_labels"][j]})
+                buffer.append({"input_ids": enc["_ids"][j], "labels": enc["_labels"][j], PLACE: (src, enc.get(ROW))})
                 self.peak_buffer = max(self.peak_buffer, len(buffer))
                 if len(buffer) == self.cfg.stream_buffer:
                     after = StreamPosition(pos.epoch, *((row, j + 1) if j + 1 < n_items else (row + 1, 0)))
@@ -277,6 +277,7 @@ class StreamBatches(torch.utils.data.IterableDataset):
         position past them.
         """
         c = self.cfg
+        self._warn_repeated(examples)
         lengths = [len(e["input_ids"]) for e in examples]
         seed = hash((self.seed, epoch, *start))  # ints hash the same in every process
         if c.packing:
@@ -308,6 +309,23 @@ class StreamBatches(torch.utils.data.IterableDataset):
         if verdict in _VERDICT_WARNINGS and verdict not in self._warned:
             self._warned.add(verdict)
             log.warning(_VERDICT_WARNINGS[verdict], self.cfg.max_seq_len, self._at(enc))
+
+    def _warn_repeated(self, examples: list[dict]) -> None:
+        """The in-memory path's warning of repeated training examples, looked for within each window (whose examples
+        are held anyway, so memory stays bounded by data.stream_buffer) and in each source, once per source. A
+        weighted mix repeats examples by design, restarting a source that runs out: a row read again is no repeat."""
+        if self.cfg.source == "builtin" and not self.cfg.sources:  # generated: as in memory, not checked
+            return
+        for i, src in enumerate(self.sources):
+            own = [e for e in examples if e[PLACE][0] == i]
+            if f"repeated[{i}]" in self._warned or not own:
+                continue
+            repeats, _ = count_repeats((e["input_ids"] for e in own), (e[PLACE] for e in own))
+            if repeats:
+                self._warned.add(f"repeated[{i}]")
+                scope = (f" of a stream window (data.stream_buffer={self.cfg.stream_buffer}: examples in different "
+                         "windows are not compared)")
+                log.warning(REPEATED_WARNING, repeats, len(own), scope, src.where, "pass")
 
     def _at(self, enc: dict) -> str:
         return locate(self.sources[enc.get(SOURCE) or 0].where, enc)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Mapping
+import itertools
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,11 @@ from bamba_ft.data.templates import PRESETS
 from bamba_ft.errors import DataError
 
 IGNORE_INDEX = -100
+# The warning for training examples that repeat (`count_repeats`), formatted with the repeats, the examples looked
+# at, where they were looked at (" of a stream window ..." or ""), the source and how often each copy is trained.
+REPEATED_WARNING = ("data warning: %d of the %d training examples%s repeat an earlier one (the same tokens) in %s, so "
+                    "each copy is trained every %s. Fix: deduplicate the rows, or keep them if the repeats are meant "
+                    "to weight those examples.")
 
 
 def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], where: str, tools: list[dict] | None = None,
@@ -169,6 +175,17 @@ def split_windows(ids: list[int], labels: list[int], max_len: int, overlap: int)
         if end == len(ids):
             return windows
         start += step
+
+
+def count_repeats(examples: Iterable[Sequence[int]], places: Iterable[Hashable] | None = None) -> tuple[int, set[int]]:
+    """How many training examples repeat an earlier one (the same tokens), each copy a weight nobody chose, and the
+    examples' token hashes. `places`: each example's place in its source, where one may come again by design (a
+    weighted stream mix restarts a source that runs out): a repeat is then the same tokens at another place."""
+    first: dict[int, Hashable] = {}
+    repeats = 0
+    for ids, place in zip(examples, itertools.count() if places is None else places):
+        repeats += first.setdefault(hash(tuple(ids)), place) != place
+    return repeats, set(first)
 
 
 def prompt_and_reference(tokenizer: PreTrainedTokenizerBase, example: list[dict] | str) -> tuple[str, str] | None:

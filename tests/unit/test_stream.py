@@ -212,6 +212,29 @@ def test_stream_mixes_sources_by_weight(builtin_tokenizer, files: dict[str, str]
     assert any("assistant" in t for t in texts) and any("Q:" in t for t in texts)
 
 
+def test_repeated_training_examples_in_a_stream_window_are_counted_as_in_memory(  # noqa: ANN001
+        builtin_tokenizer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The in-memory warning, per window of data.stream_buffer examples (memory stays bounded by the window): rows
+    repeated within a window are counted; a weighted mix that restarts a small source repeats it by design."""
+    rows = [{"prompt": "same", "completion": "row"}] * 5 + [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(15)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    one_epoch(iter(stream_of(builtin_tokenizer, data_cfg(path, streaming=True, stream_buffer=32))))
+    assert ("data warning: 4 of the 20 training examples of a stream window (data.stream_buffer=32: examples in "
+            f"different windows are not compared) repeat an earlier one (the same tokens) in data.source={path}, so "
+            "each copy is trained every pass. Fix: deduplicate the rows") in caplog.text
+    caplog.clear()
+    apart = write_jsonl(tmp_path / "apart.jsonl", rows[5:13] * 2)  # each row again 8 rows on: in the next window
+    one_epoch(iter(stream_of(builtin_tokenizer, data_cfg(apart, streaming=True, stream_buffer=8, shuffle_buffer=0))))
+    assert "repeat an earlier one" not in caplog.text
+    small, large = write_jsonl(tmp_path / "small.jsonl", rows[5:8]), write_jsonl(tmp_path / "large.jsonl", rows[8:])
+    mix = DataConfig(source="builtin", sources=[SourceConfig(source=small, weight=0.5), SourceConfig(source=large,
+                     weight=0.5)], stopping_strategy="all_exhausted", streaming=True, val_fraction=0.0,
+                     stream_buffer=64, max_seq_len=128, max_tokens_per_batch=512)
+    epoch = one_epoch(iter(stream_of(builtin_tokenizer, mix)))
+    texts = [builtin_tokenizer.decode(ids) for seqs, _ in epoch for ids, _ in seqs]
+    assert sum("q0" in t for t in texts) > 1 and "repeat an earlier one" not in caplog.text  # q0 drawn again
+
+
 @pytest.mark.parametrize("bad_line", [3, 45])  # in the held-out head, and met mid-stream while training
 def test_a_malformed_line_met_by_the_stream_is_named(builtin_tokenizer, tmp_path: Path, files: dict[str, str],  # noqa: ANN001
                                                      bad_line: int) -> None:
