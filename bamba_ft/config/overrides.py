@@ -189,9 +189,13 @@ def option_config(group: str, option: str | None) -> DictConfig | None:
     return node if "@package _global_" in text else OmegaConf.create({group: node})
 
 
-def command_line_keys(section: str) -> set[str]:
-    """Dotted keys under `section` (e.g. "data") that the command line sets: `section.key=...` overrides, and
-    the top-level keys of `section` that a group option named there (data=file, smoke=fast) sets.
+COMMAND_LINE = "the command line"
+
+
+def key_origins(section: str) -> dict[str, str]:
+    """Dotted keys under `section` (e.g. "data") that the command line sets, each with what set it: COMMAND_LINE for
+    a `section.key=...` override, else the group option named there that sets it among its top-level keys of
+    `section` ('data=file', 'smoke=fast'), so that a log tells the keys typed from those an option brought.
 
     Why: a job that starts from a saved run's config (recipe=eval on a run) applies exactly these on top of it;
     the composed config alone cannot tell a typed value from a default.
@@ -199,14 +203,15 @@ def command_line_keys(section: str) -> set[str]:
     from hydra.core.hydra_config import HydraConfig
 
     given = override_keys()
-    keys = {k for k in given if k.startswith(f"{section}.")}
+    origins = dict.fromkeys(sorted(k for k in given if k.startswith(f"{section}.")), COMMAND_LINE)
     choices = HydraConfig.get().runtime.choices if given else {}
-    for group in given & set(choices):
+    for group in sorted(given & set(choices)):
         node = option_config(group, choices[group])
         part = OmegaConf.select(node, section) if node is not None else None
         if isinstance(part, DictConfig):
-            keys |= {f"{section}.{k}" for k in part}
-    return keys
+            for k in part:
+                origins.setdefault(f"{section}.{k}", f"{group}={choices[group]}")
+    return origins
 
 
 def _unset_keys(node: DictConfig) -> list[str]:

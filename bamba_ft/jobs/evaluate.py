@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from bamba_ft.config.overrides import command_line_keys, override_keys
+from bamba_ft.config.overrides import COMMAND_LINE, key_origins, override_keys
 from bamba_ft.config.schema import NOT_BUILTIN, DataConfig, EvalConfig, RunConfig, Sampling, validate
 from bamba_ft.data.module import BambaDataModule
 from bamba_ft.data.templates import ensure_chat_template, stop_token_ids
@@ -153,7 +154,7 @@ def run(cfg: RunConfig) -> dict:
             raise ConfigError(f"eval.output_dir={out} holds a training run ({', '.join(found[:3])}); the evaluation's "
                               "metrics.json and predictions.jsonl would replace the run's.\nFix: choose another "
                               "directory, or leave eval.output_dir unset (the evaluation's own run directory).")
-    given = command_line_keys("data")
+    given = key_origins("data")
     data_cfg = eval_data_config(src.run, cfg, given)  # before the model loads: a refused key fails at once
     model, tokenizer = load_source(src, device)
     ensure_chat_template(tokenizer, data_cfg.chat_template)
@@ -205,9 +206,10 @@ def check_hold_out(run_dir: Path, now: dict[str, int]) -> None:
 SOURCE_KEYS = ("source", "config", "field", "sources", "split", "format", "val_source", "val_split", "val_field")
 
 
-def eval_data_config(run: RunConfig | None, cfg: RunConfig, given: set[str]) -> DataConfig:
+def eval_data_config(run: RunConfig | None, cfg: RunConfig, given: Collection[str]) -> DataConfig:
     """The data to evaluate on: a run's own data config, so that a run is scored on the data it held out, with
-    each data key the command line sets (`given`, dotted) on top; without a run, the command line's.
+    each data key the command line sets (`given`, dotted; `key_origins` says what set each) on top; without a run,
+    the command line's.
 
     A key that the result would not read is a ConfigError naming it and the fix, never a silent drop.
     """
@@ -223,7 +225,9 @@ def eval_data_config(run: RunConfig | None, cfg: RunConfig, given: set[str]) -> 
         OmegaConf.update(merged, key, OmegaConf.select(ours, key), merge=False)
     data: DataConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     data = _score_all_of_a_new_source(data, run.data, given)
-    where = "the run's data config with " + (", ".join(sorted(given)) or "no data keys") + " from the command line"
+    where = "the run's data config with " + (" and ".join(
+        f"{', '.join(names)} {origin}" for origin, names in _by_origin(given).items())
+        or "no data keys from the command line")
     _check_eval_data(data, cfg, sorted(given), where)
     return data
 
@@ -265,8 +269,20 @@ def _check_eval_data(data: DataConfig, cfg: RunConfig, given: list[str], where: 
         raise ConfigError(e.problems, where) from None
 
 
-def describe_data(data: DataConfig, given: set[str] | None) -> str:
-    """Which data an evaluation reads, and whose config it is, for the log: overrides must be seen to apply."""
+def _by_origin(given: Collection[str]) -> dict[str, list[str]]:
+    """The keys of `given` by what set them ('from the command line', 'set by smoke=fast': `key_origins`; a plain
+    collection's were all typed), typed ones first: a group option such as smoke=fast sets keys no one typed."""
+    origins = given if isinstance(given, Mapping) else dict.fromkeys(given, COMMAND_LINE)
+    by: dict[str, list[str]] = {f"from {COMMAND_LINE}": []}
+    for key in sorted(origins):
+        origin = origins[key]
+        by.setdefault(f"from {origin}" if origin == COMMAND_LINE else f"set by {origin}", []).append(key)
+    return {origin: names for origin, names in by.items() if names}
+
+
+def describe_data(data: DataConfig, given: Collection[str] | None) -> str:
+    """Which data an evaluation reads, and whose config it is, for the log: overrides must be seen to apply, and
+    the keys an option named on the command line set (smoke=fast) told from those typed."""
     if data.sources:
         what = "data.sources=[" + ", ".join(s.source for s in data.sources) + "]"
     else:
@@ -279,7 +295,8 @@ def describe_data(data: DataConfig, given: set[str] | None) -> str:
         return f"{what} (the command line's data config)"
     if not given:
         return f"{what} (the run's data config)"
-    return f"{what} (the run's data config; from the command line: {', '.join(sorted(given))})"
+    origins = "; ".join(f"{origin}: {', '.join(names)}" for origin, names in _by_origin(given).items())
+    return f"{what} (the run's data config; {origins})"
 
 
 def write_results(out: Path, result: dict, rows: list[dict], run_dir: Path | None) -> bool:

@@ -11,11 +11,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
-from bamba_ft.config.overrides import command_line_keys
+from bamba_ft.config.overrides import key_origins
 from bamba_ft.config.schema import DataConfig, RunConfig, SourceConfig
 from bamba_ft.config.store import config_dirs, register_configs
 from bamba_ft.errors import ConfigError
-from bamba_ft.jobs.evaluate import eval_data_config
+from bamba_ft.jobs.evaluate import describe_data, eval_data_config
 
 # A run trained on the user's files, with its own validation file, lengths and role names.
 RUN = RunConfig(data=DataConfig(source="train.jsonl", val_source="val.jsonl", format="messages", max_seq_len=300,
@@ -33,7 +33,7 @@ def data_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def hydra_overrides() -> Iterator[object]:
-    """Sets Hydra's config for a command line, as Hydra's run_job does, so command_line_keys can read it."""
+    """Sets Hydra's config for a command line, as Hydra's run_job does, so key_origins can read it."""
     register_configs()
 
     def use(overrides: list[str]) -> None:
@@ -45,13 +45,28 @@ def hydra_overrides() -> Iterator[object]:
     HydraConfig.instance().cfg = None  # a later compose must not see these choices
 
 
-def test_command_line_keys_are_typed_keys_and_those_of_options_named_there(hydra_overrides) -> None:  # noqa: ANN001
+def test_key_origins_are_the_typed_keys_and_the_options_named_there_that_set_the_others(hydra_overrides) -> None:  # noqa: ANN001
     hydra_overrides(["recipe=eval", "data=file", "data.source=x.jsonl", "++data.format=messages", "smoke=fast",
                      "trainer.seed=3"])
-    assert command_line_keys("data") == {"data.source", "data.format", "data.max_tokens_per_batch",
-                                         "data.builtin_train_examples", "data.builtin_val_examples"}
+    typed = "the command line"  # data.source is data=file's too: typed, it is the user's
+    assert key_origins("data") == {"data.source": typed, "data.format": typed, "data.max_tokens_per_batch": "data=file",
+                                   "data.builtin_train_examples": "smoke=fast", "data.builtin_val_examples": "smoke=fast"}
     hydra_overrides(["recipe=eval"])  # the default data option and the recipe set no data key
-    assert command_line_keys("data") == set()
+    assert key_origins("data") == {}
+
+
+def test_the_eval_log_tells_the_keys_typed_from_those_an_option_set() -> None:
+    """smoke=fast sets data.builtin_*: the log listed them as if typed on the command line."""
+    origins = {"data.max_val_examples": "the command line", "data.builtin_train_examples": "smoke=fast",
+               "data.builtin_val_examples": "smoke=fast"}
+    assert describe_data(DataConfig(max_val_examples=3), origins) == (
+        "data.source=builtin, data.max_val_examples=3 (the run's data config; from the command line: "
+        "data.max_val_examples; set by smoke=fast: data.builtin_train_examples, data.builtin_val_examples)")
+    only_smoke = {k: v for k, v in origins.items() if v == "smoke=fast"}
+    assert describe_data(DataConfig(), only_smoke).endswith(
+        "(the run's data config; set by smoke=fast: data.builtin_train_examples, data.builtin_val_examples)")
+    assert describe_data(DataConfig(), {"data.max_val_examples"}).endswith(
+        "(the run's data config; from the command line: data.max_val_examples)")
 
 
 def test_no_data_keys_evaluate_on_the_runs_own_data() -> None:
@@ -114,6 +129,8 @@ def test_a_clash_of_the_runs_values_and_the_given_ones_names_both() -> None:
     with pytest.raises(ConfigError, match=r"(?s)the run's data config with data.max_tokens_per_batch from the "
                                           r"command line.*max_tokens_per_batch=100 .*data.max_seq_len=300"):
         eval_data_config(RUN, cfg, {"data.max_tokens_per_batch"})
+    with pytest.raises(ConfigError, match=r"the run's data config with data.max_tokens_per_batch set by data=file"):
+        eval_data_config(RUN, cfg, {"data.max_tokens_per_batch": "data=file"})
 
 
 @pytest.mark.parametrize("mixed", [False, True], ids=["source", "sources"])
