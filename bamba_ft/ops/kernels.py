@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import os
 import sys
 import types
 
@@ -43,7 +44,39 @@ def _import_triton_kernels() -> dict[str, object]:
 
     if all(hasattr(ssd_combined, name) for name in _SSD_PIECES):  # the pieces those two halves are made of
         kernels["ssd"] = ssd_combined
+    keep_autotuning(autotuners(("mamba_ssm.",)))
     return kernels
+
+
+def autotuners(prefixes: tuple[str, ...]) -> list:
+    """The Triton autotuners defined at module level in the imported modules under `prefixes`."""
+    from triton.runtime.autotuner import Autotuner
+
+    found = {}
+    for name, module in list(sys.modules.items()):
+        if name.startswith(prefixes) and module is not None:
+            for value in vars(module).values():
+                if isinstance(value, Autotuner):
+                    found[id(value)] = value
+    return list(found.values())
+
+
+def keep_autotuning(tuners: list) -> int:
+    """Have `tuners` keep their results in Triton's cache on disk (its `TRITON_CACHE_AUTOTUNING`, for these
+    kernels only); returns how many were switched on.
+
+    mamba-ssm's SSD kernels autotune over 183 configurations in 25 autotuners the first time a process runs them.
+    Triton keeps the compiled kernels on disk, but without this every later process benchmarks them all again.
+    Triton leaves out the autotuners whose configurations carry a pre-hook (it cannot store those); they still
+    benchmark. `TRITON_CACHE_AUTOTUNING=0` in the environment keeps Triton's default (benchmark every process);
+    Triton before 3.4 has no such cache.
+    """
+    if os.environ.get("TRITON_CACHE_AUTOTUNING") == "0":
+        return 0
+    switched = [t for t in tuners if hasattr(t, "check_disk_cache") and not getattr(t, "cache_results", True)]
+    for tuner in switched:
+        tuner.cache_results = True
+    return len(switched)
 
 
 _SSD_PIECES = ("_chunk_cumsum_fwd", "_chunk_state_fwd", "_state_passing_fwd", "_bmm_chunk_fwd", "_chunk_scan_fwd",

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 INF = float("inf")
 
 
@@ -32,16 +30,4 @@ def first_fit(autotuner) -> None:  # noqa: ANN001
 
     autotuner.prune_configs = prune_configs
     autotuner.__dict__["do_bench"] = do_bench  # shadows Triton's cached `do_bench` property
-
-
-def autotuners(prefixes: tuple[str, ...]) -> list:
-    """The Triton autotuners defined at module level in the imported modules under `prefixes`."""
-    from triton.runtime.autotuner import Autotuner
-
-    found = {}
-    for name, module in list(sys.modules.items()):
-        if name.startswith(prefixes) and module is not None:
-            for value in vars(module).values():
-                if isinstance(value, Autotuner):
-                    found[id(value)] = value
-    return list(found.values())
+    autotuner.cache_results = False  # never store a first fit on disk as the fastest (bamba_ft keeps autotuning)

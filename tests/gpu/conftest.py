@@ -15,7 +15,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from tests.gpu.autotune import autotuners, first_fit
+from bamba_ft.ops.kernels import autotuners
+from tests.gpu.autotune import first_fit
 
 
 @pytest.fixture(scope="session", autouse=True)

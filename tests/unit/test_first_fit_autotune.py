@@ -8,7 +8,8 @@ import types
 import pytest
 import torch
 
-from tests.gpu.autotune import autotuners, first_fit
+from bamba_ft.ops.kernels import autotuners, keep_autotuning
+from tests.gpu.autotune import first_fit
 
 
 def test_first_fit_runs_configs_in_order_until_one_works_and_no_later_one(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -56,3 +57,32 @@ def test_first_fit_runs_configs_in_order_until_one_works_and_no_later_one(monkey
         ran.clear()
         run(37)
         assert ran == [8, 16, 16]  # a new key: first fit again
+
+
+class _Tuner:
+    """What `keep_autotuning` reads of a Triton autotuner (Triton >= 3.4: `check_disk_cache`, `cache_results`)."""
+
+    def __init__(self, cache_results: bool = False) -> None:
+        self.cache_results = cache_results
+
+    def check_disk_cache(self) -> None: ...
+
+
+def test_keep_autotuning_switches_on_the_disk_cache_unless_the_environment_says_0(monkeypatch: pytest.MonkeyPatch) -> None:
+    class OldTriton:  # before 3.4: no autotune cache on disk
+        pass
+
+    monkeypatch.delenv("TRITON_CACHE_AUTOTUNING", raising=False)
+    tuners = [_Tuner(), _Tuner(cache_results=True), OldTriton()]
+    assert keep_autotuning(tuners) == 1
+    assert [t.cache_results for t in tuners[:2]] == [True, True] and not hasattr(tuners[2], "cache_results")
+    monkeypatch.setenv("TRITON_CACHE_AUTOTUNING", "0")
+    off = _Tuner()
+    assert keep_autotuning([off]) == 0 and off.cache_results is False
+
+
+def test_first_fit_never_stores_its_pick_as_the_fastest() -> None:
+    tuner = _Tuner(cache_results=True)
+    tuner.prune_configs = lambda kwargs: []
+    first_fit(tuner)
+    assert tuner.cache_results is False
