@@ -272,7 +272,9 @@ def _callbacks(cfg: RunConfig, dm: BambaDataModule, ckpt_dir: Path, stopper: Gra
     # last.ckpt every N steps and at the end of a full run: what resume uses, with interrupted.ckpt.
     # Written as a rolling top-1 rather than with save_last, which also saves when training ends early; after a
     # Ctrl-C stop that end-of-training save would record the interrupted epoch as finished.
-    every = cfg.trainer.checkpoint_every_n_steps or max(1, cfg.trainer.max_steps)
+    # checkpoint_every_n_steps=0 saves at the end only: at max_steps, or (epoch-bound, max_steps=-1) by run() after the
+    # fit; Lightning's every_n_train_steps=0 never fires.
+    every = cfg.trainer.checkpoint_every_n_steps or max(0, cfg.trainer.max_steps)
     if cfg.trainer.max_steps > 0:
         every = min(every, cfg.trainer.max_steps)
     callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="last", every_n_train_steps=every, save_top_k=1,

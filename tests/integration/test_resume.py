@@ -216,3 +216,23 @@ def test_early_stopped_run_is_refused_when_its_stop_step_had_a_periodic_checkpoi
     assert run(tmp_path / "a")["train"]["early_stopped"]["step"] == 9
     with pytest.raises(ConfigError, match="early stopping ended it at step 9"):
         run(tmp_path / "a2", resume=str(tmp_path / "a"))
+
+
+def test_an_epoch_bound_run_saves_last_ckpt_only_at_the_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """trainer.checkpoint_every_n_steps=0 means a checkpoint at the end only, also for trainer.max_steps=-1 with
+    trainer.max_epochs (it saved last.ckpt after every step: a full fine-tune's weights and moments each step)."""
+    from bamba_ft.jobs.callbacks import AtomicCheckpointIO
+
+    saved: list[tuple[int, str]] = []
+    original = AtomicCheckpointIO.save_checkpoint
+
+    def spy(self, checkpoint, path, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        saved.append((checkpoint["global_step"], Path(path).name))
+        return original(self, checkpoint, path, *args, **kwargs)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", spy)
+    cfg = small_run(tmp_path / "run", steps=-1)
+    cfg.trainer.max_epochs = 2  # 4 batches per epoch: 8 steps
+    assert train.run(cfg)["train"]["steps"] == 8
+    assert [s for s in saved if s[1] == "last.ckpt"] == [(8, "last.ckpt")], saved
+    assert train.run(small_run(tmp_path / "more", resume=str(tmp_path / "run"), steps=9))["train"]["steps"] == 9
