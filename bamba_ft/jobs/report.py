@@ -75,20 +75,32 @@ def publish_file(path: Path, data: str | bytes) -> None:
     fsync_dir(path.parent)
 
 
+def _version(path: Path) -> int:
+    """N of a CSV log's `version_N` directory (Lightning numbers each process's log in the run directory)."""
+    suffix = path.parent.name.removeprefix("version_")
+    return int(suffix) if suffix.isdigit() else -1
+
+
 def read_metrics_csv(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """{metric: [(step, value), ...]} from the newest CSV log of a run."""
-    files = sorted(RunDir(run_dir).csv_logs.glob("version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)
+    """{metric: [(step, value), ...]} from a run's CSV logs, in step order.
+
+    A run resumed in its own directory logs into a new `version_N` beside the stopped process's; their steps go on
+    where the checkpoint was, so the logs are read in turn, each replacing the points of the earlier ones from its
+    first logged step on (the steps a resume from an older checkpoint trains again)."""
     series: dict[str, list[tuple[int, float]]] = {}
-    if not files:
-        return series
-    with files[-1].open() as f:
-        for row in csv.DictReader(f):
-            step = int(float(row.get("step") or 0))
+    for path in sorted(RunDir(run_dir).csv_logs.glob("version_*/metrics.csv"), key=_version):
+        with path.open() as f:
+            rows = [(int(float(row.get("step") or 0)), row) for row in csv.DictReader(f)]
+        if not rows:
+            continue
+        first = min(step for step, _ in rows)
+        series = {key: [(s, v) for s, v in points if s < first] for key, points in series.items()}
+        for step, row in rows:
             for key, value in row.items():
                 if key in ("step", "epoch") or value in ("", None):
                     continue
                 series.setdefault(key, []).append((step, float(value)))
-    return series
+    return {key: points for key, points in series.items() if points}
 
 
 def plot_curves(run_dir: Path, out: Path) -> bool:
