@@ -376,7 +376,7 @@ class GenerateConfig(Sampling):
     """Longest generated answer, in tokens."""
     output_file: str | None = None
     """Where the prompts and answers are written as JSON lines (default: generations.jsonl in the command's own run
-    directory, outputs/<date>/<time>)."""
+    directory, outputs/<date>/<time>). An existing file there is replaced only if it is an earlier generations file."""
 
 
 @dataclass

@@ -23,7 +23,7 @@ from bamba_ft.data.templates import ensure_chat_template, stop_token_ids
 from bamba_ft.data.tokenize import prompt_and_reference
 from bamba_ft.errors import ConfigError, ModelError
 from bamba_ft.faults import fault_point
-from bamba_ft.jobs.report import plot_curves, publish_file
+from bamba_ft.jobs.report import output_path_problem, plot_curves, publish_file
 from bamba_ft.jobs.runtime import autocast_for, choose_device, to_device
 from bamba_ft.model.objective import loss_sum_and_count
 from bamba_ft.model.restore import load_source, locate
@@ -148,8 +148,8 @@ def run(cfg: RunConfig) -> dict:
     src.refuse_ignored(override_keys())
     out = Path(cfg.eval.output_dir or cfg.output_dir)
     if cfg.eval.output_dir:  # checked before the evaluation, not after it (Hydra's own directory is checked as it starts)
-        if out.exists() and not out.is_dir():
-            raise ConfigError(f"eval.output_dir={out} is a file. Fix: name a directory.")
+        if problem := output_path_problem(out, f"eval.output_dir={out}", directory=True):
+            raise ConfigError(problem)
         if found := RunDir(out).training_run():
             raise ConfigError(f"eval.output_dir={out} holds a training run ({', '.join(found[:3])}); the evaluation's "
                               "metrics.json and predictions.jsonl would replace the run's.\nFix: choose another "

@@ -33,7 +33,13 @@ from bamba_ft.data.templates import generation_config_for
 from bamba_ft.errors import BambaFTError, ConfigError
 from bamba_ft.faults import fault_point
 from bamba_ft.jobs.model_card import write_model_card
-from bamba_ft.jobs.report import atomic_write_json, current_umask, fsync_dir, publish_file
+from bamba_ft.jobs.report import (
+    atomic_write_json,
+    current_umask,
+    fsync_dir,
+    output_path_problem,
+    publish_file,
+)
 from bamba_ft.model.build import DTYPES
 from bamba_ft.model.families import family_of
 from bamba_ft.model.mixer import stock_forward
@@ -128,6 +134,8 @@ def default_target(checkpoint: Path, adapter_only: bool) -> Path:
 def check_target(target: Path, source: Path, overwrite: bool) -> None:
     """Before any work: `export.overwrite` replaces an earlier export only, never a run, the source or a file."""
     if not target.exists():
+        if problem := output_path_problem(target, f"export.output_dir={target}", directory=True):
+            raise ConfigError(problem)
         return
     if not target.is_dir():
         raise ConfigError(f"export.output_dir={target} is a file. Fix: name a directory (new, or an earlier export).")

@@ -21,7 +21,7 @@ from bamba_ft.data.formats import to_messages
 from bamba_ft.data.templates import ensure_chat_template
 from bamba_ft.errors import ConfigError, DataError
 from bamba_ft.jobs.evaluate import generate
-from bamba_ft.jobs.report import publish_file
+from bamba_ft.jobs.report import output_path_problem, publish_file
 from bamba_ft.jobs.runtime import choose_device
 from bamba_ft.model.restore import load_source, locate
 
@@ -142,6 +142,28 @@ def _json_prompt(line: str, g: GenerateConfig, where: str) -> Prompt:
     return from_row(row, g, where)
 
 
+def check_output_file(out: Path) -> None:
+    """generate.output_file is written once every answer is in: refuse what would fail there, and a file that is not
+    an earlier generations file (a run's metrics.json, say), which it would replace."""
+    what = f"generate.output_file={out}"
+    if problem := output_path_problem(out, what, directory=False):
+        raise ConfigError(problem)
+    if out.is_file() and out.stat().st_size and not _generations_file(out):
+        raise ConfigError(f"{what} exists and is not an earlier generations file (JSON lines with `where` and "
+                          "`answer`), so writing the answers would replace it.\nFix: name another file, or move "
+                          "that one away yourself.")
+
+
+def _generations_file(path: Path) -> bool:
+    """Whether `path` starts as generations.jsonl does: a JSON object with `where` and `answer`."""
+    try:
+        with path.open(encoding="utf-8") as f:
+            row = json.loads(f.readline())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(row, dict) and {"where", "answer"} <= row.keys()
+
+
 def chat(model: nn.Module, tokenizer: PreTrainedTokenizerBase, g: GenerateConfig, device: torch.device,
          read: Callable[[str], str] = input) -> list[dict]:
     """A conversation on the terminal, each answer printed as it is generated; /reset starts over, /exit or
@@ -191,6 +213,8 @@ def run(cfg: RunConfig) -> dict:
     """recipe=generate: load the model once, answer every prompt, write them with their answers as JSON lines."""
     g = cfg.generate
     prompts = read_prompts(g)  # a bad prompts file fails before the model loads
+    out = Path(g.output_file).expanduser() if g.output_file else Path(cfg.output_dir) / "generations.jsonl"
+    check_output_file(out)  # and so does an output file that cannot be written or would replace another file
     device = choose_device(cfg.trainer.accelerator)
     src = locate(g.checkpoint, cfg)
     src.refuse_ignored(override_keys())
@@ -202,7 +226,6 @@ def run(cfg: RunConfig) -> dict:
     ensure_chat_template(tokenizer, template)
     torch.manual_seed(cfg.trainer.seed)  # sampling (generate.do_sample=true) repeats with the seed
     log.info("generating with %s", src.description)
-    out = Path(g.output_file).expanduser() if g.output_file else Path(cfg.output_dir) / "generations.jsonl"
     if prompts is None and sys.stdin.isatty():
         rows = chat(model, tokenizer, g, device)
     else:

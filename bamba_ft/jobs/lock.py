@@ -18,6 +18,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from bamba_ft.errors import ConfigError
+from bamba_ft.jobs.report import output_path_problem
 
 LOCK_NAME = ".bamba_ft.lock"
 _held: dict[Path, int] = {}  # run directory -> open file descriptor holding its lock (for this process's life)
@@ -33,6 +34,8 @@ def acquire(run_dir: Path) -> None:
     run_dir = run_dir.resolve()
     if run_dir in _held or not launching_process():
         return
+    if problem := output_path_problem(run_dir, f"the run directory {run_dir} (hydra.run.dir)", directory=True):
+        raise ConfigError(problem)
     run_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     try:

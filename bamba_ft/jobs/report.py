@@ -12,6 +12,24 @@ from typing import Any
 from bamba_ft.rundir import RunDir
 
 
+def output_path_problem(path: Path, what: str, directory: bool) -> str | None:
+    """None when a command can write `path` (a directory if `directory`, else a file) as far as the paths go, else
+    the problem: it exists as the other kind, or a directory on the way to it is a file. `what` names it (the key and
+    its value). Checked before the work, which otherwise ended in a traceback from mkdir or the final rename."""
+    path = path.expanduser()
+    if path.exists():
+        if directory and not path.is_dir():
+            return f"{what} is a file.\nFix: name a directory."
+        if not directory and path.is_dir():
+            return f"{what} is a directory.\nFix: name a file (in that directory: {path / 'NAME'})."
+        return None
+    for parent in path.absolute().parents:
+        if parent.exists():
+            return None if parent.is_dir() else (f"{what}: {parent} is a file, so nothing can be written under it.\n"
+                                                 f"Fix: name a path whose parent directories are directories.")
+    return None
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write to a temporary file beside `path`, then rename: readers never see a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -178,12 +178,18 @@ def test_eval_never_writes_over_a_training_run_and_num_generate_0_generates_noth
         with pytest.raises(ConfigError, match=f"eval.output_dir={output} {message}"):
             run_in_process([*EVAL, f"eval.checkpoint={run}", f"eval.output_dir={output}"], tmp_path / "x")
     assert (run / "metrics.json").read_text() == before and (tmp_path / "afile").read_text() == "mine"
+    under_a_file = tmp_path / "afile" / "sub"  # failed with mkdir's traceback after the evaluation
+    with pytest.raises(ConfigError, match=f"eval.output_dir={under_a_file}: {tmp_path / 'afile'} is a file, so nothing"):
+        run_in_process([*EVAL, f"eval.checkpoint={run}", f"eval.output_dir={under_a_file}"], tmp_path / "x")
     # Hydra's own directory is checked as it starts, before it writes its .hydra/ files there
     hydra_files = (run / ".hydra" / "config.yaml").read_bytes() if (run / ".hydra").is_dir() else None
     proc = cli([*EVAL, f"eval.checkpoint={run}", f"hydra.run.dir={run}"], cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "holds a training run" in proc.stderr and "task=eval" in proc.stderr, proc.stderr
     assert (run / "metrics.json").read_text() == before
     assert ((run / ".hydra" / "config.yaml").read_bytes() if (run / ".hydra").is_dir() else None) == hydra_files
+    proc = cli([*EVAL, f"eval.checkpoint={run}", f"hydra.run.dir={under_a_file}"], cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and f"{tmp_path / 'afile'} is a file, so nothing" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
     # eval.num_generate=0: no generation metrics (every validation row was generated before)
     (tmp_path / "out" / "predictions.jsonl").parent.mkdir()
     (tmp_path / "out" / "predictions.jsonl").write_text("an earlier evaluation's\n")

@@ -96,7 +96,8 @@ def test_export_files_model_card_and_overwrite_rule(sft_run: Path, tmp_path: Pat
     (other / "keep.txt").write_text("mine")
     (tmp_path / "afile").write_text("mine")
     for output, message in ((tmp_path / "run", "holds the export's source"), (other, "is not an earlier export"),
-                            (tmp_path / "afile", "is a file")):
+                            (tmp_path / "afile", "is a file"),
+                            (tmp_path / "afile" / "sub", f"{tmp_path / 'afile'} is a file, so nothing can be written")):
         with pytest.raises(ConfigError, match=message):
             run_in_process(["recipe=export", "export.checkpoint=run", f"export.output_dir={output}",
                             "export.overwrite=true"], tmp_path / "d")

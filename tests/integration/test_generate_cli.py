@@ -56,3 +56,26 @@ def test_generate_reads_prompts_from_standard_input(sft_run: Path, tmp_path: Pat
     assert [w["messages"][-1]["content"] for w in written] == ["Reverse the word: cat", "Sort the letters: cba"]
     assert [w["where"] for w in written] == ["standard input, line 1", "standard input, line 3"]
     assert "[2/2] prompt: Sort the letters: cba" in capsys.readouterr().out
+
+
+def test_generate_refuses_an_output_file_it_could_not_write_or_would_replace_before_the_model_loads(
+        sft_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An existing directory or a path under a file failed with a traceback once every answer was generated; a run's
+    metrics.json was silently replaced by the answers. An earlier generations file is replaced."""
+    from bamba_ft.errors import ConfigError
+
+    (tmp_path / "afile").write_text("mine")
+    args = ["recipe=generate", "trainer=cpu", f"generate.checkpoint={sft_run}", "generate.prompt=Reverse cat",
+            "generate.max_new_tokens=4"]
+    metrics = (sft_run / "metrics.json").read_text()
+    with monkeypatch.context() as m:
+        m.setattr("bamba_ft.jobs.generate.load_source", lambda *a: pytest.fail("the model loaded"))
+        for out, message in ((tmp_path, "is a directory"), (tmp_path / "afile" / "a.jsonl", "is a file, so nothing"),
+                             (sft_run / "metrics.json", "is not an earlier generations file")):
+            with pytest.raises(ConfigError, match=f"generate.output_file={out}.* {message}"):
+                run_in_process([*args, f"generate.output_file={out}"], tmp_path / "gen")
+    assert (sft_run / "metrics.json").read_text() == metrics and (tmp_path / "afile").read_text() == "mine"
+    out = tmp_path / "answers.jsonl"
+    for _ in range(2):  # the second run replaces the first's answers
+        assert run_in_process([*args, f"generate.output_file={out}"], tmp_path / "gen")["generations"] == 1
+    assert len(out.read_text().splitlines()) == 1

@@ -32,3 +32,20 @@ def test_a_run_resumed_in_its_own_directory_has_curves_over_all_its_steps(tmp_pa
 def test_a_run_without_a_csv_log_has_no_curves(tmp_path: Path) -> None:
     assert read_metrics_csv(tmp_path) == {}
     assert not plot_curves(tmp_path, tmp_path / "curves.png") and not (tmp_path / "curves.png").exists()
+
+
+def test_an_output_path_that_cannot_be_written_is_named_before_the_work(tmp_path: Path) -> None:
+    from bamba_ft.jobs.report import output_path_problem
+
+    (tmp_path / "afile").write_text("mine")
+    (tmp_path / "adir").mkdir()
+    assert output_path_problem(tmp_path / "new" / "deeper", "k=v", directory=True) is None
+    assert output_path_problem(tmp_path / "new" / "out.jsonl", "k=v", directory=False) is None
+    assert output_path_problem(tmp_path / "adir", "k=v", directory=True) is None
+    assert output_path_problem(tmp_path / "afile", "k=v", directory=False) is None
+    assert output_path_problem(tmp_path / "afile", "k=v", directory=True) == "k=v is a file.\nFix: name a directory."
+    assert output_path_problem(tmp_path / "adir", "k=v", directory=False).startswith("k=v is a directory.\nFix: name a "
+                                                                                     "file (in that directory: ")
+    for directory in (True, False):
+        problem = output_path_problem(tmp_path / "afile" / "sub" / "x", "k=v", directory=directory)
+        assert problem.startswith(f"k=v: {tmp_path / 'afile'} is a file, so nothing can be written under it.")
