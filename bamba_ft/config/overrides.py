@@ -33,9 +33,12 @@ def check_key(dotted: str) -> str | None:
             names = [f.name for f in fields(node)]
             if part not in names:
                 where = ".".join(path) or "the top level"
+                # at the top level a misspelt group (recpie=eval) is matched against the groups too
+                groups = [] if path else [g for g in GROUPS if g not in names]
+                also = f"; config groups (group=option): {', '.join(groups)}" if groups else ""
                 return (
-                    f"'{part}' is not a key of {where}.{suggest(part, names)}\n"
-                    f"Valid keys of {where}: {', '.join(names)}"
+                    f"'{part}' is not a key of {where}.{suggest(part, [*names, *groups])}\n"
+                    f"Valid keys of {where}: {', '.join(names)}{also}"
                 )
             node = _hints(node)[part]
         elif typing.get_origin(node) is list and part.isdigit():

@@ -133,6 +133,13 @@ def test_typo_in_nested_and_top_level_keys() -> None:
     check_overrides(["-m", "optim.lr=1e-4,3e-4", "peft.target_modules=[in_proj]", "data.source=x.jsonl"])
 
 
+@pytest.mark.parametrize(("token", "group"), [("recpie=eval", "recipe"), ("smok=fast", "smoke")])
+def test_a_misspelt_group_is_matched_against_the_groups(token: str, group: str) -> None:
+    """recpie=eval was asked 'Did you mean preview?': the groups outside the schema's keys were no candidates."""
+    with pytest.raises(ConfigError, match=rf"(?s)Did you mean '{group}'\?.*config groups \(group=option\): recipe, smoke"):
+        check_overrides([token])
+
+
 def test_plus_key_is_caught_after_composition() -> None:
     register_configs()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
