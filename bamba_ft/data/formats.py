@@ -203,8 +203,12 @@ def _turn(turn: dict[str, Any], role: str, content: Any, at: str, coerced: list[
 
 
 def _as_messages(value: Any, at: str, renames: Mapping[str, str], coerced: list[str] | None) -> list[dict[str, Any]]:
+    if isinstance(value, str) and value.lstrip().startswith("["):  # a list written out as text, as a CSV cell holds it
+        raise DataError(f"{at}: 'messages' is text that spells a JSON list, not a list of messages (a CSV column holds "
+                        "text only).\nFix: write the rows as .jsonl or .parquet, which keep lists.")
     if not isinstance(value, list) or not value:
-        raise DataError(f"{at}: 'messages' must be a non-empty list of {{role, content}} objects.")
+        raise DataError(f"{at}: 'messages' must be a non-empty list of {{role, content}} objects.\nFix: give each row "
+                        "its conversation, [{\"role\": \"user\", \"content\": ...}, {\"role\": \"assistant\", ...}].")
     out, unknown = [], []
     for n, turn in enumerate(value):
         if not isinstance(turn, dict):

@@ -457,6 +457,22 @@ def test_a_row_missing_one_field_names_that_field(tmp_path: Path) -> None:
         [to_messages(r, "alpaca", f"data.source={path}, row {r['__row__']}") for r in rows]
 
 
+def test_a_csv_column_of_conversations_written_as_json_text_says_to_keep_the_lists(tmp_path: Path) -> None:
+    """A chat set saved with pandas' to_csv holds each conversation as JSON text: the error said a list was needed,
+    without saying that the file was the reason."""
+    from bamba_ft.data.load import load_rows
+
+    path = tmp_path / "chat.csv"
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    path.write_text('messages\n"' + json.dumps(turns).replace('"', '""') + '"\n')
+    (row,) = load_rows(str(path), "train", "data.source")
+    with pytest.raises(DataError, match=r"(?s)chat.csv, row 1: 'messages' is text that spells a JSON list.*"
+                                        r"Fix: write the rows as .jsonl or .parquet"):
+        to_messages(row, "messages", f"data.source={path}, row {row['__row__']}")
+    with pytest.raises(DataError, match=r"(?s)'messages' must be a non-empty list .*Fix: give each row its conversation"):
+        to_messages({"messages": []}, "messages", "x.jsonl, line 1")
+
+
 def test_empty_answers_and_numbers_are_counted(builtin_tokenizer, tmp_path: Path, caplog) -> None:  # noqa: ANN001
     rows = [{"prompt": "a", "completion": "b"}] * 6 + [{"prompt": "a", "completion": " "}] * 2 + [
         {"prompt": "a", "completion": 7}] * 3
