@@ -768,6 +768,13 @@ def validate(cfg: RunConfig) -> None:
             f"(data.max_seq_len={cfg.data.max_seq_len}), so the longest examples fit in no batch.\n"
             f"Fix: raise data.max_tokens_per_batch to at least {cfg.data.max_seq_len}, or lower data.max_seq_len."
         )
+    if cfg.peft.init_from and cfg.peft.method != "lora" and cfg.task == "train":
+        problems.add(
+            f"peft.init_from={cfg.peft.init_from} loads a trained adapter into this run's LoRA adapters, and "
+            f"peft.method={cfg.peft.method} (full fine-tuning) has none.\nFix: drop peft.init_from; to fine-tune every "
+            "weight of the adapted model, merge it first (recipe=export export.checkpoint=RUN export.dtype=float32) "
+            "and start from the export (model.name_or_path=RUN/export)."
+        )
     if cfg.quant.method != "none" and cfg.peft.method == "none":
         problems.add(
             f"quant.method={cfg.quant.method} freezes quantized base weights, so full fine-tuning (peft=none) "

@@ -215,6 +215,14 @@ def test_full_finetune_with_quantized_base_is_refused() -> None:
         composed(["recipe=qlora", "peft=none"])
 
 
+def test_full_finetune_from_a_trained_adapter_is_refused_with_the_merge_as_the_way() -> None:
+    """recipe=full peft.init_from=RUN ended, once the model had loaded, in peft's AttributeError traceback."""
+    with pytest.raises(ConfigError, match=r"(?s)peft.init_from=runs/a loads a trained adapter .* peft.method=none "
+                                          r"\(full fine-tuning\) has none.*Fix: drop peft.init_from.*model.name_or_path"):
+        composed(["recipe=full", "peft.init_from=runs/a"])
+    assert composed(["recipe=sft", "peft.init_from=runs/a"]).peft.init_from == "runs/a"
+
+
 def test_fp8_base_composes_with_lora_and_refuses_what_quantized_bases_cannot_do() -> None:
     cfg = composed(["recipe=qlora", "quant=fp8"])
     assert cfg.quant.method == "fp8" and cfg.peft.method == "lora"
