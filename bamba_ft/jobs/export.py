@@ -326,6 +326,11 @@ def run(cfg: RunConfig) -> dict:
         raise ConfigError("export.checkpoint is not set. Fix: export.checkpoint=<training run directory or adapter>.")
     src = locate(ex.checkpoint, cfg)
     src.refuse_ignored(override_keys())
+    lora = src.adapter_dir is not None or (src.ckpt is not None and src.run is not None and src.run.peft.method == "lora")
+    if ex.adapter_only and not lora:  # before the model loads (a full run's .ckpt failed in peft's save)
+        raise ConfigError(f"export.adapter_only=true needs a LoRA run, adapter or checkpoint to export, and "
+                          f"{src.description} has no adapter: its weights are a whole model.\nFix: drop "
+                          "export.adapter_only to export that model.")
     target = (Path(ex.output_dir) if ex.output_dir else default_target(Path(ex.checkpoint), ex.adapter_only))
     target = target.expanduser().resolve()  # the verification process runs elsewhere
     clean_stale_exports(target)  # first: it may restore a target that a killed overwrite had moved aside
@@ -373,8 +378,6 @@ def _write(model: nn.Module, tokenizer, cfg: RunConfig, src, tmp: Path, target: 
         report["run"] = str(Path(src.run_dir).resolve())
     ids = _probe_ids(tokenizer)
     if ex.adapter_only:
-        if src.adapter_dir is None and src.ckpt is None:
-            raise ConfigError("export.adapter_only=true needs a LoRA run, adapter or checkpoint to export.")
         from peft import get_peft_model_state_dict
 
         # the adapter keeps the dtype it trained in: export.dtype is the merged weights'

@@ -125,6 +125,22 @@ def test_adapter_only_export_loads_with_peft(sft_run: Path, tmp_path: Path) -> N
         assert torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits)
 
 
+def test_adapter_only_export_of_a_full_fine_tune_is_refused_before_the_model_loads(tmp_path: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full run's .ckpt was loaded and then failed in peft's save with an AttributeError traceback."""
+    run = tmp_path / "full"
+    run_in_process(["recipe=full", "trainer=cpu", "trainer.max_steps=1", "data.builtin_train_examples=40",
+                    "data.builtin_val_examples=8", "eval.before_training=false", "eval.generate=false", "logger=none"],
+                   run)
+    monkeypatch.setattr("bamba_ft.jobs.export.load_source", lambda *a: pytest.fail("the model loaded"))
+    for checkpoint in (run, run / "checkpoints" / "last.ckpt"):
+        with pytest.raises(ConfigError, match=r"(?s)export.adapter_only=true needs a LoRA run, adapter or checkpoint.*"
+                                              r"has no adapter.*Fix: drop export.adapter_only"):
+            run_in_process(["recipe=export", f"export.checkpoint={checkpoint}", "export.adapter_only=true"],
+                           tmp_path / "log")
+    assert not (run / "export_adapter").exists()
+
+
 def test_push_to_hub_uploads_the_export(sft_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                         capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "pushed"
