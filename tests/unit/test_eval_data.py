@@ -117,6 +117,19 @@ def test_the_runs_own_training_file_named_again_keeps_its_hold_out() -> None:
     assert (data.val_source, data.val_fraction) == (None, 0.05)
 
 
+@pytest.mark.parametrize("spelling", ["./train.jsonl", "{cwd}/train.jsonl", "../{name}/train.jsonl", "link.jsonl"])
+def test_the_runs_own_training_file_spelt_otherwise_keeps_its_hold_out(spelling: str, tmp_path: Path) -> None:
+    """The run trained on train.jsonl; the same file by another path was taken for new data and scored whole,
+    training rows included, so the evaluation reported a lower loss than the held-out rows give."""
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "train.jsonl")
+    given = spelling.format(cwd=tmp_path, name=tmp_path.name)
+    run = RunConfig(data=DataConfig(source="train.jsonl"))
+    data = eval_data_config(run, RunConfig(data=DataConfig(source=given)), {"data.source"})
+    assert (data.source, data.val_source, data.val_fraction) == (given, None, 0.05)
+    other = eval_data_config(run, RunConfig(data=DataConfig(source="./other.jsonl")), {"data.source"})
+    assert other.val_source == "./other.jsonl"  # another file is still scored whole
+
+
 def test_a_key_the_builtin_task_does_not_read_is_refused_with_the_fix() -> None:
     cfg = RunConfig(data=DataConfig(val_source="other.jsonl"))
     with pytest.raises(ConfigError, match=r"(?s)data.val_source: the data is the builtin task.*would be ignored"
