@@ -173,9 +173,25 @@ class GracefulStop(L.Callback):
 
 class PatientEarlyStopping(EarlyStopping):
     """Lightning's EarlyStopping, whose patience on a resume is the command line's (trainer.early_stopping_patience
-    applies from the resumed step, as the other schedule keys do), not the one the checkpoint recorded."""
+    applies from the resumed step, as the other schedule keys do), not the one the checkpoint recorded. It also
+    keeps the lowest val/loss of the run, resumes included: its best_score is the last loss that improved by more
+    than min_delta, and the best-* checkpoints (none with trainer.save_top_k=0, those of this directory only after
+    a resume into another) need not know the lowest."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lowest: float | None = None
+
+    def _evaluate_stopping_criteria(self, current: Any) -> tuple[bool, str | None]:
+        if bool(current.isfinite()) and (self.lowest is None or float(current) < self.lowest):
+            self.lowest = float(current)
+        return super()._evaluate_stopping_criteria(current)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "lowest": self.lowest}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         patience = self.patience
         super().load_state_dict(state_dict)
         self.patience = patience
+        self.lowest = state_dict.get("lowest")  # None from a checkpoint written before it was kept

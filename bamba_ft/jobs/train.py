@@ -305,12 +305,16 @@ def early_stop(trainer: L.Trainer) -> dict | None:
     if stopper is None or stopper.stopping_reason != EarlyStoppingReason.PATIENCE_EXHAUSTED:
         return None  # a non-finite val/loss also stops it: reported as a divergence
     best = _best_checkpoints(trainer)
-    kept = best is not None and bool(best.best_model_path)
+    kept = float(best.best_model_score) if best is not None and best.best_model_path and \
+        best.best_model_score is not None else None
+    lowest = getattr(stopper, "lowest", None)
+    lowest = kept if lowest is None else lowest
     # best_val_loss: the loss the patience counted against (the last that improved by more than min_delta);
-    # lowest_val_loss: the lowest of all, which best_checkpoint holds
+    # lowest_val_loss: the lowest of all, and best_checkpoint the best-* that holds it (none with save_top_k=0, or
+    # when the lowest came before a resume into another directory, whose best-* stayed there)
     return {"step": trainer.global_step, "patience": stopper.patience, "best_val_loss": float(stopper.best_score),
-            "lowest_val_loss": float(best.best_model_score) if kept and best.best_model_score is not None else None,
-            "best_checkpoint": best.best_model_path if kept else None}
+            "lowest_val_loss": lowest,
+            "best_checkpoint": best.best_model_path if kept is not None and kept <= lowest else None}
 
 
 def _trainer(cfg: RunConfig, dm: BambaDataModule, run_dir: Path, device: torch.device, strategy: Any,

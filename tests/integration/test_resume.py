@@ -236,3 +236,23 @@ def test_an_epoch_bound_run_saves_last_ckpt_only_at_the_end(tmp_path: Path, monk
     assert train.run(cfg)["train"]["steps"] == 8
     assert [s for s in saved if s[1] == "last.ckpt"] == [(8, "last.ckpt")], saved
     assert train.run(small_run(tmp_path / "more", resume=str(tmp_path / "run"), steps=9))["train"]["steps"] == 9
+
+
+def test_early_stopping_reports_the_lowest_val_loss_without_a_best_checkpoint(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """trainer.save_top_k=0 keeps no best-* checkpoint, and lowest_val_loss, read from it, was null. It is the run's
+    lowest all the same, across a resume into another directory too."""
+    def run(out: Path, resume: str | None = None) -> dict:
+        cfg = small_run(out, resume=resume, steps=30)
+        cfg.trainer.save_top_k = 0
+        cfg.trainer.early_stopping_patience, cfg.trainer.early_stopping_min_delta = 2, 100.0
+        return train.run(cfg)
+
+    stopped = run(tmp_path / "a")["train"]
+    assert stopped["early_stopped"]["step"] == 9 and stopped["early_stopped"]["best_checkpoint"] is None
+    assert stopped["early_stopped"]["lowest_val_loss"] == pytest.approx(stopped["last_val_loss"])  # as with best-*
+    stop_at(monkeypatch, 7)
+    assert run(tmp_path / "b")["stopped_at"] == 7
+    monkeypatch.undo()
+    resumed = run(tmp_path / "c", resume=str(tmp_path / "b"))["train"]["early_stopped"]
+    assert resumed["lowest_val_loss"] == pytest.approx(stopped["early_stopped"]["lowest_val_loss"], abs=1e-6)
