@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bamba_ft.errors import ConfigError
 from bamba_ft.jobs.lock import refuse
-from bamba_ft.jobs.report import atomic_write_json, atomic_write_text, table
+from bamba_ft.jobs.report import atomic_write_json, atomic_write_text, output_path_problem, table
 from bamba_ft.jobs.sweep_job import (
     RESULT_NAME,
     drop_saved_hydra_files,
@@ -193,6 +193,8 @@ class SweepSummary(Callback):
                 f"hydra.sweeper.direction={sweeper.get('direction')} but sweep.direction={direction}: Optuna would "
                 f"optimise the other way.\nFix: set both, e.g. hydra.sweeper.direction={direction}."))
         sweep_dir = Path(str(OmegaConf.select(config, "hydra.sweep.dir")))
+        if problem := output_path_problem(sweep_dir, f"hydra.sweep.dir={sweep_dir}", directory=True):
+            refuse(ConfigError(problem))  # the sweeper's mkdir would end in a traceback
         if not OmegaConf.select(config, "sweep.resume"):
             # Hydra calls this before it makes the sweeper, whose launcher writes multirun.yaml and the jobs' files
             try:

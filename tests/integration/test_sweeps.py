@@ -119,6 +119,15 @@ def test_a_new_sweep_into_a_finished_sweeps_directory_is_refused_before_anything
     assert all(r["reused"] and r["pid"] == results[j]["pid"] for j, r in _results(sweep).items())  # nothing trained
 
 
+def test_a_sweep_directory_under_a_file_is_refused_without_a_traceback(tmp_path: Path) -> None:
+    """The sweeper's mkdir of hydra.sweep.dir failed with NotADirectoryError's traceback."""
+    (tmp_path / "afile").write_text("mine")
+    proc = cli(["-m", "optim.lr=1e-4,3e-4", *FAST, f"hydra.sweep.dir={tmp_path / 'afile' / 'sweep'}"], cwd=tmp_path,
+               check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"hydra.sweep.dir={tmp_path / 'afile' / 'sweep'}: {tmp_path / 'afile'} is a file" in proc.stderr
+
+
 @pytest.mark.slow
 def test_a_sweep_stopped_by_ctrl_c_then_killed_resumes_reporting_its_failed_job(tmp_path: Path) -> None:
     """One sweep, interrupted both ways, each time continued by the same command plus sweep.resume=true: Ctrl-C
