@@ -611,6 +611,15 @@ def looks_local(value: str) -> bool:
     return len(parts) > 1 and Path(parts[0]).exists()
 
 
+def same_source(trained: str, given: str) -> bool:
+    """Whether `given` names the data source a run trained on: the same text, or the same local file or directory
+    spelt otherwise (relative or absolute, with ./ or ../, through a link), both read from the current directory."""
+    if trained == given:
+        return True
+    a, b = Path(trained).expanduser(), Path(given).expanduser()
+    return a.exists() and b.exists() and a.samefile(b)
+
+
 # What a local path of each kind of key must be, as the fix names it.
 _LOCAL_FORMS = {
     "data": ("file or directory", "a .jsonl/.json/.parquet/.csv file or a dataset directory"),

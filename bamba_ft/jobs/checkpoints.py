@@ -17,7 +17,7 @@ from typing import Any
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from omegaconf import OmegaConf
 
-from bamba_ft.config.schema import RunConfig, canonical_checkpointing
+from bamba_ft.config.schema import RunConfig, canonical_checkpointing, same_source
 from bamba_ft.errors import ConfigError
 from bamba_ft.jobs.lock import held_elsewhere
 from bamba_ft.model.restore import checkpoint_problem, checkpoint_state, is_sharded, state_file
@@ -273,6 +273,21 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+# Keys naming data sources: the same local file or directory spelt otherwise is no change.
+PATHS = ("data.source", "data.val_source", "data.sources")
+
+
+def _same_data(was: Any, now: Any) -> bool:
+    """Whether two values of a key of PATHS name the same data: a source each (`same_source`), or lists of
+    data.sources alike but for their sources' spelling."""
+    if isinstance(was, str) and isinstance(now, str):
+        return same_source(was, now)
+    if isinstance(was, list) and isinstance(now, list) and len(was) == len(now):
+        return all(isinstance(a, dict) and isinstance(b, dict) and {**a, "source": b.get("source")} == b
+                   and _same_data(a.get("source"), b.get("source")) for a, b in zip(was, now))
+    return False
+
+
 def _matches(key: str, patterns: tuple[str, ...]) -> bool:
     return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
 
@@ -290,6 +305,8 @@ def config_changes(old: dict[str, Any], new: RunConfig) -> tuple[list[str], list
         if key == "model.gradient_checkpointing":  # saved as true/false before it named layers
             was = canonical_checkpointing(was)
         if was == now or (isinstance(was, (int, float)) and isinstance(now, (int, float)) and float(was) == float(now)):
+            continue
+        if key in PATHS and _same_data(was, now):  # the same file named by another path (./, absolute, a link)
             continue
         # A stream's validation rows are its head, so their number moves where training starts in the stream.
         fixed_by_stream = key == "data.max_val_examples" and new.data.streaming

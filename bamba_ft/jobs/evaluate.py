@@ -17,7 +17,15 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from bamba_ft.config.overrides import COMMAND_LINE, key_origins, override_keys
-from bamba_ft.config.schema import NOT_BUILTIN, DataConfig, EvalConfig, RunConfig, Sampling, validate
+from bamba_ft.config.schema import (
+    NOT_BUILTIN,
+    DataConfig,
+    EvalConfig,
+    RunConfig,
+    Sampling,
+    same_source,
+    validate,
+)
 from bamba_ft.data.module import BambaDataModule
 from bamba_ft.data.templates import ensure_chat_template, stop_token_ids
 from bamba_ft.data.tokenize import prompt_and_reference
@@ -243,22 +251,13 @@ def _score_all_of_a_new_source(data: DataConfig, trained: DataConfig | None, giv
     if "source" not in keys or set(HOLD_OUT_KEYS) & keys or data.sources or data.source == "builtin" or data.config:
         return data
     if trained is not None and not trained.sources and (trained.split, trained.config, trained.field) \
-            == (data.split, data.config, data.field) and _same_source(trained.source, data.source):
+            == (data.split, data.config, data.field) and same_source(trained.source, data.source):
         return data
     log.info("data.source=%s: not what the model trained on, so all of it is scored (data.val_source=%s%s%s); "
              "data.val_fraction=F scores a held-out fraction instead", data.source, data.source,
              f", data.val_split={data.split}" if data.split else "",
              f", data.val_field={data.field}" if data.field else "")
     return dataclasses.replace(data, val_source=data.source, val_split=data.split, val_field=data.field)
-
-
-def _same_source(trained: str, given: str) -> bool:
-    """Whether `given` names the data source a run trained on: the same text, or the same local file or directory
-    spelt otherwise (relative or absolute, with ./ or ../, through a link), both read from the current directory."""
-    if trained == given:
-        return True
-    a, b = Path(trained).expanduser(), Path(given).expanduser()
-    return a.exists() and b.exists() and a.samefile(b)
 
 
 def _check_eval_data(data: DataConfig, cfg: RunConfig, given: list[str], where: str) -> None:

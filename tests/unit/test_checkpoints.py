@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bamba_ft.config.schema import RunConfig
+from bamba_ft.config.schema import RunConfig, SourceConfig
 from bamba_ft.errors import ConfigError, ModelError
 from bamba_ft.jobs import lock
 from bamba_ft.jobs.checkpoints import (
@@ -159,6 +159,33 @@ def test_keys_added_since_a_checkpoint_count_as_their_default() -> None:
     new = RunConfig()
     new.data.overlong_stride = 8
     assert config_changes(old, new) == ([], ["data.overlong_stride: 0 -> 8"])
+
+
+@pytest.mark.parametrize("spelling", ["./train.jsonl", "train.jsonl", "../{name}/train.jsonl", "link.jsonl"])
+def test_the_same_data_file_named_by_another_path_is_no_change(spelling: str, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run trained on data.source=/abs/train.jsonl, resumed with ./train.jsonl from the file's directory, was
+    refused as a data.source change; another file still is."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("train.jsonl", "val.jsonl", "other.jsonl"):
+        (tmp_path / name).write_text("{}\n")
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "train.jsonl")
+    given = spelling.format(name=tmp_path.name)
+    old = RunConfig()
+    old.data.source, old.data.val_source = str(tmp_path / "train.jsonl"), str(tmp_path / "val.jsonl")
+    new = RunConfig()
+    new.data.source, new.data.val_source = given, "./val.jsonl"
+    assert config_changes(asdict(old), new) == ([], [])
+    old.data.source, old.data.sources = "builtin", [SourceConfig(source=str(tmp_path / "train.jsonl"), weight=1.0)]
+    new.data.source, new.data.sources = "builtin", [SourceConfig(source=given, weight=1.0)]
+    assert config_changes(asdict(old), new) == ([], [])
+    new.data.sources = [SourceConfig(source=given, weight=2.0)]  # the same file, another weight: a change
+    assert config_changes(asdict(old), new)[1] == [f"data.sources: {asdict(old)['data']['sources']!r} -> "
+                                                   f"{asdict(new)['data']['sources']!r}"]
+    old.data.sources, new.data.sources = [], []
+    old.data.source, new.data.source = str(tmp_path / "train.jsonl"), "./other.jsonl"
+    assert config_changes(asdict(old), new) == ([], [f"data.source: {str(tmp_path / 'train.jsonl')!r} -> "
+                                                     "'./other.jsonl'"])
 
 
 def test_check_resume_config_reads_the_checkpoint_and_refuses(tmp_path: Path) -> None:
