@@ -256,3 +256,44 @@ def test_early_stopping_reports_the_lowest_val_loss_without_a_best_checkpoint(tm
     monkeypatch.undo()
     resumed = run(tmp_path / "c", resume=str(tmp_path / "b"))["train"]["early_stopped"]
     assert resumed["lowest_val_loss"] == pytest.approx(stopped["early_stopped"]["lowest_val_loss"], abs=1e-6)
+
+
+def test_a_resume_with_other_max_steps_keeps_the_best_checkpoints_it_ranked(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another trainer.max_steps gives last.ckpt another save interval, part of its callback's state key, and
+    Lightning warned that the callback which wrote the checkpoint was missing. Only that callback's state (the path
+    of last.ckpt, written anew by every save) is left behind: the best-* callback, keyed by its metric, is restored
+    with its scores and top k, so the resumed run ranks the stopped run's best-* with its own."""
+    import warnings
+
+    from bamba_ft import quiet
+    from bamba_ft.model.restore import checkpoint_state
+
+    run = tmp_path / "run"
+
+    def cfg(steps: int, resume: str | None = None) -> RunConfig:
+        c = small_run(run, resume=resume, steps=steps)
+        c.trainer.save_top_k = 10
+        return c
+
+    def states(ckpt: str) -> dict:
+        return checkpoint_state(run / "checkpoints" / ckpt)["callbacks"]
+
+    stop_at(monkeypatch, 7)
+    train.run(cfg(10))
+    monkeypatch.undo()
+    stopped = states("interrupted.ckpt")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet.silence_import_noise()
+        train.run(cfg(9, resume=str(run)))
+    assert [str(w.message) for w in seen if "Please add the following callbacks" in str(w.message)] == []
+    resumed = states("best-step000009.ckpt")  # written in step 9's validation, after last.ckpt's save of that step
+    lasts = [k for k in (*stopped, *resumed) if k.startswith("ModelCheckpoint{'monitor': None")]
+    assert len(lasts) == 2 and "'every_n_train_steps': 10" in lasts[0] and "'every_n_train_steps': 9" in lasts[1]
+    key = next(k for k in resumed if k.startswith("ModelCheckpoint{'monitor': 'val/loss'"))
+    assert key in stopped
+    before, after = stopped[key]["best_k_models"], resumed[key]["best_k_models"]
+    assert {Path(p).name for p in before} == {"best-step000003.ckpt", "best-step000006.ckpt"}
+    assert {Path(p).name for p in after} == {"best-step000003.ckpt", "best-step000006.ckpt", "best-step000009.ckpt"}
+    assert resumed[key]["best_model_path"] == min(after, key=lambda p: float(after[p]))

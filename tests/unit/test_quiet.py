@@ -39,6 +39,29 @@ def test_lightnings_dirpath_warning_gives_way_to_the_resume_line() -> None:
     assert seen == []
 
 
+_MISSING = ("Be aware that when using `ckpt_path`, callbacks used to create the checkpoint need to be provided during "
+            "`Trainer` instantiation. Please add the following callbacks: {}.")
+_LAST = "ModelCheckpoint{'monitor': None, 'mode': 'min', 'every_n_train_steps': 100, 'every_n_epochs': 0, " \
+        "'train_time_interval': None}"
+_BEST = "ModelCheckpoint{'monitor': 'val/loss', 'mode': 'min', 'every_n_train_steps': 0, 'every_n_epochs': 1, " \
+        "'train_time_interval': None}"
+
+
+@pytest.mark.parametrize(("missing", "shown"), [([_LAST], False), ([_BEST], True), ([_LAST, _BEST], True),
+                                                (["PatientEarlyStopping{'monitor': 'val/loss', 'mode': 'min'}"], True)])
+def test_only_last_ckpts_save_interval_on_resume_goes_unwarned(missing: list[str], shown: bool) -> None:
+    """A resume with another trainer.max_steps changes last.ckpt's save interval, part of its callback's state key,
+    and Lightning asked for the old callback, whose state (last.ckpt's path) nothing needs; the best-* and early
+    stopping state is restored (test_resume). A missing callback of any other kind is still said."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet.silence_import_noise()
+        warnings.warn(_MISSING.format(list(missing)), stacklevel=1)
+    assert len(seen) == shown
+
+
 @pytest.mark.parametrize(("environ", "label"), [({"RANK": "3"}, "rank 3"),
                                                 ({"LOCAL_RANK": "1", "NODE_RANK": "0"}, "local rank 1"),
                                                 ({"LOCAL_RANK": "1", "NODE_RANK": "2"}, "local rank 1 of node 2")])
