@@ -298,7 +298,8 @@ class TrainerConfig:
     """Seed for weights, data order and dropout."""
     resume: str | None = None
     """Continue a run: a checkpoint file, a run directory, or `latest` (the newest stopped run under outputs/, the
-    default hydra.run.dir; a finished run is not resumed)."""
+    default hydra.run.dir, or the last run that continued it; a finished run is not resumed otherwise). A resumed
+    run's run_config.yaml holds the checkpoint it started from here."""
     fast_dev_run: bool = False
     """Run one training and one validation batch, writing nothing (smoke test)."""
     enable_progress_bar: bool = True

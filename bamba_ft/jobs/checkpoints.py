@@ -87,15 +87,19 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     key = f"trainer.resume={resume}"
     if resume == "latest":
         # a stopped run: a finished one (its metrics.json written) has nothing left to train
-        runs = {p.parent.parent for p in Path("outputs").glob("*/*/checkpoints/*.ckpt")}
-        runs = sorted((r for r in runs if r.resolve() != run_dir.resolve() and not RunDir(r).metrics.exists()),
-                      key=lambda r: r.stat().st_mtime)
+        found = {p.parent.parent for p in Path("outputs").glob("*/*/checkpoints/*.ckpt")}
+        found = {r for r in found if r.resolve() != run_dir.resolve()}
+        runs = sorted((r for r in found if not RunDir(r).metrics.exists()), key=lambda r: r.stat().st_mtime)
         if not runs:
             raise ConfigError("trainer.resume=latest: no stopped run under outputs/ (the default hydra.run.dir) has a "
                               "checkpoint; finished runs are not resumed.\nFix: name the run or checkpoint, "
                               "trainer.resume=<run dir or .ckpt> (needed for runs written with hydra.run.dir=...).")
-        path = runs[-1]
-        log.info("trainer.resume=latest: %s, the newest stopped run under outputs/", path)
+        path = last_continuation(runs[-1], found)
+        if path == runs[-1]:
+            log.info("trainer.resume=latest: %s, the newest stopped run under outputs/", path)
+        else:
+            log.info("trainer.resume=latest: %s, the last run that continued %s, the newest stopped run under "
+                     "outputs/", path, runs[-1])
     else:
         path = Path(resume).expanduser()
     if path.is_file() or is_sharded(path):
@@ -111,6 +115,33 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
         remove_stale_temporaries(path)
         return newest_intact(path, key)
     raise ConfigError(f"{key}: no such checkpoint file or run directory.")
+
+
+def resumed_from(run: Path) -> Path | None:
+    """The run directory whose checkpoint `run` resumed from, as its run_config.yaml records it (train.run writes
+    the checkpoint it found there, in place of `latest` or a run directory); None for a run that is no resume."""
+    try:
+        value = OmegaConf.select(OmegaConf.load(RunDir(run).run_config), "trainer.resume")
+    except Exception:  # no run config, or one that does not parse: no record
+        return None
+    if not value or value == "latest":  # `latest`: written before the checkpoint it found was recorded
+        return None
+    path = Path(str(value)).expanduser()
+    return path.parent.parent if path.parent.name == "checkpoints" else path
+
+
+def last_continuation(run: Path, runs: set[Path]) -> Path:
+    """`run`, or where one of `runs` resumed from it into another directory, the last run of that line (the newest
+    at each step): a stopped run that was continued is not taken up again from its own step."""
+    later: dict[Path, list[Path]] = {}
+    for r in runs:
+        if (source := resumed_from(r)) is not None and source.resolve() != r.resolve():
+            later.setdefault(source.resolve(), []).append(r)
+    seen = set()
+    while run.resolve() in later and run.resolve() not in seen:
+        seen.add(run.resolve())
+        run = max(later[run.resolve()], key=lambda r: r.stat().st_mtime)
+    return run
 
 
 def refuse_earlier_run(run_dir: Path, ckpt_path: Path | None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -362,6 +363,8 @@ def run(cfg: RunConfig) -> dict:
     if resumed is not None:
         refuse_finished(resumed, cfg.trainer.max_steps, f"trainer.resume={cfg.trainer.resume}")
         changed = check_resume_config(resumed, cfg)
+        # run_config.yaml records the checkpoint found, not `latest`: a later `latest` then sees this run continued it
+        cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, resume=str(ckpt_path.absolute())))
         log.info("resuming from %s%s", ckpt_path, "".join(f"\n  changed, applied from the resumed step on: {c}" for c in changed))
         if run_dir.resolve() not in ckpt_path.resolve().parents:
             log.info("resuming into another directory: the best-* checkpoints kept here start anew (those of %s "

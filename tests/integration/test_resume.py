@@ -297,3 +297,22 @@ def test_a_resume_with_other_max_steps_keeps_the_best_checkpoints_it_ranked(tmp_
     assert {Path(p).name for p in before} == {"best-step000003.ckpt", "best-step000006.ckpt"}
     assert {Path(p).name for p in after} == {"best-step000003.ckpt", "best-step000006.ckpt", "best-step000009.ckpt"}
     assert resumed[key]["best_model_path"] == min(after, key=lambda p: float(after[p]))
+
+
+def test_resume_latest_goes_on_from_the_continuation_of_a_stopped_run(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run stopped at step 2 and continued by `latest` to step 4 in a new directory was still the newest stopped
+    run, so the next `latest` with trainer.max_steps=5 started again from step 2. It goes on from step 4."""
+    from omegaconf import OmegaConf
+
+    monkeypatch.chdir(tmp_path)
+    day = Path("outputs") / "2026-12-01"
+    stop_at(monkeypatch, 2)
+    assert train.run(small_run(day / "10-00-00"))["stopped_at"] == 2
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    assert train.run(small_run(day / "11-00-00", resume="latest", steps=4))["train"]["resumed_at_step"] == 2
+    recorded = OmegaConf.load(day / "11-00-00" / "run_config.yaml").trainer.resume
+    assert recorded == str(tmp_path / day / "10-00-00" / "checkpoints" / "interrupted.ckpt")
+    third = train.run(small_run(day / "12-00-00", resume="latest", steps=5))["train"]
+    assert (third["resumed_at_step"], third["steps"]) == (4, 5)

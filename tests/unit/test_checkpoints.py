@@ -261,3 +261,32 @@ def test_resume_latest_takes_the_newest_stopped_run_under_outputs(tmp_path: Path
     (stopped / "metrics.json").write_text("{}")
     with pytest.raises(ConfigError, match=r"(?s)no stopped run under outputs/.*Fix: name the run or checkpoint"):
         resolve_resume("latest", tmp_path / "new")
+
+
+def test_resume_latest_takes_a_stopped_runs_continuation_not_the_run_again(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stopped run continued by `latest` into a new directory stayed the newest stopped run, so the next `latest`
+    resumed it again from its own step instead of the continuation's. The continuation's run_config.yaml records
+    the checkpoint it resumed from; the last run of that line is taken, stopped or finished."""
+    monkeypatch.chdir(tmp_path)
+    day = tmp_path / "outputs" / "2026-12-01"
+    stopped, first, second = day / "10-00-00", day / "11-00-00", day / "12-00-00"
+    _ckpt(stopped / "checkpoints" / "interrupted.ckpt", 18, age=300)
+    os.utime(stopped, (time.time() - 300, time.time() - 300))
+    _ckpt(first / "checkpoints" / "last.ckpt", 70, age=200)
+    (first / "run_config.yaml").write_text(f"trainer:\n  resume: {stopped / 'checkpoints' / 'interrupted.ckpt'}\n")
+    (first / "metrics.json").write_text("{}")  # finished: trainer.max_steps=70
+    os.utime(first, (time.time() - 200, time.time() - 200))
+    assert resolve_resume("latest", tmp_path / "new") == Path("outputs/2026-12-01/11-00-00/checkpoints/last.ckpt")
+    # continued again and stopped there: the last of the line
+    _ckpt(second / "checkpoints" / "interrupted.ckpt", 72, age=100)
+    (second / "run_config.yaml").write_text("trainer:\n  resume: outputs/2026-12-01/11-00-00/checkpoints/last.ckpt\n")
+    os.utime(second, (time.time() - 100, time.time() - 100))
+    os.utime(stopped, (time.time(), time.time()))  # whatever the times say
+    assert resolve_resume("latest", tmp_path / "new") == Path("outputs/2026-12-01/12-00-00/checkpoints/interrupted.ckpt")
+    # a run recorded as `latest` (before the checkpoint found was recorded) and a resume in its own directory
+    # name no other run: the newest stopped run is taken as it is
+    for run, resume in ((first, "latest"), (second, str(second / "checkpoints" / "last.ckpt"))):
+        (run / "run_config.yaml").write_text(f"trainer:\n  resume: {resume}\n")
+    (second / "metrics.json").write_text("{}")
+    assert resolve_resume("latest", tmp_path / "new") == Path("outputs/2026-12-01/10-00-00/checkpoints/interrupted.ckpt")
