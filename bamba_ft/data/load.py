@@ -6,7 +6,9 @@ error after the train/validation shuffle still names the line a user can open in
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import logging
 import re
@@ -269,6 +271,8 @@ def _load_file(path: Path, source: str, key: str, field: str | None = None) -> d
         ds = datasets.load_dataset(builder, data_files=str(path), split="train", **_field_arg(field))
     except Exception as e:  # pyarrow/json errors surface as many exception types
         cause = e.__cause__ or e  # datasets wraps the reader's error in "An error occurred while generating ..."
+        if builder == "csv" and (problem := _csv_problem(text or "", where, _first_line(cause))) is not None:
+            raise problem from e
         raise DataError(f"{where}: could not read the file: {type(cause).__name__}: {_first_line(cause)}") from e
     if lines is not None and len(lines) == len(ds):
         return ds.add_column(LINE, lines)
@@ -276,6 +280,42 @@ def _load_file(path: Path, source: str, key: str, field: str | None = None) -> d
     if builder == "csv":
         _warn_line_breaks_in_fields(ds, where)
     return ds
+
+
+_EXTRA_FIELDS_FIX = ('Fix: put each field that holds a comma in double quotes ("a, b"; a quote inside one is doubled: '
+                     '""), or remove the extra fields from that line.')
+_OPEN_QUOTE_FIX = 'Fix: close the quote; a quote inside a quoted field is doubled ("").'
+
+
+def _csv_problem(text: str, where: str, message: str) -> DataError | None:
+    """The CSV reader's (pandas') refusal of `text`, named by the file's line and with the fix: a line with more
+    fields than the header (pandas counts records, so a quoted field over several lines moves its number off the
+    file's), or a quote left open to the end of the file. None for other messages."""
+    if more := re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", message):
+        header: list[str] | None = None
+        reader, start = csv.reader(io.StringIO(text, newline="")), 1
+        for record in reader:
+            if record and header is None:  # blank lines are skipped, as the reader does
+                header, first = record, start
+            elif header is not None and len(record) > len(header):
+                columns = ", ".join(header[:8]) + (", ..." if len(header) > 8 else "")
+                return DataError(f"{where}, line {start}: {len(record)} fields where the header (line {first}) has "
+                                 f"{len(header)}: {columns}.\n{_EXTRA_FIELDS_FIX}")
+            start = reader.line_num + 1
+        expected, record_number, saw = more.groups()  # read otherwise than the reader did: its own count
+        return DataError(f"{where}: record {record_number} (the header is record 1) has {saw} fields where the header "
+                         f"has {expected}.\n{_EXTRA_FIELDS_FIX}")
+    if "EOF inside string" in message:
+        reader, start = csv.reader(io.StringIO(text, newline=""), strict=True), 1
+        try:
+            for _ in reader:
+                start = reader.line_num + 1
+        except csv.Error:
+            return DataError(f"{where}, line {start}: the row that starts here opens a quoted field that is not closed "
+                             f"before the end of the file.\n{_OPEN_QUOTE_FIX}")
+        return DataError(f"{where}: a quoted field is not closed before the end of the file ({message}).\n"
+                         f"{_OPEN_QUOTE_FIX}")
+    return None
 
 
 def _field_arg(field: str | None) -> dict[str, str]:

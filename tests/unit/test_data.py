@@ -128,8 +128,21 @@ def test_an_open_quote_in_a_csv_is_named(tmp_path: Path, caplog: pytest.LogCaptu
     assert "1 row(s) hold a line break inside a quoted field (first: row 2)" in caplog.text
     never_closed = tmp_path / "open.csv"
     never_closed.write_text('prompt,completion\nadd 1 1,2\n"add 1 2,3\nadd 0 0,0\n')
-    with pytest.raises(DataError, match=r"open.csv: could not read the file: ParserError: .*EOF inside string"):
+    with pytest.raises(DataError, match=r"(?s)open.csv, line 3: the row that starts here opens a quoted field that "
+                                        r"is not closed before the end of the file.\nFix: close the quote"):
         load_rows(str(never_closed), "train", "data.source")
+
+
+def test_a_csv_line_with_more_fields_than_the_header_is_named_with_the_fix(tmp_path: Path) -> None:
+    """pandas' "Expected 2 fields in line 6, saw 4" came with no fix, and its line counts records: after a quoted
+    field over two lines it is one less than the file's."""
+    from bamba_ft.data.load import load_rows
+
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text('prompt,completion\n"add 1\n1",2\nadd 1 2,3\n\nadd 2, 2,4,x\nadd 0 0,0\n')
+    with pytest.raises(DataError, match=r'(?s)ragged.csv, line 6: 4 fields where the header \(line 1\) has 2: prompt, '
+                                        r'completion.\nFix: put each field that holds a comma in double quotes \("a, b"'):
+        load_rows(str(ragged), "train", "data.source")
 
 
 def test_malformed_json_line_is_named(builtin_tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
