@@ -149,6 +149,18 @@ def format_metrics(m: dict[str, float]) -> str:
     return ", ".join(parts) or "no validation data"
 
 
+def validation_keys(data: DataConfig) -> list[str]:
+    """The keys that give an evaluation of `data`, which holds no validation rows, rows to score: a validation file
+    (for the built-in task, its generated examples), with data.max_val_examples where that is 0."""
+    builtin = data.source == "builtin" and not data.sources
+    rows = f"data.builtin_val_examples={DataConfig.builtin_val_examples}" if builtin else "data.val_source=FILE"
+    named = data.builtin_val_examples > 0 if builtin else bool(data.val_source or data.val_split or data.val_fraction)
+    keys = [] if named else [rows]
+    if data.max_val_examples == 0:
+        keys.append(f"data.max_val_examples={DataConfig.max_val_examples}")
+    return keys or [rows]  # validation data named but empty: other data
+
+
 def run(cfg: RunConfig) -> dict:
     """recipe=eval: evaluate a base model, adapter, checkpoint or merged model; write metrics and predictions."""
     device = choose_device(cfg.trainer.accelerator)
@@ -179,7 +191,12 @@ def run(cfg: RunConfig) -> dict:
     result = {"source": src.description, "metrics": metrics}
     run_dir = Path(cfg.eval.checkpoint) if cfg.eval.checkpoint and Path(cfg.eval.checkpoint).is_dir() else None
     curves = write_results(out, result, rows, run_dir)
-    lines = [f"evaluated {src.description}", f"  {format_metrics(metrics)}", f"  metrics: {out / 'metrics.json'}"]
+    lines = [f"evaluated {src.description}", f"  {format_metrics(metrics)}"]
+    if dm.val_set is None:  # e.g. a run trained without validation data (data.val_fraction=0)
+        keys = validation_keys(data_cfg)
+        whole = ["data=file", "data.source=FILE", *(k for k in keys if k.startswith("data.max_val_examples="))]
+        lines.append(f"  Fix: add {' '.join(keys)} to the command, or {' '.join(whole)} to score all of a file")
+    lines.append(f"  metrics: {out / 'metrics.json'}")
     if rows:
         lines.append(f"  predictions: {out / 'predictions.jsonl'}")
     if curves:

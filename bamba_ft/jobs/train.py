@@ -43,7 +43,7 @@ from bamba_ft.jobs.checkpoints import (
     resolve_resume,
     saved_step,
 )
-from bamba_ft.jobs.evaluate import evaluate_model, format_metrics
+from bamba_ft.jobs.evaluate import evaluate_model, format_metrics, validation_keys
 from bamba_ft.jobs.fsdp import storage_dtype
 from bamba_ft.jobs.report import atomic_write_json, plot_curves, publish_file, table
 from bamba_ft.jobs.runtime import (
@@ -527,7 +527,9 @@ def _finish(cfg: RunConfig, model: nn.Module, tokenizer: Any, dm: BambaDataModul
     if rows:
         publish_file(rd.predictions, "".join(json.dumps(r) + "\n" for r in rows))
     has_curves = plot_curves(run_dir, rd.curves)
-    _print_summary(metrics, run_dir, saved, has_curves, time.perf_counter() - t_start)
+    # without validation data an evaluation has nothing to score: the next step names the keys that give it some
+    eval_data = "" if dm.val_set is not None else "".join(f" {k}" for k in validation_keys(cfg.data))
+    _print_summary(metrics, run_dir, saved, has_curves, time.perf_counter() - t_start, eval_data)
     return metrics
 
 
@@ -570,7 +572,9 @@ def _trained(tr: dict) -> str:
     return f"trained steps {start + 1}-{steps} ({steps - start} in this run, resumed at step {start})"
 
 
-def _print_summary(metrics: dict, run_dir: Path, saved: Path, has_curves: bool, wall: float) -> None:
+def _print_summary(metrics: dict, run_dir: Path, saved: Path, has_curves: bool, wall: float,
+                   eval_data: str = "") -> None:
+    """The closing summary; `eval_data`: keys the suggested evaluation needs for data to score (the run had none)."""
     rd = RunDir(run_dir)
     b, a, tr = metrics["before"], metrics["after"], metrics["train"]
     rows = [["val loss", _fmt(b, "val_loss"), _fmt(a, "val_loss")],
@@ -609,7 +613,7 @@ def _print_summary(metrics: dict, run_dir: Path, saved: Path, has_curves: bool, 
     else:
         lines += [
             "next:",
-            f"  python -m bamba_ft recipe=eval eval.checkpoint={run_dir}",
+            f"  python -m bamba_ft recipe=eval eval.checkpoint={run_dir}{eval_data}",
             f"  python -m bamba_ft recipe=generate generate.checkpoint={run_dir}",
             f"  python -m bamba_ft recipe=export export.checkpoint={run_dir}",
         ]

@@ -359,3 +359,25 @@ def test_eval_fails_when_the_lm_eval_tasks_it_was_asked_for_cannot_run(sft_run: 
         run_in_process([*EVAL, f"eval.checkpoint={sft_run}", "eval.lm_eval_tasks=[hellaswagg]"], tmp_path)
     written = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
     assert "failed" in written["lm_eval"] and written["val_loss"] > 0
+
+
+def test_a_run_without_validation_data_suggests_an_evaluation_with_data(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    """A run trained with data.val_fraction=0 ended suggesting `recipe=eval eval.checkpoint=RUN`, which printed only
+    'no validation data'. The summary names data.val_source=FILE, the evaluation without it the fix, and with it
+    scores the file."""
+    from bamba_ft.data.builtin import generate_sft
+
+    train, val, run = tmp_path / "train.jsonl", tmp_path / "val.jsonl", tmp_path / "run"
+    for path, rows in ((train, generate_sft(40, seed=1)), (val, generate_sft(4, seed=2, validation=True))):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_in_process(["recipe=sft", "trainer=cpu", "logger=none", "data=file", f"data.source={train}",
+                    "data.val_fraction=0", "trainer.max_steps=1", "trainer.enable_progress_bar=false",
+                    "eval.max_new_tokens=4"], run)
+    assert f"python -m bamba_ft recipe=eval eval.checkpoint={run} data.val_source=FILE\n" in capsys.readouterr().out
+    run_in_process([*EVAL, f"eval.checkpoint={run}"], tmp_path / "none")
+    assert "  no validation data\n  Fix: add data.val_source=FILE to the command, or data=file data.source=FILE to " \
+           "score all of a file\n" in capsys.readouterr().out
+    scored = run_in_process([*EVAL, f"eval.checkpoint={run}", f"data.val_source={val}"], tmp_path / "val")["metrics"]
+    assert scored["num_generated"] == 4 and scored["val_loss"] > 0
+    assert "Fix:" not in capsys.readouterr().out

@@ -15,7 +15,7 @@ from bamba_ft.config.overrides import key_origins
 from bamba_ft.config.schema import DataConfig, RunConfig, SourceConfig
 from bamba_ft.config.store import config_dirs, register_configs
 from bamba_ft.errors import ConfigError
-from bamba_ft.jobs.evaluate import describe_data, eval_data_config
+from bamba_ft.jobs.evaluate import describe_data, eval_data_config, validation_keys
 
 # A run trained on the user's files, with its own validation file, lengths and role names.
 RUN = RunConfig(data=DataConfig(source="train.jsonl", val_source="val.jsonl", format="messages", max_seq_len=300,
@@ -128,6 +128,20 @@ def test_the_runs_own_training_file_spelt_otherwise_keeps_its_hold_out(spelling:
     assert (data.source, data.val_source, data.val_fraction) == (given, None, 0.05)
     other = eval_data_config(run, RunConfig(data=DataConfig(source="./other.jsonl")), {"data.source"})
     assert other.val_source == "./other.jsonl"  # another file is still scored whole
+
+
+@pytest.mark.parametrize(("data", "keys"), [
+    (DataConfig(source="train.jsonl", val_fraction=0.0), ["data.val_source=FILE"]),
+    (DataConfig(source="train.jsonl", max_val_examples=0), ["data.max_val_examples=1000"]),
+    (DataConfig(source="train.jsonl", val_fraction=0.0, max_val_examples=0),
+     ["data.val_source=FILE", "data.max_val_examples=1000"]),
+    (DataConfig(sources=[SourceConfig(source="a.jsonl")], val_fraction=0.0), ["data.val_source=FILE"]),
+    (DataConfig(builtin_val_examples=0), ["data.builtin_val_examples=200"]),
+    (DataConfig(max_val_examples=0), ["data.max_val_examples=1000"])])
+def test_a_run_without_validation_data_is_told_the_keys_that_give_its_evaluation_some(data: DataConfig,
+                                                                                      keys: list[str]) -> None:
+    """A run trained with data.val_fraction=0 suggested recipe=eval, which only printed 'no validation data'."""
+    assert validation_keys(data) == keys  # data.val_source on the builtin task would be refused
 
 
 def test_a_key_the_builtin_task_does_not_read_is_refused_with_the_fix() -> None:
