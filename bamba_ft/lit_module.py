@@ -17,6 +17,7 @@ from bamba_ft.errors import ModelError
 from bamba_ft.faults import raise_point
 from bamba_ft.model.memory import activation_memory
 from bamba_ft.model.objective import loss_sum_and_count
+from bamba_ft.model.quant import is_quantized
 
 
 def lr_lambda(step: int, warmup: int, total: int, schedule: str, floor: float) -> float:
@@ -82,6 +83,13 @@ class BambaLitModule(L.LightningModule):
         self._tokens = 0
         self._t0: float | None = None
         self.fit_tokens = 0  # real tokens this rank trained on in this fit (the throughput window resets)
+        # DDP broadcasts rank 0's parameters when it wraps the module; torchao's NF4 tensor takes that copy through a
+        # re-quantization which moves the base of every rank, rank 0's included, so the adapters would train on
+        # (and the closing evaluation score) a base that a reload of the saved adapter does not rebuild; torchao's
+        # int8 and int4 tensors cannot be broadcast at all, nor float8 codes over gloo. Each rank quantized the same
+        # weights alike, so the quantized base needs no broadcast.
+        self._ddp_params_and_buffers_to_ignore = [
+            name for name, p in self.named_parameters() if not p.requires_grad and is_quantized(p)]
 
     def forward(self, batch: dict, train: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed loss, target tokens). Every loss goes through here: under FSDP this module is the sharding root,
