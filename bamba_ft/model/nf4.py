@@ -27,8 +27,11 @@ def quantize_nf4(weight: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
     from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
 
     if weight.numel() % cfg.block_size:
+        fits = weight.numel() & -weight.numel()  # the largest power of two that divides it
         raise ModelError(
-            f"quant.block_size={cfg.block_size} does not divide a weight of shape {tuple(weight.shape)}."
+            f"quant.block_size={cfg.block_size} does not divide the {weight.numel():,} weights of a layer of shape "
+            f"{tuple(weight.shape)}.\nFix: quant.block_size={min(64, fits)} (any power of two up to {fits} divides "
+            f"them; 64 is the default)."
         )
     # torchao needs the number of blocks to be a multiple of the scaler block; small layers get a smaller one.
     blocks = weight.numel() // cfg.block_size

@@ -12,6 +12,7 @@ from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
 from bamba_ft.config.schema import QuantConfig
+from bamba_ft.errors import ModelError
 from bamba_ft.model import nf4
 from bamba_ft.model.nf4 import NF4LinearLayer, dequantize_nf4
 from bamba_ft.model.quant import dequantize_model, is_quantized, quantize_layer
@@ -154,3 +155,10 @@ def test_recompile_limit_runs_that_call_eagerly_and_keeps_compiling(monkeypatch:
         out = nf4._dequantize_cuda(data, nf4._block_scales(w), w.nf4, torch.bfloat16)
         assert torch.equal(out.view(w.shape), w.to(torch.bfloat16))
     assert len(calls) == 2 and set(nf4._FALLBACKS) == {"recompile_limit"}
+
+
+def test_a_block_size_that_does_not_divide_a_layer_names_the_key_and_block_sizes_that_do() -> None:
+    layer = nn.Sequential(nn.Linear(16, 24))  # 384 weights: 100 does not divide them, powers of two up to 128 do
+    with pytest.raises(ModelError, match=r"quant\.block_size=100 .*\nFix: quant\.block_size=64 \(any power of two up to 128 "):
+        quantize_layer(layer, QuantConfig(method="nf4", block_size=100))
+    assert quantize_layer(nn.Sequential(nn.Linear(16, 24)), QuantConfig(method="nf4", block_size=128)) == 1
