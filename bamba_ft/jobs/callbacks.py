@@ -13,7 +13,8 @@ from typing import Any
 
 import lightning as L
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.callbacks import Checkpoint, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 
 from bamba_ft.config.schema import RunConfig
 from bamba_ft.faults import fault_point
@@ -78,11 +79,38 @@ def _no_collective_in_a_handler(signum: int, frame: Any) -> None:
     log.info("SIGTERM received by this rank")
 
 
-class GracefulStop(L.Callback):
+def validates_now(trainer: L.Trainer) -> bool:
+    """Whether the fit runs a scheduled validation right after the training batch that just ended. Asked in
+    on_train_batch_end, before anything sets trainer.should_stop (with which Lightning validates as it stops)."""
+    if not trainer.enable_validation or not sum(trainer.num_val_batches):
+        return False
+    loop = trainer.fit_loop
+    return loop.epoch_loop._should_check_val_fx(loop._data_fetcher)
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """The periodic last.ckpt. At a step that also validates it is written after that validation, as Lightning
+    writes a monitored checkpoint: it then holds the validation's early-stopping count and best-* ranking, and a
+    resume from it goes on after that validation. Written before it, a resume would skip the validation (Lightning
+    does not repeat one whose step has passed) and count one fewer towards early stopping."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        every = self._every_n_train_steps
+        if every >= 1 and trainer.global_step % every == 0 and not self._should_skip_saving_checkpoint(trainer) \
+                and validates_now(trainer):
+            self._defer_save_until_validation = True  # ModelCheckpoint.on_validation_end saves it
+            return
+        super().on_train_batch_end(trainer, pl_module, *args)
+
+
+class GracefulStop(Checkpoint):
     """First Ctrl-C or SIGTERM: finish the current optimizer step, save `interrupted.ckpt`, stop.
 
     A second Ctrl-C stops at once without a checkpoint. Stopping between steps means the checkpoint never
-    holds a half-applied update or a half-accumulated gradient.
+    holds a half-applied update or a half-accumulated gradient. At a step that also validates, the checkpoint is
+    written after that validation (as last.ckpt is, StepCheckpoint), so a resume counts it towards early stopping;
+    should that validation end the fit by early stopping, the run finishes there instead. As a Checkpoint,
+    Lightning runs it after the other callbacks, so that save sees early stopping's and best-*'s updates.
 
     With several ranks every rank must stop at the same step, since saving is collective; yet a signal reaches
     the ranks at different moments (or only rank 0: `docker stop`, Kubernetes) and possibly more than once. So
@@ -96,6 +124,7 @@ class GracefulStop(L.Callback):
         self.ckpt_path = ckpt_dir / "interrupted.ckpt"
         self.requested: str | None = None
         self.stopped_at: int | None = None
+        self._after_validation = False  # the stop's checkpoint waits for this step's validation
         self._last_step = -1
 
     def _handler(self, signum: int, frame: Any) -> None:
@@ -136,7 +165,7 @@ class GracefulStop(L.Callback):
 
     def _stop_here(self, trainer: L.Trainer, sigterm_only: bool = False) -> None:
         """Save `interrupted.ckpt` and stop, if a stop was asked for and the state is at an optimizer step."""
-        if self.stopped_at is not None or trainer.sanity_checking:
+        if self.stopped_at is not None or self._after_validation or trainer.sanity_checking:
             return
         if trainer.fit_loop.epoch_loop.batch_progress.current.processed % trainer.accumulate_grad_batches:
             return  # half-accumulated gradient: wait for the step
@@ -146,10 +175,16 @@ class GracefulStop(L.Callback):
                 return
         elif not (trainer.received_sigterm or (self.requested is not None and not sigterm_only)):
             return
+        if not sigterm_only and validates_now(trainer):
+            self._after_validation = True
+        else:
+            self._save(trainer)
+        trainer.should_stop = True
+
+    def _save(self, trainer: L.Trainer) -> None:
         self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
         trainer.save_checkpoint(self.ckpt_path, weights_only=False)
         self.stopped_at = trainer.global_step
-        trainer.should_stop = True
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         stepped = trainer.global_step != self._last_step
@@ -164,8 +199,16 @@ class GracefulStop(L.Callback):
             self._stop_here(trainer, sigterm_only=True)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.state.fn == "fit":
-            self._stop_here(trainer, sigterm_only=True)
+        if trainer.state.fn != "fit":
+            return
+        if self._after_validation:
+            self._after_validation = False
+            if not any(isinstance(c, EarlyStopping) and c.stopping_reason != EarlyStoppingReason.NOT_STOPPED
+                       for c in trainer.callbacks):
+                self._save(trainer)
+            # else early stopping ends the fit at this validation: the run finishes as it would have uninterrupted
+            return
+        self._stop_here(trainer, sigterm_only=True)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._stop_here(trainer, sigterm_only=True)

@@ -32,7 +32,13 @@ from bamba_ft.data.templates import ensure_chat_template, generation_config_for
 from bamba_ft.errors import BambaFTError, ConfigError
 from bamba_ft.faults import fault_point
 from bamba_ft.jobs import lock
-from bamba_ft.jobs.callbacks import AtomicCheckpointIO, ConfigInCheckpoint, GracefulStop, PatientEarlyStopping
+from bamba_ft.jobs.callbacks import (
+    AtomicCheckpointIO,
+    ConfigInCheckpoint,
+    GracefulStop,
+    PatientEarlyStopping,
+    StepCheckpoint,
+)
 from bamba_ft.jobs.checkpoints import (
     check_resume_config,
     check_resume_data,
@@ -265,7 +271,7 @@ def _step_name(trainer: L.Trainer) -> str:
 
 def _callbacks(cfg: RunConfig, dm: BambaDataModule, ckpt_dir: Path, stopper: GracefulStop,
                with_loggers: bool, saved_with: ConfigInCheckpoint) -> list[L.Callback]:
-    callbacks: list[L.Callback] = [stopper, saved_with]
+    callbacks: list[L.Callback] = [saved_with]
     if with_loggers:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if cfg.trainer.enable_progress_bar:
@@ -278,11 +284,13 @@ def _callbacks(cfg: RunConfig, dm: BambaDataModule, ckpt_dir: Path, stopper: Gra
     every = cfg.trainer.checkpoint_every_n_steps or max(0, cfg.trainer.max_steps)
     if cfg.trainer.max_steps > 0:
         every = min(every, cfg.trainer.max_steps)
-    callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="last", every_n_train_steps=every, save_top_k=1,
-                                     save_last=False, enable_version_counter=False))
+    # Lightning runs checkpoint callbacks after the others, in this order: after a validation, best-* first, then
+    # last.ckpt and interrupted.ckpt, which hold its ranking as well as early stopping's count
     if dm.val_set is not None and cfg.trainer.save_top_k > 0:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best-step{step:06d}", auto_insert_metric_name=False,
                                          monitor="val/loss", mode="min", save_top_k=cfg.trainer.save_top_k))
+    callbacks.append(StepCheckpoint(dirpath=ckpt_dir, filename="last", every_n_train_steps=every, save_top_k=1,
+                                    save_last=False, enable_version_counter=False))
     if cfg.trainer.early_stopping_patience > 0:
         if dm.val_set is None:
             raise ConfigError(f"trainer.early_stopping_patience={cfg.trainer.early_stopping_patience} stops on the "
@@ -292,7 +300,7 @@ def _callbacks(cfg: RunConfig, dm: BambaDataModule, ckpt_dir: Path, stopper: Gra
         callbacks.append(PatientEarlyStopping(monitor="val/loss", mode="min", patience=cfg.trainer.early_stopping_patience,
                                               min_delta=cfg.trainer.early_stopping_min_delta,
                                               check_on_train_epoch_end=False, strict=True))
-    return callbacks
+    return [*callbacks, stopper]
 
 
 def _best_checkpoints(trainer: L.Trainer) -> ModelCheckpoint | None:

@@ -84,6 +84,28 @@ def test_resume_matches_uninterrupted(step: int, uninterrupted: dict[str, torch.
             train.run(small_run(tmp_path / "second", resume=str(tmp_path / "second")))
 
 
+@pytest.mark.parametrize("checkpoint", ["interrupted.ckpt", "last.ckpt"])
+def test_a_checkpoint_after_the_validation_that_ends_an_epoch_resumes_into_the_next(
+        checkpoint: str, uninterrupted: dict[str, torch.Tensor], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Validation and the periodic save every 4 steps, 4 batches per epoch: step 8 ends epoch 1 and validates, so its
+    checkpoints are written after that validation; the resume starts epoch 2 with its own shuffle, as the
+    uninterrupted run does (whose adapter the validation schedule does not change)."""
+    def every_4(out: Path, resume: Path | None = None) -> RunConfig:
+        cfg = small_run(out, resume=str(resume) if resume else None)
+        cfg.trainer.val_check_interval = cfg.trainer.checkpoint_every_n_steps = 4
+        return cfg
+
+    stop_at(monkeypatch, 8)
+    assert train.run(every_4(tmp_path / "first"))["stopped_at"] == 8
+    monkeypatch.undo()
+    ckpt = tmp_path / "first" / "checkpoints" / checkpoint
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 8
+    assert train.run(every_4(tmp_path / "second", resume=ckpt))["train"]["resumed_at_step"] == 8
+    resumed = adapter(tmp_path / "second")
+    for name in uninterrupted:
+        torch.testing.assert_close(resumed[name], uninterrupted[name], rtol=0, atol=1e-6)
+
+
 def test_a_run_resumed_in_its_own_directory_ends_with_last_and_the_best(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A stop between two validations: Lightning validates as it stops and writes a best-* after interrupted.ckpt,
@@ -201,6 +223,39 @@ def test_early_stopping_ends_the_fit_and_its_count_survives_a_resume(tmp_path: P
     assert train.run(cfg)["train"]["early_stopped"]["step"] == 12
     assert torch.equal(adapter(tmp_path / "b")["base_model.model.model.layers.0.mamba.in_proj.lora_A.weight"],
                        adapter(tmp_path / "a")["base_model.model.model.layers.0.mamba.in_proj.lora_A.weight"])
+
+
+def test_a_checkpoint_written_at_a_validation_step_holds_that_validation(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """min_delta 100, patience 2: the uninterrupted run stops early at step 9 (validations at 3, 6, 9). A Ctrl-C at
+    step 6, a validation's own step, is saved after that validation, and so is the periodic last.ckpt of step 6
+    (what a run killed later, without a checkpoint of its own, resumes from): resumed from either, the run counts
+    the validation of step 6 and stops at step 9 too, with the uninterrupted run's adapter and lowest val loss."""
+    def run(out: Path, resume: Path | None = None) -> dict:
+        cfg = small_run(out, resume=str(resume) if resume else None, steps=30)
+        cfg.trainer.checkpoint_every_n_steps = 3
+        cfg.trainer.early_stopping_patience, cfg.trainer.early_stopping_min_delta = 2, 100.0
+        return train.run(cfg)
+
+    whole = run(tmp_path / "whole")["train"]["early_stopped"]
+    assert whole["step"] == 9
+    stop_at(monkeypatch, 9)  # a Ctrl-C at the step whose validation ends the fit: the run finishes there
+    assert run(tmp_path / "ended")["train"]["early_stopped"] == {**whole, "best_checkpoint": whole["best_checkpoint"]
+                                                                 .replace(str(tmp_path / "whole"), str(tmp_path / "ended"))}
+    assert not (tmp_path / "ended" / "checkpoints" / "interrupted.ckpt").exists()
+    monkeypatch.undo()
+    stop_at(monkeypatch, 6)
+    assert run(tmp_path / "stopped")["stopped_at"] == 6
+    monkeypatch.undo()
+    ckpts = tmp_path / "stopped" / "checkpoints"
+    for name, ckpt in (("from_interrupted", ckpts / "interrupted.ckpt"), ("from_last", ckpts / "last.ckpt")):
+        assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 6
+        resumed = run(tmp_path / name, resume=ckpt)["train"]
+        assert resumed["resumed_at_step"] == 6 and resumed["early_stopped"]["step"] == 9, name
+        assert resumed["early_stopped"]["lowest_val_loss"] == pytest.approx(whole["lowest_val_loss"], rel=1e-6)
+        full, got = adapter(tmp_path / "whole"), adapter(tmp_path / name)
+        for key in full:
+            torch.testing.assert_close(got[key], full[key], rtol=0, atol=1e-6)
 
 
 def test_early_stopped_run_is_refused_when_its_stop_step_had_a_periodic_checkpoint(tmp_path: Path) -> None:
