@@ -1,4 +1,12 @@
-"""LightningModule: token-weighted loss, AdamW with warmup + decay, metrics; it builds no model."""
+"""LightningModule: token-weighted loss, AdamW with warmup + decay, metrics; it builds no model.
+
+An optimizer step's gradient is that of the mean loss over every target token of the step: of all its accumulated
+micro-batches on all ranks. Each micro-batch's backward runs on its summed loss over `loss_unit` (a constant of the
+run, so every micro-batch and rank weighs its tokens alike, and 16-bit gradients stay in range), and before the
+step the gradients are rescaled by the step's target tokens. A mean per micro-batch, which Lightning averages over
+the accumulated batches (and DDP over the ranks), would weight the tokens of a batch with few targets up, and
+halve the gradient of an epoch's last step when it holds one batch of two.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +21,7 @@ from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import nn
 
 from bamba_ft.config.schema import OptimConfig
+from bamba_ft.data.packing import LOSS_INDEX
 from bamba_ft.errors import ModelError
 from bamba_ft.faults import raise_point
 from bamba_ft.model.memory import activation_memory
@@ -69,9 +78,14 @@ def training_mean_loss(model: nn.Module, batch: dict, offload: bool) -> torch.Te
 
 class BambaLitModule(L.LightningModule):
     def __init__(self, model: nn.Module, optim: OptimConfig, activation_offload: bool = False,
-                 configure: Callable[[BambaLitModule], None] | None = None) -> None:
-        """`configure`: run once by Lightning's `configure_model`, with the process group up (sharding)."""
+                 configure: Callable[[BambaLitModule], None] | None = None, loss_unit: float = 1.0) -> None:
+        """`configure`: run once by Lightning's `configure_model`, with the process group up (sharding).
+        `loss_unit`: what a micro-batch's summed loss is divided by for its backward, the same on every rank (the
+        batch's token budget, which its targets never exceed: the loss stays below their mean, so a 16-bit backward
+        stays in range)."""
         super().__init__()
+        self.loss_unit = float(loss_unit)
+        self._step_targets = 0  # target tokens of the micro-batches accumulated since the last optimizer step
         self.model = model
         self.optim = optim
         self.activation_offload = activation_offload
@@ -114,12 +128,31 @@ class BambaLitModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self.last_batch = batch_tokens(batch)
-        loss = self.mean_loss(batch)
+        total, count = self(batch, train=True)
+        # the collators' loss index counts the targets on the host, so no sync with the device
+        self._step_targets += int(batch[LOSS_INDEX].numel()) if LOSS_INDEX in batch else int(count)
         real = self.real_tokens(batch)
         self._tokens += real
         self.fit_tokens += real
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
-        return loss
+        self.log("train/loss", total.detach() / count.clamp(min=1), prog_bar=True, on_step=True, on_epoch=False)
+        return total / self.loss_unit
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The accumulated gradients, of sum / loss_unit over the micro-batches, which Lightning divided by
+        accumulate_grad_batches and DDP or FSDP averaged over the ranks, made the mean over the step's targets."""
+        targets, self._step_targets = self._step_targets, 0
+        ranks = self.trainer.world_size
+        if ranks > 1:
+            counted = torch.tensor(float(targets), device=self.device, dtype=torch.float64)
+            targets = int(self.trainer.strategy.reduce(counted, reduce_op="sum"))
+        scale = self.trainer.accumulate_grad_batches * ranks * self.loss_unit / max(targets, 1)
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        plain = [g for g in grads if type(g) is torch.Tensor]
+        if plain:
+            torch._foreach_mul_(plain, scale)
+        for g in grads:
+            if type(g) is not torch.Tensor:  # a sharded (DTensor) gradient
+                g.mul_(scale)
 
     def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
         now = time.perf_counter()

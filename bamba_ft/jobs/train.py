@@ -404,7 +404,9 @@ def run(cfg: RunConfig) -> dict:
     saved_with = ConfigInCheckpoint(cfg, data_fingerprint, before)
     trainer = _trainer(cfg, dm, run_dir, device, strategy, loggers, stopper, saved_with)
     configure = functools.partial(_shard_and_load, cfg, dm, device) if _sharded(cfg) else None
-    lit = BambaLitModule(model, cfg.optim, cfg.model.activation_offload, configure=configure)
+    d = cfg.data  # a micro-batch's token budget: its summed loss over it is at most the mean loss
+    unit = d.max_tokens_per_batch if d.packing else d.batch_size * d.max_seq_len
+    lit = BambaLitModule(model, cfg.optim, cfg.model.activation_offload, configure=configure, loss_unit=unit)
     t_fit = time.perf_counter()
     with stopper.installed(), _explain_oom(cfg, lambda: _step_name(trainer), lambda: lit.last_batch, model):
         try:
