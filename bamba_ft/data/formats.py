@@ -15,7 +15,7 @@ from bamba_ft.errors import ConfigError, DataError, pick, suggest
 
 # format -> (required fields, optional fields)
 FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "messages": (("messages",), ("tools",)),
+    "messages": (("messages",), ("system", "tools")),
     "prompt_completion": (("prompt", "completion"), ("system", "tools")),
     "alpaca": (("instruction", "output"), ("input", "system")),
     "text": (("text",), ()),
@@ -243,8 +243,19 @@ def _optional(row: dict[str, Any], field: str, at: str, coerced: list[str] | Non
 def _with_system(
     row: dict[str, Any], messages: list[dict[str, Any]], at: str, coerced: list[str] | None
 ) -> list[dict[str, Any]]:
+    """The row's `system` field as the conversation's system turn: before its messages, or the same text as the
+    system message they open with; a different one is an error, as either choice would train what the row
+    does not say."""
     system = _optional(row, "system", at, coerced)
-    return ([{"role": "system", "content": system}] if system else []) + messages
+    if not system:
+        return messages
+    if messages and messages[0]["role"] == "system":
+        if messages[0]["content"] != system:
+            raise DataError(f"{at}: the row's system field ({system[:60]!r}) and its first message, a system message "
+                            f"({messages[0]['content'][:60]!r}), differ: the conversation would have two system "
+                            "turns.\nFix: keep one of them in the row (the field, or the system message).")
+        return messages
+    return [{"role": "system", "content": system}] + messages
 
 
 def _check_row(row: dict[str, Any], fmt: str, at: str) -> None:
@@ -268,7 +279,7 @@ def _from_text(row: dict[str, Any], at: str, renames: Mapping[str, str], coerced
 def _from_messages(row: dict[str, Any], at: str, renames: Mapping[str, str],
                    coerced: list[str] | None) -> Conversation:
     value = row["messages"] if row.get("messages") is not None else row["conversations"]
-    return Conversation(_as_messages(value, at, renames, coerced), row_tools(row, at))
+    return Conversation(_with_system(row, _as_messages(value, at, renames, coerced), at, coerced), row_tools(row, at))
 
 
 def _from_prompt_completion(row: dict[str, Any], at: str, renames: Mapping[str, str],

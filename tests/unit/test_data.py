@@ -60,11 +60,31 @@ def test_messages_label_mask_token_by_token(builtin_tokenizer) -> None:  # noqa:
     ("messages", {"conversations": [{"from": "human", "value": "Sky?"}, {"from": "gpt", "value": "blue"}]},
      [("<|user|>Sky?<|end|><|assistant|>", False), ("blue<|end|>", True)]),
     ("text", {"text": "the cat"}, [("the cat<|end|>", True)]),
+    # a messages row's own system field is its system turn, as for the other formats
+    ("messages", {"system": "Be a pirate.", "messages": [{"role": "user", "content": "Sky?"},
+                                                         {"role": "assistant", "content": "blue"}]},
+     [("<|system|>Be a pirate.<|end|><|user|>Sky?<|end|><|assistant|>", False), ("blue<|end|>", True)]),
+    ("messages", {"system": "Be a pirate.", "conversations": [{"from": "system", "value": "Be a pirate."},
+                                                              {"from": "human", "value": "Sky?"},
+                                                              {"from": "gpt", "value": "blue"}]},
+     [("<|system|>Be a pirate.<|end|><|user|>Sky?<|end|><|assistant|>", False), ("blue<|end|>", True)]),
 ])
 def test_formats_label_mask(builtin_tokenizer, fmt: str, row: dict, parts: list) -> None:  # noqa: ANN001
     tok = tokenize_example(builtin_tokenizer, to_messages(row, fmt, "test"), "completion", 512)
     ids, labels = expected_labels(builtin_tokenizer, parts)
     assert (tok.input_ids, tok.labels) == (ids, labels)
+
+
+@pytest.mark.parametrize("fmt,conversation", [
+    ("messages", {"messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
+                               {"role": "assistant", "content": "Hello"}]}),
+    ("prompt_completion", {"prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}],
+                           "completion": "Hello"}),
+])
+def test_a_system_field_beside_another_system_message_is_named(fmt: str, conversation: dict) -> None:
+    with pytest.raises(DataError, match=r"(?s)x.jsonl, line 2: the row's system field \('Be a pirate.'\) and its "
+                                        r"first message, a system message \('Be kind.'\), differ.*Fix:"):
+        to_messages({"system": "Be a pirate.", **conversation}, fmt, "x.jsonl, line 2")
 
 
 @pytest.mark.parametrize("name,fmt", [("messages", "messages"), ("sharegpt", "messages"),
