@@ -144,7 +144,7 @@ class SourceConfig:
     config: str | None = None
     """Configuration of the source (datasets.load_dataset's `name`), as data.config."""
     format: str = "auto"
-    """Row format of this source: auto | messages | prompt_completion | alpaca | text."""
+    """Row format of this source: auto (data.format's) | messages | prompt_completion | alpaca | text."""
     weight: float | None = None
     """Share of this source in the training mix; set on every source or on none (then sources are concatenated)."""
     max_examples: int | None = None

@@ -263,7 +263,7 @@ class BambaDataModule(L.LightningDataModule):
         if len(rows) == 0:
             raise DataError(f"{where}: the {name} split has no rows.")
         columns = [col for col in rows.column_names if col not in POSITIONS]
-        fmt = fmt or c.format
+        fmt = fmt if fmt and fmt != "auto" else c.format  # a source left at auto takes data.format
         fmt = fmt if fmt != "auto" else detect_format(columns, where)
         check_fields(fmt, columns, where)
         self.fmt = self.fmt or fmt

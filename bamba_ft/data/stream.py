@@ -96,7 +96,8 @@ def open_stream(c: DataConfig, seed: int) -> tuple[datasets.IterableDataset, lis
             if hold:
                 vals.append((datasets.Dataset.from_list(list(rows.take(head))), where, s.format))
                 rows = rows.skip(head)
-            sources.append(_source(rows, s.format, where, held=head if hold else 0))
+            fmt = s.format if s.format != "auto" else c.format  # a source left at auto takes data.format
+            sources.append(_source(rows, fmt, where, held=head if hold else 0))
         streams.append(rows.map(functools.partial(_tag, source=i)))
     if c.val_source:
         vals = [(load_rows(c.val_source, c.val_split or c.split, "data.val_source", field=c.val_field),

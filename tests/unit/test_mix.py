@@ -99,3 +99,20 @@ def test_stopping_strategy_without_a_weighted_mix_is_refused(lopsided) -> None: 
     cfg.data.stopping_strategy = "first"
     with pytest.raises(ConfigError, match="data.stopping_strategy='first' is not an option"):
         validate(cfg)
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["memory", "stream"])
+def test_data_format_reads_the_sources_that_leave_theirs_auto(builtin_tokenizer, tmp_path, streaming: bool) -> None:  # noqa: ANN001
+    """A file whose rows fit two formats (text, and alpaca's instruction/output): data.format=text decides for a
+    source whose own format is auto, as it does for data.source; a source's own format still wins."""
+    path = tmp_path / "both.jsonl"
+    path.write_text("".join(json.dumps({"text": f"document {i}", "instruction": "Say hi", "output": "hi"}) + "\n"
+                            for i in range(8)))
+    own = SourceConfig(source=str(path), format="alpaca")
+    cfg = mix_cfg([SourceConfig(source=str(path)), own], "first_exhausted", format="text", streaming=streaming)
+    dm = BambaDataModule(cfg, builtin_tokenizer)
+    dm.prepare()
+    if streaming:
+        assert [s.fmt for s in dm.stream_sources] == ["text", "alpaca"]
+    else:
+        assert (dm.formats["train[0]"], dm.formats["train[1]"]) == ("text", "alpaca")
