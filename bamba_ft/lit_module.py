@@ -86,6 +86,7 @@ class BambaLitModule(L.LightningModule):
         super().__init__()
         self.loss_unit = float(loss_unit)
         self._step_targets = 0  # target tokens of the micro-batches accumulated since the last optimizer step
+        self._step_loss: torch.Tensor | float = 0.0  # and their summed loss (on the device: no sync)
         self.model = model
         self.optim = optim
         self.activation_offload = activation_offload
@@ -131,16 +132,19 @@ class BambaLitModule(L.LightningModule):
         total, count = self(batch, train=True)
         # the collators' loss index counts the targets on the host, so no sync with the device
         self._step_targets += int(batch[LOSS_INDEX].numel()) if LOSS_INDEX in batch else int(count)
+        self._step_loss = self._step_loss + total.detach()
         real = self.real_tokens(batch)
         self._tokens += real
         self.fit_tokens += real
-        self.log("train/loss", total.detach() / count.clamp(min=1), prog_bar=True, on_step=True, on_epoch=False)
+        # the step's mean so far: at its last micro-batch, the loss the step trains on
+        self.log("train/loss", self._step_loss / max(self._step_targets, 1), prog_bar=True, on_step=True,
+                 on_epoch=False)
         return total / self.loss_unit
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """The accumulated gradients, of sum / loss_unit over the micro-batches, which Lightning divided by
         accumulate_grad_batches and DDP or FSDP averaged over the ranks, made the mean over the step's targets."""
-        targets, self._step_targets = self._step_targets, 0
+        targets, self._step_targets, self._step_loss = self._step_targets, 0, 0.0
         ranks = self.trainer.world_size
         if ranks > 1:
             counted = torch.tensor(float(targets), device=self.device, dtype=torch.float64)

@@ -56,6 +56,11 @@ def token_mean_grads(model: torch.nn.Module, batches: list[dict]) -> dict[str, t
 
 def trained_grads(batches: list[dict], steps: int, accumulate: int) -> dict[str, torch.Tensor]:
     """The gradients of the last of `steps` optimizer steps over `batches` (learning rate 0: the weights stay)."""
+    return fit(batches, steps, accumulate)[0]
+
+
+def fit(batches: list[dict], steps: int, accumulate: int) -> tuple[dict[str, torch.Tensor], float]:
+    """(the gradients of the last of `steps` optimizer steps over `batches`, the train/loss logged last)."""
     model = lora_model()
     lit = BambaLitModule(model, OptimConfig(lr=0.0, warmup_steps=0, scheduler="constant"))
     trainer = L.Trainer(accelerator="cpu", devices=1, precision="64-true", max_steps=steps,
@@ -63,7 +68,8 @@ def trained_grads(batches: list[dict], steps: int, accumulate: int) -> dict[str,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=0)
     trainer.fit(lit, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return grads, float(trainer.callback_metrics["train/loss"])
 
 
 def assert_grads_close(got: dict, want: dict) -> None:
@@ -94,3 +100,15 @@ def test_a_short_last_step_of_an_epoch_is_the_mean_over_its_own_tokens() -> None
 def test_one_batch_a_step_is_that_batch_mean() -> None:
     want = token_mean_grads(lora_model(), BATCHES[:1])
     assert_grads_close(trained_grads(BATCHES[:1], steps=1, accumulate=1), want)
+
+
+def test_the_logged_train_loss_is_the_step_mean_over_its_tokens() -> None:
+    """What train/loss (the curves, metrics.json's final_train_loss) reports of a step of two batches: the loss it
+    trained on, not the last batch's alone."""
+    model = lora_model()
+    with torch.no_grad():
+        sums, counts = zip(*(loss_sum_and_count(model, b) for b in BATCHES[:2]))
+    want = float(sum(sums) / sum(counts))
+    got = fit(BATCHES[:2], steps=1, accumulate=2)[1]
+    assert abs(got - want) <= 1e-9 * want
+    assert abs(float(sums[1] / counts[1]) - want) > 0.05  # the last batch's own mean is another number
