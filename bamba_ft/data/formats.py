@@ -188,18 +188,36 @@ def _unknown_roles(names: list[str], at: str) -> DataError:
 
 
 def _turn(turn: dict[str, Any], role: str, content: Any, at: str, coerced: list[str] | None) -> dict[str, Any]:
-    """One message: role and text, plus an assistant's tool calls and a tool result's call id and name."""
+    """One message: role and text, plus an assistant's tool calls and a tool result's call id and name; an
+    assistant turn of weight 0 (`NO_LOSS`) is context only."""
     calls = turn.get("tool_calls")
     if calls is not None and calls != []:
         if role != "assistant":
             raise DataError(f"{at}: a {role} message has tool_calls; only assistant messages make tool calls.\n"
                             "Fix: give the calls to an assistant message (or map the role with data.roles).")
-        return {"role": role, "content": "" if content is None else _content(content, at, coerced),
-                "tool_calls": _tool_calls(calls, at)}
-    message = {"role": role, "content": _content(content, at, coerced)}
+        message = {"role": role, "content": "" if content is None else _content(content, at, coerced),
+                   "tool_calls": _tool_calls(calls, at)}
+    else:
+        message = {"role": role, "content": _content(content, at, coerced)}
     if role == "tool":
         message.update({k: turn[k] for k in ("tool_call_id", "name") if turn.get(k) is not None})
+    if role == "assistant" and _weight(turn.get("weight"), at) == 0:
+        message[NO_LOSS] = True
     return message
+
+
+# The key a message carries when it is context only: an assistant turn whose `weight` is 0.
+NO_LOSS = "no_loss"
+
+
+def _weight(value: Any, at: str) -> int | None:
+    """A message's `weight` (OpenAI's fine-tuning format, ShareGPT files written for it): 0 or 1, or None."""
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value in (0, 1)):
+        return None if value is None else int(value)
+    if isinstance(value, bool):
+        return int(value)
+    raise DataError(f"{at}: weight={value!r}; a message's weight is 0 (no loss on this turn) or 1 (loss, as without "
+                    "it).\nFix: set it to 0 or 1, or remove it.")
 
 
 def _as_messages(value: Any, at: str, renames: Mapping[str, str], coerced: list[str] | None) -> list[dict[str, Any]]:

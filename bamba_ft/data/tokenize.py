@@ -12,7 +12,7 @@ from pathlib import Path
 from jinja2.exceptions import TemplateError
 from transformers import PreTrainedTokenizerBase
 
-from bamba_ft.data.formats import to_messages, tools_of
+from bamba_ft.data.formats import NO_LOSS, to_messages, tools_of
 from bamba_ft.data.load import locate
 from bamba_ft.data.templates import PRESETS
 from bamba_ft.errors import DataError
@@ -70,7 +70,7 @@ def _assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict], w
     spans = []
     loss_from = getattr(messages, "loss_from", 0)  # assistant turns of a prompt_completion prompt: context only
     for i, m in enumerate(messages):
-        if m["role"] != "assistant" or i < loss_from:
+        if m["role"] != "assistant" or i < loss_from or m.get(NO_LOSS):  # weight 0: context, as a prompt is
             continue
         before = _render(tokenizer, messages[:i], where, tools, add_generation_prompt=True) if i or tools else ""
         upto = _render(tokenizer, messages[: i + 1], where, tools)

@@ -75,6 +75,27 @@ def test_formats_label_mask(builtin_tokenizer, fmt: str, row: dict, parts: list)
     assert (tok.input_ids, tok.labels) == (ids, labels)
 
 
+@pytest.mark.parametrize("key,turns", [
+    ("messages", [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5", "weight": 0},
+                  {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "4", "weight": 1}]),
+    ("conversations", [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "5", "weight": 0.0},
+                       {"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "4", "weight": None}]),
+])
+def test_an_assistant_turn_of_weight_0_carries_no_loss(builtin_tokenizer, key: str, turns: list) -> None:  # noqa: ANN001
+    """OpenAI's fine-tuning format (and ShareGPT files written for it) marks turns not to learn with weight 0."""
+    tok = tokenize_example(builtin_tokenizer, to_messages({key: turns}, "messages", "test"), "completion", 512)
+    ids, labels = expected_labels(builtin_tokenizer, [
+        ("<|user|>2+2?<|end|><|assistant|>5<|end|><|user|>Sure?<|end|><|assistant|>", False), ("4<|end|>", True)])
+    assert (tok.input_ids, tok.labels) == (ids, labels)
+
+
+def test_a_turn_weight_other_than_0_or_1_is_named() -> None:
+    row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello", "weight": 0.5}]}
+    with pytest.raises(DataError, match=r"(?s)x.jsonl, line 4, message 1: weight=0.5.*0 \(no loss on this turn\) "
+                                        r"or 1.*Fix:"):
+        to_messages(row, "messages", "x.jsonl, line 4")
+
+
 @pytest.mark.parametrize("fmt,conversation", [
     ("messages", {"messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
                                {"role": "assistant", "content": "Hello"}]}),
