@@ -34,8 +34,8 @@ def _format_keys(where: str) -> tuple[str, str]:
     data.sources has its own (its format wins over data.format)."""
     source = re.match(r"(data\.sources\[\d+\])\.", where)
     if source:
-        return f"{source.group(1)}.format", f"map them with {source.group(1)}.columns ({{their: ours}})"
-    return "data.format", "rename them"
+        return f"{source.group(1)}.format", f"map the fields with {source.group(1)}.columns ({{their: ours}})"
+    return "data.format", "rename the fields"
 
 
 def detect_format(columns: list[str], where: str) -> str:
@@ -51,7 +51,7 @@ def detect_format(columns: list[str], where: str) -> str:
     raise DataError(
         f"{where}: cannot tell the data format from its fields ({', '.join(sorted(cols)) or 'none'}).\n"
         f"Expected one of: {expected} (or conversations, ShareGPT style).\n"
-        f"Fix: {rename} the fields, or set {key}=... explicitly."
+        f"Fix: {rename}, or set {key}=... explicitly."
     )
 
 
@@ -68,7 +68,7 @@ def check_fields(fmt: str, columns: list[str], where: str) -> None:
         raise DataError(
             f"{where}: data.format={fmt} expects fields {', '.join(required)}{opt}; "
             f"found: {', '.join(sorted(cols)) or 'none'}. Missing: {', '.join(missing)}.\n"
-            f"Fix: set {key} to the format of this file (auto detects it), or {rename} the fields."
+            f"Fix: set {key} to the format of this file (auto detects it), or {rename}."
         )
 
 

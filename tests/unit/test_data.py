@@ -862,6 +862,16 @@ def test_rows_held_out_past_max_val_examples_are_trained(builtin_tokenizer, tmp_
     assert dm.hold_out_rows == {f"data.source={path}": 300}  # what an evaluation checks the file against
 
 
+def test_format_errors_of_one_source_say_the_fix_in_words(builtin_tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
+    a = _source_file(tmp_path / "a.jsonl", 10, "a")
+    with pytest.raises(DataError, match=r"Fix: set data.format to the format of this file \(auto detects it\), or "
+                                        r"rename the fields\.$"):
+        BambaDataModule(DataConfig(source=a, format="alpaca"), builtin_tokenizer).prepare()
+    b = _source_file(tmp_path / "b.jsonl", 10, "b", ("question", "answer"))
+    with pytest.raises(DataError, match=r"Fix: rename the fields, or set data.format=... explicitly\.$"):
+        BambaDataModule(DataConfig(source=b), builtin_tokenizer).prepare()
+
+
 def test_format_errors_of_a_source_name_its_own_keys(builtin_tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
     # a source's format (data.sources[i].format) wins over data.format, and its fields are renamed by its columns
     from bamba_ft.config.schema import SourceConfig
@@ -870,10 +880,10 @@ def test_format_errors_of_a_source_name_its_own_keys(builtin_tokenizer, tmp_path
     b = _source_file(tmp_path / "b.jsonl", 10, "b", ("question", "answer"))
     wrong = DataConfig(sources=[SourceConfig(source=a, format="alpaca")])
     with pytest.raises(DataError, match=r"(?s)Fix: set data.sources\[0\].format to the format of this file .*"
-                                        r"or map them with data.sources\[0\].columns"):
+                                        r"or map the fields with data.sources\[0\].columns \(\{their: ours\}\)\.$"):
         BambaDataModule(wrong, builtin_tokenizer).prepare()
     unknown = DataConfig(sources=[SourceConfig(source=a), SourceConfig(source=b)])
-    with pytest.raises(DataError, match=r"(?s)answer, question.*Fix: map them with data.sources\[1\].columns "
+    with pytest.raises(DataError, match=r"(?s)answer, question.*Fix: map the fields with data.sources\[1\].columns "
                                         r".*or set data.sources\[1\].format=..."):
         BambaDataModule(unknown, builtin_tokenizer).prepare()
 
