@@ -22,6 +22,7 @@ from bamba_ft.jobs.checkpoints import (
     BEFORE_KEY,
     CONFIG_KEY,
     DATA_KEY,
+    MID_STEP_KEY,
     WORLD_KEY,
     config_for_checkpoint,
     fsync_dir,
@@ -66,6 +67,9 @@ class ConfigInCheckpoint(L.Callback):
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint[CONFIG_KEY] = self.config
         checkpoint[WORLD_KEY] = trainer.world_size
+        if trainer.accumulate_grad_batches > 1 and trainer.state.fn == "fit" and not trainer.sanity_checking:
+            # a validation every N batches may fall between the batches of one step (best-* is written there)
+            checkpoint[MID_STEP_KEY] = bool(trainer.fit_loop.epoch_loop._should_accumulate())
         if self.data is not None:
             checkpoint[DATA_KEY] = self.data
         if self.before:

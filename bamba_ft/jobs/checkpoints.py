@@ -29,6 +29,11 @@ CONFIG_KEY = "bamba_ft_config"  # the run's RunConfig, as a dict, inside every c
 WORLD_KEY = "bamba_ft_world_size"  # the number of ranks that wrote it
 DATA_KEY = "bamba_ft_train_data"  # the training set's fingerprint (BambaDataModule.train_fingerprint)
 BEFORE_KEY = "bamba_ft_before"  # the metrics of the model before training, which a resume does not measure again
+# Written between two batches of one accumulated optimizer step (by a validation there, which counts batches): the
+# gradient accumulated so far is not in it, so a resume from it would train that step on fewer batches.
+MID_STEP_KEY = "bamba_ft_mid_step"
+MID_STEP = ("written between the accumulated batches of an optimizer step (by a validation there): the gradient "
+            "they had accumulated is not saved, so a resume would train that step on fewer batches")
 
 # Keys whose change on resume applies from the resumed step on (recorded in the new run's run_config.yaml).
 APPLIED = ("optim.", "trainer.max_steps", "trainer.max_epochs", "trainer.val_check_interval",
@@ -63,14 +68,19 @@ def newest_intact(run_dir: Path, key: str, prefer: tuple[str, ...] = (INTERRUPTE
         problem = checkpoint_problem(path)
         if problem is None:
             try:
-                steps[path] = int(checkpoint_state(path).get("global_step", -1))
+                state = checkpoint_state(path)
+                if state.get(MID_STEP_KEY):
+                    problem = "inside an optimizer step"
+                else:
+                    steps[path] = int(state.get("global_step", -1))
             except Exception as e:  # an archive whose state does not unpickle
                 problem = f"unreadable state ({type(e).__name__})"
         if problem is not None:
             skipped.append(f"{path.name} ({problem})")
     if not steps:
         raise ConfigError(f"{key}: no intact checkpoint in {run_dir}/checkpoints: {'; '.join(skipped)}.\n"
-                          "Fix: start a new run, or resume from another run's directory.")
+                          + (f"(Inside an optimizer step: {MID_STEP}.)\n" if any("optimizer step" in x for x in skipped)
+                             else "") + "Fix: start a new run, or resume from another run's directory.")
     best = max(steps, key=steps.get)  # the first of the highest: the newest file at that step
     named = [p for name in prefer for p in steps if p.name == name and steps[p] == steps[best]]
     best = named[0] if named else best
@@ -110,6 +120,11 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
                    if path.parent.name == "checkpoints" and (run / RUN_CONFIG).exists() else
                    "name a checkpoint (<run>/checkpoints/NAME.ckpt) or a run directory")
             raise ConfigError(f"{key}: {path} is {problem}.\nFix: {fix}.")
+        if checkpoint_state(path).get(MID_STEP_KEY):
+            raise ConfigError(f"{key}: {path} was {MID_STEP}.\nFix: resume from its run directory, "
+                              f"trainer.resume={path.parent.parent}, which takes the checkpoint furthest into training "
+                              "that ends a step (last.ckpt, interrupted.ckpt, another best-*); its weights serve "
+                              f"recipe=eval and recipe=export as they are (eval.checkpoint={path}).")
         return path
     if path.is_dir():
         remove_stale_temporaries(path)

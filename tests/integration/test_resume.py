@@ -106,6 +106,26 @@ def test_a_checkpoint_after_the_validation_that_ends_an_epoch_resumes_into_the_n
         torch.testing.assert_close(resumed[name], uninterrupted[name], rtol=0, atol=1e-6)
 
 
+def test_a_checkpoint_inside_an_accumulated_step_is_not_resumed_from(tmp_path: Path) -> None:
+    """Two batches a step, validation every 3 batches (4 a epoch): the validation of batch 3 falls inside step 2, and
+    its best-* lacks the gradient of batch 3. A resume would train step 2 on batch 4 alone; it is refused by name,
+    and a run directory resumes from the furthest checkpoint that ends a step."""
+    cfg = small_run(tmp_path / "run", steps=4)
+    cfg.trainer.accumulate_grad_batches, cfg.trainer.save_top_k = 2, 2
+    train.run(cfg)
+    ckpts = tmp_path / "run" / "checkpoints"
+    inside = {p.name: torch.load(p, map_location="cpu", weights_only=False) for p in ckpts.glob("best*.ckpt")}
+    assert {n: (c["global_step"], c.get("bamba_ft_mid_step")) for n, c in inside.items()} == \
+        {"best-step000001.ckpt": (1, True), "best-step000003.ckpt": (3, False)}
+    with pytest.raises(ConfigError, match=r"(?s)best-step000001.ckpt was written between the accumulated batches.*"
+                                          r"Fix: resume from its run directory"):
+        train.run(small_run(tmp_path / "again", resume=str(ckpts / "best-step000001.ckpt")))
+    (ckpts / "last.ckpt").unlink()
+    (ckpts / "best-step000003.ckpt").unlink()
+    with pytest.raises(ConfigError, match=r"no intact checkpoint .*best-step000001.ckpt \(inside an optimizer step\)"):
+        train.run(small_run(tmp_path / "again", resume=str(tmp_path / "run")))
+
+
 def test_a_run_resumed_in_its_own_directory_ends_with_last_and_the_best(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A stop between two validations: Lightning validates as it stops and writes a best-* after interrupted.ckpt,
