@@ -98,6 +98,11 @@ class StepCheckpoint(ModelCheckpoint):
     resume from it goes on after that validation. Written before it, a resume would skip the validation (Lightning
     does not repeat one whose step has passed) and count one fewer towards early stopping."""
 
+    @property
+    def state_key(self) -> str:
+        # ModelCheckpoint's, so checkpoints written with it and with this class restore each other's state
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         every = self._every_n_train_steps
         if every >= 1 and trainer.global_step % every == 0 and not self._should_skip_saving_checkpoint(trainer) \
