@@ -5,7 +5,8 @@ micro-batches on all ranks. Each micro-batch's backward runs on its summed loss 
 run, so every micro-batch and rank weighs its tokens alike, and 16-bit gradients stay in range), and before the
 step the gradients are rescaled by the step's target tokens. A mean per micro-batch, which Lightning averages over
 the accumulated batches (and DDP over the ranks), would weight the tokens of a batch with few targets up, and
-halve the gradient of an epoch's last step when it holds one batch of two.
+halve the gradient of an epoch's last step when it holds one batch of two. A step of one micro-batch on one rank
+backpropagates its mean loss directly.
 """
 
 from __future__ import annotations
@@ -139,12 +140,19 @@ class BambaLitModule(L.LightningModule):
         # the step's mean so far: at its last micro-batch, the loss the step trains on
         self.log("train/loss", self._step_loss / max(self._step_targets, 1), prog_bar=True, on_step=True,
                  on_epoch=False)
+        if self._one_batch_a_step():
+            return total / count.clamp(min=1)  # the step's mean as it is: no rescaling of the gradients after
         return total / self.loss_unit
+
+    def _one_batch_a_step(self) -> bool:
+        return self.trainer.accumulate_grad_batches == 1 and self.trainer.world_size == 1
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """The accumulated gradients, of sum / loss_unit over the micro-batches, which Lightning divided by
         accumulate_grad_batches and DDP or FSDP averaged over the ranks, made the mean over the step's targets."""
         targets, self._step_targets, self._step_loss = self._step_targets, 0, 0.0
+        if self._one_batch_a_step():
+            return
         ranks = self.trainer.world_size
         if ranks > 1:
             counted = torch.tensor(float(targets), device=self.device, dtype=torch.float64)
