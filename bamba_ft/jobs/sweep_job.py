@@ -212,6 +212,13 @@ def _run_job(cfg: DictConfig, run: Callable[[DictConfig], dict], run_dir: Path) 
         _finish(run_dir, record, t0)
         print(f"sweep stopped; to continue it: the same command plus sweep.resume=true hydra.sweep.dir={hc.sweep.dir}")
         sys.exit(STOPPED_EXIT.get(signal, 143))
+    if isinstance(result, dict) and result.get("diverged"):
+        # the run says its weights are not usable (a non-finite train loss or weight), whatever the objective
+        # reads: an exact match or tokens/s of a diverged run is no result to rank
+        record.update(status="diverged", objective=penalty(direction), error=f"diverged: {result['diverged']}",
+                      metrics=_key_metrics(result))
+        _finish(run_dir, record, t0)
+        return record["objective"]
     try:
         value = objective_value(result, key)
     except ConfigError as e:

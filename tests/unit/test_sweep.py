@@ -164,7 +164,10 @@ def train(cfg):
     if lr >= 1:
         raise RuntimeError("stand-in crash")
     (Path(cfg.output_dir) / "model.txt").write_text(str(lr))
-    return {"after": {"val_loss": float("nan") if lr == 0.5 else 1.0 - 100 * lr}, "train": {"steps": 2}}
+    if lr == 0.25:  # diverged in training (a non-finite weight) with a finite val loss and exact match
+        return {"after": {"val_loss": 0.5, "exact_match": 1.0}, "train": {"steps": 2}, "diverged": "weights"}
+    return {"after": {"val_loss": float("nan") if lr == 0.5 else 1.0 - 100 * lr, "exact_match": lr},
+            "train": {"steps": 2}}
 
 cli.run_config = train
 cli.main()
@@ -173,7 +176,7 @@ cli.main()
 
 def _sweep(sweep: Path, *args: str, status: int = 0) -> str:
     """`python -m bamba_ft -m ARGS hydra.sweep.dir=SWEEP` with the stand-in for training (lr >= 1 crashes, lr 0.5
-    diverges); its output, after checking its exit status."""
+    diverges with a non-finite val loss, lr 0.25 with finite metrics); its output, after checking its exit status."""
     proc = subprocess.run([sys.executable, "-c", _STAND_IN, "-m", *args, f"hydra.sweep.dir={sweep}"],
                           cwd=sweep.parent, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
@@ -196,6 +199,21 @@ def test_a_sweep_with_a_failed_job_or_no_result_exits_1_after_its_table(tmp_path
     assert message in out and "written:" in out
     resume_hint = f"the same command plus sweep.resume=true hydra.sweep.dir={sweep}" in out
     assert resume_hint == ("failed" in message)  # a resume runs failed jobs again, not diverged ones
+
+
+@pytest.mark.parametrize("objective,direction", [("val/loss", "minimize"), ("exact_match", "maximize")])
+def test_a_job_whose_run_diverged_is_no_result_whatever_its_objective_reads(tmp_path: Path, objective: str,
+                                                                            direction: str) -> None:
+    """A run that reports divergence (exit 3 alone) had a finite val loss and exact match that beat every other
+    job's, and the sweep called it ok and its best."""
+    sweep = tmp_path / "sweep"
+    out = _sweep(sweep, "optim.lr=0.25,1e-3", f"sweep.objective={objective}", f"sweep.direction={direction}")
+    rows = {r["job"]: r for r in csv.DictReader((sweep / "sweep.csv").open())}
+    assert (rows["0"]["status"], rows["0"]["best"], rows["1"]["status"], rows["1"]["best"]) == (
+        "diverged", "False", "ok", "True")
+    assert float(rows["0"]["objective"]) == penalty(direction) and "diverged: weights" in rows["0"]["error"]
+    assert json.loads((sweep / "sweep.json").read_text())["best"]["run_dir"] == str(sweep / "1")
+    assert "1 ok, 1 diverged" in out
 
 
 def _job_files(sweep: Path) -> dict[str, tuple[str, ...]]:
