@@ -232,5 +232,5 @@ def sweep_problem(rows: list[dict[str, Any]], sweep_dir: Path) -> str | None:
                 "(finished jobs are reused).")
     if not any(r["status"].startswith("ok") for r in rows):
         return (f"no job of {len(rows)} finished with a finite objective (every one diverged).\nFix: lower optim.lr "
-                "(or sweep lower values); a resume would run the same settings again.")
+                "(or sweep lower values) in a new sweep; a resume reuses these results.")
     return None

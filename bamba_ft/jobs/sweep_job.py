@@ -39,6 +39,8 @@ RESULT_NAME = "sweep_job.json"
 BEFORE_RESUME = ".before_resume"
 # Overrides that change how a sweep runs, not what a job computes: a resumed sweep matches jobs without them.
 _NOT_IDENTITY = ("sweep.resume",)
+# Outcomes a resumed sweep reuses: a diverged job is a result of its settings, and would diverge again.
+FINISHED = ("ok", "diverged")
 
 
 def job_identity(overrides: list[str]) -> tuple[str, ...]:
@@ -79,10 +81,11 @@ def read_result(job_dir: Path) -> dict | None:
 
 
 def _previous(sweep_dir: Path, identity: tuple[str, ...]) -> dict | None:
-    """The newest recorded outcome of a job with these overrides in `sweep_dir` (ok before anything else)."""
+    """The newest recorded outcome of a job with these overrides in `sweep_dir` (ok, then diverged, before anything
+    else)."""
     found = [r for d in sweep_dir.iterdir() if d.is_dir() and (r := read_result(d))
              and job_identity(r.get("overrides", [])) == identity]
-    found.sort(key=lambda r: (r.get("status") == "ok", r.get("finished", 0)))
+    found.sort(key=lambda r: (r.get("status") == "ok", r.get("status") in FINISHED, r.get("finished", 0)))
     return found[-1] if found else None
 
 
@@ -99,7 +102,7 @@ def run_sweep_job(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> float:
     prev = _previous(sweep_dir, identity)
     occupant = _occupant(sweep_dir, job_dir)
     if occupant in (None, identity):
-        if prev and prev.get("status") == "ok":
+        if prev and prev.get("status") in FINISHED:
             _log_reuse(hc, prev)
             atomic_write_json(job_dir / RESULT_NAME, {**prev, "job": hc.job.num, "reused": True})
             if Path(prev["run_dir"]) != job_dir:
@@ -149,7 +152,7 @@ def _beside_another_job(cfg: DictConfig, run: Callable[[DictConfig], dict], job_
 
     hc = HydraConfig.get()
     sweep_dir = Path(hc.sweep.dir)
-    reuse = prev is not None and prev.get("status") == "ok"
+    reuse = prev is not None and prev.get("status") in FINISHED
     stopped = prev is not None and prev.get("status") == "stopped" and Path(prev["run_dir"]).is_dir()
     run_dir = Path(prev["run_dir"]) if reuse or stopped else _new_job_dir(job_dir)
     if not reuse:

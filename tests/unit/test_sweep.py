@@ -216,6 +216,18 @@ def test_a_job_whose_run_diverged_is_no_result_whatever_its_objective_reads(tmp_
     assert "1 ok, 1 diverged" in out
 
 
+def test_a_resume_reuses_a_diverged_job_as_the_failed_jobs_hint_says(tmp_path: Path) -> None:
+    """A diverged job is a result of its settings: the resume that the failed job's hint offers ('finished jobs are
+    reused') trained it again, to the same divergence."""
+    sweep = tmp_path / "sweep"
+    first = _sweep(sweep, "optim.lr=1e-3,0.5,2", status=1)
+    assert "(finished jobs are reused)" in first
+    out = _sweep(sweep, "optim.lr=1e-3,0.5,2", "sweep.resume=true", status=1)
+    assert out.count("reusing its result") == 2 and "job 1 (optim.lr=0.5 sweep.resume=True) finished before" in out
+    assert [(r["job"], r["status"], r["best"]) for r in csv.DictReader((sweep / "sweep.csv").open())] == [
+        ("0", "ok (reused)", "True"), ("1", "diverged (reused)", "False"), ("2", "failed", "False")]
+
+
 def _job_files(sweep: Path) -> dict[str, tuple[str, ...]]:
     """Per job directory: its model, its Hydra files, and its record without the `reused` mark."""
     return {d.name: ((d / "model.txt").read_text(), *((d / ".hydra" / f).read_text() for f in ("overrides.yaml",
