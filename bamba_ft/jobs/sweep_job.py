@@ -53,10 +53,16 @@ def penalty(direction: str) -> float:
     return -math.inf if direction == "maximize" else math.inf
 
 
+# Where a job's metrics.json keeps its numbers by name: a training run's `after` and `train`, recipe=eval's `metrics`
+# (a sweep over eval.checkpoint compares runs by the same sweep.objective)
+_BLOCKS = ("after", "train", "metrics")
+
+
 def objective_value(metrics: dict, key: str) -> float:
-    """`key` looked up in metrics.json's `after`, then `train` ('/' read as '_'), then as a dotted path."""
+    """`key` looked up in metrics.json's `after`, then `train`, then `metrics` ('/' read as '_'), then as a dotted
+    path."""
     name = key.replace("/", "_")
-    for block in ("after", "train"):
+    for block in _BLOCKS:
         section = metrics.get(block) or {}
         for k in (key, name):
             if k in section and isinstance(section[k], (int, float)):
@@ -66,7 +72,7 @@ def objective_value(metrics: dict, key: str) -> float:
         node = node.get(part) if isinstance(node, dict) else None
     if isinstance(node, (int, float)) and not isinstance(node, bool):
         return float(node)
-    known = [k for b in ("after", "train") for k, v in (metrics.get(b) or {}).items() if isinstance(v, (int, float))]
+    known = [k for b in _BLOCKS for k, v in (metrics.get(b) or {}).items() if isinstance(v, (int, float))]
     raise ConfigError(
         f"sweep.objective={key}: not a number in this run's metrics.json.{' Valid: ' + ', '.join(known) if known else ''}"
         "\n(exact_match needs eval.generate=true.)"
@@ -351,7 +357,7 @@ def _log_into(job_dir: Path, run_dir: Path) -> Iterator[None]:
 
 
 def _key_metrics(metrics: dict) -> dict[str, float | None]:
-    after, train = metrics.get("after") or {}, metrics.get("train") or {}
+    after, train = metrics.get("after") or metrics.get("metrics") or {}, metrics.get("train") or {}
     return {"val_loss": after.get("val_loss"), "exact_match": after.get("exact_match"),
             "train_loss": train.get("final_train_loss"), "steps": train.get("steps"),
             "tokens_per_sec": train.get("tokens_per_sec")}

@@ -55,6 +55,15 @@ def test_objective_is_read_from_metrics(key: str, value: float) -> None:
     assert objective_value(METRICS, key) == value
 
 
+def test_an_eval_jobs_objective_is_read_from_its_metrics() -> None:
+    """`-m recipe=eval eval.checkpoint=A,B` compares runs: every job failed, after its evaluation, for want of an
+    `after` block."""
+    evaluated = {"source": "run A", "metrics": {"val_loss": 1.5, "val_ppl": 4.48, "exact_match": 0.5, "lm_eval": {}}}
+    assert (objective_value(evaluated, "val/loss"), objective_value(evaluated, "exact_match")) == (1.5, 0.5)
+    with pytest.raises(ConfigError, match="Valid: val_loss, val_ppl, exact_match"):
+        objective_value(evaluated, "val/acc")
+
+
 def test_unknown_objective_lists_the_valid_keys() -> None:
     with pytest.raises(ConfigError, match="sweep.objective=val/acc: .*Valid: val_loss, exact_match, tokens_per_sec"):
         objective_value(METRICS, "val/acc")
