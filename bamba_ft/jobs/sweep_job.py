@@ -230,8 +230,10 @@ def _run_job(cfg: DictConfig, run: Callable[[DictConfig], dict], run_dir: Path) 
         return record["objective"]
     try:
         value = objective_value(result, key)
-    except ConfigError as e:
-        record.update(status="failed", objective=penalty(direction), error=str(e))
+    except ConfigError as e:  # the run itself finished: its metrics still go in the table
+        log.error("job %s failed: %s", hc.job.num, e.problems[0].splitlines()[0])
+        record.update(status="failed", objective=penalty(direction), error="; ".join(e.problems),
+                      metrics=_key_metrics(result))
         _finish(run_dir, record, t0)
         return record["objective"]
     ok = math.isfinite(value)

@@ -237,6 +237,17 @@ def test_a_resume_reuses_a_diverged_job_as_the_failed_jobs_hint_says(tmp_path: P
         ("0", "ok (reused)", "True"), ("1", "diverged (reused)", "False"), ("2", "failed", "False")]
 
 
+def test_a_job_without_its_objective_names_the_key_in_the_table(tmp_path: Path) -> None:
+    """The table's error column showed '1 problem in the composed config:' (the ConfigError's first line), neither
+    the key nor the valid ones, and the run's metrics were left out."""
+    sweep = tmp_path / "sweep"
+    out = _sweep(sweep, "optim.lr=1e-3", "sweep.objective=val/acc", status=1)
+    row = next(csv.DictReader((sweep / "sweep.csv").open()))
+    assert row["status"] == "failed" and row["error"].startswith("sweep.objective=val/acc: not a number")
+    assert "Valid: val_loss, exact_match, steps" in row["error"] and float(row["val_loss"]) == pytest.approx(0.9)
+    assert "composed config" not in out and "sweep.objective=val/acc: not a number in this run's metrics.json." in out
+
+
 def _job_files(sweep: Path) -> dict[str, tuple[str, ...]]:
     """Per job directory: its model, its Hydra files, and its record without the `reused` mark."""
     return {d.name: ((d / "model.txt").read_text(), *((d / ".hydra" / f).read_text() for f in ("overrides.yaml",
