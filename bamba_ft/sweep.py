@@ -192,6 +192,13 @@ class SweepSummary(Callback):
             refuse(ConfigError(
                 f"hydra.sweeper.direction={sweeper.get('direction')} but sweep.direction={direction}: Optuna would "
                 f"optimise the other way.\nFix: set both, e.g. hydra.sweeper.direction={direction}."))
+        subdir = str(OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir"))
+        if "${" not in subdir:  # every job in one directory: each would fail on, or replace, the one before
+            refuse(ConfigError(
+                f"hydra.sweep.subdir={subdir} names one directory for every job of the sweep: the second job would "
+                "find the first's run there and fail, and its record would replace the first's in the table.\n"
+                "Fix: leave hydra.sweep.subdir at its default (the job's number), or make it differ per job, e.g. "
+                "'hydra.sweep.subdir=${hydra.job.override_dirname}'.", "hydra.sweep.subdir"))
         sweep_dir = Path(str(OmegaConf.select(config, "hydra.sweep.dir")))
         if problem := output_path_problem(sweep_dir, f"hydra.sweep.dir={sweep_dir}", directory=True):
             refuse(ConfigError(problem))  # the sweeper's mkdir would end in a traceback

@@ -248,6 +248,15 @@ def test_a_job_without_its_objective_names_the_key_in_the_table(tmp_path: Path) 
     assert "composed config" not in out and "sweep.objective=val/acc: not a number in this run's metrics.json." in out
 
 
+def test_a_sweep_subdir_shared_by_every_job_is_refused_before_any_job(tmp_path: Path) -> None:
+    """hydra.sweep.subdir=run put both jobs in one directory: the second failed on the first's run and its record
+    replaced the first's, so the table showed one failed job and lost the finished one."""
+    sweep = tmp_path / "sweep"
+    out = _sweep(sweep, "optim.lr=1e-3,2e-3", "hydra.sweep.subdir=run", status=2)
+    assert "hydra.sweep.subdir=run names one directory for every job" in out and "Traceback" not in out
+    assert not (sweep / "run").exists()
+
+
 def _job_files(sweep: Path) -> dict[str, tuple[str, ...]]:
     """Per job directory: its model, its Hydra files, and its record without the `reused` mark."""
     return {d.name: ((d / "model.txt").read_text(), *((d / ".hydra" / f).read_text() for f in ("overrides.yaml",
