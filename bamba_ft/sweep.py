@@ -24,6 +24,7 @@ from bamba_ft.errors import ConfigError
 from bamba_ft.jobs.lock import refuse
 from bamba_ft.jobs.report import atomic_write_json, atomic_write_text, output_path_problem, table
 from bamba_ft.jobs.sweep_job import (
+    FINISHED,
     RESULT_NAME,
     drop_saved_hydra_files,
     job_identity,
@@ -42,9 +43,10 @@ def _job_dirs(sweep_dir: Path) -> list[Path]:
 
 
 def collect_rows(sweep_dir: Path) -> list[dict[str, Any]]:
-    """One row per job (a job that ran again under sweep.resume appears once, with its latest outcome)."""
-    rows: dict[tuple[str, ...], dict[str, Any]] = {}
-    ranks: dict[tuple[str, ...], tuple] = {}
+    """One row per job (a job that ran again under sweep.resume appears once, with its latest outcome). Two jobs
+    that ran with the same overrides (an Optuna search asking for the same values again) are two rows: each is a
+    result, and the best may be either."""
+    records: list[tuple[tuple[str, ...], Path, float, tuple, dict[str, Any]]] = []
     for position, d in enumerate(_job_dirs(sweep_dir)):
         r = read_result(d)
         if r is None:
@@ -59,9 +61,22 @@ def collect_rows(sweep_dir: Path) -> list[dict[str, Any]]:
                "val_loss": m.get("val_loss"), "exact_match": m.get("exact_match"), "train_loss": m.get("train_loss"),
                "steps": m.get("steps"), "run_dir": r.get("run_dir", str(d)), "error": r.get("error") or "",
                "params": _params(r.get("overrides", []))}
-        identity, rank = job_identity(r.get("overrides", [])), _rank(r, d, position)
-        if identity not in rows or rank > ranks[identity]:
-            rows[identity], ranks[identity] = row, rank
+        records.append((job_identity(r.get("overrides", [])), Path(row["run_dir"]).absolute(), r.get("finished") or 0,
+                        _rank(r, d, position), row))
+    finished: dict[tuple[str, ...], float] = {}  # when each job's values last ran to an outcome
+    for identity, _, when, _, row in records:
+        if row["status"].split()[0] in FINISHED:
+            finished[identity] = max(finished.get(identity, 0), when)
+    rows: dict[tuple, dict[str, Any]] = {}
+    ranks: dict[tuple, tuple] = {}
+    for identity, run_dir, when, rank, row in records:
+        done = row["status"].split()[0] in FINISHED
+        if not done and identity in finished and when <= finished[identity]:
+            continue  # failed, stopped or killed, then run again by a resume to an outcome
+        # a finished job is one row per directory of results: a resume's reuse of it points there
+        key = (identity, run_dir) if done else (identity,)
+        if key not in rows or rank > ranks[key]:
+            rows[key], ranks[key] = row, rank
     return sorted(rows.values(), key=lambda row: (isinstance(row["job"], str), row["job"]))
 
 

@@ -107,6 +107,9 @@ def run_sweep_job(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> float:
     identity = job_identity(list(hc.overrides.task))
     prev = _previous(sweep_dir, identity)
     occupant = _occupant(sweep_dir, job_dir)
+    own = read_result(job_dir)
+    if occupant == identity and own is not None and own.get("status") in FINISHED:
+        prev = own  # its own result, not another job's run of the same values (a search may ask for them twice)
     if occupant in (None, identity):
         if prev and prev.get("status") in FINISHED:
             _log_reuse(hc, prev)

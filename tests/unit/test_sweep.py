@@ -149,6 +149,20 @@ def test_a_job_run_again_is_one_row(tmp_path: Path) -> None:
     assert [(r["job"], r["status"]) for r in collect_rows(tmp_path)] == [(1, "ok")]
 
 
+def test_two_jobs_with_the_same_overrides_are_two_rows_and_the_better_is_best(tmp_path: Path) -> None:
+    """An Optuna search over choices asks for the same values again: its 4 trials were a table of 2 jobs, each the
+    newer of a pair, and job 2's 0.81 was called the best where job 0 had reached 0.79 (Optuna's best)."""
+    _job(tmp_path, 0, "ok", 0.79, "2e-3", finished=1.0)
+    _job(tmp_path, 1, "ok", 0.9, "1e-3", finished=2.0)
+    _job(tmp_path, 2, "ok", 0.81, "2e-3", finished=3.0)
+    _job(tmp_path, 3, "failed", math.inf, "1e-3", finished=0.5)  # then run again by a resume (job 1): one row
+    _job(tmp_path, 4, "failed", math.inf, "2e-3", finished=5.0)  # a third try that crashed is a row of its own
+    rows = collect_rows(tmp_path)
+    assert [(r["job"], r["objective"]) for r in rows] == [(0, 0.79), (1, 0.9), (2, 0.81), (4, math.inf)]
+    write_outputs(tmp_path, rows, "val/loss", "minimize", search=True)
+    assert json.loads((tmp_path / "sweep.json").read_text())["best"]["job"] == 0
+
+
 def test_gpu_slots_are_claimed_once_each(tmp_path: Path) -> None:
     first = claim_slot(tmp_path, ["0", "1", "2", "3"], per_job=2)
     second = claim_slot(tmp_path, ["0", "1", "2", "3"], per_job=2)
@@ -255,6 +269,20 @@ def test_a_sweep_subdir_shared_by_every_job_is_refused_before_any_job(tmp_path: 
     out = _sweep(sweep, "optim.lr=1e-3,2e-3", "hydra.sweep.subdir=run", status=2)
     assert "hydra.sweep.subdir=run names one directory for every job" in out and "Traceback" not in out
     assert not (sweep / "run").exists()
+
+
+def test_a_search_that_asks_for_the_same_values_twice_keeps_both_jobs_through_a_resume(tmp_path: Path) -> None:
+    """Each of an Optuna search's trials is a row, and a resume reuses each job's own result: it wrote the newer
+    run's record over the older one's, whose result then left the table."""
+    sweep = tmp_path / "sweep"
+    search = ["hydra/sweeper=optuna", "hydra.sweeper.n_trials=4", "hydra.sweeper.sampler.seed=0",
+              "optim.lr=choice(0.001, 0.002)"]
+    out = _sweep(sweep, *search)
+    records = {d: json.loads((sweep / d / RESULT_NAME).read_text()) for d in "0123"}
+    assert "4 jobs (4 ok)" in out and len({json.dumps(r["overrides"]) for r in records.values()}) == 2
+    again = _sweep(sweep, *search, "sweep.resume=true")
+    assert again.count("reusing its result") == 4 and "4 jobs (4 ok)" in again
+    assert all(json.loads((sweep / d / RESULT_NAME).read_text())["run_dir"] == str(sweep / d) for d in "0123")
 
 
 def _job_files(sweep: Path) -> dict[str, tuple[str, ...]]:
