@@ -127,6 +127,15 @@ def test_typo_override_names_key_and_valid_ones(token: str) -> None:
         check_overrides([token])
 
 
+def test_readme_shows_the_typo_message_as_it_is() -> None:
+    """README's "Configuration" prints the message of `python -m bamba_ft peft.rr=8`; it lost a key of peft."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    shown = readme.split("$ python -m bamba_ft peft.rr=8\n", 1)[1].split("```", 1)[0]
+    with pytest.raises(ConfigError) as e:
+        check_overrides(["peft.rr=8"])
+    assert shown == f"bamba_ft: ConfigError: {e.value}\n"
+
+
 def test_typo_in_nested_and_top_level_keys() -> None:
     with pytest.raises(ConfigError, match=r"(?s)2 problems.*'lr_rate' is not a key of optim.*'trainr' is not a key of the top level"):
         check_overrides(["optim.lr_rate=1", "trainr.max_steps=3", "model=tiny", "hydra.run.dir=x", "-m"])
