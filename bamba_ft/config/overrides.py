@@ -18,6 +18,8 @@ from bamba_ft.config.schema import NOT_BUILTIN, DataConfig, RunConfig, validate
 from bamba_ft.errors import ConfigError, Problems, not_an_option, suggest
 
 GROUPS = ("model", "peft", "quant", "data", "optim", "trainer", "logger", "recipe", "smoke", "sweep")
+# Groups that act only in a sweep (-m): a search (sweep=lora_hpo), Hydra's sweeper and launcher.
+_SWEEP_ONLY = ("sweep", "hydra/sweeper", "hydra/launcher")
 
 
 def _hints(dc: type) -> dict[str, Any]:
@@ -124,6 +126,13 @@ def check_overrides(argv: list[str]) -> None:
         if token.startswith("-") or "=" not in token:
             continue
         key = token.split("=", 1)[0].lstrip("~+")
+        if not multirun and not token.startswith("~") and (key in _SWEEP_ONLY or (
+                key == "sweep.resume" and token.split("=", 1)[1].lower() != "false")):
+            # Hydra ignores them in a single run, which then trains once with the defaults they were to replace
+            problems.add(f"{token}: applies to a sweep, and without -m this command runs one job (the search or "
+                         "launcher named would not be used).\nFix: add -m, e.g. python -m bamba_ft -m "
+                         f"{token} ...")
+            continue
         if key in GROUPS and not token.startswith("~"):
             for problem in _group_problems(parser, token, key):
                 problems.add(problem)

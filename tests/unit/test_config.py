@@ -90,7 +90,7 @@ def test_unknown_recipe_lists_the_options() -> None:
 def test_an_unknown_group_option_names_the_options(token: str, problem: str, option: str) -> None:
     with pytest.raises(ConfigError, match=r"(?s)" + re.escape(problem) + r".*Valid: .*" + option):
         check_overrides([token])
-    check_overrides(["recipe=eval", "model=tiny,bamba-9b", "sweep=lora_hpo", "~smoke", "data=file"])
+    check_overrides(["-m", "recipe=eval", "model=tiny,bamba-9b", "sweep=lora_hpo", "~smoke", "data=file"])
     with pytest.raises(ConfigError, match=r"smoke=null: a config group takes an option name.*\n.*Fix: ~smoke"):
         check_overrides(["smoke=null"])
 

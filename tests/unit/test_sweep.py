@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,16 @@ from bamba_ft.sweep import collect_rows, write_outputs
 ])
 def test_sweep_overrides_pass_the_typed_checks(token: str) -> None:
     check_overrides(["-m", token])
+
+
+@pytest.mark.parametrize("token", ["sweep=lora_hpo", "hydra/sweeper=optuna", "hydra/launcher=submitit_local",
+                                   "sweep.resume=true"])
+def test_a_sweep_setting_without_m_is_refused_naming_the_fix(token: str) -> None:
+    """Without -m Hydra ignores them: `python -m bamba_ft sweep=lora_hpo` trained one job with the defaults."""
+    with pytest.raises(ConfigError, match=f"(?s){re.escape(token)}: applies to a sweep.*Fix: add -m"):
+        check_overrides([token])
+    check_overrides(["-m", token])
+    check_overrides(["sweep.resume=false", "~sweep"])
 
 
 @pytest.mark.parametrize("token,message", [
