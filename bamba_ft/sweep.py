@@ -199,10 +199,26 @@ def plot_sweep(rows: list[dict[str, Any]], out: Path, objective: str, direction:
     return True
 
 
+def direction_warning(objective: str, direction: str) -> str | None:
+    """A warning when sweep.direction goes against what the objective measures (a loss maximized, exact match or
+    tokens/s minimized): the best job would be the worst, with nothing else to say so."""
+    name = objective.lower()
+    lower_is_better = any(part in name for part in ("loss", "ppl", "perplexity"))
+    higher_is_better = any(part in name for part in ("exact_match", "tokens_per_sec"))
+    wanted = "minimize" if lower_is_better else "maximize" if higher_is_better else None
+    if wanted is None or wanted == direction:
+        return None
+    return (f"warning: sweep.objective={objective} with sweep.direction={direction}: the best job will be the one with "
+            f"the {'highest' if direction == 'maximize' else 'lowest'} {objective}.\nFix: sweep.direction={wanted}, "
+            "unless that is what you mean.")
+
+
 class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweeper = OmegaConf.select(config, "hydra.sweeper")
         direction = OmegaConf.select(config, "sweep.direction")
+        if warning := direction_warning(str(OmegaConf.select(config, "sweep.objective")), str(direction)):
+            print(f"bamba_ft: {warning}", file=sys.stderr)
         if "Optuna" in str(sweeper.get("_target_", "")) and str(sweeper.get("direction")).split(".")[-1] != direction:
             refuse(ConfigError(
                 f"hydra.sweeper.direction={sweeper.get('direction')} but sweep.direction={direction}: Optuna would "
@@ -236,6 +252,8 @@ class SweepSummary(Callback):
             return
         search = "Optuna" in str(OmegaConf.select(config, "hydra.sweeper._target_"))
         print(write_outputs(sweep_dir, rows, str(config.sweep.objective), str(config.sweep.direction), search))
+        if warning := direction_warning(str(config.sweep.objective), str(config.sweep.direction)):
+            print(f"bamba_ft: {warning}", file=sys.stderr)  # again under the table it concerns
         if search and (sweep_dir / "optimization_results.yaml").exists():
             print(f"Optuna's best parameters and value: {sweep_dir / 'optimization_results.yaml'}")
         if (problem := sweep_problem(rows, sweep_dir)) is not None:

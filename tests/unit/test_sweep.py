@@ -18,7 +18,7 @@ from bamba_ft.config.overrides import check_overrides
 from bamba_ft.errors import ConfigError
 from bamba_ft.jobs.gpu_slots import claim_slot
 from bamba_ft.jobs.sweep_job import RESULT_NAME, earlier_sweep, job_identity, objective_value, penalty
-from bamba_ft.sweep import collect_rows, write_outputs
+from bamba_ft.sweep import collect_rows, direction_warning, write_outputs
 
 
 @pytest.mark.parametrize("token", [
@@ -78,6 +78,18 @@ def test_an_eval_jobs_objective_is_read_from_its_metrics() -> None:
 def test_unknown_objective_lists_the_valid_keys() -> None:
     with pytest.raises(ConfigError, match="sweep.objective=val/acc: .*Valid: val_loss, exact_match, tokens_per_sec"):
         objective_value(METRICS, "val/acc")
+
+
+@pytest.mark.parametrize("objective,direction,wanted", [
+    ("val/loss", "maximize", "minimize"), ("train.final_train_loss", "maximize", "minimize"),
+    ("exact_match", "minimize", "maximize"), ("tokens_per_sec", "minimize", "maximize"),
+    ("val/loss", "minimize", None), ("exact_match", "maximize", None), ("train.steps", "maximize", None),
+])
+def test_a_direction_against_the_objective_is_warned_of(objective: str, direction: str, wanted: str | None) -> None:
+    """`sweep.objective=exact_match` without sweep.direction=maximize named the worst job best, silently."""
+    warning = direction_warning(objective, direction)
+    assert (warning is None) == (wanted is None)
+    assert wanted is None or f"Fix: sweep.direction={wanted}" in warning
 
 
 def test_penalty_is_the_worst_value_optuna_accepts() -> None:
