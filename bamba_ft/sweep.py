@@ -57,7 +57,7 @@ def collect_rows(sweep_dir: Path) -> list[dict[str, Any]]:
                           f"see the log in {d}"}
         m = r.get("metrics") or {}
         row = {"job": int(d.name) if d.name.isdigit() else d.name, "status": r["status"] + (" (reused)" if r.get("reused") else ""),
-               "objective": r.get("objective"), "overrides": " ".join(r.get("overrides", [])),
+               "objective": r.get("objective"), "overrides": " ".join(_settings(r.get("overrides", []))),
                "val_loss": m.get("val_loss"), "exact_match": m.get("exact_match"), "train_loss": m.get("train_loss"),
                "steps": m.get("steps"), "run_dir": r.get("run_dir", str(d)), "error": r.get("error") or "",
                "params": _params(r.get("overrides", []))}
@@ -85,6 +85,13 @@ def _rank(record: dict[str, Any], job_dir: Path, position: int) -> tuple:
     holds its results (a job reused by a resumed sweep can leave a record pointing there), then the later one."""
     return (record.get("status") == "ok", record.get("finished") or 0,
             Path(record.get("run_dir", job_dir)).absolute() == job_dir.absolute(), position)
+
+
+def _settings(overrides: list[str]) -> list[str]:
+    """The job's overrides in their order, without those a resumed sweep adds to the jobs it runs (sweep.resume):
+    a job run by a resume has the same settings as one reused."""
+    identity = set(job_identity(overrides))
+    return [o for o in overrides if o in identity]
 
 
 def _params(overrides: list[str]) -> dict[str, str]:

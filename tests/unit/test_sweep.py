@@ -164,6 +164,10 @@ def test_a_resumed_sweep_whose_rerun_job_failed_still_writes_its_table(tmp_path:
     assert all("sweep.resume" not in r["params"] for r in rows)
     text = write_outputs(tmp_path, rows, "val/loss", "minimize", search=False)
     assert "2 jobs (1 ok, 1 failed)" in text and "sweep.png" in text
+    # nor a setting in the table: the two rows differ in their learning rate only
+    assert [r["overrides"] for r in csv.DictReader((tmp_path / "sweep.csv").open())] == [
+        "optim.lr=1e-4 trainer.max_steps=5", "optim.lr=3e-4 trainer.max_steps=5"]
+    assert "every job: trainer.max_steps=5" in text
 
 
 def test_a_job_run_again_is_one_row(tmp_path: Path) -> None:
