@@ -42,6 +42,7 @@ from bamba_ft.jobs.report import (
 )
 from bamba_ft.model.build import DTYPES
 from bamba_ft.model.families import family_of
+from bamba_ft.model.lora import peft_refused_targets
 from bamba_ft.model.mixer import stock_forward
 from bamba_ft.model.quant import dequantize_model, is_quantized
 from bamba_ft.model.restore import RANDOM_BASE, load_source, locate
@@ -361,6 +362,10 @@ def run(cfg: RunConfig) -> dict:
         lines.append(f"  verified: reloaded with {v['reloaded_class']}; max |logit diff| {v['max_abs_logit_diff']:.2e} "
                      f"= {v['max_rel_logit_diff']:.1e} of the largest logit (bound {v['tolerance']:g}); "
                      f"greedy generation identical: {v['greedy_generation_identical']}")
+    if "peft_refused_targets" in report:
+        lines.append(f"  note: plain peft refuses LoRA on {', '.join(report['peft_refused_targets'])} of this model type "
+                     f"(PeftModel.from_pretrained raises); bamba_ft runs it (eval.checkpoint={target}), and "
+                     f"recipe=export export.checkpoint={target} merges it for transformers")
     if "quantized_vs_merged_max_abs_logit_diff" in report:
         lines.append(f"  quantized base + adapter vs merged: max |logit diff| {report['quantized_vs_merged_max_abs_logit_diff']:.2e}")
     print("\n".join(lines))  # before the push: a failed push leaves a verified export, and this says so
@@ -384,6 +389,10 @@ def _write(model: nn.Module, tokenizer, cfg: RunConfig, src, tmp: Path, target: 
         saved = get_peft_model_state_dict(model)
         report["dtype"] = ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in saved.values()}))
         model.save_pretrained(tmp)
+        # plain peft refuses to load some families' out_proj adapters: the card and the summary say how to run it
+        targets = json.loads((tmp / "adapter_config.json").read_text())["target_modules"]
+        if refused := peft_refused_targets(family_of(model).model_type, sorted(targets)):
+            report["peft_refused_targets"] = refused
         tokenizer.save_pretrained(tmp)
         generation_config_for(causal_lm(model), tokenizer).save_pretrained(tmp)
         if src.random_base is not None:  # the adapter alone names its random base

@@ -90,15 +90,20 @@ def write_model_card(directory: Path, cfg: RunConfig, src: Any, report: dict, ad
                   f"adapter model {v['max_abs_logit_diff']:.2e} ({v['max_rel_logit_diff']:.1e} of the largest logit, bound "
                   f"{v['tolerance']:g}); greedy generation identical: "
                   f"{v['greedy_generation_identical']}."]
-    lines += ["", "## Usage", "", "```python"]
-    if adapter_only and hub_base is None:  # its base is in no model repository: bamba_ft loads it
-        lines[-1:] = ["```bash", "python -m bamba_ft recipe=eval eval.checkpoint=<this directory>",
-                      "python -m bamba_ft recipe=export export.checkpoint=<this directory>   # merged, for transformers"]
+    lines += ["", "## Usage", ""]
+    refused = report.get("peft_refused_targets", [])
+    if refused:  # PeftModel.from_pretrained raises on them: bamba_ft loads the adapter, or merges it
+        lines += [f"peft refuses LoRA on `{'`, `'.join(refused)}` of {model_type} models (`PeftModel.from_pretrained` "
+                  "raises), as transformers' fused CUDA mixer reads that weight directly and would skip the adapter. "
+                  "Run it with bamba_ft, or merge it for transformers:", ""]
+    if adapter_only and (hub_base is None or refused):  # its base is in no model repository, or peft refuses it
+        lines += ["```bash", "python -m bamba_ft recipe=eval eval.checkpoint=<this directory>",
+                  "python -m bamba_ft recipe=export export.checkpoint=<this directory>   # merged, for transformers"]
     elif adapter_only:
-        lines += ["from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        lines += ["```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer",
                   f"base = AutoModelForCausalLM.from_pretrained(\"{base}\")", "model = PeftModel.from_pretrained(base, \"<this directory>\")"]
     else:
-        lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer",
+        lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
                   "model = AutoModelForCausalLM.from_pretrained(\"<this directory>\")",
                   "tokenizer = AutoTokenizer.from_pretrained(\"<this directory>\")"]
     lines += ["```", ""]

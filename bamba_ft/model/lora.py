@@ -56,6 +56,24 @@ def allow_mixer_out_proj(model: nn.Module) -> Iterator[None]:
         tuners_utils._check_lora_target_modules_mamba = check
 
 
+def peft_refused_targets(model_type: str, targets: list[str]) -> list[str]:
+    """The `targets` that plain peft refuses to put LoRA on, or to load LoRA from, for `model_type` (its Mamba
+    check: `out_proj` of falcon_h1 and nemotron_h): an adapter holding them loads only where that check is lifted,
+    as bamba_ft does."""
+    from types import SimpleNamespace
+
+    from peft.tuners import tuners_utils
+
+    model = SimpleNamespace(config=SimpleNamespace(model_type=model_type))
+    refused = []
+    for name in targets:
+        try:
+            tuners_utils._check_lora_target_modules_mamba(LoraConfig(), model, name)
+        except ValueError:
+            refused.append(name)
+    return refused
+
+
 @contextmanager
 def adapters_off_meta(model: nn.Module) -> Iterator[None]:
     """On a base whose parameters are on the meta device (built to be sharded), keep new adapters on the CPU.

@@ -279,3 +279,40 @@ def test_model_card_names_the_layers_lora_reached_and_every_source() -> None:
                               SourceConfig(source="qa.parquet", weight=0.3, format="prompt_completion")])
     assert _sources_text(mix) == "`chat.jsonl` (weight 0.7), `qa.parquet` (weight 0.3, format prompt_completion)"
     assert _sources_text(DataConfig(source="train.jsonl", format="alpaca")) == "`train.jsonl` (format alpaca)"
+
+
+@pytest.mark.parametrize("model_type", ["falcon_h1", "granitemoehybrid"])
+def test_adapter_only_export_card_loads_what_peft_refuses_through_bamba_ft(model_type: str, tmp_path) -> None:  # noqa: ANN001
+    """Plain peft refuses LoRA on falcon_h1's (and nemotron_h's) out_proj, so the adapter-only export card's
+    `PeftModel.from_pretrained(base, ...)` raised there: the card now says so and gives bamba_ft's commands (eval, and
+    the merged export for transformers). Granite's out_proj adapter loads in peft, and its card keeps the snippet."""
+    from types import SimpleNamespace
+
+    from peft import PeftModel
+
+    from bamba_ft.config.schema import ModelConfig, PeftConfig, RunConfig
+    from bamba_ft.jobs.export import _write
+    from bamba_ft.model.build import load_tokenizer
+    from bamba_ft.model.lora import apply_peft
+
+    model = tiny(model_type)
+    install_mixer(model, "torch")
+    model = apply_peft(model, PeftConfig(method="lora", r=2, target_modules=["in_proj", "out_proj"]), fused=False)
+    cfg = RunConfig()
+    cfg.export.adapter_only = True
+    src = SimpleNamespace(run=None, run_dir=None, random_base=None, description="adapter A",
+                          model=ModelConfig(name_or_path="org/base"))
+    report = _write(model, load_tokenizer(ModelConfig()), cfg, src, tmp_path, tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    stock = family_for(model_type).causal_lm_class(shape_config(f"tiny-random-{model_type}"))
+    if model_type == "falcon_h1":
+        with pytest.raises(ValueError, match="out_proj"):  # the call the card showed
+            PeftModel.from_pretrained(stock, tmp_path)
+        assert report["peft_refused_targets"] == ["out_proj"]
+        assert "PeftModel.from_pretrained(base" not in card
+        assert "peft refuses LoRA on `out_proj` of falcon_h1 models" in card
+        assert "recipe=export export.checkpoint=<this directory>   # merged, for transformers" in card
+    else:
+        PeftModel.from_pretrained(stock, tmp_path)
+        assert "peft_refused_targets" not in report
+        assert 'model = PeftModel.from_pretrained(base, "<this directory>")' in card
