@@ -31,6 +31,14 @@ def linear_names(model: nn.Module) -> list[str]:
     return list(names)
 
 
+def own_mixers(model: nn.Module) -> bool:
+    """Whether every Mamba-2 mixer of `model` runs bamba_ft's segment-aware forward (not `model.mixer=hf`)."""
+    from bamba_ft.ops.mamba2 import SegmentAwareMixer
+
+    mixers = [m for m in model.modules() if hasattr(m, "A_log") and hasattr(m, "out_proj")]
+    return bool(mixers) and all(isinstance(m, SegmentAwareMixer) for m in mixers)
+
+
 @contextmanager
 def allow_mixer_out_proj(model: nn.Module) -> Iterator[None]:
     """Let peft put LoRA on the Mamba-2 `out_proj` of falcon_h1 and nemotron_h models when bamba_ft's mixer runs.
@@ -42,10 +50,7 @@ def allow_mixer_out_proj(model: nn.Module) -> Iterator[None]:
     """
     from peft.tuners import tuners_utils
 
-    from bamba_ft.ops.mamba2 import SegmentAwareMixer
-
-    mixers = [m for m in model.modules() if hasattr(m, "A_log") and hasattr(m, "out_proj")]
-    if not mixers or not all(isinstance(m, SegmentAwareMixer) for m in mixers):
+    if not own_mixers(model):
         yield
         return
     check = tuners_utils._check_lora_target_modules_mamba
@@ -154,6 +159,15 @@ def apply_peft(model: nn.Module, cfg: PeftConfig, fused: bool = True) -> nn.Modu
                 f"Valid: {', '.join(valid)}"
                 for t in bad
             ]
+        )
+    model_type = getattr(getattr(model, "config", None), "model_type", "bamba")
+    if refused := [] if own_mixers(model) else peft_refused_targets(model_type, targets):
+        kept = [t for t in targets if t not in refused]
+        raise ConfigError(
+            f"peft.target_modules: peft refuses LoRA on {', '.join(refused)} of {model_type} models with transformers' "
+            "own Mamba-2 mixer (model.mixer=hf; the benchmark's hf_* variants), whose fused CUDA path reads that "
+            "weight directly, so the adapter would get no gradient.\nFix: model.mixer=auto (bamba_ft's mixer calls "
+            f"it as a module), or leave it out: peft.target_modules=[{','.join(kept)}]"
         )
     lora = LoraConfig(
         r=cfg.r,

@@ -316,3 +316,21 @@ def test_adapter_only_export_card_loads_what_peft_refuses_through_bamba_ft(model
         PeftModel.from_pretrained(stock, tmp_path)
         assert "peft_refused_targets" not in report
         assert 'model = PeftModel.from_pretrained(base, "<this directory>")' in card
+
+
+@pytest.mark.parametrize("model_type", ["falcon_h1", "nemotron_h"])
+def test_lora_on_out_proj_under_the_stock_mixer_is_refused_with_the_fix(model_type: str) -> None:
+    """With transformers' own mixer (model.mixer=hf) peft's check on out_proj stays, and its ValueError ended the run
+    in a traceback: a ConfigError now names the key and both fixes. bamba_ft's mixer still takes it."""
+    from bamba_ft.config.schema import PeftConfig
+    from bamba_ft.model.lora import apply_peft
+
+    cfg = PeftConfig(method="lora", r=2, target_modules=["in_proj", "out_proj", "q_proj"])
+    with pytest.raises(ConfigError, match=rf"peft.target_modules: peft refuses LoRA on out_proj of {model_type} models "
+                                          r"with transformers' own Mamba-2 mixer \(model.mixer=hf.*\n.*Fix: "
+                                          r"model.mixer=auto .*peft.target_modules=\[in_proj,q_proj\]"):
+        apply_peft(tiny(model_type), cfg, fused=False)
+    model = tiny(model_type)
+    install_mixer(model, "torch")
+    adapted = {n.split(".")[-4] for n, _ in apply_peft(model, cfg, fused=False).named_parameters() if "lora_A" in n}
+    assert "out_proj" in adapted
