@@ -106,6 +106,8 @@ def adapters_off_meta(model: nn.Module) -> Iterator[None]:
         nn.Module.to = to  # type: ignore[method-assign]
 
 
+ATTENTION_PROJ = {"q_proj", "k_proj", "v_proj", "o_proj"}  # every family's attention projections (peft=lora's)
+
 MLP = "mlp"  # in peft.target_modules: the feed-forward's Linear layers of the model's family, by their names there
 
 
@@ -152,6 +154,14 @@ def apply_peft(model: nn.Module, cfg: PeftConfig, fused: bool = True) -> nn.Modu
     targets = expand_targets(model, cfg.target_modules)
     valid = linear_names(model)
     bad = [t for t in targets if t not in valid]
+    attention = family_for(getattr(getattr(model, "config", None), "model_type", "bamba")).attention_class
+    if bad and set(bad) <= ATTENTION_PROJ and not any(isinstance(m, attention) for m in model.modules()):
+        kept = [t for t in cfg.target_modules if t not in bad]  # as typed: `mlp` stays `mlp`
+        raise ConfigError(
+            f"peft.target_modules: {', '.join(bad)}: {type(model).__name__} has no attention layers (every layer a "
+            "Mamba-2 layer), so the attention projections match no module.\n"
+            f"Fix: peft.target_modules=[{','.join(kept)}]"
+        )
     if bad:
         raise ConfigError(
             [

@@ -334,3 +334,21 @@ def test_lora_on_out_proj_under_the_stock_mixer_is_refused_with_the_fix(model_ty
     install_mixer(model, "torch")
     adapted = {n.split(".")[-4] for n, _ in apply_peft(model, cfg, fused=False).named_parameters() if "lora_A" in n}
     assert "out_proj" in adapted
+
+
+def test_attention_free_granite_is_told_to_drop_the_attention_targets() -> None:
+    """An attention-free Granite 4.0-H has no q/k/v/o_proj: the default targets gave four 'matches no module'
+    problems, none with the override that works; one problem now says why and gives it (`mlp` kept as typed)."""
+    from bamba_ft.config.schema import PeftConfig
+    from bamba_ft.model.lora import apply_peft
+
+    model = tiny("granitemoehybrid", layer_types=["linear_attention"] * 3)
+    install_mixer(model, "torch")
+    cfg = PeftConfig(method="lora", r=2, target_modules=["in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj",
+                                                         "mlp"])
+    with pytest.raises(ConfigError, match=r"^1 problem.*\n.*peft.target_modules: q_proj, k_proj, v_proj, o_proj: "
+                                          r"GraniteMoeHybridForCausalLM has no attention layers.*\n.*Fix: "
+                                          r"peft.target_modules=\[in_proj,out_proj,mlp\]$"):
+        apply_peft(model, cfg, fused=False)
+    with pytest.raises(ConfigError, match="'q_prj' matches no module"):  # a typo is still a typo
+        apply_peft(model, PeftConfig(method="lora", r=2, target_modules=["in_proj", "q_prj"]), fused=False)
