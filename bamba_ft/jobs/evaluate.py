@@ -33,6 +33,7 @@ from bamba_ft.errors import ConfigError, ModelError
 from bamba_ft.faults import fault_point
 from bamba_ft.jobs.report import output_path_problem, plot_curves, publish_file
 from bamba_ft.jobs.runtime import autocast_for, choose_device, to_device
+from bamba_ft.model.families import has_attention_layers
 from bamba_ft.model.objective import loss_sum_and_count
 from bamba_ft.model.restore import load_source, locate
 from bamba_ft.ops.loss import causal_lm
@@ -78,6 +79,9 @@ def generate(
         if cfg.do_sample
         else {"do_sample": False}
     )
+    # transformers sizes the attention mask through the cache's attention layers and raises for a cache without
+    # any: such a model generates without a cache, each new token from the whole sequence
+    cache = has_attention_layers(lm)
     try:
         for s in range(0, len(prompts), cfg.batch_size):
             enc = tokenizer(prompts[s : s + cfg.batch_size], return_tensors="pt", padding=True,
@@ -89,7 +93,7 @@ def generate(
                     max_new_tokens=cfg.max_new_tokens,
                     pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=stop_token_ids(tokenizer),  # EOS and the template's end-of-turn token
-                    use_cache=True,
+                    use_cache=cache,
                     streamer=streamer,
                     **sampling,
                 )

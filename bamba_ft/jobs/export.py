@@ -41,7 +41,7 @@ from bamba_ft.jobs.report import (
     publish_file,
 )
 from bamba_ft.model.build import DTYPES
-from bamba_ft.model.families import family_of
+from bamba_ft.model.families import family_of, has_attention_layers
 from bamba_ft.model.lora import peft_refused_targets
 from bamba_ft.model.mixer import stock_forward
 from bamba_ft.model.quant import dequantize_model, is_quantized
@@ -62,12 +62,12 @@ PROBE = [{"role": "user", "content": "What is 12 plus 30? Answer briefly."}, {"r
 _RELOAD = """
 import json, sys, torch
 from transformers import AutoModelForCausalLM
-d, ids, out, dtype = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+d, ids, out, dtype, cache = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "cache"
 model = AutoModelForCausalLM.from_pretrained(d, dtype=getattr(torch, dtype)).eval()
 x = torch.load(ids)
 with torch.no_grad():
     logits = model(input_ids=x, use_cache=False).logits.float()
-    gen = model.generate(x[:, : x.shape[1] // 2], max_new_tokens=8, do_sample=False, use_cache=True,
+    gen = model.generate(x[:, : x.shape[1] // 2], max_new_tokens=8, do_sample=False, use_cache=cache,
                          pad_token_id=model.config.pad_token_id)
 torch.save({"logits": logits, "generated": gen, "class": type(model).__name__}, out)
 """
@@ -87,20 +87,22 @@ def _reference(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch
     x = ids.to(device)
     with stock_forward(lm):
         logits = lm(input_ids=x, use_cache=False).logits.float().cpu()
-    gen = lm.generate(x[:, : x.shape[1] // 2], max_new_tokens=8, do_sample=False, use_cache=True,
+    # a model without attention layers generates without a cache (evaluate.generate says why), here and reloaded
+    gen = lm.generate(x[:, : x.shape[1] // 2], max_new_tokens=8, do_sample=False, use_cache=has_attention_layers(lm),
                       pad_token_id=lm.config.pad_token_id).cpu()
     return logits, gen
 
 
 def verify_export(directory: Path, ids: torch.Tensor, ref_logits: torch.Tensor, ref_gen: torch.Tensor,
-                  dtype: str, tolerance: float) -> dict:
+                  dtype: str, tolerance: float, cache: bool = True) -> dict:
     """Load `directory` with plain transformers in a fresh process; compare logits and greedy generations."""
     with tempfile.TemporaryDirectory() as tmp:
         ids_path, out_path = Path(tmp) / "ids.pt", Path(tmp) / "out.pt"
         torch.save(ids, ids_path)
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # everything it needs is in the directory
-        proc = subprocess.run([sys.executable, "-c", _RELOAD, str(directory.resolve()), str(ids_path), str(out_path), dtype],
-                              capture_output=True, text=True, env=env, cwd=tmp)
+        cache = "cache" if cache else "no-cache"
+        proc = subprocess.run([sys.executable, "-c", _RELOAD, str(directory.resolve()), str(ids_path), str(out_path), dtype,
+                               cache], capture_output=True, text=True, env=env, cwd=tmp)
         if proc.returncode != 0:
             raise BambaFTError(f"the export at {directory} does not load with transformers:\n{proc.stderr[-2000:]}")
         out = torch.load(out_path)
@@ -421,7 +423,7 @@ def _write(model: nn.Module, tokenizer, cfg: RunConfig, src, tmp: Path, target: 
     fault_point("export.before_verify")
     if ex.verify:
         tol = ex.max_rel_diff if ex.max_rel_diff is not None else _default_tolerance(ex.dtype)
-        report["verify"] = verify_export(tmp, ids, ref_logits, ref_gen, ex.dtype, tol)
+        report["verify"] = verify_export(tmp, ids, ref_logits, ref_gen, ex.dtype, tol, has_attention_layers(model))
     fault_point("export.after_verify")
     write_model_card(tmp, cfg, src, report, adapter_only=False, family=family_of(model))
     return report

@@ -352,3 +352,39 @@ def test_attention_free_granite_is_told_to_drop_the_attention_targets() -> None:
         apply_peft(model, cfg, fused=False)
     with pytest.raises(ConfigError, match="'q_prj' matches no module"):  # a typo is still a typo
         apply_peft(model, PeftConfig(method="lora", r=2, target_modules=["in_proj", "q_prj"]), fused=False)
+
+
+def test_an_attention_free_granite_generates_in_batches(builtin_tokenizer) -> None:  # noqa: ANN001
+    """transformers' generate sizes the attention mask through the cache's attention layers, and a cache without any
+    raises on it. Such a model generates without a cache: a left-padded batch of prompts of different lengths gives
+    each prompt's own greedy continuation (argmax of the whole sequence's forward, token by token)."""
+    from bamba_ft.config.schema import Sampling
+    from bamba_ft.jobs.evaluate import generate
+
+    model = tiny("granitemoehybrid", layer_types=["linear_attention"] * 3, vocab_size=len(builtin_tokenizer))
+    prompts = ["add 12 and 30", "sort cab", "reverse the word hello"]
+    got = generate(model, builtin_tokenizer, prompts, Sampling(max_new_tokens=5, batch_size=3), torch.device("cpu"))
+    assert all(len(answer) == 5 for answer in got)  # five characters each: no stop token came
+    for prompt, answer in zip(prompts, got):
+        ids = builtin_tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        start = ids.shape[1]
+        with torch.no_grad():
+            for _ in range(5):
+                ids = torch.cat([ids, model(input_ids=ids, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+        assert answer == builtin_tokenizer.decode(ids[0, start:], skip_special_tokens=True)
+
+
+def test_an_attention_free_granite_export_is_verified(tmp_path) -> None:  # noqa: ANN001
+    """The export's check (logits and greedy tokens, here and reloaded with plain transformers in a new process)
+    generates without a cache for a model without attention layers, as generation does."""
+    from bamba_ft.jobs.export import _reference, verify_export
+    from bamba_ft.model.families import has_attention_layers
+
+    model = tiny("granitemoehybrid", layer_types=["linear_attention"] * 3).float()
+    assert not has_attention_layers(model) and has_attention_layers(tiny("granitemoehybrid"))
+    ids = torch.randint(3, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    logits, generated = _reference(model, ids)
+    assert generated.shape == (1, 6 + 8)
+    model.save_pretrained(tmp_path / "export")
+    report = verify_export(tmp_path / "export", ids, logits, generated, "float32", 1e-5, cache=False)
+    assert report["greedy_generation_identical"] and report["max_rel_logit_diff"] <= 1e-5

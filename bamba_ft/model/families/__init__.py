@@ -74,6 +74,17 @@ REFUSED: dict[str, str] = {
 }
 
 
+def has_attention_layers(model: nn.Module) -> bool:
+    """Whether `model` holds layers of its family's attention class (an attention-free Granite 4.0-H holds none).
+    transformers' generate sizes the attention mask through the cache's attention layers and raises for a cache
+    without any, so such a model generates without a cache."""
+    try:
+        attention = family_for(getattr(getattr(model, "config", None), "model_type", "bamba")).attention_class
+    except ConfigError:
+        return True
+    return any(isinstance(m, attention) for m in model.modules())
+
+
 @functools.cache
 def families() -> dict[str, Family]:
     import importlib
