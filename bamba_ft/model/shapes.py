@@ -136,7 +136,8 @@ SHAPES: dict[str, dict[str, Any]] = {
         eos_token_id=2,
         bos_token_id=None,
     ),
-    # Nemotron-H style: Mamba-2, MLP and attention blocks by pattern (M- M* -), a dt floor (time_step_min).
+    # Nemotron-H style: Mamba-2, MLP and attention blocks by pattern (M- M* -), dt limits (time_step_limit: the
+    # mixer clamps dt to them; time_step_min only sets the initial dt bias).
     "tiny-random-nemotron_h": dict(
         model_type="nemotron_h",
         vocab_size=128,
@@ -152,6 +153,7 @@ SHAPES: dict[str, dict[str, Any]] = {
         n_groups=1,
         chunk_size=16,
         time_step_min=0.01,
+        time_step_limit=(0.3, 1.5),  # binds on both sides for the tests' random dt biases (N(0, 0.5))
         max_position_embeddings=4096,
         pad_token_id=0,
         eos_token_id=2,

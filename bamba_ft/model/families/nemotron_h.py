@@ -1,8 +1,9 @@
 """NVIDIA Nemotron-H (`NemotronHForCausalLM`): a stack of single-purpose blocks chosen by `layers_block_type`
 (Mamba-2 mixer, attention without positional encoding, ReLU² MLP, or MoE), each `x + mixer(norm(x))`.
 
-Its Mamba-2 mixer is Bamba's math with a lower limit on dt (`time_step_limit = (time_step_min, inf)`), which
-bamba_ft's scan applies as the kernels do. Its RMSNorm multiplies by the weight in float32 before rounding,
+Its Mamba-2 mixer is Bamba's math with limits on dt (`config.time_step_limit`, e.g. `(0.01, inf)`; transformers'
+default `(0, inf)` sets none; `time_step_min` only sets the initial dt bias), which bamba_ft's scan applies as the
+kernels do. Its RMSNorm multiplies by the weight in float32 before rounding,
 unlike Bamba's, so it keeps transformers' forward; the gated norm is Bamba's.
 """
 
