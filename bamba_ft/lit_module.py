@@ -137,9 +137,10 @@ class BambaLitModule(L.LightningModule):
         real = self.real_tokens(batch)
         self._tokens += real
         self.fit_tokens += real
-        # the step's mean so far: at its last micro-batch, the loss the step trains on
-        self.log("train/loss", self._step_loss / max(self._step_targets, 1), prog_bar=True, on_step=True,
-                 on_epoch=False)
+        if self.trainer.world_size == 1:  # several ranks: logged with the step, over every rank's targets
+            # the step's mean so far: at its last micro-batch, the loss the step trains on
+            self.log("train/loss", self._step_loss / max(self._step_targets, 1), prog_bar=True, on_step=True,
+                     on_epoch=False)
         if self._one_batch_a_step():
             return total / count.clamp(min=1)  # the step's mean as it is: no rescaling of the gradients after
         return total / self.loss_unit
@@ -150,13 +151,19 @@ class BambaLitModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """The accumulated gradients, of sum / loss_unit over the micro-batches, which Lightning divided by
         accumulate_grad_batches and DDP or FSDP averaged over the ranks, made the mean over the step's targets."""
-        targets, self._step_targets, self._step_loss = self._step_targets, 0, 0.0
+        targets, loss = self._step_targets, self._step_loss
+        self._step_targets, self._step_loss = 0, 0.0
         if self._one_batch_a_step():
             return
         ranks = self.trainer.world_size
         if ranks > 1:
-            counted = torch.tensor(float(targets), device=self.device, dtype=torch.float64)
-            targets = int(self.trainer.strategy.reduce(counted, reduce_op="sum"))
+            summed = torch.stack([torch.tensor(float(targets), dtype=torch.float64, device=self.device),
+                                  torch.as_tensor(loss, device=self.device).detach().double()])
+            summed = self.trainer.strategy.reduce(summed, reduce_op="sum")
+            targets = int(summed[0])
+            # the step's mean over every rank's targets, which it trains on (not rank 0's share alone)
+            self.log("train/loss", (summed[1] / max(targets, 1)).float(), prog_bar=True, on_step=True,
+                     on_epoch=False)
         scale = self.trainer.accumulate_grad_batches * ranks * self.loss_unit / max(targets, 1)
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         plain = [g for g in grads if type(g) is torch.Tensor]

@@ -80,6 +80,9 @@ def test_ddp_on_two_ranks_equals_one_rank_accumulating_two(tmp_path: Path) -> No
     # validation loss summed over the ranks' shares equals the one-process evaluation after training
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert metrics["train"]["steps"] == 4
+    # the logged train loss is the step's, over both ranks' targets, as the accumulated run's is over both batches
+    alone = json.loads((tmp_path / "accumulated" / "metrics.json").read_text())["train"]["final_train_loss"]
+    assert metrics["train"]["final_train_loss"] == pytest.approx(alone, rel=1e-5)
     assert abs(metrics["train"]["last_val_loss"] - metrics["after"]["val_loss"]) < 1e-5
 
 
