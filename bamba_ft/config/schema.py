@@ -942,6 +942,13 @@ def _check_generation(e: Sampling, problems: Problems, section: str = "eval") ->
             problems.add(f"{section}.top_p={e.top_p} must be in (0, 1].")
         if e.top_k < 0:
             problems.add(f"{section}.top_k={e.top_k} must be 0 (off) or more.")
+    else:  # greedy decoding reads none of them: a value given would change nothing, without a word
+        given = [f"{section}.{key}={getattr(e, key)}" for key in ("temperature", "top_p", "top_k")
+                 if getattr(e, key) != getattr(Sampling, key)]
+        if given:
+            problems.add(f"{', '.join(given)}: decoding is greedy ({section}.do_sample=false), which reads no sampling "
+                         f"setting, so {'they' if len(given) > 1 else 'it'} would be ignored.\nFix: add "
+                         f"{section}.do_sample=true to sample, or drop {' '.join(g.split('=')[0] for g in given)}.")
 
 
 def _check_lm_eval(cfg: RunConfig, problems: Problems) -> None:

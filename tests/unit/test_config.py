@@ -202,7 +202,23 @@ def test_generation_settings_are_checked_before_anything_runs() -> None:
                                           r"positive when sampling.*eval.top_p=1.5.*eval.top_k=-3"):
         validate(cfg)
     cfg.eval.do_sample = False  # greedy decoding reads none of the sampling settings
+    cfg.eval.temperature, cfg.eval.top_p, cfg.eval.top_k = 1.0, 1.0, 0
     cfg.eval.batch_size, cfg.eval.max_new_tokens, cfg.eval.num_generate = 8, 16, 0
+    validate(cfg)
+
+
+def test_generation_sampling_settings_without_sampling_are_refused() -> None:
+    cfg = RunConfig(task="generate")
+    cfg.generate.temperature, cfg.generate.top_k = 0.7, 5
+    with pytest.raises(ConfigError, match=r"(?s)1 problem.*generate.temperature=0.7, generate.top_k=5: decoding is "
+                                          r"greedy \(generate.do_sample=false\).*they would be ignored.*"
+                                          r"Fix: add generate.do_sample=true to sample, or drop "
+                                          r"generate.temperature generate.top_k"):
+        validate(cfg)
+    cfg.eval.top_p = 0.9
+    with pytest.raises(ConfigError, match=r"(?s)2 problems.*eval.top_p=0.9: decoding is greedy.*it would be ignored"):
+        validate(cfg)
+    cfg.generate.do_sample = cfg.eval.do_sample = True  # sampling reads them
     validate(cfg)
 
 
