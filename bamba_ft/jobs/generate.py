@@ -70,8 +70,9 @@ def from_row(row: Any, g: GenerateConfig, where: str) -> Prompt:
         raise DataError(f"{where}: a row must be a JSON object with `prompt` or `messages`, not {type(row).__name__}.")
     if "messages" in row or "conversations" in row:
         if not g.chat:
-            raise ConfigError(f"{where}: a `messages` row needs the chat template, and generate.chat=false continues "
-                              "plain text.\nFix: drop generate.chat=false, or give `prompt` rows.")
+            raise ConfigError(f"{where}: a `messages` row (or one with a `system` field) needs the chat template, and "
+                              "generate.chat=false continues plain text.\nFix: drop generate.chat=false, or give "
+                              "`prompt` rows without `system`.")
         messages = to_messages(row, "messages", where)
         assert isinstance(messages, list)
         reference = messages.pop()["content"] if messages and messages[-1]["role"] == "assistant" else None
@@ -80,7 +81,7 @@ def from_row(row: Any, g: GenerateConfig, where: str) -> Prompt:
                             "Fix: end `messages` with a user turn (a final assistant turn is read as the reference).")
         return Prompt(where, messages=messages, reference=reference)
     if isinstance(row.get("prompt"), list):  # a conversational prompt_completion row: the prompt is messages
-        prompt = from_row({"messages": row["prompt"]}, g, where)
+        prompt = from_row({"messages": row["prompt"], "system": row.get("system")}, g, where)
         completion = row.get("completion")
         if isinstance(completion, list):  # the answer as messages: its last assistant turn is the reference
             completion = next((m.get("content") for m in reversed(completion)
@@ -88,6 +89,8 @@ def from_row(row: Any, g: GenerateConfig, where: str) -> Prompt:
         prompt.reference = completion if isinstance(completion, str) else prompt.reference
         return prompt
     if isinstance(row.get("prompt"), str):
+        if row.get("system") is not None:  # its own system turn, as training reads the row, not generate.system
+            return from_row({**row, "prompt": [{"role": "user", "content": row["prompt"]}]}, g, where)
         prompt = from_text(row["prompt"], g, where)
         completion = row.get("completion")
         prompt.reference = completion if isinstance(completion, str) else None

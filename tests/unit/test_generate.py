@@ -112,3 +112,17 @@ def test_chat_keeps_the_conversation_until_reset(builtin_model, capsys: pytest.C
 
 def _eof(_: str) -> str:
     raise EOFError
+
+
+def test_prompts_file_rows_keep_their_system_field(tmp_path: Path) -> None:
+    """A prompt_completion row's `system` field is its system turn, as training reads the row, not dropped."""
+    rows = [{"system": "be brief", "prompt": "sort cba", "completion": "abc"},
+            {"system": "be brief", "prompt": [{"role": "user", "content": "reverse cat"}], "completion": "tac"},
+            {"system": "be brief", "prompt": [{"role": "system", "content": "be long"}, {"role": "user", "content": "x"}]}]
+    path = _file(tmp_path, "p.jsonl", "\n".join(json.dumps(r) for r in rows[:2]) + "\n")
+    prompts = read_prompts(GenerateConfig(prompts_file=path, system="sys"))
+    assert prompts[0].messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "sort cba"}]
+    assert prompts[1].messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "reverse cat"}]
+    assert [p.reference for p in prompts] == ["abc", "tac"]
+    with pytest.raises(DataError, match=r"line 1: the row's system field .* differ"):
+        read_prompts(GenerateConfig(prompts_file=_file(tmp_path, "q.jsonl", json.dumps(rows[2]) + "\n")))
