@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from bamba_ft.config.overrides import override_keys
 from bamba_ft.config.schema import GenerateConfig, RunConfig
-from bamba_ft.data.formats import to_messages
+from bamba_ft.data.formats import to_messages, tools_of
 from bamba_ft.data.templates import ensure_chat_template
 from bamba_ft.errors import ConfigError, DataError
 from bamba_ft.jobs.evaluate import generate
@@ -39,11 +39,13 @@ class Prompt:
     text: str | None = None
     reference: str | None = None
     """The answer the prompt's row gave (a `completion`, or the final assistant turn of `messages`)."""
+    tools: list[dict[str, Any]] | None = None
+    """The tool schemas the row offers the model (its `tools`), passed to the chat template as training does."""
 
     def render(self, tokenizer: PreTrainedTokenizerBase) -> str:
         if self.messages is None:
             return self.text or ""
-        return tokenizer.apply_chat_template(self.messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(self.messages, tools=self.tools, tokenize=False, add_generation_prompt=True)
 
     def shown(self) -> str:
         """The prompt as the console shows it: the text, or the conversation's last user turn."""
@@ -79,9 +81,9 @@ def from_row(row: Any, g: GenerateConfig, where: str) -> Prompt:
         if not messages or messages[-1]["role"] == "assistant":
             raise DataError(f"{where}: the conversation has no turn before the answer to generate.\n"
                             "Fix: end `messages` with a user turn (a final assistant turn is read as the reference).")
-        return Prompt(where, messages=messages, reference=reference)
+        return Prompt(where, messages=list(messages), reference=reference, tools=tools_of(messages))
     if isinstance(row.get("prompt"), list):  # a conversational prompt_completion row: the prompt is messages
-        prompt = from_row({"messages": row["prompt"], "system": row.get("system")}, g, where)
+        prompt = from_row({"messages": row["prompt"], "system": row.get("system"), "tools": row.get("tools")}, g, where)
         completion = row.get("completion")
         if isinstance(completion, list):  # the answer as messages: its last assistant turn is the reference
             completion = next((m.get("content") for m in reversed(completion)
@@ -89,7 +91,7 @@ def from_row(row: Any, g: GenerateConfig, where: str) -> Prompt:
         prompt.reference = completion if isinstance(completion, str) else prompt.reference
         return prompt
     if isinstance(row.get("prompt"), str):
-        if row.get("system") is not None:  # its own system turn, as training reads the row, not generate.system
+        if row.get("system") is not None or row.get("tools"):  # as training reads the row: not generate.system
             return from_row({**row, "prompt": [{"role": "user", "content": row["prompt"]}]}, g, where)
         prompt = from_text(row["prompt"], g, where)
         completion = row.get("completion")

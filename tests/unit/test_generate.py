@@ -126,3 +126,22 @@ def test_prompts_file_rows_keep_their_system_field(tmp_path: Path) -> None:
     assert [p.reference for p in prompts] == ["abc", "tac"]
     with pytest.raises(DataError, match=r"line 1: the row's system field .* differ"):
         read_prompts(GenerateConfig(prompts_file=_file(tmp_path, "q.jsonl", json.dumps(rows[2]) + "\n")))
+
+
+def test_prompts_file_rows_offer_their_tools_to_the_template(tmp_path: Path) -> None:
+    """A row's `tools` reach the chat template, as training and eval's exact match render them, not dropped."""
+    from bamba_ft.config.schema import ModelConfig
+    from bamba_ft.data.templates import ensure_chat_template
+    from bamba_ft.model.build import load_tokenizer
+
+    tool = {"type": "function", "function": {"name": "lookup_weather", "parameters": {"type": "object"}}}
+    rows = [{"messages": [{"role": "user", "content": "weather?"}], "tools": [tool]},
+            {"prompt": "weather?", "tools": json.dumps([tool])},
+            {"prompt": [{"role": "user", "content": "weather?"}], "tools": [tool]},
+            {"prompt": "weather?"}]
+    path = _file(tmp_path, "p.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n")
+    tokenizer = load_tokenizer(ModelConfig())
+    ensure_chat_template(tokenizer, "bamba_ft")  # the preset renders tools (builtin:tiny's own template does not)
+    shown = [p.render(tokenizer) for p in read_prompts(GenerateConfig(prompts_file=path))]
+    assert all("lookup_weather" in text for text in shown[:3]) and "lookup_weather" not in shown[3]
+    assert shown[0] == shown[1] == shown[2]
