@@ -339,8 +339,11 @@ def run(cfg: RunConfig) -> dict:
     clean_stale_exports(target)  # first: it may restore a target that a killed overwrite had moved aside
     check_target(target, Path(ex.checkpoint).expanduser().resolve(), ex.overwrite)
     device = torch.device("cpu")
-    # Merge in float32 (quantized bases are dequantized first), then cast once to the export dtype.
-    src.model.dtype = "float32"
+    # Merge in float32, then cast once to the export dtype. A quantized base is built as it trained, quantized from
+    # the weights in the run's dtype (NF4 codes drawn from bf16 weights are not those drawn from float32), and
+    # dequantized to float32 for the merge (_write).
+    if src.quant.method == "none":
+        src.model.dtype = "float32"
     model, tokenizer = load_source(src, device)
     target.parent.mkdir(parents=True, exist_ok=True)
     with _sigterm_as_exit():
@@ -406,6 +409,7 @@ def _write(model: nn.Module, tokenizer, cfg: RunConfig, src, tmp: Path, target: 
     quantized = any(is_quantized(p) for p in model.parameters())
     if quantized:
         report["dequantized_layers"] = dequantize_model(causal_lm(model), torch.float32)
+        model = model.float()  # the rest of a base built in the run's 16-bit dtype, and its adapter: exact in float32
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     if quantized:  # verify the export against the merged model; report how far quantization moved it
