@@ -339,11 +339,9 @@ def run(cfg: RunConfig) -> dict:
     clean_stale_exports(target)  # first: it may restore a target that a killed overwrite had moved aside
     check_target(target, Path(ex.checkpoint).expanduser().resolve(), ex.overwrite)
     device = torch.device("cpu")
-    # Merge in float32, then cast once to the export dtype. A quantized base is built as it trained, quantized from
-    # the weights in the run's dtype (NF4 codes drawn from bf16 weights are not those drawn from float32), and
-    # dequantized to float32 for the merge (_write).
-    if src.quant.method == "none":
-        src.model.dtype = "float32"
+    # The base is built as it trained, in the run's dtype: a quantized base from the weights in that dtype (NF4
+    # codes drawn from bf16 weights are not those drawn from float32), a random base drawn in it. _write casts the
+    # model to float32 for the merge, then once to the export dtype.
     model, tokenizer = load_source(src, device)
     target.parent.mkdir(parents=True, exist_ok=True)
     with _sigterm_as_exit():
@@ -405,11 +403,13 @@ def _write(model: nn.Module, tokenizer, cfg: RunConfig, src, tmp: Path, target: 
         fault_point("export.after_save")
         write_model_card(tmp, cfg, src, report, adapter_only=True, family=family_of(model))
         return report
-    ref_logits, ref_gen = _reference(model, ids)
     quantized = any(is_quantized(p) for p in model.parameters())
-    if quantized:
+    if quantized:  # the quantized base and adapter as they trained, for the report
+        ref_logits, ref_gen = _reference(model, ids)
         report["dequantized_layers"] = dequantize_model(causal_lm(model), torch.float32)
-        model = model.float()  # the rest of a base built in the run's 16-bit dtype, and its adapter: exact in float32
+    model = model.float()  # merged in float32: a 16-bit base and its adapter are exact in it
+    if not quantized:
+        ref_logits, ref_gen = _reference(model, ids)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     if quantized:  # verify the export against the merged model; report how far quantization moved it
