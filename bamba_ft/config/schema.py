@@ -747,6 +747,11 @@ def validate(cfg: RunConfig) -> None:
                      f"at least 0 and below data.max_seq_len={cfg.data.max_seq_len}.\n"
                      f"Fix: set data.overlong_stride to a smaller value (e.g. {cfg.data.max_seq_len // 8}), "
                      "or raise data.max_seq_len.")
+    if cfg.data.overlong != "split" and stride != 0:  # else ignored: the long examples are cut or dropped instead
+        done = "cut to data.max_seq_len" if cfg.data.overlong == "truncate" else "dropped"
+        problems.add(f"data.overlong_stride={stride} applies to data.overlong=split only; with "
+                     f"data.overlong={cfg.data.overlong} it is ignored and longer examples are {done}.\n"
+                     "Fix: add data.overlong=split to train them in overlapping windows, or drop data.overlong_stride.")
     _check_sources(cfg.data, problems)
     _check_fields(cfg.data, problems)
     _check_paths(cfg, problems)

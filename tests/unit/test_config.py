@@ -268,6 +268,17 @@ def test_lengths_beyond_int32_and_bad_stride_are_refused() -> None:
     assert (cfg.data.max_seq_len, cfg.data.overlong_stride) == (1 << 20, 0)
 
 
+@pytest.mark.parametrize(("overlong", "done"), [("truncate", "cut to data.max_seq_len"), ("drop", "dropped")])
+def test_overlong_stride_without_split_is_refused(overlong: str, done: str) -> None:
+    """data.overlong_stride was ignored unless data.overlong=split: long examples were cut or dropped, not
+    windowed with the overlap asked for."""
+    with pytest.raises(ConfigError, match=rf"data.overlong_stride=16 applies to data.overlong=split only; with "
+                                          rf"data.overlong={overlong} it is ignored and longer examples are {done}\."
+                                          r"\n\s*Fix: add data.overlong=split"):
+        composed([f"data.overlong={overlong}", "data.overlong_stride=16"])
+    assert composed(["data.overlong=split", "data.overlong_stride=16"]).data.overlong_stride == 16
+
+
 @pytest.mark.parametrize(("override", "problem"), [
     ("trainer.devices=0", r"trainer.devices=0 must be at least 1"),
     ("trainer.devices=-1", r"trainer.devices=-1 must be at least 1 \(-1, every visible GPU, is for GPUs\)"),
