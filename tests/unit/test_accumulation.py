@@ -7,15 +7,13 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 
 from bamba_ft.config.schema import OptimConfig
 from bamba_ft.data.packing import collate_packed
 from bamba_ft.data.tokenize import IGNORE_INDEX
 from bamba_ft.lit_module import BambaLitModule
-from bamba_ft.model.mixer import install_mixer
 from bamba_ft.model.objective import loss_sum_and_count
-from tests.conftest import LORA_TARGETS, make_model
+from tests.unit.test_objective import lora_model as objective_lora_model
 
 X = IGNORE_INDEX
 
@@ -35,15 +33,7 @@ BATCHES = [batch(0, [(20, 2), (20, 3)]), batch(1, [(20, 18), (20, 19)]), batch(2
 
 
 def lora_model() -> torch.nn.Module:
-    model = make_model(torch.float64, seed=0)
-    install_mixer(model, "torch")
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # non-zero B, so every adapter tensor gets a gradient
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.1)
-    return model.double()
+    return objective_lora_model("sdpa")  # float64, LoRA with non-zero B on every target
 
 
 def token_mean_grads(model: torch.nn.Module, batches: list[dict]) -> dict[str, torch.Tensor]:
