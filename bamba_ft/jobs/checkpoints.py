@@ -64,13 +64,14 @@ def newest_intact(run_dir: Path, key: str, prefer: tuple[str, ...] = (INTERRUPTE
         raise ConfigError(f"{key}: {run_dir}/checkpoints has no checkpoint (last.ckpt, interrupted.ckpt, best-*).")
     steps: dict[Path, int] = {}
     skipped = []
+    mid_step = False
     for path in found:
         problem = checkpoint_problem(path)
         if problem is None:
             try:
                 state = checkpoint_state(path)
                 if state.get(MID_STEP_KEY):
-                    problem = "inside an optimizer step"
+                    problem, mid_step = "inside an optimizer step", True
                 else:
                     steps[path] = int(state.get("global_step", -1))
             except Exception as e:  # an archive whose state does not unpickle
@@ -79,8 +80,8 @@ def newest_intact(run_dir: Path, key: str, prefer: tuple[str, ...] = (INTERRUPTE
             skipped.append(f"{path.name} ({problem})")
     if not steps:
         raise ConfigError(f"{key}: no intact checkpoint in {run_dir}/checkpoints: {'; '.join(skipped)}.\n"
-                          + (f"(Inside an optimizer step: {MID_STEP}.)\n" if any("optimizer step" in x for x in skipped)
-                             else "") + "Fix: start a new run, or resume from another run's directory.")
+                          + (f"(Inside an optimizer step: {MID_STEP}.)\n" if mid_step else "")
+                          + "Fix: start a new run, or resume from another run's directory.")
     best = max(steps, key=steps.get)  # the first of the highest: the newest file at that step
     named = [p for name in prefer for p in steps if p.name == name and steps[p] == steps[best]]
     best = named[0] if named else best
@@ -120,11 +121,6 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
                    if path.parent.name == "checkpoints" and (run / RUN_CONFIG).exists() else
                    "name a checkpoint (<run>/checkpoints/NAME.ckpt) or a run directory")
             raise ConfigError(f"{key}: {path} is {problem}.\nFix: {fix}.")
-        if checkpoint_state(path).get(MID_STEP_KEY):
-            raise ConfigError(f"{key}: {path} was {MID_STEP}.\nFix: resume from its run directory, "
-                              f"trainer.resume={path.parent.parent}, which takes the checkpoint furthest into training "
-                              "that ends a step (last.ckpt, interrupted.ckpt, another best-*); its weights serve "
-                              f"recipe=eval and recipe=export as they are (eval.checkpoint={path}).")
         return path
     if path.is_dir():
         remove_stale_temporaries(path)
@@ -242,6 +238,8 @@ class SavedCheckpoint:
     early_stopped: bool = False
     """Early stopping (trainer.early_stopping_patience) had ended the fit: as many validations without improvement
     as its patience."""
+    mid_step: bool = False
+    """Written inside an accumulated optimizer step (MID_STEP)."""
 
 
 def _version(ckpt: Path) -> tuple[int, int, int, int]:
@@ -258,7 +256,18 @@ def read_checkpoint(ckpt: Path) -> SavedCheckpoint:
                   and s.get("stopping_reason") == EarlyStoppingReason.PATIENCE_EXHAUSTED.value
                   for name, s in (state.get("callbacks") or {}).items())
     return SavedCheckpoint(ckpt, None if step is None else int(step), state.get(CONFIG_KEY), version,
-                           state.get(DATA_KEY), state.get(BEFORE_KEY), stopped)
+                           state.get(DATA_KEY), state.get(BEFORE_KEY), stopped, bool(state.get(MID_STEP_KEY)))
+
+
+def refuse_mid_step(resumed: SavedCheckpoint, key: str) -> None:
+    """A checkpoint named by trainer.resume that was written inside an accumulated step (a run directory's
+    resume skips those: newest_intact)."""
+    if resumed.mid_step:
+        path = resumed.path
+        raise ConfigError(f"{key}: {path} was {MID_STEP}.\nFix: resume from its run directory, "
+                          f"trainer.resume={path.parent.parent}, which takes the checkpoint furthest into training "
+                          "that ends a step (last.ckpt, interrupted.ckpt, another best-*); its weights serve "
+                          f"recipe=eval and recipe=export as they are (eval.checkpoint={path}).")
 
 
 def refuse_finished(resumed: SavedCheckpoint, max_steps: int | None, key: str) -> None:

@@ -45,6 +45,7 @@ from bamba_ft.jobs.checkpoints import (
     read_checkpoint,
     refuse_earlier_run,
     refuse_finished,
+    refuse_mid_step,
     remove_stale_temporaries,
     resolve_resume,
     saved_step,
@@ -370,6 +371,7 @@ def run(cfg: RunConfig) -> dict:
     resumed = read_checkpoint(ckpt_path) if ckpt_path else None
     if resumed is not None:
         refuse_finished(resumed, cfg.trainer.max_steps, f"trainer.resume={cfg.trainer.resume}")
+        refuse_mid_step(resumed, f"trainer.resume={cfg.trainer.resume}")
         changed = check_resume_config(resumed, cfg)
         # run_config.yaml records the checkpoint found, not `latest`: a later `latest` then sees this run continued it
         cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, resume=str(ckpt_path.absolute())))
