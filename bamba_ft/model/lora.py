@@ -16,7 +16,7 @@ from torch import nn
 
 from bamba_ft.config.schema import PeftConfig
 from bamba_ft.errors import ConfigError, ModelError, suggest
-from bamba_ft.model.families import family_for
+from bamba_ft.model.families import family_for, has_attention_layers
 from bamba_ft.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -154,8 +154,7 @@ def apply_peft(model: nn.Module, cfg: PeftConfig, fused: bool = True) -> nn.Modu
     targets = expand_targets(model, cfg.target_modules)
     valid = linear_names(model)
     bad = [t for t in targets if t not in valid]
-    attention = family_for(getattr(getattr(model, "config", None), "model_type", "bamba")).attention_class
-    if bad and set(bad) <= ATTENTION_PROJ and not any(isinstance(m, attention) for m in model.modules()):
+    if bad and set(bad) <= ATTENTION_PROJ and not has_attention_layers(model):
         kept = [t for t in cfg.target_modules if t not in bad]  # as typed: `mlp` stays `mlp`
         raise ConfigError(
             f"peft.target_modules: {', '.join(bad)}: {type(model).__name__} has no attention layers (every layer a "
