@@ -135,6 +135,7 @@ class GracefulStop(Checkpoint):
         self.stopped_at: int | None = None
         self._after_validation = False  # the stop's checkpoint waits for this step's validation
         self._last_step = -1
+        self._mid_step = False  # the last training batch accumulated a gradient the optimizer has not applied
 
     def _handler(self, signum: int, frame: Any) -> None:
         if self.requested is not None and signum == signal.SIGINT:
@@ -176,7 +177,7 @@ class GracefulStop(Checkpoint):
         """Save `interrupted.ckpt` and stop, if a stop was asked for and the state is at an optimizer step."""
         if self.stopped_at is not None or self._after_validation or trainer.sanity_checking:
             return
-        if trainer.fit_loop.epoch_loop.batch_progress.current.processed % trainer.accumulate_grad_batches:
+        if self._mid_step:
             return  # half-accumulated gradient: wait for the step
         if trainer.world_size > 1:
             # ranks agree after an optimizer step only; Lightning's check of SIGTERM elsewhere no longer fires
@@ -195,9 +196,13 @@ class GracefulStop(Checkpoint):
         trainer.save_checkpoint(self.ckpt_path, weights_only=False)
         self.stopped_at = trainer.global_step
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_step, self._mid_step = trainer.global_step, False  # a resumed fit starts at its step
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        # A batch that stepped ends a step, an epoch's shorter last step included; one that did not is inside one.
         stepped = trainer.global_step != self._last_step
-        self._last_step = trainer.global_step
+        self._last_step, self._mid_step = trainer.global_step, not stepped
         if stepped:
             self._stop_here(trainer)
 

@@ -126,6 +126,18 @@ def test_a_checkpoint_inside_an_accumulated_step_is_not_resumed_from(tmp_path: P
         train.run(small_run(tmp_path / "again", resume=str(tmp_path / "run")))
 
 
+def test_a_stop_asked_at_an_epochs_shorter_last_step_saves_there(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three batches a step, 4 a epoch: epoch 0's step 2 is its last batch alone. A Ctrl-C there stops at step 2,
+    the state after a whole step, rather than waiting for the next epoch's first full step."""
+    cfg = small_run(tmp_path / "run", steps=4)
+    cfg.trainer.accumulate_grad_batches = 3
+    stop_at(monkeypatch, 2)
+    assert train.run(cfg) == {"stopped_at": 2, "signal": "SIGINT"}
+    saved = torch.load(tmp_path / "run/checkpoints/interrupted.ckpt", map_location="cpu", weights_only=False)
+    assert (saved["global_step"], saved.get("bamba_ft_mid_step")) == (2, False)
+
+
 def test_a_run_resumed_in_its_own_directory_ends_with_last_and_the_best(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A stop between two validations: Lightning validates as it stops and writes a best-* after interrupted.ckpt,
