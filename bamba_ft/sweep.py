@@ -28,6 +28,7 @@ from bamba_ft.jobs.sweep_job import (
     RESULT_NAME,
     drop_saved_hydra_files,
     job_identity,
+    objective_problem,
     read_result,
     refuse_earlier_sweep,
     save_hydra_files,
@@ -224,7 +225,10 @@ class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweeper = OmegaConf.select(config, "hydra.sweeper")
         direction = OmegaConf.select(config, "sweep.direction")
-        if warning := direction_warning(str(OmegaConf.select(config, "sweep.objective")), str(direction)):
+        objective = str(OmegaConf.select(config, "sweep.objective"))
+        if problem := objective_problem(objective, str(OmegaConf.select(config, "task"))):
+            refuse(ConfigError(problem, "sweep.objective"))  # before any job trains, not after every one has
+        if warning := direction_warning(objective, str(direction)):
             print(f"bamba_ft: {warning}", file=sys.stderr)
         if "Optuna" in str(sweeper.get("_target_", "")) and str(sweeper.get("direction")).split(".")[-1] != direction:
             refuse(ConfigError(

@@ -493,7 +493,8 @@ class BenchConfig:
 class SweepConfig:
     objective: str = "val/loss"
     """What each job of a sweep (`-m`) returns to the sweeper: a key of its metrics.json, looked up in `after`,
-    then `train`, then as a dotted path ('val/loss' is after.val_loss; 'exact_match'; 'train.tokens_per_sec')."""
+    then `train`, then as a dotted path ('val/loss' is after.val_loss; 'exact_match'; 'train.tokens_per_sec').
+    A training or eval sweep refuses, as it starts, a key no job of it can log (a misspelt name)."""
     direction: str = "minimize"
     """minimize | maximize. A job that fails or diverges returns inf (minimize) or -inf (maximize)."""
     resume: bool = False

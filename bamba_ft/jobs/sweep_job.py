@@ -12,6 +12,7 @@ it, and a job that has to run runs in a new directory beside it (`<num>.1`).
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import math
@@ -77,6 +78,50 @@ def objective_value(metrics: dict, key: str) -> float:
         f"sweep.objective={key}: not a number in this run's metrics.json.{' Valid: ' + ', '.join(known) if known else ''}"
         "\n(exact_match needs eval.generate=true.)"
     )
+
+
+# The numbers objective_value can find by name (no dot), as the tasks whose metrics.json is known here write them:
+# evaluate_model's (a training run's `before` and `after`, recipe=eval's `metrics`), a training run's `train` block
+# (jobs/train.py), and the one number at the top of a training run's metrics.json.
+_EVALUATED = ("val_loss", "val_ppl", "val_tokens", "exact_match", "num_generated", "eval_seconds")
+_TRAINED = ("steps", "resumed_at_step", "fit_seconds", "final_train_loss", "last_val_loss", "tokens",
+            "tokens_per_sec", "window_tokens_per_sec")
+KNOWN_OBJECTIVES = (*_EVALUATED, *_TRAINED, "packing_efficiency")
+# Where a dotted key starts (the top-level keys of a training run's and of recipe=eval's metrics.json), and, for the
+# blocks whose keys are fixed, the keys it may go on with (lm_eval's tasks and early_stopped's keys go deeper)
+_BLOCK_KEYS: dict[str, tuple[str, ...] | None] = {
+    "before": (*_EVALUATED, "lm_eval"), "after": (*_EVALUATED, "lm_eval"), "metrics": (*_EVALUATED, "lm_eval"),
+    "train": (*_TRAINED, "early_stopped"), "data": None, "packing_efficiency": None, "outputs": None,
+    "diverged": None, "source": None}
+# The tasks that write one of those metrics.json: a sweep of another (bench, export, ...) is not checked ahead
+_KNOWN_LAYOUT = ("train", "eval")
+
+
+def objective_problem(key: str, task: str) -> str | None:
+    """Why no job of a sweep of `task` can have `key` (sweep.objective) in its metrics.json, with the names it may
+    have, or None. Checked as the sweep starts: otherwise each job would train and then fail for want of it.
+
+    Only what is certainly wrong is refused: a name (no dot) none of those above, a dotted key whose first part is
+    no top-level key, or whose second part is no key of a block whose keys are fixed. Deeper parts (lm_eval's task
+    names, data's splits) and the metrics of other tasks are not known before a job runs, and are not checked."""
+    if task not in _KNOWN_LAYOUT:
+        return None
+    parts = key.split(".")
+    if len(parts) == 1:
+        if key.replace("/", "_") in KNOWN_OBJECTIVES:
+            return None
+        close = difflib.get_close_matches(key.replace("/", "_"), KNOWN_OBJECTIVES, n=1, cutoff=0.6)
+    elif parts[0] not in _BLOCK_KEYS:
+        close = [f"{c}.{'.'.join(parts[1:])}" for c in difflib.get_close_matches(parts[0], _BLOCK_KEYS, n=1)]
+    else:
+        valid = _BLOCK_KEYS[parts[0]]
+        if valid is None or parts[1] in valid:
+            return None
+        close = [f"{parts[0]}.{c}" for c in difflib.get_close_matches(parts[1], valid, n=1, cutoff=0.6)]
+    named = ", ".join(f"{n} (val/loss)" if n == "val_loss" else n for n in KNOWN_OBJECTIVES)
+    return (f"sweep.objective={key}: no job of this sweep can log it (task={task}), so each would train and then "
+            f"fail for want of it.{f' Did you mean {close[0]}?' if close else ''}\nKnown metric names: {named}; or a "
+            "dotted path into metrics.json (e.g. train.tokens_per_sec, data.train.examples).")
 
 
 def read_result(job_dir: Path) -> dict | None:

@@ -17,7 +17,14 @@ import pytest
 from bamba_ft.config.overrides import check_overrides
 from bamba_ft.errors import ConfigError
 from bamba_ft.jobs.gpu_slots import claim_slot
-from bamba_ft.jobs.sweep_job import RESULT_NAME, earlier_sweep, job_identity, objective_value, penalty
+from bamba_ft.jobs.sweep_job import (
+    RESULT_NAME,
+    earlier_sweep,
+    job_identity,
+    objective_problem,
+    objective_value,
+    penalty,
+)
 from bamba_ft.sweep import collect_rows, direction_warning, write_outputs
 
 
@@ -280,13 +287,14 @@ def test_a_resume_reuses_a_diverged_job_as_the_failed_jobs_hint_says(tmp_path: P
 
 def test_a_job_without_its_objective_names_the_key_in_the_table(tmp_path: Path) -> None:
     """The table's error column showed '1 problem in the composed config:' (the ConfigError's first line), neither
-    the key nor the valid ones, and the run's metrics were left out."""
+    the key nor the valid ones, and the run's metrics were left out. (val/ppl is a name a run may log; this one
+    does not, as a run without validation data logs no val/loss.)"""
     sweep = tmp_path / "sweep"
-    out = _sweep(sweep, "optim.lr=1e-3", "sweep.objective=val/acc", status=1)
+    out = _sweep(sweep, "optim.lr=1e-3", "sweep.objective=val/ppl", status=1)
     row = next(csv.DictReader((sweep / "sweep.csv").open()))
-    assert row["status"] == "failed" and row["error"].startswith("sweep.objective=val/acc: not a number")
+    assert row["status"] == "failed" and row["error"].startswith("sweep.objective=val/ppl: not a number")
     assert "Valid: val_loss, exact_match, steps" in row["error"] and float(row["val_loss"]) == pytest.approx(0.9)
-    assert "composed config" not in out and "sweep.objective=val/acc: not a number in this run's metrics.json." in out
+    assert "composed config" not in out and "sweep.objective=val/ppl: not a number in this run's metrics.json." in out
 
 
 def test_a_sweep_subdir_shared_by_every_job_is_refused_before_any_job(tmp_path: Path) -> None:
@@ -418,3 +426,32 @@ def test_a_resumed_job_continues_a_killed_run_and_starts_a_failed_one_over(tmp_p
     (job / "checkpoints" / "last.ckpt").write_bytes(b"")  # killed, but its checkpoint is broken: start over
     _continue_or_start_over(cfg, job, 2, killed=True)
     assert cfg.trainer.resume is None and not list((job / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize("key,task,hint", [
+    ("val/los", "train", "Did you mean val_loss?"), ("exact_mach", "eval", "Did you mean exact_match?"),
+    ("train/loss", "train", "Did you mean final_train_loss?"), ("val/acc", "train", ""),
+    ("train.tokens_per_sec0", "train", "Did you mean train.tokens_per_sec?"), ("aftr.val_loss", "train", ""),
+])
+def test_an_objective_no_job_can_log_is_known_before_any_job(key: str, task: str, hint: str) -> None:
+    """A misspelt sweep.objective was found only after every job of the sweep had trained, each failing for want
+    of it."""
+    problem = objective_problem(key, task)
+    assert problem is not None and problem.startswith(f"sweep.objective={key}: ") and hint in problem
+    assert "val_loss (val/loss), val_ppl, val_tokens, exact_match" in problem and "tokens_per_sec" in problem
+
+
+@pytest.mark.parametrize("key,task", [
+    ("val/loss", "train"), ("exact_match", "eval"), ("train.tokens_per_sec", "train"), ("tokens_per_sec", "train"),
+    ("data.train.examples", "train"), ("after.val_loss", "train"), ("metrics.lm_eval.arc_easy.acc", "eval"),
+    ("packing_efficiency", "train"), ("anything_at_all", "bench"),  # another task's metrics are not known here
+])
+def test_an_objective_a_job_may_log_is_not_refused(key: str, task: str) -> None:
+    assert objective_problem(key, task) is None
+
+
+def test_a_misspelt_objective_is_refused_before_any_job_trains(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    out = _sweep(sweep, "optim.lr=1e-3,2e-3", "sweep.objective=val/los", status=2)
+    assert "sweep.objective=val/los: " in out and "Did you mean val_loss?" in out and "Traceback" not in out
+    assert not any((sweep / d / "model.txt").exists() for d in "01")
