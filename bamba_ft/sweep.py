@@ -61,7 +61,7 @@ def collect_rows(sweep_dir: Path) -> list[dict[str, Any]]:
                "objective": r.get("objective"), "overrides": " ".join(_settings(r.get("overrides", []))),
                "val_loss": m.get("val_loss"), "exact_match": m.get("exact_match"), "train_loss": m.get("train_loss"),
                "steps": m.get("steps"), "run_dir": r.get("run_dir", str(d)), "error": r.get("error") or "",
-               "params": _params(r.get("overrides", []))}
+               "params": _params(r.get("overrides", [])), "config_error": bool(r.get("config_error"))}
         records.append((job_identity(r.get("overrides", [])), Path(row["run_dir"]).absolute(), r.get("finished") or 0,
                         _rank(r, d, position), row))
     finished: dict[tuple[str, ...], float] = {}  # when each job's values last ran to an outcome
@@ -276,10 +276,20 @@ def sweep_problem(rows: list[dict[str, Any]], sweep_dir: Path) -> str | None:
     """Why the sweep exits 1, with the fix, or None: a job failed (an error or a killed process, not a diverged
     loss, which is a result of its settings), or no job finished with a usable objective. The outputs are written
     either way."""
-    failed = [str(r["job"]) for r in rows if r["status"].startswith("failed")]
+    failed = [r for r in rows if r["status"].startswith("failed")]
     if failed:
-        return (f"{len(failed)} of {len(rows)} jobs failed (job {', '.join(failed)}): their errors are in sweep.csv."
-                f"\nTo run them again: the same command plus sweep.resume=true hydra.sweep.dir={sweep_dir} "
+        told = (f"{len(failed)} of {len(rows)} jobs failed (job {', '.join(str(r['job']) for r in failed)}): their "
+                "errors are in sweep.csv.")
+        if all(r["config_error"] for r in failed):
+            # a resume runs a failed job again with the same settings: the same error, however often
+            who, them = (("Every job", "them") if len(failed) == len(rows) else
+                         ("The failed job", "it") if len(failed) == 1 else ("Each failed job", "them"))
+            return (f"{told}\n{who} failed on a configuration error (job {failed[0]['job']}: "
+                    f"{failed[0]['error'].splitlines()[0]}); sweep.resume=true would run {them} again with the same "
+                    "settings, to the same error.\nFix: correct the settings the errors name (on the command line, in "
+                    "the recipe or among the swept values), then run the sweep again in a new directory (leave "
+                    f"hydra.sweep.dir at its default, or delete {sweep_dir} first).")
+        return (f"{told}\nTo run them again: the same command plus sweep.resume=true hydra.sweep.dir={sweep_dir} "
                 "(finished jobs are reused).")
     if not any(r["status"].startswith("ok") for r in rows):
         return (f"no job of {len(rows)} finished with a finite objective (every one diverged).\nFix: lower optim.lr "

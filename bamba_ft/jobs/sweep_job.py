@@ -254,7 +254,8 @@ def _run_job(cfg: DictConfig, run: Callable[[DictConfig], dict], run_dir: Path) 
         log.error("job %s failed: %s", hc.job.num, brief.splitlines()[0])
         if not isinstance(e, BambaFTError):
             (run_dir / "error.txt").write_text(traceback.format_exc())
-        record.update(status="failed", objective=penalty(direction), error=brief)
+        # a configuration error fails again on the same settings: the sweep's closing hint then offers no resume
+        record.update(status="failed", objective=penalty(direction), error=brief, config_error=isinstance(e, ConfigError))
         _finish(run_dir, record, t0)
         if OmegaConf.select(cfg, "debug"):
             raise
@@ -281,7 +282,7 @@ def _run_job(cfg: DictConfig, run: Callable[[DictConfig], dict], run_dir: Path) 
     except ConfigError as e:  # the run itself finished: its metrics still go in the table
         log.error("job %s failed: %s", hc.job.num, e.problems[0].splitlines()[0])
         record.update(status="failed", objective=penalty(direction), error="; ".join(e.problems),
-                      metrics=_key_metrics(result))
+                      metrics=_key_metrics(result), config_error=True)
         _finish(run_dir, record, t0)
         return record["objective"]
     ok = math.isfinite(value)

@@ -218,6 +218,9 @@ import bamba_ft.__main__ as cli
 
 def train(cfg):
     lr = float(cfg.optim.lr)
+    if lr >= 10:
+        from bamba_ft.errors import ConfigError
+        raise ConfigError(f"optim.lr={lr} is too large", "the composed config")
     if lr >= 1:
         raise RuntimeError("stand-in crash")
     (Path(cfg.output_dir) / "model.txt").write_text(str(lr))
@@ -232,7 +235,8 @@ cli.main()
 
 
 def _sweep(sweep: Path, *args: str, status: int = 0) -> str:
-    """`python -m bamba_ft -m ARGS hydra.sweep.dir=SWEEP` with the stand-in for training (lr >= 1 crashes, lr 0.5
+    """`python -m bamba_ft -m ARGS hydra.sweep.dir=SWEEP` with the stand-in for training (lr >= 10 is a
+    configuration error, lr >= 1 crashes, lr 0.5
     diverges with a non-finite val loss, lr 0.25 with finite metrics); its output, after checking its exit status."""
     proc = subprocess.run([sys.executable, "-c", _STAND_IN, "-m", *args, f"hydra.sweep.dir={sweep}"],
                           cwd=sweep.parent, capture_output=True, text=True, timeout=120,
@@ -455,3 +459,14 @@ def test_a_misspelt_objective_is_refused_before_any_job_trains(tmp_path: Path) -
     out = _sweep(sweep, "optim.lr=1e-3,2e-3", "sweep.objective=val/los", status=2)
     assert "sweep.objective=val/los: " in out and "Did you mean val_loss?" in out and "Traceback" not in out
     assert not any((sweep / d / "model.txt").exists() for d in "01")
+
+
+@pytest.mark.parametrize("lrs,who", [("10,20", "Every job"), ("10,1e-3", "The failed job")])
+def test_jobs_failed_on_a_configuration_error_get_a_fix_not_a_resume(tmp_path: Path, lrs: str, who: str) -> None:
+    """Every job failed on its config, and the hint offered sweep.resume, which runs them again with the same
+    settings, to the same error."""
+    sweep = tmp_path / "sweep"
+    out = _sweep(sweep, f"optim.lr={lrs}", status=1)
+    assert "sweep.resume=true hydra.sweep.dir" not in out and "failed on a configuration error" in out
+    assert "ConfigError: optim.lr=10.0 is too large" in out.split("failed on a configuration error")[1]
+    assert f"{who} failed on a configuration error" in out and "Fix: correct the settings the errors name" in out
