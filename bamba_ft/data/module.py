@@ -167,6 +167,8 @@ class BambaDataModule(L.LightningDataModule):
         self.source_rows: list[int] = []  # per source: stream rows read into trained windows, and passes started
         self.source_passes: list[int] = []
         self.stream_rows: Counter[str] = Counter()  # rows read into trained windows, by what the length policy did
+        # the windows the split ones became (split_windows) and left out for holding no loss token, as SplitStats
+        self.stream_windows: Counter[str] = Counter()
         self._stream_warned: set[str] = set()  # data warnings given once per run, whichever stream reads the row
         # per source whose validation rows data.val_fraction holds out: the rows it held them out of; the permutation
         # that picks them depends on that count, so an evaluation checks it against the run's (metrics.json)
@@ -512,6 +514,7 @@ class BambaDataModule(L.LightningDataModule):
             self.source_rows = [a + r for a, (r, _) in zip(self.source_rows or [0] * len(read), read)]
             self.source_passes = [a + n for a, (_, n) in zip(self.source_passes or [0] * len(read), read)]
             self.stream_rows.update(meta.pop("verdicts", {}))
+            self.stream_windows.update(meta.pop("windows", {}))
             self.stream_position = StreamPosition(**meta)
             if self.stream_position.steps_done == 0 and self.cfg.packing:  # a window (or the stream) ended
                 log.info("stream: epoch %d, %d rows read in all; packing efficiency %.1f%% over %d batches so far%s",
@@ -528,7 +531,10 @@ class BambaDataModule(L.LightningDataModule):
     def stream_report(self) -> dict[str, Any]:
         """The stream's position and counts, for metrics.json: batches, and rows and passes per source."""
         return {**vars(self.stream_position), "batches": self.stream_batches, "source_rows": self.source_rows,
-                "source_passes": self.source_passes, "rows": dict(sorted(self.stream_rows.items()))}
+                "source_passes": self.source_passes, "rows": dict(sorted(self.stream_rows.items()))} | (
+                {"split_windows": self.stream_windows["split_windows"],
+                 "split_windows_no_loss": self.stream_windows["split_windows_no_loss"]}
+                if self.cfg.overlong == "split" else {})
 
     def _world_size(self) -> int:
         return self.trainer.world_size if self.trainer is not None else 1
@@ -547,7 +553,7 @@ class BambaDataModule(L.LightningDataModule):
             return {"stream": {**vars(self.stream_position), "tokens": self.stream_tokens,
                                "batches": self.stream_batches, "shuffle_buffer": self.cfg.shuffle_buffer,
                                "source_rows": self.source_rows, "source_passes": self.source_passes,
-                               "rows": dict(self.stream_rows)}}
+                               "rows": dict(self.stream_rows), "windows": dict(self.stream_windows)}}
         trainer = self.trainer
         if trainer is None:
             return {}
@@ -570,6 +576,7 @@ class BambaDataModule(L.LightningDataModule):
             self.source_rows = [int(n) for n in s.pop("source_rows", [])]  # counted since checkpoints had them
             self.source_passes = [int(n) for n in s.pop("source_passes", [])]
             self.stream_rows = Counter({k: int(v) for k, v in s.pop("rows", {}).items()})
+            self.stream_windows = Counter({k: int(v) for k, v in s.pop("windows", {}).items()})
             self.stream_position = StreamPosition(**{k: int(v) for k, v in s.items()})
         elif state:
             # batches_done counts one rank's batches: on another number of ranks, the same batches of the plan

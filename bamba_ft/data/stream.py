@@ -154,13 +154,15 @@ def _encode_stream_row(row: dict, *, sources: list[StreamSource], tokenizer: Any
     else:
         verdict = "kept"
     ids, labels = ([enc["input_ids"]], [enc["labels"]]) if verdict == "kept" else ([], [])
+    no_loss = 0  # windows of a split row left out for holding no loss token, counted as SplitStats counts them
     if verdict == "kept" and c.overlong == "split" and enc["overlong"]:
         windows = split_long({"input_ids": ids, "labels": labels}, max_seq_len=c.max_seq_len, overlap=c.overlong_stride)
-        ids, labels = windows["input_ids"], windows["labels"]
+        ids, labels, no_loss = windows["input_ids"], windows["labels"], sum(windows["no_loss"])
     if verdict == "kept" and enc["overlong"]:
         verdict = "split" if c.overlong == "split" else "truncated"
     return {"_ids": ids, "_labels": labels, "_verdict": verdict, "_empty": enc["empty_assistant"],
-            "_coerced": enc["coerced"] > 0, "_unknown": enc["unknown_targets"] > 0}
+            "_coerced": enc["coerced"] > 0, "_unknown": enc["unknown_targets"] > 0,
+            "_windows": {"split_windows": len(ids), "split_windows_no_loss": no_loss} if verdict == "split" else {}}
 
 
 def balance(batches: list[list[int]], world_size: int) -> list[list[int]]:
@@ -189,6 +191,10 @@ _VERDICT_WARNINGS = {
     "dropped_prompt_too_long": "data warning: examples are dropped: the prompt alone is longer than "
                                "data.max_seq_len=%d, so no answer token is left (first: %s). Fix: raise data.max_seq_len.",
 }
+# A split row's windows that hold no loss token (SplitStats.split_windows_no_loss in memory)
+_NO_LOSS_WARNING = ("data warning: windows of training rows split at data.max_seq_len=%d (data.overlong=split) hold no "
+                    "loss token and are left out: the kept windows see only data.overlong_stride tokens of the prompt "
+                    "before them (first: %s); metrics.json counts them under data.train_stream.split_windows_no_loss.")
 
 
 class StreamBatches(torch.utils.data.IterableDataset):
@@ -250,6 +256,7 @@ class StreamBatches(torch.utils.data.IterableDataset):
         start, skip_steps = (pos.rows_read, pos.row_items), pos.steps_done
         read = [[0, 0] for _ in self.sources]  # per source: rows that started in this window, passes started
         verdicts: Counter[str] = Counter()  # those rows by what the length policy did with them
+        windows: Counter[str] = Counter()  # the windows those of them split became, and left out
         for k, enc in enumerate(self._encoded(pos)):
             row, src = pos.rows_read + k, enc.get(SOURCE) or 0
             self._warn(enc)
@@ -257,25 +264,27 @@ class StreamBatches(torch.utils.data.IterableDataset):
                 read[src][0] += 1
                 read[src][1] += enc.get(ROW) == self.sources[src].first_row
                 verdicts[enc["_verdict"]] += 1
+                windows.update(enc["_windows"])
             n_items = len(enc["_ids"])
             for j in range(pos.row_items if k == 0 else 0, n_items):
                 buffer.append({"input_ids": enc["_ids"][j], "labels": enc["_labels"][j], PLACE: (src, enc.get(ROW))})
                 self.peak_buffer = max(self.peak_buffer, len(buffer))
                 if len(buffer) == self.cfg.stream_buffer:
                     after = StreamPosition(pos.epoch, *((row, j + 1) if j + 1 < n_items else (row + 1, 0)))
-                    yield from self._window(buffer, pos.epoch, start, skip_steps, after, read, verdicts)
+                    yield from self._window(buffer, pos.epoch, start, skip_steps, after, read, verdicts, windows)
                     buffer, start, skip_steps = [], (after.rows_read, after.row_items), 0
-                    read, verdicts = [[0, 0] for _ in self.sources], Counter()
+                    read, verdicts, windows = [[0, 0] for _ in self.sources], Counter(), Counter()
         if buffer:
             yield from self._window(buffer, pos.epoch, start, skip_steps, StreamPosition(pos.epoch + 1), read,
-                                    verdicts)
+                                    verdicts, windows)
 
     def _window(self, examples: list[dict], epoch: int, start: tuple[int, int], skip_steps: int,
-                after: StreamPosition, read: list[list[int]], verdicts: Counter[str]) -> Iterator[dict]:
+                after: StreamPosition, read: list[list[int]], verdicts: Counter[str],
+                windows: Counter[str]) -> Iterator[dict]:
         """This rank's batches of one window; the same window packs the same way on every rank and on resume.
 
-        The window's rows per source (`read`) and by length verdict travel with its last batch, which moves the
-        position past them.
+        The window's rows per source (`read`), by length verdict, and the windows its split rows became and left
+        out travel with its last batch, which moves the position past them.
         """
         c = self.cfg
         self._warn_repeated(examples)
@@ -293,7 +302,8 @@ class StreamBatches(torch.utils.data.IterableDataset):
             done = after if s + 1 == len(mine) else StreamPosition(epoch, *start, s + 1)
             batch[STREAM_KEY] = {**asdict(done), "tokens": sum(lengths[i] for i in mine[s]),
                                  "sources": read if s + 1 == len(mine) else [[0, 0]] * len(read),
-                                 "verdicts": dict(verdicts) if s + 1 == len(mine) else {}}
+                                 "verdicts": dict(verdicts) if s + 1 == len(mine) else {},
+                                 "windows": dict(windows) if s + 1 == len(mine) else {}}
             yield batch
 
     def _warn(self, enc: dict) -> None:
@@ -310,6 +320,9 @@ class StreamBatches(torch.utils.data.IterableDataset):
         if verdict in _VERDICT_WARNINGS and verdict not in self._warned:
             self._warned.add(verdict)
             log.warning(_VERDICT_WARNINGS[verdict], self.cfg.max_seq_len, self._at(enc))
+        if enc["_windows"].get("split_windows_no_loss") and "no_loss" not in self._warned:
+            self._warned.add("no_loss")
+            log.warning(_NO_LOSS_WARNING, self.cfg.max_seq_len, self._at(enc))
 
     def _warn_repeated(self, examples: list[dict]) -> None:
         """The in-memory path's warning of repeated training examples, looked for within each window (whose examples

@@ -305,3 +305,33 @@ def test_a_streamed_run_resumed_on_other_ranks_is_refused_saying_why() -> None:
     assert all("data.streaming=true: a stream's position counts the batches" in r for r in refused), refused
     old.data.streaming = new.data.streaming = False
     assert config_changes(asdict(old), new)[1] == []
+
+
+def test_split_windows_left_out_of_a_stream_are_counted_as_in_memory(  # noqa: ANN001
+        builtin_tokenizer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """data.overlong=split leaves out the windows of a long prompt that hold no loss token: the in-memory path
+    counts them (split_windows_no_loss), the stream left them out without a word."""
+    long_prompt = " ".join(f"word{i}" for i in range(120))
+    rows = [{"prompt": long_prompt + f" q{i}", "completion": f"a{i}"} for i in range(6)]
+    rows += [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(6)]
+    path = write_jsonl(tmp_path / "long.jsonl", rows)
+    kw = dict(overlong="split", overlong_stride=8, max_seq_len=64, max_tokens_per_batch=256, stream_buffer=5)
+    memory = BambaDataModule(data_cfg(path, **kw), builtin_tokenizer)
+    memory.prepare()
+    expected = memory.stats["train"]
+    assert expected.split_windows_no_loss > 0  # the case at hand
+    dm = BambaDataModule(data_cfg(path, streaming=True, **kw), builtin_tokenizer, seed=42)
+    dm.prepare()
+    for batch in StreamBatches(dm.stream, dm.stream_sources, builtin_tokenizer, dm.cfg, dm.seed):
+        epoch = batch[STREAM_KEY]["epoch"]
+        dm.on_before_batch_transfer(batch, 0)  # as each batch reaches training
+        if epoch == 1:  # the first pass has ended
+            break
+    report = dm.stream_report()
+    assert (report["split_windows"], report["split_windows_no_loss"]) == (
+        expected.split_windows, expected.split_windows_no_loss)
+    assert report["rows"]["split"] == expected.split
+    assert "hold no loss token and are left out" in caplog.text
+    resumed = BambaDataModule(data_cfg(path, streaming=True, **kw), builtin_tokenizer, seed=42)
+    resumed.load_state_dict(dm.state_dict())  # a resumed run goes on counting from the checkpoint's counts
+    assert resumed.stream_report() == report
