@@ -26,7 +26,15 @@ from bamba_ft.errors import ConfigError, suggest
 from bamba_ft.jobs import bench_ranks as ranks
 from bamba_ft.jobs import bench_sweeps as sweeps
 from bamba_ft.jobs.bench_batches import DEFAULT_DIVISORS, make_steps
-from bamba_ft.jobs.bench_variants import VARIANTS, Variant, build_variant, guarded, measure_into, release
+from bamba_ft.jobs.bench_variants import (
+    VARIANTS,
+    Variant,
+    build_variant,
+    guarded,
+    measure_into,
+    release,
+    starting_state,
+)
 from bamba_ft.jobs.report import atomic_write_json, atomic_write_text
 from bamba_ft.jobs.runtime import choose_device
 from bamba_ft.model.families import family_for
@@ -58,35 +66,47 @@ def run_interleaved(b: BenchConfig, model_cfg: ModelConfig, peft_cfg: PeftConfig
                     vocab: int, out_dir: Path = Path(".")) -> Iterator[dict]:
     """Every measurement of `schedule(b)`, one row each as it is measured.
 
-    Each model is built at its first use and freed after its last, so repeats and memory modes do not rebuild.
-    Each (memory mode, repeat, regime) gets fresh batches, shared by its variants, with packed lengths the run has not used before.
+    Each model is built at its first use and freed after its last, so repeats and memory modes do not rebuild;
+    every measurement starts from its weights as built (`starting_state`).
+    Each (memory mode, repeat, regime) gets fresh batches, shared by its variants, with packed lengths the run has
+    not used before (`step_sets`). So a mode's results (its final_loss) are the same wherever bench.memory_modes
+    places it.
     """
     order = schedule(b)
-    divisors = specialisation_divisors(model_cfg, device)
     last_use = {_model_key(VARIANTS[name]): i for i, (_, _, _, name) in enumerate(order)}
     models: dict[tuple, dict] = {}
-    steps: dict[tuple, list] = {}
-    seen: set[int] = set()
+    steps = step_sets(b, vocab, seed, specialisation_divisors(model_cfg, device))
     first_regime = rehearse_settings(b)[0]
     for i, (mode, rep, rehearse, name) in enumerate(order):
         v = replace(VARIANTS[name], memory=mode)
-        if (mode, rep, rehearse) not in steps:  # the first batches keep the seed of a single run
-            steps[(mode, rep, rehearse)] = make_steps(b, vocab, seed + 1000 * len(steps), seen, divisors)
         key = _model_key(v)
         if key not in models:
             models[key] = guarded({}, build_variant, v, model_cfg, peft_cfg, device, seed)
+            if "model" in models[key]:
+                models[key]["start"] = starting_state(models[key]["model"], device)
         built = models[key]
         row = {"variant": name, "memory_mode": mode, "rehearse": rehearse, "repeat": rep}
-        row |= {k: x for k, x in built.items() if k != "model"}
+        row |= {k: x for k, x in built.items() if k not in ("model", "start")}
         if "model" in built:
             bb = replace(b, rehearse=rehearse, profile=b.profile and rep == 0 and rehearse == first_regime)
             measure_into(row, v, built["model"], steps[(mode, rep, rehearse)], bb, device, out_dir,
-                         built.get("resident_bytes"))
+                         built.get("resident_bytes"), built["start"])
         built = None
         if last_use[key] == i:
             del models[key]
         release(device, collect=last_use[key] == i or "error" in row)
         yield row
+
+
+def step_sets(b: BenchConfig, vocab: int, seed: int, divisors: tuple[int, ...] = DEFAULT_DIVISORS) -> dict[tuple, list]:
+    """The batches of each (memory mode, repeat, regime), every packed length new to the run (`make_steps`' `seen`).
+
+    Drawn before any is run, in one order whatever the order of bench.memory_modes (mode none first, as a run of
+    it alone draws them, then the others by name), so a mode meets the same batches wherever it runs."""
+    modes = sorted(b.memory_modes, key=lambda mode: (mode != "none", mode))
+    keys = dict.fromkeys((mode, rep, rehearse) for mode, rep, rehearse, _ in schedule(replace(b, memory_modes=modes)))
+    seen: set[int] = set()
+    return {key: make_steps(b, vocab, seed + 1000 * k, seen, divisors) for k, key in enumerate(keys)}
 
 
 def host_cpu(cpuinfo: str = "/proc/cpuinfo") -> str:

@@ -20,6 +20,7 @@ from bamba_ft.jobs.bench_variants import (
     guarded,
     measure_into,
     release,
+    starting_state,
     sync_device,
 )
 
@@ -50,6 +51,7 @@ def token_budgets(model_cfg: ModelConfig, peft_cfg: PeftConfig, b: BenchConfig, 
     for name in BUDGET_VARIANTS:
         built = guarded({}, build_variant, VARIANTS[name], model_cfg, peft_cfg, device, seed)
         model = built.pop("model", None)
+        start = None if model is None else starting_state(model, device)  # each budget and mode trains from it
         for mode in b.memory_modes:
             v = replace(VARIANTS[name], memory=mode)
             oom_at = None
@@ -59,7 +61,7 @@ def token_budgets(model_cfg: ModelConfig, peft_cfg: PeftConfig, b: BenchConfig, 
                     row["error"] = f"{OOM} (not run: {oom_at} tokens per step already ran out of memory)"
                 elif model is not None:
                     bb = replace(b, rehearse=False, profile=False)
-                    measure_into(row, v, model, budget_steps(bb, budget, vocab, seed), bb, device)
+                    measure_into(row, v, model, budget_steps(bb, budget, vocab, seed), bb, device, start=start)
                     oom_at = budget if row.get("error") == OOM else None
                 release(device, collect="error" in row)
                 yield row
@@ -78,6 +80,7 @@ def seq_scaling(lengths: list[int], model_cfg: ModelConfig, peft_cfg: PeftConfig
     for name in b.seq_scaling_variants:
         built = guarded({}, build_variant, VARIANTS[name], model_cfg, peft_cfg, device, seed)
         model = built.pop("model", None)
+        start = None if model is None else starting_state(model, device)  # each length and mode trains from it
         for mode in b.memory_modes:
             v = replace(VARIANTS[name], memory=mode)
             for n in lengths:
@@ -85,7 +88,7 @@ def seq_scaling(lengths: list[int], model_cfg: ModelConfig, peft_cfg: PeftConfig
                              steps=b.seq_scaling_steps, rehearse=False, profile=False)
                 row = {"variant": name, "memory_mode": mode, "seq_len": n} | built
                 if model is not None:
-                    measure_into(row, v, model, make_steps(bb, vocab, seed), bb, device)
+                    measure_into(row, v, model, make_steps(bb, vocab, seed), bb, device, start=start)
                 yield row  # recorded before the release, which a device fault can make raise
                 release(device)
                 if "error" in row:

@@ -336,10 +336,34 @@ def run_variant(v: Variant, model_cfg: ModelConfig, peft_cfg: PeftConfig, steps:
     return result
 
 
+def starting_state(model: nn.Module, device: torch.device) -> dict:
+    """What every measurement of `model` starts from (`measure_into`'s `start`): its trainable weights as built,
+    copied to host memory (the device's peak stays the model's own), and the random generators' states (dropout).
+
+    One built model serves every memory mode, repeat and sweep point, and each measurement trains it: without
+    this, what a mode reports (its final_loss) would depend on the measurements run before it."""
+    return {"weights": {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad},
+            "rng": torch.get_rng_state(),
+            "device_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def _restore(model: nn.Module, start: dict, device: torch.device) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in start["weights"].items():
+            params[name].copy_(value)
+    torch.set_rng_state(start["rng"])
+    if start["device_rng"] is not None:
+        torch.cuda.set_rng_state(start["device_rng"], device)
+
+
 def measure_into(row: dict, v: Variant, model: nn.Module, steps: list, b: BenchConfig, device: torch.device,
-                 out_dir: Path = Path("."), resident_bytes: int | None = None) -> dict:
+                 out_dir: Path = Path("."), resident_bytes: int | None = None, start: dict | None = None) -> dict:
     """`measure` under `v`'s attention backends, its results (or error) added to `row`; a failed step's
-    gradients are dropped so that the model serves the next measurement."""
+    gradients are dropped so that the model serves the next measurement. `start` (`starting_state`): the weights
+    and random states the model is reset to first, so that the measurement does not depend on those before it."""
+    if start is not None:
+        _restore(model, start, device)
     graphs = contextlib.nullcontext() if _graphs_run(v, model, steps, device) else on_mixers(model, conv_scan_graphs=None)
     with _attention_backends(v), scan_states(model, v.scan_states), graphs:
         guarded(row, measure, v, model, steps, b, device, out_dir, resident_bytes)

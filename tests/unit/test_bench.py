@@ -680,3 +680,48 @@ def test_the_bench_replays_the_conv_scan_graphs_where_training_auto_would() -> N
     row = bench_variants.measure_into({}, variants["bamba_ft_no_graphs"], model, steps, b, cpu)
     assert "error" not in row and row["cuda_graphs"] is False and "graphs_captured" not in row
     assert all(m.__dict__["conv_scan_graphs"] is graphs for m in mixers)
+
+
+
+def test_each_memory_mode_reports_the_same_final_loss_whatever_order_the_modes_run_in(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model one variant builds serves every mode and repeat, and each measurement trained it further: a mode's
+    final_loss depended on the modes run before it, and on which batches its place in the order drew."""
+    def fake_build(v, *args):  # noqa: ANN001, ANN002, ANN202
+        torch.manual_seed(0)
+        return {"model": torch.nn.Linear(1, 1)}
+
+    def fake_measure(v, model, steps, b, *args):  # noqa: ANN001, ANN002, ANN202
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)  # a fresh optimizer, as measure's
+        for seqs in steps:
+            x = torch.tensor([[float(sum(map(len, seqs)))]]) / 100
+            loss = (model(x) - torch.rand(1)).pow(2).mean()  # the RNG stands for dropout
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        return {"final_loss": float(loss)}
+
+    monkeypatch.setattr(bench, "build_variant", fake_build)
+    monkeypatch.setattr(bench_variants, "measure", fake_measure)
+    b = BenchConfig(variants=["bamba_ft"], repeats=2, warmup_steps=1, steps=2, seqs_per_step=2, median_len=16,
+                    max_len=32)
+
+    def losses(modes: list[str]) -> dict[tuple[str, int], float]:
+        rows = bench.run_interleaved(replace(b, memory_modes=modes), ModelConfig(), PeftConfig(), torch.device("cpu"),
+                                     0, 128)
+        return {(r["memory_mode"], r["repeat"]): r["final_loss"] for r in rows}
+
+    forward = losses(["none", "all", "mamba"])
+    assert forward == losses(["mamba", "all", "none"]) == losses(["all", "none", "mamba"]) and len(forward) == 6
+    assert losses(["none"]) == {k: x for k, x in forward.items() if k[0] == "none"}  # as when it runs alone
+
+
+def test_a_measurement_starts_from_the_weights_the_model_was_built_with() -> None:
+    b = BenchConfig(warmup_steps=0, steps=1, seqs_per_step=1, median_len=16, max_len=16)
+    cpu, steps = torch.device("cpu"), bench_batches.make_steps(b, 128, 0)
+    v = bench_variants.VARIANTS["bamba_ft"]
+    model = bench_variants.build_variant(v, ModelConfig(init="random", shape="tiny"), PeftConfig(), cpu, seed=0)["model"]
+    start = bench_variants.starting_state(model, cpu)
+    first = bench_variants.measure_into({}, v, model, steps, b, cpu, start=start)
+    second = bench_variants.measure_into({}, replace(v, memory="all"), model, steps, b, cpu, start=start)
+    assert first["final_loss"] == second["final_loss"]  # the same batch from the same weights, under another mode
