@@ -69,7 +69,7 @@ def training_loss(model: nn.Module, batch: dict, offload: bool) -> tuple[torch.T
     """(summed loss, target tokens) of a forward whose saved tensors go to host memory when `offload`."""
     raise_point("train.forward_oom", lambda: torch.OutOfMemoryError("CUDA out of memory (injected by BAMBA_FT_FAULT)"))
     with activation_memory(model, offload):
-        return loss_sum_and_count(model, batch)
+        return loss_sum_and_count(model, batch, router_aux=True)
 
 
 def training_mean_loss(model: nn.Module, batch: dict, offload: bool) -> torch.Tensor:

@@ -31,19 +31,33 @@ def model_inputs(lm: nn.Module, batch: dict) -> dict:
     return inputs
 
 
-def loss_sum_and_count(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_sum_and_count(model: nn.Module, batch: dict, router_aux: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed next-token loss, number of target tokens) for a packed or padded batch with `labels` (and, from the
-    collators, `loss_index`)."""
+    collators, `loss_index`).
+
+    `router_aux` (training): an MoE model whose config sets output_router_logits also gets its routers'
+    load-balancing loss times router_aux_loss_coef, as its ForCausalLM adds it to the mean loss; here it is added
+    once per target token, so the sum over the targets gives that mean (and a step of several micro-batches the
+    mean of their auxiliary losses weighted by their targets). Validation leaves it out: val/loss stays the
+    next-token loss its perplexity is read from."""
     lm = causal_lm(model)
-    hidden = lm.model(**model_inputs(lm, batch), use_cache=False).last_hidden_state
+    family = family_for(lm.config.model_type)
+    aux = router_aux and family.router_aux_loss is not None and bool(getattr(lm.config, "output_router_logits", False))
+    out = lm.model(**model_inputs(lm, batch), use_cache=False, **({"output_router_logits": True} if aux else {}))
+    hidden = out.last_hidden_state
     labels = batch["labels"]
     index = batch.get(LOSS_INDEX)
     if index is None:  # a batch built elsewhere: found on its device (which syncs once)
         index = loss_index(labels)
     rows = hidden.flatten(0, 1).index_select(0, index)
     targets = labels.flatten().index_select(0, index + 1)
-    scale = family_for(lm.config.model_type).logit_scale(lm.config)  # Granite divides, Falcon-H1 multiplies
-    return head_loss_sum(rows, targets, lm.lm_head, scale=scale), index.new_full((), index.numel())
+    scale = family.logit_scale(lm.config)  # Granite divides, Falcon-H1 multiplies
+    total = head_loss_sum(rows, targets, lm.lm_head, scale=scale)
+    if aux:
+        mask = batch.get("attention_mask")  # padded rows' mask; a packed row has none (or model_inputs' dict)
+        balance = family.router_aux_loss(lm.config, out.router_logits, mask if isinstance(mask, torch.Tensor) else None)
+        total = total + (lm.config.router_aux_loss_coef * index.numel()) * balance.to(total.dtype)
+    return total, index.new_full((), index.numel())
 
 
 def mean_loss(model: nn.Module, batch: dict) -> torch.Tensor:

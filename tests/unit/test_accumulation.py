@@ -102,3 +102,17 @@ def test_the_logged_train_loss_is_the_step_mean_over_its_tokens() -> None:
     got = fit(BATCHES[:2], steps=1, accumulate=2)[1]
     assert abs(got - want) <= 1e-9 * want
     assert abs(float(sums[1] / counts[1]) - want) > 0.05  # the last batch's own mean is another number
+
+
+def test_training_asks_for_the_router_aux_loss_and_validation_does_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An MoE config's load-balancing loss (output_router_logits) is part of what training minimizes, as in
+    transformers' ForCausalLM; val/loss stays the next-token loss (tests/unit/test_families.py checks the values)."""
+    from bamba_ft import lit_module
+
+    asked: list[bool] = []
+    monkeypatch.setattr(lit_module, "loss_sum_and_count",
+                        lambda model, batch, router_aux=False: asked.append(router_aux) or (torch.ones(()), torch.ones(())))
+    module = BambaLitModule(torch.nn.Linear(1, 1), OptimConfig())
+    module({}, train=True)
+    module({})
+    assert asked == [True, False]

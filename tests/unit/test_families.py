@@ -388,3 +388,23 @@ def test_an_attention_free_granite_export_is_verified(tmp_path) -> None:  # noqa
     model.save_pretrained(tmp_path / "export")
     report = verify_export(tmp_path / "export", ids, logits, generated, "float32", 1e-5, cache=False)
     assert report["greedy_generation_identical"] and report["max_rel_logit_diff"] <= 1e-5
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_granite_training_adds_the_router_load_balancing_loss_as_transformers_does(padded: bool) -> None:
+    """With output_router_logits, GraniteMoeHybridForCausalLM's loss is the next-token loss plus
+    router_aux_loss_coef times the routers' load-balancing loss; bamba_ft's own loss left that term out. The same
+    loss to 1e-6 (transformers rounds its cross-entropy to float32); validation stays the next-token loss."""
+    model = with_lora(tiny("granitemoehybrid", output_router_logits=True, router_aux_loss_coef=0.5))
+    ids = torch.randint(1, VOCAB, (2, 13), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, 9:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    batch = {"input_ids": ids, "labels": labels} | ({"attention_mask": mask} if padded else {})
+    total, count = loss_sum_and_count(model, batch, router_aux=True)  # as training computes it
+    theirs = model(**batch, use_cache=False)
+    assert float(theirs.aux_loss) > 0.5  # the term at stake: 0.5 times it is far above the tolerance
+    assert abs(float(total / count) - float(theirs.loss)) < 1e-6
+    plain, _ = loss_sum_and_count(model, batch)  # validation: the next-token loss alone
+    assert abs(float(plain / count) + 0.5 * float(theirs.aux_loss) - float(theirs.loss)) < 1e-6

@@ -47,6 +47,10 @@ class Family:
     False only `varlen` and `flash_attention_2` (which read `cu_seq_lens_*`) are packing-safe."""
     logit_scale: Callable[[Any], float] = lambda config: 1.0
     """logits = lm_head(hidden) * logit_scale(config), as the family's ForCausalLM computes them."""
+    router_aux_loss: Callable[[Any, tuple, Any], Any] | None = None
+    """MoE families: (config, the decoder's router_logits, the batch's 2-D attention mask or None) -> the routers'
+    load-balancing loss, which the family's ForCausalLM adds to its loss, times config.router_aux_loss_coef, when
+    config.output_router_logits is set."""
 
     @property
     def stock_classes(self) -> dict[type, type]:

@@ -5,7 +5,8 @@ variants have every layer a Mamba-2 layer. Granite 4.0-H uses no positional enco
 
 Its mixer is Bamba's (same fields, same math). The decoder builds its attention mask without `position_ids`, so
 sdpa/eager attention would let packed sequences see each other: packing needs varlen or flash attention, which
-read `cu_seq_lens_*`. Logits are divided by `logits_scaling`.
+read `cu_seq_lens_*`. Logits are divided by `logits_scaling`. With `output_router_logits` in its config, training
+adds the routers' load-balancing loss times `router_aux_loss_coef`, as its ForCausalLM does.
 """
 
 from __future__ import annotations
@@ -36,4 +37,6 @@ FAMILY = Family(
     mlp_targets=("input_linear", "output_linear"),
     packed_masks=False,
     logit_scale=lambda config: 1.0 / config.logits_scaling,
+    router_aux_loss=lambda config, router_logits, mask: mg.load_balancing_loss_func(
+        router_logits, config.num_local_experts, config.num_experts_per_tok, mask),
 )
