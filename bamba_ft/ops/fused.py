@@ -44,7 +44,9 @@ class Compiled:
     math to compile instead of `fn`, where the form that fuses best is not the one that runs best eagerly.
 
     Compilation happens on the first CUDA call. If it or the kernel fails (no working Triton or C compiler on this
-    machine), one warning is logged and `fn` runs eagerly from then on: same math, more kernels.
+    machine), one warning is logged and `fn` runs eagerly from then on: same math, more kernels. Running out of
+    device memory is not such a failure: it propagates as it would from `fn` (whose eager form needs more memory),
+    and the next call compiles or runs the kernel again.
     """
 
     def __init__(self, fn, what: str, kernel=None, traced=None) -> None:  # noqa: ANN001
@@ -59,6 +61,8 @@ class Compiled:
             if self._compiled is None:
                 self._compiled = self.kernel or torch.compile(self.traced or self.fn, dynamic=True, fullgraph=True)
             return self._compiled(*args)
+        except torch.OutOfMemoryError:
+            raise  # this call's size, not the compiler: a caller that recovers (a smaller batch) keeps the kernel
         except Exception as e:  # noqa: BLE001
             self.failed = True
             log.warning("compiled %s failed (%s: %s); running it eagerly from now on.", self.what, type(e).__name__, e)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from transformers.models.bamba.modeling_bamba import BambaMixer, BambaMLP, BambaRMSNorm, BambaRMSNormGated
 
 from bamba_ft.model.mixer import install_mixer, stock_forward
-from bamba_ft.ops.fused import FusedBambaMLP, FusedRMSNorm, swiglu
+from bamba_ft.ops.fused import Compiled, FusedBambaMLP, FusedRMSNorm, swiglu
 from tests.conftest import make_model
 
 
@@ -45,3 +46,30 @@ def test_install_and_stock_forward_swap_classes() -> None:
         assert {BambaMixer, BambaMLP, BambaRMSNorm, BambaRMSNormGated} <= {type(m) for m in model.modules()}
         torch.testing.assert_close(model(input_ids=ids).logits, ref, rtol=0, atol=0)
     assert {FusedBambaMLP, FusedRMSNorm} <= {type(m) for m in model.modules()}
+
+
+class _OnCuda:
+    """Stands in for a CUDA tensor where only `is_cuda` is read."""
+
+    is_cuda = True
+
+
+def test_a_compiled_op_that_runs_out_of_memory_keeps_its_kernel() -> None:
+    """An out-of-memory error in the compiled form is the call's size, not a compiler failure: it propagates, and the
+    next call runs the kernel again instead of the eager form (which needs more memory) for the rest of the process;
+    a kernel that fails otherwise still falls back to the eager form."""
+    calls = []
+
+    def kernel(x: object) -> str:
+        calls.append(x)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 228.00 MiB")
+        return "kernel"
+
+    op = Compiled(lambda x: "eager", "test op", kernel=kernel)
+    with pytest.raises(torch.OutOfMemoryError):
+        op(_OnCuda())
+    assert not op.failed and op(_OnCuda()) == "kernel"
+
+    broken = Compiled(lambda x: "eager", "test op", kernel=lambda x: 1 / 0)
+    assert broken(_OnCuda()) == "eager" and broken.failed
