@@ -446,6 +446,12 @@ class BenchConfig:
     lengths; models are built once. The order rotates by one place per repeat (A B C, B C A, C A B, ...): on an
     H200 one model timed twice in a row ran 1-2% faster the second time, so a fixed order would favour a place.
     Medians and ranges are reported; 3 or more print a Headline."""
+    keep_models: bool = True
+    """Keep each built model on the device from its first measurement to its last, so repeats and memory modes
+    build it once. Each then counts only its own memory in its peak, but a device must hold the models of every
+    variant at once (a Bamba-9B-shape model takes 18.2 GiB in bf16) beside one measurement's activations. false:
+    build the model for every measurement and free it afterwards (slower), so that each runs alone on the device,
+    as training would: on GPUs too small to hold them all."""
     steps: int = 10
     """Timed steps (median reported)."""
     variants: list[str] = field(default_factory=lambda: ["hf_padded", "hf_padfree", "bamba_ft", "bamba_ft_nf4"])

@@ -27,6 +27,7 @@ from bamba_ft.jobs import bench_ranks as ranks
 from bamba_ft.jobs import bench_sweeps as sweeps
 from bamba_ft.jobs.bench_batches import DEFAULT_DIVISORS, make_steps
 from bamba_ft.jobs.bench_variants import (
+    OOM,
     VARIANTS,
     Variant,
     build_variant,
@@ -66,14 +67,18 @@ def run_interleaved(b: BenchConfig, model_cfg: ModelConfig, peft_cfg: PeftConfig
                     vocab: int, out_dir: Path = Path(".")) -> Iterator[dict]:
     """Every measurement of `schedule(b)`, one row each as it is measured.
 
-    Each model is built at its first use and freed after its last, so repeats and memory modes do not rebuild;
-    every measurement starts from its weights as built (`starting_state`).
+    Each model is built at its first use and freed after its last, so repeats and memory modes do not rebuild
+    (with bench.keep_models=false: built for every measurement and freed after it); every measurement starts from
+    its weights as built (`starting_state`). A measurement that runs out of memory while other models are resident
+    records how much they held (`others_resident_gib`).
     Each (memory mode, repeat, regime) gets fresh batches, shared by its variants, with packed lengths the run has
     not used before (`step_sets`). So a mode's results (its final_loss) are the same wherever bench.memory_modes
     places it.
     """
     order = schedule(b)
     last_use = {_model_key(VARIANTS[name]): i for i, (_, _, _, name) in enumerate(order)}
+    if not b.keep_models:
+        last_use = {}
     models: dict[tuple, dict] = {}
     steps = step_sets(b, vocab, seed, specialisation_divisors(model_cfg, device))
     first_regime = rehearse_settings(b)[0]
@@ -92,9 +97,12 @@ def run_interleaved(b: BenchConfig, model_cfg: ModelConfig, peft_cfg: PeftConfig
             measure_into(row, v, built["model"], steps[(mode, rep, rehearse)], bb, device, out_dir,
                          built.get("resident_bytes"), built["start"])
         built = None
-        if last_use[key] == i:
+        if row.get("error") == OOM and (others := sum(m.get("resident_bytes") or 0 for k, m in models.items() if k != key)):
+            row["others_resident_gib"] = others / 2**30
+        last = last_use.get(key, i) == i
+        if last:
             del models[key]
-        release(device, collect=last_use[key] == i or "error" in row)
+        release(device, collect=last or "error" in row)
         yield row
 
 

@@ -195,6 +195,21 @@ def _summary_lines(rows: list[dict], repeats: int) -> list[str]:
     return lines
 
 
+def _resident_oom_lines(runs: list[dict]) -> list[str]:
+    """Which variants ran out of memory while the models of others were kept on the device (bench.keep_models)."""
+    crowded: dict[str, list[float]] = {}
+    for r in runs:
+        if "others_resident_gib" in r:
+            crowded.setdefault(r["variant"], []).append(r["others_resident_gib"])
+    if not crowded:
+        return []
+    total = {name: sum(1 for r in runs if r["variant"] == name) for name in crowded}
+    told = "; ".join(f"{name} in {len(gib)} of {total[name]} runs ({max(gib):.1f} GiB)" for name, gib in crowded.items())
+    return ["", f"Out of memory while other variants' models were kept on the device (what they held): {told}. A peak "
+                "above counts a variant's own memory only; bench.keep_models=false measures each variant with its "
+                "model alone on the device."]
+
+
 def _budget_lines(rows: list[dict], bests: dict) -> list[str]:
     lines = ["", "Token budgets (steps packed as data.max_tokens_per_batch packs them):", "",
              "| token budget | variant | memory | real tokens/step | tokens/s | peak GiB |", "|---|---|---|---|---|---|"]
@@ -418,7 +433,8 @@ def markdown(results: dict) -> str:
         lines += ["", line]
     if results["runs"]:
         rows = summarize(results["runs"])
-        lines += ([""] + _summary_lines(rows, repeats) + _graphs_lines(results["runs"]) + _paired_lines(rows)
+        lines += ([""] + _summary_lines(rows, repeats) + _resident_oom_lines(results["runs"])
+                  + _graphs_lines(results["runs"]) + _paired_lines(rows)
                   + _issued_lines(rows)
                   + _compiled_lines(results["runs"])
                   + _allocator_lines(results["runs"]))

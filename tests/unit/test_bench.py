@@ -114,6 +114,52 @@ def test_repeats_measure_in_schedule_order_on_fresh_lengths_and_build_each_model
     assert len(every) == len(set(every)) == 6 * 5  # no packed length comes twice in the run
 
 
+def test_keep_models_false_builds_each_measurements_model_alone_and_an_oom_beside_others_says_what_they_held(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kept models (the default) crowd the device: a measurement that runs out of memory records what the other
+    variants' models held and the report names bench.keep_models=false, which builds every measurement's model
+    alone and frees it after."""
+    live: list[str] = []
+    builds: list[tuple[str, tuple[str, ...]]] = []
+
+    class Model(torch.nn.Linear):
+        def __init__(self, name: str) -> None:
+            super().__init__(1, 1)
+            self.name = name
+            live.append(name)
+
+        def __del__(self) -> None:
+            live.remove(self.name)
+
+    def fake_build(v, *args):  # noqa: ANN001, ANN002, ANN202
+        builds.append((v.name, tuple(live)))  # the models alive when this one is built
+        return {"model": Model(v.name), "resident_bytes": 2**30 * (3 if v.stock else 2)}
+
+    def fake_measure(v, model, *args):  # noqa: ANN001, ANN002, ANN202
+        if v.stock:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return {"tokens_per_sec": 1.0, "step_ms": 1.0}
+
+    monkeypatch.setattr(bench, "build_variant", fake_build)
+    monkeypatch.setattr(bench_variants, "measure", fake_measure)
+    b = BenchConfig(variants=["hf_padfree", "bamba_ft"], repeats=3, warmup_steps=1, steps=1, seqs_per_step=2,
+                    median_len=20, max_len=64)
+    kept = list(bench.run_interleaved(b, ModelConfig(), PeftConfig(), torch.device("cpu"), 0, 128))
+    assert builds == [("hf_padfree", ()), ("bamba_ft", ("hf_padfree",))]
+    assert [(r["variant"], r.get("error"), r.get("others_resident_gib")) for r in kept] == [
+        ("hf_padfree", "OOM", None), ("bamba_ft", None, None), ("bamba_ft", None, None), ("hf_padfree", "OOM", 2.0),
+        ("hf_padfree", "OOM", 2.0), ("bamba_ft", None, None)]  # bamba_ft's model lives from its first run to its last
+    note = "\n".join(bench_report._resident_oom_lines(kept))
+    assert "hf_padfree in 2 of 3 runs (2.0 GiB)" in note and "bench.keep_models=false" in note
+
+    builds.clear()
+    alone = list(bench.run_interleaved(replace(b, keep_models=False), ModelConfig(), PeftConfig(),
+                                       torch.device("cpu"), 0, 128))
+    assert builds == [(r["variant"], ()) for r in kept]  # one build per measurement, nothing else alive
+    assert all("others_resident_gib" not in r for r in alone) and bench_report._resident_oom_lines(alone) == []
+    assert [r.get("error") for r in alone] == [r.get("error") for r in kept]
+
+
 def test_memory_modes_run_outermost_and_share_each_built_model(monkeypatch: pytest.MonkeyPatch) -> None:
     builds: list[str] = []
     measured: list[tuple[str, str]] = []
