@@ -28,7 +28,14 @@ from torch import nn
 from bamba_ft.config.schema import BenchConfig, ModelConfig, PeftConfig, ScanStates
 from bamba_ft.jobs.bench_batches import make_steps, to_batch
 from bamba_ft.jobs.bench_sweeps import median_ms
-from bamba_ft.jobs.bench_variants import VARIANTS, build_variant, cuda_kernels, release, sync_device
+from bamba_ft.jobs.bench_variants import (
+    VARIANTS,
+    build_variant,
+    cuda_kernels,
+    graphs_as_run,
+    release,
+    sync_device,
+)
 from bamba_ft.jobs.runtime import autocast_for, to_device
 from bamba_ft.model.families import family_of
 from bamba_ft.model.mixer import scan_states
@@ -43,8 +50,17 @@ def layer_parts(model_cfg: ModelConfig, peft_cfg: PeftConfig, b: BenchConfig, de
                 vocab: int) -> dict:
     """{"tokens": packed tokens, "parts": [{"part", "host_ms", "device_ms", "wall_ms"}, ...]}, plus "scan_kernels"
     ({policy: [[kernel, device ms, launches] per forward and backward, ...]}) where the fused conv+scan runs."""
-    model = build_variant(VARIANTS["bamba_ft"], model_cfg, peft_cfg, device, seed)["model"]
-    batch = to_device(to_batch(make_steps(b, vocab, seed)[-1], True, False), device)
+    v = VARIANTS["bamba_ft"]
+    model = build_variant(v, model_cfg, peft_cfg, device, seed)["model"]
+    steps = make_steps(b, vocab, seed)
+    with graphs_as_run(v, model, steps, device):  # the conv+scan as training runs it: graphs for a float8 base only
+        result = _layer_parts(model, to_device(to_batch(steps[-1], True, False), device), b, device)
+    del model
+    release(device)
+    return result
+
+
+def _layer_parts(model: nn.Module, batch: dict, b: BenchConfig, device: torch.device) -> dict:
     lm = causal_lm(model)
     parts = _parts(lm)
     inputs = _record_inputs(model, lm, batch, parts, device)
@@ -62,8 +78,6 @@ def layer_parts(model_cfg: ModelConfig, peft_cfg: PeftConfig, b: BenchConfig, de
                 kernels[policy.value] = kernel_times(run, b.steps, device)
     rows.append({"part": "whole model, loss included",
                  **_time(_model_step(model, lm, batch, device), b, device, split=False)})
-    del model, lm
-    release(device)
     result = {"tokens": int(batch["input_ids"].numel()), "parts": rows}
     return result | ({"scan_kernels": kernels} if kernels else {})
 

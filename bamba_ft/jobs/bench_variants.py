@@ -364,15 +364,20 @@ def measure_into(row: dict, v: Variant, model: nn.Module, steps: list, b: BenchC
     and random states the model is reset to first, so that the measurement does not depend on those before it."""
     if start is not None:
         _restore(model, start, device)
-    graphs = contextlib.nullcontext() if _graphs_run(v, model, steps, device) else on_mixers(model, conv_scan_graphs=None)
-    with _attention_backends(v), scan_states(model, v.scan_states), graphs:
+    with _attention_backends(v), scan_states(model, v.scan_states), graphs_as_run(v, model, steps, device):
         guarded(row, measure, v, model, steps, b, device, out_dir, resident_bytes)
     if "error" in row:
         model.zero_grad(set_to_none=True)
     return row
 
 
-def _graphs_run(v: Variant, model: nn.Module, steps: list, device: torch.device) -> bool:
+def graphs_as_run(v: Variant, model: nn.Module, steps: list, device: torch.device) -> contextlib.AbstractContextManager:
+    """Inside the block `model`'s conv+scan replays its CUDA graphs only where `v` measures with them (`graphs_run`):
+    a model built with graphs=auto carries them even where training would leave them off."""
+    return contextlib.nullcontext() if graphs_run(v, model, steps, device) else on_mixers(model, conv_scan_graphs=None)
+
+
+def graphs_run(v: Variant, model: nn.Module, steps: list, device: torch.device) -> bool:
     """Whether `v` measures `model` with its conv+scan CUDA graphs (where it was built with them): always for
     graphs=true, never for false, and for auto where training's model.cuda_graphs=auto would (`why_no_graphs`)."""
     if v.graphs == "false" or not graphs_installed(model):

@@ -552,6 +552,38 @@ def test_layer_parts_times_each_part_of_a_layer_on_the_inputs_of_a_real_forward(
     assert all(f"| {n} |" in text for n in names)
 
 
+def test_layer_parts_times_the_conv_scan_without_the_graphs_training_leaves_off(monkeypatch) -> None:  # noqa: ANN001
+    """A bf16 model built with model.cuda_graphs=auto carries conv+scan graphs that training replays for a float8
+    base only: layer_parts times its parts with them off, as bamba_ft trains (they recompute the scan's states, so
+    the kept-states timing was a second graph replay), and leaves the model as it was built."""
+    from bamba_ft.jobs import bench_parts
+    from bamba_ft.ops.mamba2 import SegmentAwareMixer
+
+    built = bench_parts.build_variant
+    mixers: list = []
+
+    def with_graphs(*args):  # noqa: ANN002, ANN202
+        out = built(*args)
+        mixers.extend(m for m in out["model"].modules() if isinstance(m, SegmentAwareMixer))
+        for m in mixers:
+            m.conv_scan_graphs = "graphs"  # what install_mixer puts there on a GPU
+        return out
+
+    seen: list[set] = []
+    timed = bench_parts._time
+
+    def spy(fn, b, device, split=True):  # noqa: ANN001, ANN202
+        seen.append({m.__dict__.get("conv_scan_graphs") for m in mixers})
+        return timed(fn, b, device, split)
+
+    monkeypatch.setattr(bench_parts, "build_variant", with_graphs)
+    monkeypatch.setattr(bench_parts, "_time", spy)
+    b = BenchConfig(warmup_steps=0, steps=1, seqs_per_step=2, median_len=20, max_len=40)
+    bench_parts.layer_parts(ModelConfig(init="random", shape="tiny"), PeftConfig(), b, torch.device("cpu"), 0, vocab=128)
+    assert mixers and seen and all(s == {None} for s in seen)
+    assert all(m.conv_scan_graphs == "graphs" for m in mixers)
+
+
 def test_scan_kernels_are_listed_side_by_side_per_policy_with_totals() -> None:
     from bamba_ft.jobs import bench_parts
 
@@ -708,7 +740,7 @@ def test_the_bench_replays_the_conv_scan_graphs_where_training_auto_would() -> N
                                          cpu, seed=0)["model"]
 
     def runs(name: str, mode: str = "none", on: torch.device = gpu, batches: list = steps) -> bool:
-        return bench_variants._graphs_run(replace(variants[name], memory=mode), model, batches, on)
+        return bench_variants.graphs_run(replace(variants[name], memory=mode), model, batches, on)
 
     assert not runs("bamba_ft_fp8") and not runs("bamba_ft_graphs")  # built on the CPU: no graphs to run
     graphs = ConvScanGraphs(TorchOps, bucket=8, capture=False)
