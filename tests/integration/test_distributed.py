@@ -232,7 +232,15 @@ def test_sigterm_stops_two_ranks_at_one_step_with_a_checkpoint(tmp_path: Path, t
     assert json.loads((tmp_path / "resumed" / "metrics.json").read_text())["train"]["steps"] == stopped["global_step"] + 2, resumed.stdout[-2000:]
 
 
-def _wrap_quantized_base(rank: int, init: str, method: str, out: str) -> None:
+QUANT_METHODS = ["nf4", "int8", "int4", "fp8"]
+
+
+def _wrap_quantized_base(rank: int, root: str) -> None:
+    """For each method in turn, its own process group (and rendezvous file), as a run of that method has: the ranks
+    wrap a quantized base in DDP and save its weights before and after. A method that raises records its traceback
+    and the next one still runs, so each test reports its own method."""
+    import traceback
+
     import torch.distributed as dist
     from torch import nn
 
@@ -240,36 +248,54 @@ def _wrap_quantized_base(rank: int, init: str, method: str, out: str) -> None:
     from bamba_ft.lit_module import BambaLitModule
     from bamba_ft.model.quant import dequantize_model, quantize_layer
 
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
-
-    def base() -> nn.Module:  # every rank builds and quantizes the same base, as every rank of a run loads it
+    def base(method: str) -> nn.Module:  # every rank builds and quantizes the same base, as every rank of a run loads it
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(256, 256, bias=False), nn.Linear(256, 256))
         assert quantize_layer(model, QuantConfig(method=method)) == 2
         return model
 
-    model, quantized = base(), base()
-    torch.nn.parallel.DistributedDataParallel(BambaLitModule(model, OptimConfig()))  # as Lightning's DDP strategy
-    weights = {}
-    for name, m in (("before", quantized), ("after", model)):
-        dequantize_model(m, torch.float32)
-        weights[name] = [layer.weight.detach() for layer in m]
-    torch.save(weights, Path(out) / f"{rank}.pt")
-    dist.destroy_process_group()
+    for method in QUANT_METHODS:
+        out = Path(root) / method
+        dist.init_process_group("gloo", init_method=f"file://{out / 'rendezvous'}", rank=rank, world_size=2)
+        try:
+            model, quantized = base(method), base(method)
+            torch.nn.parallel.DistributedDataParallel(BambaLitModule(model, OptimConfig()))  # as Lightning's DDP strategy
+            weights = {}
+            for name, m in (("before", quantized), ("after", model)):
+                dequantize_model(m, torch.float32)
+                weights[name] = [layer.weight.detach() for layer in m]
+            torch.save(weights, out / f"{rank}.pt")
+        except Exception:  # reported by the method's own test
+            (out / f"{rank}.err").write_text(traceback.format_exc())
+        finally:
+            dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("method", ["nf4", "int8", "int4", "fp8"])
-def test_ddp_leaves_the_quantized_base_of_every_rank_as_quantized(tmp_path: Path, method: str) -> None:
+@pytest.fixture(scope="module")
+def wrapped_quantized_bases(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One pair of spawned ranks for every method: a spawn starts two interpreters that import torch, Lightning and
+    torchao (about 6 s on two cores), the wrap itself takes a fraction of a second."""
+    import torch.multiprocessing as mp
+
+    root = tmp_path_factory.mktemp("ddp_quantized")
+    for method in QUANT_METHODS:
+        (root / method).mkdir()
+    mp.spawn(_wrap_quantized_base, args=(str(root),), nprocs=2)
+    return root
+
+
+@pytest.mark.parametrize("method", QUANT_METHODS)
+def test_ddp_leaves_the_quantized_base_of_every_rank_as_quantized(wrapped_quantized_bases: Path, method: str) -> None:
     """DDP's start-up broadcast of rank 0's parameters took torchao's NF4 tensor through a re-quantization that moved
     every rank's base (rank 0's too, by 3e-7 here; 0.007 of the builtin model's validation loss after two QLoRA
     steps): the run's closing metrics scored a base that a reload of its adapter does not rebuild. int8 and int4
     tensors could not be broadcast at all (no `view`), nor float8 codes over gloo. The base must come out of the
     wrap bit for bit as quantized (tolerance 0)."""
-    import torch.multiprocessing as mp
-
-    init = f"file://{tmp_path / 'rendezvous'}"
-    mp.spawn(_wrap_quantized_base, args=(init, method, str(tmp_path)), nprocs=2)
-    ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    out = wrapped_quantized_bases / method
+    for r in range(2):
+        if (out / f"{r}.err").exists():
+            pytest.fail(f"rank {r} failed:\n{(out / f'{r}.err').read_text()}")
+    ranks = [torch.load(out / f"{r}.pt") for r in range(2)]
     for got in ranks:
         for before, after in zip(got["before"], got["after"], strict=True):
             assert torch.equal(before, after), float((before - after).abs().max())
