@@ -293,6 +293,10 @@ def test_a_number_of_devices_lightning_would_refuse_is_refused_before_the_model_
     with pytest.raises(ConfigError, match=rf"(?s){problem}.*Fix: trainer.devices=N"
                                           if "devices" in override else problem):
         composed(["trainer=cpu", override])
+
+
+def test_the_numbers_of_devices_lightning_takes_pass_the_checks() -> None:
+    """The other side of the refusals above (once, not for each refused value: a compose takes about 0.2 s)."""
     for ok in ("trainer.devices=2", "trainer.devices=auto", "trainer.devices='2'"):
         assert composed(["trainer=cpu", ok]).trainer.devices in (2, "2", "auto")
     assert composed(["trainer=gpu", "trainer.devices=[0,1]"]).trainer.devices == [0, 1]
