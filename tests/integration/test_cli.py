@@ -58,6 +58,31 @@ def test_a_run_starts_from_a_trained_adapter(sft_run: Path, tmp_path: Path) -> N
         run_in_process([*same_data, f"peft.init_from={tmp_path}"], tmp_path / "none")
 
 
+def test_every_number_a_run_writes_is_a_sweep_objective_the_sweep_accepts(sft_run: Path) -> None:
+    """A sweep refuses a sweep.objective before its jobs run when no job can write it (objective_problem); every
+    number in a real run's metrics.json, by name and by dotted path, must pass that check and be found in the
+    file (objective_value), so a metric added to the runs cannot be refused up front."""
+    from bamba_ft.jobs.sweep_job import objective_problem, objective_value
+
+    metrics = json.loads((sft_run / "metrics.json").read_text())
+
+    def numbers(node: object, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+        if isinstance(node, dict):
+            return [p for k, v in node.items() for p in numbers(v, (*path, k))]
+        return [path] if isinstance(node, (int, float)) and not isinstance(node, bool) else []
+
+    found = numbers(metrics)
+    assert len(found) > 20, found  # the comparison covers the run's numbers
+    for path in found:
+        assert objective_problem(".".join(path), "train") is None, path
+        leaf: object = metrics
+        for part in path:
+            leaf = leaf[part]
+        assert objective_value(metrics, ".".join(path)) == float(leaf), path
+        if path[0] in ("after", "train") and len(path) == 2:  # found by name too
+            assert objective_problem(path[1], "train") is None, path
+
+
 def test_padded_batches_run(tmp_path: Path) -> None:
     metrics = run_in_process(["recipe=sft", *FAST, "data.packing=false"], tmp_path)
     assert metrics["train"]["steps"] == 2 and metrics["packing_efficiency"] is None  # padded: nothing packed
