@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from bamba_ft.config.schema import ModelConfig, QuantConfig, looks_local, missing_path_problem
+from bamba_ft.config.schema import Mixer, ModelConfig, QuantConfig, looks_local, missing_path_problem
 from bamba_ft.errors import ConfigError, ModelError
 from bamba_ft.model.families import family_for
 from bamba_ft.model.memory import apply_checkpointing
@@ -24,6 +24,15 @@ log = logging.getLogger(__name__)
 
 BUILTIN = {"builtin:tiny": Path(__file__).resolve().parent.parent / "assets" / "tiny"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def first_use_note(backend: str, device: torch.device) -> str | None:
+    """What the first steps on the kernels backend wait for, so a long first step is not taken for a hang."""
+    if backend != Mixer.KERNELS or device.type != "cuda":
+        return None
+    return ("model: the first forward and backward compile mamba-ssm's Triton kernels and time their configurations "
+            "(74 s for one Bamba-9B conv+scan on an H100, the first time on a machine; 5 s in a later process, from "
+            "Triton's cache on disk)")
 
 
 def resolve_path(name_or_path: str) -> str:
@@ -268,6 +277,8 @@ def build_model(cfg: ModelConfig, quant: QuantConfig, device: torch.device, empt
         str(dtype).removeprefix("torch."), attn, backend, len(chosen), config.num_hidden_layers,
         ", activations offloaded to host memory" if cfg.activation_offload else "",
     )
+    if note := first_use_note(backend, device):
+        log.info(note)
     if graphs_installed(model):
         log.info("model: the Mamba-2 conv+scan runs as CUDA graphs (model.cuda_graphs=%s)", cfg.cuda_graphs)
     if quant.method != "none":

@@ -86,3 +86,15 @@ def test_first_fit_never_stores_its_pick_as_the_fastest() -> None:
     tuner.prune_configs = lambda kwargs: []
     first_fit(tuner)
     assert tuner.cache_results is False
+
+
+def test_a_run_on_the_kernels_backend_is_told_what_its_first_steps_wait_for() -> None:
+    """The first step on CUDA compiles and autotunes mamba-ssm's kernels for a minute or more; the model line says
+    so there, and nowhere else (the torch backend, the CPU)."""
+    from bamba_ft.config.schema import Mixer
+    from bamba_ft.model.build import first_use_note
+
+    note = first_use_note(Mixer.KERNELS, torch.device("cuda"))
+    assert note and "compile mamba-ssm's Triton kernels" in note and "later process" in note
+    assert first_use_note(Mixer.TORCH, torch.device("cuda")) is None
+    assert first_use_note(Mixer.TORCH, torch.device("cpu")) is None
