@@ -30,7 +30,7 @@ def first_use_note(backend: str, device: torch.device) -> str | None:
     """What the first steps on the kernels backend wait for, so a long first step is not taken for a hang."""
     if backend != Mixer.KERNELS or device.type != "cuda":
         return None
-    return ("model: the first forward and backward compile mamba-ssm's Triton kernels and time their configurations "
+    return ("model: the first batches compile mamba-ssm's Triton kernels and time their configurations "
             "(74 s for one Bamba-9B conv+scan on an H100, the first time on a machine; 5 s in a later process, from "
             "Triton's cache on disk)")
 
