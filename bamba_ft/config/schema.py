@@ -775,6 +775,10 @@ def validate(cfg: RunConfig) -> None:
         _check_generation(cfg.generate, problems, "generate")
         if cfg.generate.prompt is not None and cfg.generate.prompts_file is not None:
             problems.add("generate.prompt and generate.prompts_file are both set.\nFix: give one of them.")
+        if not cfg.generate.chat and cfg.generate.system:  # the system turn is the template's: it would be dropped
+            problems.add(f"generate.system={cfg.generate.system}: generate.chat=false continues plain text without the "
+                         "chat template, which is what puts a system message before each prompt, so it would be "
+                         "ignored.\nFix: drop generate.chat=false to answer under the template, or drop generate.system.")
     _check_lm_eval(cfg, problems)
     if cfg.logger.wandb and cfg.task == "train" and importlib.util.find_spec("wandb") is None:
         problems.add("logger.wandb=true needs the wandb package. Fix: pip install 'bamba_ft[wandb]', or logger=default.")

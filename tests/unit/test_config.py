@@ -222,6 +222,17 @@ def test_generation_sampling_settings_without_sampling_are_refused() -> None:
     validate(cfg)
 
 
+def test_generation_system_without_the_chat_template_is_refused() -> None:
+    cfg = RunConfig(task="generate")
+    cfg.generate.chat, cfg.generate.system = False, "Answer briefly."
+    with pytest.raises(ConfigError, match=r"(?s)1 problem.*generate.system=Answer briefly.: generate.chat=false "
+                                          r"continues plain text without the chat template.*would be ignored.*"
+                                          r"Fix: drop generate.chat=false.*or drop generate.system"):
+        validate(cfg)
+    cfg.generate.chat = True  # the template puts it before each prompt
+    validate(cfg)
+
+
 def test_lm_eval_tasks_are_refused_where_they_would_not_run(monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.util
 
