@@ -146,8 +146,11 @@ def check_overrides(argv: list[str]) -> None:
         try:
             override = parser.parse_override(token)
         except HydraException as e:
-            problems.add(f"{token}: cannot be parsed ({str(e).splitlines()[0]}). Quote values holding spaces or "
-                         "commas, e.g. 'data.chat_template=\"...\"'.")
+            value = token.split("=", 1)[1] if "=" in token else ""
+            fix = (f"A value starting with ~ needs quotes (Hydra reads ~ as its delete mark): '{key}=\"{value}\"', "
+                   f"or write $HOME's path out." if value.startswith("~") else
+                   "Quote values holding spaces or commas, e.g. 'data.chat_template=\"...\"'.")
+            problems.add(f"{token}: cannot be parsed ({str(e).splitlines()[0]}). {fix}")
             continue
         if override.is_delete():
             continue

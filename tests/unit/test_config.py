@@ -106,6 +106,14 @@ def test_commas_outside_a_sweep_say_how_to_quote_a_text() -> None:
     check_overrides(['trainer.resume="runs/a, b"'])
 
 
+def test_a_home_path_outside_quotes_says_to_quote_it() -> None:
+    """Hydra reads a leading ~ as its delete mark and fails on ~/x: the fix is the quoted form, which parses."""
+    with pytest.raises(ConfigError, match=re.escape("""needs quotes (Hydra reads ~ as its delete mark): """
+                                                    """'data.source="~/x.jsonl"'""")):
+        check_overrides(["data=file", "data.source=~/x.jsonl"])
+    check_overrides(["data=file", 'data.source="~/x.jsonl"'])
+
+
 @pytest.mark.parametrize("token", ["data.roles={bot: assistant, human: user}", "data.roles.bot=assistant"])
 def test_data_roles_take_the_users_own_names(token: str, data_files: Path) -> None:
     """The form the README and the unknown-role error give: a mapping that the command line fills."""
