@@ -31,6 +31,9 @@ DIVERGED_EXIT = 3  # training ended with a non-finite loss or weights (the summa
 def run_config(cfg: DictConfig) -> dict:
     """Validate the composed config and run its task; return what the task returns (a train run: its metrics)."""
     typed = to_run_config(cfg)  # validated: typed.task is a key of TASK_JOBS
+    from bamba_ft.jobs.runtime import refuse_several_ranks
+
+    refuse_several_ranks(typed.task)  # before any work: eval, generate and export run in one process
     job = importlib.import_module(TASK_JOBS[typed.task])
     quiet.lightning_through_root()  # imported by now, after Hydra configured logging
     if not lock.launching_process():

@@ -18,6 +18,32 @@ def local_rank() -> int:
     return 0
 
 
+ONE_PROCESS_TASKS = ("eval", "generate", "export")  # read a model and write their results once, in one process
+
+
+def launched_ranks(environ: dict[str, str] | None = None) -> int:
+    """How many processes a distributed launcher started for this command (torchrun sets WORLD_SIZE, srun
+    SLURM_STEP_NUM_TASKS); 1 for a plain `python -m bamba_ft`. A rank above 0 counts as several."""
+    env = os.environ if environ is None else environ
+    counts = [int(env[v]) for v in ("WORLD_SIZE", "SLURM_STEP_NUM_TASKS") if env.get(v, "").isdigit()]
+    above_zero = any(env.get(v, "0").isdigit() and int(env.get(v, "0")) > 0
+                     for v in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+    return max([*counts, 2 if above_zero else 1])
+
+
+def refuse_several_ranks(task: str, environ: dict[str, str] | None = None) -> None:
+    """recipe=eval, generate and export run in one process. Started by torchrun or srun, every rank ran the whole
+    task: each evaluated the same rows again and wrote the same metrics.json, predictions or export directory, and
+    an export's ranks removed each other's half-written copy or found the other's finished one and failed on it
+    (`export.output_dir exists`), so the command failed although an export had been written."""
+    ranks = launched_ranks(environ)
+    if task in ONE_PROCESS_TASKS and ranks > 1:
+        raise ConfigError(f"recipe={task} runs in one process, and a launcher started {ranks} ranks of it (torchrun "
+                          f"or srun with several tasks): each would run all of it and write its results again, "
+                          f"over the others'.\nFix: start it without torchrun or srun's tasks: python -m bamba_ft "
+                          f"recipe={task} ... (several ranks are for training: trainer.devices, trainer.strategy).")
+
+
 def choose_device(accelerator: str, devices: Any = "auto", strategy: str = "auto") -> torch.device:
     """The device this process computes on, chosen as Lightning will choose it.
 

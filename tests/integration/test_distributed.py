@@ -299,3 +299,23 @@ def test_ddp_leaves_the_quantized_base_of_every_rank_as_quantized(wrapped_quanti
     for got in ranks:
         for before, after in zip(got["before"], got["after"], strict=True):
             assert torch.equal(before, after), float((before - after).abs().max())
+
+
+@pytest.mark.parametrize("recipe", ["eval", "export"])
+def test_eval_and_export_started_on_several_ranks_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 recipe: str) -> None:
+    """torchrun or srun starting eval or export on several ranks ran all of it on each: the ranks evaluated the same
+    rows and wrote the same results again, and an export's ranks removed each other's half-written copy or failed
+    on the other's finished one (`export.output_dir exists`), so the command failed with an export written."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    args = {"eval": ["recipe=eval", "model=tiny", "trainer=cpu", "logger=none", "data.builtin_val_examples=8",
+                     "eval.generate=false"],
+            "export": ["recipe=export", f"export.checkpoint={tmp_path / 'run'}"]}[recipe]
+    with pytest.raises(ConfigError, match=rf"(?s)recipe={recipe} runs in one process.*2 ranks.*Fix: start it without"):
+        run_in_process(args, tmp_path / recipe)
+    assert not (tmp_path / recipe / "metrics.json").exists()
+    # srun's ranks, and a rank above 0 of a launcher that sets no world size (Lightning's own)
+    assert runtime.launched_ranks({"SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "0"}) == 4
+    assert runtime.launched_ranks({"LOCAL_RANK": "1"}) == 2
+    assert runtime.launched_ranks({"SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0", "WORLD_SIZE": "1"}) == 1
