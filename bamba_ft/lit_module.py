@@ -178,8 +178,13 @@ class BambaLitModule(L.LightningModule):
         if self._t0 is None:  # the first batch includes start-up; measure from its end
             self._t0, self._tokens = now, 0
             return
-        if self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0 and now > self._t0:
-            self.log("train/tokens_per_sec", self._tokens / (now - self._t0), prog_bar=True)
+        if self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0 and (
+                now > self._t0 or self.trainer.world_size > 1):  # every rank, or none, takes part in the sum
+            tokens = float(self._tokens)
+            if self.trainer.world_size > 1:  # the run's rate, as metrics.json's tokens_per_sec: every rank's tokens
+                summed = torch.tensor(tokens, dtype=torch.float64, device=self.device)
+                tokens = float(self.trainer.strategy.reduce(summed, reduce_op="sum"))
+            self.log("train/tokens_per_sec", tokens / max(now - self._t0, 1e-9), prog_bar=True)
             self._t0, self._tokens = now, 0
 
     def on_train_end(self) -> None:

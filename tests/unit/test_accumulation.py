@@ -116,3 +116,32 @@ def test_training_asks_for_the_router_aux_loss_and_validation_does_not(monkeypat
     module({}, train=True)
     module({})
     assert asked == [True, False]
+
+
+def test_the_logged_training_rate_counts_every_rank_s_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """train/tokens_per_sec (metrics.json's window_tokens_per_sec, beside tokens_per_sec over every rank's tokens)
+    was rank 0's tokens alone: 1/N of the run's rate on N ranks. Here the other rank trained 3 times as many."""
+    from types import SimpleNamespace
+
+    import bamba_ft.lit_module as lit_module
+
+    lit = BambaLitModule(torch.nn.Linear(2, 2), OptimConfig())
+    reduced: list[float] = []
+
+    def reduce(value: torch.Tensor, reduce_op: str) -> torch.Tensor:
+        assert reduce_op == "sum"
+        reduced.append(float(value))
+        return value * 4
+
+    trainer = SimpleNamespace(world_size=2, global_step=0, log_every_n_steps=1, strategy=SimpleNamespace(reduce=reduce))
+    monkeypatch.setattr(BambaLitModule, "trainer", property(lambda self: trainer))
+    logged: dict[str, float] = {}
+    monkeypatch.setattr(lit, "log", lambda name, value, **kw: logged.__setitem__(name, float(value)))
+    clock = iter([10.0, 12.0])
+    monkeypatch.setattr(lit_module.time, "perf_counter", lambda: next(clock))
+    batch = {"input_ids": torch.zeros(1, 100, dtype=torch.long)}
+    lit.on_train_batch_end(None, batch, 0)  # the first batch starts the window
+    lit._tokens += 100  # this rank's next batch, as training_step counts it
+    lit.on_train_batch_end(None, batch, 1)
+    assert reduced == [100.0]
+    assert logged["train/tokens_per_sec"] == pytest.approx(400 / 2.0)
