@@ -46,9 +46,11 @@ def _read_random_base(directory: Path) -> dict | None:
 
 
 def save_run_config(cfg: RunConfig, run_dir: Path) -> None:
-    tmp = run_dir / f".{RUN_CONFIG}.tmp"
-    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    tmp.replace(run_dir / RUN_CONFIG)
+    """Every rank of a run started by torchrun or srun writes it, at about the same moment: each through a
+    temporary file of its own, so no rank renames another's half-written copy, or finds its own renamed away."""
+    from bamba_ft.jobs.report import publish_file
+
+    publish_file(run_dir / RUN_CONFIG, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
 # A checkpoint is a zip archive (torch.save) whose central directory is written last, so a file cut short by a

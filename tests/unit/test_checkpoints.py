@@ -290,3 +290,25 @@ def test_resume_latest_takes_a_stopped_runs_continuation_not_the_run_again(tmp_p
         (run / "run_config.yaml").write_text(f"trainer:\n  resume: {resume}\n")
     (second / "metrics.json").write_text("{}")
     assert resolve_resume("latest", tmp_path / "new") == Path("outputs/2026-12-01/10-00-00/checkpoints/interrupted.ckpt")
+
+
+def test_ranks_writing_run_config_at_once_all_succeed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every rank that torchrun or srun starts writes run_config.yaml at about the same moment. Through one fixed
+    temporary name, the rank that renamed it first left the other nothing to rename (FileNotFoundError ended that
+    rank, and the run), or a half-written file of the other's under the final name."""
+    from bamba_ft.model.restore import save_run_config
+    from bamba_ft.rundir import RUN_CONFIG
+
+    cfg = RunConfig()
+    replace, other = os.replace, []
+
+    def the_other_rank_first(src, dst) -> None:  # noqa: ANN001
+        if not other:
+            other.append(src)
+            save_run_config(cfg, tmp_path)  # the other rank writes and renames before this one renames
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", the_other_rank_first)
+    save_run_config(cfg, tmp_path)
+    assert RunConfig().trainer.seed == int((tmp_path / RUN_CONFIG).read_text().split("seed: ")[1].split()[0])
+    assert [p.name for p in tmp_path.iterdir()] == [RUN_CONFIG]  # no temporary left behind
