@@ -582,11 +582,23 @@ class BambaDataModule(L.LightningDataModule):
             # batches_done counts one rank's batches: on another number of ranks, the same batches of the plan
             # are done when each rank has done batches_done * saved / now (jobs/checkpoints.py resume_on_ranks)
             done = int(state["batches_done"])
-            if "world_size" in state:
-                saved, now = int(state["world_size"]), self._world_size()
-                if (done * saved) % now:
-                    raise ConfigError(f"trainer.resume: {saved} ranks had done {done} batches each, which {now} ranks "
-                                      f"cannot share evenly.\nFix: resume on {saved} ranks, or from a checkpoint "
-                                      "written at the end of an optimizer step (last.ckpt, interrupted.ckpt).")
-                done = done * saved // now
+            if "world_size" in state and int(state["world_size"]) != self._world_size():
+                done = self._done_on_ranks(int(state["epoch"]), done, int(state["world_size"]), self._world_size())
             self._resume = {"epoch": int(state["epoch"]), "batches_done": done}
+
+    def _done_on_ranks(self, epoch: int, done: int, saved: int, now: int) -> int:
+        """The batches of epoch `epoch` each of `now` ranks has done where each of `saved` ranks had done `done`.
+        An epoch whose batch count does not divide by the ranks leaves its remainder out: when the saved ranks had
+        finished the epoch, the new ones have too (else one rank would train the remainder the saved ranks left
+        out, as a step of its own, or a checkpoint of an epoch's end on one rank would be refused as a split)."""
+        if self.train_set is not None:  # built by now in a run (setup)
+            plan = self.make_plan(self.train_set, shuffle=True, sharded=False)
+            plan.set_epoch(epoch)
+            batches = len(plan)
+            if done >= batches // saved:
+                return batches // now
+        if (done * saved) % now:
+            raise ConfigError(f"trainer.resume: {saved} ranks had done {done} batches each, which {now} ranks "
+                              f"cannot share evenly.\nFix: resume on {saved} ranks, or from a checkpoint "
+                              "written at the end of an optimizer step (last.ckpt, interrupted.ckpt).")
+        return done * saved // now

@@ -414,10 +414,14 @@ def resume_on_ranks(checkpoint: dict[str, Any], world_size: int, accumulate: int
             f"{accumulate} ({world_size * accumulate}), which would change the training.\nFix: {fix}."
         )
     progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+    # Written at an epoch's end, the epoch's batches are all done: a batch count that does not divide by the ranks
+    # is the epoch's remainder, not a step split (the data module maps the position: BambaDataModule.load_state_dict).
+    # The total over earlier epochs, whose remainders differ on other ranks, only schedules validations: rounded.
+    ended = bool(progress.get("is_last_batch"))
     for part in ("total", "current"):
         counts = progress[part]
         done, rest = divmod(counts["processed"] * saved, world_size)
-        if rest:
+        if rest and part == "current" and not ended:
             raise ConfigError(f"trainer.resume: the checkpoint was written in the middle of an optimizer step's "
                               f"batches, which {world_size} ranks cannot split.\nFix: resume from last.ckpt or "
                               f"interrupted.ckpt (written at a step), or on {saved} ranks.")

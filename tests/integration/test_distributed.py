@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -319,3 +320,51 @@ def test_eval_and_export_started_on_several_ranks_are_refused(tmp_path: Path, mo
     assert runtime.launched_ranks({"SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "0"}) == 4
     assert runtime.launched_ranks({"LOCAL_RANK": "1"}) == 2
     assert runtime.launched_ranks({"SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0", "WORLD_SIZE": "1"}) == 1
+
+
+UNEVEN = ["data.builtin_train_examples=40", "data.max_tokens_per_batch=256", "optim.scheduler=constant",
+          "trainer.gradient_clip_val=null", "trainer.strategy=ddp"]  # 5 batches an epoch: 2 ranks leave one out
+
+
+@pytest.mark.slow
+def test_ddp_stopped_at_an_uneven_epochs_end_resumes_on_one_rank_as_on_two(tmp_path: Path) -> None:
+    """Two ranks train 4 of an epoch's 5 batches (2 steps). Resumed from there on one rank accumulating 2, the run
+    trained the batch the ranks had left out, as a step of its own, and went on one batch off the two ranks' plan;
+    it goes on with the next epoch as the two ranks do."""
+    run = tmp_path / "ddp"
+    cli(_with(*UNEVEN, "trainer.devices=2", "trainer.max_steps=2", f"hydra.run.dir={run}"), cwd=tmp_path, timeout=600)
+    _train_here(tmp_path / "one", _with(*UNEVEN, "trainer.devices=1", "trainer.accumulate_grad_batches=2",
+                                        "trainer.max_steps=4", f"trainer.resume={run}"))
+    cli(_with(*UNEVEN, "trainer.devices=2", "trainer.max_steps=4", f"hydra.run.dir={tmp_path / 'two'}"), cwd=tmp_path,
+        timeout=600)
+    one, two = (load_file(tmp_path / r / "adapter" / "adapter_model.safetensors") for r in ("one", "two"))
+    assert max(float((one[k] - two[k]).abs().max()) for k in one) <= 1e-5
+
+
+def test_one_ranks_checkpoint_at_an_uneven_epochs_end_resumes_on_two_ranks(builtin_tokenizer) -> None:  # noqa: ANN001
+    """One rank accumulating 2 ends an epoch of 5 batches with a step of one: last.ckpt there, resumed on two ranks,
+    was refused as written inside a step (the fix named last.ckpt, the file it was). The two ranks start the next
+    epoch."""
+    from types import SimpleNamespace
+
+    from bamba_ft.config.schema import DataConfig
+    from bamba_ft.data.module import BambaDataModule
+    from bamba_ft.jobs.checkpoints import CONFIG_KEY, WORLD_KEY, resume_on_ranks
+
+    dm = BambaDataModule(DataConfig(builtin_train_examples=40, builtin_val_examples=8, max_tokens_per_batch=256),
+                         builtin_tokenizer)
+    dm.prepare()
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=2)
+    assert len(dm.make_plan(dm.train_set, shuffle=True, sharded=False)) == 5
+    dm.load_state_dict({"epoch": 0, "batches_done": 5, "world_size": 1})
+    assert dm._resume == {"epoch": 0, "batches_done": 2}  # all of each rank's share: the epoch is done
+    config = asdict(RunConfig())
+    config["trainer"]["accumulate_grad_batches"] = 2
+    counts = {"ready": 5, "started": 5, "processed": 5, "completed": 4}
+    ckpt = {WORLD_KEY: 1, CONFIG_KEY: config, "loops": {"fit_loop": {"epoch_loop.batch_progress": {
+        "total": dict(counts), "current": dict(counts), "is_last_batch": True}}}}
+    resume_on_ranks(ckpt, world_size=2, accumulate=1)
+    assert ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"] == 2
+    # inside an epoch, a position two ranks cannot share is still refused
+    with pytest.raises(ConfigError, match="cannot share evenly"):
+        dm.load_state_dict({"epoch": 0, "batches_done": 3, "world_size": 1})
