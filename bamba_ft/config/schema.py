@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -816,7 +817,7 @@ def validate(cfg: RunConfig) -> None:
                      "device by their storage, which FSDP gathers only during the forward, so every gathered weight "
                      "would be copied to the host as well.\nFix: model.activation_offload=false (or strategy=ddp).")
     _check_sharded(cfg, problems)
-    if problem := devices_problem(cfg.trainer.devices, cfg.trainer.accelerator):
+    if problem := devices_problem(cfg.trainer.devices, cfg.trainer.accelerator) or launched_ranks_problem(cfg):
         problems.add(problem)
     if cfg.export.push_to_hub and not cfg.export.repo_id:
         problems.add("export.push_to_hub=true needs export.repo_id=org/name.")
@@ -866,6 +867,31 @@ def devices_problem(devices: Any, accelerator: str) -> str | None:
         on_cpu = " (-1, every visible GPU, is for GPUs)" if devices == -1 else ""
         return f"trainer.devices={devices} must be at least 1{on_cpu}.\n{fix}."
     return None
+
+
+def launched_ranks_problem(cfg: RunConfig, environ: dict[str, str] | None = None) -> str | None:
+    """Training started by torchrun (which sets WORLD_SIZE) whose trainer.devices x trainer.num_nodes is another
+    number of ranks, or None. Lightning refuses it only once the model and data have loaded, with a traceback."""
+    world = (os.environ if environ is None else environ).get("WORLD_SIZE", "")
+    devices, nodes = cfg.trainer.devices, cfg.trainer.num_nodes
+    if cfg.task != "train" or not world.isdigit() or not isinstance(nodes, int) or nodes < 1:
+        return None
+    if isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
+    if isinstance(devices, (list, tuple)):
+        per_node = len(devices)
+    elif isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1:
+        per_node = devices
+    elif devices == "auto" and cfg.trainer.accelerator == "cpu":
+        per_node = 1  # Lightning's auto on CPU: one process
+    else:
+        return None  # auto or -1 on GPUs: Lightning counts the visible ones
+    if per_node * nodes == int(world):
+        return None
+    fit = f"trainer.devices={int(world) // nodes}" if int(world) % nodes == 0 else "trainer.num_nodes"
+    return (f"trainer.devices={devices} x trainer.num_nodes={nodes} make {per_node * nodes} ranks, and the launcher "
+            f"started {world} processes (torchrun's --nproc-per-node x --nnodes: WORLD_SIZE).\nFix: {fit} to match "
+            "them, or start as many processes as the run has ranks.")
 
 
 def _check_sharded(cfg: RunConfig, problems: Problems) -> None:

@@ -368,3 +368,32 @@ def test_one_ranks_checkpoint_at_an_uneven_epochs_end_resumes_on_two_ranks(built
     # inside an epoch, a position two ranks cannot share is still refused
     with pytest.raises(ConfigError, match="cannot share evenly"):
         dm.load_state_dict({"epoch": 0, "batches_done": 3, "world_size": 1})
+
+
+def test_torchrun_with_another_number_of_ranks_than_trainer_devices_is_refused_first(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun --nproc-per-node 2 with trainer.devices=3: Lightning refused the mismatch only after the model and
+    data had loaded, with a traceback and exit 1. It is refused with the config, naming both counts and the fix."""
+    from hydra import compose, initialize_config_dir
+
+    from bamba_ft.config.overrides import to_run_config
+    from bamba_ft.config.store import config_dirs, register_configs
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it
+    register_configs()
+    with initialize_config_dir(config_dir=str(config_dirs()[0]), version_base="1.3"):
+        composed = compose("train", overrides=[*_with("trainer.strategy=ddp", "trainer.devices=3"),
+                                                        "output_dir=run"])
+    with pytest.raises(ConfigError, match=r"(?s)trainer.devices=3 x trainer.num_nodes=1 make 3 ranks.*started 2 "
+                                          r"processes.*Fix: trainer.devices=2"):
+        to_run_config(composed)
+    from bamba_ft.config.schema import launched_ranks_problem
+
+    cfg = RunConfig()
+    assert launched_ranks_problem(cfg, {}) is None  # no launcher
+    assert launched_ranks_problem(cfg, {"WORLD_SIZE": "1"}) is None
+    cfg.trainer.devices, cfg.trainer.num_nodes = 4, 2
+    assert launched_ranks_problem(cfg, {"WORLD_SIZE": "8"}) is None
+    assert "Fix: trainer.devices=2" in launched_ranks_problem(cfg, {"WORLD_SIZE": "4"})
+    cfg.task = "bench"  # which sets up its ranks itself
+    assert launched_ranks_problem(cfg, {"WORLD_SIZE": "4"}) is None
