@@ -77,8 +77,6 @@ def run_interleaved(b: BenchConfig, model_cfg: ModelConfig, peft_cfg: PeftConfig
     """
     order = schedule(b)
     last_use = {_model_key(VARIANTS[name]): i for i, (_, _, _, name) in enumerate(order)}
-    if not b.keep_models:
-        last_use = {}
     models: dict[tuple, dict] = {}
     steps = step_sets(b, vocab, seed, specialisation_divisors(model_cfg, device))
     first_regime = rehearse_settings(b)[0]
@@ -99,7 +97,7 @@ def run_interleaved(b: BenchConfig, model_cfg: ModelConfig, peft_cfg: PeftConfig
         built = None
         if row.get("error") == OOM and (others := sum(m.get("resident_bytes") or 0 for k, m in models.items() if k != key)):
             row["others_resident_gib"] = others / 2**30
-        last = last_use.get(key, i) == i
+        last = not b.keep_models or last_use[key] == i
         if last:
             del models[key]
         release(device, collect=last or "error" in row)
