@@ -21,6 +21,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from bamba_ft.errors import ConfigError
+from bamba_ft.jobs.gpu_slots import no_gpu_problem
 from bamba_ft.jobs.lock import refuse
 from bamba_ft.jobs.report import atomic_write_json, atomic_write_text, output_path_problem, table
 from bamba_ft.jobs.sweep_job import (
@@ -228,6 +229,8 @@ class SweepSummary(Callback):
         objective = str(OmegaConf.select(config, "sweep.objective"))
         if problem := objective_problem(objective, str(OmegaConf.select(config, "task"))):
             refuse(ConfigError(problem, "sweep.objective"))  # before any job trains, not after every one has
+        if problem := no_gpu_problem(config):
+            refuse(ConfigError(problem, "trainer.accelerator"))  # before the first job, as a single run is refused
         if warning := direction_warning(objective, str(direction)):
             print(f"bamba_ft: {warning}", file=sys.stderr)
         if "Optuna" in str(sweeper.get("_target_", "")) and str(sweeper.get("direction")).split(".")[-1] != direction:

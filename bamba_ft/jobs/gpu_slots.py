@@ -58,6 +58,44 @@ def claim_slot(slot_dir: Path, gpus: list[str], per_job: int) -> tuple[int, int,
     )
 
 
+# Launchers whose jobs run on this machine (Hydra's own, joblib's workers, submitit's local processes); a Slurm job
+# runs on a node with GPUs of its own, whatever the machine that submits it has.
+_LAUNCHERS_HERE = ("BasicLauncher", "JoblibLauncher", "LocalLauncher")
+_ON_THE_DEVICE = ("train", "eval", "generate", "bench", "doctor")  # tasks that take trainer.accelerator's device
+
+
+def _swept_keys(config: DictConfig) -> set[str]:
+    """The keys and groups whose value differs between the sweep's jobs (command-line sweeps, Optuna's params)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    task = [str(o) for o in OmegaConf.select(config, "hydra.overrides.task", default=[]) or []]
+    keys = {o.key_or_group for o in OverridesParser.create().parse_overrides(task) if o.is_sweep_override()}
+    params = OmegaConf.select(config, "hydra.sweeper.params", default=None)
+    return keys | {str(k) for k in (params or {})}
+
+
+def no_gpu_problem(config: DictConfig) -> str | None:
+    """Why no job of this sweep can run, or None: trainer.accelerator=gpu for every job, jobs that run on this
+    machine, and no CUDA device here. Each job failed on it in turn (as a single run does at once), and the sweep
+    only said so after the last."""
+    accelerator = str(OmegaConf.select(config, "trainer.accelerator"))
+    launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default="")).rsplit(".", 1)[-1]
+    task = str(OmegaConf.select(config, "task", default="train"))
+    if accelerator not in ("gpu", "cuda") or launcher not in _LAUNCHERS_HERE or task not in _ON_THE_DEVICE:
+        return None
+    if any(key.split(".")[0] == "trainer" for key in _swept_keys(config)):
+        return None  # jobs may differ in their accelerator: those on the CPU can run
+    import torch
+
+    # device_count asks NVML first, so CUDA is not initialised here, before a job's CUDA_VISIBLE_DEVICES is set
+    if torch.cuda.device_count() > 0:
+        return None
+    from bamba_ft.jobs.runtime import no_gpu_message
+
+    return no_gpu_message(str(OmegaConf.select(config, "trainer.strategy")),
+                          f", and this sweep's jobs run on this machine ({launcher}): every job would fail on it")
+
+
 def _uses_joblib(config: DictConfig) -> bool:
     return "JoblibLauncher" in str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
 

@@ -44,6 +44,13 @@ def refuse_several_ranks(task: str, environ: dict[str, str] | None = None) -> No
                           f"recipe={task} ... (several ranks are for training: trainer.devices, trainer.strategy).")
 
 
+def no_gpu_message(strategy: str, consequence: str = "") -> str:
+    """trainer.accelerator=gpu on a machine without a visible CUDA device: the problem, `consequence`, the fix."""
+    several = "fsdp" if strategy == "fsdp" else "ddp"  # the strategy asked for, on CPU processes
+    return (f"trainer.accelerator=gpu but no CUDA device is visible{consequence}. Fix: trainer=cpu (for several "
+            f"CPU processes over gloo: trainer=cpu trainer.strategy={several} trainer.devices=N).")
+
+
 def choose_device(accelerator: str, devices: Any = "auto", strategy: str = "auto") -> torch.device:
     """The device this process computes on, chosen as Lightning will choose it.
 
@@ -52,9 +59,7 @@ def choose_device(accelerator: str, devices: Any = "auto", strategy: str = "auto
     """
     if accelerator in ("gpu", "cuda"):
         if not torch.cuda.is_available():
-            several = "fsdp" if strategy == "fsdp" else "ddp"  # the strategy asked for, on CPU processes
-            raise ConfigError("trainer.accelerator=gpu but no CUDA device is visible. Fix: trainer=cpu (for several "
-                              f"CPU processes over gloo: trainer=cpu trainer.strategy={several} trainer.devices=N).")
+            raise ConfigError(no_gpu_message(strategy))
     elif accelerator == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     rank, count = local_rank(), torch.cuda.device_count()

@@ -470,3 +470,40 @@ def test_jobs_failed_on_a_configuration_error_get_a_fix_not_a_resume(tmp_path: P
     assert "sweep.resume=true hydra.sweep.dir" not in out and "failed on a configuration error" in out
     assert "ConfigError: optim.lr=10.0 is too large" in out.split("failed on a configuration error")[1]
     assert f"{who} failed on a configuration error" in out and "Fix: correct the settings the errors name" in out
+
+
+@pytest.mark.parametrize("launcher,swept,refused", [
+    ("hydra._internal.core_plugins.basic_launcher.BasicLauncher", [], True),
+    ("hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", ["optim.lr=1e-4,3e-4"], True),
+    ("hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher", [], True),
+    ("hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher", [], False),  # jobs on Slurm's nodes
+    ("hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", ["trainer=gpu,cpu"], False),
+    ("hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", ["trainer.accelerator=gpu,cpu"], False),
+])
+def test_a_sweep_of_gpu_jobs_on_a_machine_without_one_is_known_before_any_job(
+        monkeypatch: pytest.MonkeyPatch, launcher: str, swept: list[str], refused: bool) -> None:
+    from omegaconf import OmegaConf
+
+    from bamba_ft.jobs.gpu_slots import no_gpu_problem
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU, on any machine
+    config = OmegaConf.create({"trainer": {"accelerator": "gpu", "strategy": "auto"},
+                               "hydra": {"launcher": {"_target_": launcher}, "overrides": {"task": swept}}})
+    problem = no_gpu_problem(config)
+    assert (problem is not None) == refused
+    if refused:
+        assert "trainer.accelerator=gpu but no CUDA device is visible" in problem and "Fix: trainer=cpu" in problem
+    config.task = "export"  # reads and writes files on the CPU whatever trainer.accelerator says
+    assert no_gpu_problem(config) is None
+    config.task, config.trainer.accelerator = "train", "cpu"
+    assert no_gpu_problem(config) is None
+
+
+def test_a_gpu_sweep_without_a_gpu_is_refused_before_any_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """hydra/launcher=joblib trainer=gpu on a machine without CUDA: every job failed on it in turn, and the sweep
+    said so only after the last, where a single run with trainer=gpu is refused at once."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    sweep = tmp_path / "sweep"
+    out = _sweep(sweep, "hydra/launcher=joblib", "trainer=gpu", "optim.lr=1e-3,2e-3", status=2)
+    assert "ConfigError: 1 problem in trainer.accelerator:" in out and "Fix: trainer=cpu" in out
+    assert "Traceback" not in out and not sweep.exists()
