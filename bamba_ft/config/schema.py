@@ -869,12 +869,19 @@ def devices_problem(devices: Any, accelerator: str) -> str | None:
     return None
 
 
+def torchrun_world_size(environ: dict[str, str] | None = None) -> int | None:
+    """The processes torchrun started for this command (its WORLD_SIZE), or None where WORLD_SIZE is unset or no
+    number. The one reader of it: the check below, runtime.launched_ranks and the benchmark's ranks ask here."""
+    world = (os.environ if environ is None else environ).get("WORLD_SIZE", "")
+    return int(world) if world.isdigit() else None
+
+
 def launched_ranks_problem(cfg: RunConfig, environ: dict[str, str] | None = None) -> str | None:
     """Training started by torchrun (which sets WORLD_SIZE) whose trainer.devices x trainer.num_nodes is another
     number of ranks, or None. Lightning refuses it only once the model and data have loaded, with a traceback."""
-    world = (os.environ if environ is None else environ).get("WORLD_SIZE", "")
+    world = torchrun_world_size(environ)
     devices, nodes = cfg.trainer.devices, cfg.trainer.num_nodes
-    if cfg.task != "train" or not world.isdigit() or not isinstance(nodes, int) or nodes < 1:
+    if cfg.task != "train" or world is None or not isinstance(nodes, int) or nodes < 1:
         return None
     if isinstance(devices, str) and devices.strip().isdigit():
         devices = int(devices)
@@ -886,9 +893,9 @@ def launched_ranks_problem(cfg: RunConfig, environ: dict[str, str] | None = None
         per_node = 1  # Lightning's auto on CPU: one process
     else:
         return None  # auto or -1 on GPUs: Lightning counts the visible ones
-    if per_node * nodes == int(world):
+    if per_node * nodes == world:
         return None
-    fit = f"trainer.devices={int(world) // nodes}" if int(world) % nodes == 0 else "trainer.num_nodes"
+    fit = f"trainer.devices={world // nodes}" if world % nodes == 0 else "trainer.num_nodes"
     return (f"trainer.devices={devices} x trainer.num_nodes={nodes} make {per_node * nodes} ranks, and the launcher "
             f"started {world} processes (torchrun's --nproc-per-node x --nnodes: WORLD_SIZE).\nFix: {fit} to match "
             "them, or start as many processes as the run has ranks.")

@@ -9,20 +9,20 @@ tokens/s per GPU (the mean over ranks) and peak memory per GPU (the largest).
 
 from __future__ import annotations
 
-import os
 import weakref
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from bamba_ft.config.schema import BenchConfig
+from bamba_ft.config.schema import BenchConfig, torchrun_world_size
 from bamba_ft.errors import ConfigError
 
 
 def world_size() -> int:
     """Processes of this benchmark (torchrun and SLURM's srun set WORLD_SIZE)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    world = torchrun_world_size()
+    return 1 if world is None else world
 
 
 def check_distributed(b: BenchConfig) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from bamba_ft.config.schema import torchrun_world_size
 from bamba_ft.errors import ConfigError
 
 
@@ -25,7 +26,8 @@ def launched_ranks(environ: dict[str, str] | None = None) -> int:
     """How many processes a distributed launcher started for this command (torchrun sets WORLD_SIZE, srun
     SLURM_STEP_NUM_TASKS); 1 for a plain `python -m bamba_ft`. A rank above 0 counts as several."""
     env = os.environ if environ is None else environ
-    counts = [int(env[v]) for v in ("WORLD_SIZE", "SLURM_STEP_NUM_TASKS") if env.get(v, "").isdigit()]
+    tasks = env.get("SLURM_STEP_NUM_TASKS", "")
+    counts = [n for n in (torchrun_world_size(env), int(tasks) if tasks.isdigit() else None) if n is not None]
     above_zero = any(env.get(v, "0").isdigit() and int(env.get(v, "0")) > 0
                      for v in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
     return max([*counts, 2 if above_zero else 1])
