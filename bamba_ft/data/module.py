@@ -486,6 +486,7 @@ class BambaDataModule(L.LightningDataModule):
         if self.cfg.packing:
             log.info("packing efficiency: %.1f%% of the token budget holds real tokens", 100 * self._plan.efficiency())
         if self._plan.left_out and self.trainer is not None and self.trainer.global_rank == 0:
+            # one epoch's count is every epoch's: packing goes by length, and a shuffle only reorders equal ones
             world, left = self._plan.world_size, self._plan.left_out
             log.warning("data: %d of the %d batches of each epoch are not trained: %d ranks take %d each, and the "
                         "remainder is left out (which rows, the epoch's shuffle decides). To train every batch, "

@@ -81,6 +81,22 @@ def test_ranks_take_equal_shares_and_the_plan_counts_the_remainder() -> None:
     assert len(even) == 4 and even.left_out == 0
 
 
+def test_every_epoch_leaves_out_as_many_packed_batches_as_the_first() -> None:
+    """The data module warns from the first epoch's plan that N batches 'of each epoch' are not trained. That holds
+    because best-fit decreasing packs by length alone: an epoch's shuffle only reorders equal lengths, so every
+    epoch makes as many batches, while which of them are left out changes."""
+    rng = random.Random(0)
+    lengths = [min(512, int(rng.lognormvariate(5, 0.7))) for _ in range(2000)]
+    plan = BatchPlan(lengths, packing=True, max_tokens=1024, batch_size=8, seed=3, world_size=4)
+    counts, dropped = set(), []
+    for epoch in range(6):
+        plan.set_epoch(epoch)
+        counts.add((len(plan), plan.left_out))
+        dropped.append(frozenset(i for b in plan._every_rank for i in b))
+    assert len(counts) == 1 and next(iter(counts))[1] > 0, counts  # a remainder, the same in every epoch
+    assert len(set(dropped)) == 6  # but other rows left out each epoch
+
+
 def test_packing_efficiency_is_over_every_ranks_batches() -> None:
     lengths = [10 * (1 + i % 7) for i in range(200)]
     one = BatchPlan(lengths, packing=True, max_tokens=128, batch_size=8, seed=3)
