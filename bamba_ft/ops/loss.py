@@ -31,23 +31,16 @@ def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, sc
 RECOMPUTE_BYTES = 256 * 2**20  # float32 logits of a chunk above this are recomputed in backward, not stored
 
 
-def _scaled_loss(logits: torch.Tensor, targets: torch.Tensor, scale: float,
-                 in_place: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(`scale * logits` in float32 or wider, their log-sum-exp per row, the summed cross-entropy); `in_place`
-    scales the logits' own float32/float64 buffer."""
-    x = logits.to(_acc(logits.dtype))
-    if scale != 1.0:
-        x = x.mul_(scale) if in_place else x * scale
-    lse = torch.logsumexp(x, dim=-1)
-    return x, lse, (lse - x.gather(1, targets[:, None])[:, 0]).sum()
-
-
 def softmax_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, scale: float,
                           with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(summed cross-entropy of `scale * logits` against `targets`, its gradient with respect to `logits` or None),
     in float32 (float64 stays float64); the gradient is rounded once to the logits' dtype. Eager form, in place:
     it consumes `logits` (overwritten when they already are float32 or float64; otherwise one float32 copy)."""
-    x, lse, total = _scaled_loss(logits, targets, scale, in_place=True)
+    x = logits.to(_acc(logits.dtype))  # the logits' own buffer if float32 or float64 already, else a copy
+    if scale != 1.0:
+        x = x.mul_(scale)
+    lse = torch.logsumexp(x, dim=-1)
+    total = (lse - x.gather(1, targets[:, None])[:, 0]).sum()
     if not with_grad:
         return total, None
     grad = x.sub_(lse[:, None]).exp_()  # softmax
@@ -61,13 +54,20 @@ def softmax_cross_entropy_pointwise(logits: torch.Tensor, targets: torch.Tensor,
                                     with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The same as `softmax_cross_entropy`, written as reductions and pointwise math only (the one-hot as a
     comparison, not a scatter), which torch.compile fuses into a log-sum-exp pass and one pass writing the
-    gradient: the low-precision logits are read twice and no float32 copy of them is made."""
-    x, lse, total = _scaled_loss(logits, targets, scale, in_place=False)
+    gradient: the low-precision logits are read twice and no float32 copy of them is made.
+
+    A test of `scale != 1.0` here would make dynamo compile a graph for each side of it: two dtypes' scaled and
+    unscaled calls, with and without the gradient, reach its recompile limit (8), and the loss then runs eagerly.
+    So it multiplies by `scale` whatever it is (by 1.0 exactly), and one graph per dtype and `with_grad` serves
+    every scale (a float argument is not specialised under dynamic=True)."""
+    x = logits.to(_acc(logits.dtype)) * scale
+    lse = torch.logsumexp(x, dim=-1)
+    total = (lse - x.gather(1, targets[:, None])[:, 0]).sum()
     if not with_grad:
         return total, None
     onehot = torch.arange(x.shape[1], device=x.device)[None, :] == targets[:, None]
     grad = torch.exp(x - lse[:, None]) - onehot.to(x.dtype)
-    return total, (grad * scale if scale != 1.0 else grad).to(logits.dtype)
+    return total, (grad * scale).to(logits.dtype)
 
 
 # On CUDA the pointwise form compiled; elsewhere, or if compiling fails, the eager form.

@@ -67,6 +67,33 @@ def test_no_gradient_kept_without_grad() -> None:
     assert out.grad_fn is None and torch.isfinite(out)
 
 
+def test_one_compiled_loss_graph_per_dtype_and_gradient_serves_every_scale() -> None:
+    """The form CUDA compiles branched on `scale != 1.0`, so each dtype compiled four graphs (scaled or not, with
+    and without the gradient): two dtypes' eight reached dynamo's recompile limit, and a third dtype made the loss
+    run eagerly for the rest of the process. Traced here on CPU as Compiled traces it (dynamic shapes, one
+    graph); dynamo's graph count does not depend on the backend."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    graphs = CompileCounter()
+    compiled = torch.compile(L._softmax_cross_entropy.traced, dynamic=True, fullgraph=True, backend=graphs)
+    g = torch.Generator().manual_seed(3)
+    dtypes = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+    for dtype in dtypes:
+        for rows in (7, 29):
+            logits = (torch.randn(rows, 101, generator=g) * 4).to(dtype)
+            targets = torch.randint(0, 101, (rows,), generator=g)
+            for scale in (1.0, 0.25, 0.5, 2.0):
+                for with_grad in (True, False):
+                    loss, grad = compiled(logits, targets, scale, with_grad)
+                    want, want_grad = L.softmax_cross_entropy(logits.clone(), targets, scale, with_grad)
+                    torch.testing.assert_close(loss, want, rtol=1e-5, atol=0)
+                    if with_grad:  # the gradient rounded once to the logits' dtype: a unit of its last place
+                        torch.testing.assert_close(grad, want_grad, rtol=0, atol=2 * torch.finfo(dtype).eps)
+    assert graphs.frame_count == 2 * len(dtypes)  # within the limit of 8 with every dtype and four scales
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("scale", [1.0, 0.25])
 def test_pointwise_form_compiled_on_cuda_equals_the_eager_form_float64(scale: float) -> None:
     """CUDA compiles a scatter-free form of the chunk's softmax cross-entropy (it fuses into two passes); it must
