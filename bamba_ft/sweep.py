@@ -270,9 +270,32 @@ class SweepSummary(Callback):
             print(f"bamba_ft: {warning}", file=sys.stderr)  # again under the table it concerns
         if search and (sweep_dir / "optimization_results.yaml").exists():
             print(f"Optuna's best parameters and value: {sweep_dir / 'optimization_results.yaml'}")
+            storage = OmegaConf.select(config, "hydra.sweeper.storage", default=None)
+            if storage and (note := kept_study_note(sweep_dir, rows, str(config.sweep.objective),
+                                                    str(config.sweep.direction), str(storage))):
+                print(f"bamba_ft: {note}", file=sys.stderr)
         if (problem := sweep_problem(rows, sweep_dir)) is not None:
             print(f"bamba_ft: {problem}", file=sys.stderr)
             sys.exit(1)
+
+
+def kept_study_note(sweep_dir: Path, rows: list[dict[str, Any]], objective: str, direction: str,
+                    storage: str) -> str | None:
+    """A note when the Optuna study kept in `storage` holds a better trial than any job of this directory (one run
+    by an earlier sweep into another directory), or None. The table, its best and sweep.json rank this directory's
+    jobs; Optuna's optimization_results.yaml names the study's best, of every sweep that used the study."""
+    study = OmegaConf.to_container(OmegaConf.load(sweep_dir / "optimization_results.yaml"))
+    value = study.get("best_value") if isinstance(study, dict) else None
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    best = best_row(rows, direction)
+    if best is not None and (value >= best["objective"] if direction == "minimize" else value <= best["objective"]):
+        return None
+    params = " ".join(f"{k}={v}" for k, v in (study.get("best_params") or {}).items())
+    here = "none of this sweep's jobs" if best is None else f"this sweep's best, job {best['job']} ({best['objective']:.6g})"
+    return (f"the Optuna study kept in hydra.sweeper.storage={storage} has a better trial from an earlier sweep than "
+            f"{here}: {objective}={value:.6g} with {params}. The table, its best and sweep.json cover this "
+            "directory's jobs; optimization_results.yaml covers the study's.")
 
 
 def sweep_problem(rows: list[dict[str, Any]], sweep_dir: Path) -> str | None:

@@ -507,3 +507,31 @@ def test_a_gpu_sweep_without_a_gpu_is_refused_before_any_job(tmp_path: Path, mon
     out = _sweep(sweep, "hydra/launcher=joblib", "trainer=gpu", "optim.lr=1e-3,2e-3", status=2)
     assert "ConfigError: 1 problem in trainer.accelerator:" in out and "Fix: trainer=cpu" in out
     assert "Traceback" not in out and not sweep.exists()
+
+
+@pytest.mark.parametrize("study_best,noted", [(0.7, True), (0.8, False)])
+def test_a_kept_study_with_a_better_trial_elsewhere_is_noted_under_the_table(
+        tmp_path: Path, capsys: pytest.CaptureFixture, study_best: float, noted: bool) -> None:
+    """hydra.sweeper.storage keeps an Optuna study across sweeps: a second sweep into another directory marked its
+    own best job and said nothing of the better trial an earlier sweep had given the study, which Optuna's
+    optimization_results.yaml beside the table named."""
+    from omegaconf import OmegaConf
+
+    from bamba_ft.sweep import SweepSummary
+
+    _job(tmp_path, 0, "ok", 0.8, "2e-3")
+    _job(tmp_path, 1, "ok", 0.95, "5e-4")
+    (tmp_path / "optimization_results.yaml").write_text(
+        f"name: optuna\nbest_params:\n  optim.lr: 0.004\nbest_value: {study_best}\n")
+    config = OmegaConf.create({
+        "sweep": {"objective": "val/loss", "direction": "minimize"},
+        "hydra": {"sweep": {"dir": str(tmp_path)}, "sweeper": {
+            "_target_": "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper",
+            "storage": "sqlite:///study.db"}}})
+    SweepSummary().on_multirun_end(config)
+    out, err = capsys.readouterr()
+    assert "best: job 0, val/loss=0.8" in out
+    note = ("the Optuna study kept in hydra.sweeper.storage=sqlite:///study.db has a better trial from an earlier "
+            "sweep than this sweep's best, job 0 (0.8): val/loss=0.7 with optim.lr=0.004.")
+    assert (note in err) == noted and ("better trial" in err) == noted
+    assert json.loads((tmp_path / "sweep.json").read_text())["best"]["job"] == 0  # this directory's, as README says
