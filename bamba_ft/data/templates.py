@@ -78,7 +78,9 @@ def _check_syntax(template: str, override: str) -> None:
     try:  # transformers renders with this environment and the loop-control extension
         ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
     except TemplateSyntaxError as e:
-        shown = override if len(override) <= 80 and "\n" not in override else "(inline Jinja)"
+        # a file's path or a preset's name as given, however long; inline Jinja itself only when short
+        short = len(override) <= 80 and "\n" not in override
+        shown = override if short or not is_inline_template(override) else "(inline Jinja)"
         raise ConfigError(f"data.chat_template={shown}: template line {e.lineno}: {e.message}.\n"
                           "Fix: correct the template's Jinja syntax.") from None
 

@@ -151,10 +151,12 @@ def test_a_validation_fraction_that_leaves_nothing_to_train_is_named(builtin_tok
 def test_a_chat_template_syntax_error_names_the_template(builtin_tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
     from bamba_ft.data.templates import ensure_chat_template
 
-    path = tmp_path / "chat.jinja"
-    path.write_text('{% for m in messages %}\n{{ m["content"] }\n{% endfor %}')
-    with pytest.raises(ConfigError, match=rf"data.chat_template={path}: template line 2: unexpected '}}'"):
-        ensure_chat_template(builtin_tokenizer, str(path))
+    # a path over 80 characters too (pytest -n's tmp_path is longer): it was shown as "(inline Jinja)"
+    for path in (tmp_path / "chat.jinja", tmp_path / ("d" * 80) / "chat.jinja"):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text('{% for m in messages %}\n{{ m["content"] }\n{% endfor %}')
+        with pytest.raises(ConfigError, match=rf"data.chat_template={path}: template line 2: unexpected '}}'"):
+            ensure_chat_template(builtin_tokenizer, str(path))
 
 
 def test_an_open_quote_in_a_csv_is_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
