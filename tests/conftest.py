@@ -7,6 +7,11 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# pytest -n N (pytest-xdist): N workers share the cores, so each computes on one thread, and so do the CLI processes
+# it starts (they inherit OMP_NUM_THREADS): two OpenMP threads per worker on two cores spin-wait for each other.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -17,7 +22,7 @@ quiet.silence_import_noise()
 
 from transformers import BambaConfig, BambaForCausalLM  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(min(1 if WORKERS > 1 else 2, torch.get_num_threads()))
 
 # Every projection LoRA can reach in a Bamba layer: the mixer's in/out projections and the attention's q/k/v/o.
 LORA_TARGETS = ["in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj"]
