@@ -97,7 +97,8 @@ class BambaLitModule(L.LightningModule):
         self.strict_loading = False
         self._val_sum = self._val_count = None
         self._tokens = 0
-        self._t0: float | None = None
+        self._t0: float | None = None  # start of the logged training rate's window (moved on past validations)
+        self._paused_at: float | None = None
         self.fit_tokens = 0  # real tokens this rank trained on in this fit (the throughput window resets)
         # DDP broadcasts rank 0's parameters when it wraps the module; torchao's NF4 tensor takes that copy through a
         # re-quantization which moves the base of every rank, rank 0's included, so the adapters would train on
@@ -186,6 +187,22 @@ class BambaLitModule(L.LightningModule):
                 tokens = float(self.trainer.strategy.reduce(summed, reduce_op="sum"))
             self.log("train/tokens_per_sec", tokens / max(now - self._t0, 1e-9), prog_bar=True)
             self._t0, self._tokens = now, 0
+
+    def exclude_from_rate(self, seconds: float) -> None:
+        """Leave `seconds` spent on something other than training (a validation, a checkpoint) out of the window of
+        train/tokens_per_sec, the training rate, as its tokens are."""
+        if self._t0 is not None:
+            self._t0 += seconds
+
+    def on_validation_start(self) -> None:
+        self._paused_at = time.perf_counter()
+
+    def on_validation_end(self) -> None:
+        # the validation ran after the logged step that reset the window, so it would fall in the next one; the
+        # checkpoints written as it ends (best-*, a deferred last.ckpt) are left out with it
+        if self._paused_at is not None:
+            self.exclude_from_rate(time.perf_counter() - self._paused_at)
+            self._paused_at = None
 
     def on_train_end(self) -> None:
         # every rank's, summed here: the summary is written by rank 0 alone (collective: all ranks end the fit)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -109,7 +110,10 @@ class StepCheckpoint(ModelCheckpoint):
                 and validates_now(trainer):
             self._defer_save_until_validation = True  # ModelCheckpoint.on_validation_end saves it
             return
+        start = time.perf_counter()
         super().on_train_batch_end(trainer, pl_module, *args)
+        if exclude := getattr(pl_module, "exclude_from_rate", None):  # the save is no training time
+            exclude(time.perf_counter() - start)
 
 
 class GracefulStop(Checkpoint):

@@ -145,3 +145,30 @@ def test_the_logged_training_rate_counts_every_rank_s_tokens(monkeypatch: pytest
     lit.on_train_batch_end(None, batch, 1)
     assert reduced == [100.0]
     assert logged["train/tokens_per_sec"] == pytest.approx(400 / 2.0)
+
+
+def test_the_logged_training_rate_leaves_out_validation_and_checkpoint_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """train/tokens_per_sec (metrics.json's window_tokens_per_sec) is the training rate: a validation after a logged
+    step fell into the next window, so the step after each validation logged a fraction of the rate. Here 100
+    tokens train in 2 s around a 4 s validation and a 1 s checkpoint: 50 tokens/s, not 100 / 7 s."""
+    from types import SimpleNamespace
+
+    import bamba_ft.lit_module as lit_module
+
+    lit = BambaLitModule(torch.nn.Linear(2, 2), OptimConfig())
+    trainer = SimpleNamespace(world_size=1, global_step=0, log_every_n_steps=1)
+    monkeypatch.setattr(BambaLitModule, "trainer", property(lambda self: trainer))
+    logged: dict[str, float] = {}
+    monkeypatch.setattr(lit, "log", lambda name, value, **kw: logged.__setitem__(name, float(value)))
+    now = [10.0]
+    monkeypatch.setattr(lit_module.time, "perf_counter", lambda: now[0])
+    batch = {"input_ids": torch.zeros(1, 100, dtype=torch.long)}
+    lit.on_train_batch_end(None, batch, 0)  # the first batch starts the window at t=10
+    lit.on_validation_start()
+    now[0] = 14.0
+    lit.on_validation_end()  # 4 s of validation
+    lit._tokens += 100  # the next batch, as training_step counts it, trains until t=16
+    lit.exclude_from_rate(1.0)  # and its step's checkpoint took 1 s more (StepCheckpoint)
+    now[0] = 17.0
+    lit.on_train_batch_end(None, batch, 1)
+    assert logged["train/tokens_per_sec"] == pytest.approx(100 / 2.0, rel=1e-12)
