@@ -99,14 +99,28 @@ def _version(path: Path) -> int:
     return int(suffix) if suffix.isdigit() else -1
 
 
+def _csv_logs(run_dir: Path) -> list[Path]:
+    """The CSV logs of `run_dir` in order, after those of the runs it continues in other directories."""
+    # imported here: checkpoints imports lock, which imports this module
+    from bamba_ft.jobs.checkpoints import resumed_from
+
+    runs, seen = [run_dir], {run_dir.resolve()}
+    while (source := resumed_from(runs[0])) is not None and source.is_dir() and source.resolve() not in seen:
+        seen.add(source.resolve())
+        runs.insert(0, source)
+    return [path for run in runs for path in sorted(RunDir(run).csv_logs.glob("version_*/metrics.csv"), key=_version)]
+
+
 def read_metrics_csv(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """{metric: [(step, value), ...]} from a run's CSV logs, in step order.
 
     A run resumed in its own directory logs into a new `version_N` beside the stopped process's; their steps go on
     where the checkpoint was, so the logs are read in turn, each replacing the points of the earlier ones from its
-    first logged step on (the steps a resume from an older checkpoint trains again)."""
+    first logged step on (the steps a resume from an older checkpoint trains again). A run resumed into a directory
+    of its own is read after the run it resumed from (its run_config.yaml's trainer.resume), and that one after its
+    own, so its curves start at step 0 as the uninterrupted run's would."""
     series: dict[str, list[tuple[int, float]]] = {}
-    for path in sorted(RunDir(run_dir).csv_logs.glob("version_*/metrics.csv"), key=_version):
+    for path in _csv_logs(run_dir):
         with path.open() as f:
             rows = [(int(float(row.get("step") or 0)), row) for row in csv.DictReader(f)]
         if not rows:

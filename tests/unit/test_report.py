@@ -49,3 +49,21 @@ def test_an_output_path_that_cannot_be_written_is_named_before_the_work(tmp_path
     for directory in (True, False):
         problem = output_path_problem(tmp_path / "afile" / "sub" / "x", "k=v", directory=directory)
         assert problem.startswith(f"k=v: {tmp_path / 'afile'} is a file, so nothing can be written under it.")
+
+
+def test_a_run_resumed_into_another_directory_has_curves_from_step_zero(tmp_path: Path) -> None:
+    """A resume writes into a directory of its own, by default: its curves (curves.png of the run and of
+    recipe=eval) began at the resumed step. They go on from the runs it continues, as its run_config.yaml's
+    trainer.resume names them: `first` logged steps 0-39 and was resumed from its step-30 checkpoint by `second`,
+    itself stopped and resumed by `third`; the steps a resume trains again are its own."""
+    first, second, third = tmp_path / "first", tmp_path / "second", tmp_path / "third"
+    write_log(first, 0, ["0,,9,4.0,", "0,,19,3.0,", "0,,19,,3.5", "0,,29,2.5,", "0,,39,2.3,"])
+    write_log(second, 0, ["0,,29,2.4,", "0,,49,2.0,"])
+    write_log(third, 0, ["0,,59,1.8,", "0,,59,,1.9"])
+    (second / "run_config.yaml").write_text(f"trainer:\n  resume: {first / 'checkpoints' / 'last.ckpt'}\n")
+    (third / "run_config.yaml").write_text(f"trainer:\n  resume: {second}\n")
+    (first / "run_config.yaml").write_text("trainer:\n  resume: null\n")
+    series = read_metrics_csv(third)
+    assert series["train/loss"] == [(9, 4.0), (19, 3.0), (29, 2.4), (49, 2.0), (59, 1.8)]
+    assert series["val/loss"] == [(19, 3.5), (59, 1.9)]
+    assert read_metrics_csv(first)["train/loss"] == [(9, 4.0), (19, 3.0), (29, 2.5), (39, 2.3)]
