@@ -14,7 +14,7 @@ from typing import Any
 
 import lightning as L
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import Checkpoint, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 
 from bamba_ft.config.schema import RunConfig
@@ -114,6 +114,23 @@ class StepCheckpoint(ModelCheckpoint):
         super().on_train_batch_end(trainer, pl_module, *args)
         if exclude := getattr(pl_module, "exclude_from_rate", None):  # the save is no training time
             exclude(time.perf_counter() - start)
+
+
+class StepLearningRateMonitor(LearningRateMonitor):
+    """The learning rate once per logged optimizer step. Lightning's monitor logs it before every training batch of a
+    logged step, so with trainer.accumulate_grad_batches=N the logs held each step's rate N times over."""
+
+    def __init__(self) -> None:
+        super().__init__(logging_interval="step")
+        self._logged_step: int | None = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step the logs record, as Lightning's monitor
+        if step == self._logged_step:  # a later micro-batch of a step already logged: the same rate
+            return
+        if trainer._logger_connector.should_update_logs:
+            self._logged_step = step
+        super().on_train_batch_start(trainer, *args, **kwargs)
 
 
 class GracefulStop(Checkpoint):

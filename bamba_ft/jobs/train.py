@@ -18,7 +18,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -38,6 +38,7 @@ from bamba_ft.jobs.callbacks import (
     GracefulStop,
     PatientEarlyStopping,
     StepCheckpoint,
+    StepLearningRateMonitor,
 )
 from bamba_ft.jobs.checkpoints import (
     check_resume_config,
@@ -274,7 +275,7 @@ def _callbacks(cfg: RunConfig, dm: BambaDataModule, ckpt_dir: Path, stopper: Gra
                with_loggers: bool, saved_with: ConfigInCheckpoint) -> list[L.Callback]:
     callbacks: list[L.Callback] = [saved_with]
     if with_loggers:
-        callbacks.append(LearningRateMonitor(logging_interval="step"))
+        callbacks.append(StepLearningRateMonitor())
     if cfg.trainer.enable_progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=10))  # step-based runs have no epoch total for rich's bar
     # last.ckpt every N steps and at the end of a full run: what resume uses, with interrupted.ckpt.

@@ -172,3 +172,30 @@ def test_the_logged_training_rate_leaves_out_validation_and_checkpoint_time(monk
     now[0] = 17.0
     lit.on_train_batch_end(None, batch, 1)
     assert logged["train/tokens_per_sec"] == pytest.approx(100 / 2.0, rel=1e-12)
+
+
+def test_the_learning_rate_is_logged_once_per_optimizer_step_under_accumulation() -> None:
+    """Lightning's LearningRateMonitor logs before every training batch of a logged step: with 2 accumulated batches
+    the CSV and TensorBoard logs held each step's learning rate twice, under the same step."""
+    from lightning.pytorch.loggers import Logger
+
+    from bamba_ft.jobs.callbacks import StepLearningRateMonitor
+
+    class Recorder(Logger):
+        name, version = "recorder", 0
+        logged: list[tuple[int, float]] = []
+
+        def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+            self.logged += [(step, v) for k, v in metrics.items() if k.startswith("lr-")]
+
+        def log_hyperparams(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+            pass
+
+    lit = BambaLitModule(lora_model(), OptimConfig(lr=1.0, warmup_steps=4, scheduler="constant"))
+    recorder = Recorder()
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision="64-true", max_steps=3, accumulate_grad_batches=2,
+                        gradient_clip_val=None, logger=recorder, log_every_n_steps=1, callbacks=[StepLearningRateMonitor()],
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(lit, train_dataloaders=torch.utils.data.DataLoader(BATCHES[:2] * 3, batch_size=None))
+    assert recorder.logged == [(0, 0.25), (1, 0.5), (2, 0.75)]  # warm-up: (step + 1) / 4 of lr 1
