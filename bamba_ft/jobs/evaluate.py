@@ -54,7 +54,15 @@ def validation_loss(model: nn.Module, dm: BambaDataModule, device: torch.device)
             s, n = loss_sum_and_count(model, to_device(batch, device))
             total, count = total + float(s), count + int(n)
     loss = total / max(count, 1)
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 30.0)), "val_tokens": count}
+    return {"val_loss": loss, "val_ppl": perplexity(loss), "val_tokens": count}
+
+
+def perplexity(loss: float) -> float:
+    """exp of a token-mean loss; inf past what a float holds (a loss above 709 nats)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
 
 
 def normalize(answer: str) -> str:

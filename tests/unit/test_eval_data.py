@@ -180,3 +180,39 @@ def test_an_evaluation_reads_the_same_held_out_rows_without_tokenizing_the_train
     assert evaluated.train_set is None and trained.train_set is not None
     assert evaluated.val_rows == trained.val_rows and len(evaluated.val_rows) == (8 if mixed else 4)
     assert evaluated.val_set["input_ids"] == trained.val_set["input_ids"]
+
+
+def test_perplexity_is_the_exp_of_the_token_mean_loss_above_30_nats_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """val_ppl (the summary's 'val perplexity', metrics.json, a sweep objective) and the logged val/ppl were
+    exp(min(loss, 30)): every loss above 30 nats read as the same 1.07e13, so a sweep minimizing val_ppl saw such runs
+    tie. Two batches of 120 and 30 nats over 3 and 1 target tokens: loss 37.5, perplexity exp(37.5) = 1.9e16."""
+    import math
+    from types import SimpleNamespace
+
+    import torch
+
+    from bamba_ft.config.schema import OptimConfig
+    from bamba_ft.jobs import evaluate
+    from bamba_ft.lit_module import BambaLitModule
+
+    batches = [(torch.tensor(120.0), torch.tensor(3)), (torch.tensor(30.0), torch.tensor(1))]
+    sums = iter(batches)
+    monkeypatch.setattr(evaluate, "loss_sum_and_count", lambda model, batch: next(sums))
+    dm = SimpleNamespace(full_val_dataloader=lambda: [{}, {}])
+    metrics = evaluate.validation_loss(torch.nn.Linear(1, 1), dm, torch.device("cpu"))
+    assert metrics["val_loss"] == pytest.approx(37.5, rel=1e-12)
+    assert metrics["val_ppl"] == pytest.approx(math.exp(37.5), rel=1e-12)
+    assert evaluate.perplexity(800.0) == math.inf  # past a float: inf, never a number standing in for it
+
+    lit = BambaLitModule(torch.nn.Linear(1, 1), OptimConfig())
+    trainer = SimpleNamespace(strategy=SimpleNamespace(reduce=lambda value, reduce_op: value))
+    monkeypatch.setattr(BambaLitModule, "trainer", property(lambda self: trainer))
+    logged: dict[str, float] = {}
+    monkeypatch.setattr(lit, "log", lambda name, value, **kw: logged.__setitem__(name, float(value)))
+    monkeypatch.setattr(lit, "forward", lambda batch: batches[batch])
+    lit.on_validation_epoch_start()
+    lit.validation_step(0, 0)
+    lit.validation_step(1, 1)
+    lit.on_validation_epoch_end()
+    assert logged["val/loss"] == pytest.approx(37.5, rel=1e-6)
+    assert logged["val/ppl"] == pytest.approx(math.exp(37.5), rel=1e-5)  # float32
