@@ -97,22 +97,41 @@ def _end_of_turn(tokenizer: PreTrainedTokenizerBase) -> str | None:
     return full[at + 2 :] if at >= 0 else None
 
 
+def _turn_end(tokenizer: PreTrainedTokenizerBase) -> tuple[str, int | None] | None:
+    """(the text ending an assistant turn, stripped; its first token where that is a special (added) token, else
+    None), or None where the template puts nothing visible after an answer."""
+    tail = _end_of_turn(tokenizer)
+    if not tail or not tail.strip():
+        return None
+    first = tokenizer(tail, add_special_tokens=False)["input_ids"][:1]
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    return tail.strip(), (first[0] if first and first[0] in special else None)
+
+
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, warn: bool = False) -> list[int]:
     """EOS, plus the token the chat template ends an assistant turn with when it is a special (added) token."""
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    tail = _end_of_turn(tokenizer)
-    if not tail or not tail.strip():
+    end = _turn_end(tokenizer)
+    if end is None:
         return ids
-    first = tokenizer(tail, add_special_tokens=False)["input_ids"][:1]
-    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
-    if first and first[0] in special:
-        return ids + [t for t in first if t not in ids]
+    text, token = end
+    if token is not None:
+        return ids + [token] if token not in ids else ids
     if warn:
         log.warning("the chat template ends an assistant turn with %r, which does not start with a special token "
-                    "of this tokenizer: generation stops only at EOS (%r). Fix: a template whose turns end with "
-                    "EOS (data.chat_template=%s), or a tokenizer that has the end-of-turn token.",
-                    tail[:20], tokenizer.eos_token, FALLBACK)
+                    "of this tokenizer: generation stops at that text (end_of_turn_text), slower than at a token, "
+                    "and an exported model's generation_config stops only at EOS (%r). Fix: a template whose turns "
+                    "end with EOS (data.chat_template=%s), or a tokenizer that has the end-of-turn token.",
+                    text[:20], tokenizer.eos_token, FALLBACK)
     return ids
+
+
+def end_of_turn_text(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The text the chat template ends an assistant turn with, where it is not a special token of this tokenizer
+    (chatml's '<|im_end|>' spelt out in ordinary tokens): generation stops at this text and answers are cut before
+    it, since no stop token id can end them. None where the turn ends with a special token, or with nothing."""
+    end = _turn_end(tokenizer)
+    return end[0] if end is not None and end[1] is None else None
 
 
 def generation_config_for(model: Any, tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:

@@ -27,7 +27,7 @@ from bamba_ft.config.schema import (
     validate,
 )
 from bamba_ft.data.module import BambaDataModule
-from bamba_ft.data.templates import ensure_chat_template, stop_token_ids
+from bamba_ft.data.templates import end_of_turn_text, ensure_chat_template, stop_token_ids
 from bamba_ft.data.tokenize import prompt_and_reference
 from bamba_ft.errors import ConfigError, ModelError
 from bamba_ft.faults import fault_point
@@ -90,6 +90,9 @@ def generate(
     # transformers sizes the attention mask through the cache's attention layers and raises for a cache without
     # any: such a model generates without a cache, each new token from the whole sequence
     cache = has_attention_layers(lm)
+    # an end of turn spelt in ordinary tokens (no stop id can end it): stop at the text, and cut the answer before it
+    marker = end_of_turn_text(tokenizer)
+    by_text = {"stop_strings": [marker], "tokenizer": tokenizer} if marker else {}
     try:
         for s in range(0, len(prompts), cfg.batch_size):
             enc = tokenizer(prompts[s : s + cfg.batch_size], return_tensors="pt", padding=True,
@@ -103,10 +106,12 @@ def generate(
                     eos_token_id=stop_token_ids(tokenizer),  # EOS and the template's end-of-turn token
                     use_cache=cache,
                     streamer=streamer,
+                    **by_text,
                     **sampling,
                 )
             new = ids[:, enc["input_ids"].shape[1] :]
-            out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+            texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+            out.extend(t.split(marker, 1)[0] if marker else t for t in texts)
     finally:
         tokenizer.padding_side = side
     return out

@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerBase
 from bamba_ft.config.schema import RunConfig
 from bamba_ft.data.module import BambaDataModule
 from bamba_ft.data.stream import STREAM_KEY
-from bamba_ft.data.templates import FALLBACK, ensure_chat_template, stop_token_ids
+from bamba_ft.data.templates import FALLBACK, end_of_turn_text, ensure_chat_template, stop_token_ids
 from bamba_ft.data.tokenize import IGNORE_INDEX
 from bamba_ft.errors import DataError
 from bamba_ft.model.build import load_tokenizer
@@ -67,7 +67,8 @@ def run(cfg: RunConfig) -> dict:
         batch.pop(STREAM_KEY, None)
     seqs = sequences(batch)
     color = sys.stdout.isatty() if p.color == "auto" else p.color == "true"
-    stops = [tokenizer.decode([t]) for t in stop_token_ids(tokenizer)]
+    stops = [repr(tokenizer.decode([t])) for t in stop_token_ids(tokenizer)]
+    stops += [f"the text {marker!r}"] if (marker := end_of_turn_text(tokenizer)) else []  # no token ends a turn
     real = sum(len(s) for s, _ in seqs)
     losses = [sum(1 for t in labels if t != IGNORE_INDEX) for _, labels in seqs]
     with_loss = sum(losses)
@@ -77,7 +78,7 @@ def run(cfg: RunConfig) -> dict:
     where = "green text" if color else f"text inside {OPEN} {CLOSE}"
     lines = [
         f"{p.split} batch 1: {len(seqs)} sequences, {real:,} tokens, {with_loss:,} with loss ({layout}); chat template: "
-        f"{template}; generation stops at {', '.join(map(repr, stops)) or 'nothing (no EOS token)'}",
+        f"{template}; generation stops at {', '.join(stops) or 'nothing (no EOS token)'}",
         f"loss is on the {where}; special tokens are shown as the model reads them",
     ]
     for k, ((ids, labels), n) in enumerate(zip(seqs[: p.examples], losses), 1):

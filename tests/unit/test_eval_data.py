@@ -216,3 +216,33 @@ def test_perplexity_is_the_exp_of_the_token_mean_loss_above_30_nats_too(monkeypa
     lit.on_validation_epoch_end()
     assert logged["val/loss"] == pytest.approx(37.5, rel=1e-6)
     assert logged["val/ppl"] == pytest.approx(math.exp(37.5), rel=1e-5)  # float32
+
+
+def test_an_end_of_turn_spelt_in_ordinary_tokens_stops_generation_and_is_cut_off() -> None:
+    """A chat template whose assistant turns end with text that is no special token of the tokenizer (chatml's
+    '<|im_end|>' on a tokenizer without it) gives generation no stop id: it ran on to max_new_tokens past the
+    answer, and exact match compared 'answer<|im_end|>...' with 'answer' (0% whatever the answers). Generation now
+    stops at that text and the answer is cut before it. Here characters 4-6 of a greedy continuation are made the
+    template's end of turn: the answer is the first four characters, and generation stopped after the seventh."""
+    import torch
+
+    from bamba_ft.config.schema import Sampling
+    from bamba_ft.data.builtin import build_char_tokenizer
+    from bamba_ft.data.templates import end_of_turn_text
+    from bamba_ft.jobs.evaluate import generate
+    from tests.unit.test_families import tiny  # its float64-norm fixture stays with its own tests
+
+    tokenizer = build_char_tokenizer()
+    model = tiny("nemotron_h", vocab_size=len(tokenizer))
+    prompts, cpu = ["reverse the word hello"], torch.device("cpu")
+    free = generate(model, tokenizer, prompts, Sampling(max_new_tokens=12, batch_size=1), cpu)[0]
+    mark = free[4:7]
+    assert len(free) == 12 and free.find(mark) == 4 and end_of_turn_text(tokenizer) is None
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %}"
+                               + mark + "{% endif %}{% endfor %}")
+    assert end_of_turn_text(tokenizer) == mark
+
+    steps = []  # one forward per generated token
+    model.register_forward_hook(lambda module, args, output: steps.append(1))
+    assert generate(model, tokenizer, prompts, Sampling(max_new_tokens=12, batch_size=1), cpu) == [free[:4]]
+    assert len(steps) == 7

@@ -66,3 +66,16 @@ def test_preview_names_the_preset_a_tokenizer_without_a_template_gets(tmp_path: 
     preview.run(RunConfig(task="preview", model=ModelConfig(tokenizer=str(bare)),
                           data=DataConfig(source=str(path), val_fraction=0.0), preview=PreviewConfig(color="false")))
     assert "chat template: the bamba_ft preset (the tokenizer has none)" in capsys.readouterr().out
+
+
+def test_preview_names_an_end_of_turn_text_that_no_token_stops_at(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    """chatml's '<|im_end|>' is ten ordinary characters to the builtin tokenizer: no stop id ends a turn, so
+    generation stops at that text, and the preview says so beside the EOS token."""
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"add {i} and 1", "completion": str(i + 1)}) + "\n" for i in range(8)))
+    cfg = RunConfig(task="preview", data=DataConfig(source=str(path), val_fraction=0.0, max_tokens_per_batch=256,
+                                                    chat_template="chatml"),
+                    preview=PreviewConfig(examples=8, color="false"))
+    preview.run(cfg)
+    assert "generation stops at '<|end|>', the text '<|im_end|>'" in capsys.readouterr().out
