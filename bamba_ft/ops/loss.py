@@ -31,6 +31,12 @@ def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, sc
 RECOMPUTE_BYTES = 256 * 2**20  # float32 logits of a chunk above this are recomputed in backward, not stored
 
 
+def _lse_and_loss(x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-sum-exp of each row of the scaled logits `x`, the summed cross-entropy against `targets`)."""
+    lse = torch.logsumexp(x, dim=-1)
+    return lse, (lse - x.gather(1, targets[:, None])[:, 0]).sum()
+
+
 def softmax_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, scale: float,
                           with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(summed cross-entropy of `scale * logits` against `targets`, its gradient with respect to `logits` or None),
@@ -39,8 +45,7 @@ def softmax_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, scale: fl
     x = logits.to(_acc(logits.dtype))  # the logits' own buffer if float32 or float64 already, else a copy
     if scale != 1.0:
         x = x.mul_(scale)
-    lse = torch.logsumexp(x, dim=-1)
-    total = (lse - x.gather(1, targets[:, None])[:, 0]).sum()
+    lse, total = _lse_and_loss(x, targets)
     if not with_grad:
         return total, None
     grad = x.sub_(lse[:, None]).exp_()  # softmax
@@ -61,8 +66,7 @@ def softmax_cross_entropy_pointwise(logits: torch.Tensor, targets: torch.Tensor,
     So it multiplies by `scale` whatever it is (by 1.0 exactly), and one graph per dtype and `with_grad` serves
     every scale (a float argument is not specialised under dynamic=True)."""
     x = logits.to(_acc(logits.dtype)) * scale
-    lse = torch.logsumexp(x, dim=-1)
-    total = (lse - x.gather(1, targets[:, None])[:, 0]).sum()
+    lse, total = _lse_and_loss(x, targets)
     if not with_grad:
         return total, None
     onehot = torch.arange(x.shape[1], device=x.device)[None, :] == targets[:, None]
