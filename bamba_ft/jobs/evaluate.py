@@ -90,6 +90,7 @@ def generate(
     # transformers sizes the attention mask through the cache's attention layers and raises for a cache without
     # any: such a model generates without a cache, each new token from the whole sequence
     cache = has_attention_layers(lm)
+    stops = stop_token_ids(tokenizer)  # EOS and the template's end-of-turn token
     # an end of turn spelt in ordinary tokens (no stop id can end it): stop at the text, and cut the answer before it
     marker = end_of_turn_text(tokenizer)
     by_text = {"stop_strings": [marker], "tokenizer": tokenizer} if marker else {}
@@ -103,7 +104,7 @@ def generate(
                     **enc,
                     max_new_tokens=cfg.max_new_tokens,
                     pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=stop_token_ids(tokenizer),  # EOS and the template's end-of-turn token
+                    eos_token_id=stops,
                     use_cache=cache,
                     streamer=streamer,
                     **by_text,
