@@ -289,7 +289,7 @@ def kept_study_note(sweep_dir: Path, rows: list[dict[str, Any]], objective: str,
     if not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     best = best_row(rows, direction)
-    if best is not None and (value >= best["objective"] if direction == "minimize" else value <= best["objective"]):
+    if best is not None and pick_best([best["objective"], value], direction) == 0:  # a tie stays this sweep's
         return None
     params = " ".join(f"{k}={v}" for k, v in (study.get("best_params") or {}).items())
     here = "none of this sweep's jobs" if best is None else f"this sweep's best, job {best['job']} ({best['objective']:.6g})"
